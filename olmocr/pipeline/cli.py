@@ -1,0 +1,154 @@
+"""Command line of the pipeline (upstream olmOCR 0.4.27 flag names and meanings where they exist)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from olmocr.pipeline.pipeline import PipelineConfig, run_pipeline
+
+logger = logging.getLogger("olmocr.pipeline")
+
+LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m olmocr.pipeline",
+        description="Turn PDFs (and PNG/JPEG images) into text with olmOCR behind an external vLLM server.",
+    )
+    p.add_argument("workspace", help="local directory or s3://bucket/prefix holding the work queue and results")
+    p.add_argument("--pdfs", nargs="*", default=None,
+                   help="documents to add: paths, globs (also s3://bucket/prefix/*.pdf), or .txt files listing paths")
+    server = p.add_argument_group("server")
+    server.add_argument("--vllm-url", "--server", dest="server", default=None,
+                        help="URL of the vLLM server, e.g. http://127.0.0.1:30024 (a trailing /v1 is accepted)")
+    server.add_argument("--api_key", default=None,
+                        help="API key sent as 'Authorization: Bearer'; default $OLMOCR_API_KEY, then $VLLM_API_KEY")
+    server.add_argument("--model", default=None,
+                        help="accepted for upstream compatibility; requests always name the served model 'olmocr'")
+    server.add_argument("--max_concurrent_requests", type=int, default=1600,
+                        help="cap on requests in flight to the server (default 1600)")
+    server.add_argument("--request_timeout", type=float, default=600.0,
+                        help="seconds before one request is abandoned and resent (default 600)")
+    server.add_argument("--max_server_ready_timeout", type=float, default=600.0,
+                        help="longest total wait for the server at start-up, in seconds (default 600; at most "
+                             "10 attempts are made)")
+    work = p.add_argument_group("work")
+    work.add_argument("--workers", type=int, default=20, help="work items processed at a time (default 20)")
+    work.add_argument("--pages_per_group", type=int, default=None,
+                      help="aim for this many pages per work item (default 500, or 50 with an API key)")
+    work.add_argument("--max_page_retries", type=int, default=8, help="model attempts per page (default 8)")
+    work.add_argument("--max_page_error_rate", type=float, default=0.004,
+                      help="largest fraction of a document's pages that may fall back to the text layer "
+                           "(default 0.004 = 1/250); above it the document is recorded as failed and retried")
+    work.add_argument("--target_longest_image_dim", type=int, default=1288,
+                      help="longest side of rendered page images in pixels (default 1288)")
+    work.add_argument("--target_anchor_text_len", type=int, default=-1, help=argparse.SUPPRESS)
+    work.add_argument("--max_model_len", type=int, default=16384,
+                      help="answers whose total tokens exceed this are rejected (default 16384)")
+    work.add_argument("--guided_decoding", action="store_true", help="ask vLLM to constrain the front matter")
+    work.add_argument("--lease_seconds", type=float, default=300.0,
+                      help="work-item lease; renewed every third of it; a dead worker's item is free "
+                           "after it (default 300)")
+    work.add_argument("--render_processes", type=int, default=None,
+                      help="page-rendering processes (default: number of CPU cores)")
+    out = p.add_argument_group("output")
+    out.add_argument("--markdown", action="store_true",
+                     help="also write markdown/<source path>.md for each document into the workspace")
+    out.add_argument("--stats", action="store_true", help="print a summary of the workspace and exit")
+    out.add_argument("--progress_interval", type=float, default=10.0,
+                     help="seconds between progress lines (default 10)")
+    out.add_argument("--disk_logging", nargs="?", const="olmocr-pipeline-debug.log", default=None,
+                     help="also log to this file (default name olmocr-pipeline-debug.log)")
+    return p
+
+
+def setup_logging(disk_log: str | None) -> None:
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    if not logger.handlers:
+        console = logging.StreamHandler(sys.stderr)
+        console.setLevel(logging.INFO)
+        console.setFormatter(logging.Formatter(LOG_FORMAT))
+        logger.addHandler(console)
+    if disk_log:
+        handler = logging.FileHandler(disk_log, mode="a")
+        handler.setLevel(logging.DEBUG)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logger.addHandler(handler)
+
+
+def print_stats(workspace: str) -> int:
+    from olmocr.pipeline.storage import open_storage
+    from olmocr.pipeline.workqueue import format_stats, workspace_stats
+
+    print(format_stats(workspace_stats(open_storage(workspace))))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.disk_logging)
+    api_key = args.api_key or os.environ.get("OLMOCR_API_KEY") or os.environ.get("VLLM_API_KEY") or None
+    pages_per_group = args.pages_per_group or (50 if api_key else 500)
+    for name in ("workers", "max_page_retries", "max_concurrent_requests", "target_longest_image_dim",
+                 "max_model_len", "pages_per_group"):
+        value = pages_per_group if name == "pages_per_group" else getattr(args, name)
+        if value < 1:
+            parser.error(f"--{name} must be at least 1")
+    if not 0 <= args.max_page_error_rate <= 1:
+        parser.error("--max_page_error_rate must be between 0 and 1")
+    if args.model and args.model != "olmocr":
+        logger.info("--model %s is ignored: requests use the served model name 'olmocr'", args.model)
+
+    if args.stats and not args.pdfs:
+        return print_stats(args.workspace)
+    if not args.server and not args.stats:
+        parser.error("--vllm-url (or --server) is required: the URL of a running olmOCR vLLM server")
+
+    config = PipelineConfig(
+        workspace=args.workspace,
+        server_url=args.server or "",
+        api_key=api_key,
+        pdfs=tuple(args.pdfs or ()),
+        workers=args.workers,
+        pages_per_group=pages_per_group,
+        max_page_retries=args.max_page_retries,
+        max_page_error_rate=args.max_page_error_rate,
+        max_concurrent_requests=args.max_concurrent_requests,
+        target_longest_image_dim=args.target_longest_image_dim,
+        max_model_len=args.max_model_len,
+        markdown=args.markdown,
+        guided_decoding=args.guided_decoding,
+        request_timeout=args.request_timeout,
+        max_server_ready_timeout=args.max_server_ready_timeout,
+        lease_seconds=args.lease_seconds,
+        progress_interval=args.progress_interval,
+        render_processes=args.render_processes,
+    )
+    try:
+        if args.stats:
+            asyncio.run(_populate_only(config))
+            return print_stats(args.workspace)
+        return asyncio.run(run_pipeline(config))
+    except KeyboardInterrupt:
+        logger.warning("interrupted; unfinished work items are released (or free once their lease expires)")
+        return 130
+
+
+async def _populate_only(config: PipelineConfig) -> None:
+    from olmocr.pipeline.pipeline import populate
+    from olmocr.pipeline.storage import open_storage
+    from olmocr.pipeline.workqueue import WorkQueue
+
+    queue = WorkQueue(open_storage(config.workspace), lease_seconds=config.lease_seconds)
+    await asyncio.to_thread(populate, queue, config.pdfs, config.pages_per_group)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,245 @@
+"""The client for the external vLLM server: readiness, model check, chat completions that ride out outages.
+
+Contract:
+
+* ``/v1/models`` must list ``olmocr`` before any work is claimed (:meth:`ServerClient.wait_ready`).
+* The initial connection makes 10 attempts with exponential backoff (never more than 60 s apart).
+* Every request has a timeout. A connection error, a timeout, 429 or 5xx means "restarting or busy": the
+  request waits for the server (``/health`` and ``/v1/models``, backoff capped at 60 s) and is sent again;
+  it does not count as a failed page attempt and no outage, however long, ends the run.
+* Other statuses (4xx) are returned to the caller, which counts a failed attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from olmocr.pipeline.http import HttpPool, RequestTimeout, TransportError
+
+logger = logging.getLogger("olmocr.pipeline")
+
+MODEL_NAME = "olmocr"
+MAX_BACKOFF_S = 60.0
+INITIAL_ATTEMPTS = 10
+#: After this many transient (5xx) answers in a row for one attempt while the server reports healthy, the
+#: attempt counts as failed, so one poisonous page cannot loop forever. Timeouts, refusals and 429 never do.
+MAX_HEALTHY_5XX_IN_A_ROW = 20
+PROBE_TIMEOUT_S = 10.0
+
+
+class ServerNotReady(Exception):
+    """Fatal: the server never answered, or does not serve the olmocr model. Message is user-facing."""
+
+
+class RequestRejected(Exception):
+    """The server answered the request with a non-retryable status (e.g. 400): a failed attempt."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"server returned {status}: {detail}")
+        self.status = status
+
+
+def normalize_base_url(url: str) -> str:
+    """``http://h:p``, ``http://h:p/``, ``http://h:p/v1`` and ``http://h:p/v1/`` all give ``http://h:p``."""
+    url = url.strip().rstrip("/")
+    if url.endswith("/v1"):
+        url = url[: -len("/v1")]
+    if "://" not in url:
+        url = "http://" + url
+    return url
+
+
+@dataclass
+class ServerStats:
+    requests_ok: int = 0
+    transient_errors: int = 0
+    timeouts: int = 0
+    rejected: int = 0
+    outages: int = 0
+
+
+class ServerClient:
+    """One connection pool and one global cap on concurrent requests for the whole run."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        request_timeout: float = 600.0,
+        max_concurrent_requests: int = 1600,
+    ) -> None:
+        self.base_url = normalize_base_url(base_url)
+        self.request_timeout = request_timeout
+        self._pool = HttpPool(self.base_url, max_idle=max(8, min(max_concurrent_requests, 2048)))
+        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._slots = asyncio.Semaphore(max_concurrent_requests)
+        self._recovery: asyncio.Task[None] | None = None
+        self.in_flight = 0
+        self.stats = ServerStats()
+        self.state = "starting"
+        self._down_since: float | None = None
+
+    # ------------------------------------------------------------------ probes
+
+    async def _get(self, path: str, auth: bool) -> tuple[int, bytes]:
+        resp = await self._pool.request("GET", path, headers=self._auth if auth else None, timeout=PROBE_TIMEOUT_S)
+        return resp.status, resp.body
+
+    async def list_models(self) -> list[str]:
+        """Model ids from ``/v1/models``; raises TransportError / ServerNotReady on a bad answer."""
+        status, body = await self._get("/v1/models", auth=True)
+        if status in (401, 403):
+            raise ServerNotReady(
+                f"The vLLM server at {self.base_url} rejected the API key (HTTP {status}) on /v1/models. "
+                "Pass the server's key with --api_key or set OLMOCR_API_KEY / VLLM_API_KEY."
+            )
+        if status != 200:
+            raise TransportError(f"/v1/models answered HTTP {status}")
+        try:
+            data = json.loads(body)
+            return [str(m.get("id")) for m in data.get("data", [])]
+        except (ValueError, AttributeError, TypeError):
+            raise TransportError("/v1/models answered something that is not a model list") from None
+
+    async def wait_ready(self, *, attempts: int = INITIAL_ATTEMPTS, max_wait_s: float = 600.0,
+                         first_delay_s: float = 1.0) -> None:
+        """Initial connection, then the model check. Raises :class:`ServerNotReady` (exit non-zero)."""
+        delay = first_delay_s
+        start = time.monotonic()
+        last = ""
+        for attempt in range(1, attempts + 1):
+            try:
+                models = await self.list_models()
+                break
+            except TransportError as exc:
+                last = str(exc)
+            if attempt == attempts or time.monotonic() - start + delay > max_wait_s:
+                raise ServerNotReady(
+                    f"Cannot reach the vLLM server at {self.base_url} after {attempt} attempts over "
+                    f"{time.monotonic() - start:.0f}s (last error: {last}). Check that it is running "
+                    "(`supervisorctl status` / its log), that --vllm-url is right, and try again."
+                )
+            logger.warning("vLLM server at %s not reachable (%s); attempt %d/%d, retrying in %.0fs",
+                           self.base_url, last, attempt, attempts, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF_S)
+        if MODEL_NAME not in models:
+            raise ServerNotReady(
+                f"External vLLM server is running but doesn't have the '{MODEL_NAME}' model "
+                f"(it serves: {', '.join(models) or 'nothing'}). Start vLLM with "
+                f"`--served-model-name {MODEL_NAME}` (the olmocr-serve server does this), or point "
+                "--vllm-url at the olmOCR server."
+            )
+        self.state = "up"
+        logger.info("vLLM server at %s is ready and serves '%s'", self.base_url, MODEL_NAME)
+
+    async def _healthy(self) -> bool:
+        try:
+            status, _ = await self._get("/health", auth=False)
+            if status != 200:
+                return False
+            return MODEL_NAME in await self.list_models()
+        except (TransportError, ServerNotReady):
+            return False
+
+    async def _recover(self, reason: str) -> None:
+        self.stats.outages += 1
+        self._down_since = time.monotonic()
+        self.state = "down"
+        logger.warning("vLLM server unavailable (%s); pausing requests until it is healthy again", reason)
+        delay = 1.0
+        while not await self._healthy():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF_S)
+            logger.info("still waiting for the vLLM server (down %.0fs)", time.monotonic() - self._down_since)
+        logger.warning("vLLM server is back after %.0fs; resuming", time.monotonic() - self._down_since)
+        self._down_since = None
+        self.state = "up"
+
+    async def wait_for_server(self, reason: str) -> bool:
+        """Block until the server looks healthy. Returns True if there was an outage (we had to wait)."""
+        if self._recovery is None or self._recovery.done():
+            if await self._healthy():
+                return False
+            if self._recovery is None or self._recovery.done():
+                self._recovery = asyncio.create_task(self._recover(reason))
+        await asyncio.shield(self._recovery)
+        return True
+
+    def describe_state(self) -> str:
+        if self._down_since is not None:
+            return f"down {time.monotonic() - self._down_since:.0f}s"
+        return self.state
+
+    # ------------------------------------------------------------------ completions
+
+    async def chat(self, make_body: Callable[[], Awaitable[list[bytes]]], label: str) -> dict[str, Any]:
+        """POST a chat completion built by ``make_body``; returns the parsed JSON answer.
+
+        ``make_body`` runs while a request slot is held, and again for every resend: the body (a rendered
+        page image) is dropped as soon as it has been sent, so memory does not grow with the number of
+        requests the server is working on. Retries through outages without limit (module docstring).
+        Raises :class:`RequestRejected` for an answer that should count as a failed attempt; exceptions
+        from ``make_body`` propagate.
+        """
+        transient_in_a_row = 0
+        while True:
+            if self._down_since is not None and self._recovery is not None:
+                await asyncio.shield(self._recovery)
+            async with self._slots:
+                body = await make_body()
+                self.in_flight += 1
+                try:
+                    resp = await self._pool.request(
+                        "POST", "/v1/chat/completions", body=body, headers=self._auth, timeout=self.request_timeout
+                    )
+                    problem = None
+                except RequestTimeout as exc:
+                    self.stats.timeouts += 1
+                    self.state = "timeouts"
+                    problem = f"timeout: {exc}"
+                    resp = None
+                except TransportError as exc:
+                    problem = f"connection error: {exc}"
+                    resp = None
+                finally:
+                    self.in_flight -= 1
+            if resp is not None:
+                if resp.status == 200:
+                    try:
+                        data = json.loads(resp.body)
+                    except ValueError:
+                        self.stats.rejected += 1
+                        raise RequestRejected(200, "answer is not JSON") from None
+                    self.stats.requests_ok += 1
+                    if self.state != "up" and self._down_since is None:
+                        self.state = "up"
+                    return data
+                if resp.status == 429 or resp.status >= 500:
+                    problem = f"HTTP {resp.status}"
+                else:
+                    self.stats.rejected += 1
+                    raise RequestRejected(resp.status, resp.body[:300].decode("utf-8", "replace"))
+            self.stats.transient_errors += 1
+            transient_in_a_row += 1
+            logger.debug("%s: %s (transient #%d)", label, problem, transient_in_a_row)
+            had_outage = await self.wait_for_server(problem or "error")
+            if had_outage:
+                transient_in_a_row = 0
+                continue
+            if resp is not None and resp.status >= 500 and transient_in_a_row >= MAX_HEALTHY_5XX_IN_A_ROW:
+                self.stats.rejected += 1
+                raise RequestRejected(resp.status, f"{transient_in_a_row} server errors in a row while healthy")
+            # Healthy but the request failed (busy, 429, hung engine): back off a little, with jitter.
+            await asyncio.sleep(min(MAX_BACKOFF_S, 0.25 * 2 ** min(transient_in_a_row, 8)) * random.uniform(0.5, 1.0))
+
+    def close(self) -> None:
+        self._pool.close()

@@ -1,0 +1,135 @@
+"""One input document: fetch, recognise, count pages, run every page, judge the fallback rate, build Dolma."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+
+from olmocr.pipeline.inputs import read_input, sniff_kind
+from olmocr.pipeline.output import PageResult, build_dolma_document
+from olmocr.pipeline.pages import PageProcessor, PageSource
+from olmocr.pipeline.render import Renderer, RenderError
+
+logger = logging.getLogger("olmocr.pipeline")
+
+SNIFF_BYTES = 1024
+
+
+@dataclass(frozen=True)
+class DocOutcome:
+    """Exactly one of ``doc`` (a Dolma document) and ``failure`` (a failed-document record) is set."""
+
+    source: str
+    doc: dict | None = None
+    failure: dict | None = None
+
+
+def failure(source: str, reason: str, retryable: bool) -> DocOutcome:
+    logger.error("document failed: %s: %s", source, reason)
+    return DocOutcome(source, failure={"source": source, "reason": reason, "retryable": retryable})
+
+
+class _Fetched:
+    """A local file for the renderer: the input itself when local, else a temporary copy."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.path = source
+        self.temp: str | None = None
+
+    def fetch(self) -> bytes:
+        """Make the document available locally; return its first bytes (for sniffing)."""
+        if not self.source.startswith("s3://"):
+            with open(self.source, "rb") as fh:
+                return fh.read(SNIFF_BYTES)
+        data = read_input(self.source)
+        fd, self.temp = tempfile.mkstemp(prefix="olmocr-", suffix=".input")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        self.path = self.temp
+        return data[:SNIFF_BYTES]
+
+    def cleanup(self) -> None:
+        if self.temp is not None:
+            try:
+                os.unlink(self.temp)
+            except OSError:
+                pass
+
+
+def _tail_has_eof(path: str) -> bool:
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        fh.seek(max(0, size - 4096))
+        return b"%%EOF" in fh.read()
+
+
+class DocumentProcessor:
+    def __init__(self, renderer: Renderer, pages: PageProcessor, page_slots: asyncio.Semaphore,
+                 max_page_error_rate: float) -> None:
+        self.renderer = renderer
+        self.pages = pages
+        self.page_slots = page_slots
+        self.max_page_error_rate = max_page_error_rate
+
+    async def process(self, source: str) -> DocOutcome:
+        fetched = _Fetched(source)
+        try:
+            try:
+                head = await asyncio.to_thread(fetched.fetch)
+            except FileNotFoundError:
+                return failure(source, "file not found", retryable=True)
+            except Exception as exc:  # noqa: BLE001 - S3/OS errors: may work next time
+                return failure(source, f"cannot read input ({type(exc).__name__}: {exc})", retryable=True)
+            kind = sniff_kind(head)
+            if kind is None:
+                if not head:
+                    return failure(source, "empty file (0 bytes)", retryable=False)
+                return failure(source, f"not a PDF, PNG or JPEG (starts with {head[:8]!r})", retryable=False)
+            try:
+                info = await self.renderer.probe(fetched.path, kind)
+            except RenderError as exc:
+                return failure(source, str(exc), retryable=False)
+            if info.page_count == 0:
+                return failure(source, "PDF has zero pages", retryable=False)
+            if kind == "pdf" and not await asyncio.to_thread(_tail_has_eof, fetched.path):
+                return failure(source, "truncated PDF (no %%EOF marker at the end of the file)", retryable=False)
+            return await self._run_pages(source, fetched.path, kind, info.page_count)
+        finally:
+            fetched.cleanup()
+
+    async def _run_pages(self, source: str, path: str, kind: str, page_count: int) -> DocOutcome:
+        self.pages.progress.add_pages(page_count)
+        results: list[PageResult | None] = [None] * page_count
+
+        async def run(index: int) -> None:
+            try:
+                results[index] = await self.pages.process(PageSource(source, path, kind, index + 1))
+            finally:
+                self.page_slots.release()
+
+        # Pages start as slots free up, so a 1,000-page PDF is never in flight all at once.
+        async with asyncio.TaskGroup() as group:
+            for index in range(page_count):
+                await self.page_slots.acquire()
+                group.create_task(run(index))
+
+        pages = [r for r in results if r is not None]
+        fallbacks = [p for p in pages if p.is_fallback]
+        if fallbacks and len(fallbacks) / page_count > self.max_page_error_rate:
+            model_failures = any("no usable model answer" in (p.fallback_reason or "") for p in fallbacks)
+            return failure(
+                source,
+                f"{len(fallbacks)} of {page_count} pages fell back to the text layer, more than "
+                f"--max_page_error_rate {self.max_page_error_rate:g} (first: {fallbacks[0].fallback_reason})",
+                retryable=model_failures,
+            )
+        if fallbacks:
+            logger.warning("%s: %d of %d pages use the text-layer fallback", source, len(fallbacks), page_count)
+        doc = build_dolma_document(source, pages)
+        if doc is None:
+            return failure(source, f"no text on any of its {page_count} pages", retryable=False)
+        return DocOutcome(source, doc=doc)

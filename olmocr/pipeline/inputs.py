@@ -1,0 +1,255 @@
+"""Expand ``--pdfs`` arguments into document paths; recognise files by content, not by extension.
+
+Accepted specs:
+
+* a local file (PDF, PNG or JPEG by content);
+* a local glob, e.g. ``'docs/*.pdf'`` or ``'corpus/**/*.pdf'`` (``**`` is recursive);
+* ``s3://bucket/key`` or an S3 glob ``s3://bucket/prefix/*.pdf`` (as upstream, ``*`` in an S3 glob also
+  matches ``/``; ``**/`` matches zero or more folders);
+* a ``.txt`` file (by name, and not itself a PDF/image by content) listing one spec per line (local paths,
+  globs or ``s3://`` paths; blank lines and lines starting with ``#`` are ignored).
+
+Local paths are kept as given (normalised), as upstream does, so run later passes from the same directory.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from olmocr.pipeline.storage import make_s3_client, parse_s3_url
+
+SNIFF_BYTES = 1024
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+@dataclass(frozen=True)
+class InputProblem:
+    """One problem with an input spec.
+
+    ``path`` is None when nothing exists (missing path, glob matching nothing). When ``path`` is set the
+    file exists but is not a PDF/PNG/JPEG: it is ALSO returned in the document list so the pipeline records
+    a failed-document record for it (sniff again with :func:`sniff_kind` when processing).
+    """
+
+    spec: str
+    reason: str
+    path: str | None = None
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def sniff_kind(data: bytes) -> str | None:
+    """``"pdf"`` (``%PDF`` in the first 1024 bytes), ``"png"``, ``"jpeg"`` or None."""
+    head = data[:SNIFF_BYTES]
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if b"%PDF" in head:
+        return "pdf"
+    return None
+
+
+def not_a_document_reason(path: str, data: bytes) -> str:
+    """The one-line reason recorded for a file that is not a PDF/PNG/JPEG."""
+    if not data:
+        return f"not a PDF or image: {path} is empty"
+    return f"not a PDF or image: {path} (no %PDF header in the first {SNIFF_BYTES} bytes, not PNG/JPEG)"
+
+
+_client_lock = threading.Lock()
+_clients: dict[tuple[str | None, str | None], Any] = {}
+
+
+def s3_client() -> Any:
+    """A shared boto3 client for the current endpoint settings (boto3 clients are thread-safe)."""
+    key = (os.environ.get("AWS_ENDPOINT_URL_S3"), os.environ.get("AWS_ENDPOINT_URL"))
+    with _client_lock:
+        client = _clients.get(key)
+        if client is None:
+            client = _clients[key] = make_s3_client()
+        return client
+
+
+def read_input(path: str) -> bytes:
+    """Whole content of a local path or ``s3://bucket/key`` (raises FileNotFoundError if absent)."""
+    if path.startswith("s3://"):
+        from botocore.exceptions import ClientError
+
+        bucket, key = parse_s3_url(path)
+        try:
+            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise FileNotFoundError(path) from exc
+            raise
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def read_head(path: str, size: int = SNIFF_BYTES) -> bytes:
+    """The first ``size`` bytes of a local or S3 file."""
+    if path.startswith("s3://"):
+        bucket, key = parse_s3_url(path)
+        response = s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{size - 1}")
+        return response["Body"].read()
+    with open(path, "rb") as f:
+        return f.read(size)
+
+
+def count_pages(path: str) -> int:
+    """Cheap page count: PDF pages via pypdfium2, images 1, unreadable or not-a-document 1."""
+    try:
+        if path.startswith("s3://"):
+            data: bytes | str = read_input(path)
+            kind = sniff_kind(data)  # type: ignore[arg-type]
+        else:
+            data = path
+            kind = sniff_kind(read_head(path))
+        if kind != "pdf":
+            return 1
+        import pypdfium2
+
+        doc = pypdfium2.PdfDocument(data)
+        try:
+            return max(1, len(doc))
+        finally:
+            doc.close()
+    except Exception:
+        return 1
+
+
+def _s3_glob_regex(pattern: str) -> re.Pattern[str]:
+    """Upstream-compatible S3 glob: ``*`` and ``?`` match any character including ``/``; ``**/`` may match
+    nothing; ``[...]`` is a character class."""
+    out: list[str] = []
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern[i] == "*":
+            out.append(".*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append(".")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 1 :]:
+            end = pattern.index("]", i + 1)
+            body = pattern[i + 1 : end]
+            if body.startswith("!"):
+                body = "^" + body[1:]
+            out.append(f"[{body}]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z", re.DOTALL)
+
+
+def _expand_s3(spec: str) -> tuple[list[str], str | None]:
+    bucket, key = parse_s3_url(spec)
+    client = s3_client()
+    match = _GLOB_CHARS.search(key)
+    if match is None:
+        from botocore.exceptions import ClientError
+
+        try:
+            client.head_object(Bucket=bucket, Key=key)
+            return [f"s3://{bucket}/{key}"], None
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
+                raise
+        listing = client.list_objects_v2(Bucket=bucket, Prefix=key.rstrip("/") + "/", MaxKeys=1)
+        if listing.get("KeyCount", 0):
+            return [], f"{spec} is an S3 folder, not a file; use a glob such as '{spec.rstrip('/')}/**/*.pdf'"
+        return [], f"no such S3 object: {spec}"
+    regex = _s3_glob_regex(key)
+    found: list[str] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key[: match.start()]):
+        for obj in page.get("Contents", []):
+            if not obj["Key"].endswith("/") and regex.match(obj["Key"]):
+                found.append(f"s3://{bucket}/{obj['Key']}")
+    return found, None if found else f"S3 glob matched no objects: {spec}"
+
+
+def _expand_local(spec: str) -> tuple[list[str], str | None]:
+    if _GLOB_CHARS.search(spec):
+        found = [os.path.normpath(p) for p in glob.glob(os.path.expanduser(spec), recursive=True)]
+        found = [p for p in found if os.path.isfile(p)]
+        return found, None if found else f"glob matched no files: {spec}"
+    path = os.path.normpath(os.path.expanduser(spec))
+    if os.path.isdir(path):
+        return [], f"{spec} is a directory; use a glob such as '{path}/**/*.pdf'"
+    if not os.path.exists(path):
+        return [], f"no such file: {spec}"
+    return [path], None
+
+
+def expand_inputs(specs: list[str], _depth: int = 0) -> tuple[list[str], list[InputProblem]]:
+    """Sorted, de-duplicated document paths, and one problem per bad spec/file.
+
+    Files that exist but are not PDF/PNG/JPEG are reported as problems *with* ``path`` set and are also in
+    the returned paths, so that they end up as failed-document records in the workspace.
+    """
+    problems: list[InputProblem] = []
+    candidates: dict[str, str] = {}  # path -> spec it came from
+    explicit: set[str] = set()  # paths named directly (not via a glob) may be path lists
+    for spec in specs:
+        spec = spec.strip()
+        if not spec:
+            continue
+        try:
+            found, problem = _expand_s3(spec) if spec.startswith("s3://") else _expand_local(spec)
+        except Exception as exc:  # S3 errors, permissions
+            found, problem = [], f"cannot read {spec}: {type(exc).__name__}: {exc}"
+        if problem:
+            problems.append(InputProblem(spec=spec, reason=problem))
+        for path in found:
+            candidates.setdefault(path, spec)
+        if not _GLOB_CHARS.search(spec):
+            explicit.update(found)
+
+    def sniff(path: str) -> tuple[str, bytes | None, str | None]:
+        try:
+            return path, read_head(path), None
+        except Exception as exc:
+            return path, None, f"cannot read {path}: {type(exc).__name__}: {exc}"
+
+    docs: set[str] = set()
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        heads = list(pool.map(sniff, sorted(candidates)))
+    for path, head, error in heads:
+        spec = candidates[path]
+        if head is None:
+            problems.append(InputProblem(spec=spec, reason=error or f"cannot read {path}"))
+            continue
+        if sniff_kind(head) is not None:
+            docs.add(path)
+        elif path.lower().endswith(".txt") and path in explicit and _depth < 2:
+            sub_docs, sub_problems = _expand_list_file(path, spec, _depth)
+            docs.update(sub_docs)
+            problems.extend(sub_problems)
+        else:
+            docs.add(path)
+            problems.append(InputProblem(spec=spec, reason=not_a_document_reason(path, head), path=path))
+    return sorted(docs), problems
+
+
+def _expand_list_file(path: str, spec: str, depth: int) -> tuple[list[str], list[InputProblem]]:
+    try:
+        text = read_input(path).decode("utf-8")
+    except Exception as exc:
+        return [], [InputProblem(spec=spec, reason=f"cannot read path list {path}: {exc}")]
+    lines = [line.strip() for line in text.splitlines()]
+    entries = [line for line in lines if line and not line.startswith("#")]
+    if not entries:
+        return [], [InputProblem(spec=spec, reason=f"path list {path} is empty")]
+    return expand_inputs(entries, _depth=depth + 1)

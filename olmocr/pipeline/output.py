@@ -1,0 +1,96 @@
+"""Dolma documents and markdown paths, exactly as upstream olmOCR 0.4.27 writes them."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from olmocr.pipeline.prompts import PageResponse
+
+#: The output-format version written in ``metadata["olmocr-version"]``: documents are byte-compatible with
+#: upstream olmOCR 0.4.27 (same prompt, fields and layout), so downstream tools keyed on it keep working.
+OLMOCR_COMPAT_VERSION = "0.4.27"
+
+
+@dataclass(frozen=True)
+class PageResult:
+    """One finished page (upstream's ``PageResult``)."""
+
+    source: str
+    page_num: int
+    response: PageResponse
+    input_tokens: int
+    output_tokens: int
+    is_fallback: bool
+    fallback_reason: str | None = None
+
+
+def build_dolma_document(source: str, pages: list[PageResult]) -> dict | None:
+    """The Dolma document for ``pages`` (in page order); None when no page has any text (as upstream)."""
+    text = ""
+    spans: list[list[int]] = []
+    last = len(pages) - 1
+    for index, page in enumerate(pages):
+        content = ""
+        if page.response.natural_text is not None:
+            content = page.response.natural_text + ("\n" if index < last else "")
+        start = len(text)
+        text += content
+        spans.append([start, len(text), page.page_num])
+    if not text:
+        return None
+    today = datetime.datetime.now().strftime("%Y-%m-%d")
+    return {
+        "id": hashlib.sha1(text.encode()).hexdigest(),
+        "text": text,
+        "source": "olmocr",
+        "added": today,
+        "created": today,
+        "metadata": {
+            "Source-File": source,
+            "olmocr-version": OLMOCR_COMPAT_VERSION,
+            "pdf-total-pages": len(pages),
+            "total-input-tokens": sum(p.input_tokens for p in pages),
+            "total-output-tokens": sum(p.output_tokens for p in pages),
+            "total-fallback-pages": sum(p.is_fallback for p in pages),
+        },
+        "attributes": {
+            "pdf_page_numbers": spans,
+            "primary_language": [p.response.primary_language for p in pages],
+            "is_rotation_valid": [p.response.is_rotation_valid for p in pages],
+            "rotation_correction": [p.response.rotation_correction for p in pages],
+            "is_table": [p.response.is_table for p in pages],
+            "is_diagram": [p.response.is_diagram for p in pages],
+        },
+    }
+
+
+def dolma_jsonl(docs: list[dict]) -> bytes:
+    """JSON Lines as upstream writes them (``json.dumps`` defaults, one document per line)."""
+    return "".join(json.dumps(doc) + "\n" for doc in docs).encode("utf-8")
+
+
+def markdown_relpath(source_file: str) -> str:
+    """``markdown/<source path>.md`` relative to the workspace, with upstream's path-traversal guard.
+
+    Tarball members (``tar::member``) go under the tarball's base name; ``s3://bucket/key`` uses ``key``;
+    local paths lose their leading ``/``. Empty, ``.`` and ``..`` components are dropped.
+    """
+    if "::" in source_file:
+        tarball, member = source_file.split("::", 1)
+        base = os.path.splitext(os.path.basename(tarball))[0]
+        if base.endswith(".tar"):
+            base = base[:-4]
+        relative = os.path.join(base, member)
+    elif source_file.startswith("s3://"):
+        relative = urlparse(source_file).path.lstrip("/")
+    else:
+        relative = source_file.lstrip("/")
+    relative = "/".join(p for p in relative.split("/") if p and p not in ("..", "."))
+    name = os.path.splitext(os.path.basename(relative))[0] + ".md"
+    directory = os.path.dirname(relative)
+    return "/".join(x for x in ("markdown", directory, name) if x)

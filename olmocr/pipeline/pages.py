@@ -1,0 +1,173 @@
+"""One page through the model: the attempt loop (temperature ladder, rotation retries, text-layer fallback)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+from olmocr.pipeline.client import RequestRejected, ServerClient
+from olmocr.pipeline.output import PageResult
+from olmocr.pipeline.progress import Progress
+from olmocr.pipeline.prompts import (
+    GUIDED_REGEX,
+    PROMPT_V4_YAML,
+    FrontMatterError,
+    PageResponse,
+    parse_page_response,
+)
+from olmocr.pipeline.render import Renderer, RenderError
+
+logger = logging.getLogger("olmocr.pipeline")
+
+#: Temperature for attempt n (later attempts use the last value): higher temperatures break repetition loops.
+TEMPERATURE_BY_ATTEMPT = (0.1, 0.1, 0.2, 0.3, 0.5, 0.8, 0.9, 1.0)
+MAX_TOKENS = 8000
+_IMAGE_MARK = "@@OLMOCR_IMAGE@@"
+
+
+@dataclass(frozen=True)
+class PageSettings:
+    target_longest_image_dim: int = 1288
+    max_page_retries: int = 8
+    max_model_len: int = 16384
+    guided_decoding: bool = False
+
+
+@dataclass(frozen=True)
+class PageSource:
+    """Where a page comes from: ``source`` is the user-facing path, ``local_path`` what the renderer opens."""
+
+    source: str
+    local_path: str
+    kind: str
+    page_num: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.source}-{self.page_num}"
+
+
+def request_template(temperature: float, guided: bool) -> tuple[bytes, bytes]:
+    """Bytes before and after the base64 PNG in the request JSON (upstream's request, field for field)."""
+    query: dict = {
+        "model": "olmocr",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": PROMPT_V4_YAML},
+                    {"type": "image_url", "image_url": {"url": _IMAGE_MARK}},
+                ],
+            }
+        ],
+        "max_tokens": MAX_TOKENS,
+        "temperature": temperature,
+    }
+    if guided:
+        query["guided_regex"] = GUIDED_REGEX
+    before, after = json.dumps(query).split(json.dumps(_IMAGE_MARK))
+    return (before + '"data:image/png;base64,').encode(), ('"' + after).encode()
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """Outcome of one model call that got an answer."""
+
+    response: PageResponse
+    input_tokens: int
+    output_tokens: int
+    valid: bool  # finish_reason == "stop" and total tokens within max_model_len
+
+
+class PageProcessor:
+    """Runs pages through the model; shared by all workers."""
+
+    def __init__(self, renderer: Renderer, client: ServerClient, settings: PageSettings, progress: Progress) -> None:
+        self.renderer = renderer
+        self.client = client
+        self.settings = settings
+        self.progress = progress
+        self._templates: dict[float, tuple[bytes, bytes]] = {}
+
+    def _template(self, temperature: float) -> tuple[bytes, bytes]:
+        found = self._templates.get(temperature)
+        if found is None:
+            found = self._templates[temperature] = request_template(temperature, self.settings.guided_decoding)
+        return found
+
+    async def _try_once(self, page: PageSource, attempt: int, rotation: int) -> Attempt | None:
+        """One attempt; None if it failed (bad answer). RenderError propagates (deterministic)."""
+        temperature = TEMPERATURE_BY_ATTEMPT[min(attempt, len(TEMPERATURE_BY_ATTEMPT) - 1)]
+        before, after = self._template(temperature)
+
+        async def make_body() -> list[bytes]:
+            image = await self.renderer.render(
+                page.local_path, page.kind, page.page_num, self.settings.target_longest_image_dim, rotation
+            )
+            return [b"".join((before, image, after))]
+
+        try:
+            data = await self.client.chat(make_body, page.label)
+        except RequestRejected as exc:
+            logger.warning("%s attempt %d: %s", page.label, attempt, exc)
+            return None
+        try:
+            usage = data.get("usage") or {}
+            input_tokens = int(usage.get("prompt_tokens", 0) or 0)
+            output_tokens = int(usage.get("completion_tokens", 0) or 0)
+            total = int(usage.get("total_tokens", input_tokens + output_tokens) or 0)
+            self.progress.add_tokens(input_tokens, output_tokens)
+            choice = data["choices"][0]
+            valid = choice.get("finish_reason") == "stop" and total <= self.settings.max_model_len
+            response = parse_page_response(choice["message"]["content"] or "")
+        except FrontMatterError as exc:
+            logger.info("%s attempt %d: unusable answer (%s)", page.label, attempt, exc)
+            return None
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            logger.warning("%s attempt %d: malformed completion (%s: %s)", page.label, attempt, type(exc).__name__, exc)
+            return None
+        if not valid:
+            logger.info("%s attempt %d: finish_reason=%s, %d tokens", page.label, attempt,
+                        choice.get("finish_reason"), total)
+        return Attempt(response, input_tokens, output_tokens, valid)
+
+    def _result(self, page: PageSource, attempt: Attempt) -> PageResult:
+        self.progress.page_done(fallback=False)
+        return PageResult(page.source, page.page_num, attempt.response, attempt.input_tokens,
+                          attempt.output_tokens, is_fallback=False)
+
+    async def _fallback(self, page: PageSource, reason: str) -> PageResult:
+        text = await self.renderer.text(page.local_path, page.kind, page.page_num)
+        self.progress.page_done(fallback=True)
+        response = PageResponse(primary_language=None, is_rotation_valid=True, rotation_correction=0,
+                                is_table=False, is_diagram=False, natural_text=text)
+        return PageResult(page.source, page.page_num, response, 0, 0, is_fallback=True, fallback_reason=reason)
+
+    async def process(self, page: PageSource) -> PageResult:
+        """The page's result: the model's answer, or after ``max_page_retries`` failed attempts its text layer.
+
+        An answer saying the rotation is invalid makes the next attempts send the image rotated
+        counter-clockwise by the cumulative ``rotation_correction``. If every attempt said "rotate" but at
+        least the last answer was otherwise valid, that answer is used (as upstream does).
+        """
+        retries = max(1, self.settings.max_page_retries)
+        rotation = 0
+        last: Attempt | None = None
+        try:
+            for attempt in range(retries):
+                last = await self._try_once(page, attempt, rotation)
+                if last is None:
+                    continue
+                if last.valid and last.response.is_rotation_valid:
+                    return self._result(page, last)
+                if not last.response.is_rotation_valid:
+                    rotation = (rotation + last.response.rotation_correction) % 360
+                    logger.info("%s: model says rotation is invalid; retrying rotated %d degrees", page.label, rotation)
+        except RenderError as exc:
+            logger.warning("%s: cannot render (%s); using the text layer", page.label, exc)
+            return await self._fallback(page, f"page {page.page_num}: {exc}")
+        if last is not None and last.valid:
+            return self._result(page, last)
+        logger.warning("%s: no usable answer after %d attempts; using the text layer", page.label, retries)
+        return await self._fallback(page, f"page {page.page_num}: no usable model answer after {retries} attempts")

@@ -1,0 +1,185 @@
+"""Orchestration: populate the queue, check the server, run workers that claim items and write results."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from olmocr.pipeline.client import ServerClient, ServerNotReady
+from olmocr.pipeline.documents import DocOutcome, DocumentProcessor, failure
+from olmocr.pipeline.inputs import expand_inputs
+from olmocr.pipeline.output import dolma_jsonl, markdown_relpath
+from olmocr.pipeline.pages import PageProcessor, PageSettings
+from olmocr.pipeline.progress import Progress, report_progress
+from olmocr.pipeline.render import Renderer
+from olmocr.pipeline.storage import Storage, open_storage
+from olmocr.pipeline.workqueue import LeaseLost, WorkItem, WorkQueue
+
+logger = logging.getLogger("olmocr.pipeline")
+
+#: Pause after a work item failed as a whole (e.g. the workspace is unreachable) before claiming again.
+ERROR_PAUSE_S = 5.0
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    workspace: str
+    server_url: str
+    api_key: str | None = None
+    pdfs: tuple[str, ...] = ()
+    workers: int = 20
+    pages_per_group: int = 500
+    max_page_retries: int = 8
+    max_page_error_rate: float = 0.004
+    max_concurrent_requests: int = 1600
+    target_longest_image_dim: int = 1288
+    max_model_len: int = 16384
+    markdown: bool = False
+    guided_decoding: bool = False
+    request_timeout: float = 600.0
+    max_server_ready_timeout: float = 600.0
+    lease_seconds: float = 300.0
+    progress_interval: float = 10.0
+    render_processes: int | None = None
+
+
+def populate(queue: WorkQueue, specs: tuple[str, ...], pages_per_group: int) -> None:
+    paths, problems = expand_inputs(list(specs))
+    for problem in problems:
+        if problem.path is None:
+            logger.error("input %s: %s", problem.spec, problem.reason)
+        else:
+            logger.warning("input %s: %s (it will be recorded as a failed document)", problem.path, problem.reason)
+    added = queue.populate(paths, pages_per_group)
+    logger.info("found %d documents; %d new work items added to the queue", len(paths), added)
+
+
+class Runner:
+    """The running pipeline: shared renderer, server client, page slots and counters."""
+
+    def __init__(self, config: PipelineConfig, storage: Storage, queue: WorkQueue, client: ServerClient) -> None:
+        self.config = config
+        self.storage = storage
+        self.queue = queue
+        self.client = client
+        self.progress = Progress()
+        self.renderer = Renderer(config.render_processes)
+        settings = PageSettings(config.target_longest_image_dim, config.max_page_retries, config.max_model_len,
+                                config.guided_decoding)
+        pages = PageProcessor(self.renderer, client, settings, self.progress)
+        # Pages in flight: enough to keep every request slot busy plus a render lookahead.
+        page_slots = asyncio.Semaphore(config.max_concurrent_requests + 4 * self.renderer.processes)
+        self.documents = DocumentProcessor(self.renderer, pages, page_slots, config.max_page_error_rate)
+
+    async def _process_doc(self, source: str) -> DocOutcome:
+        try:
+            return await self.documents.process(source)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one bad document must not take the item down
+            logger.exception("unexpected error on %s", source)
+            return failure(source, f"internal error: {type(exc).__name__}: {exc}", retryable=True)
+
+    async def _process_item(self, item: WorkItem) -> None:
+        outcomes = await asyncio.gather(*(self._process_doc(path) for path in item.paths))
+        docs = [o.doc for o in outcomes if o.doc is not None]
+        failed = [o.failure for o in outcomes if o.failure is not None]
+        if self.config.markdown:
+            for doc in docs:
+                key = markdown_relpath(doc["metadata"]["Source-File"])
+                await asyncio.to_thread(self.storage.write, key, doc["text"].encode("utf-8"))
+        await asyncio.to_thread(self.queue.complete, item, dolma_jsonl(docs), failed)
+        self.progress.docs_done += len(docs)
+        self.progress.docs_failed += len(failed)
+        self.progress.items_done += 1
+        logger.info("work item %s done: %d documents written, %d failed", item.hash, len(docs), len(failed))
+
+    async def _renew_until_done(self, item: WorkItem, work: asyncio.Task[None]) -> None:
+        interval = max(1.0, self.config.lease_seconds / 3)
+        while not work.done():
+            await asyncio.sleep(interval)
+            if work.done():
+                return
+            try:
+                await asyncio.to_thread(self.queue.renew, item)
+            except LeaseLost:
+                logger.error("lost the lease on work item %s (another worker took it); abandoning it", item.hash)
+                work.cancel()
+                return
+            except Exception as exc:  # noqa: BLE001 - a storage hiccup: try again next interval
+                logger.warning("could not renew the lease on %s: %s", item.hash, exc)
+
+    async def _worker(self, worker_id: int) -> None:
+        idle_wait = min(10.0, max(1.0, self.config.lease_seconds / 4))
+        while True:
+            item = await asyncio.to_thread(self.queue.claim)
+            if item is None:
+                counts = await asyncio.to_thread(self.queue.counts)
+                if counts.get("leased", 0) == 0 and counts.get("pending", 0) == 0:
+                    return
+                # Items leased by other (possibly dead) workers: wait for them to finish or their leases to expire.
+                await asyncio.sleep(idle_wait)
+                continue
+            logger.info("worker %d claimed work item %s (%d documents)", worker_id, item.hash, len(item.paths))
+            work = asyncio.create_task(self._process_item(item))
+            renewer = asyncio.create_task(self._renew_until_done(item, work))
+            try:
+                await asyncio.wait({work})
+            except asyncio.CancelledError:
+                # Shutdown: hand the item back so another worker can take it at once.
+                work.cancel()
+                await asyncio.to_thread(self._release_quietly, item)
+                raise
+            finally:
+                renewer.cancel()
+            if work.cancelled():
+                continue  # lease lost; the new owner does it
+            exc = work.exception()
+            if exc is not None:
+                logger.error("work item %s failed (%s: %s); releasing it for a retry", item.hash,
+                             type(exc).__name__, exc)
+                await asyncio.to_thread(self._release_quietly, item)
+                await asyncio.sleep(ERROR_PAUSE_S)
+
+    def _release_quietly(self, item: WorkItem) -> None:
+        try:
+            self.queue.release(item)
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("could not release work item %s: %s", item.hash, exc)
+
+    async def run(self) -> None:
+        reporter = asyncio.create_task(report_progress(
+            self.progress, lambda: (self.client.describe_state(), self.client.in_flight), self.config.progress_interval))
+        try:
+            workers = [asyncio.create_task(self._worker(i)) for i in range(max(1, self.config.workers))]
+            await asyncio.gather(*workers)
+        finally:
+            reporter.cancel()
+            self.renderer.close()
+        logger.info("%s", self.progress.summary())
+
+
+async def run_pipeline(config: PipelineConfig) -> int:
+    """Run to completion; returns the process exit status."""
+    storage = open_storage(config.workspace)
+    queue = WorkQueue(storage, lease_seconds=config.lease_seconds)
+    if config.pdfs:
+        await asyncio.to_thread(populate, queue, config.pdfs, config.pages_per_group)
+    counts = await asyncio.to_thread(queue.counts)
+    if counts.get("pending", 0) == 0 and counts.get("leased", 0) == 0:
+        logger.info("no work to do: %d of %d work items are done", counts.get("done", 0), counts.get("total", 0))
+        return 0
+    logger.info("work items: %s", counts)
+    client = ServerClient(config.server_url, api_key=config.api_key, request_timeout=config.request_timeout,
+                          max_concurrent_requests=config.max_concurrent_requests)
+    try:
+        try:
+            await client.wait_ready(max_wait_s=config.max_server_ready_timeout)
+        except ServerNotReady as exc:
+            logger.error("%s", exc)
+            return 1
+        await Runner(config, storage, queue, client).run()
+    finally:
+        client.close()
+    return 0

@@ -1,0 +1,261 @@
+"""A small object-store abstraction over a local directory or an ``s3://bucket/prefix``.
+
+Keys are ``/``-separated relative paths such as ``results/output_abc.jsonl``. Version tags are the MD5 of
+the content (S3's ETag for single-part puts; computed the same way locally), so a compare-and-swap
+succeeds only if the object still holds exactly the bytes that were read.
+
+Guarantees used by the work queue:
+
+* ``write`` is an atomic replace: readers see the old or the new bytes, never a partial file.
+* ``create`` is atomic create-if-absent (local: ``os.link`` of a complete temp file; S3: ``If-None-Match: *``).
+* ``replace_if`` is compare-and-swap (local: under an ``fcntl.flock`` on a hidden sidecar file;
+  S3: ``If-Match: <etag>``). S3 has supported both conditional writes since late 2024; a store that
+  ignores them is not safe for several workers.
+
+Hidden names (starting with ``.``: temp files and CAS lock sidecars) are never returned by ``list``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class Storage(Protocol):
+    """Minimal object store; see the module docstring for the guarantees."""
+
+    url: str
+
+    def read(self, key: str) -> bytes | None: ...
+
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None: ...
+
+    def write(self, key: str, data: bytes) -> None: ...
+
+    def create(self, key: str, data: bytes) -> bool: ...
+
+    def replace_if(self, key: str, data: bytes, tag: str) -> bool: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def list(self, prefix: str) -> list[str]: ...
+
+
+def content_tag(data: bytes) -> str:
+    """The version tag of ``data`` (MD5 hex, as S3 single-part ETags)."""
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def _check_key(key: str) -> None:
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"invalid storage key: {key!r}")
+
+
+class LocalStorage:
+    """A directory on a local (or POSIX-locking network) filesystem."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.url = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        _check_key(key)
+        return self.root / key
+
+    def _temp_for(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+
+    def _write_temp(self, path: Path, data: bytes) -> Path:
+        tmp = self._temp_for(path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return tmp
+
+    def read(self, key: str) -> bytes | None:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        data = self.read(key)
+        return None if data is None else (data, content_tag(data))
+
+    def write(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        tmp = self._write_temp(path, data)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def create(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        tmp = self._write_temp(path, data)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def replace_if(self, key: str, data: bytes, tag: str) -> bool:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = path.parent / f".{path.name}.cas-lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            current = self.read(key)
+            if current is None or content_tag(current) != tag:
+                return False
+            self.write(key, data)
+            return True
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink()
+        except FileNotFoundError:
+            pass
+
+    def list(self, prefix: str) -> list[str]:
+        """Keys starting with ``prefix`` (a directory like ``results/`` or a name prefix)."""
+        directory, _, name_prefix = prefix.rpartition("/")
+        base = self.root / directory if directory else self.root
+        if not base.is_dir():
+            return []
+        keys: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            rel_dir = Path(dirpath).relative_to(self.root).as_posix()
+            for name in filenames:
+                if name.startswith("."):
+                    continue
+                key = name if rel_dir == "." else f"{rel_dir}/{name}"
+                if key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> ``("bucket", "some/prefix")`` (no trailing slash)."""
+    if not url.startswith("s3://"):
+        raise ValueError(f"not an s3:// url: {url}")
+    bucket, _, prefix = url[len("s3://") :].partition("/")
+    if not bucket:
+        raise ValueError(f"no bucket in {url}")
+    return bucket, prefix.strip("/")
+
+
+def make_s3_client(**kwargs: Any) -> Any:
+    """A boto3 S3 client; honours ``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3`` and the usual credentials."""
+    import boto3
+    from botocore.config import Config
+
+    config = kwargs.pop("config", None) or Config(
+        retries={"max_attempts": 8, "mode": "standard"},
+        connect_timeout=10,
+        read_timeout=60,
+        max_pool_connections=32,
+    )
+    return boto3.client("s3", config=config, **kwargs)
+
+
+def _error_code(exc: Exception) -> str:
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+_MISSING = {"NoSuchKey", "404", "NotFound"}
+_PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+
+
+class S3Storage:
+    """An ``s3://bucket/prefix`` using S3 conditional writes for create and compare-and-swap."""
+
+    def __init__(self, url: str, client: Any = None, **s3_kwargs: Any) -> None:
+        self.bucket, self.prefix = parse_s3_url(url)
+        self.url = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+        self.client = client if client is not None else make_s3_client(**s3_kwargs)
+
+    def _key(self, key: str) -> str:
+        _check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if _error_code(exc) in _MISSING:
+                return None
+            raise
+        data = response["Body"].read()
+        return data, str(response["ETag"]).strip('"')
+
+    def read(self, key: str) -> bytes | None:
+        found = self.read_versioned(key)
+        return None if found is None else found[0]
+
+    def write(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def _conditional_put(self, key: str, data: bytes, **condition: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
+            return True
+        except ClientError as exc:
+            if _error_code(exc) in _PRECONDITION or _error_code(exc) in _MISSING:
+                return False
+            raise
+
+    def create(self, key: str, data: bytes) -> bool:
+        return self._conditional_put(key, data, IfNoneMatch="*")
+
+    def replace_if(self, key: str, data: bytes, tag: str) -> bool:
+        return self._conditional_put(key, data, IfMatch=f'"{tag}"')
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def list(self, prefix: str) -> list[str]:
+        if prefix:
+            _check_key(prefix.rstrip("/") or "x")
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        keys: list[str] = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+            for obj in page.get("Contents", []):
+                key = obj["Key"][strip:]
+                if key and not key.rsplit("/", 1)[-1].startswith("."):
+                    keys.append(key)
+        return sorted(keys)
+
+
+def open_storage(url: str, **s3_kwargs: Any) -> Storage:
+    """Open a workspace: a local directory (created if missing) or ``s3://bucket/prefix``."""
+    if url.startswith("s3://"):
+        return S3Storage(url, **s3_kwargs)
+    return LocalStorage(url)

@@ -1,0 +1,78 @@
+"""Kubernetes-style health decisions for one server process (pure: no I/O, time is passed in).
+
+- While the process is starting, *connection refused* means "still loading the model" until
+  ``startup_timeout`` has passed since the process started; after that it is a failure.
+- A server is declared unhealthy, and killed, only after ``failure_threshold`` consecutive failed
+  probes; it is healthy again after ``success_threshold`` consecutive good probes.
+- A configuration error (wrong served model, API key mismatch) makes it unhealthy but is not killed:
+  a restart cannot fix it, and killing would only turn it into a crash loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from olmocr.server.probe import ProbeResult
+
+STARTING = "starting"
+HEALTHY = "healthy"
+UNHEALTHY = "unhealthy"
+
+
+@dataclass(frozen=True)
+class HealthPolicy:
+    failure_threshold: int = 3
+    success_threshold: int = 1
+    startup_timeout: float = 600.0
+
+
+@dataclass(frozen=True)
+class HealthState:
+    phase: str = STARTING
+    started_at: float = 0.0  # when the current process instance entered STARTING
+    ever_healthy: bool = False  # this process instance answered correctly at least once
+    consecutive_failures: int = 0
+    consecutive_successes: int = 0
+    reason: str = "starting"
+
+
+@dataclass(frozen=True)
+class Decision:
+    state: HealthState
+    kill: bool = False
+    kill_reason: str = ""
+
+
+def process_started(now: float) -> HealthState:
+    return HealthState(phase=STARTING, started_at=now)
+
+
+def apply_probe(state: HealthState, result: ProbeResult, policy: HealthPolicy, now: float) -> Decision:
+    if result.ok:
+        successes = state.consecutive_successes + 1
+        phase = state.phase
+        if successes >= policy.success_threshold:
+            phase = HEALTHY
+        return Decision(replace(state, phase=phase, consecutive_successes=successes,
+                                consecutive_failures=0, ever_healthy=state.ever_healthy or phase == HEALTHY,
+                                reason=result.reason))
+
+    loading = result.refused and not state.ever_healthy
+    if loading and now - state.started_at < policy.startup_timeout:
+        return Decision(replace(state, phase=STARTING, consecutive_successes=0,
+                                reason=f"starting: {result.reason}"))
+    reason = result.reason
+    if loading:
+        reason = (f"server did not start listening within the startup timeout "
+                  f"({policy.startup_timeout:g} s): {result.reason}")
+
+    failures = state.consecutive_failures + 1
+    failing = replace(state, consecutive_failures=failures, consecutive_successes=0, reason=reason)
+    if failures < policy.failure_threshold:
+        # Not yet unhealthy: a busy server may miss a probe or two.
+        return Decision(failing)
+    failing = replace(failing, phase=UNHEALTHY)
+    if result.config_error:
+        return Decision(failing)
+    return Decision(failing, kill=True,
+                    kill_reason=f"{reason} ({failures} consecutive failed probes)")

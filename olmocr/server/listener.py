@@ -1,0 +1,255 @@
+"""supervisord event listener that probes the vLLM server and kills it when it is unhealthy.
+
+supervisord, not this listener, restarts the server (``autorestart=true``): the listener only kills the
+whole process group of an unhealthy server, records every probe in the ``olmocr`` RPC extension, cleans
+up engine processes orphaned by a crash, and leaves a crash-looping server stopped after
+``max_restart_attempts`` restarts without a healthy probe.
+
+Protocol discipline: stdout carries only the event protocol (anything else puts the listener in
+UNKNOWN forever), so logs go to stderr. Probes run in a worker thread, so every event is answered at
+once and a slow probe never stalls supervisord's event queue; results are acted on at the next event
+(TICK_5 guarantees one at least every ~5 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+from olmocr.server import health
+from olmocr.server.probe import ProbeResult, ServerProbe
+from olmocr.server.settings import PROGRAM_NAME, ServerSettings, SettingsError, read_api_key
+
+log = logging.getLogger("olmocr.listener")
+
+ACTIVE_STATES = {"STARTING", "RUNNING"}
+
+
+def parse_fields(line: str) -> dict[str, str]:
+    """``key:value key:value`` (the event header and process-state payload format)."""
+    return dict(token.split(":", 1) for token in line.split() if ":" in token)
+
+
+def thread_executor(fn: Callable[[], None]) -> None:
+    threading.Thread(target=fn, name="olmocr-probe", daemon=True).start()
+
+
+def kill_process_group(pgid: int, sig: int) -> bool:
+    """Signal a process group; False if it no longer exists."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        log.error("not allowed to signal process group %s (is the listener running as another user?)", pgid)
+        return False
+
+
+class HealthListener:
+    """Drive with ``run()``; tests inject stdin/stdout/rpc/probe/clock and call it line by line."""
+
+    def __init__(self, stdin: IO[str], stdout: IO[str], rpc: Any, settings: ServerSettings,
+                 probe: Callable[[], ProbeResult], *, program: str = PROGRAM_NAME,
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
+                 executor: Callable[[Callable[[], None]], None] = thread_executor,
+                 signal_group: Callable[[int, int], bool] = kill_process_group) -> None:
+        self.stdin = stdin
+        self.stdout = stdout
+        self.rpc = rpc
+        self.settings = settings
+        self.probe = probe
+        self.program = program
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.executor = executor
+        self.signal_group = signal_group
+        self.policy = health.HealthPolicy(settings.failure_threshold, settings.success_threshold,
+                                          settings.startup_timeout)
+        self.process_state: str | None = None  # supervisord's statename, once known
+        self.pid: int | None = None
+        self.state = health.process_started(clock())
+        self.next_probe_at = 0.0
+        self.probe_in_flight = False
+        self.results: queue.Queue[ProbeResult] = queue.Queue()
+        self.pending_kill: tuple[int, float] | None = None  # (pgid, SIGKILL deadline)
+
+    # -- protocol ---------------------------------------------------------------------------------
+    def run(self, max_events: int | None = None) -> None:
+        handled = 0
+        while max_events is None or handled < max_events:
+            self.stdout.write("READY\n")
+            self.stdout.flush()
+            line = self.stdin.readline()
+            if not line:
+                return  # supervisord closed our stdin: it is shutting down
+            headers = parse_fields(line)
+            payload = self.stdin.read(int(headers.get("len", "0")))
+            try:
+                self.handle(headers.get("eventname", ""), payload)
+            except Exception:  # survive our own bugs and RPC hiccups; never leave supervisord waiting
+                log.exception("error while handling %s", headers.get("eventname"))
+            self.stdout.write("RESULT 2\nOK")
+            self.stdout.flush()
+            handled += 1
+
+    def handle(self, event_name: str, payload: str) -> None:
+        if event_name.startswith("PROCESS_STATE_"):
+            fields = parse_fields(payload.split("\n", 1)[0])
+            if fields.get("processname") == self.program:
+                self.on_process_state(event_name[len("PROCESS_STATE_"):], fields)
+        if self.process_state is None:
+            self.sync_from_supervisor()
+        self.poll()
+
+    # -- process state ----------------------------------------------------------------------------
+    def on_process_state(self, statename: str, fields: dict[str, str]) -> None:
+        previous_pid = self.pid
+        self.process_state = statename
+        if statename == "STARTING":
+            self.pid = None
+            self.pending_kill = None
+            self.state = health.process_started(self.clock())
+            self.next_probe_at = self.clock()
+            if fields.get("from_state") in ("EXITED", "BACKOFF"):
+                self.enforce_restart_limit()
+        elif statename == "RUNNING":
+            self.pid = int(fields["pid"]) if fields.get("pid") else self.pid
+        elif statename in ("EXITED", "BACKOFF", "STOPPED", "FATAL"):
+            dead_pid = int(fields["pid"]) if fields.get("pid") else previous_pid
+            if dead_pid:
+                # supervisord only signals the group on its own stops; after a crash the engine
+                # children are orphaned and keep GPU memory and the port (supervisor #1101).
+                if self.signal_group(dead_pid, signal.SIGKILL):
+                    log.warning("killed processes left behind by %s (process group %s)",
+                                self.program, dead_pid)
+            self.pid = None
+            self.record({"phase": statename.lower(), "ok": False, "healthy": False,
+                         "reason": f"process {statename}"}, failure=False)
+
+    def sync_from_supervisor(self) -> None:
+        """Learn the process state when we (re)start after the server: we missed its events."""
+        info = self.rpc.supervisor.getProcessInfo(self.program)
+        self.process_state = info["statename"]
+        self.pid = info["pid"] or None
+        running_for = max(0, info["now"] - info["start"]) if info["start"] else 0
+        self.state = health.process_started(self.clock() - running_for)
+
+    def enforce_restart_limit(self) -> None:
+        stats = self.rpc.olmocr.getProcessStats(self.program)
+        restarts = stats.get("restarts_since_healthy", 0)
+        limit = self.settings.max_restart_attempts
+        if restarts <= limit:
+            log.info("%s restart %d of at most %d without a healthy probe", self.program, restarts, limit)
+            return
+        reason = (f"crash loop: restarted {limit} times without becoming healthy "
+                  f"(max restart attempts {limit}); left stopped. Read the server log "
+                  f"(supervisorctl tail {self.program}), fix the cause, then `supervisorctl start {self.program}`")
+        log.error(reason)
+        self.rpc.supervisor.stopProcess(self.program, False)
+        self.rpc.olmocr.recordGiveUp(self.program, reason)
+
+    # -- probing ----------------------------------------------------------------------------------
+    def poll(self) -> None:
+        now = self.clock()
+        if (self.process_state in ACTIVE_STATES and not self.probe_in_flight and self.pending_kill is None
+                and now >= self.next_probe_at):
+            self.probe_in_flight = True
+            self.next_probe_at = now + self.settings.health_interval
+            self.executor(self._run_probe)
+        self._drain_results()
+        self._escalate_kill()
+
+    def _run_probe(self) -> None:
+        try:
+            result = self.probe()
+        except Exception as exc:  # a bug in the probe is a failed probe, not a dead listener
+            result = ProbeResult(False, f"probe error: {exc!r}", 0.0)
+        self.results.put(result)
+
+    def _drain_results(self) -> None:
+        while True:
+            try:
+                result = self.results.get_nowait()
+            except queue.Empty:
+                return
+            self.probe_in_flight = False
+            if self.process_state not in ACTIVE_STATES:
+                continue  # the probed process is gone; its result says nothing about the next one
+            decision = health.apply_probe(self.state, result, self.policy, self.clock())
+            self.state = decision.state
+            self.record({"phase": self.state.phase, "ok": result.ok, "healthy": self.state.phase == health.HEALTHY,
+                         "reason": self.state.reason, "latency_ms": round(result.latency * 1000, 1),
+                         "busy": result.busy, "consecutive_failures": self.state.consecutive_failures},
+                        failure=not result.ok)
+            if decision.kill:
+                self.kill(decision.kill_reason)
+
+    def kill(self, reason: str) -> None:
+        pid = self.pid or self.rpc.supervisor.getProcessInfo(self.program)["pid"]
+        if not pid:
+            return
+        log.error("%s is unhealthy: %s; killing process group %s so supervisord restarts it",
+                  self.program, reason, pid)
+        self.rpc.olmocr.recordKill(self.program, reason)
+        self.signal_group(pid, signal.SIGTERM)
+        self.pending_kill = (pid, self.clock() + self.settings.kill_grace)
+
+    def _escalate_kill(self) -> None:
+        if self.pending_kill is None:
+            return
+        pgid, deadline = self.pending_kill
+        if self.clock() < deadline:
+            return
+        self.pending_kill = None
+        if self.signal_group(pgid, signal.SIGKILL):
+            log.error("process group %s ignored SIGTERM for %.0f s; sent SIGKILL", pgid, self.settings.kill_grace)
+
+    def record(self, record: dict[str, Any], failure: bool) -> None:
+        record = {"time": self.wall_clock(), **record, "failed_probe": failure}
+        level = logging.WARNING if failure else logging.DEBUG
+        log.log(level, "probe %s: %s", self.program, record)
+        try:
+            self.rpc.olmocr.recordProbe(self.program, record)
+        except Exception as exc:
+            log.warning("could not record probe result in supervisord: %s", exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="olmocr-health-listener", description=__doc__.split("\n")[0])
+    parser.add_argument("--program", default=PROGRAM_NAME, help="supervisord program to watch (default vllm)")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s olmocr-health %(levelname)s %(message)s")
+    try:
+        settings = ServerSettings.from_env()
+        api_key = read_api_key(settings)
+    except SettingsError as exc:
+        log.error("%s", exc)
+        return 2
+    if "SUPERVISOR_SERVER_URL" not in os.environ:
+        log.error("run me as a supervisord [eventlistener:...] (SUPERVISOR_SERVER_URL is not set)")
+        return 2
+    from olmocr.server.rpcclient import connect_from_child_env
+
+    rpc = connect_from_child_env(os.environ, timeout=10.0)
+    probe = ServerProbe(settings.base_url, api_key=api_key, health_timeout=settings.health_timeout,
+                        completion_timeout=settings.completion_timeout)
+    log.info("watching %s at %s every %g s (failure threshold %d, startup timeout %g s)", args.program,
+             settings.base_url, settings.health_interval, settings.failure_threshold,
+             settings.startup_timeout)
+    HealthListener(sys.stdin, sys.stdout, rpc, settings, probe, program=args.program).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

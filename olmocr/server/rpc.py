@@ -1,0 +1,252 @@
+"""supervisord RPC extension ``olmocr.*``: restart counts and health records, served over XML-RPC.
+
+supervisord's own XML-RPC has no restart count. This extension runs inside supervisord, subscribes to
+its process-state events, counts starts and restarts per program, and keeps the health listener's
+latest probe result, so one XML-RPC connection answers the status script. State is written to a JSON
+file (atomic replace) on every change and read back at start, so counts survive a supervisord restart.
+
+Load it with::
+
+    [rpcinterface:olmocr]
+    supervisor.rpcinterface_factory = olmocr.server.rpc:make_rpcinterface
+
+The state file is ``olmocr-state.json`` beside supervisord's pidfile (``%(here)s`` cannot be used in
+rpcinterface sections), or the absolute path given as ``state_file = ...`` there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+from supervisor import events
+from supervisor.states import ProcessStates, getProcessStateDescription
+
+from olmocr.server.settings import ServerSettings, SettingsError
+
+API_VERSION = "1.0"
+
+# Transitions into STARTING that supervisord makes on its own after a crash: these are restarts.
+_AUTOMATIC_RESTART_FROM = {ProcessStates.EXITED, ProcessStates.BACKOFF}
+
+
+def new_process_stats() -> dict[str, Any]:
+    return {
+        "starts": 0,
+        "restarts": 0,
+        "restarts_since_healthy": 0,
+        "last_start_time": None,
+        "last_exit_time": None,
+        "last_exit_status": None,
+        "last_exit_expected": None,
+        "last_exit_description": None,
+        "health": None,
+        "last_healthy_time": None,
+        "last_failure_reason": None,
+        "last_failure_time": None,
+        "kills": 0,
+        "last_kill_time": None,
+        "last_kill_reason": None,
+        "gave_up": False,
+        "gave_up_reason": None,
+    }
+
+
+class ProcessStatsStore:
+    """Counts process-state transitions and keeps health records; persists to a JSON file."""
+
+    def __init__(self, state_file: str | None, clock: Callable[[], float] = time.time) -> None:
+        self.state_file = state_file
+        self.clock = clock
+        self.processes: dict[str, dict[str, Any]] = {}
+        self._load()
+
+    def stats(self, name: str) -> dict[str, Any]:
+        if name not in self.processes:
+            self.processes[name] = new_process_stats()
+        return self.processes[name]
+
+    def on_state_change(self, name: str, from_state: int, to_state: int,
+                        exitstatus: int | None = None, expected: bool | None = None,
+                        description: str | None = None) -> None:
+        stats = self.stats(name)
+        now = self.clock()
+        if to_state == ProcessStates.STARTING:
+            stats["starts"] += 1
+            stats["last_start_time"] = now
+            if from_state in _AUTOMATIC_RESTART_FROM:
+                stats["restarts"] += 1
+                stats["restarts_since_healthy"] += 1
+            else:
+                # An operator's start (or supervisord's first start) begins a fresh restart budget.
+                stats["restarts_since_healthy"] = 0
+                stats["gave_up"] = False
+                stats["gave_up_reason"] = None
+            stats["health"] = None
+        elif to_state in (ProcessStates.EXITED, ProcessStates.BACKOFF, ProcessStates.STOPPED):
+            stats["last_exit_time"] = now
+            stats["last_exit_status"] = exitstatus
+            stats["last_exit_expected"] = expected
+            stats["last_exit_description"] = description
+            if to_state != ProcessStates.STOPPED:
+                state = getProcessStateDescription(to_state)
+                reason = f"process exited ({state}, exit status {exitstatus})"
+                if description:
+                    reason = f"process exited ({state}: {description})"
+                self._failure(stats, reason, now)
+        elif to_state == ProcessStates.FATAL:
+            self._failure(stats, "supervisord gave up starting the process (FATAL: exited too quickly "
+                                 "startretries times; see `supervisorctl tail vllm`)", now)
+        self._save()
+
+    def record_probe(self, name: str, record: dict[str, Any]) -> None:
+        stats = self.stats(name)
+        stats["health"] = dict(record)
+        if record.get("healthy"):
+            stats["last_healthy_time"] = record.get("time")
+            stats["restarts_since_healthy"] = 0
+        elif record.get("failed_probe") and record.get("phase") != "starting":
+            self._failure(stats, record.get("reason", "probe failed"), record.get("time") or self.clock())
+        self._save()
+
+    def record_kill(self, name: str, reason: str) -> None:
+        stats = self.stats(name)
+        now = self.clock()
+        stats["kills"] += 1
+        stats["last_kill_time"] = now
+        stats["last_kill_reason"] = reason
+        self._failure(stats, reason, now)
+        self._save()
+
+    def record_give_up(self, name: str, reason: str) -> None:
+        stats = self.stats(name)
+        stats["gave_up"] = True
+        stats["gave_up_reason"] = reason
+        self._failure(stats, reason, self.clock())
+        self._save()
+
+    @staticmethod
+    def _failure(stats: dict[str, Any], reason: str, when: float) -> None:
+        stats["last_failure_reason"] = reason
+        stats["last_failure_time"] = when
+
+    def _load(self) -> None:
+        if not self.state_file or not os.path.exists(self.state_file):
+            return
+        try:
+            with open(self.state_file, encoding="utf-8") as handle:
+                data = json.load(handle)
+            for name, saved in data.get("processes", {}).items():
+                merged = new_process_stats()
+                merged.update(saved)
+                self.processes[name] = merged
+        except (OSError, ValueError):
+            # A damaged state file must not stop supervisord from starting; counts restart at zero.
+            self.processes = {}
+
+    def _save(self) -> None:
+        if not self.state_file:
+            return
+        directory = os.path.dirname(os.path.abspath(self.state_file))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".olmocr-state.")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump({"version": 1, "processes": self.processes}, handle)
+            os.replace(tmp, self.state_file)
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+class OlmocrNamespaceRPCInterface:
+    """Methods served as ``olmocr.<name>`` on supervisord's XML-RPC endpoint."""
+
+    def __init__(self, supervisord: Any, store: ProcessStatsStore) -> None:
+        self.supervisord = supervisord
+        self.store = store
+
+    def getAPIVersion(self) -> str:
+        return API_VERSION
+
+    def getProcessStats(self, name: str) -> dict[str, Any]:
+        """Restart counts, last exit, last health probe and failure reason of program ``name``."""
+        return _xmlrpc_safe(self.store.stats(name))
+
+    def getAllProcessStats(self) -> dict[str, Any]:
+        return {name: _xmlrpc_safe(stats) for name, stats in self.store.processes.items()}
+
+    def getSettings(self) -> dict[str, Any]:
+        """The deployment settings supervisord's environment gives its programs (model, port...)."""
+        try:
+            settings = ServerSettings.from_env()
+        except SettingsError as exc:
+            return {"error": str(exc)}
+        return _xmlrpc_safe({"model": settings.model, "port": settings.port, "host": settings.host,
+                             "base_url": settings.base_url,
+                             "max_restart_attempts": settings.max_restart_attempts,
+                             "health_interval": settings.health_interval})
+
+    def recordProbe(self, name: str, record: dict[str, Any]) -> bool:
+        """Called by the health listener after each probe."""
+        self.store.record_probe(name, record)
+        return True
+
+    def recordKill(self, name: str, reason: str) -> bool:
+        """Called by the health listener when it kills an unhealthy server."""
+        self.store.record_kill(name, reason)
+        return True
+
+    def recordGiveUp(self, name: str, reason: str) -> bool:
+        """Called by the health listener when it leaves a crash-looping server stopped."""
+        self.store.record_give_up(name, reason)
+        return True
+
+
+def _xmlrpc_safe(value: Any) -> Any:
+    """XML-RPC has no None and only 32-bit ints: drop None, send big numbers as floats."""
+    if isinstance(value, dict):
+        return {k: _xmlrpc_safe(v) for k, v in value.items() if v is not None}
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and abs(value) > 2**31 - 1:
+        return float(value)
+    return value
+
+
+_subscribed: dict[str, Any] = {}
+
+
+def make_rpcinterface(supervisord: Any, **config: str) -> OlmocrNamespaceRPCInterface:
+    """supervisord's factory hook. Called again on every ``supervisorctl reload``: subscribe once."""
+    state_file = config.get("state_file") or os.path.join(
+        os.path.dirname(os.path.abspath(supervisord.options.pidfile)), "olmocr-state.json")
+    store = ProcessStatsStore(state_file)
+    previous = _subscribed.get("callback")
+    if previous is not None:
+        events.unsubscribe(events.ProcessStateEvent, previous)
+
+    def on_event(event: Any) -> None:
+        process = event.process
+        to_state = process.state
+        description = None
+        if to_state in (ProcessStates.BACKOFF, ProcessStates.FATAL) or (
+            to_state == ProcessStates.EXITED and not event.expected
+        ):
+            description = process.spawnerr or None
+        try:
+            store.on_state_change(process.config.name, event.from_state, to_state,
+                                  exitstatus=process.exitstatus,
+                                  expected=bool(event.expected), description=description)
+        except Exception as exc:  # never break supervisord's event dispatch
+            supervisord.options.logger.warn(f"olmocr rpc extension: cannot record event: {exc!r}")
+
+    events.subscribe(events.ProcessStateEvent, on_event)
+    _subscribed["callback"] = on_event
+    return OlmocrNamespaceRPCInterface(supervisord, store)

@@ -1,0 +1,126 @@
+"""``olmocr-server-status``: the deployment's health as JSON, from supervisord's XML-RPC interface.
+
+Exit status: 0 healthy, 1 unhealthy (or stopped), 2 supervisord unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import json
+import os
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from olmocr.server.rpcclient import connect
+from olmocr.server.settings import PROGRAM_NAME
+
+EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_UNREACHABLE = 0, 1, 2
+
+
+def build_status(info: Mapping[str, Any], stats: Mapping[str, Any], settings: Mapping[str, Any]) -> dict:
+    """Combine supervisord's process info, our restart/health stats and the settings (pure)."""
+    probe = stats.get("health") or {}
+    running = info.get("statename") == "RUNNING"
+    healthy = bool(running and probe.get("healthy"))
+    uptime = info["now"] - info["start"] if running and info.get("start") else 0
+    return {
+        "healthy": healthy,
+        "pid": info.get("pid") or None,
+        "port": settings.get("port"),
+        "model": settings.get("model"),
+        "restart_count": stats.get("restarts", 0),
+        "uptime_seconds": uptime,
+        "last_health_check": _iso(probe.get("time")),
+        "state": info.get("statename"),
+        "health_phase": probe.get("phase"),
+        "last_exit_status": stats.get("last_exit_status"),
+        "last_exit_time": _iso(stats.get("last_exit_time")),
+        "last_failure_reason": stats.get("gave_up_reason") or stats.get("last_failure_reason"),
+        "last_failure_time": _iso(stats.get("last_failure_time")),
+        "probe_latency_ms": probe.get("latency_ms"),
+        "consecutive_failures": probe.get("consecutive_failures", 0),
+        "restarts_since_healthy": stats.get("restarts_since_healthy", 0),
+        "health_kills": stats.get("kills", 0),
+        "gave_up": bool(stats.get("gave_up")),
+        "description": info.get("description"),
+    }
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if not timestamp:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def fetch_status(proxy: Any, program: str = PROGRAM_NAME) -> dict:
+    info = proxy.supervisor.getProcessInfo(program)
+    stats = proxy.olmocr.getProcessStats(program)
+    settings = proxy.olmocr.getSettings()
+    return build_status(info, stats, settings)
+
+
+def server_url_from_config(path: str) -> str:
+    """The XML-RPC URL supervisorctl would use for this supervisord.conf."""
+    parser = configparser.RawConfigParser()
+    if not parser.read(path):
+        raise FileNotFoundError(f"cannot read supervisord config {path}")
+    here = os.path.dirname(os.path.abspath(path))
+    if parser.has_option("supervisorctl", "serverurl"):
+        url = parser.get("supervisorctl", "serverurl")
+    elif parser.has_option("unix_http_server", "file"):
+        url = "unix://" + parser.get("unix_http_server", "file")
+    else:
+        raise ValueError(f"{path} has no [supervisorctl] serverurl nor [unix_http_server] file")
+    return url.replace("%(here)s", here)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="olmocr-server-status", description=__doc__.split("\n")[0])
+    parser.add_argument("-c", "--configuration", default=None,
+                        help="supervisord.conf to find the socket in (default ./supervisord.conf)")
+    parser.add_argument("-s", "--server-url", default=os.environ.get("OLMOCR_SUPERVISOR_URL"),
+                        help="unix:///path/to/supervisor.sock or http://127.0.0.1:9001 (env OLMOCR_SUPERVISOR_URL)")
+    parser.add_argument("-u", "--username", default=os.environ.get("SUPERVISOR_USERNAME", ""))
+    parser.add_argument("--password-file", default=None,
+                        help="file holding the password for TCP control (or env SUPERVISOR_PASSWORD); "
+                             "never pass a password on the command line")
+    parser.add_argument("--program", default=PROGRAM_NAME)
+    parser.add_argument("--watch", nargs="?", type=float, const=5.0, default=None, metavar="SECONDS",
+                        help="refresh every SECONDS (default 5) until interrupted")
+    parser.add_argument("--timeout", type=float, default=10.0)
+    args = parser.parse_args(argv)
+
+    password = os.environ.get("SUPERVISOR_PASSWORD", "")
+    if args.password_file:
+        with open(args.password_file, encoding="utf-8") as handle:
+            password = handle.read().strip()
+    url = args.server_url
+    if not url:
+        try:
+            url = server_url_from_config(args.configuration or "supervisord.conf")
+        except (OSError, ValueError) as exc:
+            print(json.dumps({"healthy": False, "error": f"{exc}; pass -c CONFIG or --server-url"}))
+            return EXIT_UNREACHABLE
+    proxy = connect(url, username=args.username, password=password, timeout=args.timeout)
+
+    while True:
+        try:
+            status = fetch_status(proxy, args.program)
+            code = EXIT_HEALTHY if status["healthy"] else EXIT_UNHEALTHY
+        except Exception as exc:
+            status = {"healthy": False, "error": f"supervisord unreachable at {url}: {exc}"}
+            code = EXIT_UNREACHABLE
+        print(json.dumps(status, indent=None if args.watch else 2), flush=True)
+        if args.watch is None:
+            return code
+        try:
+            time.sleep(args.watch)
+        except KeyboardInterrupt:
+            return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

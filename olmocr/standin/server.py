@@ -1,0 +1,569 @@
+"""A stand-in for ``vllm serve`` (no GPU): same command line, same HTTP surface, controllable faults.
+
+Launched exactly as vLLM is: ``olmocr-standin-vllm serve MODEL --served-model-name olmocr --port P ...``.
+Stdlib only. See docs/standin.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from olmocr.standin import answer as ans
+from olmocr.standin.control import Control
+
+VLLM_COMPAT_VERSION = "0.11.0"
+DEFAULT_MAX_MODEL_LEN = 16384
+
+# The "EngineCore" child: sleeps forever, ignores SIGINT, dies on SIGTERM/SIGKILL. It does NOT notice
+# its parent's death (no setsid, no parent-death signal), like a vLLM engine orphaned holding GPU memory.
+ENGINE_SRC = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    time.sleep(3600)\n"
+
+_print_lock = threading.Lock()
+
+
+def log(level: str, msg: str) -> None:
+    stamp = time.strftime("%m-%d %H:%M:%S")
+    with _print_lock:
+        sys.stdout.write(f"{level} {stamp} [standin] {msg}\n")
+        sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------------------------- args
+# vLLM flags that take a value: declared so that their values are never mistaken for MODEL.
+_VALUE_FLAGS = (
+    "--tensor-parallel-size", "--data-parallel-size", "--pipeline-parallel-size", "--gpu-memory-utilization",
+    "--limit-mm-per-prompt", "--max-num-seqs", "--max-num-batched-tokens", "--dtype", "--quantization",
+    "--tokenizer", "--revision", "--download-dir", "--seed", "--chat-template", "--mm-processor-kwargs",
+    "--kv-cache-dtype", "--swap-space", "--root-path", "--allowed-origins", "--config",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="olmocr-standin-vllm",
+        description="Stand-in for `vllm serve` (NOT vLLM: no model, no GPU). Unknown vLLM flags are ignored.",
+        allow_abbrev=False,
+    )
+    p.add_argument("command", choices=["serve"], help="only `serve` is supported")
+    p.add_argument("model", nargs="?", default=None, help="model name or path (not loaded)")
+    p.add_argument("--model", dest="model_flag", default=None)
+    p.add_argument("--served-model-name", nargs="+", default=None)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-model-len", type=int, default=DEFAULT_MAX_MODEL_LEN)
+    p.add_argument("--uvicorn-log-level", default="info")
+    p.add_argument("--api-key", default=None, help=argparse.SUPPRESS)
+    for flag in _VALUE_FLAGS:
+        p.add_argument(flag, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.api_key is not None:
+        parser.exit(2, "olmocr-standin-vllm: error: --api-key is not accepted (it would be visible in ps); "
+                       "set the VLLM_API_KEY environment variable instead\n")
+    args.model = args.model or args.model_flag
+    if not args.model:
+        parser.error("a MODEL is required: serve MODEL [options]")
+    args.served_name = args.served_model_name[0] if args.served_model_name else args.model
+    args.ignored = unknown
+    return args
+
+
+# -------------------------------------------------------------------------------------------- state
+class Stats:
+    def __init__(self) -> None:
+        self.lock = threading.Condition()
+        self.running = 0
+        self.waiting = 0
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.success: dict[str, int] = {"stop": 0, "length": 0}
+        self.requests_served = 0
+        self.completions_seen = 0  # completions that reached the engine (for error_rate)
+        self.answers = 0  # answers produced (for answer=mixed:k)
+
+
+class StandIn:
+    def __init__(self, args: argparse.Namespace, control: Control) -> None:
+        self.args = args
+        self.control = control
+        self.stats = Stats()
+        self.started = time.monotonic()
+        self.api_key = os.environ.get("VLLM_API_KEY") or None
+        self.engine: subprocess.Popen[bytes] | None = None
+        self.shutdown = threading.Event()
+        self.exiting = threading.Lock()
+        self.httpd: ThreadingHTTPServer | None = None
+        self.port = args.port
+
+    # names and logging
+    def served_name(self) -> str:
+        override = self.control.get("served_model_name")
+        return str(override) if override else self.args.served_name
+
+    def access_log_enabled(self) -> bool:
+        return str(self.args.uvicorn_log_level).lower() in ("trace", "debug", "info")
+
+    # engine
+    def start_engine(self) -> None:
+        self.engine = subprocess.Popen(
+            [sys.executable, "-c", ENGINE_SRC, "olmocr-standin-engine"],
+            stdin=subprocess.DEVNULL, close_fds=True,
+        )
+        log("INFO", f"EngineCore (stand-in) started, pid={self.engine.pid}")
+        threading.Thread(target=self._watch_engine, name="engine-watch", daemon=True).start()
+
+    def stop_engine(self) -> None:
+        eng = self.engine
+        if eng is None or eng.poll() is not None:
+            return
+        eng.terminate()
+        try:
+            eng.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            eng.kill()
+            eng.wait(timeout=5)
+
+    def _watch_engine(self) -> None:
+        assert self.engine is not None
+        rc = self.engine.wait()
+        # A group-wide SIGTERM can reach the engine just before us: give our own handler a moment.
+        if self.shutdown.wait(1.0) or self.exiting.locked():
+            return
+        code = int(self.control.get("crash_exit_code") or 0)
+        log("ERROR", f"Engine core proc died unexpectedly (status {rc}), shutting down API server")
+        self.exit_now(code)
+
+    # exiting
+    def exit_now(self, code: int) -> None:
+        if not self.exiting.acquire(blocking=False):
+            threading.Event().wait()  # another thread is already exiting the process
+        try:
+            self.stop_engine()
+        finally:
+            sys.stdout.flush()
+            os._exit(code)
+
+    def crash(self, reason: str) -> None:
+        code = int(self.control.get("crash_exit_code") or 0)
+        log("ERROR", f"{reason}: exiting with status {code}")
+        self.exit_now(code)
+
+    def ticker(self) -> None:
+        last_refresh = 0.0
+        while not self.shutdown.is_set() and not self.exiting.locked():
+            now = time.monotonic()
+            if now - last_refresh >= 0.5:
+                self.control.refresh()
+                last_refresh = now
+            crash_after = self.control.get("crash_after")
+            if crash_after is not None and now - self.started >= float(crash_after):
+                self.crash(f"crash_after={crash_after}s reached")
+            if self.control.get("crash_now"):
+                self.crash("crash_now requested")
+            time.sleep(0.1)
+
+    # gate
+    def acquire_slot(self, handler: Handler) -> bool:
+        st = self.stats
+        with st.lock:
+            st.waiting += 1
+            try:
+                while True:
+                    limit = self.control.get("concurrency")
+                    if not limit or st.running < int(limit):
+                        st.running += 1
+                        return True
+                    st.lock.wait(0.2)
+                    if handler.client_gone():
+                        return False
+            finally:
+                st.waiting -= 1
+
+    def release_slot(self) -> None:
+        with self.stats.lock:
+            self.stats.running -= 1
+            self.stats.lock.notify()
+
+
+# ------------------------------------------------------------------------------------------ handler
+def error_body(message: str, err_type: str, code: int, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
+
+
+_ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 429: "RateLimitError",
+                500: "InternalServerError", 503: "ServiceUnavailableError"}
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "uvicorn"
+    sys_version = ""
+    disable_nagle_algorithm = True
+    app: StandIn  # set on the subclass made in serve()
+
+    # -- plumbing
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence default stderr log
+        return
+
+    def send_bytes(self, status: int, body: bytes, content_type: str) -> None:
+        self._status = status
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_json(self, status: int, obj: Any) -> None:
+        self.send_bytes(status, json.dumps(obj).encode(), "application/json")
+
+    def client_gone(self) -> bool:
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            if readable:
+                return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+        return False
+
+    def read_body(self) -> None:
+        """Read the whole body first, so an early error answer never desyncs a keep-alive connection."""
+        length = int(self.headers.get("Content-Length") or 0)
+        self._body = self.rfile.read(length) if length > 0 else b""
+
+    def read_json(self) -> Any:
+        return json.loads(self._body or b"null")
+
+    def authorized(self) -> bool:
+        key = self.app.api_key
+        if not key:
+            return True
+        return self.headers.get("Authorization", "") == f"Bearer {key}"
+
+    def dispatch(self, method: str) -> None:
+        self._status = 0
+        t0 = time.monotonic()
+        path = self.path.split("?", 1)[0]
+        try:
+            self.route(method, path)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as exc:  # noqa: BLE001 - a stand-in must keep serving
+            log("ERROR", f"{method} {path}: {type(exc).__name__}: {exc}")
+            if not self._status:
+                self.send_json(500, error_body("internal stand-in error", "InternalServerError", 500))
+        ms = (time.monotonic() - t0) * 1000
+        status = self._status
+        if self.app.access_log_enabled() or status >= 500 or status == 0:
+            level = "INFO" if status and status < 500 else "WARNING"
+            log(level, f'{self.client_address[0]}:{self.client_address[1]} - "{method} {path}" '
+                       f"{status or 'aborted'} {ms:.1f}ms")
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.dispatch("GET")
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self.dispatch("HEAD")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.dispatch("POST")
+
+    # -- routes
+    def route(self, method: str, path: str) -> None:
+        app = self.app
+        app.control.refresh()
+        self._body = b""
+        if method == "POST":
+            self.read_body()
+        if path in ("/v1", "/admin") or path.startswith(("/v1/", "/admin/")):
+            if not self.authorized():
+                self.send_json(401, {"error": "Unauthorized"})
+                return
+        if method in ("GET", "HEAD"):
+            if path == "/health":
+                status = int(app.control.get("health_status") or 200)
+                self.send_bytes(status, b"", "application/json")
+            elif path == "/version":
+                self.send_json(200, {"version": f"{VLLM_COMPAT_VERSION}+standin"})
+            elif path == "/metrics":
+                self.send_bytes(200, self.metrics_text().encode(), "text/plain; version=0.0.4; charset=utf-8")
+            elif path == "/v1/models":
+                self.send_json(200, self.models_body())
+            elif path == "/admin/control":
+                self.send_json(200, app.control.snapshot())
+            elif path == "/admin/info":
+                self.send_json(200, self.info_body())
+            else:
+                self.send_json(404, {"detail": "Not Found"})
+        elif method == "POST":
+            if path == "/v1/chat/completions":
+                self.chat_completions()
+            elif path == "/admin/control":
+                self.admin_control()
+            else:
+                self.send_json(404, {"detail": "Not Found"})
+
+    def models_body(self) -> dict[str, Any]:
+        name = self.app.served_name()
+        return {"object": "list", "data": [{
+            "id": name, "object": "model", "created": int(time.time()), "owned_by": "vllm",
+            "root": self.app.args.model, "parent": None, "max_model_len": self.app.args.max_model_len,
+            "permission": [],
+        }]}
+
+    def info_body(self) -> dict[str, Any]:
+        app = self.app
+        eng = app.engine
+        return {
+            "pid": os.getpid(), "engine_pid": eng.pid if eng else None, "served_model_name": app.served_name(),
+            "model": app.args.model, "port": app.port, "host": app.args.host,
+            "max_model_len": app.args.max_model_len, "control": app.control.snapshot(),
+            "requests_served": app.stats.requests_served, "uptime_s": round(time.monotonic() - app.started, 3),
+            "standin": True,
+        }
+
+    def metrics_text(self) -> str:
+        st = self.app.stats
+        labels = f'engine="0",model_name="{self.app.served_name()}"'
+        with st.lock:
+            running, waiting = st.running, st.waiting
+            prompt, gen = st.prompt_tokens, st.generation_tokens
+            success = dict(st.success)
+        lines = [
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
+            "# TYPE vllm:num_requests_running gauge",
+            f"vllm:num_requests_running{{{labels}}} {float(running)}",
+            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
+            "# TYPE vllm:num_requests_waiting gauge",
+            f"vllm:num_requests_waiting{{{labels}}} {float(waiting)}",
+            "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.",
+            "# TYPE vllm:prompt_tokens_total counter",
+            f"vllm:prompt_tokens_total{{{labels}}} {float(prompt)}",
+            "# HELP vllm:generation_tokens_total Number of generation tokens processed.",
+            "# TYPE vllm:generation_tokens_total counter",
+            f"vllm:generation_tokens_total{{{labels}}} {float(gen)}",
+            "# HELP vllm:request_success_total Count of successfully processed requests.",
+            "# TYPE vllm:request_success_total counter",
+        ]
+        for reason, n in sorted(success.items()):
+            lines.append(f'vllm:request_success_total{{{labels},finished_reason="{reason}"}} {float(n)}')
+        return "\n".join(lines) + "\n"
+
+    def admin_control(self) -> None:
+        try:
+            patch = self.read_json()
+        except ValueError:
+            self.send_json(400, error_body("body must be JSON", "BadRequestError", 400))
+            return
+        if not isinstance(patch, dict):
+            self.send_json(400, error_body("body must be a JSON object", "BadRequestError", 400))
+            return
+        merged = self.app.control.update(patch)
+        self.send_json(200, merged)
+        if merged.get("crash_now"):
+            self.wfile.flush()
+            self.app.crash("crash_now requested")
+
+    # -- completions
+    def chat_completions(self) -> None:
+        app = self.app
+        try:
+            req = self.read_json()
+        except ValueError as exc:
+            self.send_json(400, error_body(f"invalid JSON body: {exc}", "BadRequestError", 400))
+            return
+        if not isinstance(req, dict) or not isinstance(req.get("messages"), list):
+            self.send_json(400, error_body("`messages` is required", "BadRequestError", 400, "messages"))
+            return
+        served = app.served_name()
+        model = req.get("model")
+        if model is not None and model != served:
+            self.send_json(404, error_body(f"The model `{model}` does not exist.", "NotFoundError", 404, "model"))
+            return
+        text_chars, images = self.parse_messages(req["messages"])
+        prompt_tokens = ans.estimate_prompt_tokens(text_chars, images)
+        max_len = app.args.max_model_len
+        max_tokens = req.get("max_completion_tokens") or req.get("max_tokens")
+        if max_tokens is None:
+            max_tokens = max(0, max_len - prompt_tokens)
+        max_tokens = int(max_tokens)
+        if prompt_tokens + max_tokens > max_len:
+            self.send_json(400, error_body(
+                f"This model's maximum context length is {max_len} tokens. However, you requested "
+                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
+                "completion). Please reduce the length of the messages or completion.",
+                "BadRequestError", 400))
+            return
+        if not app.acquire_slot(self):
+            self.close_connection = True
+            return
+        try:
+            self.complete(req, served, images, prompt_tokens, max_tokens)
+        finally:
+            app.release_slot()
+
+    def parse_messages(self, messages: list[Any]) -> tuple[int, list[ans.ImageInfo]]:
+        text_chars = 0
+        images: list[ans.ImageInfo] = []
+        for msg in messages:
+            content = msg.get("content") if isinstance(msg, dict) else None
+            if isinstance(content, str):
+                text_chars += len(content)
+                continue
+            for part in content or []:
+                if not isinstance(part, dict):
+                    continue
+                if part.get("type") == "text":
+                    text_chars += len(str(part.get("text", "")))
+                elif part.get("type") == "image_url":
+                    url = (part.get("image_url") or {}).get("url", "")
+                    data = ans.decode_data_url(str(url))
+                    if data is not None:
+                        images.append(ans.inspect_image(data))
+        return text_chars, images
+
+    def complete(self, req: dict[str, Any], served: str, images: list[ans.ImageInfo],
+                 prompt_tokens: int, max_tokens: int) -> None:
+        app = self.app
+        ctl = app.control
+        st = app.stats
+        with st.lock:
+            n = st.completions_seen
+            st.completions_seen += 1
+        rate = float(ctl.get("error_rate") or 0.0)
+        if rate > 0 and int((n + 1) * rate) > int(n * rate):
+            status = int(ctl.get("error_status") or 500)
+            self.send_json(status, error_body(f"stand-in injected error ({status})",
+                                              _ERROR_TYPES.get(status, "InternalServerError"), status))
+            return
+        while ctl.get("hang"):
+            if app.shutdown.is_set() or self.client_gone():
+                self.close_connection = True
+                return
+            select.select([self.connection], [], [], 0.25)
+            ctl.refresh()
+        latency = float(ctl.get("latency") or 0.0)
+        if latency > 0:
+            time.sleep(latency)
+        content, finish = self.answer_text(images[0] if images else None, max_tokens)
+        completion_tokens = min(max_tokens, ans.count_tokens(content)) if max_tokens > 0 else 0
+        with st.lock:
+            st.prompt_tokens += prompt_tokens
+            st.generation_tokens += completion_tokens
+            st.success[finish] = st.success.get(finish, 0) + 1
+            st.requests_served += 1
+        self.send_json(200, {
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": served,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "tool_calls": []},
+                         "logprobs": None, "finish_reason": finish, "stop_reason": None}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        })
+
+    def answer_text(self, image: ans.ImageInfo | None, max_tokens: int) -> tuple[str, str]:
+        ctl = self.app.control
+        st = self.app.stats
+        output_tokens = int(ctl.get("output_tokens") or 0)
+        mode = str(ctl.get("answer") or "ok")
+        with st.lock:
+            st.answers += 1
+            k_th = st.answers
+        garbage = mode == "garbage"
+        if mode.startswith("mixed:"):
+            try:
+                every = max(1, int(mode.split(":", 1)[1]))
+            except ValueError:
+                every = 2
+            garbage = k_th % every == 0
+        valid, correction = True, 0
+        if image is not None and str(ctl.get("rotation")) == "landscape" and image.width > image.height:
+            valid, correction = False, 90
+        body = ans.page_text(image, output_tokens)
+        content = body if garbage else ans.front_matter(rotation_valid=valid, rotation_correction=correction) + body
+        finish = "length" if mode == "length" else "stop"
+        if ans.count_tokens(content) > max_tokens:
+            content = content[: max(0, max_tokens) * 4]
+            finish = "length"
+        return content, finish
+
+
+# --------------------------------------------------------------------------------------------- main
+def make_server(app: StandIn) -> ThreadingHTTPServer:
+    handler = type("BoundHandler", (Handler,), {"app": app})
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 1024
+        allow_reuse_address = True
+
+    return Server((app.args.host, app.args.port), handler)
+
+
+def serve(args: argparse.Namespace) -> int:
+    control = Control()
+    app = StandIn(args, control)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        app.shutdown.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    log("INFO", f"vLLM STAND-IN (not vLLM, no GPU) API server version {VLLM_COMPAT_VERSION}+standin")
+    log("INFO", f"model={args.model!r} served_model_name={args.served_name!r} max_model_len={args.max_model_len}"
+                + (f" (ignored flags: {' '.join(args.ignored)})" if args.ignored else ""))
+    threading.Thread(target=app.ticker, name="ticker", daemon=True).start()
+    app.start_engine()
+    # Loading weights: the port stays closed (connection refused) for load_delay seconds.
+    while not app.shutdown.is_set():
+        delay = float(control.get("load_delay") or 0.0)
+        if time.monotonic() - app.started >= delay:
+            break
+        app.shutdown.wait(0.05)
+    if app.shutdown.is_set():
+        log("INFO", "Shutting down before startup completed")
+        app.exit_now(0)
+    try:
+        httpd = make_server(app)
+    except OSError as exc:
+        log("ERROR", f"[Errno {exc.errno}] error while attempting to bind on address "
+                     f"({args.host!r}, {args.port}): {exc.strerror}")
+        app.exit_now(1)
+        return 1
+    app.httpd = httpd
+    app.port = httpd.server_address[1]
+    log("INFO", f"Started server process [{os.getpid()}]")
+    log("INFO", "Waiting for application startup.")
+    log("INFO", "Application startup complete.")
+    log("INFO", f"Uvicorn running on http://{args.host}:{app.port} (Press CTRL+C to quit)")
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True).start()
+    app.shutdown.wait()
+    log("INFO", "Shutting down")
+    app.exit_now(0)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Reusable helpers for tests that run the vLLM stand-in server (importable by other test files)."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import requests
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+STANDIN_SHIM = REPO_ROOT / "scripts" / "vllm-standin"
+DEFAULT_MODEL = "allenai/olmOCR-7B-0825-FP8"
+# The flags the wrapper gives vLLM; the stand-in must accept (and ignore) them.
+VLLM_FLAGS: tuple[str, ...] = (
+    "--tensor-parallel-size", "1", "--data-parallel-size", "1", "--limit-mm-per-prompt", '{"video": 0}',
+    "--max-model-len", "16384", "--uvicorn-log-level", "warning", "--disable-log-requests",
+)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def standin_command(port: int, *, model: str = DEFAULT_MODEL, served_model_name: str = "olmocr",
+                    extra_args: Sequence[str] = VLLM_FLAGS) -> list[str]:
+    return [sys.executable, "-m", "olmocr.standin", "serve", model, "--served-model-name", served_model_name,
+            "--port", str(port), *extra_args]
+
+
+def clean_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """os.environ without inherited stand-in control / API key, plus ``env``."""
+    out = {k: v for k, v in os.environ.items()
+           if not k.startswith("OLMOCR_STANDIN_") and k != "VLLM_API_KEY"}
+    out["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + out["PYTHONPATH"] if out.get("PYTHONPATH") else "")
+    out.update(env or {})
+    return out
+
+
+def start_standin(port: int, *, env: Mapping[str, str] | None = None, extra_args: Sequence[str] = VLLM_FLAGS,
+                  served_model_name: str = "olmocr", log_path: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start the stand-in in a new session (its own process group); stop it with stop_process_group."""
+    out: Any = subprocess.DEVNULL
+    if log_path is not None:
+        out = open(log_path, "ab")  # noqa: SIM115 - handed to the child; closed below
+    try:
+        return subprocess.Popen(
+            standin_command(port, served_model_name=served_model_name, extra_args=extra_args),
+            env=clean_env(env), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True, cwd=str(REPO_ROOT),
+        )
+    finally:
+        if log_path is not None:
+            out.close()
+
+
+def wait_http_ok(url: str, timeout: float = 20.0, *, headers: Mapping[str, str] | None = None,
+                 proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll ``url`` until it answers 200; raise if ``proc`` exits or on timeout."""
+    deadline = time.monotonic() + timeout
+    last: str = "no attempt"
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} while waiting for {url}")
+        try:
+            r = requests.get(url, headers=dict(headers or {}), timeout=2)
+            if r.status_code == 200:
+                return
+            last = f"status {r.status_code}"
+        except requests.RequestException as exc:
+            last = type(exc).__name__
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} not 200 within {timeout}s (last: {last})")
+
+
+def pid_alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_process_group(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM the process group led by ``proc`` (started with a new session), then SIGKILL; reap ``proc``.
+
+    Works after the leader died too: orphaned members (the stand-in's engine) still carry its pgid.
+    """
+    pgid = proc.pid
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + (timeout if sig == signal.SIGTERM else 5.0)
+        while time.monotonic() < deadline:
+            if proc.poll() is None:
+                try:
+                    proc.wait(timeout=0.05)
+                except subprocess.TimeoutExpired:
+                    pass
+            elif not _group_has_live_member(pgid):
+                break
+            else:
+                time.sleep(0.05)
+        if proc.poll() is not None and not _group_has_live_member(pgid):
+            break
+    if proc.poll() is None:
+        proc.wait(timeout=5)
+
+
+def _group_has_live_member(pgid: int) -> bool:
+    if not group_alive(pgid):
+        return False
+    return any(pid_alive(pid) for pid in pids_in_group(pgid))
+
+
+def pids_in_group(pgid: int) -> list[int]:
+    """Live pids whose process group is ``pgid`` (from /proc)."""
+    pids: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            pids.append(int(entry))
+    return pids
+
+
+def make_png(width: int, height: int, seed: int = 0) -> bytes:
+    """A small valid RGB PNG of the given size (stdlib only)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    row = b"\x00" + bytes((seed + i) % 256 for i in range(width * 3))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(row * height))
+            + chunk(b"IEND", b""))
+
+
+def chat_payload(image: bytes, *, model: str = "olmocr", max_tokens: int = 8000,
+                 prompt: str = "Attached is one page of a document.", mime: str = "image/png") -> dict[str, Any]:
+    """An olmOCR-shaped chat completion request: one user message, text part then image part."""
+    url = f"data:{mime};base64," + base64.b64encode(image).decode()
+    return {"model": model, "max_tokens": max_tokens, "temperature": 0.1, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": prompt},
+                                     {"type": "image_url", "image_url": {"url": url}}]}]}

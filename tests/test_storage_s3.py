@@ -1,0 +1,74 @@
+"""Storage semantics on a local directory and on a real S3 API (moto server on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from olmocr.pipeline.storage import Storage, open_storage
+from tests.s3_helpers import S3Server, s3_server  # noqa: F401
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    if request.param == "local":
+        return open_storage(str(tmp_path / "ws"))
+    server: S3Server = request.getfixturevalue("s3_server")
+    return open_storage(server.url("some/prefix"))
+
+
+def test_basic_operations(storage: Storage) -> None:
+    assert storage.read("a/b.txt") is None
+    assert storage.read_versioned("a/b.txt") is None
+    assert storage.create("a/b.txt", b"one")
+    assert not storage.create("a/b.txt", b"two")
+    data, tag = storage.read_versioned("a/b.txt") or (b"", "")
+    assert data == b"one"
+    assert storage.replace_if("a/b.txt", b"three", tag)
+    assert not storage.replace_if("a/b.txt", b"four", tag)
+    assert storage.read("a/b.txt") == b"three"
+    assert not storage.replace_if("missing.txt", b"x", tag)
+    storage.write("results/output_1.jsonl", b"{}\n")
+    storage.write("results/output_1.jsonl", b"{}\n{}\n")
+    assert storage.read("results/output_1.jsonl") == b"{}\n{}\n"
+    assert storage.list("results/") == ["results/output_1.jsonl"]
+    assert storage.list("") == ["a/b.txt", "results/output_1.jsonl"]
+    storage.delete("a/b.txt")
+    storage.delete("a/b.txt")
+    assert storage.read("a/b.txt") is None
+    with pytest.raises(ValueError):
+        storage.read("../escape")
+
+
+def _race(n: int, action) -> list[bool]:
+    results: list[bool] = [False] * n
+    barrier = threading.Barrier(n)
+
+    def run(i: int) -> None:
+        barrier.wait(timeout=30)
+        results[i] = action(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return results
+
+
+def test_create_is_exclusive_under_contention(storage: Storage) -> None:
+    for round_ in range(3):
+        key = f"locks/k{round_}"
+        won = _race(8, lambda i, key=key: storage.create(key, f"writer {i}".encode()))
+        assert sum(won) == 1
+        assert storage.read(key) == f"writer {won.index(True)}".encode()
+
+
+def test_replace_if_is_compare_and_swap_under_contention(storage: Storage) -> None:
+    storage.write("counter", b"0")
+    _, tag = storage.read_versioned("counter") or (b"", "")
+    won = _race(8, lambda i: storage.replace_if("counter", f"v{i}".encode(), tag))
+    assert sum(won) == 1
+    assert storage.read("counter") == f"v{won.index(True)}".encode()
