@@ -14,6 +14,7 @@ pages (``bench.render.client_limit``).
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,12 +82,13 @@ def run_pipeline(which: str, url: str, corpus: Corpus, log_dir: Path, timeout: f
     wall = time.perf_counter() - t0
     proc.stop()
     count = count_output(ws, corpus.pages)
+    shutil.rmtree(tmp, ignore_errors=True)
     ok = rc == 0 and not timed_out
     if not ok:
         log(f"{which} [{tag}] rc={rc} timed_out={timed_out}; log tail:\n{proc.log_tail(15)}")
     return {"which": which, "rc": rc, "timed_out": timed_out, "wall_s": wall,
             "pages_per_s": count.pages / wall if wall > 0 else 0.0, "output": count.as_dict(),
-            "workspace": str(ws), "log": str(log_path), "argv": [str(a) for a in argv[:6]] + ["..."]}
+            "log": str(log_path), "argv": [str(a) for a in argv[:6]] + ["..."]}
 
 
 def _integrity(r: dict, corpus: Corpus) -> str:

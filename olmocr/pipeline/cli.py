@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 
 from olmocr.pipeline.pipeline import PipelineConfig, run_pipeline
@@ -135,9 +136,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.stats:
             asyncio.run(_populate_only(config))
             return print_stats(args.workspace)
-        return asyncio.run(run_pipeline(config))
+        return asyncio.run(_run_with_signals(config))
     except KeyboardInterrupt:
         logger.warning("interrupted; unfinished work items are released (or free once their lease expires)")
+        return 130
+
+
+async def _run_with_signals(config: PipelineConfig) -> int:
+    """Run the pipeline; SIGTERM/SIGINT cancel it cleanly (leases of unfinished items are released)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await run_pipeline(config)
+    except asyncio.CancelledError:
+        logger.warning("stopped by a signal; unfinished work items were released for other workers")
         return 130
 
 

@@ -32,6 +32,7 @@ INITIAL_ATTEMPTS = 10
 #: attempt counts as failed, so one poisonous page cannot loop forever. Timeouts, refusals and 429 never do.
 MAX_HEALTHY_5XX_IN_A_ROW = 20
 PROBE_TIMEOUT_S = 10.0
+TRANSIENT_LOG_EVERY_S = 10.0
 
 
 class ServerNotReady(Exception):
@@ -86,6 +87,7 @@ class ServerClient:
         self.stats = ServerStats()
         self.state = "starting"
         self._down_since: float | None = None
+        self._last_transient_log = float("-inf")
 
     # ------------------------------------------------------------------ probes
 
@@ -174,6 +176,16 @@ class ServerClient:
         await asyncio.shield(self._recovery)
         return True
 
+    def _note_transient(self, label: str, problem: str) -> None:
+        """Log transient failures without flooding: the first one, then a summary at most every 10 s."""
+        now = time.monotonic()
+        if now - self._last_transient_log >= TRANSIENT_LOG_EVERY_S:
+            self._last_transient_log = now
+            logger.warning("request for %s failed (%s); it will be resent (transient errors so far: %d, "
+                           "timeouts: %d)", label, problem, self.stats.transient_errors, self.stats.timeouts)
+        else:
+            logger.debug("request for %s failed (%s); it will be resent", label, problem)
+
     def describe_state(self) -> str:
         if self._down_since is not None:
             return f"down {time.monotonic() - self._down_since:.0f}s"
@@ -230,7 +242,7 @@ class ServerClient:
                     raise RequestRejected(resp.status, resp.body[:300].decode("utf-8", "replace"))
             self.stats.transient_errors += 1
             transient_in_a_row += 1
-            logger.debug("%s: %s (transient #%d)", label, problem, transient_in_a_row)
+            self._note_transient(label, problem or "error")
             had_outage = await self.wait_for_server(problem or "error")
             if had_outage:
                 transient_in_a_row = 0

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from olmocr.pipeline.inputs import read_input, sniff_kind
 from olmocr.pipeline.output import PageResult, build_dolma_document
 from olmocr.pipeline.pages import PageProcessor, PageSource
-from olmocr.pipeline.render import Renderer, RenderError
+from olmocr.pipeline.render import Renderer, RenderError, pdf_has_eof_marker
 
 logger = logging.getLogger("olmocr.pipeline")
 
@@ -60,13 +60,6 @@ class _Fetched:
                 pass
 
 
-def _tail_has_eof(path: str) -> bool:
-    size = os.path.getsize(path)
-    with open(path, "rb") as fh:
-        fh.seek(max(0, size - 4096))
-        return b"%%EOF" in fh.read()
-
-
 class DocumentProcessor:
     def __init__(self, renderer: Renderer, pages: PageProcessor, page_slots: asyncio.Semaphore,
                  max_page_error_rate: float) -> None:
@@ -95,7 +88,7 @@ class DocumentProcessor:
                 return failure(source, str(exc), retryable=False)
             if info.page_count == 0:
                 return failure(source, "PDF has zero pages", retryable=False)
-            if kind == "pdf" and not await asyncio.to_thread(_tail_has_eof, fetched.path):
+            if kind == "pdf" and not await asyncio.to_thread(pdf_has_eof_marker, fetched.path):
                 return failure(source, "truncated PDF (no %%EOF marker at the end of the file)", retryable=False)
             return await self._run_pages(source, fetched.path, kind, info.page_count)
         finally:

@@ -71,6 +71,8 @@ class Runner:
         # Pages in flight: enough to keep every request slot busy plus a render lookahead.
         page_slots = asyncio.Semaphore(config.max_concurrent_requests + 4 * self.renderer.processes)
         self.documents = DocumentProcessor(self.renderer, pages, page_slots, config.max_page_error_rate)
+        self.active: set[str] = set()
+        self.item_finished = asyncio.Event()
 
     async def _process_doc(self, source: str) -> DocOutcome:
         try:
@@ -116,31 +118,45 @@ class Runner:
             item = await asyncio.to_thread(self.queue.claim)
             if item is None:
                 counts = await asyncio.to_thread(self.queue.counts)
-                if counts.get("leased", 0) == 0 and counts.get("pending", 0) == 0:
+                others = counts.get("leased", 0) - len(self.active)
+                if counts.get("pending", 0) <= 0 and others <= 0:
                     return
-                # Items leased by other (possibly dead) workers: wait for them to finish or their leases to expire.
-                await asyncio.sleep(idle_wait)
+                # Items leased by other (possibly dead) workers: wait until one of ours finishes, or poll again
+                # (a dead worker's item becomes claimable when its lease expires).
+                self.item_finished.clear()
+                try:
+                    await asyncio.wait_for(self.item_finished.wait(), idle_wait)
+                except TimeoutError:
+                    pass
                 continue
-            logger.info("worker %d claimed work item %s (%d documents)", worker_id, item.hash, len(item.paths))
-            work = asyncio.create_task(self._process_item(item))
-            renewer = asyncio.create_task(self._renew_until_done(item, work))
+            self.active.add(item.hash)
             try:
-                await asyncio.wait({work})
-            except asyncio.CancelledError:
-                # Shutdown: hand the item back so another worker can take it at once.
-                work.cancel()
-                await asyncio.to_thread(self._release_quietly, item)
-                raise
+                await self._run_item(worker_id, item)
             finally:
-                renewer.cancel()
-            if work.cancelled():
-                continue  # lease lost; the new owner does it
-            exc = work.exception()
-            if exc is not None:
-                logger.error("work item %s failed (%s: %s); releasing it for a retry", item.hash,
-                             type(exc).__name__, exc)
-                await asyncio.to_thread(self._release_quietly, item)
-                await asyncio.sleep(ERROR_PAUSE_S)
+                self.active.discard(item.hash)
+                self.item_finished.set()
+
+    async def _run_item(self, worker_id: int, item: WorkItem) -> None:
+        logger.info("worker %d claimed work item %s (%d documents)", worker_id, item.hash, len(item.paths))
+        work = asyncio.create_task(self._process_item(item))
+        renewer = asyncio.create_task(self._renew_until_done(item, work))
+        try:
+            await asyncio.wait({work})
+        except asyncio.CancelledError:
+            # Shutdown: hand the item back so another worker can take it at once.
+            work.cancel()
+            await asyncio.to_thread(self._release_quietly, item)
+            raise
+        finally:
+            renewer.cancel()
+        if work.cancelled():
+            return  # lease lost; the new owner does it
+        exc = work.exception()
+        if exc is not None:
+            logger.error("work item %s failed (%s: %s); releasing it for a retry", item.hash,
+                         type(exc).__name__, exc)
+            await asyncio.to_thread(self._release_quietly, item)
+            await asyncio.sleep(ERROR_PAUSE_S)
 
     def _release_quietly(self, item: WorkItem) -> None:
         try:
@@ -157,6 +173,7 @@ class Runner:
         finally:
             reporter.cancel()
             self.renderer.close()
+        logger.info("%s", self.progress.line(self.client.describe_state(), self.client.in_flight))
         logger.info("%s", self.progress.summary())
 
 
@@ -166,6 +183,8 @@ async def run_pipeline(config: PipelineConfig) -> int:
     queue = WorkQueue(storage, lease_seconds=config.lease_seconds)
     if config.pdfs:
         await asyncio.to_thread(populate, queue, config.pdfs, config.pages_per_group)
+    else:
+        await asyncio.to_thread(queue.requeue_retryable)
     counts = await asyncio.to_thread(queue.counts)
     if counts.get("pending", 0) == 0 and counts.get("leased", 0) == 0:
         logger.info("no work to do: %d of %d work items are done", counts.get("done", 0), counts.get("total", 0))

@@ -14,6 +14,7 @@ import io
 import logging
 import multiprocessing
 import os
+import re
 from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -29,6 +30,7 @@ MAX_IMAGE_PIXELS = 400_000_000
 #: PNG zlib level: 1 is ~2.5x faster than PIL's default 6 for ~10% bigger files; pixels are identical.
 PNG_COMPRESS_LEVEL = 1
 _DOC_CACHE_SIZE = 4
+EOF_SEARCH_BYTES = 16384
 
 _ROTATE_CCW = {90: "ROTATE_90", 180: "ROTATE_180", 270: "ROTATE_270"}
 
@@ -47,6 +49,29 @@ class DocInfo:
 _docs: OrderedDict[tuple[str, int, int], Any] = OrderedDict()
 
 
+def pdf_has_eof_marker(path: str) -> bool:
+    """True if ``%%EOF`` occurs near the end of the file (a truncated download usually lacks it)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        fh.seek(max(0, size - EOF_SEARCH_BYTES))
+        return b"%%EOF" in fh.read()
+
+
+def classify_pdf_failure(path: str, pdfium_message: str) -> str:
+    """A user-facing reason for a PDF that pdfium refused to open (its own error codes are unreliable:
+    an empty page tree is reported as a password error, for instance)."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if re.search(rb"/Encrypt\s*(\d+\s+\d+\s+R|<<)", data):
+        return "password-protected PDF (encrypted; cannot be opened without its password)"
+    if not pdf_has_eof_marker(path):
+        return f"truncated PDF (the file ends without a %%EOF marker; {len(data):,} bytes)"
+    if re.search(rb"/Type\s*/Pages\b", data) and not re.search(rb"/Count\s+[1-9]", data):
+        return "PDF has zero pages"
+    detail = pdfium_message.removeprefix("Failed to load document ").strip("(). ")
+    return f"corrupt PDF, cannot be opened ({detail})"
+
+
 def _open_pdf(path: str) -> Any:
     import pypdfium2 as pdfium
 
@@ -59,10 +84,7 @@ def _open_pdf(path: str) -> Any:
     try:
         doc = pdfium.PdfDocument(path)
     except pdfium.PdfiumError as exc:
-        msg = str(exc)
-        if "password" in msg.lower():
-            raise RenderError("password-protected PDF (cannot be opened without a password)") from None
-        raise RenderError(f"corrupt or unreadable PDF ({msg})") from None
+        raise RenderError(classify_pdf_failure(path, str(exc))) from None
     _docs[key] = doc
     while len(_docs) > _DOC_CACHE_SIZE:
         _, old = _docs.popitem(last=False)

@@ -3,7 +3,7 @@
 supervisord, not this listener, restarts the server (``autorestart=true``): the listener only kills the
 whole process group of an unhealthy server, records every probe in the ``olmocr`` RPC extension, cleans
 up engine processes orphaned by a crash, and leaves a crash-looping server stopped after
-``max_restart_attempts`` restarts without a healthy probe.
+``max_restart_attempts`` restarts in a row (runs shorter than ``restart_reset_after``).
 
 Protocol discipline: stdout carries only the event protocol (anything else puts the listener in
 UNKNOWN forever), so logs go to stderr. Probes run in a worker thread, so every event is answered at
@@ -145,13 +145,14 @@ class HealthListener:
 
     def enforce_restart_limit(self) -> None:
         stats = self.rpc.olmocr.getProcessStats(self.program)
-        restarts = stats.get("restarts_since_healthy", 0)
+        restarts = stats.get("consecutive_restarts", 0)
         limit = self.settings.max_restart_attempts
         if restarts <= limit:
-            log.info("%s restart %d of at most %d without a healthy probe", self.program, restarts, limit)
+            log.info("%s restart %d of at most %d in a row", self.program, restarts, limit)
             return
-        reason = (f"crash loop: restarted {limit} times without becoming healthy "
-                  f"(max restart attempts {limit}); left stopped. Read the server log "
+        reason = (f"crash loop: restarted {limit} times in a row, each run shorter than "
+                  f"{self.settings.restart_reset_after:g} s (max restart attempts {limit}); left stopped. "
+                  "Read the server log "
                   f"(supervisorctl tail {self.program}), fix the cause, then `supervisorctl start {self.program}`")
         log.error(reason)
         self.rpc.supervisor.stopProcess(self.program, False)

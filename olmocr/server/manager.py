@@ -46,7 +46,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument("--health-check-interval", type=float, default=None,
                         help="seconds between health probes (default 10)")
     parser.add_argument("--max-restart-attempts", type=int, default=None,
-                        help="restarts without a healthy probe before the server is left stopped (default 10)")
+                        help="restarts in a row (each run shorter than 10 min) before the server is left stopped "
+                             "(default 10)")
     parser.add_argument("--run-dir", default="olmocr-server-run",
                         help="directory for the generated supervisord.conf, socket, state and logs "
                              "(default ./olmocr-server-run)")

@@ -38,7 +38,7 @@ def new_process_stats() -> dict[str, Any]:
     return {
         "starts": 0,
         "restarts": 0,
-        "restarts_since_healthy": 0,
+        "consecutive_restarts": 0,
         "last_start_time": None,
         "last_exit_time": None,
         "last_exit_status": None,
@@ -59,8 +59,10 @@ def new_process_stats() -> dict[str, Any]:
 class ProcessStatsStore:
     """Counts process-state transitions and keeps health records; persists to a JSON file."""
 
-    def __init__(self, state_file: str | None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, state_file: str | None, clock: Callable[[], float] = time.time,
+                 reset_after: float = 600.0) -> None:
         self.state_file = state_file
+        self.reset_after = reset_after
         self.clock = clock
         self.processes: dict[str, dict[str, Any]] = {}
         self._load()
@@ -76,14 +78,19 @@ class ProcessStatsStore:
         stats = self.stats(name)
         now = self.clock()
         if to_state == ProcessStates.STARTING:
+            previous_start = stats["last_start_time"]
             stats["starts"] += 1
             stats["last_start_time"] = now
             if from_state in _AUTOMATIC_RESTART_FROM:
                 stats["restarts"] += 1
-                stats["restarts_since_healthy"] += 1
+                previous_run = (stats["last_exit_time"] or now) - (previous_start or now)
+                if previous_run >= self.reset_after:
+                    stats["consecutive_restarts"] = 1  # it ran fine for a long time: a new incident
+                else:
+                    stats["consecutive_restarts"] += 1
             else:
                 # An operator's start (or supervisord's first start) begins a fresh restart budget.
-                stats["restarts_since_healthy"] = 0
+                stats["consecutive_restarts"] = 0
                 stats["gave_up"] = False
                 stats["gave_up_reason"] = None
             stats["health"] = None
@@ -97,6 +104,9 @@ class ProcessStatsStore:
                 reason = f"process exited ({state}, exit status {exitstatus})"
                 if description:
                     reason = f"process exited ({state}: {description})"
+                killed_at = stats["last_kill_time"]
+                if killed_at and killed_at >= (stats["last_start_time"] or 0):
+                    reason = f"killed by the health check: {stats['last_kill_reason']}"
                 self._failure(stats, reason, now)
         elif to_state == ProcessStates.FATAL:
             self._failure(stats, "supervisord gave up starting the process (FATAL: exited too quickly "
@@ -108,7 +118,6 @@ class ProcessStatsStore:
         stats["health"] = dict(record)
         if record.get("healthy"):
             stats["last_healthy_time"] = record.get("time")
-            stats["restarts_since_healthy"] = 0
         elif record.get("failed_probe") and record.get("phase") != "starting":
             self._failure(stats, record.get("reason", "probe failed"), record.get("time") or self.clock())
         self._save()
@@ -227,7 +236,11 @@ def make_rpcinterface(supervisord: Any, **config: str) -> OlmocrNamespaceRPCInte
     """supervisord's factory hook. Called again on every ``supervisorctl reload``: subscribe once."""
     state_file = config.get("state_file") or os.path.join(
         os.path.dirname(os.path.abspath(supervisord.options.pidfile)), "olmocr-state.json")
-    store = ProcessStatsStore(state_file)
+    try:
+        reset_after = ServerSettings.from_env().restart_reset_after
+    except SettingsError:
+        reset_after = ServerSettings.restart_reset_after
+    store = ProcessStatsStore(state_file, reset_after=reset_after)
     previous = _subscribed.get("callback")
     if previous is not None:
         events.unsubscribe(events.ProcessStateEvent, previous)

@@ -35,6 +35,9 @@ class ServerSettings:
     api_key_file: str | None = None
     restart_delay: float = 10.0
     max_restart_attempts: int = 10
+    # A run that lasted this long resets the consecutive-restart count (as Kubernetes resets its
+    # crash-loop back-off after 10 minutes of running).
+    restart_reset_after: float = 600.0
     # Health probing (Kubernetes-style): see docs in README "Health checks".
     health_interval: float = 10.0
     health_timeout: float = 5.0
@@ -107,6 +110,7 @@ ENV_NAMES: dict[str, str] = {
     "api_key_file": "OLMOCR_API_KEY_FILE",
     "restart_delay": "OLMOCR_RESTART_DELAY",
     "max_restart_attempts": "OLMOCR_MAX_RESTART_ATTEMPTS",
+    "restart_reset_after": "OLMOCR_RESTART_RESET_AFTER",
     "health_interval": "OLMOCR_HEALTH_INTERVAL",
     "health_timeout": "OLMOCR_HEALTH_TIMEOUT",
     "completion_timeout": "OLMOCR_HEALTH_COMPLETION_TIMEOUT",
@@ -118,7 +122,7 @@ ENV_NAMES: dict[str, str] = {
 
 _INT_FIELDS = {"port", "tensor_parallel_size", "data_parallel_size", "max_model_len",
                "max_restart_attempts", "failure_threshold", "success_threshold"}
-_FLOAT_FIELDS = {"gpu_memory_utilization", "restart_delay", "health_interval", "health_timeout",
+_FLOAT_FIELDS = {"gpu_memory_utilization", "restart_delay", "restart_reset_after", "health_interval", "health_timeout",
                  "completion_timeout", "startup_timeout", "kill_grace"}
 
 

@@ -42,7 +42,7 @@ def build_status(info: Mapping[str, Any], stats: Mapping[str, Any], settings: Ma
         "last_failure_time": _iso(stats.get("last_failure_time")),
         "probe_latency_ms": probe.get("latency_ms"),
         "consecutive_failures": probe.get("consecutive_failures", 0),
-        "restarts_since_healthy": stats.get("restarts_since_healthy", 0),
+        "consecutive_restarts": stats.get("consecutive_restarts", 0),
         "health_kills": stats.get("kills", 0),
         "gave_up": bool(stats.get("gave_up")),
         "description": info.get("description"),

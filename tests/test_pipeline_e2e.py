@@ -1,0 +1,190 @@
+"""The pipeline CLI end to end against the stand-in server on 127.0.0.1, over real corpus PDFs."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import io
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from olmocr.pipeline.render import _job_render
+from tests.pipeline_helpers import (
+    GNARLY,
+    SMALL_DOCS,
+    StandIn,
+    docs_by_source,
+    failures,
+    launch_standin,
+    page_count,
+    results,
+    run_pipeline,
+    standin,  # noqa: F401 - fixture
+)
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def _image_sha16(path: Path, page: int, rotation: int = 0) -> str:
+    return hashlib.sha1(base64.b64decode(_job_render(str(path), "pdf", page, 1288, rotation))).hexdigest()[:16]
+
+
+def test_output_schema_spans_order_and_markdown(standin: StandIn, tmp_path: Path) -> None:  # noqa: F811
+    ws = tmp_path / "ws"
+    rc, log = run_pipeline(ws, standin.url + "/v1", SMALL_DOCS, "--pages_per_group", "3", "--markdown",
+                           log=tmp_path / "run.log")
+    assert rc == 0, log
+    docs = docs_by_source(ws)
+    assert set(docs) == {str(p) for p in SMALL_DOCS}
+    assert failures(ws) == []
+    today = datetime.datetime.now().strftime("%Y-%m-%d")
+    for source, doc in docs.items():
+        n = page_count(Path(source))
+        assert list(doc) == ["id", "text", "source", "added", "created", "metadata", "attributes"]
+        assert doc["id"] == hashlib.sha1(doc["text"].encode()).hexdigest()
+        assert doc["source"] == "olmocr" and doc["added"] == today and doc["created"] == today
+        meta = doc["metadata"]
+        assert meta["Source-File"] == source and meta["olmocr-version"] == "0.4.27"
+        assert meta["pdf-total-pages"] == n and meta["total-fallback-pages"] == 0
+        assert meta["total-input-tokens"] > 0 and meta["total-output-tokens"] > 0
+        attrs = doc["attributes"]
+        for key in ("primary_language", "is_rotation_valid", "rotation_correction", "is_table", "is_diagram"):
+            assert len(attrs[key]) == n, key
+        spans = attrs["pdf_page_numbers"]
+        # Contiguous spans covering the text, one per page, in page order.
+        assert [s[2] for s in spans] == list(range(1, n + 1))
+        assert spans[0][0] == 0 and spans[-1][1] == len(doc["text"])
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+        for start, end, page in spans:
+            # The stand-in names the image it was sent: each span holds its own page's image.
+            assert f"Stand-in OCR of image {_image_sha16(Path(source), page)}" in doc["text"][start:end]
+            if page < n:
+                assert doc["text"][end - 1] == "\n"
+        md = ws / "markdown" / (source.lstrip("/")[: -len(".pdf")] + ".md")
+        assert md.read_text() == doc["text"]
+    assert re.search(r"pages \d+/\d+ \| [\d.]+ pages/s", log), log
+    assert "finished in" in log
+
+
+def test_rotation_retries_rotate_counter_clockwise(tmp_path: Path) -> None:
+    s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_ROTATION": "landscape"})
+    try:
+        ws = tmp_path / "ws"
+        pdf = GNARLY / "edgar-rotated90.pdf"
+        rc, log = run_pipeline(ws, s.url, [pdf], log=tmp_path / "run.log")
+    finally:
+        s.stop()
+    assert rc == 0, log
+    doc = docs_by_source(ws)[str(pdf)]
+    # The page renders landscape (/Rotate 90); the stand-in asks for 90 degrees; the accepted answer is for
+    # the image turned counter-clockwise by 90.
+    assert f"image {_image_sha16(pdf, 1, 90)} (996x1288)" in doc["text"]
+    assert doc["attributes"]["is_rotation_valid"] == [True]
+    assert doc["metadata"]["total-fallback-pages"] == 0
+    assert "rotation is invalid" in log
+
+
+def test_fallback_to_text_layer_after_retries(tmp_path: Path) -> None:
+    s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_ANSWER": "garbage"})
+    try:
+        ws = tmp_path / "ws"
+        pdf = GNARLY / "edgar.pdf"
+        rc, log = run_pipeline(ws, s.url, [pdf], "--max_page_retries", "3", "--max_page_error_rate", "1",
+                               log=tmp_path / "run.log")
+    finally:
+        s.stop()
+    assert rc == 0, log
+    doc = docs_by_source(ws)[str(pdf)]
+    assert doc["metadata"]["total-fallback-pages"] == 1
+    assert doc["metadata"]["total-input-tokens"] == 0
+    assert "Edgar" in doc["text"] and "Stand-in" not in doc["text"]
+    assert doc["attributes"]["primary_language"] == [None]
+    assert "no usable answer after 3 attempts" in log
+
+
+def test_document_over_error_rate_is_failed_then_retried(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    pdfs = [GNARLY / "edgar.pdf", GNARLY / "olmo-page-1.pdf"]
+    s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_ANSWER": "garbage"})
+    try:
+        rc, log = run_pipeline(ws, s.url, pdfs, "--max_page_retries", "2", log=tmp_path / "run1.log")
+        assert rc == 0, log
+        assert results(ws) == []
+        failed = failures(ws)
+        assert sorted(f["source"] for f in failed) == sorted(map(str, pdfs))
+        assert all(f["retryable"] for f in failed)
+        assert all("max_page_error_rate" in f["reason"] for f in failed)
+        # Next run, the model behaves: the failed documents are retried and written.
+        s.control(answer="ok")
+        rc, log = run_pipeline(ws, s.url, (), log=tmp_path / "run2.log")
+    finally:
+        s.stop()
+    assert rc == 0, log
+    docs = docs_by_source(ws)
+    assert set(docs) == set(map(str, pdfs))
+    assert all(d["metadata"]["total-fallback-pages"] == 0 for d in docs.values())
+
+
+def test_wrong_model_fails_fast_before_claiming(tmp_path: Path) -> None:
+    s = launch_standin(tmp_path, served_model_name="some-other-model")
+    try:
+        ws = tmp_path / "ws"
+        rc, log = run_pipeline(ws, s.url, [GNARLY / "edgar.pdf"], timeout=60, log=tmp_path / "run.log")
+    finally:
+        s.stop()
+    assert rc != 0
+    assert "External vLLM server is running but doesn't have the 'olmocr' model" in log
+    assert "--served-model-name olmocr" in log
+    locks = ws / "worker_locks"
+    assert not locks.exists() or not any(locks.iterdir())
+    assert results(ws) == []
+
+
+def _pdf_bytes(width: float, height: float, pages: int = 1, password: str | None = None) -> bytes:
+    import pypdf
+
+    writer = pypdf.PdfWriter()
+    for _ in range(pages):
+        writer.add_blank_page(width, height)
+    if password:
+        writer.encrypt(password, algorithm="RC4-128")
+    buf = io.BytesIO()
+    writer.write(buf)
+    return buf.getvalue()
+
+
+def test_bad_inputs_each_fail_with_a_reason_and_the_batch_completes(standin: StandIn, tmp_path: Path) -> None:  # noqa: F811
+    good = GNARLY / "edgar.pdf"
+    src = tmp_path / "in"
+    src.mkdir()
+    data = good.read_bytes()
+    bad = {
+        "corrupt.pdf": (b"%PDF-1.4\n" + bytes(range(256)) * 64 + b"\n%%EOF\n", "corrupt PDF"),
+        "truncated.pdf": (data[: len(data) // 2], "truncated PDF"),
+        "locked.pdf": (_pdf_bytes(612, 792, password="secret"), "password-protected"),
+        "empty-pages.pdf": (_pdf_bytes(612, 792, pages=0), "zero pages"),
+        "notes.pdf": (b"just some text, not a PDF at all\n" * 10, "not a PDF, PNG or JPEG"),
+        "huge.pdf": (_pdf_bytes(30000, 30000), "enormous page"),
+    }
+    for name, (content, _) in bad.items():
+        (src / name).write_bytes(content)
+    image = src / "scan.png"
+    Image.new("RGB", (800, 600), "white").save(image)
+    inputs = [good, image, *(src / n for n in bad)]
+    rc, log = run_pipeline(tmp_path / "ws", standin.url, inputs, "--pages_per_group", "4", log=tmp_path / "run.log")
+    assert rc == 0, log
+    docs = docs_by_source(tmp_path / "ws")
+    assert set(docs) == {str(good), str(image)}
+    assert docs[str(image)]["metadata"]["pdf-total-pages"] == 1
+    failed = {f["source"]: f for f in failures(tmp_path / "ws")}
+    assert set(failed) == {str(src / n) for n in bad}
+    for name, (_, reason) in bad.items():
+        path = str(src / name)
+        assert reason in failed[path]["reason"], failed[path]
+        assert failed[path]["retryable"] is False
+        lines = [line for line in log.splitlines() if "document failed" in line and path in line]
+        assert len(lines) == 1, (name, lines)

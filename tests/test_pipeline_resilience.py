@@ -1,0 +1,158 @@
+"""The pipeline through server crashes and hangs, concurrent pipelines, a killed pipeline, and S3 workspaces."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.pipeline_helpers import (
+    BENCH,
+    GNARLY,
+    SMALL_DOCS,
+    docs_by_source,
+    failures,
+    launch_standin,
+    page_count,
+    run_pipeline,
+    start_pipeline,
+    wait_for,
+)
+from tests.s3_helpers import s3_server  # noqa: F401 - fixture
+from tests.standin_helpers import stop_process_group
+
+pytestmark = pytest.mark.timeout(300)
+
+# ~25 pages in 8 documents.
+DOCS = [*SMALL_DOCS, GNARLY / "failing_anchor_pg4.pdf", GNARLY / "large_prompt_hint3.pdf", BENCH / "olmo2-pg4.pdf"]
+
+
+def _assert_complete(ws: Path, docs: list[Path]) -> None:
+    found = docs_by_source(ws)  # asserts no duplicates
+    assert set(found) == {str(p) for p in docs}
+    for path in docs:
+        meta = found[str(path)]["metadata"]
+        assert meta["pdf-total-pages"] == page_count(path)
+        assert meta["total-fallback-pages"] == 0
+    assert failures(ws) == []
+
+
+def test_server_killed_and_restarted_mid_run(tmp_path: Path) -> None:
+    s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.3", "OLMOCR_STANDIN_CONCURRENCY": "2"})
+    log = tmp_path / "run.log"
+    proc = start_pipeline(tmp_path / "ws", s.url, DOCS, "--pages_per_group", "6", log=log)
+    try:
+        wait_for(lambda: "work item" in log.read_text() and "done" in log.read_text(), 60, "a first item done")
+        s.kill()  # SIGKILL the stand-in's process group: a crash
+        time.sleep(2)
+        assert proc.poll() is None, log.read_text()
+        s.restart()
+        rc = proc.wait(timeout=120)
+    finally:
+        stop_process_group(proc)
+        s.stop()
+    text = log.read_text()
+    assert rc == 0, text
+    assert "vLLM server unavailable" in text and "vLLM server is back" in text
+    _assert_complete(tmp_path / "ws", DOCS)
+
+
+def test_hung_server_times_out_then_recovers(tmp_path: Path) -> None:
+    s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_HANG": "true"})
+    log = tmp_path / "run.log"
+    docs = SMALL_DOCS[:3]
+    proc = start_pipeline(tmp_path / "ws", s.url, docs, "--request_timeout", "1", log=log)
+    try:
+        # /health and /v1/models keep answering while completions hang: only timeouts reveal it.
+        wait_for(lambda: "timeout" in log.read_text(), 60, "a request timeout")
+        assert proc.poll() is None, log.read_text()
+        s.control(hang=False)
+        rc = proc.wait(timeout=120)
+    finally:
+        stop_process_group(proc)
+        s.stop()
+    text = log.read_text()
+    assert rc == 0, text
+    _assert_complete(tmp_path / "ws", docs)
+
+
+def test_two_pipelines_share_a_workspace_without_duplicates(tmp_path: Path) -> None:
+    s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.05"})
+    ws = tmp_path / "ws"
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    procs = [start_pipeline(ws, s.url, DOCS, "--pages_per_group", "2", "--workers", "3", log=lg) for lg in logs]
+    try:
+        rcs = [p.wait(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            stop_process_group(p)
+        s.stop()
+    assert rcs == [0, 0], [lg.read_text()[-3000:] for lg in logs]
+    _assert_complete(ws, DOCS)
+    claimed = [line.split("work item ")[1].split()[0] for lg in logs for line in lg.read_text().splitlines()
+               if "claimed work item" in line]
+    assert len(claimed) == len(set(claimed)), "an item was processed twice"
+
+
+def test_pipeline_killed_midway_next_run_does_only_the_rest(tmp_path: Path) -> None:
+    s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.2", "OLMOCR_STANDIN_CONCURRENCY": "2"})
+    ws = tmp_path / "ws"
+    log1 = tmp_path / "run1.log"
+    try:
+        proc = start_pipeline(ws, s.url, DOCS, "--pages_per_group", "3", "--workers", "2", "--lease_seconds", "4",
+                              log=log1)
+        try:
+            wait_for(lambda: (ws / "done_flags").is_dir() and any((ws / "done_flags").iterdir()), 60, "an item done")
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        finally:
+            stop_process_group(proc)
+        done_before = {p.name: p.stat().st_mtime_ns for p in (ws / "done_flags").iterdir()}
+        results_before = {p.name: p.read_bytes() for p in (ws / "results").iterdir()}
+        assert (ws / "worker_locks").is_dir() and any((ws / "worker_locks").iterdir())  # a lease left behind
+        rc, text = run_pipeline(ws, s.url, (), "--workers", "2", "--lease_seconds", "4", timeout=180,
+                                log=tmp_path / "run2.log")
+    finally:
+        s.stop()
+    assert rc == 0, text
+    _assert_complete(ws, DOCS)
+    # Items finished by the killed run were neither redone nor rewritten.
+    for name, mtime in done_before.items():
+        assert (ws / "done_flags" / name).stat().st_mtime_ns == mtime
+        item_hash = name.removeprefix("done_").removesuffix(".flag")
+        assert f"claimed work item {item_hash}" not in text
+    for name, data in results_before.items():
+        assert (ws / "results" / name).read_bytes() == data
+    assert "claimed work item" in text
+
+
+def test_s3_workspace_and_s3_inputs(s3_server, tmp_path: Path) -> None:  # noqa: F811
+    client = s3_server.client()
+    s3_pdf = GNARLY / "olmo-page-1.pdf"
+    client.put_object(Bucket=s3_server.bucket, Key="inputs/olmo-page-1.pdf", Body=s3_pdf.read_bytes())
+    s = launch_standin(tmp_path)
+    try:
+        ws = s3_server.url("ws")
+        local = [GNARLY / "edgar.pdf", GNARLY / "handwriting_bad_ocr.pdf"]
+        rc, text = run_pipeline(ws, s.url, [*local, s3_server.url("inputs/*.pdf")], "--pages_per_group", "2",
+                                "--markdown", log=tmp_path / "run.log")
+    finally:
+        s.stop()
+    assert rc == 0, text
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_server.bucket, Prefix="ws/").get("Contents", [])]
+    docs = {}
+    for key in keys:
+        if key.startswith("ws/results/") and key.endswith(".jsonl"):
+            body = client.get_object(Bucket=s3_server.bucket, Key=key)["Body"].read().decode()
+            for line in body.splitlines():
+                doc = json.loads(line)
+                assert doc["metadata"]["Source-File"] not in docs
+                docs[doc["metadata"]["Source-File"]] = doc
+    expected = {str(p) for p in local} | {s3_server.url("inputs/olmo-page-1.pdf")}
+    assert set(docs) == expected
+    assert "ws/markdown/inputs/olmo-page-1.md" in keys
+    assert any(k.startswith("ws/done_flags/") for k in keys)
