@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             elif section == "memory":
                 from bench import memory
 
-                figs, detail = memory.run_rss(quick=args.quick)
+                figs, detail = memory.run_rss(quick=args.quick, with_upstream=not args.no_upstream)
             else:
                 from bench import recovery
 

@@ -30,6 +30,9 @@ from bench.common import (
     make_tmpdir,
     our_env,
     our_pipeline_argv,
+    upstream_available,
+    upstream_env,
+    upstream_pipeline_argv,
 )
 
 SOURCE_PDF = "gnarly/bws_book_ch2.pdf"  # 48 text pages of a book chapter
@@ -55,12 +58,16 @@ def make_pdfs(dst: Path, n_files: int, pages_per_file: int, source: Path | None 
     return out
 
 
-def measure_rss(pdfs: list[Path], url: str, window: float | None, tag: str, log_dir: Path) -> dict:
-    tmp = make_tmpdir(f"mem-{tag}")
+def measure_rss(pdfs: list[Path], url: str, window: float | None, tag: str, log_dir: Path,
+                which: str = "ours") -> dict:
+    tmp = make_tmpdir(f"mem-{which}-{tag}")
     ws = tmp / "ws"
-    argv = our_pipeline_argv(ws, url, pdfs)
+    if which == "ours":
+        argv, env = our_pipeline_argv(ws, url, pdfs), our_env()
+    else:
+        argv, env = upstream_pipeline_argv(ws, url, pdfs), upstream_env()
     t0 = time.perf_counter()
-    proc = ProcGroup(argv, env=our_env(), cwd=tmp, log_path=log_dir / f"memory-{tag}.log", name=f"ours-{tag}")
+    proc = ProcGroup(argv, env=env, cwd=tmp, log_path=log_dir / f"memory-{which}-{tag}.log", name=f"{which}-{tag}")
     sampler = RssSampler(proc.pid, 0.1).start()
     completed = False
     try:
@@ -76,10 +83,11 @@ def measure_rss(pdfs: list[Path], url: str, window: float | None, tag: str, log_
             "completed": completed, "rc": rc if completed else None, "wall_s": wall}
 
 
-def run_rss(quick: bool = False) -> tuple[list[Figure], dict]:
+def run_rss(quick: bool = False, with_upstream: bool = True) -> tuple[list[Figure], dict]:
     log_dir = OUT_DIR / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     window = 60.0 if quick else 150.0
+    with_upstream = with_upstream and not quick
     gen = make_tmpdir("pdfs")
     try:
         small = make_pdfs(gen / "small", 1, 100)
@@ -93,6 +101,11 @@ def run_rss(quick: bool = False) -> tuple[list[Figure], dict]:
             log(f"memory: 10,000 pages queued ({window:.0f} s window)")
             r10k = measure_rss(large, standin.base_url, window, "10000", log_dir)
             log(f"  peak {r10k['peak_rss_mb']:.0f} MB over {r10k['peak_processes']} processes")
+            rup = None
+            if with_upstream and upstream_available():
+                log(f"memory: upstream 0.4.27, 10,000 pages queued ({window:.0f} s window)")
+                rup = measure_rss(large, standin.base_url, window, "10000", log_dir, which="upstream")
+                log(f"  peak {rup['peak_rss_mb']:.0f} MB over {rup['peak_processes']} processes")
         finally:
             standin.stop()
     finally:
@@ -107,7 +120,13 @@ def run_rss(quick: bool = False) -> tuple[list[Figure], dict]:
                ratio=ratio, target="~1, and < 300 MB", ok=r10k["peak_rss_mb"] < RSS_LIMIT_MB,
                context=f"{window:.0f}s window against 2 s x 16 stand-in; process tree of {r10k['peak_processes']}"),
     ]
-    return figs, {"pages_100": r100, "pages_10000": r10k, "window_s": window, "server": "stand-in 2 s x 16"}
+    if rup is not None:
+        figs.append(Figure("memory", "upstream 0.4.27 peak RSS, 10,000 pages queued", rup["peak_rss_mb"], "MB",
+                           "ours, 10,000 pages queued, same window and server",
+                           ratio=r10k["peak_rss_mb"] / rup["peak_rss_mb"] if rup["peak_rss_mb"] else None,
+                           context=f"ratio = ours / upstream; process tree of {rup['peak_processes']}"))
+    return figs, {"pages_100": r100, "pages_10000": r10k, "upstream_pages_10000": rup, "window_s": window,
+                  "server": "stand-in 2 s x 16"}
 
 
 def status_latency(deployment, n: int = 10) -> tuple[list[Figure], dict]:

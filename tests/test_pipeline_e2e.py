@@ -188,3 +188,31 @@ def test_bad_inputs_each_fail_with_a_reason_and_the_batch_completes(standin: Sta
         assert failed[path]["retryable"] is False
         lines = [line for line in log.splitlines() if "document failed" in line and path in line]
         assert len(lines) == 1, (name, lines)
+
+
+def test_api_key_from_environment_as_bearer_and_never_logged(tmp_path: Path) -> None:
+    key = "s3cr3t-key-for-test"
+    s = launch_standin(tmp_path, env={"VLLM_API_KEY": key})
+    try:
+        rc, log = run_pipeline(tmp_path / "ws", s.url, [GNARLY / "edgar.pdf"], env={"OLMOCR_API_KEY": key},
+                               log=tmp_path / "run.log")
+        assert rc == 0, log
+        assert len(results(tmp_path / "ws")) == 1
+        rc2, log2 = run_pipeline(tmp_path / "ws2", s.url, [GNARLY / "edgar.pdf"], "--api_key", "wrong",
+                                 timeout=60, log=tmp_path / "run2.log")
+    finally:
+        s.stop()
+    assert rc2 != 0 and "rejected the API key" in log2
+    assert key not in log and key not in log2
+
+
+def test_stats_summarises_the_workspace(standin: StandIn, tmp_path: Path) -> None:  # noqa: F811
+    import subprocess
+    import sys
+
+    ws = tmp_path / "ws"
+    rc, log = run_pipeline(ws, standin.url, [GNARLY / "edgar.pdf"], log=tmp_path / "run.log")
+    assert rc == 0, log
+    out = subprocess.run([sys.executable, "-m", "olmocr.pipeline", str(ws), "--stats"], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    assert out.strip()

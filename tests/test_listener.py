@@ -1,0 +1,172 @@
+"""The health listener driven line by line, as superlance tests its plugins: injected stdin/stdout,
+an in-memory RPC proxy, a scripted probe, a manual clock and a recording signaller."""
+
+from __future__ import annotations
+
+import io
+import signal
+from collections import deque
+
+from olmocr.server.listener import HealthListener
+from olmocr.server.probe import ProbeResult
+from olmocr.server.settings import ServerSettings
+
+OK = ProbeResult(True, "ok", 0.01)
+HUNG = ProbeResult(False, "completion probe timed out after 20 s (engine hung?)", 20.0)
+REFUSED = ProbeResult(False, "connection refused (server not listening)", 0.0, refused=True)
+
+
+class Namespace:
+    def __init__(self, calls: list, prefix: str, answers: dict) -> None:
+        self._calls, self._prefix, self._answers = calls, prefix, answers
+
+    def __getattr__(self, name: str):
+        def call(*args):
+            self._calls.append((f"{self._prefix}.{name}", args))
+            answer = self._answers.get(name)
+            return answer(*args) if callable(answer) else answer
+        return call
+
+
+class FakeSupervisorRPC:
+    def __init__(self) -> None:
+        self.calls: list = []
+        self.stats = {"consecutive_restarts": 0}
+        self.info = {"statename": "RUNNING", "pid": 4242, "start": 100, "now": 130}
+        self.supervisor = Namespace(self.calls, "supervisor",
+                                    {"getProcessInfo": lambda name: self.info, "stopProcess": True})
+        self.olmocr = Namespace(self.calls, "olmocr", {"getProcessStats": lambda name: self.stats,
+                                                       "recordProbe": True, "recordKill": True,
+                                                       "recordGiveUp": True})
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+
+def event(name: str, payload: str = "", serial: int = 1) -> str:
+    return (f"ver:3.0 server:supervisor serial:{serial} pool:vllm-health poolserial:{serial} "
+            f"eventname:{name} len:{len(payload)}\n{payload}")
+
+
+def state_event(state: str, from_state: str, **extra: object) -> str:
+    payload = f"processname:vllm groupname:vllm from_state:{from_state}"
+    payload += "".join(f" {k}:{v}" for k, v in extra.items())
+    return event(f"PROCESS_STATE_{state}", payload)
+
+
+class Harness:
+    def __init__(self, probes: list[ProbeResult], **settings: object) -> None:
+        self.now = 0.0
+        self.rpc = FakeSupervisorRPC()
+        self.probes = deque(probes)
+        self.signals: list[tuple[int, int]] = []
+        self.stdout = io.StringIO()
+        base = {"health_interval": 10, "failure_threshold": 3, "startup_timeout": 600, "kill_grace": 15,
+                "max_restart_attempts": 2}
+        base.update(settings)
+        self.settings = ServerSettings(**base)
+
+    def run(self, *events: str) -> None:
+        listener = self.listener
+        listener.stdin = io.StringIO("".join(events))
+        listener.run()
+
+    @property
+    def listener(self) -> HealthListener:
+        if not hasattr(self, "_listener"):
+            self._listener = HealthListener(
+                io.StringIO(), self.stdout, self.rpc, self.settings, probe=self.probes.popleft,
+                clock=lambda: self.now, wall_clock=lambda: 1_700_000_000 + self.now,
+                executor=lambda fn: fn(), signal_group=self.signal)
+        return self._listener
+
+    def signal(self, pgid: int, sig: int) -> bool:
+        self.signals.append((pgid, sig))
+        return True
+
+    def tick(self, seconds: float, count: int = 1) -> None:
+        for _ in range(count):
+            self.now += seconds
+            self.run(event("TICK_5", "when:0"))
+
+
+def test_protocol_answers_every_event_and_writes_nothing_else():
+    h = Harness([OK, OK])
+    h.run(state_event("STARTING", "STOPPED", tries=0), state_event("RUNNING", "STARTING", pid=4242),
+          event("TICK_5", "when:1"))
+    assert h.stdout.getvalue() == "READY\n" + "RESULT 2\nOKREADY\n" * 3
+
+
+def test_healthy_probe_is_recorded():
+    h = Harness([OK])
+    h.run(state_event("STARTING", "STOPPED", tries=0))
+    records = [args[1] for name, args in h.rpc.calls if name == "olmocr.recordProbe"]
+    assert records[-1]["healthy"] and records[-1]["phase"] == "healthy"
+    assert records[-1]["latency_ms"] == 10.0
+
+
+def test_hung_server_is_killed_as_a_group_after_three_failures_then_sigkilled():
+    h = Harness([OK, HUNG, HUNG, HUNG])
+    h.run(state_event("STARTING", "STOPPED", tries=0), state_event("RUNNING", "STARTING", pid=4242))
+    h.tick(10)
+    h.tick(10)
+    assert h.signals == []  # two failures: slow, not dead
+    h.tick(10)
+    assert h.signals == [(4242, signal.SIGTERM)]
+    assert "olmocr.recordKill" in h.rpc.names()
+    h.tick(5, count=2)  # no further probes while the kill is pending
+    h.tick(10)
+    assert h.signals[-1] == (4242, signal.SIGKILL)  # it ignored SIGTERM past the grace period
+    assert "supervisor.startProcess" not in h.rpc.names()  # supervisord restarts it, never the listener
+
+
+def test_exit_after_kill_clears_pending_kill_and_reaps_orphans():
+    h = Harness([OK, HUNG, HUNG, HUNG, REFUSED])
+    h.run(state_event("STARTING", "STOPPED", tries=0), state_event("RUNNING", "STARTING", pid=4242))
+    h.tick(10, count=3)
+    h.run(state_event("EXITED", "RUNNING", expected=1, pid=4242), state_event("STARTING", "EXITED", tries=0))
+    assert h.signals[-1] == (4242, signal.SIGKILL)  # engine processes orphaned by the exit
+    h.tick(20)
+    assert h.signals.count((4242, signal.SIGKILL)) == 1  # the kill is not repeated for the new process
+
+
+def test_loading_server_is_not_failed_within_startup_timeout():
+    h = Harness([REFUSED] * 10, startup_timeout=600)
+    h.run(state_event("STARTING", "STOPPED", tries=0))
+    h.tick(10, count=5)
+    assert h.signals == []
+    assert h.listener.state.phase == "starting"
+
+
+def test_crash_loop_is_stopped_after_max_restart_attempts():
+    h = Harness([REFUSED] * 10, max_restart_attempts=2)
+    h.rpc.stats = {"consecutive_restarts": 2}
+    h.run(state_event("STARTING", "EXITED", tries=0))
+    assert "supervisor.stopProcess" not in h.rpc.names()
+    h.rpc.stats = {"consecutive_restarts": 3}
+    h.run(state_event("STARTING", "EXITED", tries=0))
+    assert ("supervisor.stopProcess", ("vllm", False)) in h.rpc.calls
+    reason = [args[1] for name, args in h.rpc.calls if name == "olmocr.recordGiveUp"][0]
+    assert "crash loop" in reason and "supervisorctl start vllm" in reason
+
+
+def test_listener_started_after_the_server_learns_its_state_from_supervisord():
+    h = Harness([OK])
+    h.run(event("TICK_5", "when:1"))
+    assert h.rpc.names()[0] == "supervisor.getProcessInfo"
+    assert h.listener.pid == 4242 and h.listener.state.phase == "healthy"
+
+
+def test_other_programs_events_are_ignored_and_errors_survived():
+    h = Harness([OK])
+    h.run(event("PROCESS_STATE_EXITED", "processname:other groupname:other from_state:RUNNING expected:0 pid:9"))
+    assert (9, signal.SIGKILL) not in h.signals
+
+    def broken_probe() -> ProbeResult:
+        raise RuntimeError("bug")
+
+    h2 = Harness([])
+    h2.listener.probe = broken_probe
+    h2.run(state_event("STARTING", "STOPPED", tries=0), event("TICK_5", "when:1"))
+    assert h2.stdout.getvalue().count("RESULT 2\nOK") == 2
+    assert "probe error" in h2.listener.state.reason
