@@ -169,3 +169,10 @@ def test_configuration_errors_are_unhealthy_but_not_killed():
         state = decision.state
         assert not decision.kill
     assert state.phase == "unhealthy" and "not served" in state.reason
+
+
+def test_checked_in_include_file_is_the_rendered_include():
+    from olmocr.server.supervisor_config import INCLUDE_HEADER, INCLUDE_LAYOUT, render_program_sections
+
+    assert (REPO_ROOT / "deploy" / "olmocr-vllm.conf").read_text() == (
+        INCLUDE_HEADER + render_program_sections(INCLUDE_LAYOUT))
