@@ -7,6 +7,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 
 import pytest
 import requests
@@ -140,6 +141,11 @@ def test_restart_count_survives_supervisord_restart(deployment):
     dep.start()
     status = dep.wait_status(healthy, 30, "healthy after supervisord restart")
     assert status["restart_count"] == 1
+    # After a reload (which clears supervisord's event subscriptions) restarts are still counted.
+    assert dep.supervisorctl("reload").returncode == 0
+    status = dep.wait_status(healthy, 30, "healthy after reload")
+    os.kill(status["pid"], signal.SIGKILL)
+    dep.wait_status(lambda s: s["healthy"] and s["restart_count"] == 2, 40, "restart counted after reload")
 
 
 def test_log_file_rotates_at_its_size(deployment):
@@ -170,3 +176,30 @@ def test_api_key_never_in_ps_or_logs(deployment, tmp_path):
     for path in dep.dir.rglob("*"):
         if path.is_file() and not path.is_socket():
             assert secret not in path.read_text(errors="replace"), path
+
+
+def test_status_over_password_protected_loopback_tcp_and_watch(deployment, tmp_path):
+    from tests.standin_helpers import free_port
+
+    port = free_port()
+    inet = (f"[inet_http_server]\nport = 127.0.0.1:{port}\nusername = ops\npassword = pw-Xk2\n\n"
+            "[rpcinterface:supervisor]")
+    dep = deployment(config_edits={"[rpcinterface:supervisor]": inet})
+    dep.wait_status(healthy, 30, "healthy")
+    url = f"http://127.0.0.1:{port}"
+    base = [sys.executable, "-m", "olmocr.server.status", "--server-url", url, "-u", "ops"]
+    denied = subprocess.run(base, capture_output=True, text=True, timeout=30, env=dep.env)
+    assert denied.returncode == 2 and "401" in denied.stdout
+    password_file = tmp_path / "pw"
+    password_file.write_text("pw-Xk2\n")
+    ok = subprocess.run([*base, "--password-file", str(password_file)], capture_output=True, text=True,
+                        timeout=30, env=dep.env)
+    assert ok.returncode == 0, ok.stdout
+    watch = subprocess.Popen([*base, "--password-file", str(password_file), "--watch", "0.3"],
+                             stdout=subprocess.PIPE, text=True, env=dep.env)
+    try:
+        lines = [watch.stdout.readline() for _ in range(3)]
+    finally:
+        watch.kill()
+        watch.wait(timeout=10)
+    assert all('"healthy": true' in line for line in lines)

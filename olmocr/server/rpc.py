@@ -229,22 +229,29 @@ def _xmlrpc_safe(value: Any) -> Any:
     return value
 
 
-_subscribed: dict[str, Any] = {}
+_stores: dict[str, tuple[ProcessStatsStore, Callable[[Any], None]]] = {}
 
 
 def make_rpcinterface(supervisord: Any, **config: str) -> OlmocrNamespaceRPCInterface:
-    """supervisord's factory hook. Called again on every ``supervisorctl reload``: subscribe once."""
+    """supervisord's factory hook, called once per HTTP server (unix socket, TCP) and again on every
+    ``supervisorctl reload``: all of them must share one store and one event subscription."""
     state_file = config.get("state_file") or os.path.join(
         os.path.dirname(os.path.abspath(supervisord.options.pidfile)), "olmocr-state.json")
-    try:
-        reset_after = ServerSettings.from_env().restart_reset_after
-    except SettingsError:
-        reset_after = ServerSettings.restart_reset_after
-    store = ProcessStatsStore(state_file, reset_after=reset_after)
-    previous = _subscribed.get("callback")
-    if previous is not None:
-        events.unsubscribe(events.ProcessStateEvent, previous)
+    if state_file not in _stores:
+        try:
+            reset_after = ServerSettings.from_env().restart_reset_after
+        except SettingsError:
+            reset_after = ServerSettings.restart_reset_after
+        store = ProcessStatsStore(state_file, reset_after=reset_after)
+        _stores[state_file] = (store, _recorder(store, supervisord))
+    store, recorder = _stores[state_file]
+    # A reload clears supervisord's subscriptions (events.clear()) before calling the factories again.
+    if (events.ProcessStateEvent, recorder) not in events.callbacks:
+        events.subscribe(events.ProcessStateEvent, recorder)
+    return OlmocrNamespaceRPCInterface(supervisord, store)
 
+
+def _recorder(store: ProcessStatsStore, supervisord: Any) -> Callable[[Any], None]:
     def on_event(event: Any) -> None:
         process = event.process
         to_state = process.state
@@ -260,6 +267,4 @@ def make_rpcinterface(supervisord: Any, **config: str) -> OlmocrNamespaceRPCInte
         except Exception as exc:  # never break supervisord's event dispatch
             supervisord.options.logger.warn(f"olmocr rpc extension: cannot record event: {exc!r}")
 
-    events.subscribe(events.ProcessStateEvent, on_event)
-    _subscribed["callback"] = on_event
-    return OlmocrNamespaceRPCInterface(supervisord, store)
+    return on_event
