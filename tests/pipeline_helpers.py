@@ -165,6 +165,16 @@ def docs_by_source(workspace: Path) -> dict[str, dict]:
     return out
 
 
+@pytest.fixture(autouse=True)
+def _close_cached_render_docs() -> Iterator[None]:
+    """Tests that call the render jobs in-process leave pypdfium2 documents cached: close them."""
+    yield
+    from olmocr.pipeline import render
+
+    while render._docs:
+        render._docs.popitem()[1].close()
+
+
 def page_count(path: Path) -> int:
     import pypdfium2 as pdfium
 

@@ -17,6 +17,7 @@ from tests.pipeline_helpers import (
     GNARLY,
     SMALL_DOCS,
     StandIn,
+    _close_cached_render_docs,  # noqa: F401 - autouse fixture
     docs_by_source,
     failures,
     launch_standin,
@@ -216,3 +217,31 @@ def test_stats_summarises_the_workspace(standin: StandIn, tmp_path: Path) -> Non
     out = subprocess.run([sys.executable, "-m", "olmocr.pipeline", str(ws), "--stats"], capture_output=True,
                          text=True, timeout=60, check=True).stdout
     assert out.strip()
+
+
+def test_unreachable_server_gives_a_clear_error(tmp_path: Path) -> None:
+    from tests.standin_helpers import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/v1/"
+    rc, log = run_pipeline(tmp_path / "ws", url, [GNARLY / "edgar.pdf"], "--max_server_ready_timeout", "3",
+                           timeout=60, log=tmp_path / "run.log")
+    assert rc == 1
+    assert "Cannot reach the vLLM server" in log and "attempt 1/10" in log
+    locks = tmp_path / "ws" / "worker_locks"
+    assert not locks.exists() or not any(locks.iterdir())
+
+
+@pytest.mark.parametrize("status", ["429", "503"])
+def test_busy_or_failing_server_does_not_use_up_page_attempts(tmp_path: Path, status: str) -> None:
+    s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_ERROR_RATE": "0.4", "OLMOCR_STANDIN_ERROR_STATUS": status})
+    try:
+        docs = [GNARLY / "edgar.pdf", GNARLY / "guidebook_failed_pages.pdf"]
+        # One attempt per page: if a 429/5xx counted as a failed attempt, pages would fall back.
+        rc, log = run_pipeline(tmp_path / "ws", s.url, docs, "--max_page_retries", "1", log=tmp_path / "run.log")
+    finally:
+        s.stop()
+    assert rc == 0, log
+    found = docs_by_source(tmp_path / "ws")
+    assert set(found) == set(map(str, docs))
+    assert all(d["metadata"]["total-fallback-pages"] == 0 for d in found.values())
+    assert f"HTTP {status}" in log

@@ -15,7 +15,7 @@ from olmocr.pipeline.output import PageResult, build_dolma_document, markdown_re
 from olmocr.pipeline.pages import TEMPERATURE_BY_ATTEMPT, request_template
 from olmocr.pipeline.prompts import PROMPT_V4_YAML, FrontMatterError, PageResponse, parse_page_response
 from olmocr.pipeline.render import RenderError, _job_probe, _job_render, _job_text
-from tests.pipeline_helpers import GNARLY
+from tests.pipeline_helpers import GNARLY, _close_cached_render_docs  # noqa: F401 - autouse fixture
 
 UPSTREAM_PROMPT = (
     "Attached is one page of a document that you must process. Just return the plain text representation of "

@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pdfs", nargs="*", default=None,
                    help="documents to add: paths, globs (also s3://bucket/prefix/*.pdf), or .txt files listing paths")
     server = p.add_argument_group("server")
-    server.add_argument("--vllm-url", "--server", dest="server", default=None,
+    server.add_argument("--vllm-url", "--server", dest="server", default=None, metavar="URL",
                         help="URL of the vLLM server, e.g. http://127.0.0.1:30024 (a trailing /v1 is accepted)")
     server.add_argument("--api_key", default=None,
                         help="API key sent as 'Authorization: Bearer'; default $OLMOCR_API_KEY, then $VLLM_API_KEY")
@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max_concurrent_requests", type=int, default=1600,
                         help="cap on requests in flight to the server (default 1600)")
     server.add_argument("--request_timeout", type=float, default=600.0,
-                        help="seconds before one request is abandoned and resent (default 600)")
+                        help="a request is abandoned and resent when the server has finished no request for this "
+                             "many seconds (a hung engine), or after 3x this in any case (default 600)")
     server.add_argument("--max_server_ready_timeout", type=float, default=600.0,
                         help="longest total wait for the server at start-up, in seconds (default 600; at most "
                              "10 attempts are made)")

@@ -33,6 +33,10 @@ INITIAL_ATTEMPTS = 10
 MAX_HEALTHY_5XX_IN_A_ROW = 20
 PROBE_TIMEOUT_S = 10.0
 TRANSIENT_LOG_EVERY_S = 10.0
+#: A request is abandoned (and resent) when the server finished *no* request for ``request_timeout`` seconds
+#: while it waited -- a hung engine -- so requests merely queued on a busy server are not thrown away. As a
+#: guard against lost connections, no request waits longer than ``HARD_TIMEOUT_FACTOR * request_timeout``.
+HARD_TIMEOUT_FACTOR = 3.0
 
 
 class ServerNotReady(Exception):
@@ -88,6 +92,9 @@ class ServerClient:
         self.state = "starting"
         self._down_since: float | None = None
         self._last_transient_log = float("-inf")
+        self._probe: asyncio.Task[bool] | None = None
+        self._probe_started = float("-inf")
+        self._last_success = float("-inf")
 
     # ------------------------------------------------------------------ probes
 
@@ -166,10 +173,19 @@ class ServerClient:
         self._down_since = None
         self.state = "up"
 
+    async def _healthy_shared(self) -> bool:
+        """One health probe at a time, its answer shared by everyone asking within a second."""
+        now = time.monotonic()
+        probe = self._probe
+        if probe is None or (probe.done() and now - self._probe_started > 1.0):
+            self._probe_started = now
+            probe = self._probe = asyncio.create_task(self._healthy())
+        return await asyncio.shield(probe)
+
     async def wait_for_server(self, reason: str) -> bool:
         """Block until the server looks healthy. Returns True if there was an outage (we had to wait)."""
         if self._recovery is None or self._recovery.done():
-            if await self._healthy():
+            if await self._healthy_shared():
                 return False
             if self._recovery is None or self._recovery.done():
                 self._recovery = asyncio.create_task(self._recover(reason))
@@ -193,6 +209,31 @@ class ServerClient:
 
     # ------------------------------------------------------------------ completions
 
+    async def _post_watched(self, body: list[bytes]) -> Any:
+        """POST with a progress-aware timeout (see :data:`HARD_TIMEOUT_FACTOR`)."""
+        started = time.monotonic()
+        hard = self.request_timeout * HARD_TIMEOUT_FACTOR
+        task = asyncio.ensure_future(
+            self._pool.request("POST", "/v1/chat/completions", body=body, headers=self._auth, timeout=hard)
+        )
+        try:
+            while True:
+                quiet_since = max(started, self._last_success)
+                wait = quiet_since + self.request_timeout - time.monotonic()
+                if wait > 0:
+                    done, _ = await asyncio.wait({task}, timeout=wait)
+                    if done:
+                        return task.result()
+                    continue
+                task.cancel()
+                raise RequestTimeout(
+                    f"no answer within {time.monotonic() - started:.0f}s and no other request finished for "
+                    f"{self.request_timeout:g}s"
+                )
+        finally:
+            if not task.done():
+                task.cancel()
+
     async def chat(self, make_body: Callable[[], Awaitable[list[bytes]]], label: str) -> dict[str, Any]:
         """POST a chat completion built by ``make_body``; returns the parsed JSON answer.
 
@@ -210,9 +251,7 @@ class ServerClient:
                 body = await make_body()
                 self.in_flight += 1
                 try:
-                    resp = await self._pool.request(
-                        "POST", "/v1/chat/completions", body=body, headers=self._auth, timeout=self.request_timeout
-                    )
+                    resp = await self._post_watched(body)
                     problem = None
                 except RequestTimeout as exc:
                     self.stats.timeouts += 1
@@ -232,6 +271,7 @@ class ServerClient:
                         self.stats.rejected += 1
                         raise RequestRejected(200, "answer is not JSON") from None
                     self.stats.requests_ok += 1
+                    self._last_success = time.monotonic()
                     if self.state != "up" and self._down_since is None:
                         self.state = "up"
                     return data

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from olmocr.pipeline.client import ServerClient, ServerNotReady
@@ -179,6 +180,11 @@ class Runner:
 
 async def run_pipeline(config: PipelineConfig) -> int:
     """Run to completion; returns the process exit status."""
+    # Storage calls (claims, lease renewals, result uploads) run in threads; give them enough that a slow
+    # upload never delays a lease renewal.
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=max(32, config.workers * 2 + 8), thread_name_prefix="olmocr-io")
+    )
     storage = open_storage(config.workspace)
     queue = WorkQueue(storage, lease_seconds=config.lease_seconds)
     if config.pdfs:

@@ -197,11 +197,6 @@ def _job_text(path: str, kind: str, page_num: int) -> str:
         page.close()
 
 
-def _job_forget(path: str) -> None:
-    for key in [k for k in _docs if k[0] == path]:
-        _docs.pop(key).close()
-
-
 def _worker_init() -> None:
     import signal
 
@@ -258,14 +253,6 @@ class Renderer:
         except Exception as exc:  # noqa: BLE001 - a fallback must not fail the document
             logger.warning("text layer unavailable for %s page %d: %s", path, page_num, exc)
             return ""
-
-    async def forget(self, path: str) -> None:
-        """Close cached handles on ``path`` (best effort: only reaches one worker per call)."""
-        for _ in range(self.processes):
-            try:
-                await self._call(_job_forget, path)
-            except Exception:  # noqa: BLE001
-                return
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
