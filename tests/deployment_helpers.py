@@ -59,6 +59,7 @@ class Deployment:
         for old, new in (config_edits or {}).items():
             assert old in config, f"{old!r} not in supervisord.conf"
             config = config.replace(old, new)
+        (self.dir / "scripts").symlink_to(REPO_ROOT / "scripts")  # %(here)s/scripts/... as in a checkout
         self.config = self.dir / "supervisord.conf"
         self.config.write_text(config)
         self.control_file = self.dir / "standin-control.json"

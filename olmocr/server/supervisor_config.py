@@ -24,7 +24,7 @@ HEADER = """\
 class ConfigLayout:
     run_dir: str = "%(here)s/run"
     log_dir: str = "%(here)s/logs"
-    python: str | None = None  # None: console scripts on PATH; else "<python> -m module"
+    python: str | None = None  # None: the checkout's scripts/; else "<python> -m module"
     nodaemon: bool = False
     startsecs: int = 5
     startretries: int = 3
@@ -35,7 +35,9 @@ class ConfigLayout:
 
 
 def _command(layout: ConfigLayout, script: str, module: str) -> str:
-    return script if layout.python is None else f"{layout.python} -m {module}"
+    """The checkout's thin entry point in scripts/ (finds the checkout's .venv by itself), or
+    ``<python> -m module`` for an installed package."""
+    return f"%(here)s/scripts/{script}" if layout.python is None else f"{layout.python} -m {module}"
 
 
 def render_supervisord_config(layout: ConfigLayout = ConfigLayout()) -> str:

@@ -83,6 +83,10 @@ def _process_stats_from_supervisor(env: Mapping[str, str]) -> Mapping[str, objec
 
 def resolve_executable(name: str) -> str:
     path = shutil.which(name)
+    if path is None and os.sep not in name:
+        # vLLM installed in the same virtual environment, not activated (PATH lacks its bin/).
+        beside_python = os.path.join(os.path.dirname(sys.executable), name)
+        path = beside_python if os.access(beside_python, os.X_OK) else None
     if path is None:
         raise SettingsError(
             f"server executable {name!r} not found: install the gpu extra (pip install '.[gpu]') "
