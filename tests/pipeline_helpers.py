@@ -36,6 +36,9 @@ SMALL_DOCS = [
     GNARLY / "handwriting_bad_ocr.pdf",  # 2 pages
     BENCH / "earnings.pdf",
 ]
+# ~25 pages in 8 documents: long enough to crash or hang the server in the middle of a run.
+RESILIENCE_DOCS = [*SMALL_DOCS, GNARLY / "failing_anchor_pg4.pdf", GNARLY / "large_prompt_hint3.pdf",
+                   BENCH / "olmo2-pg4.pdf"]
 
 
 @dataclass

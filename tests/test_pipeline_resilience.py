@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.pipeline_helpers import (
-    BENCH,
     GNARLY,
+    RESILIENCE_DOCS,
     SMALL_DOCS,
     docs_by_source,
     failures,
@@ -27,8 +27,7 @@ from tests.standin_helpers import stop_process_group
 
 pytestmark = pytest.mark.timeout(300)
 
-# ~25 pages in 8 documents.
-DOCS = [*SMALL_DOCS, GNARLY / "failing_anchor_pg4.pdf", GNARLY / "large_prompt_hint3.pdf", BENCH / "olmo2-pg4.pdf"]
+DOCS = RESILIENCE_DOCS
 
 
 def _assert_complete(ws: Path, docs: list[Path]) -> None:

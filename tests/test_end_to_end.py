@@ -1,0 +1,52 @@
+"""Both halves together: the pipeline against the supervised deployment (real supervisord, wrapper,
+health listener, stand-in as vLLM) while the server is killed with -9 and then hangs. Every page of
+every document must come out exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.deployment_helpers import Deployment
+from tests.pipeline_helpers import RESILIENCE_DOCS as DOCS
+from tests.pipeline_helpers import docs_by_source, failures, page_count, start_pipeline, wait_for
+from tests.standin_helpers import stop_process_group
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+def test_pipeline_survives_server_kill_and_hang_under_supervisord(tmp_path: Path) -> None:
+    dep = Deployment(control={"latency": 0.4, "concurrency": 2}).start()
+    proc = None
+    try:
+        first = dep.wait_status(lambda s: s["healthy"], 30, "healthy")
+        log = tmp_path / "pipeline.log"
+        proc = start_pipeline(tmp_path / "ws", dep.base_url, DOCS, "--pages_per_group", "6",
+                              "--request_timeout", "3", log=log)
+        wait_for(lambda: "done:" in log.read_text(), 90, "a first work item done")
+        os.kill(first["pid"], signal.SIGKILL)
+        second = dep.wait_status(lambda s: s["healthy"] and s["pid"] != first["pid"], 60, "restart after -9")
+        time.sleep(1)
+        requests.post(f"{dep.base_url}/admin/control", json={"hang": True}, timeout=5)
+        dep.wait_status(lambda s: s["healthy"] and s["pid"] != second["pid"], 90, "restart after hang")
+        rc = proc.wait(timeout=180)
+        status = dep.status()
+    finally:
+        if proc is not None:
+            stop_process_group(proc)
+        dep.cleanup()
+    output = log.read_text()
+    assert rc == 0, output[-3000:]
+    assert status["restart_count"] == 2 and status["health_kills"] == 1
+    found = docs_by_source(tmp_path / "ws")  # asserts no document twice
+    assert set(found) == {str(p) for p in DOCS}
+    for path in DOCS:
+        meta = found[str(path)]["metadata"]
+        assert meta["pdf-total-pages"] == page_count(path)
+        assert meta["total-fallback-pages"] == 0
+    assert failures(tmp_path / "ws") == []
