@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -34,31 +35,42 @@ def main(argv: list[str] | None = None) -> int:
     corpus = load_corpus(quick=args.quick)
     info = machine_info()
     log(f"corpus: {corpus.describe()}; sections: {', '.join(sections)}; quick={args.quick}")
-    results: dict = {"machine": info, "quick": args.quick, "sections": sections, "corpus": corpus.describe(),
-                     "upstream": "olmocr 0.4.27" if upstream_available() else None,
-                     "figures": [], "details": {}, "errors": {}, "durations_s": {}}
-    figures: list[Figure] = []
+    results_path = OUT_DIR / "results.json"
+    # Re-running some sections keeps the other sections' last results (each section's figures are
+    # ratios taken within that section's own run; each section records when and where it ran).
+    by_section: dict = {}
+    if results_path.exists() and set(sections) != set(SECTIONS):
+        try:
+            old = json.loads(results_path.read_text())
+            if old.get("quick") == args.quick:
+                by_section = {k: v for k, v in old.get("by_section", {}).items() if k not in sections}
+        except (OSError, ValueError):
+            by_section = {}
+    results: dict = {"machine": info, "quick": args.quick, "corpus": corpus.describe(),
+                     "upstream": "olmocr 0.4.27" if upstream_available() else None, "by_section": by_section}
+
+    def all_figures() -> list[Figure]:
+        return [Figure(**f) for name in SECTIONS for f in by_section.get(name, {}).get("figures", [])]
 
     def save() -> None:
-        results["figures"] = [f.as_dict() for f in figures]
-        (OUT_DIR / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        results["figures"] = [f.as_dict() for f in all_figures()]
+        results["errors"] = {k: v["error"] for k, v in by_section.items() if v.get("error")}
+        results_path.write_text(json.dumps(results, indent=2, default=str))
 
-    client_limit = None
+    failed = False
     for section in sections:
         t0 = time.monotonic()
         log(f"=== {section} ===")
+        entry: dict = {"run_at": machine_info()["date"], "machine": info.get("host"), "error": None}
         try:
             if section == "render":
                 from bench import render
 
                 figs, detail = render.run(corpus, quick=args.quick)
-                if not args.quick:  # same pages as the throughput runs
-                    client_limit = detail["two_processes"]["ours_pages_per_s"]
             elif section == "throughput":
                 from bench import throughput
 
-                figs, detail = throughput.run(corpus, quick=args.quick, client_limit=client_limit,
-                                              with_upstream=not args.no_upstream)
+                figs, detail = throughput.run(corpus, quick=args.quick, with_upstream=not args.no_upstream)
             elif section == "memory":
                 from bench import memory
 
@@ -67,24 +79,30 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import recovery
 
                 figs, detail = recovery.run(corpus, quick=args.quick)
-            figures.extend(figs)
-            results["details"][section] = detail
         except Exception as exc:  # noqa: BLE001 - one broken section must not lose the others
             log(f"section {section} failed: {exc}")
-            results["errors"][section] = traceback.format_exc()
-            figures.append(Figure(section, "section failed", None, "", str(exc).splitlines()[0][:60] if str(exc) else
-                                  type(exc).__name__, ok=False))
-        results["durations_s"][section] = round(time.monotonic() - t0, 1)
+            failed = True
+            entry["error"] = traceback.format_exc()
+            first = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
+            figs, detail = [Figure(section, "section failed", None, "", first, ok=False)], {}
+        entry["duration_s"] = round(time.monotonic() - t0, 1)
+        # Other work on a shared machine skews absolute figures: record how busy it was.
+        entry["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+        entry["figures"] = [f.as_dict() for f in figs]
+        entry["detail"] = detail
+        by_section[section] = entry
         save()
 
-    table = format_table(figures)
-    print(table)
-    md = [f"Run {info['date']} on {info.get('cpu_model', '?')} ({info.get('cpus_usable', info['cpus'])} cores, "
-          f"{info.get('memory_gib', '?')} GiB), commit {info.get('git_commit', '?')}, "
-          f"{'quick' if args.quick else 'full'} run over {corpus.describe()}.", "", table, ""]
+    figures = all_figures()
+    print(format_table(figures))
+    when = "; ".join(f"{k} {v['run_at']} (load after: {v['loadavg_after']})" for k, v in by_section.items())
+    md = [f"Machine: {info.get('cpu_model', '?')}, {info.get('cpus_usable', info['cpus'])} cores, "
+          f"{info.get('memory_gib', '?')} GiB, {info['platform']}; commit {info.get('git_commit', '?')}; "
+          f"{'quick' if args.quick else 'full'} run over {corpus.describe()}.", "",
+          f"Sections run at: {when}.", "", format_table(figures, width=None), ""]
     (OUT_DIR / "results.md").write_text("\n".join(md))
-    log(f"wrote {OUT_DIR / 'results.json'} and {OUT_DIR / 'results.md'}")
-    return 1 if results["errors"] else 0
+    log(f"wrote {results_path} and {OUT_DIR / 'results.md'}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

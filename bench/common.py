@@ -370,18 +370,40 @@ def count_output(workspace: Path, expected: dict[Path, int] | None = None) -> Ou
 
 
 class RssSampler:
-    """Samples the summed RSS of a process and all its descendants every ``interval`` s (psutil)."""
+    """Samples the summed RSS of a process and all its descendants every ``interval`` s (psutil).
 
-    def __init__(self, pid: int, interval: float = 0.1) -> None:
+    Also keeps, at the peak, each process's share (to see *which* process grows), a coarse timeline
+    (one point per ``timeline_every`` s) and, once a second, the summed PSS (proportional set size:
+    shared pages such as the pdfium library counted once across the processes)."""
+
+    def __init__(self, pid: int, interval: float = 0.1, timeline_every: float = 5.0) -> None:
         self.pid = pid
         self.interval = interval
+        self.timeline_every = timeline_every
         self.peak_bytes = 0
+        self.peak_pss_bytes = 0
         self.peak_procs = 0
+        self.peak_breakdown: list[tuple[str, int]] = []
+        self.timeline: list[tuple[float, int]] = []
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> int | None:
+    def _label(self, p) -> str:
+        if p.pid == self.pid:
+            return "main"
+        try:
+            cmd = p.cmdline()
+        except Exception:  # noqa: BLE001
+            return "?"
+        text = " ".join(cmd)
+        if "spawn_main" in text or "multiprocessing" in text:
+            return "worker"
+        if "olmocr.pipeline" in text:
+            return "forked child"
+        return os.path.basename(cmd[0]) if cmd else "?"
+
+    def _sample(self, with_pss: bool) -> tuple[int, int, list] | None:
         import psutil
 
         try:
@@ -389,19 +411,38 @@ class RssSampler:
             procs = [root, *root.children(recursive=True)]
         except psutil.Error:
             return None
-        total = 0
+        total = pss = 0
+        parts = []
         for p in procs:
             with contextlib.suppress(psutil.Error):
-                total += p.memory_info().rss
+                rss = p.memory_info().rss
+                total += rss
+                parts.append((p, rss))
+                if with_pss:
+                    pss += getattr(p.memory_full_info(), "pss", 0)
         self.peak_procs = max(self.peak_procs, len(procs))
-        return total
+        return total, pss, parts
 
     def _run(self) -> None:
+        t0 = time.monotonic()
+        next_timeline = t0
+        next_pss = t0
         while not self._stop.is_set():
-            v = self._sample()
-            if v is not None:
+            now = time.monotonic()
+            with_pss = now >= next_pss
+            got = self._sample(with_pss)
+            if got is not None:
+                total, pss, parts = got
                 self.samples += 1
-                self.peak_bytes = max(self.peak_bytes, v)
+                if with_pss:
+                    next_pss = now + 1.0
+                    self.peak_pss_bytes = max(self.peak_pss_bytes, pss)
+                if total > self.peak_bytes:
+                    self.peak_bytes = total
+                    self.peak_breakdown = [(self._label(p), rss) for p, rss in parts]
+                if now >= next_timeline:
+                    self.timeline.append((round(now - t0, 1), total))
+                    next_timeline = now + self.timeline_every
             self._stop.wait(self.interval)
 
     def start(self) -> RssSampler:
@@ -412,6 +453,13 @@ class RssSampler:
         self._stop.set()
         self._thread.join(timeout=5)
         return self.peak_bytes
+
+    def report(self) -> dict[str, Any]:
+        mb = 2**20
+        return {"peak_rss_mb": self.peak_bytes / mb, "peak_pss_mb": self.peak_pss_bytes / mb,
+                "peak_processes": self.peak_procs, "samples": self.samples,
+                "peak_breakdown_mb": [(name, round(b / mb, 1)) for name, b in self.peak_breakdown],
+                "timeline_mb": [(t, round(b / mb, 1)) for t, b in self.timeline]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -446,15 +494,18 @@ def _fmt(v: float | None, digits: int = 2) -> str:
     return f"{v:.{digits}f}"
 
 
-def format_table(figures: Sequence[Figure]) -> str:
-    headers = ["section", "figure", "value", "unit", "ratio", "compared with", "target", "ok"]
+def format_table(figures: Sequence[Figure], width: int | None = 60) -> str:
+    """A Markdown table of the figures; cells are cut at ``width`` characters (None: never)."""
+    headers = ["section", "figure", "value", "unit", "ratio", "compared with", "target", "ok", "context"]
     rows = [[f.section, f.name, _fmt(f.value), f.unit, _fmt(f.ratio), f.compared_with, f.target,
-             "" if f.ok is None else ("yes" if f.ok else "NO")] for f in figures]
+             "" if f.ok is None else ("yes" if f.ok else "NO"), f.context] for f in figures]
+    rows = [[c.replace("|", "/") for c in r] for r in rows]
+    if width:
+        rows = [[c if len(c) <= width else c[: width - 1] + "~" for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    widths = [min(w, 60) for w in widths]
 
     def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c[:60].ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
     out = [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(r) for r in rows]
@@ -468,6 +519,7 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
     with contextlib.suppress(Exception):
         info["cpus_usable"] = len(os.sched_getaffinity(0))

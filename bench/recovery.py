@@ -80,6 +80,9 @@ class Deployment:
         (self.dir / "logs").mkdir()
         self.conf = self.dir / "supervisord.conf"
         shutil.copy(conf_src, self.conf)
+        # The config runs %(here)s/scripts/...: link the checkout's scripts/ beside the copy (they
+        # resolve the link and find the checkout's interpreter, as the tests do).
+        (self.dir / "scripts").symlink_to(REPO / "scripts")
         self.port = free_port()
         env = dict(os.environ)
         env["PATH"] = f"{_bin_dir()}{os.pathsep}{env.get('PATH', '')}"
