@@ -170,3 +170,13 @@ def test_other_programs_events_are_ignored_and_errors_survived():
     h2.run(state_event("STARTING", "STOPPED", tries=0), event("TICK_5", "when:1"))
     assert h2.stdout.getvalue().count("RESULT 2\nOK") == 2
     assert "probe error" in h2.listener.state.reason
+
+
+def test_probes_keep_their_interval_when_ticks_arrive_slightly_early():
+    # supervisord's TICK_5 events are not exact; a 10 s interval must mean a probe every second tick,
+    # not every third (which would stretch hang detection from ~30 s to ~45 s).
+    h = Harness([OK] * 10, health_interval=10)
+    h.run(state_event("STARTING", "STOPPED", tries=0), state_event("RUNNING", "STARTING", pid=4242))
+    probes_at_start = len(h.probes)
+    h.tick(4.99, count=6)  # ~30 s
+    assert probes_at_start - len(h.probes) == 3

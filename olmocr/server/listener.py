@@ -31,6 +31,7 @@ from olmocr.server.settings import PROGRAM_NAME, ServerSettings, SettingsError, 
 log = logging.getLogger("olmocr.listener")
 
 ACTIVE_STATES = {"STARTING", "RUNNING"}
+TICK_SECONDS = 5.0  # the listener subscribes to TICK_5 (see supervisord.conf)
 
 
 def parse_fields(line: str) -> dict[str, str]:
@@ -161,8 +162,12 @@ class HealthListener:
     # -- probing ----------------------------------------------------------------------------------
     def poll(self) -> None:
         now = self.clock()
+        # We only wake on supervisord's events (TICK_5 at the least), which arrive a little early or
+        # late: without slack a 10 s interval whose tick lands at 9.99 s would wait for the next tick,
+        # probing every 15 s and stretching hang detection by half.
+        slack = min(TICK_SECONDS / 2, self.settings.health_interval / 2)
         if (self.process_state in ACTIVE_STATES and not self.probe_in_flight and self.pending_kill is None
-                and now >= self.next_probe_at):
+                and now + slack >= self.next_probe_at):
             self.probe_in_flight = True
             self.next_probe_at = now + self.settings.health_interval
             self.executor(self._run_probe)
