@@ -121,9 +121,9 @@ class HttpPool:
                     raise TransportError(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from None
             sent = False
             try:
-                conn.writer.write(head_bytes)
-                for piece in body:
-                    conn.writer.write(piece)
+                # writelines, not a loop: a loop variable would keep the last piece (the page image)
+                # alive until the response arrives, defeating body.clear() below.
+                conn.writer.writelines([head_bytes, *body])
                 await conn.writer.drain()
                 sent = True
                 body.clear()
