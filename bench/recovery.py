@@ -184,22 +184,23 @@ def bounds(settings: dict[str, float]) -> dict[str, float]:
 
     *Nominal* is what an operator computes from the settings alone:
     - after ``kill -9``: ``restart_delay`` then one probe ``interval``;
-    - a hang is killed after ``failure_threshold`` probes ``interval`` apart, the last one waiting
-      ``completion_timeout``.
+    - a hang is killed after ``failure_threshold`` failed probes back to back, each taking the longer
+      of ``interval`` and ``completion_timeout`` (a probe waits for its completion before the next).
 
-    *Tick model* adds the listener's design: it acts only on supervisord events (TICK_5), starts a
-    probe at one tick, reads its result at a later tick and can start the next probe only at the tick
-    after that. So probes are at least two ticks apart, and a probe that times out after
-    ``completion_timeout`` delays the next one to the tick after its result.
+    *Tick model* adds the listener's design, as a worst case: it acts only on supervisord events
+    (TICK_5). A probe starts at the first tick at which its interval has (nearly: half a tick of
+    slack) elapsed; a probe that times out is collected at the tick after ``completion_timeout``,
+    and the next one starts on that same tick. The hang may begin just after a probe started.
     """
     interval, ctimeout = settings["interval"], settings["completion_timeout"]
     f = settings["failure_threshold"]
     nominal_kill = settings["restart_delay"] + interval
-    nominal_hang = f * interval + ctimeout
-    period_ok = max(_ticks(interval), 2 * TICK)
-    period_hung = max(_ticks(interval), _ticks(ctimeout) + TICK)
+    nominal_hang = f * max(interval, ctimeout)
+    slack = min(TICK / 2, interval / 2)
+    period_ok = max(_ticks(interval - slack), TICK)
+    period_hung = max(period_ok, _ticks(ctimeout))
     tick_kill = RESPAWN + settings["restart_delay"] + period_ok + TICK
-    tick_hang = period_ok + (f - 1) * period_hung + _ticks(ctimeout)
+    tick_hang = period_ok + f * period_hung
     return {"nominal_kill_to_healthy": nominal_kill, "nominal_hang_to_kill": nominal_hang,
             "nominal_hang_to_healthy": nominal_hang + nominal_kill,
             "tick_model_kill_to_healthy": tick_kill, "tick_model_hang_to_kill": tick_hang,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import signal
 from collections import deque
+from collections.abc import Callable
 
 from olmocr.server.listener import HealthListener
 from olmocr.server.probe import ProbeResult
@@ -65,6 +66,7 @@ class Harness:
                 "max_restart_attempts": 2}
         base.update(settings)
         self.settings = ServerSettings(**base)
+        self.executor: Callable[[Callable[[], None]], None] = lambda fn: fn()  # probes answer at once
 
     def run(self, *events: str) -> None:
         listener = self.listener
@@ -77,7 +79,7 @@ class Harness:
             self._listener = HealthListener(
                 io.StringIO(), self.stdout, self.rpc, self.settings, probe=self.probes.popleft,
                 clock=lambda: self.now, wall_clock=lambda: 1_700_000_000 + self.now,
-                executor=lambda fn: fn(), signal_group=self.signal)
+                executor=self.executor, signal_group=self.signal)
         return self._listener
 
     def signal(self, pgid: int, sig: int) -> bool:
@@ -180,3 +182,20 @@ def test_probes_keep_their_interval_when_ticks_arrive_slightly_early():
     probes_at_start = len(h.probes)
     h.tick(4.99, count=6)  # ~30 s
     assert probes_at_start - len(h.probes) == 3
+
+
+def test_a_hung_server_is_killed_after_three_probe_timeouts_not_three_timeouts_plus_ticks():
+    # Probes run in a thread and take the whole completion timeout (20 s) on a hung engine; the next
+    # probe must start on the event that collects the last one's result, not one tick later.
+    h = Harness([HUNG] * 4, health_interval=10, completion_timeout=20)
+    running: list[tuple[float, Callable[[], None]]] = []
+    h.executor = lambda fn: running.append((h.now, fn))
+    h.run(state_event("STARTING", "STOPPED", tries=0), state_event("RUNNING", "STARTING", pid=4242))
+    killed_at = None
+    while killed_at is None and h.now < 200:
+        if running and h.now + 5 - running[0][0] >= 20:
+            running.pop()[1]()  # the probe times out between two ticks
+        h.tick(5)
+        if (4242, signal.SIGTERM) in h.signals:
+            killed_at = h.now
+    assert killed_at == 60  # 3 x 20 s, probes back to back (70 s with a tick lost after each)

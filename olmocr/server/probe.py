@@ -2,7 +2,7 @@
 
 vLLM's ``/health`` and ``/v1/models`` keep answering 200 while a single-GPU engine is hung (vLLM
 #39863, #37729), so the probe also sends a tiny real completion (``max_tokens`` 1). When that times
-out but ``vllm:generation_tokens_total`` in ``/metrics`` advanced since the previous probe, the server
+out but ``vllm:generation_tokens_total`` in ``/metrics`` advanced while it waited, the server
 is busy, not hung, and the probe says so instead of failing.
 """
 
@@ -34,7 +34,7 @@ class ProbeResult:
 
 
 class ServerProbe:
-    """Callable probe for one server; remembers the last token counter to tell busy from hung."""
+    """Callable probe for one server (thread-compatible: it keeps no state between calls)."""
 
     def __init__(self, base_url: str, *, api_key: str | None = None, health_timeout: float = 5.0,
                  completion_timeout: float = 20.0, served_model_name: str = SERVED_MODEL_NAME) -> None:
@@ -43,7 +43,6 @@ class ServerProbe:
         self.completion_timeout = completion_timeout
         self.served_model_name = served_model_name
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._last_tokens: float | None = None
 
     def __call__(self) -> ProbeResult:
         started = time.monotonic()
@@ -81,7 +80,6 @@ class ServerProbe:
                           config_error=True)
 
         tokens = self._generation_tokens()
-        previous, self._last_tokens = self._last_tokens, tokens
         body = {
             "model": self.served_model_name,
             "messages": [{"role": "user", "content": "Reply with one word."}],
@@ -92,11 +90,15 @@ class ServerProbe:
             answer = requests.post(f"{self.base_url}/v1/chat/completions", json=body,
                                    headers=self._headers, timeout=self.completion_timeout)
         except requests.Timeout:
-            if tokens is not None and previous is not None and tokens > previous:
-                return result(True, "completion probe timed out but the server is generating tokens "
-                                    "(busy, not hung)", busy=True, generation_tokens=tokens)
+            # Progress *while this probe waited*, not since the previous probe: tokens generated
+            # before an engine hung must not excuse the first probe after it.
+            tokens_after = self._generation_tokens()
+            if tokens is not None and tokens_after is not None and tokens_after > tokens:
+                return result(True, "completion probe timed out but the server generated "
+                                    f"{tokens_after - tokens:.0f} tokens meanwhile (busy, not hung)",
+                              busy=True, generation_tokens=tokens_after)
             return result(False, f"completion probe timed out after {self.completion_timeout:g} s "
-                                 "(engine hung?)", generation_tokens=tokens)
+                                 "(engine hung?)", generation_tokens=tokens_after)
         except requests.RequestException as exc:
             return result(False, f"completion probe failed: {_short(exc)}", generation_tokens=tokens)
         if answer.status_code != 200:
