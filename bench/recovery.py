@@ -189,8 +189,9 @@ def bounds(settings: dict[str, float]) -> dict[str, float]:
 
     *Tick model* adds the listener's design, as a worst case: it acts only on supervisord events
     (TICK_5). A probe starts at the first tick at which its interval has (nearly: half a tick of
-    slack) elapsed; a probe that times out is collected at the tick after ``completion_timeout``,
-    and the next one starts on that same tick. The hang may begin just after a probe started.
+    slack) elapsed; a probe that times out is collected at the first tick after it ended (a little
+    after ``completion_timeout``), and the next one starts on that same tick. The hang may begin just
+    after a probe started.
     """
     interval, ctimeout = settings["interval"], settings["completion_timeout"]
     f = settings["failure_threshold"]
@@ -198,7 +199,7 @@ def bounds(settings: dict[str, float]) -> dict[str, float]:
     nominal_hang = f * max(interval, ctimeout)
     slack = min(TICK / 2, interval / 2)
     period_ok = max(_ticks(interval - slack), TICK)
-    period_hung = max(period_ok, _ticks(ctimeout))
+    period_hung = max(period_ok, math.floor(ctimeout / TICK) * TICK + TICK)  # first tick after it ends
     tick_kill = RESPAWN + settings["restart_delay"] + period_ok + TICK
     tick_hang = period_ok + f * period_hung
     return {"nominal_kill_to_healthy": nominal_kill, "nominal_hang_to_kill": nominal_hang,
@@ -216,7 +217,7 @@ def _effective_settings(env: dict[str, str]) -> dict[str, float]:
                 "failure_threshold": s.failure_threshold, "restart_delay": s.restart_delay,
                 "kill_grace": s.kill_grace}
     except Exception:  # noqa: BLE001 - fall back to the documented defaults
-        d = {"interval": 10.0, "completion_timeout": 20.0, "failure_threshold": 3, "restart_delay": 10.0,
+        d = {"interval": 10.0, "completion_timeout": 18.0, "failure_threshold": 3, "restart_delay": 10.0,
              "kill_grace": 15.0}
         m = {"OLMOCR_HEALTH_INTERVAL": "interval", "OLMOCR_HEALTH_COMPLETION_TIMEOUT": "completion_timeout",
              "OLMOCR_HEALTH_FAILURE_THRESHOLD": "failure_threshold", "OLMOCR_RESTART_DELAY": "restart_delay",

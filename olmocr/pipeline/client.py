@@ -233,6 +233,8 @@ class ServerClient:
         finally:
             if not task.done():
                 task.cancel()
+            elif not task.cancelled():
+                task.exception()  # retrieved: we were cancelled as it failed; no "never retrieved" noise
 
     async def chat(self, make_body: Callable[[], Awaitable[list[bytes]]], label: str) -> dict[str, Any]:
         """POST a chat completion built by ``make_body``; returns the parsed JSON answer.

@@ -37,7 +37,7 @@ class ServerProbe:
     """Callable probe for one server (thread-compatible: it keeps no state between calls)."""
 
     def __init__(self, base_url: str, *, api_key: str | None = None, health_timeout: float = 5.0,
-                 completion_timeout: float = 20.0, served_model_name: str = SERVED_MODEL_NAME) -> None:
+                 completion_timeout: float = 18.0, served_model_name: str = SERVED_MODEL_NAME) -> None:
         self.base_url = base_url.rstrip("/")
         self.health_timeout = health_timeout
         self.completion_timeout = completion_timeout

@@ -41,7 +41,7 @@ class ServerSettings:
     # Health probing (Kubernetes-style): see docs in README "Health checks".
     health_interval: float = 10.0
     health_timeout: float = 5.0
-    completion_timeout: float = 20.0
+    completion_timeout: float = 18.0
     failure_threshold: int = 3
     success_threshold: int = 1
     startup_timeout: float = 600.0

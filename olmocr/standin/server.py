@@ -418,6 +418,17 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             app.release_slot()
 
+    def wait_while_hung(self) -> bool:
+        """Block while the stand-in is told to hang; False if the client left or we are shutting down."""
+        app = self.app
+        while app.control.get("hang"):
+            if app.shutdown.is_set() or self.client_gone():
+                self.close_connection = True
+                return False
+            select.select([self.connection], [], [], 0.25)
+            app.control.refresh()
+        return True
+
     def parse_messages(self, messages: list[Any]) -> tuple[int, list[ans.ImageInfo]]:
         text_chars = 0
         images: list[ans.ImageInfo] = []
@@ -452,15 +463,14 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(status, error_body(f"stand-in injected error ({status})",
                                               _ERROR_TYPES.get(status, "InternalServerError"), status))
             return
-        while ctl.get("hang"):
-            if app.shutdown.is_set() or self.client_gone():
-                self.close_connection = True
-                return
-            select.select([self.connection], [], [], 0.25)
-            ctl.refresh()
+        if not self.wait_while_hung():
+            return
         latency = float(ctl.get("latency") or 0.0)
         if latency > 0:
             time.sleep(latency)
+        # A hung engine also freezes the requests it was already generating: none of them may finish.
+        if not self.wait_while_hung():
+            return
         content, finish = self.answer_text(images[0] if images else None, max_tokens)
         completion_tokens = min(max_tokens, ans.count_tokens(content)) if max_tokens > 0 else 0
         with st.lock:
