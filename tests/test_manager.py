@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from olmocr.server.manager import READY_MESSAGE
 from tests.deployment_helpers import live, wait_for
 from tests.standin_helpers import STANDIN_SHIM, clean_env, free_port
 
@@ -52,8 +53,12 @@ class ManagerRun:
         except psutil.NoSuchProcess:
             return set()
 
-    def status_lines(self) -> list[dict]:
-        return [json.loads(line) for line in self.lines if line.startswith("{")]
+    def status_lines(self, after: str | None = None) -> list[dict]:
+        """The status JSON lines printed so far (only those after the line ``after``, if given)."""
+        lines = list(self.lines)
+        if after is not None:
+            lines = lines[lines.index(after) + 1:] if after in lines else []
+        return [json.loads(line) for line in lines if line.startswith("{")]
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -77,8 +82,9 @@ def manager_run():
 
 def test_ready_status_and_ctrl_c_leaves_nothing_behind(manager_run):
     run = manager_run()
-    wait_for(lambda: "vLLM server is ready and accepting requests" in run.output(), 40, "ready message")
-    status = wait_for(lambda: run.status_lines(), 15, "a status JSON line")[-1]
+    wait_for(lambda: READY_MESSAGE in run.lines, 40, "ready message")
+    # Lines from before the server was ready rightly say it is not healthy yet.
+    status = wait_for(lambda: run.status_lines(after=READY_MESSAGE), 15, "a status line after ready")[-1]
     for key in ("healthy", "pid", "port", "model", "restart_count", "uptime_seconds", "last_health_check"):
         assert key in status
     assert status["healthy"] and status["port"] == run.port
