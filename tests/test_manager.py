@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -37,6 +38,7 @@ class ManagerRun:
             start_new_session=True,
         )
         self.lines: list[str] = []
+        self.seen: set[int] = set()  # every descendant observed, for teardown
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -49,9 +51,11 @@ class ManagerRun:
 
     def descendants(self) -> set[int]:
         try:
-            return {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
+            pids = {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
         except psutil.NoSuchProcess:
             return set()
+        self.seen |= pids
+        return pids
 
     def status_lines(self, after: str | None = None) -> list[dict]:
         """The status JSON lines printed so far (only those after the line ``after``, if given)."""
@@ -61,9 +65,14 @@ class ManagerRun:
         return [json.loads(line) for line in lines if line.startswith("{")]
 
     def kill(self) -> None:
+        """Teardown: the manager's group and, by pid, everything it started (supervisord has its own)."""
+        started = self.descendants() | self.seen
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
+        for pid in started:
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
 
 
 @pytest.fixture
@@ -119,3 +128,15 @@ def test_bad_option_fails_fast_with_one_line(manager_run):
     run = manager_run("--gpu-memory-utilization", "1.5")
     assert run.proc.wait(timeout=30) == 2
     assert "gpu memory utilization 1.5" in run.output()
+
+
+def test_manager_killed_with_sigkill_takes_the_deployment_with_it(manager_run):
+    # SIGKILL cannot be caught: supervisord (its own session) must notice its parent died and stop the
+    # server group, or vLLM would keep the GPU and the port with nothing supervising it.
+    run = manager_run()
+    wait_for(lambda: READY_MESSAGE in run.lines, 40, "ready message")
+    pids = run.descendants()
+    assert len(pids) >= 4  # supervisord, listener, server, engine
+    run.proc.kill()
+    run.proc.wait(timeout=10)
+    wait_for(lambda: not any(live(pid) for pid in pids), 90, "every process the manager started to exit")

@@ -110,6 +110,7 @@ class Manager:
         self.supervisord = subprocess.Popen(
             [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(self.config_path)],
             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=_terminate_when_parent_dies(os.getpid()),
         )
         log.info("supervisord started (pid %d), config %s", self.supervisord.pid, self.config_path)
         log.info("vLLM output: %s", self.run_dir / "logs" / "vllm.log")
@@ -175,6 +176,24 @@ class Manager:
             except psutil.NoSuchProcess:
                 pass
         log.info("stopped")
+
+
+def _terminate_when_parent_dies(parent_pid: int):  # noqa: ANN202 - a preexec_fn
+    """For supervisord's child side: SIGTERM it when the manager dies, even by SIGKILL (Linux
+    ``PR_SET_PDEATHSIG``), so that it stops vLLM's process group instead of leaving it holding the GPU."""
+
+    def set_parent_death_signal() -> None:
+        try:
+            import ctypes
+
+            pr_set_pdeathsig = 1
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        except (OSError, AttributeError):  # not Linux: Ctrl+C and SIGTERM still stop everything
+            return
+        if os.getppid() != parent_pid:  # the manager died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return set_parent_death_signal
 
 
 def _process_tree(pid: int) -> set[psutil.Process]:
