@@ -45,9 +45,10 @@ from bench.common import (
     our_pipeline_argv,
     wait_until,
 )
+from olmocr.server.listener import TICK_SECONDS, probe_start_slack
 
 PROGRAM = "vllm"
-TICK = 5.0  # the listener wakes on supervisord's TICK_5 events
+TICK = TICK_SECONDS  # the listener wakes on supervisord's TICK_5 events
 RESPAWN = 1.0  # supervisord's poll interval
 
 # Full runs use the shipped defaults (what an operator gets); --quick uses a fast profile.
@@ -197,8 +198,7 @@ def bounds(settings: dict[str, float]) -> dict[str, float]:
     f = settings["failure_threshold"]
     nominal_kill = settings["restart_delay"] + interval
     nominal_hang = f * max(interval, ctimeout)
-    slack = min(TICK / 2, interval / 2)
-    period_ok = max(_ticks(interval - slack), TICK)
+    period_ok = max(_ticks(interval - probe_start_slack(interval)), TICK)
     period_hung = max(period_ok, math.floor(ctimeout / TICK) * TICK + TICK)  # first tick after it ends
     tick_kill = RESPAWN + settings["restart_delay"] + period_ok + TICK
     tick_hang = period_ok + f * period_hung

@@ -98,8 +98,7 @@ def _integrity(r: dict, corpus: Corpus) -> str:
             f"fallback {o['fallback_pages']}")
 
 
-def run(corpus: Corpus, quick: bool = False, client_limit: float | None = None,
-        with_upstream: bool = True) -> tuple[list[Figure], dict]:
+def run(corpus: Corpus, quick: bool = False, with_upstream: bool = True) -> tuple[list[Figure], dict]:
     settings = QUICK_SETTINGS if quick else FULL_SETTINGS
     log_dir = OUT_DIR / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -108,6 +107,7 @@ def run(corpus: Corpus, quick: bool = False, client_limit: float | None = None,
         with_upstream = False
     figs: list[Figure] = []
     detail: dict = {"corpus": corpus.describe(), "settings": []}
+    client_limit: float | None = None
     for s in settings:
         if not s.ideal and client_limit is None:
             from bench import render

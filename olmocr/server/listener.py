@@ -34,6 +34,13 @@ ACTIVE_STATES = {"STARTING", "RUNNING"}
 TICK_SECONDS = 5.0  # the listener subscribes to TICK_5 (see supervisord.conf)
 
 
+def probe_start_slack(health_interval: float) -> float:
+    """How early a probe may start. We only wake on supervisord's events (TICK_5 at the least), which
+    arrive a little early or late: without slack a 10 s interval whose tick lands at 9.99 s would wait
+    for the next tick, probing every 15 s and stretching hang detection by half."""
+    return min(TICK_SECONDS / 2, health_interval / 2)
+
+
 def parse_fields(line: str) -> dict[str, str]:
     """``key:value key:value`` (the event header and process-state payload format)."""
     return dict(token.split(":", 1) for token in line.split() if ":" in token)
@@ -165,16 +172,12 @@ class HealthListener:
         # event instead of one tick later (that tick would add up to 5 s per failed probe).
         self._drain_results()
         now = self.clock()
-        # We only wake on supervisord's events (TICK_5 at the least), which arrive a little early or
-        # late: without slack a 10 s interval whose tick lands at 9.99 s would wait for the next tick,
-        # probing every 15 s and stretching hang detection by half.
-        slack = min(TICK_SECONDS / 2, self.settings.health_interval / 2)
         if (self.process_state in ACTIVE_STATES and not self.probe_in_flight and self.pending_kill is None
-                and now + slack >= self.next_probe_at):
+                and now + probe_start_slack(self.settings.health_interval) >= self.next_probe_at):
             self.probe_in_flight = True
             self.next_probe_at = now + self.settings.health_interval
             self.executor(self._run_probe)
-        self._drain_results()  # a probe that answered at once (refused connection)
+        self._drain_results()  # a probe that already finished (an executor that runs it inline)
         self._escalate_kill()
 
     def _run_probe(self) -> None:
