@@ -49,7 +49,8 @@ def test_output_schema_spans_order_and_markdown(standin: StandIn, tmp_path: Path
         assert doc["id"] == hashlib.sha1(doc["text"].encode()).hexdigest()
         assert doc["source"] == "olmocr" and doc["added"] == today and doc["created"] == today
         meta = doc["metadata"]
-        assert meta["Source-File"] == source and meta["olmocr-version"] == "0.4.27"
+        assert meta["Source-File"] == source and meta["olmocr-version"].startswith("0.4.27+olmocrserve.")
+        assert meta["producer"] == "olmocr-serve"
         assert meta["pdf-total-pages"] == n and meta["total-fallback-pages"] == 0
         assert meta["total-input-tokens"] > 0 and meta["total-output-tokens"] > 0
         attrs = doc["attributes"]

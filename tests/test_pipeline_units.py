@@ -10,6 +10,7 @@ import json
 import pytest
 from PIL import Image
 
+import olmocr
 from olmocr.pipeline.client import normalize_base_url
 from olmocr.pipeline.output import PageResult, build_dolma_document, markdown_relpath
 from olmocr.pipeline.pages import TEMPERATURE_BY_ATTEMPT, request_template
@@ -108,8 +109,9 @@ def test_dolma_document_spans_and_fields() -> None:
     assert doc["attributes"]["is_diagram"] == [False, True, False]
     assert doc["source"] == "olmocr"
     assert doc["metadata"] == {
-        "Source-File": "s3://b/doc.pdf", "olmocr-version": "0.4.27", "pdf-total-pages": 3,
-        "total-input-tokens": 30, "total-output-tokens": 15, "total-fallback-pages": 1,
+        "Source-File": "s3://b/doc.pdf", "olmocr-version": f"0.4.27+olmocrserve.{olmocr.__version__}",
+        "pdf-total-pages": 3, "total-input-tokens": 30, "total-output-tokens": 15, "total-fallback-pages": 1,
+        "producer": "olmocr-serve", "producer-version": olmocr.__version__,
     }
     assert list(doc) == ["id", "text", "source", "added", "created", "metadata", "attributes"]
     assert build_dolma_document("x.pdf", [_page(1, None)]) is None

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
 import sys
 
 from olmocr.pipeline.pipeline import PipelineConfig, run_pipeline
+from olmocr.pipeline.upstream_flags import add_upstream_arguments, check_unknown, profile_error
 
 logger = logging.getLogger("olmocr.pipeline")
 
@@ -19,18 +21,22 @@ LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m olmocr.pipeline",
-        description="Turn PDFs (and PNG/JPEG images) into text with olmOCR behind an external vLLM server.",
+        description="Turn PDFs (and PNG/JPEG images) into text with olmOCR, on a vLLM server at --vllm-url or "
+                    "on one the pipeline starts for the run.",
     )
     p.add_argument("workspace", help="local directory or s3://bucket/prefix holding the work queue and results")
     p.add_argument("--pdfs", nargs="*", default=None,
                    help="documents to add: paths, globs (also s3://bucket/prefix/*.pdf), or .txt files listing paths")
     server = p.add_argument_group("server")
     server.add_argument("--vllm-url", "--server", dest="server", default=None, metavar="URL",
-                        help="URL of the vLLM server, e.g. http://127.0.0.1:30024 (a trailing /v1 is accepted)")
+                        help="URL of the vLLM server, e.g. http://127.0.0.1:30024 (a trailing /v1 is accepted); "
+                             "without it the pipeline starts its own (see 'internal server')")
     server.add_argument("--api_key", default=None,
                         help="API key sent as 'Authorization: Bearer'; default $OLMOCR_API_KEY, then $VLLM_API_KEY")
     server.add_argument("--model", default=None,
-                        help="accepted for upstream compatibility; requests always name the served model 'olmocr'")
+                        help="internal mode: the model to serve (default $OLMOCR_MODEL, then the deployment's); "
+                             "with --vllm-url accepted for upstream compatibility: requests always name the "
+                             "served model 'olmocr'")
     server.add_argument("--max_concurrent_requests", type=int, default=1600,
                         help="cap on requests in flight to the server (default 1600)")
     server.add_argument("--request_timeout", type=float, default=600.0,
@@ -51,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="longest side of rendered page images in pixels (default 1288)")
     work.add_argument("--target_anchor_text_len", type=int, default=-1, help=argparse.SUPPRESS)
     work.add_argument("--max_model_len", type=int, default=16384,
-                      help="answers whose total tokens exceed this are rejected (default 16384)")
+                      help="answers whose total tokens exceed this are rejected; in internal mode also the "
+                           "server's context length (default 16384)")
     work.add_argument("--guided_decoding", action="store_true", help="ask vLLM to constrain the front matter")
     work.add_argument("--lease_seconds", type=float, default=300.0,
                       help="work-item lease; renewed every third of it; a dead worker's item is free "
@@ -66,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds between progress lines (default 10)")
     out.add_argument("--disk_logging", nargs="?", const="olmocr-pipeline-debug.log", default=None,
                      help="also log to this file (default name olmocr-pipeline-debug.log)")
+    add_upstream_arguments(p)
     return p
 
 
@@ -84,17 +92,19 @@ def setup_logging(disk_log: str | None) -> None:
         logger.addHandler(handler)
 
 
-def print_stats(workspace: str) -> int:
+def print_stats(workspace: str, profile: str | None = None) -> int:
     from olmocr.pipeline.storage import open_storage
     from olmocr.pipeline.workqueue import format_stats, workspace_stats
 
-    print(format_stats(workspace_stats(open_storage(workspace))))
+    print(format_stats(workspace_stats(open_storage(workspace, profile=profile))))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    internal = not args.server and not args.stats
+    vllm_args = check_unknown(parser, unknown, internal)
     setup_logging(args.disk_logging)
     api_key = args.api_key or os.environ.get("OLMOCR_API_KEY") or os.environ.get("VLLM_API_KEY") or None
     pages_per_group = args.pages_per_group or (50 if api_key else 500)
@@ -105,13 +115,29 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name} must be at least 1")
     if not 0 <= args.max_page_error_rate <= 1:
         parser.error("--max_page_error_rate must be between 0 and 1")
-    if args.model and args.model != "olmocr":
+    for flag, profile in (("--workspace_profile", args.workspace_profile), ("--pdf_profile", args.pdf_profile)):
+        if (error := profile_error(flag, profile)) is not None:
+            parser.error(error)
+    if args.apply_filter:
+        from olmocr.pipeline.filters import FilterUnavailable, check_available
+
+        try:
+            check_available()
+        except FilterUnavailable as exc:
+            parser.error(str(exc))
+    if args.model and args.model != "olmocr" and args.server:
         logger.info("--model %s is ignored: requests use the served model name 'olmocr'", args.model)
 
     if args.stats and not args.pdfs:
-        return print_stats(args.workspace)
-    if not args.server and not args.stats:
-        parser.error("--vllm-url (or --server) is required: the URL of a running olmOCR vLLM server")
+        return print_stats(args.workspace, args.workspace_profile)
+    server_settings = None
+    if internal:
+        from olmocr.pipeline.internal_server import internal_settings
+
+        try:
+            server_settings = internal_settings(args, vllm_args)
+        except ValueError as exc:
+            parser.error(str(exc))
 
     config = PipelineConfig(
         workspace=args.workspace,
@@ -132,37 +158,49 @@ def main(argv: list[str] | None = None) -> int:
         lease_seconds=args.lease_seconds,
         progress_interval=args.progress_interval,
         render_processes=args.render_processes,
+        apply_filter=args.apply_filter,
+        workspace_profile=args.workspace_profile,
+        pdf_profile=args.pdf_profile,
     )
     try:
         if args.stats:
             asyncio.run(_populate_only(config))
-            return print_stats(args.workspace)
-        return asyncio.run(_run_with_signals(config))
+            return print_stats(args.workspace, args.workspace_profile)
+        return asyncio.run(_run_with_signals(config, server_settings, args.server_run_dir))
     except KeyboardInterrupt:
         logger.warning("interrupted; unfinished work items are released (or free once their lease expires)")
         return 130
 
 
-async def _run_with_signals(config: PipelineConfig) -> int:
-    """Run the pipeline; SIGTERM/SIGINT cancel it cleanly (leases of unfinished items are released)."""
+async def _run_with_signals(config: PipelineConfig, server_settings=None, server_run_dir=None) -> int:  # noqa: ANN001
+    """Run the pipeline (on its own server when ``server_settings`` is given: internal mode); SIGTERM/SIGINT
+    cancel it cleanly (leases of unfinished items are released, the internal server is stopped)."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, task.cancel)
     try:
-        return await run_pipeline(config)
+        if server_settings is None:
+            return await run_pipeline(config)
+        from olmocr.pipeline.internal_server import run_with_internal_server
+
+        return await run_with_internal_server(
+            lambda url: run_pipeline(dataclasses.replace(config, server_url=url)), server_settings,
+            server_run_dir, config.max_server_ready_timeout, config.api_key)
     except asyncio.CancelledError:
         logger.warning("stopped by a signal; unfinished work items were released for other workers")
         return 130
 
 
 async def _populate_only(config: PipelineConfig) -> None:
+    from olmocr.pipeline.inputs import set_input_profile
     from olmocr.pipeline.pipeline import populate
     from olmocr.pipeline.storage import open_storage
     from olmocr.pipeline.workqueue import WorkQueue
 
-    queue = WorkQueue(open_storage(config.workspace), lease_seconds=config.lease_seconds)
+    set_input_profile(config.pdf_profile)
+    queue = WorkQueue(open_storage(config.workspace, profile=config.workspace_profile), lease_seconds=config.lease_seconds)
     await asyncio.to_thread(populate, queue, config.pdfs, config.pages_per_group)
 
 

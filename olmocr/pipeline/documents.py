@@ -32,6 +32,12 @@ def failure(source: str, reason: str, retryable: bool) -> DocOutcome:
     return DocOutcome(source, failure={"source": source, "reason": reason, "retryable": retryable})
 
 
+def filtered(source: str, reason: str) -> DocOutcome:
+    """A document skipped by ``--apply_filter``: recorded with its reason (final, never retried)."""
+    logger.info("document skipped: %s: %s", source, reason)
+    return DocOutcome(source, failure={"source": source, "reason": reason, "retryable": False, "filtered": True})
+
+
 class _Fetched:
     """A local file for the renderer: the input itself when local, else a temporary copy."""
 
@@ -62,8 +68,9 @@ class _Fetched:
 
 class DocumentProcessor:
     def __init__(self, renderer: Renderer, pages: PageProcessor, page_slots: asyncio.Semaphore,
-                 max_page_error_rate: float) -> None:
+                 max_page_error_rate: float, apply_filter: bool = False) -> None:
         self.renderer = renderer
+        self.apply_filter = apply_filter
         self.pages = pages
         self.page_slots = page_slots
         self.max_page_error_rate = max_page_error_rate
@@ -90,9 +97,19 @@ class DocumentProcessor:
                 return failure(source, "PDF has zero pages", retryable=False)
             if kind == "pdf" and not await asyncio.to_thread(pdf_has_eof_marker, fetched.path):
                 return failure(source, "truncated PDF (no %%EOF marker at the end of the file)", retryable=False)
+            if self.apply_filter and kind == "pdf":
+                reason = await self._filter_reason(fetched.path, info.page_count)
+                if reason is not None:
+                    return filtered(source, reason)
             return await self._run_pages(source, fetched.path, kind, info.page_count)
         finally:
             fetched.cleanup()
+
+    async def _filter_reason(self, path: str, page_count: int) -> str | None:
+        from olmocr.pipeline.filters import PAGES_TO_READ, filter_reason
+
+        texts = [await self.renderer.text(path, "pdf", n) for n in range(1, min(page_count, PAGES_TO_READ) + 1)]
+        return await asyncio.to_thread(filter_reason, path, "\n".join(texts))
 
     async def _run_pages(self, source: str, path: str, kind: str, page_count: int) -> DocOutcome:
         self.pages.progress.add_pages(page_count)

@@ -65,16 +65,24 @@ def not_a_document_reason(path: str, data: bytes) -> str:
 
 
 _client_lock = threading.Lock()
-_clients: dict[tuple[str | None, str | None], Any] = {}
+_clients: dict[tuple[str | None, str | None, str | None], Any] = {}
+#: The AWS profile for reading inputs (upstream's ``--pdf_profile``); None: the default credentials.
+_input_profile: str | None = None
+
+
+def set_input_profile(profile: str | None) -> None:
+    """Read ``s3://`` inputs with this AWS profile from now on (process-wide, as upstream's ``pdf_s3``)."""
+    global _input_profile
+    _input_profile = profile
 
 
 def s3_client() -> Any:
     """A shared boto3 client for the current endpoint settings (boto3 clients are thread-safe)."""
-    key = (os.environ.get("AWS_ENDPOINT_URL_S3"), os.environ.get("AWS_ENDPOINT_URL"))
+    key = (os.environ.get("AWS_ENDPOINT_URL_S3"), os.environ.get("AWS_ENDPOINT_URL"), _input_profile)
     with _client_lock:
         client = _clients.get(key)
         if client is None:
-            client = _clients[key] = make_s3_client()
+            client = _clients[key] = make_s3_client(_input_profile)
         return client
 
 

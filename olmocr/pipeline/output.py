@@ -1,4 +1,4 @@
-"""Dolma documents and markdown paths, exactly as upstream olmOCR 0.4.27 writes them."""
+"""Dolma documents and markdown paths as upstream olmOCR 0.4.27 writes them (plus who produced them)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,21 @@ import os
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+from olmocr import __version__
 from olmocr.pipeline.prompts import PageResponse
 
-#: The output-format version written in ``metadata["olmocr-version"]``: documents are byte-compatible with
-#: upstream olmOCR 0.4.27 (same prompt, fields and layout), so downstream tools keyed on it keep working.
+#: The upstream olmOCR release whose output format (prompt, fields, layout) these documents follow.
 OLMOCR_COMPAT_VERSION = "0.4.27"
+PRODUCER = "olmocr-serve"
+
+
+def producer_version_string(version: str = __version__) -> str:
+    """``metadata["olmocr-version"]``: upstream's format version with this project as a PEP 440 local label.
+
+    ``0.4.27+olmocrserve.0.1.0`` still parses as a version whose public part is ``0.4.27`` (what tools
+    that compare versions see), and no longer claims that upstream 0.4.27 produced the document.
+    """
+    return f"{OLMOCR_COMPAT_VERSION}+{PRODUCER.replace('-', '')}.{version}"
 
 
 @dataclass(frozen=True)
@@ -52,11 +62,14 @@ def build_dolma_document(source: str, pages: list[PageResult]) -> dict | None:
         "created": today,
         "metadata": {
             "Source-File": source,
-            "olmocr-version": OLMOCR_COMPAT_VERSION,
+            "olmocr-version": producer_version_string(),
             "pdf-total-pages": len(pages),
             "total-input-tokens": sum(p.input_tokens for p in pages),
             "total-output-tokens": sum(p.output_tokens for p in pages),
             "total-fallback-pages": sum(p.is_fallback for p in pages),
+            # Appended after upstream's fields (whose order is kept): who really wrote this document.
+            "producer": PRODUCER,
+            "producer-version": __version__,
         },
         "attributes": {
             "pdf_page_numbers": spans,

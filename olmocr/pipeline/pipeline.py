@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from olmocr.pipeline.client import ServerClient, ServerNotReady
 from olmocr.pipeline.documents import DocOutcome, DocumentProcessor, failure
-from olmocr.pipeline.inputs import expand_inputs
+from olmocr.pipeline.inputs import expand_inputs, set_input_profile
 from olmocr.pipeline.output import dolma_jsonl, markdown_relpath
 from olmocr.pipeline.pages import PageProcessor, PageSettings
 from olmocr.pipeline.progress import Progress, report_progress
@@ -43,6 +43,9 @@ class PipelineConfig:
     lease_seconds: float = 300.0
     progress_interval: float = 10.0
     render_processes: int | None = None
+    apply_filter: bool = False
+    workspace_profile: str | None = None
+    pdf_profile: str | None = None
 
 
 def populate(queue: WorkQueue, specs: tuple[str, ...], pages_per_group: int) -> None:
@@ -71,7 +74,8 @@ class Runner:
         pages = PageProcessor(self.renderer, client, settings, self.progress)
         # Pages in flight: enough to keep every request slot busy plus a render lookahead.
         page_slots = asyncio.Semaphore(config.max_concurrent_requests + 4 * self.renderer.processes)
-        self.documents = DocumentProcessor(self.renderer, pages, page_slots, config.max_page_error_rate)
+        self.documents = DocumentProcessor(self.renderer, pages, page_slots, config.max_page_error_rate,
+                                           config.apply_filter)
         self.active: set[str] = set()
         self.item_finished = asyncio.Event()
 
@@ -185,7 +189,8 @@ async def run_pipeline(config: PipelineConfig) -> int:
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(max_workers=max(32, config.workers * 2 + 8), thread_name_prefix="olmocr-io")
     )
-    storage = open_storage(config.workspace)
+    set_input_profile(config.pdf_profile)
+    storage = open_storage(config.workspace, profile=config.workspace_profile)
     queue = WorkQueue(storage, lease_seconds=config.lease_seconds)
     if config.pdfs:
         await asyncio.to_thread(populate, queue, config.pdfs, config.pages_per_group)

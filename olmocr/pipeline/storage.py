@@ -165,10 +165,16 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-def make_s3_client(**kwargs: Any) -> Any:
-    """A boto3 S3 client; honours ``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3`` and the usual credentials."""
+def make_s3_client(profile: str | None = None, **kwargs: Any) -> Any:
+    """A boto3 S3 client; honours ``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3`` and the usual credentials.
+
+    ``profile``: a named profile of the AWS config/credentials files (upstream's ``--workspace_profile`` /
+    ``--pdf_profile``), with its credentials, region and ``endpoint_url``.
+    """
     import boto3
     from botocore.config import Config
+
+    session: Any = boto3.Session(profile_name=profile) if profile else boto3
 
     config = kwargs.pop("config", None) or Config(
         retries={"max_attempts": 8, "mode": "standard"},
@@ -176,7 +182,7 @@ def make_s3_client(**kwargs: Any) -> Any:
         read_timeout=60,
         max_pool_connections=32,
     )
-    return boto3.client("s3", config=config, **kwargs)
+    return session.client("s3", config=config, **kwargs)
 
 
 def _error_code(exc: Exception) -> str:
@@ -254,8 +260,9 @@ class S3Storage:
         return sorted(keys)
 
 
-def open_storage(url: str, **s3_kwargs: Any) -> Storage:
-    """Open a workspace: a local directory (created if missing) or ``s3://bucket/prefix``."""
+def open_storage(url: str, profile: str | None = None, **s3_kwargs: Any) -> Storage:
+    """Open a workspace: a local directory (created if missing) or ``s3://bucket/prefix`` (with the AWS
+    profile ``profile``, if given)."""
     if url.startswith("s3://"):
-        return S3Storage(url, **s3_kwargs)
+        return S3Storage(url, profile=profile, **s3_kwargs)
     return LocalStorage(url)

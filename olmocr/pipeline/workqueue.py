@@ -455,7 +455,10 @@ def workspace_stats(storage: Storage, clock: Callable[[], float] = time.time) ->
     failed = [
         {"source": s, "reason": str(r.get("reason", "")), "retryable": bool(r.get("retryable"))}
         for s, r in sorted(latest.items())
+        if not r.get("filtered")
     ]
+    # Skipped by --apply_filter: not failures (nothing went wrong), final.
+    filtered = [{"source": s, "reason": str(r.get("reason", ""))} for s, r in sorted(latest.items()) if r.get("filtered")]
     queued_docs = len({p for paths in index.values() for p in paths})
     return {
         "workspace": storage.url,
@@ -467,6 +470,7 @@ def workspace_stats(storage: Storage, clock: Callable[[], float] = time.time) ->
         "input_tokens": input_tokens,
         "output_tokens": output_tokens,
         "failed_documents": failed,
+        "filtered_documents": filtered,
     }
 
 
@@ -483,7 +487,9 @@ def format_stats(stats: dict, max_failures: int = 50) -> str:
         f"Work items: {items['total']} total, {items['done']} done, {items['leased']} in progress, "
         f"{items['pending']} pending",
         f"Documents: {stats['queued_documents']} queued, {stats['documents']} with results, "
-        f"{len(failed)} failed ({retryable} will be retried by the next run)",
+        f"{len(failed)} failed ({retryable} will be retried by the next run)"
+        + (f", {len(stats.get('filtered_documents', []))} skipped by --apply_filter"
+           if stats.get("filtered_documents") else ""),
         f"Pages: {pages} in results, {fallback} fallback pages{share}",
         f"Tokens: {stats['input_tokens']} input, {stats['output_tokens']} output",
     ]
@@ -494,4 +500,11 @@ def format_stats(stats: dict, max_failures: int = 50) -> str:
             lines.append(f"  {f['source']}: {f['reason']} [{tag}]")
         if len(failed) > max_failures:
             lines.append(f"  ... and {len(failed) - max_failures} more")
+    skipped = stats.get("filtered_documents") or []
+    if skipped:
+        lines.append("Skipped by --apply_filter:")
+        for f in skipped[:max_failures]:
+            lines.append(f"  {f['source']}: {f['reason']}")
+        if len(skipped) > max_failures:
+            lines.append(f"  ... and {len(skipped) - max_failures} more")
     return "\n".join(lines)

@@ -1,0 +1,207 @@
+"""Internal mode: without ``--vllm-url`` the pipeline runs its own supervised vLLM server for the run.
+
+The server is the manager's (:class:`olmocr.server.manager.Manager`): supervisord in a run directory, the
+wrapper that ``exec``s vLLM, the health listener that restarts a crashed server and kills a hung one. The
+pipeline starts it, waits until ``/v1/models`` lists ``olmocr``, runs, and stops it and its whole process
+tree at the end, on Ctrl+C or SIGTERM; supervisord gets SIGTERM from the kernel if the pipeline dies
+(``PR_SET_PDEATHSIG``), so vLLM never outlives the run. If a server already answers on the port and
+serves ``olmocr``, the pipeline uses it instead of failing on the port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from olmocr.server.command import refuse_secrets_in_argv
+from olmocr.server.settings import SERVED_MODEL_NAME, ServerSettings
+from olmocr.server.wrapper import resolve_executable
+
+logger = logging.getLogger("olmocr.pipeline")
+
+#: supervisord's ``startsecs`` for the run's server, as the manager's default.
+STARTSECS = 5
+#: Seconds between checks that the server has not been given up on during the run.
+WATCH_INTERVAL_S = 2.0
+
+
+class InternalServerError(Exception):
+    """The run's server could not be started or was given up on; the message is user-facing."""
+
+
+def internal_settings(args: Any, vllm_args: Sequence[str] = ()) -> ServerSettings:
+    """Deployment settings from upstream's server flags over ``OLMOCR_*`` (flags the pipeline does not know
+    are passed to vLLM, after ``OLMOCR_VLLM_ARGS``); the vLLM executable is found as the manager finds it.
+
+    Raises SettingsError (a ValueError) with a one-line message.
+    """
+    settings = ServerSettings.from_env(
+        None,
+        model=args.model,
+        port=args.port,
+        tensor_parallel_size=args.tensor_parallel_size,
+        data_parallel_size=args.data_parallel_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_model_len=args.max_model_len,
+    )
+    extra = settings.extra_vllm_args + tuple(vllm_args)
+    refuse_secrets_in_argv(extra)
+    return dataclasses.replace(settings, extra_vllm_args=extra, vllm_bin=resolve_executable(settings.vllm_bin))
+
+
+def existing_server(base_url: str, api_key: str | None, port: int) -> str | None:
+    """What answers on the port: None (nothing), ``"olmocr"`` (a server serving olmocr), or a description."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2.0)
+        if probe.connect_ex(("127.0.0.1", port)) != 0:
+            return None
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = requests.get(f"{base_url}/v1/models", headers=headers, timeout=10)
+        models = [str(m.get("id")) for m in response.json().get("data", [])] if response.ok else []
+    except (requests.RequestException, ValueError, AttributeError):
+        return "a program that is not an OpenAI-compatible server"
+    if SERVED_MODEL_NAME in models:
+        return SERVED_MODEL_NAME
+    if response.status_code in (401, 403):
+        return "a server that rejects the API key"
+    return f"a server that does not serve '{SERVED_MODEL_NAME}' (models: {models or 'none'})"
+
+
+class InternalServer:
+    """One supervised server for one pipeline run (see the module docstring)."""
+
+    def __init__(self, settings: ServerSettings, run_dir: str | None) -> None:
+        from olmocr.server.manager import Manager
+
+        self.settings = settings
+        self.keep_run_dir = run_dir is not None
+        self.run_dir = Path(run_dir).resolve() if run_dir else Path(tempfile.mkdtemp(prefix="olmocr-pipeline-server-"))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.manager = Manager(settings, self.run_dir, status_interval=float("inf"), startsecs=STARTSECS)
+        self.failed = False
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "logs" / "vllm.log"
+
+    def start(self) -> None:
+        self.manager.start()
+        logger.info("started a vLLM server for this run: model %s on %s (tensor-parallel %d, data-parallel %d); "
+                    "server log: %s", self.settings.model, self.settings.base_url,
+                    self.settings.tensor_parallel_size, self.settings.data_parallel_size, self.log_path)
+
+    def gone_reason(self) -> str | None:
+        """Why the server will not come back by itself (supervisord dead, or the listener gave up), else None."""
+        process = self.manager.supervisord
+        if process is not None and process.poll() is not None:
+            return f"supervisord exited (status {process.returncode}); see {self.run_dir / 'logs' / 'supervisord.log'}"
+        status = self.manager.poll_status()
+        if status and (status.get("gave_up") or status.get("state") == "FATAL"):
+            reason = status.get("last_failure_reason") or "it failed to start"
+            return f"the server was left stopped after {status.get('restart_count', 0)} restarts ({reason}); see {self.log_path}"
+        return None
+
+    def _answers(self) -> bool:
+        try:
+            response = requests.get(f"{self.settings.base_url}/v1/models", timeout=5,
+                                    headers=self._auth_headers())
+            return response.ok and SERVED_MODEL_NAME in [m.get("id") for m in response.json().get("data", [])]
+        except (requests.RequestException, ValueError, AttributeError):
+            return False
+
+    def _auth_headers(self) -> dict[str, str]:
+        from olmocr.server.settings import read_api_key
+
+        key = read_api_key(self.settings)
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Until ``/v1/models`` lists ``olmocr``; InternalServerError if given up on or after ``timeout``."""
+        started = time.monotonic()
+        next_note = started + 30.0
+        while not await asyncio.to_thread(self._answers):
+            reason = await asyncio.to_thread(self.gone_reason)
+            if reason is not None:
+                raise InternalServerError(f"the vLLM server did not start: {reason}")
+            if time.monotonic() - started > timeout:
+                raise InternalServerError(
+                    f"the vLLM server was not ready after {timeout:g} s (--max_server_ready_timeout); "
+                    f"see {self.log_path}")
+            if time.monotonic() >= next_note:
+                logger.info("waiting for the vLLM server to load the model (%.0f s so far; log: %s)",
+                            time.monotonic() - started, self.log_path)
+                next_note += 30.0
+            await asyncio.sleep(1.0)
+        logger.info("vLLM server ready after %.1f s", time.monotonic() - started)
+
+    async def watch(self) -> str:
+        """Returns (only) when the server is gone for good, with the reason; crashes and hangs are the
+        listener's and supervisord's to repair, and the pipeline's client rides them out."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            reason = await asyncio.to_thread(self.gone_reason)
+            if reason is not None:
+                return reason
+
+    def stop(self) -> None:
+        """Stop supervisord, vLLM's process group and anything left of the tree; tidy the run directory."""
+        logger.info("stopping the vLLM server of this run")
+        self.manager.shutdown()
+        if self.keep_run_dir or self.failed:
+            logger.info("server logs kept in %s", self.run_dir / "logs")
+        else:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+async def run_with_internal_server(run, settings: ServerSettings, run_dir: str | None,  # noqa: ANN001
+                                   ready_timeout: float, api_key: str | None) -> int:
+    """``await run(server_url)`` against a server started for it (or an olmocr server already on the port)."""
+    found = await asyncio.to_thread(existing_server, settings.base_url, api_key, settings.port)
+    if found == SERVED_MODEL_NAME:
+        logger.info("a server is already answering on %s and serves '%s': using it (not starting one)",
+                    settings.base_url, SERVED_MODEL_NAME)
+        return await run(settings.base_url)
+    if found is not None:
+        logger.error("port %d is taken by %s; stop it or choose another port with --port", settings.port, found)
+        return 2
+    server = InternalServer(settings, run_dir)
+    server.start()
+    pipeline: asyncio.Task[int] | None = None
+    try:
+        try:
+            await server.wait_ready(ready_timeout)
+        except InternalServerError as exc:
+            server.failed = True
+            logger.error("%s", exc)
+            return 1
+        pipeline = asyncio.create_task(run(settings.base_url))
+        watcher = asyncio.create_task(server.watch())
+        try:
+            await asyncio.wait({pipeline, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if pipeline.done():
+            return pipeline.result()
+        server.failed = True
+        logger.error("stopping the run: %s", watcher.result())
+        return 1
+    finally:
+        if pipeline is not None and not pipeline.done():
+            # Stop the workers first: they hand their work items back while the workspace is reachable.
+            pipeline.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pipeline
+        # Shielded: a second Ctrl+C must not abandon the stop half-way.
+        await asyncio.shield(asyncio.to_thread(server.stop))
