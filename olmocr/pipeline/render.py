@@ -202,6 +202,10 @@ def _worker_init() -> None:
 
     # The parent handles Ctrl-C; workers just get torn down with the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # An idle worker would outlive a pipeline killed by SIGKILL (it never notices): die with it.
+    from olmocr.server.lifetime import die_with_parent
+
+    die_with_parent(signal.SIGKILL, os.getppid())
 
 
 # --------------------------------------------------------------------------- parent side

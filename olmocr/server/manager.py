@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import logging.handlers
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import psutil
 
+from olmocr.server.lifetime import die_with_parent
 from olmocr.server.rpcclient import connect
 from olmocr.server.settings import PROGRAM_NAME, ServerSettings, SettingsError, read_api_key
 from olmocr.server.status import fetch_status
@@ -181,19 +183,7 @@ class Manager:
 def _terminate_when_parent_dies(parent_pid: int):  # noqa: ANN202 - a preexec_fn
     """For supervisord's child side: SIGTERM it when the manager dies, even by SIGKILL (Linux
     ``PR_SET_PDEATHSIG``), so that it stops vLLM's process group instead of leaving it holding the GPU."""
-
-    def set_parent_death_signal() -> None:
-        try:
-            import ctypes
-
-            pr_set_pdeathsig = 1
-            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-        except (OSError, AttributeError):  # not Linux: Ctrl+C and SIGTERM still stop everything
-            return
-        if os.getppid() != parent_pid:  # the manager died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return set_parent_death_signal
+    return functools.partial(die_with_parent, signal.SIGTERM, parent_pid)
 
 
 def _process_tree(pid: int) -> set[psutil.Process]:

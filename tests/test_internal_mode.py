@@ -1,0 +1,228 @@
+"""Internal mode: the pipeline without --vllm-url runs its own supervised server (the stand-in here) and
+stops it, with its whole process tree, however the run ends."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+from tests.pipeline_helpers import docs_by_source, failures, page_count, wait_for
+from tests.sample_docs import write_text_pdf
+from tests.standin_helpers import (
+    REPO_ROOT,
+    STANDIN_SHIM,
+    clean_env,
+    free_port,
+    start_standin,
+    stop_process_group,
+)
+
+pytestmark = pytest.mark.integration
+
+
+class InternalRun:
+    """``python -m olmocr.pipeline WS --pdfs ...`` with no server URL, in its own session; every descendant
+    it ever had is remembered so that the test can check (and teardown ensure) that none is left."""
+
+    def __init__(self, tmp_path: Path, pdfs: list[Path], *extra: str, control: dict | None = None,
+                 port: int | None = None) -> None:
+        self.tmp = tmp_path
+        self.workspace = tmp_path / "ws"
+        self.run_dir = tmp_path / "server-run"
+        self.port = port or free_port()
+        self.log = tmp_path / "pipeline.log"
+        self.control_file = tmp_path / "control.json"
+        self.control_file.write_text(json.dumps(control or {}))
+        env = clean_env({
+            "OLMOCR_VLLM_BIN": str(STANDIN_SHIM), "OLMOCR_PYTHON": sys.executable,
+            "OLMOCR_STANDIN_CONTROL": str(self.control_file), "OLMOCR_RESTART_DELAY": "0.5",
+            "OLMOCR_HEALTH_INTERVAL": "1", "OLMOCR_HEALTH_COMPLETION_TIMEOUT": "2",
+            "OLMOCR_HEALTH_FAILURE_THRESHOLD": "2", "TMPDIR": str(tmp_path),
+        })
+        env.pop("OLMOCR_API_KEY", None)
+        cmd = [sys.executable, "-m", "olmocr.pipeline", str(self.workspace), "--pdfs", *map(str, pdfs),
+               "--port", str(self.port), "--server_run_dir", str(self.run_dir), "--render_processes", "1",
+               "--progress_interval", "2", *extra]
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(cmd, env=env, cwd=str(REPO_ROOT), stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        self.seen: set[psutil.Process] = set()
+        self._watching = True
+        self._watcher = threading.Thread(target=self._watch, daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        while self._watching:
+            with contextlib.suppress(psutil.Error):
+                self.seen |= set(psutil.Process(self.proc.pid).children(recursive=True))
+            time.sleep(0.1)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_output(self, text: str, timeout: float) -> None:
+        wait_for(lambda: text in self.output() or self.proc.poll() is not None, timeout, repr(text))
+        assert text in self.output(), self.output()[-3000:]
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"pipeline still running after {timeout}s:\n{self.output()[-3000:]}") from None
+
+    def leftovers(self) -> list[psutil.Process]:
+        return [p for p in self.seen if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+    def server_pid(self) -> int:
+        return int(requests.get(f"{self.url}/admin/info", timeout=5).json()["pid"])
+
+    def close(self) -> None:
+        self._watching = False
+        self._watcher.join(timeout=2)
+        if self.proc.poll() is None:
+            stop_process_group(self.proc)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers keep the pipeline's group after it died
+        for proc in self.seen:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+
+
+@pytest.fixture
+def internal_run(tmp_path: Path):
+    runs: list[InternalRun] = []
+
+    def start(*args, **kwargs) -> InternalRun:  # type: ignore[no-untyped-def]
+        run = InternalRun(tmp_path, *args, **kwargs)
+        runs.append(run)
+        return run
+
+    yield start
+    for run in runs:
+        run.close()
+
+
+def _docs(tmp_path: Path, count: int, pages: int) -> list[Path]:
+    folder = tmp_path / "docs"
+    folder.mkdir(exist_ok=True)
+    return [write_text_pdf(folder / f"doc{i}.pdf", pages) for i in range(count)]
+
+
+def _assert_every_page_once(workspace: Path, pdfs: list[Path]) -> None:
+    docs = docs_by_source(workspace)  # asserts no duplicate document
+    assert set(docs) == {str(p) for p in pdfs}, failures(workspace)
+    for pdf in pdfs:
+        spans = docs[str(pdf)]["attributes"]["pdf_page_numbers"]
+        assert [s[2] for s in spans] == list(range(1, page_count(pdf) + 1))
+
+
+def test_internal_mode_serves_the_run_and_stops_everything(internal_run, tmp_path: Path) -> None:
+    pdfs = _docs(tmp_path, 2, 2)
+    run = internal_run(pdfs, "--max_model_len", "20000", "--gpu-memory-utilization", "0.5", "-tp", "1",
+                       "--enforce-eager")
+    assert run.wait(90) == 0, run.output()[-3000:]
+    _assert_every_page_once(run.workspace, pdfs)
+    out = run.output()
+    vllm_log = run.run_dir / "logs" / "vllm.log"
+    assert f"server log: {vllm_log}" in out
+    # Upstream's server flags, and a flag the pipeline does not know, reach the server's command line.
+    started = next(line for line in vllm_log.read_text().splitlines() if "starting:" in line)
+    for piece in ("--max-model-len 20000", "--gpu-memory-utilization 0.5", "--tensor-parallel-size 1",
+                  f"--port {run.port}", "--served-model-name olmocr", "--enforce-eager"):
+        assert piece in started
+    assert run.seen, "the run started no process"
+    assert run.leftovers() == []
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{run.url}/health", timeout=2)
+
+
+def test_internal_mode_rides_out_a_crash_and_a_hang(internal_run, tmp_path: Path) -> None:
+    pdfs = _docs(tmp_path, 6, 2)
+    # One document at a time, 1.5 s a page: the run lasts through both faults.
+    run = internal_run(pdfs, "--workers", "1", "--pages_per_group", "1", control={"latency": 1.5})
+    run.wait_output("vLLM server ready", 60)
+    first = run.server_pid()
+    requests.post(f"{run.url}/admin/control", json={"crash_now": True}, timeout=5)
+    wait_for(lambda: _pid_or_none(run) not in (None, first), 60, "the crashed server to be restarted")
+    second = run.server_pid()
+    requests.post(f"{run.url}/admin/control", json={"hang": True}, timeout=5)
+    wait_for(lambda: _pid_or_none(run) not in (None, second), 60, "the hung server to be killed and restarted")
+    assert run.wait(120) == 0, run.output()[-3000:]
+    _assert_every_page_once(run.workspace, pdfs)
+    assert failures(run.workspace) == []
+    assert (run.run_dir / "logs" / "vllm.log").read_text().count("starting:") >= 3
+    assert run.leftovers() == []
+
+
+def _pid_or_none(run: InternalRun) -> int | None:
+    try:
+        return run.server_pid()
+    except (requests.RequestException, ValueError, KeyError):
+        return None
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sigkill"])
+def test_internal_mode_stopped_leaves_no_process(internal_run, tmp_path: Path, how: str) -> None:
+    pdfs = _docs(tmp_path, 2, 2)
+    run = internal_run(pdfs, control={"latency": 30})
+    run.wait_output("claimed work item", 60)
+    assert run.leftovers(), "no server process seen"
+    if how == "ctrl-c":
+        os.killpg(run.proc.pid, signal.SIGINT)  # what a terminal's Ctrl+C does: the foreground group
+    elif how == "sigterm":
+        os.kill(run.proc.pid, signal.SIGTERM)
+    else:
+        os.kill(run.proc.pid, signal.SIGKILL)  # the pipeline dies: its server must not outlive it
+    status = run.wait(60)
+    assert status == (-9 if how == "sigkill" else 130), run.output()[-3000:]
+    with contextlib.suppress(AssertionError):
+        wait_for(lambda: not run.leftovers(), 30, f"every process of the run to exit after {how}")
+    assert [" ".join(p.cmdline()[:4]) for p in run.leftovers()] == []
+    if how != "sigkill":
+        assert "stopping the vLLM server of this run" in run.output()
+
+
+def test_internal_mode_uses_an_olmocr_server_already_on_the_port(internal_run, tmp_path: Path) -> None:
+    pdfs = _docs(tmp_path, 1, 1)
+    port = free_port()
+    other = start_standin(port, served_model_name="something-else", log_path=tmp_path / "other.log")
+    try:
+        wait_for(lambda: _answers(port), 30, "the other server")
+        run = internal_run(pdfs, port=port)
+        assert run.wait(30) == 2
+        assert f"port {port} is taken by a server that does not serve 'olmocr'" in run.output()
+    finally:
+        stop_process_group(other)
+    ours = start_standin(port, log_path=tmp_path / "ours.log")
+    try:
+        wait_for(lambda: _answers(port), 30, "the olmocr server")
+        run = internal_run(pdfs, port=port)
+        assert run.wait(60) == 0, run.output()[-3000:]
+        assert "already answering" in run.output() and "serves 'olmocr': using it" in run.output()
+        assert not run.run_dir.exists()  # no supervisord was started
+        assert ours.poll() is None  # and the server that was there is left running
+        _assert_every_page_once(run.workspace, pdfs)
+    finally:
+        stop_process_group(ours)
+
+
+def _answers(port: int) -> bool:
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).ok
+    except requests.RequestException:
+        return False
