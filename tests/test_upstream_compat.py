@@ -1,0 +1,143 @@
+"""Workspace compatibility with upstream olmOCR 0.4.27, both directions, every page exactly once.
+
+Upstream runs from PyPI in its own virtual environment (``bench/setup_upstream.sh``): ``$UPSTREAM_VENV``,
+else ``bench/.upstream-venv`` when ready, else a cache directory (``$XDG_CACHE_HOME/olmocr-serve``), made
+on first use (about two minutes). Upstream renders with poppler's ``pdftoppm``. The tests are skipped,
+with the reason, when either is missing and cannot be made.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.pipeline_helpers import docs_by_source, page_count, pipeline_command, standin, wait_for  # noqa: F401
+from tests.sample_docs import write_text_pdf
+from tests.standin_helpers import REPO_ROOT, clean_env, stop_process_group
+
+pytestmark = pytest.mark.integration
+
+UPSTREAM_VERSION = "0.4.27"
+SETUP = REPO_ROOT / "bench" / "setup_upstream.sh"
+
+
+def _ready(venv: Path) -> bool:
+    python = venv / "bin" / "python"
+    if not python.exists():
+        return False
+    check = subprocess.run([str(python), "-c", "import olmocr.pipeline, olmocr.version as v; print(v.VERSION)"],
+                           cwd="/", capture_output=True, text=True, timeout=120)
+    return check.returncode == 0 and check.stdout.strip() == UPSTREAM_VERSION
+
+
+@pytest.fixture(scope="module")
+def upstream_python() -> Path:
+    if shutil.which("pdftoppm") is None:
+        pytest.skip("upstream olmOCR needs poppler's pdftoppm to render pages (apt install poppler-utils)")
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "olmocr-serve"
+    candidates = [Path(os.environ["UPSTREAM_VENV"])] if os.environ.get("UPSTREAM_VENV") else []
+    candidates += [REPO_ROOT / "bench" / ".upstream-venv", cache / f"upstream-olmocr-{UPSTREAM_VERSION}"]
+    for venv in candidates:
+        if _ready(venv):
+            return venv / "bin" / "python"
+    venv = candidates[-1]
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        made = subprocess.run(["bash", str(SETUP)], env={**os.environ, "UPSTREAM_VENV": str(venv)},
+                              capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"upstream olmOCR {UPSTREAM_VERSION} venv could not be made in 15 min (bench/setup_upstream.sh)")
+    if made.returncode != 0 or not _ready(venv):
+        last = (made.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.skip(f"upstream olmOCR {UPSTREAM_VERSION} venv could not be made (bench/setup_upstream.sh: {last})")
+    return venv / "bin" / "python"
+
+
+def _start_upstream(python: Path, workspace: Path, url: str, *extra: str, log: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("OLMOCR_")}
+    with open(log, "ab") as out:
+        # From outside the checkout: its olmocr/ would shadow upstream's package.
+        return subprocess.Popen([str(python), "-m", "olmocr.pipeline", str(workspace), "--server", f"{url}/v1",
+                                 "--model", "olmocr", *extra], cwd=str(log.parent), env=env,
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def _start_ours(workspace: Path, url: str, *extra: str, log: Path) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        return subprocess.Popen(pipeline_command(workspace, url, (), *extra), cwd=str(REPO_ROOT), env=clean_env(),
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def _done_flags(workspace: Path) -> int:
+    folder = workspace / "done_flags"
+    return len(list(folder.glob("done_*.flag"))) if folder.is_dir() else 0
+
+
+def _finish(proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    try:
+        rc = proc.wait(timeout=timeout)
+    finally:
+        stop_process_group(proc)
+    assert rc == 0, log.read_text()[-4000:]
+
+
+def _docs(tmp_path: Path) -> list[Path]:
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    return [write_text_pdf(folder / f"doc{i}.pdf", 2) for i in range(4)]
+
+
+def _assert_every_page_once(workspace: Path, pdfs: list[Path]) -> set[str]:
+    """Every page of every document exactly once; returns who produced the documents."""
+    docs = docs_by_source(workspace)  # asserts one document per source
+    assert set(docs) == {str(p) for p in pdfs}
+    for pdf in pdfs:
+        spans = docs[str(pdf)]["attributes"]["pdf_page_numbers"]
+        assert [s[2] for s in spans] == list(range(1, page_count(pdf) + 1))
+    return {doc["metadata"].get("producer", "upstream " + doc["metadata"]["olmocr-version"]) for doc in docs.values()}
+
+
+def test_upstream_started_and_killed_ours_finishes(upstream_python: Path, standin, tmp_path: Path) -> None:  # noqa: F811
+    pdfs = _docs(tmp_path)
+    ws = tmp_path / "ws"
+    standin.control(latency=1.0)  # upstream does one item at a time: there is time to kill it between items
+    upstream = _start_upstream(upstream_python, ws, standin.url, "--pdfs", *map(str, pdfs), "--workers", "1",
+                               "--pages_per_group", "2", log=tmp_path / "upstream.log")
+    try:
+        wait_for(lambda: _done_flags(ws) >= 1 or upstream.poll() is not None, 120, "upstream to finish an item")
+        assert upstream.poll() is None, (tmp_path / "upstream.log").read_text()[-4000:]
+        os.killpg(upstream.pid, signal.SIGKILL)
+    finally:
+        stop_process_group(upstream)
+    assert _done_flags(ws) < len(pdfs)
+    standin.control(latency=0)
+    ours = _start_ours(ws, standin.url, log=tmp_path / "ours.log")
+    _finish(ours, tmp_path / "ours.log")
+    assert _assert_every_page_once(ws, pdfs) == {f"upstream {UPSTREAM_VERSION}", "olmocr-serve"}
+
+
+def test_ours_started_and_stopped_upstream_finishes(upstream_python: Path, standin, tmp_path: Path) -> None:  # noqa: F811
+    pdfs = _docs(tmp_path)
+    ws = tmp_path / "ws"
+    standin.control(latency=1.0)
+    ours = _start_ours(ws, standin.url, "--pdfs", *map(str, pdfs), "--workers", "1", "--pages_per_group", "2",
+                       log=tmp_path / "ours.log")
+    try:
+        wait_for(lambda: _done_flags(ws) >= 1 or ours.poll() is not None, 120, "our pipeline to finish an item")
+        assert ours.poll() is None, (tmp_path / "ours.log").read_text()[-4000:]
+        os.kill(ours.pid, signal.SIGTERM)  # an operator's stop: the item in progress is handed back
+        assert ours.wait(timeout=60) == 130
+    finally:
+        stop_process_group(ours)
+    assert _done_flags(ws) < len(pdfs)
+    standin.control(latency=0)
+    upstream = _start_upstream(upstream_python, ws, standin.url, "--workers", "2", log=tmp_path / "upstream.log")
+    _finish(upstream, tmp_path / "upstream.log")
+    assert _assert_every_page_once(ws, pdfs) == {f"upstream {UPSTREAM_VERSION}", "olmocr-serve"}
