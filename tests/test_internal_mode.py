@@ -36,7 +36,7 @@ class InternalRun:
     it ever had is remembered so that the test can check (and teardown ensure) that none is left."""
 
     def __init__(self, tmp_path: Path, pdfs: list[Path], *extra: str, control: dict | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, env: dict[str, str] | None = None) -> None:
         self.tmp = tmp_path
         self.workspace = tmp_path / "ws"
         self.run_dir = tmp_path / "server-run"
@@ -44,6 +44,7 @@ class InternalRun:
         self.log = tmp_path / "pipeline.log"
         self.control_file = tmp_path / "control.json"
         self.control_file.write_text(json.dumps(control or {}))
+        extra_env = env
         env = clean_env({
             "OLMOCR_VLLM_BIN": str(STANDIN_SHIM), "OLMOCR_PYTHON": sys.executable,
             "OLMOCR_STANDIN_CONTROL": str(self.control_file), "OLMOCR_RESTART_DELAY": "0.5",
@@ -51,6 +52,7 @@ class InternalRun:
             "OLMOCR_HEALTH_FAILURE_THRESHOLD": "2", "TMPDIR": str(tmp_path),
         })
         env.pop("OLMOCR_API_KEY", None)
+        env.update(extra_env or {})
         cmd = [sys.executable, "-m", "olmocr.pipeline", str(self.workspace), "--pdfs", *map(str, pdfs),
                "--port", str(self.port), "--server_run_dir", str(self.run_dir), "--render_processes", "1",
                "--progress_interval", "2", *extra]
@@ -85,8 +87,25 @@ class InternalRun:
         except subprocess.TimeoutExpired:
             raise AssertionError(f"pipeline still running after {timeout}s:\n{self.output()[-3000:]}") from None
 
-    def leftovers(self) -> list[psutil.Process]:
-        return [p for p in self.seen if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    def leftovers(self) -> list[str]:
+        """Processes of the run still alive, as ``pid command line``."""
+        found = []
+        for proc in psutil.process_iter():  # also any straggler the watcher missed: it keeps the run's group
+            with contextlib.suppress(psutil.Error, OSError):
+                if os.getpgid(proc.pid) == self.proc.pid:
+                    self.seen.add(proc)
+        for proc in self.seen:
+            with contextlib.suppress(psutil.Error):
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(f"{proc.pid} {' '.join(proc.cmdline())[:200]}")
+        return found
+
+    def assert_nothing_left(self, grace: float) -> None:
+        """Nothing of the run alive ``grace`` seconds after it ended (multiprocessing's resource tracker
+        exits when it reads EOF from the dead pipeline, a moment later)."""
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: not self.leftovers(), grace, "every process of the run to exit")
+        assert self.leftovers() == []
 
     def server_pid(self) -> int:
         return int(requests.get(f"{self.url}/admin/info", timeout=5).json()["pid"])
@@ -146,7 +165,7 @@ def test_internal_mode_serves_the_run_and_stops_everything(internal_run, tmp_pat
                   f"--port {run.port}", "--served-model-name olmocr", "--enforce-eager"):
         assert piece in started
     assert run.seen, "the run started no process"
-    assert run.leftovers() == []
+    run.assert_nothing_left(5)
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{run.url}/health", timeout=2)
 
@@ -166,7 +185,7 @@ def test_internal_mode_rides_out_a_crash_and_a_hang(internal_run, tmp_path: Path
     _assert_every_page_once(run.workspace, pdfs)
     assert failures(run.workspace) == []
     assert (run.run_dir / "logs" / "vllm.log").read_text().count("starting:") >= 3
-    assert run.leftovers() == []
+    run.assert_nothing_left(5)
 
 
 def _pid_or_none(run: InternalRun) -> int | None:
@@ -190,9 +209,7 @@ def test_internal_mode_stopped_leaves_no_process(internal_run, tmp_path: Path, h
         os.kill(run.proc.pid, signal.SIGKILL)  # the pipeline dies: its server must not outlive it
     status = run.wait(60)
     assert status == (-9 if how == "sigkill" else 130), run.output()[-3000:]
-    with contextlib.suppress(AssertionError):
-        wait_for(lambda: not run.leftovers(), 30, f"every process of the run to exit after {how}")
-    assert [" ".join(p.cmdline()[:4]) for p in run.leftovers()] == []
+    run.assert_nothing_left(30 if how == "sigkill" else 5)
     if how != "sigkill":
         assert "stopping the vLLM server of this run" in run.output()
 
@@ -226,3 +243,34 @@ def _answers(port: int) -> bool:
         return requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).ok
     except requests.RequestException:
         return False
+
+
+def test_internal_mode_with_nothing_to_do_starts_no_server(internal_run, tmp_path: Path) -> None:
+    run = internal_run([], env={"OLMOCR_VLLM_BIN": str(STANDIN_SHIM)})
+    assert run.wait(60) == 0, run.output()[-3000:]
+    assert "no work to do" in run.output()
+    assert not run.run_dir.exists() and run.seen == set()
+
+
+def test_internal_mode_server_that_cannot_start(internal_run, tmp_path: Path) -> None:
+    broken = tmp_path / "broken-vllm"
+    broken.write_text("#!/bin/sh\necho 'vllm: error: unrecognized arguments: --bogus' >&2\nexit 2\n")
+    broken.chmod(0o755)
+    run = internal_run(_docs(tmp_path, 1, 1), env={"OLMOCR_VLLM_BIN": str(broken)})
+    assert run.wait(90) == 1, run.output()[-3000:]
+    last = run.output().strip().splitlines()
+    assert any("the vLLM server did not start:" in line and str(run.run_dir / "logs") in line for line in last), last
+    assert "server logs kept in" in run.output()
+    assert "unrecognized arguments: --bogus" in (run.run_dir / "logs" / "vllm.log").read_text()
+    run.assert_nothing_left(5)
+    assert (run.workspace / "done_flags").exists() is False or not list((run.workspace / "done_flags").iterdir())
+
+
+def test_internal_mode_stops_when_the_server_is_given_up_on(internal_run, tmp_path: Path) -> None:
+    # Every start crashes after 6 s (once RUNNING); after one restart in a row the listener gives up.
+    run = internal_run(_docs(tmp_path, 2, 1), control={"latency": 60, "crash_after": 6},
+                       env={"OLMOCR_MAX_RESTART_ATTEMPTS": "1"})
+    assert run.wait(120) == 1, run.output()[-3000:]
+    assert "stopping the run: the server was left stopped after" in run.output()
+    run.assert_nothing_left(5)
+    assert not list((run.workspace / "worker_locks").glob("*.lock"))  # items handed back

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
+import functools
 import logging
 import os
 import signal
 import sys
 
 from olmocr.pipeline.pipeline import PipelineConfig, run_pipeline
-from olmocr.pipeline.upstream_flags import add_upstream_arguments, check_unknown, profile_error
+from olmocr.pipeline.upstream_flags import add_upstream_arguments, check_unknown, check_upstream_flags
 
 logger = logging.getLogger("olmocr.pipeline")
 
@@ -115,16 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name} must be at least 1")
     if not 0 <= args.max_page_error_rate <= 1:
         parser.error("--max_page_error_rate must be between 0 and 1")
-    for flag, profile in (("--workspace_profile", args.workspace_profile), ("--pdf_profile", args.pdf_profile)):
-        if (error := profile_error(flag, profile)) is not None:
-            parser.error(error)
-    if args.apply_filter:
-        from olmocr.pipeline.filters import FilterUnavailable, check_available
-
-        try:
-            check_available()
-        except FilterUnavailable as exc:
-            parser.error(str(exc))
+    check_upstream_flags(parser, args)
     if args.model and args.model != "olmocr" and args.server:
         logger.info("--model %s is ignored: requests use the served model name 'olmocr'", args.model)
 
@@ -185,9 +176,9 @@ async def _run_with_signals(config: PipelineConfig, server_settings=None, server
             return await run_pipeline(config)
         from olmocr.pipeline.internal_server import run_with_internal_server
 
-        return await run_with_internal_server(
-            lambda url: run_pipeline(dataclasses.replace(config, server_url=url)), server_settings,
-            server_run_dir, config.max_server_ready_timeout, config.api_key)
+        return await run_pipeline(config, functools.partial(
+            run_with_internal_server, settings=server_settings, run_dir=server_run_dir,
+            ready_timeout=config.max_server_ready_timeout, api_key=config.api_key))
     except asyncio.CancelledError:
         logger.warning("stopped by a signal; unfinished work items were released for other workers")
         return 130
@@ -200,7 +191,8 @@ async def _populate_only(config: PipelineConfig) -> None:
     from olmocr.pipeline.workqueue import WorkQueue
 
     set_input_profile(config.pdf_profile)
-    queue = WorkQueue(open_storage(config.workspace, profile=config.workspace_profile), lease_seconds=config.lease_seconds)
+    storage = open_storage(config.workspace, profile=config.workspace_profile)
+    queue = WorkQueue(storage, lease_seconds=config.lease_seconds)
     await asyncio.to_thread(populate, queue, config.pdfs, config.pages_per_group)
 
 

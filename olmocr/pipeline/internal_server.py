@@ -18,7 +18,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -165,7 +165,7 @@ class InternalServer:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
-async def run_with_internal_server(run, settings: ServerSettings, run_dir: str | None,  # noqa: ANN001
+async def run_with_internal_server(run: Callable[[str], Awaitable[int]], settings: ServerSettings, run_dir: str | None,
                                    ready_timeout: float, api_key: str | None) -> int:
     """``await run(server_url)`` against a server started for it (or an olmocr server already on the port)."""
     found = await asyncio.to_thread(existing_server, settings.base_url, api_key, settings.port)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -182,8 +184,13 @@ class Runner:
         logger.info("%s", self.progress.summary())
 
 
-async def run_pipeline(config: PipelineConfig) -> int:
-    """Run to completion; returns the process exit status."""
+#: Internal mode: runs ``work(server_url)`` against a server it provides; returns the exit status.
+ServerProvider = Callable[[Callable[[str], Awaitable[int]]], Awaitable[int]]
+
+
+async def run_pipeline(config: PipelineConfig, server: ServerProvider | None = None) -> int:
+    """Run to completion; returns the process exit status. With ``server``, the server comes from it (started
+    only once there is work to do) instead of ``config.server_url``."""
     # Storage calls (claims, lease renewals, result uploads) run in threads; give them enough that a slow
     # upload never delays a lease renewal.
     asyncio.get_running_loop().set_default_executor(
@@ -201,6 +208,12 @@ async def run_pipeline(config: PipelineConfig) -> int:
         logger.info("no work to do: %d of %d work items are done", counts.get("done", 0), counts.get("total", 0))
         return 0
     logger.info("work items: %s", counts)
+    if server is not None:
+        return await server(lambda url: _run_on(dataclasses.replace(config, server_url=url), storage, queue))
+    return await _run_on(config, storage, queue)
+
+
+async def _run_on(config: PipelineConfig, storage: Storage, queue: WorkQueue) -> int:
     client = ServerClient(config.server_url, api_key=config.api_key, request_timeout=config.request_timeout,
                           max_concurrent_requests=config.max_concurrent_requests)
     try:

@@ -197,15 +197,17 @@ def _job_text(path: str, kind: str, page_num: int) -> str:
         page.close()
 
 
-def _worker_init() -> None:
+def _worker_init(parent_pid: int | None = None) -> None:
     import signal
 
     # The parent handles Ctrl-C; workers just get torn down with the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # An idle worker would outlive a pipeline killed by SIGKILL (it never notices): die with it.
-    from olmocr.server.lifetime import die_with_parent
+    # An idle worker would outlive a pipeline killed by SIGKILL (it never notices): die with it. The parent's
+    # pid comes from the parent: one that died while this worker started is noticed too.
+    if parent_pid is not None:
+        from olmocr.server.lifetime import die_with_parent
 
-    die_with_parent(signal.SIGKILL, os.getppid())
+        die_with_parent(signal.SIGKILL, parent_pid)
 
 
 # --------------------------------------------------------------------------- parent side
@@ -227,7 +229,8 @@ class Renderer:
 
     def _new_pool(self) -> ProcessPoolExecutor:
         ctx = multiprocessing.get_context("spawn")
-        return ProcessPoolExecutor(max_workers=self.processes, mp_context=ctx, initializer=_worker_init)
+        return ProcessPoolExecutor(max_workers=self.processes, mp_context=ctx, initializer=_worker_init,
+                                   initargs=(os.getpid(),))
 
     async def _call(self, fn: Any, *args: Any) -> Any:
         loop = asyncio.get_running_loop()

@@ -15,6 +15,7 @@ docs/upstream-flags.md lists every upstream flag and what it does here.
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -80,6 +81,31 @@ def check_unknown(parser: argparse.ArgumentParser, unknown: Sequence[str], inter
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (flags the pipeline does not know are passed "
                      "to vLLM only when it starts its own server, i.e. without --vllm-url)")
     return tuple(unknown)
+
+
+def check_upstream_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Before any work: unknown AWS profiles and a missing filter extra are one-line errors (exit 2);
+    internal-server flags given with ``--vllm-url`` are noted as ignored."""
+    for flag, profile in (("--workspace_profile", args.workspace_profile), ("--pdf_profile", args.pdf_profile)):
+        if (error := profile_error(flag, profile)) is not None:
+            parser.error(error)
+    if args.apply_filter:
+        from olmocr.pipeline.filters import FilterUnavailable, check_available
+
+        try:
+            check_available()
+        except FilterUnavailable as exc:
+            parser.error(str(exc))
+    if args.server and (ignored := ignored_with_server(args)):
+        logging.getLogger("olmocr.pipeline").info(
+            "%s only configure the server the pipeline starts itself; ignored with --vllm-url", ", ".join(ignored))
+
+
+def ignored_with_server(args: argparse.Namespace) -> list[str]:
+    """The internal-server flags given although ``--vllm-url`` names a server (upstream ignores them too)."""
+    names = {"gpu_memory_utilization": "--gpu-memory-utilization", "tensor_parallel_size": "--tensor-parallel-size",
+             "data_parallel_size": "--data-parallel-size", "port": "--port", "server_run_dir": "--server_run_dir"}
+    return [flag for name, flag in names.items() if getattr(args, name, None) is not None]
 
 
 def profile_error(flag: str, profile: str | None) -> str | None:
