@@ -60,6 +60,7 @@ def test_apply_filter_records_skipped_documents(standin, tmp_path: Path) -> None
     rc, log = run_pipeline(ws, standin.url, [english, german, form, spam], "--apply_filter",
                            log=tmp_path / "run.log")
     assert rc == 0, log
+    assert "1 documents written, 0 failed, skipped by filter 3" in log
     assert set(docs_by_source(ws)) == {str(english)}
     records = {Path(r["source"]).name: r for r in failures(ws)}
     assert set(records) == {"german.pdf", "form.pdf", "spam.pdf"}

@@ -124,9 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     server_settings = None
     if internal:
         from olmocr.pipeline.internal_server import internal_settings
+        from olmocr.server.settings import read_api_key
 
         try:
             server_settings = internal_settings(args, vllm_args)
+            api_key = api_key or read_api_key(server_settings)  # the key the server is started with
         except ValueError as exc:
             parser.error(str(exc))
 

@@ -100,9 +100,12 @@ class Runner:
                 await asyncio.to_thread(self.storage.write, key, doc["text"].encode("utf-8"))
         await asyncio.to_thread(self.queue.complete, item, dolma_jsonl(docs), failed)
         self.progress.docs_done += len(docs)
-        self.progress.docs_failed += len(failed)
+        skipped = sum(1 for f in failed if f.get("filtered"))
+        self.progress.docs_filtered += skipped
+        self.progress.docs_failed += len(failed) - skipped
         self.progress.items_done += 1
-        logger.info("work item %s done: %d documents written, %d failed", item.hash, len(docs), len(failed))
+        logger.info("work item %s done: %d documents written, %d failed%s", item.hash, len(docs),
+                    len(failed) - skipped, f", {skipped} skipped by the filter" if skipped else "")
 
     async def _renew_until_done(self, item: WorkItem, work: asyncio.Task[None]) -> None:
         interval = max(1.0, self.config.lease_seconds / 3)

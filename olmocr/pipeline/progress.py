@@ -23,6 +23,7 @@ class Progress:
     fallback_pages: int = 0
     docs_done: int = 0
     docs_failed: int = 0
+    docs_filtered: int = 0  # skipped by --apply_filter (recorded, not failures)
     items_done: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
@@ -55,16 +56,20 @@ class Progress:
         pages_s, tokens_s = self._rates()
         return (
             f"pages {self.pages_done}/{self.pages_total} | {pages_s:.1f} pages/s | {tokens_s:.0f} output tokens/s | "
-            f"fallback pages {self.fallback_pages} | docs done {self.docs_done}, failed {self.docs_failed} | "
+            f"fallback pages {self.fallback_pages} | docs done {self.docs_done}, failed {self.docs_failed}"
+            f"{self._filtered()} | "
             f"server {server_state}, {in_flight} requests in flight"
         )
+
+    def _filtered(self) -> str:
+        return f", skipped by filter {self.docs_filtered}" if self.docs_filtered else ""
 
     def summary(self) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-6)
         return (
             f"finished in {elapsed:.1f}s: {self.pages_done} pages ({self.pages_done / elapsed:.1f} pages/s), "
             f"{self.fallback_pages} fallback pages, {self.docs_done} documents written, {self.docs_failed} "
-            f"failed, {self.items_done} work items completed; tokens in {self.input_tokens:,}, "
+            f"failed{self._filtered()}, {self.items_done} work items completed; tokens in {self.input_tokens:,}, "
             f"out {self.output_tokens:,} ({self.output_tokens / elapsed:.0f}/s)"
         )
 
