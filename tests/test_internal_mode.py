@@ -152,8 +152,10 @@ def _assert_every_page_once(workspace: Path, pdfs: list[Path]) -> None:
 
 def test_internal_mode_serves_the_run_and_stops_everything(internal_run, tmp_path: Path) -> None:
     pdfs = _docs(tmp_path, 2, 2)
+    key_file = tmp_path / "api-key"
+    key_file.write_text("s3cret-key\n")  # the server requires it; the pipeline sends it
     run = internal_run(pdfs, "--max_model_len", "20000", "--gpu-memory-utilization", "0.5", "-tp", "1",
-                       "--enforce-eager")
+                       "--enforce-eager", env={"OLMOCR_API_KEY_FILE": str(key_file)})
     assert run.wait(90) == 0, run.output()[-3000:]
     _assert_every_page_once(run.workspace, pdfs)
     out = run.output()
@@ -164,6 +166,7 @@ def test_internal_mode_serves_the_run_and_stops_everything(internal_run, tmp_pat
     for piece in ("--max-model-len 20000", "--gpu-memory-utilization 0.5", "--tensor-parallel-size 1",
                   f"--port {run.port}", "--served-model-name olmocr", "--enforce-eager"):
         assert piece in started
+    assert "s3cret-key" not in started and "s3cret-key" not in out
     assert run.seen, "the run started no process"
     run.assert_nothing_left(5)
     with pytest.raises(requests.ConnectionError):
