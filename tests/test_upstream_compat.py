@@ -9,6 +9,7 @@ with the reason, when either is missing and cannot be made.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -141,3 +142,12 @@ def test_ours_started_and_stopped_upstream_finishes(upstream_python: Path, stand
     upstream = _start_upstream(upstream_python, ws, standin.url, "--workers", "2", log=tmp_path / "upstream.log")
     _finish(upstream, tmp_path / "upstream.log")
     assert _assert_every_page_once(ws, pdfs) == {f"upstream {UPSTREAM_VERSION}", "olmocr-serve"}
+
+
+def test_flag_list_matches_upstream_help(upstream_python: Path, tmp_path: Path) -> None:
+    from tests.test_upstream_flags import UPSTREAM_FLAGS, UPSTREAM_REJECTED
+
+    shown = subprocess.run([str(upstream_python), "-m", "olmocr.pipeline", "--help"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120, check=True).stdout
+    upstream = set(re.findall(r"(?:^|[\s,\[])(--?[a-z][-\w]*)", shown)) - {"-h", "--help"}
+    assert upstream == set(UPSTREAM_FLAGS) | set(UPSTREAM_REJECTED)
