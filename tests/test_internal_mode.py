@@ -198,13 +198,18 @@ def _pid_or_none(run: InternalRun) -> int | None:
         return None
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sigkill"])
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sigkill", "ctrl-c-while-loading"])
 def test_internal_mode_stopped_leaves_no_process(internal_run, tmp_path: Path, how: str) -> None:
     pdfs = _docs(tmp_path, 2, 2)
-    run = internal_run(pdfs, control={"latency": 30})
-    run.wait_output("claimed work item", 60)
+    if how == "ctrl-c-while-loading":  # the model takes minutes to load: Ctrl+C then must stop it too
+        run = internal_run(pdfs, control={"load_delay": 120})
+        run.wait_output("started a vLLM server for this run", 60)
+        wait_for(lambda: any("olmocr.standin" in p for p in run.leftovers()), 30, "the server process")
+    else:
+        run = internal_run(pdfs, control={"latency": 30})
+        run.wait_output("claimed work item", 60)
     assert run.leftovers(), "no server process seen"
-    if how == "ctrl-c":
+    if how.startswith("ctrl-c"):
         os.killpg(run.proc.pid, signal.SIGINT)  # what a terminal's Ctrl+C does: the foreground group
     elif how == "sigterm":
         os.kill(run.proc.pid, signal.SIGTERM)
