@@ -54,3 +54,15 @@ def test_docs_table_lists_every_upstream_flag() -> None:
     rows = [line for line in table.splitlines() if line.startswith("| `")]
     listed = {flag for row in rows for flag in re.findall(r"`(-[-\w]+)", row.split("|")[1])}
     assert set(UPSTREAM_FLAGS) | set(UPSTREAM_REJECTED) <= listed
+
+
+def test_internal_mode_without_vllm_says_what_to_do(tmp_path, monkeypatch, capsys) -> None:  # noqa: ANN001
+    monkeypatch.setenv("OLMOCR_VLLM_BIN", "no-such-vllm-here")
+    with pytest.raises(SystemExit) as exited:
+        main([str(tmp_path / "ws"), "--pdfs", str(tmp_path / "a.pdf")])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (
+        "python -m olmocr.pipeline: error: no vLLM executable 'no-such-vllm-here' to start a server with: install "
+        "the gpu extra (pip install 'olmocr-serve[gpu]') or set OLMOCR_VLLM_BIN, or give a running server with "
+        "--vllm-url\n")
+    assert not (tmp_path / "ws").exists()  # nothing claimed, nothing written

@@ -11,7 +11,7 @@ import signal
 import sys
 
 from olmocr.pipeline.pipeline import PipelineConfig, run_pipeline
-from olmocr.pipeline.upstream_flags import add_upstream_arguments, check_unknown, check_upstream_flags
+from olmocr.pipeline.upstream_flags import add_upstream_arguments, check_unknown, check_upstream_flags, fail
 
 logger = logging.getLogger("olmocr.pipeline")
 
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             server_settings = internal_settings(args, vllm_args)
             api_key = api_key or read_api_key(server_settings)  # the key the server is started with
         except ValueError as exc:
-            parser.error(str(exc))
+            fail(parser, str(exc))
 
     config = PipelineConfig(
         workspace=args.workspace,

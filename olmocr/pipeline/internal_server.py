@@ -25,7 +25,7 @@ from typing import Any
 import requests
 
 from olmocr.server.command import refuse_secrets_in_argv
-from olmocr.server.settings import SERVED_MODEL_NAME, ServerSettings
+from olmocr.server.settings import SERVED_MODEL_NAME, ServerSettings, SettingsError
 from olmocr.server.wrapper import resolve_executable
 
 logger = logging.getLogger("olmocr.pipeline")
@@ -57,7 +57,14 @@ def internal_settings(args: Any, vllm_args: Sequence[str] = ()) -> ServerSetting
     )
     extra = settings.extra_vllm_args + tuple(vllm_args)
     refuse_secrets_in_argv(extra)
-    return dataclasses.replace(settings, extra_vllm_args=extra, vllm_bin=resolve_executable(settings.vllm_bin))
+    try:
+        vllm_bin = resolve_executable(settings.vllm_bin)
+    except SettingsError:
+        raise SettingsError(
+            f"no vLLM executable {settings.vllm_bin!r} to start a server with: install the gpu extra "
+            "(pip install 'olmocr-serve[gpu]') or set OLMOCR_VLLM_BIN, or give a running server with --vllm-url"
+        ) from None
+    return dataclasses.replace(settings, extra_vllm_args=extra, vllm_bin=vllm_bin)
 
 
 def existing_server(base_url: str, api_key: str | None, port: int) -> str | None:

@@ -35,12 +35,17 @@ UNSUPPORTED: dict[str, str] = {
 _UNSUPPORTED_SWITCHES = {"--beaker"}
 
 
+def fail(parser: argparse.ArgumentParser, message: str) -> None:
+    """``prog: error: message`` on one line (no usage dump: the message says what to do), exit status 2."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
 class _Unsupported(argparse.Action):
     """Stops at once with ``prog: error: --flag: why`` (exit status 2, as argparse errors)."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
-        parser.exit(2, f"{parser.prog}: error: {option_string}: {UNSUPPORTED[option_string or '']}\n")
+        fail(parser, f"{option_string}: {UNSUPPORTED[option_string or '']}")
 
 
 def add_upstream_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,7 +83,7 @@ def add_upstream_arguments(parser: argparse.ArgumentParser) -> None:
 def check_unknown(parser: argparse.ArgumentParser, unknown: Sequence[str], internal: bool) -> tuple[str, ...]:
     """The flags to pass to ``vllm serve`` (internal mode), or a one-line error for them (external mode)."""
     if unknown and not internal:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)} (flags the pipeline does not know are passed "
+        fail(parser, f"unrecognized arguments: {' '.join(unknown)} (flags the pipeline does not know are passed "
                      "to vLLM only when it starts its own server, i.e. without --vllm-url)")
     return tuple(unknown)
 
@@ -88,14 +93,14 @@ def check_upstream_flags(parser: argparse.ArgumentParser, args: argparse.Namespa
     internal-server flags given with ``--vllm-url`` are noted as ignored."""
     for flag, profile in (("--workspace_profile", args.workspace_profile), ("--pdf_profile", args.pdf_profile)):
         if (error := profile_error(flag, profile)) is not None:
-            parser.error(error)
+            fail(parser, error)
     if args.apply_filter:
         from olmocr.pipeline.filters import FilterUnavailable, check_available
 
         try:
             check_available()
         except FilterUnavailable as exc:
-            parser.error(str(exc))
+            fail(parser, str(exc))
     if args.server and (ignored := ignored_with_server(args)):
         logging.getLogger("olmocr.pipeline").info(
             "%s only configure the server the pipeline starts itself; ignored with --vllm-url", ", ".join(ignored))
