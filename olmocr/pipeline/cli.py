@@ -10,6 +10,7 @@ import signal
 import sys
 
 from olmocr.pipeline.pipeline import PipelineConfig, run_pipeline
+from olmocr.pipeline.render import DEFAULT_RENDER_TIMEOUT_S
 
 logger = logging.getLogger("olmocr.pipeline")
 
@@ -58,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "after it (default 300)")
     work.add_argument("--render_processes", type=int, default=None,
                       help="page-rendering processes (default: number of CPU cores)")
+    work.add_argument("--render_timeout", type=float, default=DEFAULT_RENDER_TIMEOUT_S,
+                      help="time limit in seconds for rendering one page (or reading its text layer); a page "
+                           "over it fails, its render process is killed and replaced (default "
+                           f"{DEFAULT_RENDER_TIMEOUT_S:g}; 0 = no limit)")
     out = p.add_argument_group("output")
     out.add_argument("--markdown", action="store_true",
                      help="also write markdown/<source path>.md for each document into the workspace")
@@ -103,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         value = pages_per_group if name == "pages_per_group" else getattr(args, name)
         if value < 1:
             parser.error(f"--{name} must be at least 1")
+    if args.render_timeout < 0:
+        parser.error("--render_timeout must be 0 (no limit) or more")
     if not 0 <= args.max_page_error_rate <= 1:
         parser.error("--max_page_error_rate must be between 0 and 1")
     if args.model and args.model != "olmocr":
@@ -132,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         lease_seconds=args.lease_seconds,
         progress_interval=args.progress_interval,
         render_processes=args.render_processes,
+        render_timeout=args.render_timeout,
     )
     try:
         if args.stats:

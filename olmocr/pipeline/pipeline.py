@@ -13,7 +13,7 @@ from olmocr.pipeline.inputs import expand_inputs
 from olmocr.pipeline.output import dolma_jsonl, markdown_relpath
 from olmocr.pipeline.pages import PageProcessor, PageSettings
 from olmocr.pipeline.progress import Progress, report_progress
-from olmocr.pipeline.render import Renderer
+from olmocr.pipeline.render import DEFAULT_RENDER_TIMEOUT_S, Renderer
 from olmocr.pipeline.storage import Storage, open_storage
 from olmocr.pipeline.workqueue import LeaseLost, WorkItem, WorkQueue
 
@@ -43,6 +43,7 @@ class PipelineConfig:
     lease_seconds: float = 300.0
     progress_interval: float = 10.0
     render_processes: int | None = None
+    render_timeout: float | None = DEFAULT_RENDER_TIMEOUT_S
 
 
 def populate(queue: WorkQueue, specs: tuple[str, ...], pages_per_group: int) -> None:
@@ -65,7 +66,7 @@ class Runner:
         self.queue = queue
         self.client = client
         self.progress = Progress()
-        self.renderer = Renderer(config.render_processes)
+        self.renderer = Renderer(config.render_processes, config.render_timeout)
         settings = PageSettings(config.target_longest_image_dim, config.max_page_retries, config.max_model_len,
                                 config.guided_decoding)
         pages = PageProcessor(self.renderer, client, settings, self.progress)
