@@ -391,16 +391,20 @@ class WorkQueue:
             self._done.add(item.hash)
         self.release(item)
 
-    def release(self, item: WorkItem) -> None:
-        """Give up the lease without completing (no-op if we do not hold it)."""
+    def release(self, item: WorkItem) -> bool:
+        """Give up the lease without completing; True if our lock was deleted (no-op if we do not hold it).
+
+        The lease is forgotten locally first: if the storage fails here, the lock expires by itself."""
         with self._lock:
             lease_id = self._leases.pop(item.hash, None)
         if lease_id is None:
-            return
+            return False
         key = lock_key(item.hash)
         records = _parse_jsonl(self.storage.read(key))
         if records and records[0].get("lease_id") == lease_id:
             self.storage.delete(key)
+            return True
+        return False
 
     def counts(self) -> dict:
         """``{"total", "done", "leased", "pending"}`` item counts (leased = live leases on not-done items)."""
