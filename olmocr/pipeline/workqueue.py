@@ -338,7 +338,7 @@ class WorkQueue:
         found = self.storage.read_versioned(key)
         current = _parse_jsonl(found[0]) if found else []
         if not current or current[0].get("lease_id") != lease_id:
-            self._forget(item.hash)
+            self._forget(item.hash, lease_id)
             raise LeaseLost(
                 f"work item {item.hash}: lease taken over by {current[0].get('worker_id') if current else 'nobody'}"
             )
@@ -346,7 +346,7 @@ class WorkQueue:
         if not self.storage.replace_if(
             key, self._lease_record(lease_id, current[0].get("claimed_at")), found[1]
         ):
-            self._forget(item.hash)
+            self._forget(item.hash, lease_id)
             raise LeaseLost(f"work item {item.hash}: lease changed while renewing")
 
     def holds(self, item: WorkItem) -> bool:
@@ -357,9 +357,11 @@ class WorkQueue:
         records = _parse_jsonl(data)
         return lease_id is not None and bool(records) and records[0].get("lease_id") == lease_id
 
-    def _forget(self, item_hash: str) -> None:
+    def _forget(self, item_hash: str, lease_id: str) -> None:
+        # Only that lease: a renewal abandoned by its caller may finish after the item was claimed again.
         with self._lock:
-            self._leases.pop(item_hash, None)
+            if self._leases.get(item_hash) == lease_id:
+                del self._leases[item_hash]
 
     # ---- finishing --------------------------------------------------------------------------------
 
