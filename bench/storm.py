@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -379,6 +380,7 @@ def run(corpus: Corpus, quick: bool = False) -> tuple[list[Figure], dict]:
 
     log_dir = OUT_DIR / "logs" / "storm"
     log_dir.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log: thousands of lines
     detail: dict[str, Any] = {"corpus": corpus.describe(), "health_env": HEALTH_ENV, "standin_env": STANDIN_ENV,
                               "lease_s": LEASE_S, "s3_fault_share": S3_FAULT_SHARE}
     ctl_dir = make_tmpdir("storm-control")
