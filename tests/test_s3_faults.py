@@ -172,3 +172,19 @@ def test_lease_that_cannot_be_renewed_is_given_up(proxy: FaultProxy, s3_server: 
     assert "could not renew the lease" in text
     assert text.count("claimed work item") == 2  # given up, then claimed again once the store recovered
     assert _results(s3_server, "ws") == {str(docs[0]): 1}
+
+
+def test_read_timeout_is_retried(proxy: FaultProxy, s3_server: S3Server) -> None:  # noqa: F811
+    from botocore.config import Config
+
+    from olmocr.pipeline.storage import S3Storage, make_s3_client
+
+    # The shipped read timeout is 60 s; a short one here, the same retry handling.
+    client = make_s3_client(config=Config(retries={"mode": "standard", "max_attempts": 3}, read_timeout=1,
+                                          connect_timeout=2))
+    storage = S3Storage(s3_server.url("ws"), client=client)
+    storage.write("results/output_x.jsonl", b"{}\n")
+    proxy.stall_s = 3
+    proxy.rule = Switch("GET", "/ws/results/output_x.jsonl", "stall", times=1)
+    assert storage.read("results/output_x.jsonl") == b"{}\n"
+    assert proxy.counts["stall"] == 1 and proxy.counts["forwarded"] >= 2
