@@ -53,9 +53,15 @@ LEASE_S = 20
 # Runs longer than this reset the consecutive-restart count (the kills are spaced further apart), and a
 # crash loop is given up after this many restarts in a row.
 HEALTH_ENV = {**FAST_HEALTH, "OLMOCR_RESTART_RESET_AFTER": "4", "OLMOCR_MAX_RESTART_ATTEMPTS": "3"}
-# Each server answers 3 requests at a time after 1.2 s: ~5 pages/s for the two, so the baseline lasts
-# long enough (about two minutes over the 568-page corpus) for the storm to hit it many times.
-STANDIN_ENV = {"OLMOCR_STANDIN_LATENCY": "1.2", "OLMOCR_STANDIN_CONCURRENCY": "3"}
+# Each server answers 3 requests at a time after 1.2 s (for the 568-page corpus; scaled to the corpus
+# size): the baseline lasts long enough (about two minutes) for the storm to hit it many times.
+STANDIN_CONCURRENCY = 3
+LATENCY_FOR_568_PAGES_S = 1.2
+
+
+def standin_env(total_pages: int) -> dict[str, str]:
+    latency = min(6.0, max(0.3, LATENCY_FOR_568_PAGES_S * 568 / max(1, total_pages)))
+    return {"OLMOCR_STANDIN_LATENCY": f"{latency:.2f}", "OLMOCR_STANDIN_CONCURRENCY": str(STANDIN_CONCURRENCY)}
 
 
 @dataclass
@@ -381,7 +387,8 @@ def run(corpus: Corpus, quick: bool = False) -> tuple[list[Figure], dict]:
     log_dir = OUT_DIR / "logs" / "storm"
     log_dir.mkdir(parents=True, exist_ok=True)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log: thousands of lines
-    detail: dict[str, Any] = {"corpus": corpus.describe(), "health_env": HEALTH_ENV, "standin_env": STANDIN_ENV,
+    standin = standin_env(corpus.total_pages)
+    detail: dict[str, Any] = {"corpus": corpus.describe(), "health_env": HEALTH_ENV, "standin_env": standin,
                               "lease_s": LEASE_S, "s3_fault_share": S3_FAULT_SHARE}
     ctl_dir = make_tmpdir("storm-control")
     controls = [ctl_dir / "server-a.json", ctl_dir / "server-b.json"]
@@ -401,7 +408,7 @@ def run(corpus: Corpus, quick: bool = False) -> tuple[list[Figure], dict]:
         for i, c in enumerate(controls):
             dep_logs = log_dir / f"server-{'ab'[i]}"
             dep_logs.mkdir(exist_ok=True)
-            deps.append(Deployment(dep_logs, HEALTH_ENV, {**STANDIN_ENV, "OLMOCR_STANDIN_CONTROL": str(c)}))
+            deps.append(Deployment(dep_logs, HEALTH_ENV, {**standin, "OLMOCR_STANDIN_CONTROL": str(c)}))
         for d in deps:
             d.wait_healthy(120, since=0)
         log(f"storm: two deployments healthy on ports {[d.port for d in deps]}; moto at {endpoint} behind {proxy.url}")
