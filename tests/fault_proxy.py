@@ -8,9 +8,12 @@ request, except a chosen share that it answers with a fault instead:
 * ``reset-before`` -- the connection is reset (TCP RST) before the request reaches the server;
 * ``reset-after`` -- the request IS forwarded and executed, then the connection is reset instead of
   answering: the client cannot know its write happened (the hard case for conditional writes);
-* ``stall`` -- the answer is held back ``stall_s`` seconds (longer than a client's read timeout).
+* ``stall`` -- the answer is held back ``stall_s`` seconds (longer than a client's read timeout);
+* ``truncate`` -- the answer's headers and half its body are sent, then the connection is reset (a
+  connection that breaks while an object streams in).
 
-Faults are drawn at random (``error_rate`` for 503/500, ``drop_rate`` for the resets, ``stall_rate``),
+Faults are drawn at random (``error_rate`` for 503/500, ``drop_rate`` for the three kinds of reset,
+``stall_rate``),
 reproducibly from ``seed``, or chosen per request by ``rule(method, path) -> action | None`` (rules win).
 Rates can be changed while it runs (plain attributes). ``counts`` tallies what was done.
 
@@ -37,7 +40,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-ACTIONS = ("503", "500", "reset-before", "reset-after", "stall")
+ACTIONS = ("503", "500", "reset-before", "reset-after", "stall", "truncate")
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server",
                "proxy-connection", "upgrade", "te", "trailer"}
 _ERROR_XML = ('<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{msg}</Message>'
@@ -113,11 +116,11 @@ class FaultProxy:
                 return action
         with self._lock:
             r = self._rng.random()
-            half = self._rng.random() < 0.5
+            pick = self._rng.random()
         if r < self.error_rate:
-            return "503" if half else "500"
+            return "503" if pick < 0.5 else "500"
         if r < self.error_rate + self.drop_rate:
-            return "reset-before" if half else "reset-after"
+            return "reset-before" if pick < 1 / 3 else "reset-after" if pick < 2 / 3 else "truncate"
         if r < self.error_rate + self.drop_rate + self.stall_rate:
             return "stall"
         return None
@@ -212,6 +215,10 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
+        if action == "truncate" and self.command != "HEAD":
+            self.wfile.write(payload[: len(payload) // 2])
+            self.wfile.flush()
+            return self._reset()
         if self.command != "HEAD" and payload:
             self.wfile.write(payload)
 

@@ -188,3 +188,13 @@ def test_read_timeout_is_retried(proxy: FaultProxy, s3_server: S3Server) -> None
     proxy.rule = Switch("GET", "/ws/results/output_x.jsonl", "stall", times=1)
     assert storage.read("results/output_x.jsonl") == b"{}\n"
     assert proxy.counts["stall"] == 1 and proxy.counts["forwarded"] >= 2
+
+
+def test_connection_breaking_while_an_object_streams_in_is_read_again(
+        proxy: FaultProxy, s3_server: S3Server) -> None:  # noqa: F811
+    storage = open_storage(s3_server.url("ws"))
+    body = b"x" * 200_000
+    storage.write("results/output_big.jsonl", body)
+    proxy.rule = Switch("GET", "/ws/results/output_big.jsonl", "truncate", times=2)  # BODY_READ_ATTEMPTS is 3
+    assert storage.read("results/output_big.jsonl") == body
+    assert proxy.counts["truncate"] == 2

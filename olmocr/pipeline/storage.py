@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Protocol
@@ -176,6 +177,8 @@ DEFAULT_S3_MAX_ATTEMPTS = 8
 #: Seconds to connect / to wait for an answer before botocore counts the attempt as failed and retries.
 S3_CONNECT_TIMEOUT_S = 10
 S3_READ_TIMEOUT_S = 60
+#: Tries to read an object's body when the connection breaks mid-stream (botocore does not retry that).
+BODY_READ_ATTEMPTS = 3
 
 
 def s3_client_config(environ: dict[str, str] | None = None) -> Any:
@@ -203,6 +206,27 @@ def make_s3_client(**kwargs: Any) -> Any:
     return boto3.client("s3", config=config, **kwargs)
 
 
+def get_object_bytes(client: Any, **params: Any) -> tuple[bytes, dict]:
+    """``get_object(**params)`` and its whole body; returns (body, response).
+
+    botocore retries the request, but not the reading of the body it returned: a connection that breaks
+    while the object streams in would fail the call. Such reads are tried again (``BODY_READ_ATTEMPTS``).
+    """
+    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+
+    for attempt in range(BODY_READ_ATTEMPTS):
+        response = client.get_object(**params)
+        try:
+            return response["Body"].read(), response
+        except (ResponseStreamingError, IncompleteReadError, ReadTimeoutError) as exc:
+            if attempt + 1 == BODY_READ_ATTEMPTS:
+                raise
+            logger.info("s3://%s/%s: reading the object broke off (%s); reading it again", params.get("Bucket"),
+                        params.get("Key"), exc)
+            time.sleep(0.2 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
 def _error_code(exc: Exception) -> str:
     response = getattr(exc, "response", None) or {}
     return str(response.get("Error", {}).get("Code", ""))
@@ -228,12 +252,11 @@ class S3Storage:
         from botocore.exceptions import ClientError
 
         try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            data, response = get_object_bytes(self.client, Bucket=self.bucket, Key=self._key(key))
         except ClientError as exc:
             if _error_code(exc) in _MISSING:
                 return None
             raise
-        data = response["Body"].read()
         return data, str(response["ETag"]).strip('"')
 
     def read(self, key: str) -> bytes | None:
