@@ -117,7 +117,7 @@ class Runner:
         interval = max(1.0, lease / 3)
         retry_after = max(0.5, min(5.0, interval / 4))
         margin = min(5.0, lease / 10)  # clock skew between machines comparing expiry times
-        renewed_at = time.monotonic()  # the claim wrote the lease just before
+        renewed_at = item.leased_at or time.monotonic()
         next_at = renewed_at + interval
         while not work.done():
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))

@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zstandard
 
@@ -51,6 +51,8 @@ class WorkItem:
 
     hash: str
     paths: tuple[str, ...]
+    #: ``time.monotonic()`` just before the lease was written (0: unknown); the lease runs from here.
+    leased_at: float = field(default=0.0, compare=False)
 
 
 class LeaseLost(Exception):
@@ -317,6 +319,7 @@ class WorkQueue:
         locked = {_hash_from_key(k, "worker_", ".lock") for k in self.storage.list(f"{LOCKS_DIR}/")}
         pending.sort(key=lambda h: h in locked)  # unlocked first, then maybe-expired
         for item_hash in pending:
+            leased_at = time.monotonic()
             lease_id = self._try_lease(item_hash)
             if lease_id is None:
                 continue
@@ -325,7 +328,7 @@ class WorkQueue:
             if self.is_done(item_hash):  # completed between our listing and our lease
                 self.release(WorkItem(item_hash, index[item_hash]))
                 continue
-            return WorkItem(hash=item_hash, paths=index[item_hash])
+            return WorkItem(hash=item_hash, paths=index[item_hash], leased_at=leased_at)
         return None
 
     def renew(self, item: WorkItem) -> None:
