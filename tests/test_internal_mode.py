@@ -198,7 +198,7 @@ def _pid_or_none(run: InternalRun) -> int | None:
         return None
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sigkill", "ctrl-c-while-loading"])
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "ctrl-c-twice", "sigkill", "ctrl-c-while-loading"])
 def test_internal_mode_stopped_leaves_no_process(internal_run, tmp_path: Path, how: str) -> None:
     pdfs = _docs(tmp_path, 2, 2)
     if how == "ctrl-c-while-loading":  # the model takes minutes to load: Ctrl+C then must stop it too
@@ -206,20 +206,29 @@ def test_internal_mode_stopped_leaves_no_process(internal_run, tmp_path: Path, h
         run.wait_output("started a vLLM server for this run", 60)
         wait_for(lambda: any("olmocr.standin" in p for p in run.leftovers()), 30, "the server process")
     else:
-        run = internal_run(pdfs, control={"latency": 30})
+        # Pages take 30 s: a graceful stop waits --stop_timeout (1 s) for them, then hands the items back.
+        run = internal_run(pdfs, "--stop_timeout", "1", control={"latency": 30})
         run.wait_output("claimed work item", 60)
     assert run.leftovers(), "no server process seen"
     if how.startswith("ctrl-c"):
         os.killpg(run.proc.pid, signal.SIGINT)  # what a terminal's Ctrl+C does: the foreground group
+        if how == "ctrl-c-twice":
+            run.wait_output("stopping gracefully", 10)
+            os.killpg(run.proc.pid, signal.SIGINT)  # the impatient second one: exit at once
     elif how == "sigterm":
         os.kill(run.proc.pid, signal.SIGTERM)
     else:
         os.kill(run.proc.pid, signal.SIGKILL)  # the pipeline dies: its server must not outlive it
     status = run.wait(60)
-    assert status == (-9 if how == "sigkill" else 130), run.output()[-3000:]
-    run.assert_nothing_left(30 if how == "sigkill" else 5)
-    if how != "sigkill":
+    expected = {"sigkill": -9, "ctrl-c-twice": 130}.get(how, 0)  # a first signal is a graceful stop
+    assert status == expected, run.output()[-3000:]
+    run.assert_nothing_left(30 if how in ("sigkill", "ctrl-c-twice") else 5)
+    if how in ("ctrl-c", "sigterm", "ctrl-c-while-loading"):
         assert "stopping the vLLM server of this run" in run.output()
+    if how == "ctrl-c-while-loading":
+        assert "while the server was starting; no work was claimed" in run.output()
+    elif how in ("ctrl-c", "sigterm"):
+        assert not list((run.workspace / "worker_locks").glob("*.lock"))  # items handed back at once
 
 
 def test_internal_mode_uses_an_olmocr_server_already_on_the_port(internal_run, tmp_path: Path) -> None:

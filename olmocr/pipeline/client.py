@@ -279,6 +279,10 @@ class ServerClient:
                     return data
                 if resp.status == 429 or resp.status >= 500:
                     problem = f"HTTP {resp.status}"
+                elif resp.status == 404 and b"does not exist" in resp.body:
+                    # A server started with the wrong --served-model-name: not the page's fault; wait
+                    # for a server that serves it (the health check looks at /v1/models).
+                    problem = f"HTTP 404, model {MODEL_NAME!r} not served"
                 else:
                     self.stats.rejected += 1
                     raise RequestRejected(resp.status, resp.body[:300].decode("utf-8", "replace"))

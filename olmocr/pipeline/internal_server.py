@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -24,6 +25,7 @@ from typing import Any
 
 import requests
 
+from olmocr.pipeline.shutdown import StopRequest
 from olmocr.server.command import refuse_secrets_in_argv
 from olmocr.server.settings import SERVED_MODEL_NAME, ServerSettings, SettingsError
 from olmocr.server.wrapper import resolve_executable
@@ -162,6 +164,12 @@ class InternalServer:
             if reason is not None:
                 return reason
 
+    def signal_stop(self) -> None:
+        """Tell supervisord to stop vLLM and exit, without waiting (the process is about to exit at once)."""
+        process = self.manager.supervisord
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+
     def stop(self) -> None:
         """Stop supervisord, vLLM's process group and anything left of the tree; tidy the run directory."""
         logger.info("stopping the vLLM server of this run")
@@ -172,9 +180,15 @@ class InternalServer:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
-async def run_with_internal_server(run: Callable[[str], Awaitable[int]], settings: ServerSettings, run_dir: str | None,
-                                   ready_timeout: float, api_key: str | None) -> int:
-    """``await run(server_url)`` against a server started for it (or an olmocr server already on the port)."""
+async def run_with_internal_server(run: Callable[[str], Awaitable[int]], stop: StopRequest, *,
+                                   settings: ServerSettings, run_dir: str | None, ready_timeout: float,
+                                   api_key: str | None) -> int:
+    """``await run(server_url)`` against a server started for it (or an olmocr server already on the port).
+
+    A stop request (first Ctrl+C / SIGTERM) while the model loads stops at once (exit 0); during the run the
+    pipeline stops gracefully and the server is stopped after it. A second signal exits the process at once:
+    supervisord is told to stop vLLM first (and gets SIGTERM from the kernel anyway when we are gone).
+    """
     found = await asyncio.to_thread(existing_server, settings.base_url, api_key, settings.port)
     if found == SERVED_MODEL_NAME:
         logger.info("a server is already answering on %s and serves '%s': using it (not starting one)",
@@ -185,10 +199,23 @@ async def run_with_internal_server(run: Callable[[str], Awaitable[int]], setting
         return 2
     server = InternalServer(settings, run_dir)
     server.start()
+    stop.on_hard_exit(server.signal_stop)
     pipeline: asyncio.Task[int] | None = None
     try:
+        ready = asyncio.create_task(server.wait_ready(ready_timeout))
+        stopped = asyncio.create_task(stop.event.wait())
         try:
-            await server.wait_ready(ready_timeout)
+            await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not ready.done():
+                ready.cancel()
+        if not ready.done() or ready.cancelled():
+            logger.warning("stopped on request (%s) while the server was starting; no work was claimed",
+                           stop.signal_name)
+            return 0
+        try:
+            ready.result()
         except InternalServerError as exc:
             server.failed = True
             logger.error("%s", exc)
@@ -210,5 +237,4 @@ async def run_with_internal_server(run: Callable[[str], Awaitable[int]], setting
             pipeline.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await pipeline
-        # Shielded: a second Ctrl+C must not abandon the stop half-way.
-        await asyncio.shield(asyncio.to_thread(server.stop))
+        await asyncio.to_thread(server.stop)
