@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from olmocr.pipeline.client import ServerClient, ServerNotReady
 from olmocr.pipeline.documents import DocOutcome, DocumentProcessor, failure
@@ -43,6 +43,9 @@ class PipelineConfig:
     lease_seconds: float = 300.0
     progress_interval: float = 10.0
     render_processes: int | None = None
+    metrics_port: int | None = None  # --metrics_port: serve /metrics while running (olmocr.pipeline.metrics)
+    metrics_host: str = "127.0.0.1"
+    metrics_token: str | None = field(default=None, repr=False)
 
 
 def populate(queue: WorkQueue, specs: tuple[str, ...], pages_per_group: int) -> None:
@@ -166,6 +169,11 @@ class Runner:
             logger.warning("could not release work item %s: %s", item.hash, exc)
 
     async def run(self) -> None:
+        exporter = None
+        if self.config.metrics_port:
+            from olmocr.pipeline.metrics import start_for_runner
+
+            exporter = await start_for_runner(self)
         reporter = asyncio.create_task(report_progress(
             self.progress, lambda: (self.client.describe_state(), self.client.in_flight), self.config.progress_interval))
         try:
@@ -174,6 +182,8 @@ class Runner:
         finally:
             reporter.cancel()
             self.renderer.close()
+            if exporter is not None:
+                await exporter.close()
         logger.info("%s", self.progress.line(self.client.describe_state(), self.client.in_flight))
         logger.info("%s", self.progress.summary())
 

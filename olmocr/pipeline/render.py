@@ -15,7 +15,9 @@ import logging
 import multiprocessing
 import os
 import re
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -220,6 +222,7 @@ class Renderer:
     def __init__(self, processes: int | None = None) -> None:
         self.processes = processes or default_render_processes()
         self._pool = self._new_pool()
+        self.observe_render: Callable[[float], None] | None = None  # render-latency hook (metrics)
 
     def _new_pool(self) -> ProcessPoolExecutor:
         ctx = multiprocessing.get_context("spawn")
@@ -245,7 +248,11 @@ class Renderer:
         return await self._call(_job_probe, path, kind)
 
     async def render(self, path: str, kind: str, page_num: int, target_dim: int, rotation: int = 0) -> bytes:
-        return await self._call(_job_render, path, kind, page_num, target_dim, rotation)
+        started = time.monotonic()
+        image = await self._call(_job_render, path, kind, page_num, target_dim, rotation)
+        if self.observe_render is not None:
+            self.observe_render(time.monotonic() - started)
+        return image
 
     async def text(self, path: str, kind: str, page_num: int) -> str:
         try:
