@@ -17,7 +17,6 @@ import time
 import aiohttp
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 from olmocr.endpoints import EndpointConfigError, check_exposure, is_loopback
 from olmocr.server.health import kill_category
@@ -30,6 +29,7 @@ from olmocr.server.status_service import (
     server_metrics,
 )
 from tests.deployment_helpers import Deployment, wait_for
+from tests.metrics_helpers import parse_metrics
 from tests.standin_helpers import clean_env, free_port
 
 MODEL = "allenai/olmOCR-7B-0825-FP8"
@@ -40,16 +40,7 @@ def scrape(url: str, **kw) -> dict[str, float]:
     response = requests.get(f"{url}/metrics", timeout=5, **kw)
     response.raise_for_status()
     assert response.headers["Content-Type"].startswith("text/plain; version=")
-    return samples(response.text)
-
-
-def samples(text: str) -> dict[str, float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}"] = s.value
-    return out
+    return parse_metrics(response.text)
 
 
 def m(name: str, **labels: str) -> str:
@@ -307,12 +298,12 @@ def test_metrics_keep_last_known_counters_while_supervisord_is_unreachable():
     good = Snapshot({"healthy": True, "state": "RUNNING", "health_phase": "healthy", "uptime_seconds": 5},
                     info={"statename": "RUNNING"}, stats=stats, settings={"model": "mdl"})
     down = Snapshot({"healthy": False, "error": "supervisord unreachable"})
-    text_good = samples(_exposition(server_metrics(good, good)))
+    text_good = parse_metrics(_exposition(server_metrics(good, good)))
     assert text_good['olmocr_server_restarts_total{model=mdl}'] == 3.0
     assert text_good['olmocr_server_health_kills_total{model=mdl,reason=completion_timeout}'] == 2.0
     assert text_good['olmocr_server_last_probe_duration_seconds{model=mdl}'] == 0.25
     assert text_good['olmocr_server_consecutive_probe_failures{model=mdl}'] == 1.0
-    text_down = samples(_exposition(server_metrics(down, good)))
+    text_down = parse_metrics(_exposition(server_metrics(down, good)))
     assert text_down['olmocr_server_restarts_total{model=mdl}'] == 3.0
     assert text_down['olmocr_server_up{model=mdl}'] == 0.0
     assert text_down['olmocr_server_health_phase{model=mdl,phase=unknown}'] == 1.0

@@ -173,7 +173,11 @@ class Runner:
         if self.config.metrics_port:
             from olmocr.pipeline.metrics import start_for_runner
 
-            exporter = await start_for_runner(self)
+            try:
+                exporter = await start_for_runner(self)
+            except BaseException:
+                self.renderer.close()
+                raise
         reporter = asyncio.create_task(report_progress(
             self.progress, lambda: (self.client.describe_state(), self.client.in_flight), self.config.progress_interval))
         try:
