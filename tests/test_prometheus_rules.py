@@ -1,0 +1,72 @@
+"""deploy/prometheus: the scrape configuration and alerting rules are valid, their alerts fire when they should
+(promtool's rule unit tests, olmocr-alerts.test.yml), and every metric they use is one we export."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from prometheus_client import generate_latest
+
+from olmocr.pipeline.client import ServerStats
+from olmocr.pipeline.metrics import PipelineMetrics
+from olmocr.pipeline.progress import Progress
+from olmocr.server.status_service import ServiceSettings, Snapshot, StatusService
+from tests.metrics_helpers import parse_metrics
+from tests.standin_helpers import REPO_ROOT
+
+PROM_DIR = REPO_ROOT / "deploy" / "prometheus"
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian package 'prometheus')")
+
+
+def exported_names() -> set[str]:
+    """Sample names the status service and the pipeline export, with every optional series present."""
+    stats = {"restarts": 1, "starts": 2, "kills_by_reason": {"completion_timeout": 1}, "last_healthy_time": 1.0,
+             "health": {"time": 1.0, "latency_ms": 5.0, "consecutive_failures": 0}}
+    snapshot = Snapshot({"healthy": True, "state": "RUNNING", "health_phase": "healthy", "uptime_seconds": 1},
+                        info={"statename": "RUNNING"}, stats=stats, settings={"model": "m"})
+    service = StatusService(ServiceSettings(), read=lambda: snapshot)
+    service.update(snapshot)
+    client = SimpleNamespace(base_url="http://s", in_flight=0, describe_state=lambda: "up", stats=ServerStats())
+    pipeline = PipelineMetrics(Progress(), lambda: [client])
+    pipeline.queue_counts = {"pending": 1, "leased": 0, "done": 0}
+    names = set()
+    for registry in (service.registry, pipeline.registry):
+        names |= {key.split("{")[0] for key in parse_metrics(generate_latest(registry).decode())}
+    return names
+
+
+def test_rules_are_well_formed_and_use_only_exported_metrics():
+    rules = yaml.safe_load((PROM_DIR / "olmocr-alerts.yml").read_text())
+    alerts = [rule for group in rules["groups"] for rule in group["rules"]]
+    assert {a["alert"] for a in alerts} >= {"OlmocrServerUnhealthy", "OlmocrServerRestarting",
+                                            "OlmocrServerCrashLoopGaveUp", "OlmocrPipelineNoProgress"}
+    exported = exported_names()
+    for alert in alerts:
+        assert alert["labels"]["severity"] in ("warning", "critical"), alert["alert"]
+        assert alert["annotations"]["summary"], alert["alert"]
+        used = set(re.findall(r"\bolmocr_[a-z_]+", alert["expr"]))
+        assert used <= exported, (alert["alert"], used - exported)
+    config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
+    assert config["rule_files"] == ["olmocr-alerts.yml"]
+    jobs = {job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]}
+    assert jobs["olmocr-status"] == ["127.0.0.1:30025"]  # the status service's default address
+
+
+@needs_promtool
+def test_promtool_accepts_the_config_and_the_rules():
+    for args in (["check", "config", "prometheus.yml"], ["check", "rules", "olmocr-alerts.yml"]):
+        done = subprocess.run([PROMTOOL, *args], cwd=PROM_DIR, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+@needs_promtool
+def test_alerts_fire_when_they_should():
+    done = subprocess.run([PROMTOOL, "test", "rules", "olmocr-alerts.test.yml"], cwd=PROM_DIR,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
