@@ -279,7 +279,8 @@ def test_pushes_on_change_and_heartbeat_but_not_for_uptime_alone():
     good = Snapshot(_status(0), info={}, stats={}, settings={})
     assert service.update(good)  # first reading
     clock["t"] = 1.0
-    assert not service.update(Snapshot({**good.status, "uptime_seconds": 1}, {}, {}, {}))
+    assert not service.update(Snapshot({**good.status, "uptime_seconds": 1, "description": "uptime 0:00:01"},
+                                       {}, {}, {}))
     clock["t"] = 2.0
     assert service.update(Snapshot({**good.status, "restart_count": 1}, {}, {}, {}))
     clock["t"] = 7.5

@@ -140,9 +140,13 @@ def read_snapshot(proxy: Any, program: str, url: str, clock: Callable[[], float]
     return Snapshot(build_status(info, stats, settings), info, stats, settings, clock())
 
 
+#: Fields that change every second by themselves (supervisord's description says "uptime 0:00:06").
+_TICKING = frozenset({"uptime_seconds", "description"})
+
+
 def change_key(status: Mapping[str, Any]) -> str:
-    """What makes a status worth pushing: all of it except the uptime, which changes every second."""
-    return json.dumps({k: v for k, v in status.items() if k != "uptime_seconds"}, sort_keys=True)
+    """What makes a status worth pushing: all of it except the fields that tick with the clock."""
+    return json.dumps({k: v for k, v in status.items() if k not in _TICKING}, sort_keys=True)
 
 
 def health_phase(snapshot: Snapshot) -> str:
