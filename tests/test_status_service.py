@@ -351,3 +351,16 @@ def test_settings_from_environment_with_clear_errors(tmp_path):
     token_file.write_text("tok\n")
     settings = ServiceSettings.from_env({"OLMOCR_STATUS_HOST": "0.0.0.0", "OLMOCR_STATUS_TOKEN_FILE": str(token_file)})
     assert settings.token == "tok" and "tok" not in repr(settings)
+
+
+def test_every_rendered_configuration_runs_the_status_service():
+    from olmocr.server.supervisor_config import ConfigLayout, render_supervisord_config
+    from tests.standin_helpers import REPO_ROOT
+
+    manager_config = render_supervisord_config(ConfigLayout(python="/venv/bin/python"))
+    assert "[program:olmocr-status]\ncommand = /venv/bin/python -m olmocr.server.status_service" in manager_config
+    checked_in = (REPO_ROOT / "supervisord.conf").read_text()
+    assert "command = %(here)s/scripts/olmocr-status-service" in checked_in
+    assert (REPO_ROOT / "scripts" / "olmocr-status-service").stat().st_mode & 0o111
+    include = (REPO_ROOT / "deploy" / "olmocr-vllm.conf").read_text()
+    assert "command = /opt/olmocr-serve/.venv/bin/python -m olmocr.server.status_service" in include
