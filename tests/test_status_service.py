@@ -188,10 +188,11 @@ def test_standalone_service_survives_a_supervisord_restart_and_counters_never_go
     os.kill(first["pid"], signal.SIGKILL)
     dep.wait_status(lambda s: s["restart_count"] == 1, 20, "restart counted")
     port = free_port()
-    service = subprocess.Popen(
-        [sys.executable, "-m", "olmocr.server.status_service", "-c", str(dep.config), "--port", str(port)],
-        env=clean_env({"OLMOCR_STATUS_POLL_INTERVAL": "0.3"}), stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "service.log", "wb"), start_new_session=True)  # noqa: SIM115
+    with open(tmp_path / "service.log", "wb") as service_log:
+        service = subprocess.Popen(
+            [sys.executable, "-m", "olmocr.server.status_service", "-c", str(dep.config), "--port", str(port)],
+            env=clean_env({"OLMOCR_STATUS_POLL_INTERVAL": "0.3"}), stdout=subprocess.DEVNULL, stderr=service_log,
+            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: scrape(url)["olmocr_supervisor_up{}"] == 1.0, 20, "service reading supervisord")
@@ -229,10 +230,10 @@ def test_slow_client_is_dropped_and_never_stalls_the_others():
 
         def read() -> Snapshot:
             counter["n"] += 1
-            return Snapshot(_status(counter["n"], pad=200_000), info={}, stats={}, settings={"model": "m"})
+            return Snapshot(_status(counter["n"], pad=100_000), info={}, stats={}, settings={"model": "m"})
 
         port = free_port()
-        settings = ServiceSettings(port=port, poll_interval=0.05, send_timeout=1.0, queue_size=2)
+        settings = ServiceSettings(port=port, poll_interval=0.1, send_timeout=2.0, queue_size=2)
         service = StatusService(settings, read)
         stop = asyncio.Event()
         from olmocr.server.status_service import serve
@@ -253,14 +254,15 @@ def test_slow_client_is_dropped_and_never_stalls_the_others():
         async with aiohttp.ClientSession() as session, session.ws_connect(f"http://127.0.0.1:{port}/ws",
                                                                           max_msg_size=0) as ws:
             seen, gaps, last = 0, [], time.monotonic()
-            deadline = time.monotonic() + 5.0
+            deadline = time.monotonic() + 6.0
             while time.monotonic() < deadline:
                 msg = await ws.receive(timeout=2)
                 now = time.monotonic()
                 gaps.append(now - last)
                 last = now
                 seen = json.loads(msg.data)["restart_count"]
-            assert max(gaps) < 1.0, "a reading client waited on the stalled one"
+            # Had the service waited on the stalled client, a gap would last its send timeout (2 s).
+            assert max(gaps) < 1.5, f"a reading client waited on the stalled one ({max(gaps):.2f} s)"
             assert seen >= counter["n"] - 10
         # The stalled client was cut off, and says so in the service's own metrics.
         assert service.registry.get_sample_value("olmocr_status_websocket_slow_disconnects_total") >= 1
