@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 import subprocess
 from types import SimpleNamespace
 
 import pytest
+import requests
 import yaml
 from prometheus_client import generate_latest
 
@@ -16,8 +19,9 @@ from olmocr.pipeline.client import ServerStats
 from olmocr.pipeline.metrics import PipelineMetrics
 from olmocr.pipeline.progress import Progress
 from olmocr.server.status_service import ServiceSettings, Snapshot, StatusService
+from tests.deployment_helpers import Deployment, wait_for
 from tests.metrics_helpers import parse_metrics
-from tests.standin_helpers import REPO_ROOT
+from tests.standin_helpers import REPO_ROOT, free_port
 
 PROM_DIR = REPO_ROOT / "deploy" / "prometheus"
 PROMTOOL = shutil.which("promtool")
@@ -70,3 +74,46 @@ def test_alerts_fire_when_they_should():
     done = subprocess.run([PROMTOOL, "test", "rules", "olmocr-alerts.test.yml"], cwd=PROM_DIR,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus not installed (Debian package 'prometheus')")
+def test_real_prometheus_scrapes_the_status_service_with_the_shipped_config(tmp_path):
+    """deploy/prometheus as shipped (only the target port changed): Prometheus reads our exposition, loads the
+    rules, and evaluates them against what it scraped."""
+    dep = Deployment().start()
+    prom_port = free_port()
+    config = (PROM_DIR / "prometheus.yml").read_text()
+    config = config.replace('"127.0.0.1:30025"', f'"127.0.0.1:{dep.status_port}"')
+    config = config.replace("scrape_interval: 15s", "scrape_interval: 1s").replace("evaluation_interval: 15s",
+                                                                                   "evaluation_interval: 1s")
+    (tmp_path / "prometheus.yml").write_text(config)
+    shutil.copy(PROM_DIR / "olmocr-alerts.yml", tmp_path)
+    with open(tmp_path / "prometheus.log", "wb") as log:
+        prom = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+                                 f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
+                                stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    api = f"http://127.0.0.1:{prom_port}/api/v1"
+
+    def query(expr: str) -> list:
+        return requests.get(f"{api}/query", params={"query": expr}, timeout=5).json()["data"]["result"]
+
+    try:
+        dep.wait_status(lambda s: s["healthy"], 30, "healthy")
+        healthy = wait_for(lambda: query('olmocr_server_healthy{job="olmocr-status"} == 1'), 30,
+                           "Prometheus to scrape a healthy server")
+        assert healthy[0]["metric"]["model"] == "allenai/olmOCR-7B-0825-FP8"
+        status_target = [t for t in requests.get(f"{api}/targets", timeout=5).json()["data"]["activeTargets"]
+                         if t["labels"]["job"] == "olmocr-status"]
+        assert status_target[0]["health"] == "up", status_target
+        groups = requests.get(f"{api}/rules", timeout=5).json()["data"]["groups"]
+        rules = [rule for group in groups for rule in group["rules"]]
+        assert len(rules) == 7 and all(rule["health"] in ("ok", "unknown") for rule in rules), rules
+        wait_for(lambda: all(r["health"] == "ok" for g in requests.get(f"{api}/rules", timeout=5).json()["data"]["groups"]
+                             for r in g["rules"]), 20, "every rule evaluated without error")
+        # Nothing fires on a healthy deployment.
+        assert not query('ALERTS{alertname=~"OlmocrServer.*|OlmocrSupervisor.*|OlmocrStatus.*"}')
+    finally:
+        os.killpg(prom.pid, signal.SIGTERM)
+        prom.wait(timeout=20)
+        dep.cleanup()
