@@ -78,9 +78,9 @@ def test_alerts_fire_when_they_should():
 
 @pytest.mark.integration
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus not installed (Debian package 'prometheus')")
-def test_real_prometheus_scrapes_the_status_service_with_the_shipped_config(tmp_path):
-    """deploy/prometheus as shipped (only the target port changed): Prometheus reads our exposition, loads the
-    rules, and evaluates them against what it scraped."""
+def test_real_prometheus_scrapes_the_status_service_and_a_kill_fires_the_restart_alert(tmp_path):
+    """deploy/prometheus as shipped (only the target port and intervals changed): Prometheus reads our
+    exposition, loads the rules, and a kill -9 of the server fires the restart alert."""
     dep = Deployment().start()
     prom_port = free_port()
     config = (PROM_DIR / "prometheus.yml").read_text()
@@ -111,8 +111,11 @@ def test_real_prometheus_scrapes_the_status_service_with_the_shipped_config(tmp_
         assert len(rules) == 7 and all(rule["health"] in ("ok", "unknown") for rule in rules), rules
         wait_for(lambda: all(r["health"] == "ok" for g in requests.get(f"{api}/rules", timeout=5).json()["data"]["groups"]
                              for r in g["rules"]), 20, "every rule evaluated without error")
-        # Nothing fires on a healthy deployment.
-        assert not query('ALERTS{alertname=~"OlmocrServer.*|OlmocrSupervisor.*|OlmocrStatus.*"}')
+        # A kill -9 of the server: the restart alert fires from what Prometheus scraped.
+        os.kill(dep.status()["pid"], signal.SIGKILL)
+        firing = wait_for(lambda: query('ALERTS{alertname="OlmocrServerRestarting", alertstate="firing"}'), 30,
+                          "OlmocrServerRestarting to fire")
+        assert firing[0]["metric"]["model"] == "allenai/olmOCR-7B-0825-FP8"
     finally:
         os.killpg(prom.pid, signal.SIGTERM)
         prom.wait(timeout=20)
