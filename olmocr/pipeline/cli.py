@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--stats", action="store_true", help="print a summary of the workspace and exit")
     out.add_argument("--progress_interval", type=float, default=10.0,
                      help="seconds between progress lines (default 10)")
+    out.add_argument("--metrics_port", type=int, default=None,
+                     help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics while running (a different "
+                          "port for each pipeline on a machine; docs/observability.md)")
+    out.add_argument("--metrics_host", default="127.0.0.1",
+                     help="address for --metrics_port (default 127.0.0.1); any other needs a bearer token in "
+                          "$OLMOCR_METRICS_TOKEN or a file given by --metrics_token_file / $OLMOCR_METRICS_TOKEN_FILE")
+    out.add_argument("--metrics_token_file", default=None, help="file holding the bearer token for /metrics")
     out.add_argument("--disk_logging", nargs="?", const="olmocr-pipeline-debug.log", default=None,
                      help="also log to this file (default name olmocr-pipeline-debug.log)")
     add_upstream_arguments(p)
@@ -132,6 +139,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.model and args.model != "olmocr" and args.server:
         logger.info("--model %s is ignored: requests use the served model name 'olmocr'", args.model)
 
+    metrics_token = None
+    if args.metrics_port is not None:
+        from olmocr.endpoints import EndpointConfigError, check_exposure, read_token
+        from olmocr.pipeline.metrics import TOKEN_FILE_VAR, TOKEN_VAR
+
+        if not 0 < args.metrics_port < 65536:
+            parser.error("--metrics_port must be 1-65535")
+        try:
+            metrics_token = read_token(os.environ, TOKEN_VAR, TOKEN_FILE_VAR, args.metrics_token_file)
+            check_exposure("--metrics_port", args.metrics_host, metrics_token, TOKEN_VAR, "--metrics_token_file")
+        except EndpointConfigError as exc:
+            parser.error(str(exc))
+        from prometheus_client import disable_created_metrics
+
+        disable_created_metrics()  # *_created series only add noise
+
     if args.stats and not args.pdfs:
         return print_stats(args.workspace, args.workspace_profile)
     server_settings = None
@@ -166,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         render_processes=args.render_processes,
         render_timeout=args.render_timeout,
         stop_timeout=args.stop_timeout,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        metrics_token=metrics_token,
         apply_filter=args.apply_filter,
         workspace_profile=args.workspace_profile,
         pdf_profile=args.pdf_profile,
@@ -183,15 +209,21 @@ def main(argv: list[str] | None = None) -> int:
 async def _run_with_signals(config: PipelineConfig, server_settings=None, server_run_dir=None) -> int:  # noqa: ANN001
     """Run the pipeline (on its own server when ``server_settings`` is given: internal mode); the first
     SIGTERM/SIGINT stops it gracefully (exit 0), a second exits at once."""
+    from olmocr.endpoints import EndpointConfigError
+
     stop = StopRequest()
     stop.install(asyncio.get_running_loop())
-    if server_settings is None:
-        return await run_pipeline(config, stop)
-    from olmocr.pipeline.internal_server import run_with_internal_server
+    server = None
+    if server_settings is not None:
+        from olmocr.pipeline.internal_server import run_with_internal_server
 
-    return await run_pipeline(config, stop, functools.partial(
-        run_with_internal_server, settings=server_settings, run_dir=server_run_dir,
-        ready_timeout=config.max_server_ready_timeout, api_key=config.api_key))
+        server = functools.partial(run_with_internal_server, settings=server_settings, run_dir=server_run_dir,
+                                   ready_timeout=config.max_server_ready_timeout, api_key=config.api_key)
+    try:
+        return await run_pipeline(config, stop, server)
+    except EndpointConfigError as exc:  # --metrics_port cannot be served (port in use): before any claim
+        logger.error("%s", exc)
+        return 2
 
 
 async def _populate_only(config: PipelineConfig) -> None:

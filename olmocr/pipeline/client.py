@@ -95,6 +95,7 @@ class ServerClient:
         self._probe: asyncio.Task[bool] | None = None
         self._probe_started = float("-inf")
         self._last_success = float("-inf")
+        self.observe_request: Callable[[float], None] | None = None  # request-latency hook (metrics)
 
     # ------------------------------------------------------------------ probes
 
@@ -252,6 +253,7 @@ class ServerClient:
             async with self._slots:
                 body = await make_body()
                 self.in_flight += 1
+                sent = time.monotonic()
                 try:
                     resp = await self._post_watched(body)
                     problem = None
@@ -265,6 +267,8 @@ class ServerClient:
                     resp = None
                 finally:
                     self.in_flight -= 1
+                    if self.observe_request is not None:
+                        self.observe_request(time.monotonic() - sent)
             if resp is not None:
                 if resp.status == 200:
                     try:
