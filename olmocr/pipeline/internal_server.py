@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -98,7 +99,11 @@ class InternalServer:
         self.keep_run_dir = run_dir is not None
         self.run_dir = Path(run_dir).resolve() if run_dir else Path(tempfile.mkdtemp(prefix="olmocr-pipeline-server-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.manager = Manager(settings, self.run_dir, status_interval=float("inf"), startsecs=STARTSECS)
+        # The deployment's status service (/status, /metrics) listens beside the server: --port + 1 unless
+        # OLMOCR_STATUS_PORT says otherwise, so that runs on other ports do not collide on its default.
+        self.status_port = int(os.environ.get("OLMOCR_STATUS_PORT") or settings.port + 1)
+        self.manager = Manager(settings, self.run_dir, status_interval=float("inf"), startsecs=STARTSECS,
+                               extra_env={"OLMOCR_STATUS_PORT": str(self.status_port)})
         self.failed = False
 
     @property
@@ -108,8 +113,9 @@ class InternalServer:
     def start(self) -> None:
         self.manager.start()
         logger.info("started a vLLM server for this run: model %s on %s (tensor-parallel %d, data-parallel %d); "
-                    "server log: %s", self.settings.model, self.settings.base_url,
-                    self.settings.tensor_parallel_size, self.settings.data_parallel_size, self.log_path)
+                    "server log: %s; server status: http://127.0.0.1:%d/status", self.settings.model,
+                    self.settings.base_url, self.settings.tensor_parallel_size, self.settings.data_parallel_size,
+                    self.log_path, self.status_port)
 
     def gone_reason(self) -> str | None:
         """Why the server will not come back by itself (supervisord dead, or the listener gave up), else None."""

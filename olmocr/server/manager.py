@@ -84,7 +84,9 @@ def socket_path_for(run_dir: Path) -> str:
 
 
 class Manager:
-    def __init__(self, settings: ServerSettings, run_dir: Path, status_interval: float, startsecs: int) -> None:
+    def __init__(self, settings: ServerSettings, run_dir: Path, status_interval: float, startsecs: int,
+                 extra_env: dict[str, str] | None = None) -> None:
+        self.extra_env = dict(extra_env or {})  # for supervisord and its programs, over os.environ
         self.settings = settings
         self.run_dir = run_dir
         self.status_interval = status_interval
@@ -106,6 +108,7 @@ class Manager:
 
     def start(self) -> None:
         env = dict(os.environ)
+        env.update(self.extra_env)
         env.update(self.settings.to_env())
         # Fresh counts for a fresh deployment run; supervisord keeps them across its own restarts.
         (self.run_dir / "run" / "olmocr-state.json").unlink(missing_ok=True)
