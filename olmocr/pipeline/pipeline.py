@@ -7,8 +7,9 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from olmocr.pipeline.client import ServerClient, ServerNotReady
+from olmocr.pipeline.client import ServerNotReady
 from olmocr.pipeline.documents import DocOutcome, DocumentProcessor, failure
+from olmocr.pipeline.fleet import SERVER_STATS_DIR, Fleet, ServerSpec, run_id, server_stats_record
 from olmocr.pipeline.inputs import expand_inputs
 from olmocr.pipeline.output import dolma_jsonl, markdown_relpath
 from olmocr.pipeline.pages import PageProcessor, PageSettings
@@ -26,8 +27,7 @@ ERROR_PAUSE_S = 5.0
 @dataclass(frozen=True)
 class PipelineConfig:
     workspace: str
-    server_url: str
-    api_key: str | None = None
+    servers: tuple[ServerSpec, ...]
     pdfs: tuple[str, ...] = ()
     workers: int = 20
     pages_per_group: int = 500
@@ -43,6 +43,8 @@ class PipelineConfig:
     lease_seconds: float = 300.0
     progress_interval: float = 10.0
     render_processes: int | None = None
+    ca_bundle: str | None = None
+    priority: int | None = None
 
 
 def populate(queue: WorkQueue, specs: tuple[str, ...], pages_per_group: int) -> None:
@@ -59,7 +61,7 @@ def populate(queue: WorkQueue, specs: tuple[str, ...], pages_per_group: int) -> 
 class Runner:
     """The running pipeline: shared renderer, server client, page slots and counters."""
 
-    def __init__(self, config: PipelineConfig, storage: Storage, queue: WorkQueue, client: ServerClient) -> None:
+    def __init__(self, config: PipelineConfig, storage: Storage, queue: WorkQueue, client: Fleet) -> None:
         self.config = config
         self.storage = storage
         self.queue = queue
@@ -67,7 +69,7 @@ class Runner:
         self.progress = Progress()
         self.renderer = Renderer(config.render_processes)
         settings = PageSettings(config.target_longest_image_dim, config.max_page_retries, config.max_model_len,
-                                config.guided_decoding)
+                                config.guided_decoding, config.priority)
         pages = PageProcessor(self.renderer, client, settings, self.progress)
         # Pages in flight: enough to keep every request slot busy plus a render lookahead.
         page_slots = asyncio.Semaphore(config.max_concurrent_requests + 4 * self.renderer.processes)
@@ -174,8 +176,20 @@ class Runner:
         finally:
             reporter.cancel()
             self.renderer.close()
+            await self._record_server_stats()
         logger.info("%s", self.progress.line(self.client.describe_state(), self.client.in_flight))
         logger.info("%s", self.progress.summary())
+        if not self.client.single:
+            for server in self.client.servers:
+                logger.info("server %s: %s, %d ejections", server.url, server.describe(), server.ejections)
+
+    async def _record_server_stats(self) -> None:
+        """Per-server counters of this run, kept in the workspace for ``--stats`` (best effort)."""
+        try:
+            await asyncio.to_thread(self.storage.write, f"{SERVER_STATS_DIR}/{run_id()}.json",
+                                    server_stats_record(self.client))
+        except Exception as exc:  # noqa: BLE001 - statistics must never fail a run
+            logger.warning("could not record per-server statistics: %s", exc)
 
 
 async def run_pipeline(config: PipelineConfig) -> int:
@@ -196,15 +210,16 @@ async def run_pipeline(config: PipelineConfig) -> int:
         logger.info("no work to do: %d of %d work items are done", counts.get("done", 0), counts.get("total", 0))
         return 0
     logger.info("work items: %s", counts)
-    client = ServerClient(config.server_url, api_key=config.api_key, request_timeout=config.request_timeout,
-                          max_concurrent_requests=config.max_concurrent_requests)
+    fleet = Fleet(config.servers, request_timeout=config.request_timeout,
+                  max_concurrent_requests=config.max_concurrent_requests, ca_bundle=config.ca_bundle,
+                  priority=config.priority)
     try:
         try:
-            await client.wait_ready(max_wait_s=config.max_server_ready_timeout)
+            await fleet.start(max_wait_s=config.max_server_ready_timeout)
         except ServerNotReady as exc:
             logger.error("%s", exc)
             return 1
-        await Runner(config, storage, queue, client).run()
+        await Runner(config, storage, queue, fleet).run()
     finally:
-        client.close()
+        await fleet.close()
     return 0

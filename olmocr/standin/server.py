@@ -7,11 +7,13 @@ Stdlib only. See docs/standin.md.
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import os
 import select
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -65,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=DEFAULT_MAX_MODEL_LEN)
     p.add_argument("--uvicorn-log-level", default="info")
     p.add_argument("--api-key", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
+                   help="priority: waiting requests are served by their 'priority' field (lower first), as vLLM")
+    p.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this private key (PEM), as vLLM")
+    p.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate chain (PEM), as vLLM")
     for flag in _VALUE_FLAGS:
         p.add_argument(flag, default=None, help=argparse.SUPPRESS)
     return p
@@ -95,6 +101,8 @@ class Stats:
         self.success: dict[str, int] = {"stop": 0, "length": 0}
         self.requests_served = 0
         self.completions_seen = 0  # completions that reached the engine (for error_rate)
+        self.queue: list[tuple[int, int]] = []  # waiting requests as (priority, arrival), a heap
+        self.arrivals = 0
         self.answers = 0  # answers produced (for answer=mixed:k)
 
 
@@ -179,18 +187,33 @@ class StandIn:
             time.sleep(0.1)
 
     # gate
-    def acquire_slot(self, handler: Handler) -> bool:
+    def acquire_slot(self, handler: Handler, priority: int = 0) -> bool:
+        """Wait for one of ``concurrency`` slots. Waiting requests are served in arrival order, or by
+        (priority, arrival) under ``--scheduling-policy priority`` as vLLM's scheduler does (a running
+        request is never preempted here: the stand-in has no KV cache to run out of)."""
         st = self.stats
         with st.lock:
             st.waiting += 1
+            st.arrivals += 1
+            me = (priority if self.args.scheduling_policy == "priority" else 0, st.arrivals)
+            heapq.heappush(st.queue, me)
             try:
                 while True:
                     limit = self.control.get("concurrency")
-                    if not limit or st.running < int(limit):
+                    if not limit or (st.running < int(limit) and st.queue[0] == me):
+                        if st.queue[0] == me:
+                            heapq.heappop(st.queue)
+                        else:  # no limit: nobody waits for anybody
+                            st.queue.remove(me)
+                            heapq.heapify(st.queue)
                         st.running += 1
+                        st.lock.notify_all()  # the next in line may fit too
                         return True
                     st.lock.wait(0.2)
                     if handler.client_gone():
+                        st.queue.remove(me)
+                        heapq.heapify(st.queue)
+                        st.lock.notify_all()
                         return False
             finally:
                 st.waiting -= 1
@@ -198,7 +221,7 @@ class StandIn:
     def release_slot(self) -> None:
         with self.stats.lock:
             self.stats.running -= 1
-            self.stats.lock.notify()
+            self.stats.lock.notify_all()
 
 
 # ------------------------------------------------------------------------------------------ handler
@@ -233,11 +256,19 @@ class Handler(BaseHTTPRequestHandler):
     def send_json(self, status: int, obj: Any) -> None:
         self.send_bytes(status, json.dumps(obj).encode(), "application/json")
 
+    def setup(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket):  # TLS handshake in this thread, not in accept()
+            self.request.settimeout(10)
+            self.request.do_handshake()
+            self.request.settimeout(None)
+        super().setup()
+
     def client_gone(self) -> bool:
         try:
             readable, _, _ = select.select([self.connection], [], [], 0)
             if readable:
-                return self.connection.recv(1, socket.MSG_PEEK) == b""
+                # The raw socket's recv: peeks at TCP bytes under TLS too (EOF = the client left).
+                return socket.socket.recv(self.connection, 1, socket.MSG_PEEK) == b""
         except (OSError, ValueError):
             return True
         return False
@@ -410,7 +441,16 @@ class Handler(BaseHTTPRequestHandler):
                 "completion). Please reduce the length of the messages or completion.",
                 "BadRequestError", 400))
             return
-        if not app.acquire_slot(self):
+        try:
+            priority = int(req.get("priority") or 0)
+        except (TypeError, ValueError):
+            self.send_json(400, error_body("`priority` must be an integer", "BadRequestError", 400, "priority"))
+            return
+        if priority != 0 and app.args.scheduling_policy != "priority":
+            self.send_json(400, error_body(f"Got priority {priority} but Priority scheduling is not enabled.",
+                                           "BadRequestError", 400, "priority"))
+            return
+        if not app.acquire_slot(self, priority):
             self.close_connection = True
             return
         try:
@@ -518,10 +558,28 @@ class Handler(BaseHTTPRequestHandler):
 def make_server(app: StandIn) -> ThreadingHTTPServer:
     handler = type("BoundHandler", (Handler,), {"app": app})
 
+    tls: ssl.SSLContext | None = None
+    if app.args.ssl_certfile:
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(app.args.ssl_certfile, app.args.ssl_keyfile)
+
     class Server(ThreadingHTTPServer):
         daemon_threads = True
         request_queue_size = 1024
         allow_reuse_address = True
+
+        def get_request(self) -> tuple[socket.socket, Any]:
+            sock, addr = super().get_request()
+            if tls is not None:
+                sock = tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            return sock, addr
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            exc = sys.exc_info()[1]
+            if isinstance(exc, (ssl.SSLError, OSError)):  # e.g. a client that does not trust our certificate
+                log("WARNING", f"{client_address[0]}:{client_address[1]} - connection failed: {exc}")
+                return
+            super().handle_error(request, client_address)
 
     return Server((app.args.host, app.args.port), handler)
 
@@ -562,7 +620,8 @@ def serve(args: argparse.Namespace) -> int:
     log("INFO", f"Started server process [{os.getpid()}]")
     log("INFO", "Waiting for application startup.")
     log("INFO", "Application startup complete.")
-    log("INFO", f"Uvicorn running on http://{args.host}:{app.port} (Press CTRL+C to quit)")
+    scheme = "https" if args.ssl_certfile else "http"
+    log("INFO", f"Uvicorn running on {scheme}://{args.host}:{app.port} (Press CTRL+C to quit)")
     threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True).start()
     app.shutdown.wait()
     log("INFO", "Shutting down")

@@ -1,0 +1,591 @@
+"""One pipeline across many vLLM servers: server list, start-up verification, balancing, health per server.
+
+A single ``--vllm-url`` is the one-server case of the same code.
+
+* **Verification.** Every server is checked at start-up by :func:`verify_server` (one function, so the
+  checks are the same for each). A misconfigured server (wrong model, rejected key, untrusted certificate,
+  no priority scheduling when ``--priority`` is used) is left out with a one-line reason. The run starts as
+  soon as one server is usable; servers still unreachable a few seconds later join when they come up. If
+  none is usable the run fails before claiming work.
+* **Balancing.** A request goes to the server that would finish it soonest: the fewest outstanding requests
+  relative to its capacity, ``(in_flight + 1) / capacity``. Capacity is learned (:class:`RateMeter`: answers
+  per second of time the server had work, i.e. concurrency / latency by Little's law); a server with twice the
+  capacity gets about twice the pages. Weights given with the URL (``URL#weight=2``) replace the learned
+  capacity.
+* **Health.** ``EJECT_AFTER`` refusals / 5xx in a row, or one no-progress timeout (no request finished for
+  ``--request_timeout`` s: a hung engine), take a server out of rotation. Its in-flight requests are abandoned
+  and resent to the others without using page attempts. It is probed in the background (``/health``, the model
+  list and one tiny completion) and re-admitted after ``READMIT_AFTER`` good probes in a row. With every server
+  out, requests wait (and the log says so) -- no outage ends the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import socket
+import statistics
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from olmocr.pipeline.client import (
+    MAX_BACKOFF_S,
+    RequestRejected,
+    ServerAborted,
+    ServerClient,
+    ServerNotReady,
+    display_url,
+    normalize_base_url,
+)
+from olmocr.pipeline.http import RequestTimeout, TransportError
+
+logger = logging.getLogger("olmocr.pipeline")
+
+#: Refusals / 5xx answers in a row (no success in between) that take a server out of rotation.
+EJECT_AFTER = 3
+#: Good background probes in a row that bring it back.
+READMIT_AFTER = 2
+#: Longest pause between background probes of a server out of rotation.
+PROBE_INTERVAL_MAX_S = 10.0
+#: After the first server is verified, how long the others may take before the run starts without them.
+STARTUP_GRACE_S = 5.0
+#: After this many 5xx answers in a row for one attempt, the attempt counts as failed, so one poisonous page
+#: cannot loop forever. Timeouts, refusals and 429 never do.
+MAX_5XX_IN_A_ROW = 20
+TRANSIENT_LOG_EVERY_S = 10.0
+ALL_DOWN_LOG_EVERY_S = 30.0
+#: Answers a capacity estimate needs before it is trusted, and the window it looks at.
+RATE_MIN_SAMPLES = 5
+RATE_WINDOW_S = 20.0
+URL_ENV = "OLMOCR_VLLM_URL"
+
+
+class FleetConfigError(ValueError):
+    """A server list, weight or key file that cannot be used; the message says what to fix."""
+
+
+# ---------------------------------------------------------------------------------------------- server list
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """One server as configured: normalised URL, optional fixed weight, its API key (never printed)."""
+
+    url: str
+    weight: float | None = None
+    api_key: str | None = field(default=None, repr=False)
+
+
+def parse_url_list(values: Iterable[str]) -> list[tuple[str, float | None]]:
+    """``--vllm-url`` values (each may be a comma-separated list) as ``(normalised URL, weight)``.
+
+    A weight is written as a URL fragment, ``http://gpu1:30024#weight=2`` (fragments are never sent).
+    """
+    out: list[tuple[str, float | None]] = []
+    seen: set[str] = set()
+    for value in values:
+        for raw in value.split(","):
+            raw = raw.strip()
+            if not raw:
+                continue
+            url, _, fragment = raw.partition("#")
+            weight: float | None = None
+            if fragment:
+                key, _, num = fragment.partition("=")
+                try:
+                    weight = float(num)
+                except ValueError:
+                    weight = None
+                if key != "weight" or weight is None or not weight > 0:
+                    raise FleetConfigError(f"{display_url(raw)}: the only URL fragment understood is "
+                                           "'#weight=N' with N > 0")
+            url = normalize_base_url(url)
+            if not url.startswith(("http://", "https://")):
+                raise FleetConfigError(f"{display_url(url)} is not an http:// or https:// URL")
+            if url in seen:
+                raise FleetConfigError(f"{display_url(url)} is listed twice in --vllm-url")
+            seen.add(url)
+            out.append((url, weight))
+    return out
+
+
+def read_key_file(path: str) -> tuple[str | None, dict[str, str]]:
+    """An API key file: a line ``KEY`` (every server) and/or lines ``URL KEY`` (that server).
+
+    Blank lines and lines starting with ``#`` are ignored. Returns (default key, {normalised URL: key}).
+    """
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except OSError as exc:
+        raise FleetConfigError(f"cannot read the API key file {path}: {exc.strerror}; fix --api_key_file / "
+                               "OLMOCR_API_KEY_FILE or its permissions") from None
+    default: str | None = None
+    per_server: dict[str, str] = {}
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) == 1:
+            default = parts[0]
+        elif len(parts) == 2 and "://" in parts[0]:
+            per_server[normalize_base_url(parts[0])] = parts[1]
+        else:  # never echo the line: it holds a key
+            raise FleetConfigError(f"{path} line {number}: expected 'KEY' or 'URL KEY'")
+    return default, per_server
+
+
+def server_specs(urls: Sequence[tuple[str, float | None]], default_key: str | None = None,
+                 key_file: str | None = None) -> list[ServerSpec]:
+    """Attach API keys: a key file's per-server line, else its default line, else ``default_key``."""
+    file_default, per_server = read_key_file(key_file) if key_file else (None, {})
+    listed = {u for u, _ in urls}
+    unknown = [u for u in per_server if u not in listed]
+    if unknown:
+        raise FleetConfigError(f"the API key file names servers not in --vllm-url: "
+                               f"{', '.join(display_url(u) for u in unknown)}")
+    return [ServerSpec(url, weight, per_server.get(url) or file_default or default_key) for url, weight in urls]
+
+
+# ---------------------------------------------------------------------------------------------- balancing
+
+
+class RateMeter:
+    """Answers per second of *busy* time (time with at least one request out) over the last window.
+
+    While a server has work queued this is its capacity (Little's law: concurrency / latency); idle time
+    does not dilute it.
+    """
+
+    def __init__(self, window_s: float = RATE_WINDOW_S) -> None:
+        self.window_s = window_s
+        self._samples: deque[tuple[float, float]] = deque()  # (time, busy seconds so far) at each answer
+        self._busy_acc = 0.0
+        self._busy_since: float | None = None
+
+    def _busy(self, now: float) -> float:
+        return self._busy_acc + (now - self._busy_since if self._busy_since is not None else 0.0)
+
+    def set_busy(self, busy: bool, now: float) -> None:
+        if busy and self._busy_since is None:
+            self._busy_since = now
+        elif not busy and self._busy_since is not None:
+            self._busy_acc += now - self._busy_since
+            self._busy_since = None
+
+    def answered(self, now: float) -> None:
+        self._samples.append((now, self._busy(now)))
+        while len(self._samples) > 2 and now - self._samples[0][0] > self.window_s:
+            self._samples.popleft()
+
+    def rate(self) -> float | None:
+        """Pages/s, or None before ``RATE_MIN_SAMPLES`` answers in the window."""
+        if len(self._samples) < RATE_MIN_SAMPLES:
+            return None
+        busy = self._samples[-1][1] - self._samples[0][1]
+        return (len(self._samples) - 1) / busy if busy > 0 else None
+
+    def reset(self) -> None:
+        self._samples.clear()
+
+
+@dataclass(eq=False)
+class Server:
+    """A server in the fleet. The counters are plain attributes, read by the progress line and metrics."""
+
+    client: ServerClient
+    weight: float | None = None
+    state: str = "starting"  # starting | up | down (out of rotation, probed) | excluded (misconfigured)
+    reason: str = ""  # why it is down or excluded
+    pages: int = 0  # answers (HTTP 200) received
+    in_flight: int = 0
+    errors: int = 0  # refusals, timeouts, 429 and 5xx
+    timeouts: int = 0
+    rejected: int = 0  # non-retryable answers (a failed page attempt)
+    ejections: int = 0
+    failures_in_a_row: int = 0
+    down_since: float | None = None
+    meter: RateMeter = field(default_factory=RateMeter)
+    abort: asyncio.Event = field(default_factory=asyncio.Event)  # set when taken out of rotation
+
+    @property
+    def url(self) -> str:
+        return self.client.name
+
+    def describe(self) -> str:
+        state = self.state
+        if self.down_since is not None:
+            state = f"down {time.monotonic() - self.down_since:.0f}s"
+        return f"{state}, {self.pages} pages, {self.in_flight} in flight, {self.errors} errors"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"url": self.url, "state": self.state, "reason": self.reason, "pages": self.pages,
+                "in_flight": self.in_flight, "errors": self.errors, "timeouts": self.timeouts,
+                "rejected": self.rejected, "ejections": self.ejections, "weight": self.weight,
+                "capacity": self.meter.rate()}
+
+
+def capacities(servers: Sequence[Server]) -> list[float]:
+    """Each server's capacity for balancing: fixed weights if any were given, else the learned rate.
+
+    A server not yet measured gets the median of the measured ones (1.0 when none is): it is neither
+    starved nor flooded before it has shown what it can do.
+    """
+    if any(s.weight is not None for s in servers):
+        return [s.weight if s.weight is not None else 1.0 for s in servers]
+    rates = [s.meter.rate() for s in servers]
+    known = [r for r in rates if r is not None]
+    prior = statistics.median(known) if known else 1.0
+    return [r if r is not None else prior for r in rates]
+
+
+def choose(servers: Sequence[Server]) -> Server | None:
+    """The server in rotation that would finish one more request soonest: min (in_flight + 1) / capacity."""
+    best: Server | None = None
+    best_score = float("inf")
+    for server, capacity in zip(servers, capacities(servers), strict=True):
+        if server.state != "up":
+            continue
+        score = (server.in_flight + 1) / max(capacity, 1e-9)
+        if score < best_score:
+            best, best_score = server, score
+    return best
+
+
+# ---------------------------------------------------------------------------------------------- verification
+
+
+async def verify_server(client: ServerClient, *, max_wait_s: float, priority: int | None) -> None:
+    """Start-up checks for one server; raises :class:`ServerNotReady` with a one-line reason.
+
+    Reachable, serves ``olmocr`` (:meth:`ServerClient.wait_ready`); with ``--priority``, accepts a request
+    carrying a priority (vLLM answers 400 unless started with ``--scheduling-policy priority``).
+    """
+    await client.wait_ready(max_wait_s=max_wait_s)
+    if priority is not None:
+        try:
+            resp = await client.completion_probe(priority, timeout=max(10.0, client.request_timeout))
+        except TransportError as exc:
+            raise ServerNotReady(f"the vLLM server at {client.name} did not answer a test request: {exc}") from None
+        if 400 <= resp.status < 500 and resp.status != 429:
+            detail = resp.body[:200].decode("utf-8", "replace").replace("\n", " ")
+            raise ServerNotReady(
+                f"the vLLM server at {client.name} refused a request with priority {priority} (HTTP "
+                f"{resp.status}: {detail}). Start it with --scheduling-policy priority (olmocr-serve: "
+                "--scheduling-policy priority or OLMOCR_SCHEDULING_POLICY=priority), or drop --priority."
+            )
+
+
+# ---------------------------------------------------------------------------------------------- the fleet
+
+
+class Fleet:
+    """The servers of one run, one cap on concurrent requests, and the retry policy across them."""
+
+    def __init__(self, specs: Sequence[ServerSpec], *, request_timeout: float = 600.0,
+                 max_concurrent_requests: int = 1600, ca_bundle: str | None = None,
+                 priority: int | None = None) -> None:
+        if not specs:
+            raise FleetConfigError("no vLLM server given: pass --vllm-url (or set OLMOCR_VLLM_URL)")
+        per_pool = max(8, min(max_concurrent_requests, 2048))
+        self.servers = [
+            Server(ServerClient(s.url, api_key=s.api_key, request_timeout=request_timeout,
+                                max_concurrent_requests=per_pool, ca_bundle=ca_bundle), weight=s.weight)
+            for s in specs
+        ]
+        self.priority = priority
+        self._slots = asyncio.Semaphore(max_concurrent_requests)
+        self._changed = asyncio.Event()  # set whenever a server joins the rotation
+        self._probers: dict[Server, asyncio.Task[None]] = {}
+        self._all_down_since: float | None = None
+        self._all_down_logged = float("-inf")
+        self._last_transient_log = float("-inf")
+
+    @property
+    def single(self) -> bool:
+        return len(self.servers) == 1
+
+    @property
+    def in_flight(self) -> int:
+        return sum(s.in_flight for s in self.servers)
+
+    # ------------------------------------------------------------------ start-up
+
+    async def start(self, max_wait_s: float = 600.0) -> None:
+        """Verify every server; raises :class:`ServerNotReady` if none is usable (before any work is claimed)."""
+        tasks = {asyncio.create_task(verify_server(s.client, max_wait_s=max_wait_s, priority=self.priority)): s
+                 for s in self.servers}
+        pending = set(tasks)
+        grace_until: float | None = None
+        try:
+            while pending:
+                timeout = None if grace_until is None else max(0.0, grace_until - time.monotonic())
+                done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    server = tasks[task]
+                    exc = task.exception()
+                    if exc is None:
+                        self._admit(server, "verified at start-up", quiet=True)
+                    elif isinstance(exc, ServerNotReady):
+                        server.state, server.reason = "excluded", str(exc)
+                        if not self.single:
+                            logger.error("vLLM server %s left out: %s", server.url, exc)
+                    else:
+                        raise exc
+                if grace_until is None and any(s.state == "up" for s in self.servers):
+                    grace_until = time.monotonic() + STARTUP_GRACE_S
+                if not done and grace_until is not None:
+                    break
+        finally:
+            for task in pending:
+                task.cancel()
+        usable = [s for s in self.servers if s.state == "up"]
+        if not usable:
+            if self.single:
+                raise ServerNotReady(self.servers[0].reason)
+            raise ServerNotReady(f"none of the {len(self.servers)} vLLM servers is usable: " + "; ".join(
+                f"{s.url}: {s.reason}" for s in self.servers))
+        for task in pending:
+            server = tasks[task]
+            logger.warning("vLLM server %s is not reachable yet; starting without it (it joins when it answers)",
+                           server.url)
+            self._eject(server, "not reachable at start-up", count=False)
+        if not self.single:
+            logger.info("%d of %d vLLM servers in rotation: %s", len(usable), len(self.servers),
+                        ", ".join(s.url for s in usable))
+
+    # ------------------------------------------------------------------ rotation
+
+    def _admit(self, server: Server, why: str, *, quiet: bool = False) -> None:
+        if not quiet:
+            down = time.monotonic() - server.down_since if server.down_since is not None else 0.0
+            if self.single:
+                logger.warning("vLLM server is back after %.0fs; resuming (%s)", down, why)
+            else:
+                logger.warning("vLLM server is back: %s re-admitted after %.0fs (%s)", server.url, down, why)
+        server.state, server.reason, server.down_since = "up", "", None
+        server.failures_in_a_row = 0
+        server.abort = asyncio.Event()
+        server.meter.reset()
+        self._all_down_since = None
+        self._changed.set()
+
+    def _eject(self, server: Server, reason: str, *, count: bool = True) -> None:
+        if server.state != "up" and server.state != "starting":
+            return
+        server.state, server.reason, server.down_since = "down", reason, time.monotonic()
+        server.ejections += int(count)
+        server.abort.set()  # its in-flight requests are resent elsewhere now
+        if count:
+            if self.single:
+                logger.warning("vLLM server unavailable (%s); pausing requests until it is healthy again", reason)
+            else:
+                others = sum(1 for s in self.servers if s.state == "up")
+                logger.warning("vLLM server unavailable: %s taken out of rotation (%s); %d other server(s) in "
+                               "rotation; probing it in the background", server.url, reason, others)
+        self._probers[server] = asyncio.create_task(self._probe_until_back(server))
+
+    async def _probe_until_back(self, server: Server) -> None:
+        delay = 1.0
+        good = 0
+        last_logged = time.monotonic()
+        while True:
+            await asyncio.sleep(delay)
+            problem = await server.client.probe(completion=True, priority=self.priority)
+            if problem is None:
+                good += 1
+                if good >= READMIT_AFTER:
+                    self._admit(server, f"{good} good probes in a row")
+                    return
+                delay = 1.0
+                continue
+            good = 0
+            server.reason = problem
+            delay = min(delay * 2, PROBE_INTERVAL_MAX_S)
+            if time.monotonic() - last_logged >= ALL_DOWN_LOG_EVERY_S:
+                last_logged = time.monotonic()
+                if self.single:
+                    logger.info("still waiting for the vLLM server (down %.0fs: %s)",
+                                time.monotonic() - (server.down_since or time.monotonic()), problem)
+                else:
+                    logger.info("vLLM server %s still out of rotation (%s)", server.url, problem)
+
+    async def _pick(self) -> Server:
+        """A server in rotation; waits (and says so) while there is none."""
+        while True:
+            server = choose(self.servers)
+            if server is not None:
+                return server
+            self._changed.clear()
+            now = time.monotonic()
+            if self._all_down_since is None:
+                self._all_down_since = now
+            if not self.single and now - self._all_down_logged >= ALL_DOWN_LOG_EVERY_S:
+                self._all_down_logged = now
+                logger.warning("all vLLM servers are out of rotation (down %.0fs: %s); requests wait for one to "
+                               "come back", now - self._all_down_since,
+                               "; ".join(f"{s.url}: {s.reason}" for s in self.servers))
+            if not any(s.state in ("down", "starting") for s in self.servers):
+                raise ServerNotReady("no vLLM server left: every one was excluded as misconfigured")
+            try:
+                await asyncio.wait_for(self._changed.wait(), ALL_DOWN_LOG_EVERY_S)
+            except TimeoutError:
+                pass
+
+    def _note_transient(self, server: Server, label: str, problem: str) -> None:
+        """Log transient failures without flooding: the first one, then a summary at most every 10 s."""
+        now = time.monotonic()
+        where = "" if self.single else f" on {server.url}"
+        if now - self._last_transient_log >= TRANSIENT_LOG_EVERY_S:
+            self._last_transient_log = now
+            logger.warning("request for %s failed%s (%s); it will be resent (errors so far: %d, timeouts: %d)",
+                           label, where, problem, sum(s.errors for s in self.servers),
+                           sum(s.timeouts for s in self.servers))
+        else:
+            logger.debug("request for %s failed%s (%s); it will be resent", label, where, problem)
+
+    # ------------------------------------------------------------------ requests
+
+    async def chat(self, make_body: Callable[[], Awaitable[list[bytes]]], label: str) -> dict[str, Any]:
+        """POST a chat completion built by ``make_body`` to the best server; returns the parsed JSON answer.
+
+        ``make_body`` runs while a request slot is held, and again for every resend: the body (a rendered
+        page image) is dropped as soon as it has been sent. Refusals, timeouts, 429 and 5xx are resent (to
+        another server when there is one) and never count as a failed attempt. Raises
+        :class:`RequestRejected` for an answer that should count as a failed attempt.
+        """
+        errors_5xx_in_a_row = 0
+        transient_in_a_row = 0
+        while True:
+            async with self._slots:
+                # The server is chosen before the page is rendered, so that requests waiting for a server
+                # (all out of rotation) hold no page image.
+                server = await self._pick()
+                server.in_flight += 1
+                server.meter.set_busy(True, time.monotonic())
+                problem: str | None = None
+                resp = None
+                try:
+                    body = await make_body()
+                    resp = await server.client.post_chat(body, server.abort)
+                except RequestTimeout as exc:
+                    server.timeouts += 1
+                    problem = f"timeout: {exc}"
+                except ServerAborted:
+                    problem = "its server was taken out of rotation"
+                except TransportError as exc:
+                    problem = f"connection error: {exc}"
+                finally:
+                    server.in_flight -= 1
+                    if server.in_flight == 0:
+                        server.meter.set_busy(False, time.monotonic())
+            if resp is not None:
+                if resp.status == 200:
+                    try:
+                        data = json.loads(resp.body)
+                    except ValueError:
+                        server.rejected += 1
+                        raise RequestRejected(200, "answer is not JSON") from None
+                    server.pages += 1
+                    server.failures_in_a_row = 0
+                    server.meter.answered(time.monotonic())
+                    return data
+                if resp.status == 429 or resp.status >= 500:
+                    problem = f"HTTP {resp.status}"
+                else:
+                    server.rejected += 1
+                    raise RequestRejected(resp.status, resp.body[:300].decode("utf-8", "replace"))
+            assert problem is not None
+            aborted = problem == "its server was taken out of rotation"
+            if not aborted:
+                server.errors += 1
+            transient_in_a_row += 1
+            self._note_transient(server, label, problem)
+            is_5xx = resp is not None and resp.status >= 500
+            errors_5xx_in_a_row = errors_5xx_in_a_row + 1 if is_5xx else 0
+            if server.state == "up" and not aborted and (resp is None or resp.status != 429):
+                server.failures_in_a_row += 1
+                if problem.startswith("timeout"):
+                    self._eject(server, f"no request finished for {server.client.request_timeout:g}s (hung?)")
+                elif server.failures_in_a_row >= EJECT_AFTER:
+                    self._eject(server, f"{server.failures_in_a_row} failures in a row, last: {problem}")
+            if errors_5xx_in_a_row >= MAX_5XX_IN_A_ROW:
+                server.rejected += 1
+                raise RequestRejected(resp.status if resp else 500, f"{errors_5xx_in_a_row} server errors in a row")
+            if server.state == "up":
+                # Still in rotation but the request failed (busy, 429, one error): back off a little, with jitter.
+                await asyncio.sleep(min(MAX_BACKOFF_S, 0.25 * 2 ** min(transient_in_a_row, 8))
+                                    * random.uniform(0.5, 1.0))
+
+    # ------------------------------------------------------------------ visibility
+
+    def describe_state(self) -> str:
+        """For the progress line: the server's state (one server), or each server's counters."""
+        if self.single:
+            s = self.servers[0]
+            return f"down {time.monotonic() - s.down_since:.0f}s" if s.down_since is not None else s.state
+        up = sum(1 for s in self.servers if s.state == "up")
+        return f"{up}/{len(self.servers)} up [" + "; ".join(f"{s.url}: {s.describe()}" for s in self.servers) + "]"
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        return [s.as_dict() for s in self.servers]
+
+    async def close(self) -> None:
+        for task in self._probers.values():
+            task.cancel()
+        await asyncio.gather(*self._probers.values(), return_exceptions=True)
+        for s in self.servers:
+            s.client.close()
+
+
+# ---------------------------------------------------------------------------------------------- --stats
+
+SERVER_STATS_DIR = "server_stats"
+
+
+def run_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{int(time.time())}"
+
+
+def server_stats_record(fleet: Fleet) -> bytes:
+    """This run's per-server counters, stored in the workspace for ``--stats``."""
+    return json.dumps({"time": time.time(), "servers": [
+        {k: v for k, v in s.as_dict().items() if k in ("url", "pages", "errors", "timeouts", "rejected",
+                                                          "ejections", "state")}
+        for s in fleet.servers]}).encode()
+
+
+def summarize_server_stats(records: Iterable[bytes]) -> dict[str, dict[str, int]]:
+    """Sum the runs' per-server counters by URL (pages, errors, timeouts, rejected, ejections)."""
+    totals: dict[str, dict[str, int]] = {}
+    for raw in records:
+        try:
+            record = json.loads(raw)
+            servers = record["servers"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        for s in servers:
+            row = totals.setdefault(str(s.get("url")), {"runs": 0, "pages": 0, "errors": 0, "timeouts": 0,
+                                                        "rejected": 0, "ejections": 0})
+            row["runs"] += 1
+            for key in ("pages", "errors", "timeouts", "rejected", "ejections"):
+                row[key] += int(s.get(key) or 0)
+    return totals
+
+
+def format_server_stats(totals: Mapping[str, Mapping[str, int]]) -> str:
+    if not totals:
+        return ""
+    lines = ["Servers (all runs):"]
+    for url, row in sorted(totals.items()):
+        lines.append(f"  {url}: {row['pages']} pages, {row['errors']} errors ({row['timeouts']} timeouts), "
+                     f"{row['rejected']} rejected, taken out of rotation {row['ejections']} times, "
+                     f"in {row['runs']} runs")
+    return "\n".join(lines)
