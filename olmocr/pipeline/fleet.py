@@ -24,12 +24,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import random
 import socket
 import statistics
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,9 +60,12 @@ STARTUP_GRACE_S = 5.0
 MAX_5XX_IN_A_ROW = 20
 TRANSIENT_LOG_EVERY_S = 10.0
 ALL_DOWN_LOG_EVERY_S = 30.0
-#: Answers a capacity estimate needs before it is trusted, and the window it looks at.
+#: Answers a capacity estimate needs before it is trusted, and the (shortest) time constant of its average.
 RATE_MIN_SAMPLES = 5
 RATE_WINDOW_S = 20.0
+#: Requests a server may hold before it has answered ``RATE_MIN_SAMPLES``: a pipeline that can render its
+#: whole batch in seconds would otherwise split it evenly before knowing which server is faster.
+WARMUP_CAP = 16
 URL_ENV = "OLMOCR_VLLM_URL"
 
 
@@ -158,42 +161,50 @@ def server_specs(urls: Sequence[tuple[str, float | None]], default_key: str | No
 
 
 class RateMeter:
-    """Answers per second of *busy* time (time with at least one request out) over the last window.
+    """Answers per second of *busy* time (time with at least one request out), exponentially weighted.
 
     While a server has work queued this is its capacity (Little's law: concurrency / latency); idle time
-    does not dilute it.
+    does not dilute it. The time constant is at least ``RATE_WINDOW_S`` and five typical latencies, so that
+    answers arriving in waves (a batch finishing together) average out. O(1) per event.
     """
 
     def __init__(self, window_s: float = RATE_WINDOW_S) -> None:
         self.window_s = window_s
-        self._samples: deque[tuple[float, float]] = deque()  # (time, busy seconds so far) at each answer
-        self._busy_acc = 0.0
-        self._busy_since: float | None = None
+        self.answers = 0  # since the last reset
+        self._weighted_answers = 0.0
+        self._weighted_busy = 0.0
+        self._latency = 0.0  # moving average of request latency, seconds
+        self._busy = False
+        self._last = time.monotonic()
 
-    def _busy(self, now: float) -> float:
-        return self._busy_acc + (now - self._busy_since if self._busy_since is not None else 0.0)
+    def _advance(self, now: float) -> None:
+        dt = max(0.0, now - self._last)
+        self._last = now
+        tau = max(self.window_s, 5 * self._latency)
+        decay = math.exp(-dt / tau)
+        self._weighted_answers *= decay
+        self._weighted_busy = self._weighted_busy * decay + (tau * (1 - decay) if self._busy else 0.0)
 
     def set_busy(self, busy: bool, now: float) -> None:
-        if busy and self._busy_since is None:
-            self._busy_since = now
-        elif not busy and self._busy_since is not None:
-            self._busy_acc += now - self._busy_since
-            self._busy_since = None
+        self._advance(now)
+        self._busy = busy
 
-    def answered(self, now: float) -> None:
-        self._samples.append((now, self._busy(now)))
-        while len(self._samples) > 2 and now - self._samples[0][0] > self.window_s:
-            self._samples.popleft()
+    def answered(self, now: float, latency: float) -> None:
+        self._advance(now)
+        self.answers += 1
+        self._weighted_answers += 1
+        self._latency = latency if self.answers == 1 else 0.9 * self._latency + 0.1 * latency
 
     def rate(self) -> float | None:
-        """Pages/s, or None before ``RATE_MIN_SAMPLES`` answers in the window."""
-        if len(self._samples) < RATE_MIN_SAMPLES:
+        """Pages/s, or None before ``RATE_MIN_SAMPLES`` answers."""
+        self._advance(time.monotonic())
+        if self.answers < RATE_MIN_SAMPLES or self._weighted_busy <= 0:
             return None
-        busy = self._samples[-1][1] - self._samples[0][1]
-        return (len(self._samples) - 1) / busy if busy > 0 else None
+        return self._weighted_answers / self._weighted_busy
 
     def reset(self) -> None:
-        self._samples.clear()
+        self.answers = 0
+        self._weighted_answers = self._weighted_busy = 0.0
 
 
 @dataclass(eq=False)
@@ -247,11 +258,16 @@ def capacities(servers: Sequence[Server]) -> list[float]:
 
 
 def choose(servers: Sequence[Server]) -> Server | None:
-    """The server in rotation that would finish one more request soonest: min (in_flight + 1) / capacity."""
+    """The server in rotation that would finish one more request soonest: min (in_flight + 1) / capacity.
+
+    None when no server is in rotation, or every one is still warming up with ``WARMUP_CAP`` requests.
+    """
     best: Server | None = None
     best_score = float("inf")
     for server, capacity in zip(servers, capacities(servers), strict=True):
         if server.state != "up":
+            continue
+        if server.meter.answers < RATE_MIN_SAMPLES and server.in_flight >= WARMUP_CAP:
             continue
         score = (server.in_flight + 1) / max(capacity, 1e-9)
         if score < best_score:
@@ -424,6 +440,9 @@ class Fleet:
             if server is not None:
                 return server
             self._changed.clear()
+            if any(s.state == "up" for s in self.servers):  # all warming up: wait for an answer
+                await self._changed.wait()
+                continue
             now = time.monotonic()
             if self._all_down_since is None:
                 self._all_down_since = now
@@ -469,7 +488,8 @@ class Fleet:
                 # (all out of rotation) hold no page image.
                 server = await self._pick()
                 server.in_flight += 1
-                server.meter.set_busy(True, time.monotonic())
+                sent_at = time.monotonic()
+                server.meter.set_busy(True, sent_at)
                 problem: str | None = None
                 resp = None
                 try:
@@ -486,6 +506,7 @@ class Fleet:
                     server.in_flight -= 1
                     if server.in_flight == 0:
                         server.meter.set_busy(False, time.monotonic())
+                    self._changed.set()
             if resp is not None:
                 if resp.status == 200:
                     try:
@@ -495,7 +516,8 @@ class Fleet:
                         raise RequestRejected(200, "answer is not JSON") from None
                     server.pages += 1
                     server.failures_in_a_row = 0
-                    server.meter.answered(time.monotonic())
+                    now = time.monotonic()
+                    server.meter.answered(now, now - sent_at)
                     return data
                 if resp.status == 429 or resp.status >= 500:
                     problem = f"HTTP {resp.status}"
