@@ -22,6 +22,7 @@ A single ``--vllm-url`` is the one-server case of the same code.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import math
@@ -66,6 +67,13 @@ RATE_WINDOW_S = 20.0
 #: Requests a server may hold before it has answered ``RATE_MIN_SAMPLES``: a pipeline that can render its
 #: whole batch in seconds would otherwise split it evenly before knowing which server is faster.
 WARMUP_CAP = 16
+#: Work stealing: a server's newest queued request moves to the least loaded one when it would finish there
+#: sooner by this factor and margin (hysteresis, so that balanced servers never trade requests).
+STEAL_FACTOR = 1.5
+STEAL_MARGIN_S = 1.0
+STEAL_BATCH = 16
+REBALANCE_EVERY_S = 0.25
+ABANDONED = "abandoned: its server was taken out of rotation or was too far behind"
 URL_ENV = "OLMOCR_VLLM_URL"
 
 
@@ -224,7 +232,16 @@ class Server:
     failures_in_a_row: int = 0
     down_since: float | None = None
     meter: RateMeter = field(default_factory=RateMeter)
-    abort: asyncio.Event = field(default_factory=asyncio.Event)  # set when taken out of rotation
+    # Requests out to this server, oldest first; setting one's event abandons it (it is resent elsewhere).
+    requests: dict[int, asyncio.Event] = field(default_factory=dict)
+
+    def abandon_all(self) -> None:
+        for event in self.requests.values():
+            event.set()
+        self.requests.clear()
+
+    def abandon_newest(self) -> None:
+        self.requests.pop(next(reversed(self.requests))).set()
 
     @property
     def url(self) -> str:
@@ -260,14 +277,16 @@ def capacities(servers: Sequence[Server]) -> list[float]:
 def choose(servers: Sequence[Server]) -> Server | None:
     """The server in rotation that would finish one more request soonest: min (in_flight + 1) / capacity.
 
-    None when no server is in rotation, or every one is still warming up with ``WARMUP_CAP`` requests.
+    None when no server is in rotation, or every one is still warming up with ``WARMUP_CAP`` requests (only
+    when capacities are learned, not with fixed weights).
     """
     best: Server | None = None
     best_score = float("inf")
+    learned = all(s.weight is None for s in servers)
     for server, capacity in zip(servers, capacities(servers), strict=True):
         if server.state != "up":
             continue
-        if server.meter.answers < RATE_MIN_SAMPLES and server.in_flight >= WARMUP_CAP:
+        if learned and server.meter.answers < RATE_MIN_SAMPLES and server.in_flight >= WARMUP_CAP:
             continue
         score = (server.in_flight + 1) / max(capacity, 1e-9)
         if score < best_score:
@@ -323,6 +342,9 @@ class Fleet:
         self._all_down_since: float | None = None
         self._all_down_logged = float("-inf")
         self._last_transient_log = float("-inf")
+        self._tokens = itertools.count()
+        self._last_rebalance = float("-inf")
+        self.moved = 0  # requests moved to a less loaded server (work stealing)
 
     @property
     def single(self) -> bool:
@@ -388,17 +410,17 @@ class Fleet:
                 logger.warning("vLLM server is back: %s re-admitted after %.0fs (%s)", server.url, down, why)
         server.state, server.reason, server.down_since = "up", "", None
         server.failures_in_a_row = 0
-        server.abort = asyncio.Event()
         server.meter.reset()
         self._all_down_since = None
         self._changed.set()
+        self._rebalance(now=True)  # take queued requests off the busiest servers now, not only new ones
 
     def _eject(self, server: Server, reason: str, *, count: bool = True) -> None:
         if server.state != "up" and server.state != "starting":
             return
         server.state, server.reason, server.down_since = "down", reason, time.monotonic()
         server.ejections += int(count)
-        server.abort.set()  # its in-flight requests are resent elsewhere now
+        server.abandon_all()  # its in-flight requests are resent elsewhere now
         if count:
             if self.single:
                 logger.warning("vLLM server unavailable (%s); pausing requests until it is healthy again", reason)
@@ -432,6 +454,44 @@ class Fleet:
                                 time.monotonic() - (server.down_since or time.monotonic()), problem)
                 else:
                     logger.info("vLLM server %s still out of rotation (%s)", server.url, problem)
+
+    def _rebalance(self, *, now: bool = False) -> None:
+        """Work stealing: move the newest requests of the server furthest behind to the one that would finish
+        them soonest (a server back in rotation, or one that turned out faster than assumed while warming up).
+
+        The newest requests are the ones still waiting in the busy server's queue, so little work is lost;
+        they are resent without using a page attempt. Runs at most every ``REBALANCE_EVERY_S`` (by then the
+        requests it moved have been sent again, so it never counts one twice).
+        """
+        clock = time.monotonic()
+        if self.single or (not now and clock - self._last_rebalance < REBALANCE_EVERY_S):
+            return
+        self._last_rebalance = clock
+        up = [s for s in self.servers if s.state == "up"]
+        if len(up) < 2:
+            return
+        caps = dict(zip(self.servers, capacities(self.servers), strict=True))
+        learned = all(s.weight is None for s in self.servers)
+        load = {s: s.in_flight for s in up}
+        stealable = {s: len(s.requests) for s in up}
+        for _ in range(STEAL_BATCH):
+            open_ = [s for s in up if not (learned and s.meter.answers < RATE_MIN_SAMPLES and load[s] >= WARMUP_CAP)]
+            if not open_:
+                return
+            target = min(open_, key=lambda s: (load[s] + 1) / max(caps[s], 1e-9))
+            busiest = max((s for s in up if stealable[s] > 0), key=lambda s: load[s] / max(caps[s], 1e-9),
+                          default=None)
+            if busiest is None or busiest is target:
+                return
+            behind = load[busiest] / max(caps[busiest], 1e-9)
+            there = (load[target] + 1) / max(caps[target], 1e-9)
+            if behind <= STEAL_FACTOR * there + STEAL_MARGIN_S:
+                return
+            busiest.abandon_newest()
+            self.moved += 1
+            load[busiest] -= 1
+            stealable[busiest] -= 1
+            load[target] += 1
 
     async def _pick(self) -> Server:
         """A server in rotation; waits (and says so) while there is none."""
@@ -490,23 +550,27 @@ class Fleet:
                 server.in_flight += 1
                 sent_at = time.monotonic()
                 server.meter.set_busy(True, sent_at)
+                token = next(self._tokens)
+                abandon = server.requests[token] = asyncio.Event()
                 problem: str | None = None
                 resp = None
                 try:
                     body = await make_body()
-                    resp = await server.client.post_chat(body, server.abort)
+                    resp = await server.client.post_chat(body, abandon)
                 except RequestTimeout as exc:
                     server.timeouts += 1
                     problem = f"timeout: {exc}"
                 except ServerAborted:
-                    problem = "its server was taken out of rotation"
+                    problem = ABANDONED
                 except TransportError as exc:
                     problem = f"connection error: {exc}"
                 finally:
+                    server.requests.pop(token, None)
                     server.in_flight -= 1
                     if server.in_flight == 0:
                         server.meter.set_busy(False, time.monotonic())
                     self._changed.set()
+                    self._rebalance()
             if resp is not None:
                 if resp.status == 200:
                     try:
@@ -525,14 +589,14 @@ class Fleet:
                     server.rejected += 1
                     raise RequestRejected(resp.status, resp.body[:300].decode("utf-8", "replace"))
             assert problem is not None
-            aborted = problem == "its server was taken out of rotation"
-            if not aborted:
-                server.errors += 1
+            if problem == ABANDONED:
+                continue  # moved to another server (ejected, or rebalanced): no error, no pause
+            server.errors += 1
             transient_in_a_row += 1
             self._note_transient(server, label, problem)
             is_5xx = resp is not None and resp.status >= 500
             errors_5xx_in_a_row = errors_5xx_in_a_row + 1 if is_5xx else 0
-            if server.state == "up" and not aborted and (resp is None or resp.status != 429):
+            if server.state == "up" and (resp is None or resp.status != 429):
                 server.failures_in_a_row += 1
                 if problem.startswith("timeout"):
                     self._eject(server, f"no request finished for {server.client.request_timeout:g}s (hung?)")

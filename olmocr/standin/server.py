@@ -102,6 +102,8 @@ class Stats:
         self.requests_served = 0
         self.completions_seen = 0  # completions that reached the engine (for error_rate)
         self.queue: list[tuple[int, int]] = []  # waiting requests as (priority, arrival), a heap
+        self.priorities: dict[str, int] = {}  # completions served, by their priority field
+        self.image_requests_served = 0  # completions with an image (pages, not probes)
         self.arrivals = 0
         self.answers = 0  # answers produced (for answer=mixed:k)
 
@@ -365,7 +367,9 @@ class Handler(BaseHTTPRequestHandler):
             "pid": os.getpid(), "engine_pid": eng.pid if eng else None, "served_model_name": app.served_name(),
             "model": app.args.model, "port": app.port, "host": app.args.host,
             "max_model_len": app.args.max_model_len, "control": app.control.snapshot(),
-            "requests_served": app.stats.requests_served, "uptime_s": round(time.monotonic() - app.started, 3),
+            "requests_served": app.stats.requests_served, "priorities": dict(app.stats.priorities),
+            "image_requests_served": app.stats.image_requests_served,
+            "scheduling_policy": app.args.scheduling_policy, "uptime_s": round(time.monotonic() - app.started, 3),
             "standin": True,
         }
 
@@ -454,7 +458,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         try:
-            self.complete(req, served, images, prompt_tokens, max_tokens)
+            self.complete(req, served, images, prompt_tokens, max_tokens, priority)
         finally:
             app.release_slot()
 
@@ -490,7 +494,7 @@ class Handler(BaseHTTPRequestHandler):
         return text_chars, images
 
     def complete(self, req: dict[str, Any], served: str, images: list[ans.ImageInfo],
-                 prompt_tokens: int, max_tokens: int) -> None:
+                 prompt_tokens: int, max_tokens: int, priority: int = 0) -> None:
         app = self.app
         ctl = app.control
         st = app.stats
@@ -518,6 +522,8 @@ class Handler(BaseHTTPRequestHandler):
             st.generation_tokens += completion_tokens
             st.success[finish] = st.success.get(finish, 0) + 1
             st.requests_served += 1
+            st.priorities[str(priority)] = st.priorities.get(str(priority), 0) + 1
+            st.image_requests_served += int(bool(images))
         self.send_json(200, {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": served,
