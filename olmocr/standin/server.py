@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # -------------------------------------------------------------------------------------------- state
 class Stats:
     def __init__(self) -> None:
-        self.lock = threading.Condition()
+        self.lock = threading.Lock()
         self.running = 0
         self.waiting = 0
         self.prompt_tokens = 0
@@ -101,7 +101,7 @@ class Stats:
         self.success: dict[str, int] = {"stop": 0, "length": 0}
         self.requests_served = 0
         self.completions_seen = 0  # completions that reached the engine (for error_rate)
-        self.queue: list[tuple[int, int]] = []  # waiting requests as (priority, arrival), a heap
+        self.queue: list[tuple[int, int, threading.Event]] = []  # waiting (priority, arrival, grant), a heap
         self.priorities: dict[str, int] = {}  # completions served, by their priority field
         self.image_requests_served = 0  # completions with an image (pages, not probes)
         self.arrivals = 0
@@ -192,38 +192,48 @@ class StandIn:
     def acquire_slot(self, handler: Handler, priority: int = 0) -> bool:
         """Wait for one of ``concurrency`` slots. Waiting requests are served in arrival order, or by
         (priority, arrival) under ``--scheduling-policy priority`` as vLLM's scheduler does (a running
-        request is never preempted here: the stand-in has no KV cache to run out of)."""
+        request is never preempted here: the stand-in has no KV cache to run out of). A freed slot is handed
+        to the head of the queue directly (one wake-up, not one per waiter)."""
         st = self.stats
         with st.lock:
-            st.waiting += 1
+            if not st.queue and self._has_room():
+                st.running += 1
+                return True
             st.arrivals += 1
-            me = (priority if self.args.scheduling_policy == "priority" else 0, st.arrivals)
-            heapq.heappush(st.queue, me)
-            try:
-                while True:
-                    limit = self.control.get("concurrency")
-                    if not limit or (st.running < int(limit) and st.queue[0] == me):
-                        if st.queue[0] == me:
-                            heapq.heappop(st.queue)
-                        else:  # no limit: nobody waits for anybody
-                            st.queue.remove(me)
-                            heapq.heapify(st.queue)
-                        st.running += 1
-                        st.lock.notify_all()  # the next in line may fit too
-                        return True
-                    st.lock.wait(0.2)
-                    if handler.client_gone():
-                        st.queue.remove(me)
+            granted = threading.Event()
+            rank = priority if self.args.scheduling_policy == "priority" else 0
+            heapq.heappush(st.queue, (rank, st.arrivals, granted))
+            st.waiting = len(st.queue)
+        while not granted.wait(0.2):
+            with st.lock:
+                self._hand_over()  # the concurrency limit may have been raised meanwhile
+            if handler.client_gone():
+                with st.lock:
+                    if not granted.is_set():
+                        st.queue = [w for w in st.queue if w[2] is not granted]
                         heapq.heapify(st.queue)
-                        st.lock.notify_all()
+                        st.waiting = len(st.queue)
                         return False
-            finally:
-                st.waiting -= 1
+                self.release_slot()  # granted just as the client left
+                return False
+        return True
+
+    def _has_room(self) -> bool:
+        limit = self.control.get("concurrency")
+        return not limit or self.stats.running < int(limit)
+
+    def _hand_over(self) -> None:
+        """Give free slots to the head of the queue (caller holds the lock)."""
+        st = self.stats
+        while st.queue and self._has_room():
+            st.running += 1
+            heapq.heappop(st.queue)[2].set()
+        st.waiting = len(st.queue)
 
     def release_slot(self) -> None:
         with self.stats.lock:
             self.stats.running -= 1
-            self.stats.lock.notify_all()
+            self._hand_over()
 
 
 # ------------------------------------------------------------------------------------------ handler
