@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [render] [throughput] [recovery] [memory]``: run the benchmark suite.
+"""``python -m bench [--quick] [render] [throughput] [recovery] [memory] [fleet]``: run the benchmark suite.
 
 Prints a table, writes ``bench/out/results.json`` (figures, details, machine) and
 ``bench/out/results.md`` (the table as Markdown, for bench/RESULTS.md). Each section is independent:
@@ -16,7 +16,7 @@ import traceback
 
 from bench.common import OUT_DIR, Figure, format_table, load_corpus, log, machine_info, upstream_available
 
-SECTIONS = ["render", "throughput", "memory", "recovery"]
+SECTIONS = ["render", "throughput", "memory", "recovery", "fleet"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import memory
 
                 figs, detail = memory.run_rss(quick=args.quick, with_upstream=not args.no_upstream)
+            elif section == "fleet":
+                from bench import fleet
+
+                figs, detail = fleet.run(corpus, quick=args.quick)
             else:
                 from bench import recovery
 

@@ -224,7 +224,8 @@ class Server:
     state: str = "starting"  # starting | up | down (out of rotation, probed) | excluded (misconfigured)
     reason: str = ""  # why it is down or excluded
     pages: int = 0  # answers (HTTP 200) received
-    in_flight: int = 0
+    in_flight: int = 0  # requests sent and not answered yet
+    reserved: int = 0  # requests chosen for this server whose page is being rendered
     errors: int = 0  # refusals, timeouts, 429 and 5xx
     timeouts: int = 0
     rejected: int = 0  # non-retryable answers (a failed page attempt)
@@ -251,7 +252,9 @@ class Server:
         state = self.state
         if self.down_since is not None:
             state = f"down {time.monotonic() - self.down_since:.0f}s"
-        return f"{state}, {self.pages} pages, {self.in_flight} in flight, {self.errors} errors"
+        rate = self.meter.rate()
+        learned = f", ~{rate:.1f} pages/s" if rate is not None else ""
+        return f"{state}, {self.pages} pages, {self.in_flight} in flight, {self.errors} errors{learned}"
 
     def as_dict(self) -> dict[str, Any]:
         return {"url": self.url, "state": self.state, "reason": self.reason, "pages": self.pages,
@@ -286,9 +289,10 @@ def choose(servers: Sequence[Server]) -> Server | None:
     for server, capacity in zip(servers, capacities(servers), strict=True):
         if server.state != "up":
             continue
-        if learned and server.meter.answers < RATE_MIN_SAMPLES and server.in_flight >= WARMUP_CAP:
+        load = server.in_flight + server.reserved
+        if learned and server.meter.answers < RATE_MIN_SAMPLES and load >= WARMUP_CAP:
             continue
-        score = (server.in_flight + 1) / max(capacity, 1e-9)
+        score = (load + 1) / max(capacity, 1e-9)
         if score < best_score:
             best, best_score = server, score
     return best
@@ -326,7 +330,7 @@ class Fleet:
 
     def __init__(self, specs: Sequence[ServerSpec], *, request_timeout: float = 600.0,
                  max_concurrent_requests: int = 1600, ca_bundle: str | None = None,
-                 priority: int | None = None) -> None:
+                 priority: int | None = None, render_lookahead: int = 8) -> None:
         if not specs:
             raise FleetConfigError("no vLLM server given: pass --vllm-url (or set OLMOCR_VLLM_URL)")
         per_pool = max(8, min(max_concurrent_requests, 2048))
@@ -337,6 +341,7 @@ class Fleet:
         ]
         self.priority = priority
         self._slots = asyncio.Semaphore(max_concurrent_requests)
+        self._render_gate = asyncio.Semaphore(max(1, render_lookahead))
         self._changed = asyncio.Event()  # set whenever a server joins the rotation
         self._probers: dict[Server, asyncio.Task[None]] = {}
         self._all_down_since: float | None = None
@@ -472,26 +477,34 @@ class Fleet:
             return
         caps = dict(zip(self.servers, capacities(self.servers), strict=True))
         learned = all(s.weight is None for s in self.servers)
-        load = {s: s.in_flight for s in up}
+        # Only requests already sent are moved (never one being rendered); a target's load counts both.
+        load = {s: s.in_flight + s.reserved for s in up}
+        sent = {s: s.in_flight for s in up}
         stealable = {s: len(s.requests) for s in up}
         for _ in range(STEAL_BATCH):
             open_ = [s for s in up if not (learned and s.meter.answers < RATE_MIN_SAMPLES and load[s] >= WARMUP_CAP)]
             if not open_:
                 return
             target = min(open_, key=lambda s: (load[s] + 1) / max(caps[s], 1e-9))
-            busiest = max((s for s in up if stealable[s] > 0), key=lambda s: load[s] / max(caps[s], 1e-9),
+            busiest = max((s for s in up if stealable[s] > 0), key=lambda s: sent[s] / max(caps[s], 1e-9),
                           default=None)
             if busiest is None or busiest is target:
                 return
-            behind = load[busiest] / max(caps[busiest], 1e-9)
+            behind = sent[busiest] / max(caps[busiest], 1e-9)
             there = (load[target] + 1) / max(caps[target], 1e-9)
             if behind <= STEAL_FACTOR * there + STEAL_MARGIN_S:
                 return
             busiest.abandon_newest()
             self.moved += 1
             load[busiest] -= 1
+            sent[busiest] -= 1
             stealable[busiest] -= 1
             load[target] += 1
+
+    async def _wait_for_rotation(self) -> None:
+        """Return once some server can take a request (cheap when one can): waits while all are out."""
+        if choose(self.servers) is None:
+            await self._pick()
 
     async def _pick(self) -> Server:
         """A server in rotation; waits (and says so) while there is none."""
@@ -544,9 +557,19 @@ class Fleet:
         transient_in_a_row = 0
         while True:
             async with self._slots:
-                # The server is chosen before the page is rendered, so that requests waiting for a server
-                # (all out of rotation) hold no page image.
-                server = await self._pick()
+                # The server is chosen (and reserved) when the page's render starts, and renders are limited to
+                # ``render_lookahead`` at a time: the choice is made with fresh counts (not before a long render
+                # queue), and requests waiting for a server hold no page image.
+                await self._wait_for_rotation()
+                async with self._render_gate:
+                    server = await self._pick()
+                    server.reserved += 1
+                    try:
+                        body = await make_body()
+                    finally:
+                        server.reserved -= 1
+                if server.state != "up":  # it left the rotation during the render
+                    server = await self._pick()
                 server.in_flight += 1
                 sent_at = time.monotonic()
                 server.meter.set_busy(True, sent_at)
@@ -555,7 +578,6 @@ class Fleet:
                 problem: str | None = None
                 resp = None
                 try:
-                    body = await make_body()
                     resp = await server.client.post_chat(body, abandon)
                 except RequestTimeout as exc:
                     server.timeouts += 1

@@ -14,7 +14,7 @@ from olmocr.pipeline.inputs import expand_inputs
 from olmocr.pipeline.output import dolma_jsonl, markdown_relpath
 from olmocr.pipeline.pages import PageProcessor, PageSettings
 from olmocr.pipeline.progress import Progress, report_progress
-from olmocr.pipeline.render import Renderer
+from olmocr.pipeline.render import Renderer, default_render_processes
 from olmocr.pipeline.storage import Storage, open_storage
 from olmocr.pipeline.workqueue import LeaseLost, WorkItem, WorkQueue
 
@@ -212,7 +212,7 @@ async def run_pipeline(config: PipelineConfig) -> int:
     logger.info("work items: %s", counts)
     fleet = Fleet(config.servers, request_timeout=config.request_timeout,
                   max_concurrent_requests=config.max_concurrent_requests, ca_bundle=config.ca_bundle,
-                  priority=config.priority)
+                  priority=config.priority, render_lookahead=4 * (config.render_processes or default_render_processes()))
     try:
         try:
             await fleet.start(max_wait_s=config.max_server_ready_timeout)
