@@ -174,7 +174,8 @@ def run_outage(pdfs: dict[Path, int], log_dir: Path, tmp: Path) -> tuple[list[Fi
             restarted_at = time.monotonic()
             readmitted = None
             with contextlib.suppress(TimeoutError):
-                wait_until(lambda: "re-admitted" in (log_dir / "fleet-outage.log").read_text(), 60, interval=0.2,
+                back = f"{servers[victim].base_url} re-admitted"  # the log file is appended to by every run
+                wait_until(lambda: back in (log_dir / "fleet-outage.log").read_text(), 60, interval=0.2,
                            what="re-admission")
                 readmitted = time.monotonic() - restarted_at
             rc, wall = _finish(proc, 4 * ideal + 120)

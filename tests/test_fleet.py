@@ -37,6 +37,7 @@ from tests.pipeline_helpers import (
     start_pipeline,
     wait_for,
 )
+from tests.sample_docs import write_text_pdf
 from tests.standin_helpers import VLLM_FLAGS, chat_payload, free_port, start_standin, stop_process_group
 
 pytestmark = pytest.mark.timeout(180)
@@ -45,20 +46,8 @@ PAGES_PER_DOC = 5
 
 
 def make_pdfs(directory: Path, docs: int, pages: int = PAGES_PER_DOC) -> list[Path]:
-    """Blank PDFs made here with pypdfium2 (the stand-in answers any page)."""
-    import pypdfium2 as pdfium
-
     directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(docs):
-        pdf = pdfium.PdfDocument.new()
-        for _ in range(pages):
-            pdf.new_page(612, 792)
-        path = directory / f"doc{i:02d}.pdf"
-        pdf.save(str(path))
-        pdf.close()
-        paths.append(path)
-    return paths
+    return [write_text_pdf(directory / f"doc{i:02d}.pdf", pages) for i in range(docs)]
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +93,18 @@ def test_server_list_repeated_comma_separated_with_weights() -> None:
         parse_url_list(["ftp://a:1"])
 
 
-def test_cli_rejects_a_bad_server_list_before_doing_anything(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_rejects_a_bad_server_list_before_doing_anything(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from olmocr.pipeline.cli import main
 
     with pytest.raises(SystemExit) as exc:
         main([str(tmp_path / "ws"), "--vllm-url", "http://127.0.0.1:1,http://127.0.0.1:1/v1", "--pdfs", "x.pdf"])
+    assert exc.value.code == 2
+    assert "listed twice" in capsys.readouterr().err
+    # The list may come from the environment instead.
+    monkeypatch.setenv("OLMOCR_VLLM_URL", "http://127.0.0.1:1,http://127.0.0.1:1")
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path / "ws"), "--pdfs", "x.pdf"])
     assert exc.value.code == 2
     assert "listed twice" in capsys.readouterr().err
     assert not (tmp_path / "ws").exists()
