@@ -14,18 +14,18 @@ from pathlib import Path
 import pytest
 import requests
 
-from olmocr.pipeline.client import ServerClient
-from olmocr.pipeline.fleet import (
+from olmocr.pipeline.balance import (
     RATE_MIN_SAMPLES,
+    STEAL_BATCH,
     WARMUP_CAP,
-    FleetConfigError,
     RateMeter,
     Server,
     choose,
-    parse_url_list,
-    server_specs,
+    plan_steals,
 )
+from olmocr.pipeline.client import ServerClient
 from olmocr.pipeline.pages import request_template
+from olmocr.pipeline.serverlist import FleetConfigError, parse_url_list, server_specs
 from olmocr.server.command import build_vllm_command
 from olmocr.server.settings import ServerSettings, SettingsError
 from olmocr.server.wrapper import add_server_arguments, settings_from_args
@@ -163,6 +163,42 @@ def test_balancer_gives_outstanding_requests_in_proportion_to_capacity() -> None
     # Servers out of rotation get nothing.
     slow.state, fast.state = "down", "excluded"
     assert choose([fast, slow]) is None
+
+
+def _learned(server: Server, rate: float) -> Server:
+    t0 = time.monotonic() - 10
+    server.meter.set_busy(True, t0)
+    for i in range(int(10 * rate)):
+        server.meter.answered(t0 + (i + 1) / rate, 1.0)
+    return server
+
+
+def _sent(server: Server, n: int) -> None:
+    import asyncio
+
+    for _ in range(n):
+        server.requests[len(server.requests)] = asyncio.Event()
+    server.in_flight += n
+
+
+def test_work_stealing_moves_queued_requests_to_a_server_back_in_rotation() -> None:
+    busy, other, back = (_learned(_server(f"http://{h}:1"), 4) for h in "abc")
+    _sent(busy, 80)  # 20 s behind
+    _sent(other, 8)  # 2 s behind
+    back.meter.reset()  # just re-admitted: capacity not measured again yet
+    moves = plan_steals([busy, other, back])
+    # Only from the server furthest behind, its newest requests, a batch at a time.
+    assert set(moves) == {busy} and 0 < len(moves) <= STEAL_BATCH
+    newest = list(busy.requests.values())[-len(moves):]
+    for server in moves:
+        server.abandon_newest()
+    assert all(e.is_set() for e in newest) and len(busy.requests) == 80 - len(moves)
+    # Balanced servers never trade requests (hysteresis), and a lone server has nobody to give to.
+    a, b = _learned(_server("http://a:1"), 4), _learned(_server("http://b:1"), 2)
+    _sent(a, 40)
+    _sent(b, 19)
+    assert plan_steals([a, b]) == []
+    assert plan_steals([a]) == []
 
 
 def test_idle_time_does_not_dilute_a_learned_rate() -> None:

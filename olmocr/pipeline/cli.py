@@ -9,8 +9,8 @@ import os
 import signal
 import sys
 
-from olmocr.pipeline.fleet import URL_ENV, FleetConfigError, parse_url_list, server_specs
 from olmocr.pipeline.pipeline import PipelineConfig, run_pipeline
+from olmocr.pipeline.serverlist import URL_ENV, FleetConfigError, parse_url_list, server_specs
 
 logger = logging.getLogger("olmocr.pipeline")
 

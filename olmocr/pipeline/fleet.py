@@ -1,17 +1,16 @@
-"""One pipeline across many vLLM servers: server list, start-up verification, balancing, health per server.
-
-A single ``--vllm-url`` is the one-server case of the same code.
+"""One pipeline across many vLLM servers: start-up verification, rotation and health per server, and the
+retry policy of a request across them. A single ``--vllm-url`` is the one-server case of the same code.
+The server list is parsed by :mod:`olmocr.pipeline.serverlist`; the choice of server by
+:mod:`olmocr.pipeline.balance`.
 
 * **Verification.** Every server is checked at start-up by :func:`verify_server` (one function, so the
   checks are the same for each). A misconfigured server (wrong model, rejected key, untrusted certificate,
   no priority scheduling when ``--priority`` is used) is left out with a one-line reason. The run starts as
   soon as one server is usable; servers still unreachable a few seconds later join when they come up. If
   none is usable the run fails before claiming work.
-* **Balancing.** A request goes to the server that would finish it soonest: the fewest outstanding requests
-  relative to its capacity, ``(in_flight + 1) / capacity``. Capacity is learned (:class:`RateMeter`: answers
-  per second of time the server had work, i.e. concurrency / latency by Little's law); a server with twice the
-  capacity gets about twice the pages. Weights given with the URL (``URL#weight=2``) replace the learned
-  capacity.
+* **Balancing.** A request goes to the server that would finish it soonest relative to its learned capacity
+  (:func:`~olmocr.pipeline.balance.choose`); a server that falls behind has its newest queued requests moved
+  (:func:`~olmocr.pipeline.balance.plan_steals`).
 * **Health.** ``EJECT_AFTER`` refusals / 5xx in a row, or one no-progress timeout (no request finished for
   ``--request_timeout`` s: a hung engine), take a server out of rotation. Its in-flight requests are abandoned
   and resent to the others without using page attempts. It is probed in the background (``/health``, the model
@@ -25,26 +24,17 @@ import asyncio
 import itertools
 import json
 import logging
-import math
 import os
 import random
 import socket
-import statistics
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-from olmocr.pipeline.client import (
-    MAX_BACKOFF_S,
-    RequestRejected,
-    ServerAborted,
-    ServerClient,
-    ServerNotReady,
-    display_url,
-    normalize_base_url,
-)
+from olmocr.pipeline.balance import Server, choose, plan_steals
+from olmocr.pipeline.client import MAX_BACKOFF_S, RequestRejected, ServerAborted, ServerClient, ServerNotReady
 from olmocr.pipeline.http import RequestTimeout, TransportError
+from olmocr.pipeline.serverlist import FleetConfigError, ServerSpec
 
 logger = logging.getLogger("olmocr.pipeline")
 
@@ -61,241 +51,9 @@ STARTUP_GRACE_S = 5.0
 MAX_5XX_IN_A_ROW = 20
 TRANSIENT_LOG_EVERY_S = 10.0
 ALL_DOWN_LOG_EVERY_S = 30.0
-#: Answers a capacity estimate needs before it is trusted, and the (shortest) time constant of its average.
-RATE_MIN_SAMPLES = 5
-RATE_WINDOW_S = 20.0
-#: Requests a server may hold before it has answered ``RATE_MIN_SAMPLES``: a pipeline that can render its
-#: whole batch in seconds would otherwise split it evenly before knowing which server is faster.
-WARMUP_CAP = 16
-#: Work stealing: a server's newest queued request moves to the least loaded one when it would finish there
-#: sooner by this factor and margin (hysteresis, so that balanced servers never trade requests).
-STEAL_FACTOR = 1.5
-STEAL_MARGIN_S = 1.0
-STEAL_BATCH = 16
+#: Work stealing runs at most this often (by then the requests it moved have been sent again).
 REBALANCE_EVERY_S = 0.25
 ABANDONED = "abandoned: its server was taken out of rotation or was too far behind"
-URL_ENV = "OLMOCR_VLLM_URL"
-
-
-class FleetConfigError(ValueError):
-    """A server list, weight or key file that cannot be used; the message says what to fix."""
-
-
-# ---------------------------------------------------------------------------------------------- server list
-
-
-@dataclass(frozen=True)
-class ServerSpec:
-    """One server as configured: normalised URL, optional fixed weight, its API key (never printed)."""
-
-    url: str
-    weight: float | None = None
-    api_key: str | None = field(default=None, repr=False)
-
-
-def parse_url_list(values: Iterable[str]) -> list[tuple[str, float | None]]:
-    """``--vllm-url`` values (each may be a comma-separated list) as ``(normalised URL, weight)``.
-
-    A weight is written as a URL fragment, ``http://gpu1:30024#weight=2`` (fragments are never sent).
-    """
-    out: list[tuple[str, float | None]] = []
-    seen: set[str] = set()
-    for value in values:
-        for raw in value.split(","):
-            raw = raw.strip()
-            if not raw:
-                continue
-            url, _, fragment = raw.partition("#")
-            weight: float | None = None
-            if fragment:
-                key, _, num = fragment.partition("=")
-                try:
-                    weight = float(num)
-                except ValueError:
-                    weight = None
-                if key != "weight" or weight is None or not weight > 0:
-                    raise FleetConfigError(f"{display_url(raw)}: the only URL fragment understood is "
-                                           "'#weight=N' with N > 0")
-            url = normalize_base_url(url)
-            if not url.startswith(("http://", "https://")):
-                raise FleetConfigError(f"{display_url(url)} is not an http:// or https:// URL")
-            if url in seen:
-                raise FleetConfigError(f"{display_url(url)} is listed twice in --vllm-url")
-            seen.add(url)
-            out.append((url, weight))
-    return out
-
-
-def read_key_file(path: str) -> tuple[str | None, dict[str, str]]:
-    """An API key file: a line ``KEY`` (every server) and/or lines ``URL KEY`` (that server).
-
-    Blank lines and lines starting with ``#`` are ignored. Returns (default key, {normalised URL: key}).
-    """
-    try:
-        with open(path, encoding="utf-8") as fh:
-            lines = fh.read().splitlines()
-    except OSError as exc:
-        raise FleetConfigError(f"cannot read the API key file {path}: {exc.strerror}; fix --api_key_file / "
-                               "OLMOCR_API_KEY_FILE or its permissions") from None
-    default: str | None = None
-    per_server: dict[str, str] = {}
-    for number, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split()
-        if len(parts) == 1:
-            default = parts[0]
-        elif len(parts) == 2 and "://" in parts[0]:
-            per_server[normalize_base_url(parts[0])] = parts[1]
-        else:  # never echo the line: it holds a key
-            raise FleetConfigError(f"{path} line {number}: expected 'KEY' or 'URL KEY'")
-    return default, per_server
-
-
-def server_specs(urls: Sequence[tuple[str, float | None]], default_key: str | None = None,
-                 key_file: str | None = None) -> list[ServerSpec]:
-    """Attach API keys: a key file's per-server line, else its default line, else ``default_key``."""
-    file_default, per_server = read_key_file(key_file) if key_file else (None, {})
-    listed = {u for u, _ in urls}
-    unknown = [u for u in per_server if u not in listed]
-    if unknown:
-        raise FleetConfigError(f"the API key file names servers not in --vllm-url: "
-                               f"{', '.join(display_url(u) for u in unknown)}")
-    return [ServerSpec(url, weight, per_server.get(url) or file_default or default_key) for url, weight in urls]
-
-
-# ---------------------------------------------------------------------------------------------- balancing
-
-
-class RateMeter:
-    """Answers per second of *busy* time (time with at least one request out), exponentially weighted.
-
-    While a server has work queued this is its capacity (Little's law: concurrency / latency); idle time
-    does not dilute it. The time constant is at least ``RATE_WINDOW_S`` and five typical latencies, so that
-    answers arriving in waves (a batch finishing together) average out. O(1) per event.
-    """
-
-    def __init__(self, window_s: float = RATE_WINDOW_S) -> None:
-        self.window_s = window_s
-        self.answers = 0  # since the last reset
-        self._weighted_answers = 0.0
-        self._weighted_busy = 0.0
-        self._latency = 0.0  # moving average of request latency, seconds
-        self._busy = False
-        self._last = time.monotonic()
-
-    def _advance(self, now: float) -> None:
-        dt = max(0.0, now - self._last)
-        self._last = now
-        tau = max(self.window_s, 5 * self._latency)
-        decay = math.exp(-dt / tau)
-        self._weighted_answers *= decay
-        self._weighted_busy = self._weighted_busy * decay + (tau * (1 - decay) if self._busy else 0.0)
-
-    def set_busy(self, busy: bool, now: float) -> None:
-        self._advance(now)
-        self._busy = busy
-
-    def answered(self, now: float, latency: float) -> None:
-        self._advance(now)
-        self.answers += 1
-        self._weighted_answers += 1
-        self._latency = latency if self.answers == 1 else 0.9 * self._latency + 0.1 * latency
-
-    def rate(self) -> float | None:
-        """Pages/s, or None before ``RATE_MIN_SAMPLES`` answers."""
-        self._advance(time.monotonic())
-        if self.answers < RATE_MIN_SAMPLES or self._weighted_busy <= 0:
-            return None
-        return self._weighted_answers / self._weighted_busy
-
-    def reset(self) -> None:
-        self.answers = 0
-        self._weighted_answers = self._weighted_busy = 0.0
-
-
-@dataclass(eq=False)
-class Server:
-    """A server in the fleet. The counters are plain attributes, read by the progress line and metrics."""
-
-    client: ServerClient
-    weight: float | None = None
-    state: str = "starting"  # starting | up | down (out of rotation, probed) | excluded (misconfigured)
-    reason: str = ""  # why it is down or excluded
-    pages: int = 0  # answers (HTTP 200) received
-    in_flight: int = 0  # requests sent and not answered yet
-    reserved: int = 0  # requests chosen for this server whose page is being rendered
-    errors: int = 0  # refusals, timeouts, 429 and 5xx
-    timeouts: int = 0
-    rejected: int = 0  # non-retryable answers (a failed page attempt)
-    ejections: int = 0
-    failures_in_a_row: int = 0
-    down_since: float | None = None
-    meter: RateMeter = field(default_factory=RateMeter)
-    # Requests out to this server, oldest first; setting one's event abandons it (it is resent elsewhere).
-    requests: dict[int, asyncio.Event] = field(default_factory=dict)
-
-    def abandon_all(self) -> None:
-        for event in self.requests.values():
-            event.set()
-        self.requests.clear()
-
-    def abandon_newest(self) -> None:
-        self.requests.pop(next(reversed(self.requests))).set()
-
-    @property
-    def url(self) -> str:
-        return self.client.name
-
-    def describe(self) -> str:
-        state = self.state
-        if self.down_since is not None:
-            state = f"down {time.monotonic() - self.down_since:.0f}s"
-        rate = self.meter.rate()
-        learned = f", ~{rate:.1f} pages/s" if rate is not None else ""
-        return f"{state}, {self.pages} pages, {self.in_flight} in flight, {self.errors} errors{learned}"
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"url": self.url, "state": self.state, "reason": self.reason, "pages": self.pages,
-                "in_flight": self.in_flight, "errors": self.errors, "timeouts": self.timeouts,
-                "rejected": self.rejected, "ejections": self.ejections, "weight": self.weight,
-                "capacity": self.meter.rate()}
-
-
-def capacities(servers: Sequence[Server]) -> list[float]:
-    """Each server's capacity for balancing: fixed weights if any were given, else the learned rate.
-
-    A server not yet measured gets the median of the measured ones (1.0 when none is): it is neither
-    starved nor flooded before it has shown what it can do.
-    """
-    if any(s.weight is not None for s in servers):
-        return [s.weight if s.weight is not None else 1.0 for s in servers]
-    rates = [s.meter.rate() for s in servers]
-    known = [r for r in rates if r is not None]
-    prior = statistics.median(known) if known else 1.0
-    return [r if r is not None else prior for r in rates]
-
-
-def choose(servers: Sequence[Server]) -> Server | None:
-    """The server in rotation that would finish one more request soonest: min (in_flight + 1) / capacity.
-
-    None when no server is in rotation, or every one is still warming up with ``WARMUP_CAP`` requests (only
-    when capacities are learned, not with fixed weights).
-    """
-    best: Server | None = None
-    best_score = float("inf")
-    learned = all(s.weight is None for s in servers)
-    for server, capacity in zip(servers, capacities(servers), strict=True):
-        if server.state != "up":
-            continue
-        load = server.in_flight + server.reserved
-        if learned and server.meter.answers < RATE_MIN_SAMPLES and load >= WARMUP_CAP:
-            continue
-        score = (load + 1) / max(capacity, 1e-9)
-        if score < best_score:
-            best, best_score = server, score
-    return best
 
 
 # ---------------------------------------------------------------------------------------------- verification
@@ -472,34 +230,9 @@ class Fleet:
         if self.single or (not now and clock - self._last_rebalance < REBALANCE_EVERY_S):
             return
         self._last_rebalance = clock
-        up = [s for s in self.servers if s.state == "up"]
-        if len(up) < 2:
-            return
-        caps = dict(zip(self.servers, capacities(self.servers), strict=True))
-        learned = all(s.weight is None for s in self.servers)
-        # Only requests already sent are moved (never one being rendered); a target's load counts both.
-        load = {s: s.in_flight + s.reserved for s in up}
-        sent = {s: s.in_flight for s in up}
-        stealable = {s: len(s.requests) for s in up}
-        for _ in range(STEAL_BATCH):
-            open_ = [s for s in up if not (learned and s.meter.answers < RATE_MIN_SAMPLES and load[s] >= WARMUP_CAP)]
-            if not open_:
-                return
-            target = min(open_, key=lambda s: (load[s] + 1) / max(caps[s], 1e-9))
-            busiest = max((s for s in up if stealable[s] > 0), key=lambda s: sent[s] / max(caps[s], 1e-9),
-                          default=None)
-            if busiest is None or busiest is target:
-                return
-            behind = sent[busiest] / max(caps[busiest], 1e-9)
-            there = (load[target] + 1) / max(caps[target], 1e-9)
-            if behind <= STEAL_FACTOR * there + STEAL_MARGIN_S:
-                return
-            busiest.abandon_newest()
+        for server in plan_steals(self.servers):
+            server.abandon_newest()
             self.moved += 1
-            load[busiest] -= 1
-            sent[busiest] -= 1
-            stealable[busiest] -= 1
-            load[target] += 1
 
     async def _wait_for_rotation(self) -> None:
         """Return once some server can take a request (cheap when one can): waits while all are out."""

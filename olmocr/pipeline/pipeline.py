@@ -9,12 +9,13 @@ from dataclasses import dataclass
 
 from olmocr.pipeline.client import ServerNotReady
 from olmocr.pipeline.documents import DocOutcome, DocumentProcessor, failure
-from olmocr.pipeline.fleet import SERVER_STATS_DIR, Fleet, ServerSpec, run_id, server_stats_record
+from olmocr.pipeline.fleet import SERVER_STATS_DIR, Fleet, run_id, server_stats_record
 from olmocr.pipeline.inputs import expand_inputs
 from olmocr.pipeline.output import dolma_jsonl, markdown_relpath
 from olmocr.pipeline.pages import PageProcessor, PageSettings
 from olmocr.pipeline.progress import Progress, report_progress
 from olmocr.pipeline.render import Renderer, default_render_processes
+from olmocr.pipeline.serverlist import ServerSpec
 from olmocr.pipeline.storage import Storage, open_storage
 from olmocr.pipeline.workqueue import LeaseLost, WorkItem, WorkQueue
 
