@@ -255,8 +255,8 @@ def run(corpus: Corpus, quick: bool = False) -> tuple[list[Figure], dict]:
     figs: list[Figure] = []
     detail: dict = {"corpus": corpus.describe()}
     try:
-        # ~80 s of work at 14 p/s for the full run (the corpus repeated), one copy for --quick.
-        copies = 1 if quick else max(1, round(1100 / max(1, corpus.total_pages)))
+        # ~2 min of work at 14 p/s for the full run (the corpus repeated), one copy for --quick.
+        copies = 1 if quick else max(1, round(1700 / max(1, corpus.total_pages)))
         pdfs = _replicate(corpus, copies, tmp / "in")
         detail["pages"] = sum(pdfs.values())
         log(f"fleet: {len(pdfs)} PDFs, {detail['pages']} pages ({copies} copies of the corpus)")
