@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--corpus DIR] [render] [throughput] [recovery] [memory] [fleet]``: run the benchmarks.
+"""``python -m bench [--quick] [--corpus DIR] [SECTION ...]``: run the benchmarks (sections: SECTIONS below).
 
 Prints a table, writes ``bench/out/results.json`` (figures, details, machine) and
 ``bench/out/results.md`` (the table as Markdown, for bench/RESULTS.md). Each section is independent:
@@ -26,7 +26,7 @@ from bench.common import (
     upstream_available,
 )
 
-SECTIONS = ["render", "throughput", "memory", "recovery", "fleet"]
+SECTIONS = ["render", "throughput", "memory", "recovery", "storm", "fleet"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import memory
 
                 figs, detail = memory.run_rss(quick=args.quick, with_upstream=not args.no_upstream)
+            elif section == "storm":
+                from bench import storm
+
+                figs, detail = storm.run(corpus, quick=args.quick)
             elif section == "fleet":
                 from bench import fleet
 

@@ -32,7 +32,14 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from olmocr.pipeline.balance import Server, choose, plan_steals
-from olmocr.pipeline.client import MAX_BACKOFF_S, RequestRejected, ServerAborted, ServerClient, ServerNotReady
+from olmocr.pipeline.client import (
+    MAX_BACKOFF_S,
+    MODEL_NAME,
+    RequestRejected,
+    ServerAborted,
+    ServerClient,
+    ServerNotReady,
+)
 from olmocr.pipeline.http import RequestTimeout, TransportError
 from olmocr.pipeline.serverlist import FleetConfigError, ServerSpec
 
@@ -340,6 +347,10 @@ class Fleet:
                     return data
                 if resp.status == 429 or resp.status >= 500:
                     problem = f"HTTP {resp.status}"
+                elif resp.status == 404 and b"does not exist" in resp.body:
+                    # A server restarted with the wrong --served-model-name: not the page's fault; it leaves
+                    # the rotation like a failing one (its probes check /v1/models) and the page goes elsewhere.
+                    problem = f"HTTP 404, model {MODEL_NAME!r} not served"
                 else:
                     server.rejected += 1
                     raise RequestRejected(resp.status, resp.body[:300].decode("utf-8", "replace"))
