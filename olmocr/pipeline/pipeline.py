@@ -260,6 +260,7 @@ class Runner:
         if not self.client.single:
             for server in self.client.servers:
                 logger.info("server %s: %s, %d ejections", server.url, server.describe(), server.ejections)
+            logger.info("%d requests moved to a less loaded server", self.client.moved)
         if self.stop.requested:
             logger.warning("stopped on request (%s): %d work items completed, %d handed back unfinished for other "
                            "workers", self.stop.signal_name, self.progress.items_done, self.released)
