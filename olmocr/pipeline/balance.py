@@ -12,7 +12,7 @@ import asyncio
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +96,7 @@ class Server:
     failures_in_a_row: int = 0
     down_since: float | None = None
     meter: RateMeter = field(default_factory=RateMeter)
+    observe_request: Callable[[float], None] | None = None  # request-latency hook (metrics)
     # Requests out to this server, oldest first; setting one's event abandons it (it is resent elsewhere).
     requests: dict[int, asyncio.Event] = field(default_factory=dict)
 

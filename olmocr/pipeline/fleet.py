@@ -328,6 +328,8 @@ class Fleet:
                     problem = f"connection error: {exc}"
                 finally:
                     server.requests.pop(token, None)
+                    if server.observe_request is not None:
+                        server.observe_request(time.monotonic() - sent_at)
                     server.in_flight -= 1
                     if server.in_flight == 0:
                         server.meter.set_busy(False, time.monotonic())
