@@ -29,6 +29,7 @@ from olmocr.pipeline.serverlist import FleetConfigError, parse_url_list, server_
 from olmocr.server.command import build_vllm_command
 from olmocr.server.settings import ServerSettings, SettingsError
 from olmocr.server.wrapper import add_server_arguments, settings_from_args
+from tests.metrics_helpers import parse_metrics
 from tests.pipeline_helpers import (
     docs_by_source,
     failures,
@@ -293,13 +294,21 @@ def test_killed_server_is_ejected_its_pages_resent_and_it_is_readmitted(tmp_path
     b = standin(tmp_path, 0.3, 2)
     ws, log = tmp_path / "ws", tmp_path / "run.log"
     # One attempt per page: a page resent because its server died must not use it up.
+    metrics_port = free_port()
     proc = start_pipeline(ws, f"{a.url},{b.url}", pdfs, "--pages_per_group", "10", "--max_page_retries", "1",
-                          log=log)
+                          "--metrics_port", str(metrics_port), log=log)
+
+    def healthy() -> dict[str, float]:
+        text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+        got = parse_metrics(text)
+        return {s.url: got[f"olmocr_pipeline_server_healthy{{server={s.url}}}"] for s in (a, b)}
+
     try:
         wait_for(lambda: info(b.url)["image_requests_served"] >= 5, 60, "b to serve pages")
         b.kill()
         wait_for(lambda: "taken out of rotation" in log.read_text(), 30, "b ejected")
         assert proc.poll() is None
+        assert healthy() == {a.url: 1.0, b.url: 0.0}  # one series per server in the metrics
         b.restart()
         wait_for(lambda: "re-admitted" in log.read_text() or proc.poll() is not None, 60, "b re-admitted")
         rc = proc.wait(timeout=120)
