@@ -11,6 +11,7 @@ import sys
 
 from olmocr.pipeline.pipeline import PipelineConfig, run_pipeline
 from olmocr.pipeline.render import DEFAULT_RENDER_TIMEOUT_S
+from olmocr.pipeline.serverlist import URL_ENV, FleetConfigError, parse_url_list, server_specs
 from olmocr.pipeline.shutdown import DEFAULT_STOP_TIMEOUT_S, StopRequest
 from olmocr.pipeline.upstream_flags import add_upstream_arguments, check_unknown, check_upstream_flags, fail
 
@@ -29,11 +30,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pdfs", nargs="*", default=None,
                    help="documents to add: paths, globs (also s3://bucket/prefix/*.pdf), or .txt files listing paths")
     server = p.add_argument_group("server")
-    server.add_argument("--vllm-url", "--server", dest="server", default=None, metavar="URL",
-                        help="URL of the vLLM server, e.g. http://127.0.0.1:30024 (a trailing /v1 is accepted); "
-                             "without it the pipeline starts its own (see 'internal server')")
+    server.add_argument("--vllm-url", "--server", dest="server", action="append", default=None, metavar="URL",
+                        help="URL of a vLLM server, e.g. http://127.0.0.1:30024 (a trailing /v1 is accepted); "
+                             "repeat it or give a comma-separated list for several servers; URL#weight=N fixes a "
+                             "server's share (default: learned); default $OLMOCR_VLLM_URL; without any, the "
+                             "pipeline starts its own server (see 'internal server')")
     server.add_argument("--api_key", default=None,
-                        help="API key sent as 'Authorization: Bearer'; default $OLMOCR_API_KEY, then $VLLM_API_KEY")
+                        help="API key sent as 'Authorization: Bearer' (visible in ps: prefer $OLMOCR_API_KEY, "
+                             "$VLLM_API_KEY or --api_key_file)")
+    server.add_argument("--api_key_file", default=None, metavar="FILE",
+                        help="file with a line KEY (every server) and/or lines 'URL KEY' (per server); "
+                             "default $OLMOCR_API_KEY_FILE")
+    server.add_argument("--ca_bundle", default=None, metavar="PEM",
+                        help="CA certificates trusted for https:// servers instead of the system's; "
+                             "default $OLMOCR_CA_BUNDLE")
+    server.add_argument("--priority", type=int, default=None,
+                        help="vLLM request priority sent with every request (lower = sooner); the servers must "
+                             "run with --scheduling-policy priority")
     server.add_argument("--model", default=None,
                         help="internal mode: the model to serve (default $OLMOCR_MODEL, then the deployment's); "
                              "with --vllm-url accepted for upstream compatibility: requests always name the "
@@ -109,21 +122,32 @@ def setup_logging(disk_log: str | None) -> None:
 
 
 def print_stats(workspace: str, profile: str | None = None) -> int:
+    from olmocr.pipeline.fleet import SERVER_STATS_DIR, format_server_stats, summarize_server_stats
     from olmocr.pipeline.storage import open_storage
     from olmocr.pipeline.workqueue import format_stats, workspace_stats
 
-    print(format_stats(workspace_stats(open_storage(workspace, profile=profile))))
+    storage = open_storage(workspace, profile=profile)
+    print(format_stats(workspace_stats(storage)))
+    per_server = format_server_stats(summarize_server_stats(
+        storage.read(key) or b"" for key in storage.list(f"{SERVER_STATS_DIR}/")))
+    if per_server:
+        print(per_server)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    internal = not args.server and not args.stats
+    internal = not args.server and not os.environ.get(URL_ENV) and not args.stats
     vllm_args = check_unknown(parser, unknown, internal)
     setup_logging(args.disk_logging)
     api_key = args.api_key or os.environ.get("OLMOCR_API_KEY") or os.environ.get("VLLM_API_KEY") or None
-    pages_per_group = args.pages_per_group or (50 if api_key else 500)
+    if args.api_key:
+        logger.warning("--api_key on the command line is visible to every user in ps; prefer OLMOCR_API_KEY or "
+                       "--api_key_file")
+    key_file = args.api_key_file or os.environ.get("OLMOCR_API_KEY_FILE") or None
+    ca_bundle = args.ca_bundle or os.environ.get("OLMOCR_CA_BUNDLE") or None
+    pages_per_group = args.pages_per_group or (50 if api_key or key_file else 500)
     for name in ("workers", "max_page_retries", "max_concurrent_requests", "target_longest_image_dim",
                  "max_model_len", "pages_per_group"):
         value = pages_per_group if name == "pages_per_group" else getattr(args, name)
@@ -157,21 +181,31 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.stats and not args.pdfs:
         return print_stats(args.workspace, args.workspace_profile)
+    url_values = args.server or ([os.environ[URL_ENV]] if os.environ.get(URL_ENV) else [])
+    try:
+        servers = server_specs(parse_url_list(url_values), api_key, key_file)
+    except FleetConfigError as exc:
+        parser.error(str(exc))
     server_settings = None
-    if internal:
+    if internal:  # no server given: start one for the run (olmocr.pipeline.internal_server)
         from olmocr.pipeline.internal_server import internal_settings
+        from olmocr.pipeline.serverlist import ServerSpec
         from olmocr.server.settings import read_api_key
 
         try:
             server_settings = internal_settings(args, vllm_args)
-            api_key = api_key or read_api_key(server_settings)  # the key the server is started with
+            key = api_key or read_api_key(server_settings)  # the key the server is started with
         except ValueError as exc:
             fail(parser, str(exc))
+        servers = [ServerSpec(server_settings.base_url, None, key)]
+    if ca_bundle and not os.path.isfile(ca_bundle):
+        parser.error(f"--ca_bundle {ca_bundle}: no such file (a PEM file of CA certificates)")
 
     config = PipelineConfig(
         workspace=args.workspace,
-        server_url=args.server or "",
-        api_key=api_key,
+        servers=tuple(servers),
+        ca_bundle=ca_bundle,
+        priority=args.priority,
         pdfs=tuple(args.pdfs or ()),
         workers=args.workers,
         pages_per_group=pages_per_group,
@@ -218,7 +252,8 @@ async def _run_with_signals(config: PipelineConfig, server_settings=None, server
         from olmocr.pipeline.internal_server import run_with_internal_server
 
         server = functools.partial(run_with_internal_server, settings=server_settings, run_dir=server_run_dir,
-                                   ready_timeout=config.max_server_ready_timeout, api_key=config.api_key)
+                                   ready_timeout=config.max_server_ready_timeout,
+                                   api_key=config.servers[0].api_key)
     try:
         return await run_pipeline(config, stop, server)
     except EndpointConfigError as exc:  # --metrics_port cannot be served (port in use): before any claim

@@ -186,10 +186,11 @@ class InternalServer:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
-async def run_with_internal_server(run: Callable[[str], Awaitable[int]], stop: StopRequest, *,
+async def run_with_internal_server(run: Callable[[], Awaitable[int]], stop: StopRequest, *,
                                    settings: ServerSettings, run_dir: str | None, ready_timeout: float,
                                    api_key: str | None) -> int:
-    """``await run(server_url)`` against a server started for it (or an olmocr server already on the port).
+    """``await run()`` against a server started for it at ``settings.base_url`` (or an olmocr server already
+    answering there).
 
     A stop request (first Ctrl+C / SIGTERM) while the model loads stops at once (exit 0); during the run the
     pipeline stops gracefully and the server is stopped after it. A second signal exits the process at once:
@@ -199,7 +200,7 @@ async def run_with_internal_server(run: Callable[[str], Awaitable[int]], stop: S
     if found == SERVED_MODEL_NAME:
         logger.info("a server is already answering on %s and serves '%s': using it (not starting one)",
                     settings.base_url, SERVED_MODEL_NAME)
-        return await run(settings.base_url)
+        return await run()
     if found is not None:
         logger.error("port %d is taken by %s; stop it or choose another port with --port", settings.port, found)
         return 2
@@ -226,7 +227,7 @@ async def run_with_internal_server(run: Callable[[str], Awaitable[int]], stop: S
             server.failed = True
             logger.error("%s", exc)
             return 1
-        pipeline = asyncio.create_task(run(settings.base_url))
+        pipeline = asyncio.create_task(run())
         watcher = asyncio.create_task(server.watch())
         try:
             await asyncio.wait({pipeline, watcher}, return_when=asyncio.FIRST_COMPLETED)

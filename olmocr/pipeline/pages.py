@@ -6,7 +6,8 @@ import json
 import logging
 from dataclasses import dataclass
 
-from olmocr.pipeline.client import RequestRejected, ServerClient
+from olmocr.pipeline.client import RequestRejected
+from olmocr.pipeline.fleet import Fleet
 from olmocr.pipeline.output import PageResult
 from olmocr.pipeline.progress import Progress
 from olmocr.pipeline.prompts import (
@@ -32,6 +33,7 @@ class PageSettings:
     max_page_retries: int = 8
     max_model_len: int = 16384
     guided_decoding: bool = False
+    priority: int | None = None  # vLLM's request priority (lower = sooner); None: the field is not sent
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class PageSource:
         return f"{self.source}-{self.page_num}"
 
 
-def request_template(temperature: float, guided: bool) -> tuple[bytes, bytes]:
+def request_template(temperature: float, guided: bool, priority: int | None = None) -> tuple[bytes, bytes]:
     """Bytes before and after the base64 PNG in the request JSON (upstream's request, field for field)."""
     query: dict = {
         "model": "olmocr",
@@ -66,6 +68,8 @@ def request_template(temperature: float, guided: bool) -> tuple[bytes, bytes]:
     }
     if guided:
         query["guided_regex"] = GUIDED_REGEX
+    if priority is not None:
+        query["priority"] = priority
     before, after = json.dumps(query).split(json.dumps(_IMAGE_MARK))
     return (before + '"data:image/png;base64,').encode(), ('"' + after).encode()
 
@@ -83,7 +87,7 @@ class Attempt:
 class PageProcessor:
     """Runs pages through the model; shared by all workers."""
 
-    def __init__(self, renderer: Renderer, client: ServerClient, settings: PageSettings, progress: Progress) -> None:
+    def __init__(self, renderer: Renderer, client: Fleet, settings: PageSettings, progress: Progress) -> None:
         self.renderer = renderer
         self.client = client
         self.settings = settings
@@ -93,7 +97,8 @@ class PageProcessor:
     def _template(self, temperature: float) -> tuple[bytes, bytes]:
         found = self._templates.get(temperature)
         if found is None:
-            found = self._templates[temperature] = request_template(temperature, self.settings.guided_decoding)
+            found = self._templates[temperature] = request_template(temperature, self.settings.guided_decoding,
+                                                                   self.settings.priority)
         return found
 
     async def _try_once(self, page: PageSource, attempt: int, rotation: int) -> Attempt | None:

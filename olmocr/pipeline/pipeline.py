@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from olmocr.pipeline.client import ServerClient, ServerNotReady
+from olmocr.pipeline.client import ServerNotReady
 from olmocr.pipeline.documents import DocOutcome, DocumentProcessor, failure
+from olmocr.pipeline.fleet import SERVER_STATS_DIR, Fleet, run_id, server_stats_record
 from olmocr.pipeline.inputs import expand_inputs, set_input_profile
 from olmocr.pipeline.output import dolma_jsonl, markdown_relpath
 from olmocr.pipeline.pages import PageProcessor, PageSettings
 from olmocr.pipeline.progress import Progress, report_progress
-from olmocr.pipeline.render import DEFAULT_RENDER_TIMEOUT_S, Renderer
+from olmocr.pipeline.render import DEFAULT_RENDER_TIMEOUT_S, Renderer, default_render_processes
+from olmocr.pipeline.serverlist import ServerSpec
 from olmocr.pipeline.shutdown import DEFAULT_STOP_TIMEOUT_S, StopRequest
 from olmocr.pipeline.storage import Storage, open_storage
 from olmocr.pipeline.workqueue import LeaseLost, WorkItem, WorkQueue
@@ -32,8 +33,7 @@ MAX_CLAIM_BACKOFF_S = 30.0
 @dataclass(frozen=True)
 class PipelineConfig:
     workspace: str
-    server_url: str
-    api_key: str | None = None
+    servers: tuple[ServerSpec, ...]
     pdfs: tuple[str, ...] = ()
     workers: int = 20
     pages_per_group: int = 500
@@ -54,6 +54,8 @@ class PipelineConfig:
     metrics_port: int | None = None  # --metrics_port: serve /metrics while running (olmocr.pipeline.metrics)
     metrics_host: str = "127.0.0.1"
     metrics_token: str | None = field(default=None, repr=False)
+    ca_bundle: str | None = None
+    priority: int | None = None
     apply_filter: bool = False
     workspace_profile: str | None = None
     pdf_profile: str | None = None
@@ -73,7 +75,7 @@ def populate(queue: WorkQueue, specs: tuple[str, ...], pages_per_group: int) -> 
 class Runner:
     """The running pipeline: shared renderer, server client, page slots and counters."""
 
-    def __init__(self, config: PipelineConfig, storage: Storage, queue: WorkQueue, client: ServerClient,
+    def __init__(self, config: PipelineConfig, storage: Storage, queue: WorkQueue, client: Fleet,
                  stop: StopRequest | None = None) -> None:
         self.config = config
         self.stop = stop or StopRequest()
@@ -86,7 +88,7 @@ class Runner:
         self.renderer = Renderer(config.render_processes, config.render_timeout)
         self.stop.on_hard_exit(self.renderer.kill_now)
         settings = PageSettings(config.target_longest_image_dim, config.max_page_retries, config.max_model_len,
-                                config.guided_decoding)
+                                config.guided_decoding, config.priority)
         pages = PageProcessor(self.renderer, client, settings, self.progress)
         # Pages in flight: enough to keep every request slot busy plus a render lookahead.
         page_slots = asyncio.Semaphore(config.max_concurrent_requests + 4 * self.renderer.processes)
@@ -274,11 +276,24 @@ class Runner:
             self.renderer.close()
             if exporter is not None:
                 await exporter.close()
+            await self._record_server_stats()
         logger.info("%s", self.progress.line(self.client.describe_state(), self.client.in_flight))
         logger.info("%s", self.progress.summary())
+        if not self.client.single:
+            for server in self.client.servers:
+                logger.info("server %s: %s, %d ejections", server.url, server.describe(), server.ejections)
+            logger.info("%d requests moved to a less loaded server", self.client.moved)
         if self.stop.requested:
             logger.warning("stopped on request (%s): %d work items completed, %d handed back unfinished for other "
                            "workers", self.stop.signal_name, self.progress.items_done, self.released)
+
+    async def _record_server_stats(self) -> None:
+        """Per-server counters of this run, kept in the workspace for ``--stats`` (best effort)."""
+        try:
+            await asyncio.to_thread(self.storage.write, f"{SERVER_STATS_DIR}/{run_id()}.json",
+                                    server_stats_record(self.client))
+        except Exception as exc:  # noqa: BLE001 - statistics must never fail a run
+            logger.warning("could not record per-server statistics: %s", exc)
 
     async def _stop_gracefully(self, workers: list[asyncio.Task[None]]) -> None:
         busy = [w for w in workers if not w.done()]
@@ -297,16 +312,15 @@ class Runner:
             await asyncio.gather(*busy, return_exceptions=True)
 
 
-#: Internal mode: ``server(work, stop)`` runs ``work(server_url)`` against a server it provides (and stops it
-#: afterwards); returns the exit status.
-ServerProvider = Callable[[Callable[[str], Awaitable[int]], StopRequest], Awaitable[int]]
+#: Internal mode: ``server(work, stop)`` starts the server ``config.servers`` names, runs ``work()``, and stops
+#: the server afterwards; returns the exit status.
+ServerProvider = Callable[[Callable[[], Awaitable[int]], StopRequest], Awaitable[int]]
 
 
 async def run_pipeline(config: PipelineConfig, stop: StopRequest | None = None,
                        server: ServerProvider | None = None) -> int:
     """Run to completion (or until ``stop`` is requested: then exit 0); returns the process exit status.
-    With ``server``, the server comes from it (started only once there is work to do) instead of
-    ``config.server_url``."""
+    With ``server``, the server is started by it, only once there is work to do (internal mode)."""
     stop = stop or StopRequest()
     # Storage calls (claims, lease renewals, result uploads) run in threads; give them enough that a slow
     # upload never delays a lease renewal.
@@ -326,16 +340,16 @@ async def run_pipeline(config: PipelineConfig, stop: StopRequest | None = None,
         return 0
     logger.info("work items: %s", counts)
     if server is not None:
-        return await server(lambda url: _run_on(dataclasses.replace(config, server_url=url), storage, queue, stop),
-                            stop)
+        return await server(lambda: _run_on(config, storage, queue, stop), stop)
     return await _run_on(config, storage, queue, stop)
 
 
 async def _run_on(config: PipelineConfig, storage: Storage, queue: WorkQueue, stop: StopRequest) -> int:
-    client = ServerClient(config.server_url, api_key=config.api_key, request_timeout=config.request_timeout,
-                          max_concurrent_requests=config.max_concurrent_requests)
+    fleet = Fleet(config.servers, request_timeout=config.request_timeout,
+                  max_concurrent_requests=config.max_concurrent_requests, ca_bundle=config.ca_bundle,
+                  priority=config.priority, render_lookahead=4 * (config.render_processes or default_render_processes()))
     try:
-        ready = asyncio.create_task(client.wait_ready(max_wait_s=config.max_server_ready_timeout))
+        ready = asyncio.create_task(fleet.start(max_wait_s=config.max_server_ready_timeout))
         stopped = asyncio.create_task(stop.event.wait())
         await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
@@ -348,7 +362,7 @@ async def _run_on(config: PipelineConfig, storage: Storage, queue: WorkQueue, st
         except ServerNotReady as exc:
             logger.error("%s", exc)
             return 1
-        await Runner(config, storage, queue, client, stop).run()
+        await Runner(config, storage, queue, fleet, stop).run()
     finally:
-        client.close()
+        await fleet.close()
     return 0

@@ -34,6 +34,8 @@ def build_vllm_command(settings: ServerSettings, passthrough: Sequence[str] = ()
     ]
     if settings.gpu_memory_utilization is not None:
         argv += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
+    if settings.scheduling_policy != "fcfs":
+        argv += ["--scheduling-policy", settings.scheduling_policy]
     argv += list(settings.extra_vllm_args)
     argv += list(passthrough)
     refuse_secrets_in_argv(argv)
