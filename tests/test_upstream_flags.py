@@ -66,3 +66,11 @@ def test_internal_mode_without_vllm_says_what_to_do(tmp_path, monkeypatch, capsy
         "the gpu extra (pip install 'olmocr-serve[gpu]') or set OLMOCR_VLLM_BIN, or give a running server with "
         "--vllm-url\n")
     assert not (tmp_path / "ws").exists()  # nothing claimed, nothing written
+
+
+def test_a_server_in_olmocr_vllm_url_is_external_mode(monkeypatch, capsys) -> None:  # noqa: ANN001
+    monkeypatch.setenv("OLMOCR_VLLM_URL", "http://127.0.0.1:1")
+    with pytest.raises(SystemExit) as exited:
+        main(["ws", "--enforce-eager"])  # vLLM flags only mean something when the pipeline starts the server
+    assert exited.value.code == 2
+    assert "unrecognized arguments: --enforce-eager" in capsys.readouterr().err
