@@ -7,7 +7,9 @@ Contract:
 * Every request has a timeout. A connection error, a timeout, 429 or 5xx means "restarting or busy": the
   request waits for the server (``/health`` and ``/v1/models``, backoff capped at 60 s) and is sent again;
   it does not count as a failed page attempt and no outage, however long, ends the run.
-* Other statuses (4xx) are returned to the caller, which counts a failed attempt.
+* A 200 with ``finish_reason: abort`` (vLLM cut the request short while stopping) is resent the same way.
+* Other statuses (4xx) are returned to the caller, which counts a failed attempt, or, when no resend can
+  change the answer (400: the request does not fit the server, 401, 404 ...), gives the page up at once.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from olmocr.pipeline.http import HttpPool, RequestTimeout, TransportError
+from olmocr.pipeline.server_check import ServerInfo, parse_models, parse_version_body, verify_server
 
 logger = logging.getLogger("olmocr.pipeline")
 
@@ -43,12 +46,29 @@ class ServerNotReady(Exception):
     """Fatal: the server never answered, or does not serve the olmocr model. Message is user-facing."""
 
 
-class RequestRejected(Exception):
-    """The server answered the request with a non-retryable status (e.g. 400): a failed attempt."""
+#: 4xx answers that may change when the same request is sent again; any other 4xx (400 context too
+#: small, 401 key, 404 model, 413, 422 ...) would be refused again: the page stops trying at once.
+RETRYABLE_4XX = frozenset({408, 409, 425})
 
-    def __init__(self, status: int, detail: str) -> None:
+
+class RequestRejected(Exception):
+    """The server refused the request (4xx) or answered nothing usable: a failed attempt.
+
+    ``retryable`` is False when sending it again cannot help (:data:`RETRYABLE_4XX`).
+    """
+
+    def __init__(self, status: int, detail: str, *, retryable: bool = True) -> None:
         super().__init__(f"server returned {status}: {detail}")
         self.status = status
+        self.retryable = retryable
+
+
+def aborted(data: Any) -> bool:
+    """A 200 whose generation the server aborted (vLLM stopping: ``finish_reason: abort``)."""
+    try:
+        return data["choices"][0].get("finish_reason") == "abort"
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return False
 
 
 def normalize_base_url(url: str) -> str:
@@ -68,6 +88,7 @@ class ServerStats:
     timeouts: int = 0
     rejected: int = 0
     outages: int = 0
+    aborted: int = 0
 
 
 class ServerClient:
@@ -95,6 +116,7 @@ class ServerClient:
         self._probe: asyncio.Task[bool] | None = None
         self._probe_started = float("-inf")
         self._last_success = float("-inf")
+        self.info: ServerInfo | None = None
 
     # ------------------------------------------------------------------ probes
 
@@ -104,6 +126,10 @@ class ServerClient:
 
     async def list_models(self) -> list[str]:
         """Model ids from ``/v1/models``; raises TransportError / ServerNotReady on a bad answer."""
+        return list(await self.model_lengths())
+
+    async def model_lengths(self) -> dict[str, int | None]:
+        """``/v1/models`` as {model id: max_model_len or None}; TransportError / ServerNotReady on a bad answer."""
         status, body = await self._get("/v1/models", auth=True)
         if status in (401, 403):
             raise ServerNotReady(
@@ -113,20 +139,27 @@ class ServerClient:
         if status != 200:
             raise TransportError(f"/v1/models answered HTTP {status}")
         try:
-            data = json.loads(body)
-            return [str(m.get("id")) for m in data.get("data", [])]
-        except (ValueError, AttributeError, TypeError):
-            raise TransportError("/v1/models answered something that is not a model list") from None
+            return parse_models(body)
+        except ValueError as exc:
+            raise TransportError(str(exc)) from None
+
+    async def server_version(self) -> str | None:
+        """``/version`` (vLLM's own version string), or None if the server has none."""
+        try:
+            status, body = await self._get("/version", auth=False)
+        except TransportError:
+            return None
+        return parse_version_body(status, body)
 
     async def wait_ready(self, *, attempts: int = INITIAL_ATTEMPTS, max_wait_s: float = 600.0,
-                         first_delay_s: float = 1.0) -> None:
-        """Initial connection, then the model check. Raises :class:`ServerNotReady` (exit non-zero)."""
+                         first_delay_s: float = 1.0) -> ServerInfo:
+        """Initial connection, then the model check (:func:`verify_server`). Raises :class:`ServerNotReady`."""
         delay = first_delay_s
         start = time.monotonic()
         last = ""
         for attempt in range(1, attempts + 1):
             try:
-                models = await self.list_models()
+                await self.list_models()
                 break
             except TransportError as exc:
                 last = str(exc)
@@ -140,15 +173,15 @@ class ServerClient:
                            self.base_url, last, attempt, attempts, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_BACKOFF_S)
-        if MODEL_NAME not in models:
-            raise ServerNotReady(
-                f"External vLLM server is running but doesn't have the '{MODEL_NAME}' model "
-                f"(it serves: {', '.join(models) or 'nothing'}). Start vLLM with "
-                f"`--served-model-name {MODEL_NAME}` (the olmocr-serve server does this), or point "
-                "--vllm-url at the olmOCR server."
-            )
+        try:
+            self.info = await verify_server(self)
+        except TransportError as exc:
+            raise ServerNotReady(f"The vLLM server at {self.base_url} stopped answering during the model "
+                                 f"check ({exc}); check its log and try again.") from None
         self.state = "up"
-        logger.info("vLLM server at %s is ready and serves '%s'", self.base_url, MODEL_NAME)
+        logger.info("vLLM server at %s is ready and serves '%s' (vLLM %s, max_model_len %s)", self.base_url,
+                    MODEL_NAME, self.info.version or "version unknown", self.info.max_model_len or "not reported")
+        return self.info
 
     async def _healthy(self) -> bool:
         try:
@@ -272,16 +305,21 @@ class ServerClient:
                     except ValueError:
                         self.stats.rejected += 1
                         raise RequestRejected(200, "answer is not JSON") from None
-                    self.stats.requests_ok += 1
-                    self._last_success = time.monotonic()
-                    if self.state != "up" and self._down_since is None:
-                        self.state = "up"
-                    return data
-                if resp.status == 429 or resp.status >= 500:
+                    if aborted(data):
+                        self.stats.aborted += 1
+                        problem = "the server aborted the request (finish_reason abort: it is stopping)"
+                    else:
+                        self.stats.requests_ok += 1
+                        self._last_success = time.monotonic()
+                        if self.state != "up" and self._down_since is None:
+                            self.state = "up"
+                        return data
+                elif resp.status == 429 or resp.status >= 500:
                     problem = f"HTTP {resp.status}"
                 else:
                     self.stats.rejected += 1
-                    raise RequestRejected(resp.status, resp.body[:300].decode("utf-8", "replace"))
+                    raise RequestRejected(resp.status, resp.body[:300].decode("utf-8", "replace"),
+                                          retryable=resp.status in RETRYABLE_4XX)
             self.stats.transient_errors += 1
             transient_in_a_row += 1
             self._note_transient(label, problem or "error")
@@ -289,9 +327,10 @@ class ServerClient:
             if had_outage:
                 transient_in_a_row = 0
                 continue
-            if resp is not None and resp.status >= 500 and transient_in_a_row >= MAX_HEALTHY_5XX_IN_A_ROW:
+            if (resp is not None and (resp.status >= 500 or resp.status == 200)
+                    and transient_in_a_row >= MAX_HEALTHY_5XX_IN_A_ROW):
                 self.stats.rejected += 1
-                raise RequestRejected(resp.status, f"{transient_in_a_row} server errors in a row while healthy")
+                raise RequestRejected(resp.status, f"{transient_in_a_row} server errors or aborts in a row while healthy")
             # Healthy but the request failed (busy, 429, hung engine): back off a little, with jitter.
             await asyncio.sleep(min(MAX_BACKOFF_S, 0.25 * 2 ** min(transient_in_a_row, 8)) * random.uniform(0.5, 1.0))
 

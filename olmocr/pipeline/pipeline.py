@@ -11,9 +11,10 @@ from olmocr.pipeline.client import ServerClient, ServerNotReady
 from olmocr.pipeline.documents import DocOutcome, DocumentProcessor, failure
 from olmocr.pipeline.inputs import expand_inputs
 from olmocr.pipeline.output import dolma_jsonl, markdown_relpath
-from olmocr.pipeline.pages import PageProcessor, PageSettings
+from olmocr.pipeline.pages import MAX_TOKENS, PageProcessor, PageSettings
 from olmocr.pipeline.progress import Progress, report_progress
 from olmocr.pipeline.render import Renderer
+from olmocr.pipeline.server_check import STRUCTURED_OUTPUTS, ServerMismatch, plan_max_tokens
 from olmocr.pipeline.storage import Storage, open_storage
 from olmocr.pipeline.workqueue import LeaseLost, WorkItem, WorkQueue
 
@@ -59,7 +60,8 @@ def populate(queue: WorkQueue, specs: tuple[str, ...], pages_per_group: int) -> 
 class Runner:
     """The running pipeline: shared renderer, server client, page slots and counters."""
 
-    def __init__(self, config: PipelineConfig, storage: Storage, queue: WorkQueue, client: ServerClient) -> None:
+    def __init__(self, config: PipelineConfig, storage: Storage, queue: WorkQueue, client: ServerClient,
+                 max_tokens: int = MAX_TOKENS) -> None:
         self.config = config
         self.storage = storage
         self.queue = queue
@@ -67,7 +69,8 @@ class Runner:
         self.progress = Progress()
         self.renderer = Renderer(config.render_processes)
         settings = PageSettings(config.target_longest_image_dim, config.max_page_retries, config.max_model_len,
-                                config.guided_decoding)
+                                config.guided_decoding, max_tokens=max_tokens,
+                                guided_field=client.info.guided_field if client.info else STRUCTURED_OUTPUTS)
         pages = PageProcessor(self.renderer, client, settings, self.progress)
         # Pages in flight: enough to keep every request slot busy plus a render lookahead.
         page_slots = asyncio.Semaphore(config.max_concurrent_requests + 4 * self.renderer.processes)
@@ -200,11 +203,18 @@ async def run_pipeline(config: PipelineConfig) -> int:
                           max_concurrent_requests=config.max_concurrent_requests)
     try:
         try:
-            await client.wait_ready(max_wait_s=config.max_server_ready_timeout)
-        except ServerNotReady as exc:
+            info = await client.wait_ready(max_wait_s=config.max_server_ready_timeout)
+            max_tokens = plan_max_tokens(info.max_model_len, config.target_longest_image_dim)
+        except (ServerNotReady, ServerMismatch) as exc:
             logger.error("%s", exc)
             return 1
-        await Runner(config, storage, queue, client).run()
+        if max_tokens < MAX_TOKENS:
+            logger.warning("the server's max_model_len is %d: answers are capped at %d tokens (not %d)",
+                           info.max_model_len, max_tokens, MAX_TOKENS)
+        if config.guided_decoding:
+            logger.info("guided decoding: constraining the front matter with the %r request field (vLLM %s)",
+                        info.guided_field, info.version or "version unknown")
+        await Runner(config, storage, queue, client, max_tokens).run()
     finally:
         client.close()
     return 0
