@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [render] [throughput] [recovery] [memory]``: run the benchmark suite.
+"""``python -m bench [--quick] [--corpus DIR] [render] [throughput] [recovery] [memory]``: run the benchmark suite.
 
 Prints a table, writes ``bench/out/results.json`` (figures, details, machine) and
 ``bench/out/results.md`` (the table as Markdown, for bench/RESULTS.md). Each section is independent:
@@ -13,8 +13,18 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 
-from bench.common import OUT_DIR, Figure, format_table, load_corpus, log, machine_info, upstream_available
+from bench.common import (
+    OUT_DIR,
+    Figure,
+    format_table,
+    load_corpus,
+    log,
+    machine_info,
+    set_corpus_root,
+    upstream_available,
+)
 
 SECTIONS = ["render", "throughput", "memory", "recovery"]
 
@@ -24,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("sections", nargs="*", metavar="SECTION",
                     help=f"any of {', '.join(SECTIONS)} (default: all)")
     ap.add_argument("--quick", action="store_true", help="a subset: small documents, fewer settings, fast health profile")
+    ap.add_argument("--corpus", metavar="DIR", type=Path,
+                    help="directory of PDFs to benchmark on, searched recursively (default: $OLMOCR_BENCH_CORPUS, "
+                         "else ../shared/corpus beside the checkout if it exists)")
     ap.add_argument("--no-upstream", action="store_true", help="skip the upstream 0.4.27 runs")
     args = ap.parse_args(argv)
     sections = args.sections or SECTIONS
@@ -31,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         if s not in SECTIONS:
             ap.error(f"unknown section {s!r}; choose from {SECTIONS}")
 
+    if args.corpus is not None:
+        set_corpus_root(args.corpus)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     corpus = load_corpus(quick=args.quick)
     info = machine_info()

@@ -33,17 +33,33 @@ UPSTREAM_VENV = Path(os.environ.get("UPSTREAM_VENV", BENCH_DIR / ".upstream-venv
 UPSTREAM_PYTHON = UPSTREAM_VENV / "bin" / "python"
 
 
-def _default_corpus() -> Path:
+def _default_corpus() -> Path | None:
     env = os.environ.get("OLMOCR_BENCH_CORPUS")
     if env:
         return Path(env)
     for cand in (REPO.parent / "shared" / "corpus", REPO / "shared" / "corpus"):
         if cand.is_dir():
             return cand
-    return REPO.parent / "shared" / "corpus"
+    return None
 
 
-CORPUS = _default_corpus()
+_corpus_root: Path | None = _default_corpus()
+NO_CORPUS = ("bench: no corpus of PDFs to benchmark on: pass --corpus DIR (any directory of PDFs, searched "
+             "recursively; e.g. the upstream olmOCR test PDFs) or set OLMOCR_BENCH_CORPUS")
+
+
+def set_corpus_root(root: Path) -> None:
+    global _corpus_root
+    _corpus_root = root
+
+
+def corpus_root() -> Path:
+    """The corpus directory (--corpus, else $OLMOCR_BENCH_CORPUS, else ../shared/corpus if present)."""
+    if _corpus_root is None:
+        raise SystemExit(NO_CORPUS)
+    if not _corpus_root.is_dir():
+        raise SystemExit(f"bench: corpus directory {_corpus_root} does not exist; pass --corpus DIR")
+    return _corpus_root
 
 # Quick mode works on the corpus's smaller documents only (about a quarter of the pages).
 QUICK_MAX_PAGES_PER_PDF = 10
@@ -85,10 +101,10 @@ class Corpus:
 
 
 def load_corpus(quick: bool = False, root: Path | None = None) -> Corpus:
-    root = root or CORPUS
+    root = root or corpus_root()
     files = sorted(Path(p) for p in glob.glob(str(root / "**" / "*.pdf"), recursive=True))
     if not files:
-        raise SystemExit(f"no PDFs under {root} (set OLMOCR_BENCH_CORPUS)")
+        raise SystemExit(f"bench: no PDFs under {root}; pass --corpus DIR (a directory of PDFs)")
     pages: dict[Path, int] = {}
     for f in files:
         try:

@@ -20,13 +20,14 @@ import time
 from pathlib import Path
 
 from bench.common import (
-    CORPUS,
     OUT_DIR,
     Figure,
     ProcGroup,
     RssSampler,
     StandIn,
+    corpus_root,
     count_output,
+    load_corpus,
     log,
     make_tmpdir,
     our_env,
@@ -40,10 +41,18 @@ SOURCE_PDF = "gnarly/bws_book_ch2.pdf"  # 48 text pages of a book chapter
 RSS_LIMIT_MB = 300
 
 
+def _source_pdf() -> Path:
+    """The book chapter of the olmOCR corpus, or in another corpus its longest PDF."""
+    root = corpus_root()
+    if (root / SOURCE_PDF).is_file():
+        return root / SOURCE_PDF
+    return max(load_corpus(root=root).pages.items(), key=lambda kv: kv[1])[0]
+
+
 def make_pdfs(dst: Path, n_files: int, pages_per_file: int, source: Path | None = None) -> list[Path]:
     import pypdfium2 as pdfium
 
-    source = source or (CORPUS / SOURCE_PDF)
+    source = source or _source_pdf()
     src = pdfium.PdfDocument(str(source))
     n = len(src)
     out = []

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.sample_docs import samples
 from tests.standin_helpers import (
     REPO_ROOT,
     clean_env,
@@ -24,21 +25,12 @@ from tests.standin_helpers import (
     wait_http_ok,
 )
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
-GNARLY = CORPUS / "gnarly"
-BENCH = CORPUS / "bench"
-
-#: A small, varied subset of the corpus (1-4 pages each) to keep the tests fast.
-SMALL_DOCS = [
-    GNARLY / "edgar.pdf",
-    GNARLY / "olmo-page-1.pdf",
-    GNARLY / "guidebook_failed_pages.pdf",  # 3 pages
-    GNARLY / "handwriting_bad_ocr.pdf",  # 2 pages
-    BENCH / "earnings.pdf",
-]
-# ~25 pages in 8 documents: long enough to crash or hang the server in the middle of a run.
-RESILIENCE_DOCS = [*SMALL_DOCS, GNARLY / "failing_anchor_pg4.pdf", GNARLY / "large_prompt_hint3.pdf",
-                   BENCH / "olmo2-pg4.pdf"]
+#: The generated sample documents (tests/sample_docs.py), built once per test session.
+SAMPLES = samples()
+#: Five documents, 1-3 pages each, to keep the tests fast.
+SMALL_DOCS = SAMPLES.small
+#: 23 pages in 8 documents: long enough to crash or hang the server in the middle of a run.
+RESILIENCE_DOCS = SAMPLES.resilience
 
 
 @dataclass

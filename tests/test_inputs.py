@@ -10,10 +10,10 @@ import pytest
 from olmocr.pipeline.inputs import count_pages, expand_inputs, read_input, sniff_kind
 from tests import s3_helpers
 from tests.s3_helpers import S3Server
+from tests.sample_docs import samples
 
 s3_server = s3_helpers.s3_server  # the loopback S3 fixture
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 32
 JPEG = b"\xff\xd8\xff\xe0" + b"\0" * 32
 
@@ -22,9 +22,9 @@ JPEG = b"\xff\xd8\xff\xe0" + b"\0" * 32
 def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "docs" / "sub").mkdir(parents=True)
-    shutil.copy(CORPUS / "gnarly" / "edgar.pdf", tmp_path / "docs" / "edgar.pdf")
-    shutil.copy(CORPUS / "gnarly" / "olmo-page-1.pdf", tmp_path / "docs" / "sub" / "olmo.pdf")
-    shutil.copy(CORPUS / "gnarly" / "ambiguous.pdf", tmp_path / "docs" / "renamed.dat")  # a PDF by content
+    shutil.copy(samples().letter, tmp_path / "docs" / "edgar.pdf")
+    shutil.copy(samples().report, tmp_path / "docs" / "sub" / "olmo.pdf")
+    shutil.copy(samples().ambiguous, tmp_path / "docs" / "renamed.dat")  # a PDF by content
     (tmp_path / "docs" / "fake.pdf").write_text("<html>not a pdf</html>")  # not a PDF by content
     (tmp_path / "docs" / "scan.png").write_bytes(PNG)
     (tmp_path / "docs" / "photo.jpg").write_bytes(JPEG)

@@ -4,6 +4,7 @@ an in-memory RPC proxy, a scripted probe, a manual clock and a recording signall
 from __future__ import annotations
 
 import io
+import logging
 import signal
 from collections import deque
 from collections.abc import Callable
@@ -138,6 +139,20 @@ def test_loading_server_is_not_failed_within_startup_timeout():
     h.tick(10, count=5)
     assert h.signals == []
     assert h.listener.state.phase == "starting"
+
+
+def test_waiting_for_a_loading_server_is_logged_at_info_once_a_minute_not_warned(caplog):
+    caplog.set_level(logging.DEBUG, logger="olmocr.listener")
+    h = Harness([REFUSED] * 13 + [HUNG], startup_timeout=600)
+    h.run(state_event("STARTING", "STOPPED", tries=0))
+    h.tick(10, count=12)  # two minutes of loading, a probe every 10 s
+    waiting = [r for r in caplog.records if "is starting" in r.getMessage()]
+    assert [r.levelno for r in waiting] == [logging.INFO] * 3  # at 0 s, 60 s and 120 s
+    assert "waited 60 s of the 600 s startup timeout" in waiting[1].getMessage()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    h.run(state_event("RUNNING", "STARTING", pid=4242))
+    h.tick(10)  # a real failure (it never became healthy, but the port is open) is still a warning
+    assert [r for r in caplog.records if r.levelno == logging.WARNING and "timed out" in r.getMessage()]
 
 
 def test_crash_loop_is_stopped_after_max_restart_attempts():

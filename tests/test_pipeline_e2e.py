@@ -1,4 +1,4 @@
-"""The pipeline CLI end to end against the stand-in server on 127.0.0.1, over real corpus PDFs."""
+"""The pipeline CLI end to end against the stand-in server on 127.0.0.1, over generated sample PDFs."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from PIL import Image
 
 from olmocr.pipeline.render import _job_render
 from tests.pipeline_helpers import (
-    GNARLY,
+    SAMPLES,
     SMALL_DOCS,
     StandIn,
     _close_cached_render_docs,  # noqa: F401 - autouse fixture
@@ -26,12 +26,17 @@ from tests.pipeline_helpers import (
     run_pipeline,
     standin,  # noqa: F401 - fixture
 )
+from tests.sample_docs import bad_inputs
 
 pytestmark = pytest.mark.timeout(240)
 
 
 def _image_sha16(path: Path, page: int, rotation: int = 0) -> str:
     return hashlib.sha1(base64.b64decode(_job_render(str(path), "pdf", page, 1288, rotation))).hexdigest()[:16]
+
+
+def _image_size(path: Path, page: int, rotation: int = 0) -> tuple[int, int]:
+    return Image.open(io.BytesIO(base64.b64decode(_job_render(str(path), "pdf", page, 1288, rotation)))).size
 
 
 def test_output_schema_spans_order_and_markdown(standin: StandIn, tmp_path: Path) -> None:  # noqa: F811
@@ -75,7 +80,7 @@ def test_rotation_retries_rotate_counter_clockwise(tmp_path: Path) -> None:
     s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_ROTATION": "landscape"})
     try:
         ws = tmp_path / "ws"
-        pdf = GNARLY / "edgar-rotated90.pdf"
+        pdf = SAMPLES.letter_rotated
         rc, log = run_pipeline(ws, s.url, [pdf], log=tmp_path / "run.log")
     finally:
         s.stop()
@@ -83,7 +88,9 @@ def test_rotation_retries_rotate_counter_clockwise(tmp_path: Path) -> None:
     doc = docs_by_source(ws)[str(pdf)]
     # The page renders landscape (/Rotate 90); the stand-in asks for 90 degrees; the accepted answer is for
     # the image turned counter-clockwise by 90.
-    assert f"image {_image_sha16(pdf, 1, 90)} (996x1288)" in doc["text"]
+    width, height = _image_size(pdf, 1, 90)
+    assert height == 1288 and width < height
+    assert f"image {_image_sha16(pdf, 1, 90)} ({width}x{height})" in doc["text"]
     assert doc["attributes"]["is_rotation_valid"] == [True]
     assert doc["metadata"]["total-fallback-pages"] == 0
     assert "rotation is invalid" in log
@@ -93,7 +100,7 @@ def test_fallback_to_text_layer_after_retries(tmp_path: Path) -> None:
     s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_ANSWER": "garbage"})
     try:
         ws = tmp_path / "ws"
-        pdf = GNARLY / "edgar.pdf"
+        pdf = SAMPLES.letter
         rc, log = run_pipeline(ws, s.url, [pdf], "--max_page_retries", "3", "--max_page_error_rate", "1",
                                log=tmp_path / "run.log")
     finally:
@@ -109,7 +116,7 @@ def test_fallback_to_text_layer_after_retries(tmp_path: Path) -> None:
 
 def test_document_over_error_rate_is_failed_then_retried(tmp_path: Path) -> None:
     ws = tmp_path / "ws"
-    pdfs = [GNARLY / "edgar.pdf", GNARLY / "olmo-page-1.pdf"]
+    pdfs = [SAMPLES.letter, SAMPLES.report]
     s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_ANSWER": "garbage"})
     try:
         rc, log = run_pipeline(ws, s.url, pdfs, "--max_page_retries", "2", log=tmp_path / "run1.log")
@@ -134,7 +141,7 @@ def test_wrong_model_fails_fast_before_claiming(tmp_path: Path) -> None:
     s = launch_standin(tmp_path, served_model_name="some-other-model")
     try:
         ws = tmp_path / "ws"
-        rc, log = run_pipeline(ws, s.url, [GNARLY / "edgar.pdf"], timeout=60, log=tmp_path / "run.log")
+        rc, log = run_pipeline(ws, s.url, [SAMPLES.letter], timeout=60, log=tmp_path / "run.log")
     finally:
         s.stop()
     assert rc != 0
@@ -145,32 +152,11 @@ def test_wrong_model_fails_fast_before_claiming(tmp_path: Path) -> None:
     assert results(ws) == []
 
 
-def _pdf_bytes(width: float, height: float, pages: int = 1, password: str | None = None) -> bytes:
-    import pypdf
-
-    writer = pypdf.PdfWriter()
-    for _ in range(pages):
-        writer.add_blank_page(width, height)
-    if password:
-        writer.encrypt(password, algorithm="RC4-128")
-    buf = io.BytesIO()
-    writer.write(buf)
-    return buf.getvalue()
-
-
 def test_bad_inputs_each_fail_with_a_reason_and_the_batch_completes(standin: StandIn, tmp_path: Path) -> None:  # noqa: F811
-    good = GNARLY / "edgar.pdf"
+    good = SAMPLES.letter
     src = tmp_path / "in"
     src.mkdir()
-    data = good.read_bytes()
-    bad = {
-        "corrupt.pdf": (b"%PDF-1.4\n" + bytes(range(256)) * 64 + b"\n%%EOF\n", "corrupt PDF"),
-        "truncated.pdf": (data[: len(data) // 2], "truncated PDF"),
-        "locked.pdf": (_pdf_bytes(612, 792, password="secret"), "password-protected"),
-        "empty-pages.pdf": (_pdf_bytes(612, 792, pages=0), "zero pages"),
-        "notes.pdf": (b"just some text, not a PDF at all\n" * 10, "not a PDF, PNG or JPEG"),
-        "huge.pdf": (_pdf_bytes(30000, 30000), "enormous page"),
-    }
+    bad = bad_inputs(good)
     for name, (content, _) in bad.items():
         (src / name).write_bytes(content)
     image = src / "scan.png"
@@ -195,11 +181,11 @@ def test_api_key_from_environment_as_bearer_and_never_logged(tmp_path: Path) -> 
     key = "s3cr3t-key-for-test"
     s = launch_standin(tmp_path, env={"VLLM_API_KEY": key})
     try:
-        rc, log = run_pipeline(tmp_path / "ws", s.url, [GNARLY / "edgar.pdf"], env={"OLMOCR_API_KEY": key},
+        rc, log = run_pipeline(tmp_path / "ws", s.url, [SAMPLES.letter], env={"OLMOCR_API_KEY": key},
                                log=tmp_path / "run.log")
         assert rc == 0, log
         assert len(results(tmp_path / "ws")) == 1
-        rc2, log2 = run_pipeline(tmp_path / "ws2", s.url, [GNARLY / "edgar.pdf"], "--api_key", "wrong",
+        rc2, log2 = run_pipeline(tmp_path / "ws2", s.url, [SAMPLES.letter], "--api_key", "wrong",
                                  timeout=60, log=tmp_path / "run2.log")
     finally:
         s.stop()
@@ -212,7 +198,7 @@ def test_stats_summarises_the_workspace(standin: StandIn, tmp_path: Path) -> Non
     import sys
 
     ws = tmp_path / "ws"
-    rc, log = run_pipeline(ws, standin.url, [GNARLY / "edgar.pdf"], log=tmp_path / "run.log")
+    rc, log = run_pipeline(ws, standin.url, [SAMPLES.letter], log=tmp_path / "run.log")
     assert rc == 0, log
     out = subprocess.run([sys.executable, "-m", "olmocr.pipeline", str(ws), "--stats"], capture_output=True,
                          text=True, timeout=60, check=True).stdout
@@ -223,7 +209,7 @@ def test_unreachable_server_gives_a_clear_error(tmp_path: Path) -> None:
     from tests.standin_helpers import free_port
 
     url = f"http://127.0.0.1:{free_port()}/v1/"
-    rc, log = run_pipeline(tmp_path / "ws", url, [GNARLY / "edgar.pdf"], "--max_server_ready_timeout", "3",
+    rc, log = run_pipeline(tmp_path / "ws", url, [SAMPLES.letter], "--max_server_ready_timeout", "3",
                            timeout=60, log=tmp_path / "run.log")
     assert rc == 1
     assert "Cannot reach the vLLM server" in log and "attempt 1/10" in log
@@ -235,7 +221,7 @@ def test_unreachable_server_gives_a_clear_error(tmp_path: Path) -> None:
 def test_busy_or_failing_server_does_not_use_up_page_attempts(tmp_path: Path, status: str) -> None:
     s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_ERROR_RATE": "0.4", "OLMOCR_STANDIN_ERROR_STATUS": status})
     try:
-        docs = [GNARLY / "edgar.pdf", GNARLY / "guidebook_failed_pages.pdf"]
+        docs = [SAMPLES.letter, SAMPLES.guide]
         # One attempt per page: if a 429/5xx counted as a failed attempt, pages would fall back.
         rc, log = run_pipeline(tmp_path / "ws", s.url, docs, "--max_page_retries", "1", log=tmp_path / "run.log")
     finally:

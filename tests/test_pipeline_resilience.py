@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.pipeline_helpers import (
-    GNARLY,
     RESILIENCE_DOCS,
+    SAMPLES,
     SMALL_DOCS,
     docs_by_source,
     failures,
@@ -131,12 +131,12 @@ def test_pipeline_killed_midway_next_run_does_only_the_rest(tmp_path: Path) -> N
 
 def test_s3_workspace_and_s3_inputs(s3_server, tmp_path: Path) -> None:  # noqa: F811
     client = s3_server.client()
-    s3_pdf = GNARLY / "olmo-page-1.pdf"
+    s3_pdf = SAMPLES.report
     client.put_object(Bucket=s3_server.bucket, Key="inputs/olmo-page-1.pdf", Body=s3_pdf.read_bytes())
     s = launch_standin(tmp_path)
     try:
         ws = s3_server.url("ws")
-        local = [GNARLY / "edgar.pdf", GNARLY / "handwriting_bad_ocr.pdf"]
+        local = [SAMPLES.letter, SAMPLES.scan]
         rc, text = run_pipeline(ws, s.url, [*local, s3_server.url("inputs/*.pdf")], "--pages_per_group", "2",
                                 "--markdown", log=tmp_path / "run.log")
     finally:

@@ -15,7 +15,7 @@ from olmocr.pipeline.output import PageResult, build_dolma_document, markdown_re
 from olmocr.pipeline.pages import TEMPERATURE_BY_ATTEMPT, request_template
 from olmocr.pipeline.prompts import PROMPT_V4_YAML, FrontMatterError, PageResponse, parse_page_response
 from olmocr.pipeline.render import RenderError, _job_probe, _job_render, _job_text
-from tests.pipeline_helpers import GNARLY, _close_cached_render_docs  # noqa: F401 - autouse fixture
+from tests.pipeline_helpers import SAMPLES, _close_cached_render_docs  # noqa: F401 - autouse fixture
 
 UPSTREAM_PROMPT = (
     "Attached is one page of a document that you must process. Just return the plain text representation of "
@@ -136,15 +136,15 @@ def _png_size(b64: bytes) -> tuple[int, int]:
 
 
 def test_render_longest_side_and_rotate_flag() -> None:
-    upright = _png_size(_job_render(str(GNARLY / "edgar.pdf"), "pdf", 1, 1288, 0))
+    upright = _png_size(_job_render(str(SAMPLES.letter), "pdf", 1, 1288, 0))
     assert max(upright) == 1288 and upright[1] > upright[0]
     # /Rotate 90 is honoured: the page renders landscape ...
-    rotated = _png_size(_job_render(str(GNARLY / "edgar-rotated90.pdf"), "pdf", 1, 1288, 0))
+    rotated = _png_size(_job_render(str(SAMPLES.letter_rotated), "pdf", 1, 1288, 0))
     assert rotated[0] == 1288 and rotated[0] > rotated[1]
     # ... and a rotation correction turns the image counter-clockwise.
-    corrected = _png_size(_job_render(str(GNARLY / "edgar-rotated90.pdf"), "pdf", 1, 1288, 90))
+    corrected = _png_size(_job_render(str(SAMPLES.letter_rotated), "pdf", 1, 1288, 90))
     assert corrected == (rotated[1], rotated[0])
-    assert max(_png_size(_job_render(str(GNARLY / "edgar.pdf"), "pdf", 1, 500, 0))) == 500
+    assert max(_png_size(_job_render(str(SAMPLES.letter), "pdf", 1, 500, 0))) == 500
 
 
 def test_image_input_is_one_page(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -156,11 +156,11 @@ def test_image_input_is_one_page(tmp_path) -> None:  # type: ignore[no-untyped-d
 
 
 def test_text_layer_fallback_text() -> None:
-    assert "Edgar" in _job_text(str(GNARLY / "edgar.pdf"), "pdf", 1)
+    assert "Edgar" in _job_text(str(SAMPLES.letter), "pdf", 1)
 
 
 def test_bad_pdfs_have_clear_reasons(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    data = (GNARLY / "edgar.pdf").read_bytes()
+    data = (SAMPLES.letter).read_bytes()
     trunc = tmp_path / "t.pdf"
     trunc.write_bytes(data[: len(data) // 2])
     junk = tmp_path / "j.pdf"

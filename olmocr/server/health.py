@@ -41,6 +41,7 @@ class Decision:
     state: HealthState
     kill: bool = False
     kill_reason: str = ""
+    loading: bool = False  # the port is still closed inside the startup grace: waiting, not failing
 
 
 def process_started(now: float) -> HealthState:
@@ -60,7 +61,7 @@ def apply_probe(state: HealthState, result: ProbeResult, policy: HealthPolicy, n
     loading = result.refused and not state.ever_healthy
     if loading and now - state.started_at < policy.startup_timeout:
         return Decision(replace(state, phase=STARTING, consecutive_successes=0,
-                                reason=f"starting: {result.reason}"))
+                                reason=f"starting: {result.reason}"), loading=True)
     reason = result.reason
     if loading:
         reason = (f"server did not start listening within the startup timeout "

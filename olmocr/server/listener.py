@@ -32,6 +32,9 @@ log = logging.getLogger("olmocr.listener")
 
 ACTIVE_STATES = {"STARTING", "RUNNING"}
 TICK_SECONDS = 5.0  # the listener subscribes to TICK_5 (see supervisord.conf)
+#: While the model loads (minutes on a GPU) every probe finds the port closed. That is normal inside the
+#: startup grace: say so at INFO once, then at most this often, instead of a WARNING every probe.
+STARTUP_LOG_INTERVAL = 60.0
 
 
 def probe_start_slack(health_interval: float) -> float:
@@ -89,6 +92,7 @@ class HealthListener:
         self.probe_in_flight = False
         self.results: queue.Queue[ProbeResult] = queue.Queue()
         self.pending_kill: tuple[int, float] | None = None  # (pgid, SIGKILL deadline)
+        self.startup_logged_at: float | None = None  # last "still loading" line for this process
 
     # -- protocol ---------------------------------------------------------------------------------
     def run(self, max_events: int | None = None) -> None:
@@ -126,6 +130,7 @@ class HealthListener:
             self.pid = None
             self.pending_kill = None
             self.state = health.process_started(self.clock())
+            self.startup_logged_at = None
             self.next_probe_at = self.clock()
             if fields.get("from_state") in ("EXITED", "BACKOFF"):
                 self.enforce_restart_limit()
@@ -198,10 +203,12 @@ class HealthListener:
                 continue  # the probed process is gone; its result says nothing about the next one
             decision = health.apply_probe(self.state, result, self.policy, self.clock())
             self.state = decision.state
+            if decision.loading:
+                self._log_still_loading()
             self.record({"phase": self.state.phase, "ok": result.ok, "healthy": self.state.phase == health.HEALTHY,
                          "reason": self.state.reason, "latency_ms": round(result.latency * 1000, 1),
                          "busy": result.busy, "consecutive_failures": self.state.consecutive_failures},
-                        failure=not result.ok)
+                        failure=not result.ok, quiet=decision.loading)
             if decision.kill:
                 self.kill(decision.kill_reason)
 
@@ -225,9 +232,17 @@ class HealthListener:
         if self.signal_group(pgid, signal.SIGKILL):
             log.error("process group %s ignored SIGTERM for %.0f s; sent SIGKILL", pgid, self.settings.kill_grace)
 
-    def record(self, record: dict[str, Any], failure: bool) -> None:
+    def _log_still_loading(self) -> None:
+        now = self.clock()
+        if self.startup_logged_at is not None and now - self.startup_logged_at < STARTUP_LOG_INTERVAL:
+            return
+        self.startup_logged_at = now
+        log.info("%s is starting (port not open yet, normal while the model loads): waited %.0f s of the "
+                 "%g s startup timeout", self.program, now - self.state.started_at, self.policy.startup_timeout)
+
+    def record(self, record: dict[str, Any], failure: bool, quiet: bool = False) -> None:
         record = {"time": self.wall_clock(), **record, "failed_probe": failure}
-        level = logging.WARNING if failure else logging.DEBUG
+        level = logging.WARNING if failure and not quiet else logging.DEBUG
         log.log(level, "probe %s: %s", self.program, record)
         try:
             self.rpc.olmocr.recordProbe(self.program, record)

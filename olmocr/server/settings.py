@@ -38,7 +38,7 @@ class ServerSettings:
     # A run that lasted this long resets the consecutive-restart count (as Kubernetes resets its
     # crash-loop back-off after 10 minutes of running).
     restart_reset_after: float = 600.0
-    # Health probing (Kubernetes-style): see docs in README "Health checks".
+    # Health probing (Kubernetes-style): see docs/operations.md, "Health checks".
     health_interval: float = 10.0
     health_timeout: float = 5.0
     completion_timeout: float = 18.0

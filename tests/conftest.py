@@ -1,0 +1,24 @@
+"""Session set-up: the sample documents every test reads are built here, never read from outside the repo."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests import sample_docs
+
+_root: Path | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _root
+    _root = Path(tempfile.mkdtemp(prefix="olmocr-sample-docs-"))
+    sample_docs.use(_root)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _root is not None:
+        shutil.rmtree(_root, ignore_errors=True)
