@@ -354,7 +354,7 @@ class Handler(BaseHTTPRequestHandler):
             "max_model_len": app.args.max_model_len, "control": app.control.snapshot(),
             "requests_served": app.stats.requests_served, "completions_seen": app.stats.completions_seen,
             "uptime_s": round(time.monotonic() - app.started, 3),
-            "standin": True,
+            "standin": True, "tmpdir": os.environ.get("TMPDIR"),
         }
 
     def metrics_text(self) -> str:
