@@ -92,7 +92,9 @@ stopsignal = TERM
 ; vLLM drains requests for OLMOCR_SHUTDOWN_TIMEOUT (30 s), then frees GPU memory, before the group is
 ; SIGKILLed (olmocr/server/shutdown.py; the wrapper shortens the drain if this is too small).
 stopwaitsecs = {layout.stopwaitsecs}
-stopasgroup = true
+; SIGTERM goes to the server alone: vLLM drains and stops its own engine processes (signalled directly,
+; they die at once and every running request fails). The SIGKILL, if it comes, goes to the whole group.
+stopasgroup = false
 killasgroup = true
 redirect_stderr = true
 stdout_logfile = {logs}/vllm.log

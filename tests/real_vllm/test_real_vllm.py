@@ -171,7 +171,7 @@ def test_pipeline_guided_decoding_through_real_vllm(dep: RealDeployment, tmp_pat
     assert rc == 0, log
     assert "'structured_outputs' request field (vLLM 0.32" in log and "answers are capped at" in log
     found = docs_by_source(ws)
-    assert set(found) == {str(p) for p in docs} and failures(ws) == []
+    assert set(found) == {str(p) for p in docs} and failures(ws) == [], log
     for doc in found.values():
         assert doc["metadata"]["total-fallback-pages"] == 0
         assert doc["metadata"]["pdf-total-pages"] == page_count(Path(doc["metadata"]["Source-File"]))

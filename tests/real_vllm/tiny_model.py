@@ -60,8 +60,6 @@ def training_text() -> list[str]:
     text = Path(__file__).read_text(encoding="utf-8")
     lines = [line for line in text.splitlines() if line.strip()]
     lines += [
-        "---\nprimary_language: en\nis_rotation_valid: True\nrotation_correction: 0\n"
-        "is_table: False\nis_diagram: False\n---\n",
         "Attached is one page of a document that you must process. Just return the plain text representation.",
         "The quick brown fox jumps over the lazy dog. 0123456789 <table><tr><td>cell</td></tr></table>",
     ]
@@ -123,33 +121,62 @@ def build_model(out: Path, vocab_size: int, ids: dict[str, int]) -> None:
         tie_word_embeddings=False, torch_dtype="bfloat16",
     )
     model = Qwen2_5_VLForConditionalGeneration(config)
-    prefer_end_of_answer(model, ids["<|im_end|>"])
+    shape_answers(model, ids["<|im_end|>"], *token_classes(out))
     model.to(torch.bfloat16).save_pretrained(str(out))
     gen = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
            "pad_token_id": ids["<|endoftext|>"], "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
 
 
-def prefer_end_of_answer(model, end_id: int) -> None:
-    """Makes ``<|im_end|>`` the most likely next token wherever the output is free.
+def token_classes(out: Path) -> tuple[list[int], list[int], int]:
+    """(tokens that are only dashes, tokens that are dashes then a newline, one word token)."""
+    import re
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out))
+    dashes, newline = [], []
+    for token_id in range(len(tok)):
+        text = tok.decode([token_id])
+        if re.fullmatch(r"\n?-+", text):
+            dashes.append(token_id)
+        elif re.fullmatch(r"-*\n", text):
+            newline.append(token_id)
+    newline.sort(key=lambda t: tok.decode([t]) != "\n")  # the bare newline first: the one preferred
+    word = tok.encode("The", add_special_tokens=False)[0]
+    return dashes, newline, word
+
+
+def shape_answers(model, end_id: int, dashes: list[int], newline: list[int], word: int) -> None:
+    """Makes the random model end its answers, so that a constrained answer is a usable page.
 
     A random model rarely ends its answer, so every page would run to ``max_tokens`` and be rejected
-    (``finish_reason: length``). Instead: residual dimension 0 holds a constant (every token embedding
-    has 4.0 there and no layer writes to it), and only ``<|im_end|>``'s output row reads it. Unconstrained,
-    the model answers "" at once; under structured outputs it writes the front matter the grammar forces
-    (with random choices inside it) and stops where the grammar allows. So a test tells constrained
-    output (front matter) from ignored constraints (empty answer) at a glance.
+    (``finish_reason: length``). Instead three residual dimensions carry the current token's class only
+    (token embeddings write them, no layer does): dimension 0 is 4.0 for every token, 1 for tokens made of
+    dashes, 2 for a newline after dashes. The output layer reads them: after dashes a newline is likeliest,
+    after that newline the word "The", anywhere else ``<|im_end|>``. Unconstrained, the model therefore
+    answers at once with no front matter (at most "The"); under structured outputs it writes the front
+    matter the grammar forces (random choices inside it), then "---", a newline, "The", and stops: a page
+    answered by the model proves the constraint reached vLLM.
     """
     import torch
 
     with torch.no_grad():
         lm = model.model.language_model if hasattr(model.model, "language_model") else model.model
-        lm.embed_tokens.weight[:, 0] = 4.0
+        emb = lm.embed_tokens.weight
+        emb[:, 0:3] = 0.0
+        emb[:, 0] = 4.0
+        emb[dashes, 1] = 4.0
+        emb[newline, 2] = 4.0
         for layer in lm.layers:
-            layer.self_attn.o_proj.weight[0, :] = 0.0
-            layer.mlp.down_proj.weight[0, :] = 0.0
-        model.lm_head.weight[:, 0] = 0.0
-        model.lm_head.weight[end_id, 0] = 1.0
+            layer.self_attn.o_proj.weight[0:3, :] = 0.0
+            layer.mlp.down_proj.weight[0:3, :] = 0.0
+        head = model.lm_head.weight
+        head[:, 0:3] = 0.0
+        head[end_id, 0] = 1.0
+        for nl in newline:
+            head[nl, 1] = 3.0 if nl == newline[0] else 0.0
+        head[word, 2] = 3.0
 
 
 def build_processor(out: Path) -> None:
