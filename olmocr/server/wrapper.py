@@ -1,9 +1,10 @@
 """The thin wrapper supervisord runs as ``[program:vllm]``: it builds the vLLM command and ``exec``s it.
 
 ``exec`` (not a child process) keeps the server's pid equal to the one supervisord tracks, and the
-server stays leader of the process group supervisord created for it, so ``stopasgroup``/``killasgroup``
-and the health listener's group kill reach vLLM's engine processes too: an orphaned engine keeps
-holding GPU memory and the port.
+server stays leader of the process group supervisord created for it, so supervisord's SIGTERM reaches
+the server itself (which then drains and stops its engine) while ``killasgroup`` and the health
+listener's group kill reach vLLM's engine processes too: an orphaned engine keeps holding GPU memory
+and the port.
 
 On a restart it first waits out ``--restart-delay`` (counted from the last exit recorded by the
 olmocr RPC extension) so a crashed engine has time to release GPU memory.
