@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--corpus DIR] [render] [throughput] [recovery] [memory]``: run the benchmark suite.
+"""``python -m bench [--quick] [--corpus DIR] [render] [throughput] [recovery] [memory] [storm]``: run the benchmark suite.
 
 Prints a table, writes ``bench/out/results.json`` (figures, details, machine) and
 ``bench/out/results.md`` (the table as Markdown, for bench/RESULTS.md). Each section is independent:
@@ -26,7 +26,7 @@ from bench.common import (
     upstream_available,
 )
 
-SECTIONS = ["render", "throughput", "memory", "recovery"]
+SECTIONS = ["render", "throughput", "memory", "recovery", "storm"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import memory
 
                 figs, detail = memory.run_rss(quick=args.quick, with_upstream=not args.no_upstream)
+            elif section == "storm":
+                from bench import storm
+
+                figs, detail = storm.run(corpus, quick=args.quick)
             else:
                 from bench import recovery
 

@@ -6,10 +6,11 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 
 from olmocr.pipeline.pipeline import PipelineConfig, run_pipeline
+from olmocr.pipeline.render import DEFAULT_RENDER_TIMEOUT_S
+from olmocr.pipeline.shutdown import DEFAULT_STOP_TIMEOUT_S, StopRequest
 
 logger = logging.getLogger("olmocr.pipeline")
 
@@ -56,8 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument("--lease_seconds", type=float, default=300.0,
                       help="work-item lease; renewed every third of it; a dead worker's item is free "
                            "after it (default 300)")
+    work.add_argument("--stop_timeout", type=float, default=DEFAULT_STOP_TIMEOUT_S,
+                      help="on SIGTERM/Ctrl+C, seconds to let work items in progress finish before handing "
+                           f"them back to the queue (default {DEFAULT_STOP_TIMEOUT_S:g}); a second signal exits "
+                           "at once")
     work.add_argument("--render_processes", type=int, default=None,
                       help="page-rendering processes (default: number of CPU cores)")
+    work.add_argument("--render_timeout", type=float, default=DEFAULT_RENDER_TIMEOUT_S,
+                      help="time limit in seconds for rendering one page (or reading its text layer); a page "
+                           "over it fails, its render process is killed and replaced (default "
+                           f"{DEFAULT_RENDER_TIMEOUT_S:g}; 0 = no limit)")
     out = p.add_argument_group("output")
     out.add_argument("--markdown", action="store_true",
                      help="also write markdown/<source path>.md for each document into the workspace")
@@ -103,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         value = pages_per_group if name == "pages_per_group" else getattr(args, name)
         if value < 1:
             parser.error(f"--{name} must be at least 1")
+    if args.stop_timeout < 0:
+        parser.error("--stop_timeout must be 0 or more")
+    if args.render_timeout < 0:
+        parser.error("--render_timeout must be 0 (no limit) or more")
     if not 0 <= args.max_page_error_rate <= 1:
         parser.error("--max_page_error_rate must be between 0 and 1")
     if args.model and args.model != "olmocr":
@@ -132,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         lease_seconds=args.lease_seconds,
         progress_interval=args.progress_interval,
         render_processes=args.render_processes,
+        render_timeout=args.render_timeout,
+        stop_timeout=args.stop_timeout,
     )
     try:
         if args.stats:
@@ -144,17 +159,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _run_with_signals(config: PipelineConfig) -> int:
-    """Run the pipeline; SIGTERM/SIGINT cancel it cleanly (leases of unfinished items are released)."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)
-    try:
-        return await run_pipeline(config)
-    except asyncio.CancelledError:
-        logger.warning("stopped by a signal; unfinished work items were released for other workers")
-        return 130
+    """Run the pipeline; the first SIGTERM/SIGINT stops it gracefully (exit 0), a second exits at once."""
+    stop = StopRequest()
+    stop.install(asyncio.get_running_loop())
+    return await run_pipeline(config, stop)
 
 
 async def _populate_only(config: PipelineConfig) -> None:

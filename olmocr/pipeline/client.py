@@ -9,7 +9,7 @@ Contract:
   it does not count as a failed page attempt and no outage, however long, ends the run.
 * A 200 with ``finish_reason: abort`` (vLLM cut the request short while stopping) is resent the same way.
 * Other statuses (4xx) are returned to the caller, which counts a failed attempt, or, when no resend can
-  change the answer (400: the request does not fit the server, 401, 404 ...), gives the page up at once.
+  change the answer (400: the request does not fit the server, 401, 413 ...), gives the page up at once.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ class ServerNotReady(Exception):
 
 
 #: 4xx answers that may change when the same request is sent again; any other 4xx (400 context too
-#: small, 401 key, 404 model, 413, 422 ...) would be refused again: the page stops trying at once.
+#: small, 401 key, 413, 422 ...) would be refused again: the page stops trying at once. (A 404 for the
+#: model is handled above as a server in the wrong state.)
 RETRYABLE_4XX = frozenset({408, 409, 425})
 
 
@@ -316,6 +317,10 @@ class ServerClient:
                         return data
                 elif resp.status == 429 or resp.status >= 500:
                     problem = f"HTTP {resp.status}"
+                elif resp.status == 404 and b"does not exist" in resp.body:
+                    # A server started with the wrong --served-model-name: not the page's fault; wait
+                    # for a server that serves it (the health check looks at /v1/models).
+                    problem = f"HTTP 404, model {MODEL_NAME!r} not served"
                 else:
                     self.stats.rejected += 1
                     raise RequestRejected(resp.status, resp.body[:300].decode("utf-8", "replace"),

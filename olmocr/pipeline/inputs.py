@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from olmocr.pipeline.storage import make_s3_client, parse_s3_url
+from olmocr.pipeline.storage import get_object_bytes, make_s3_client, parse_s3_url
 
 SNIFF_BYTES = 1024
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -85,7 +85,7 @@ def read_input(path: str) -> bytes:
 
         bucket, key = parse_s3_url(path)
         try:
-            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+            return get_object_bytes(s3_client(), Bucket=bucket, Key=key)[0]
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise FileNotFoundError(path) from exc
@@ -98,8 +98,7 @@ def read_head(path: str, size: int = SNIFF_BYTES) -> bytes:
     """The first ``size`` bytes of a local or S3 file."""
     if path.startswith("s3://"):
         bucket, key = parse_s3_url(path)
-        response = s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{size - 1}")
-        return response["Body"].read()
+        return get_object_bytes(s3_client(), Bucket=bucket, Key=key, Range=f"bytes=0-{size - 1}")[0]
     with open(path, "rb") as f:
         return f.read(size)
 

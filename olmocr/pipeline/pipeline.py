@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -13,8 +14,9 @@ from olmocr.pipeline.inputs import expand_inputs
 from olmocr.pipeline.output import dolma_jsonl, markdown_relpath
 from olmocr.pipeline.pages import MAX_TOKENS, PageProcessor, PageSettings
 from olmocr.pipeline.progress import Progress, report_progress
-from olmocr.pipeline.render import Renderer
+from olmocr.pipeline.render import DEFAULT_RENDER_TIMEOUT_S, Renderer
 from olmocr.pipeline.server_check import STRUCTURED_OUTPUTS, ServerMismatch, plan_max_tokens
+from olmocr.pipeline.shutdown import DEFAULT_STOP_TIMEOUT_S, StopRequest
 from olmocr.pipeline.storage import Storage, open_storage
 from olmocr.pipeline.workqueue import LeaseLost, WorkItem, WorkQueue
 
@@ -22,6 +24,8 @@ logger = logging.getLogger("olmocr.pipeline")
 
 #: Pause after a work item failed as a whole (e.g. the workspace is unreachable) before claiming again.
 ERROR_PAUSE_S = 5.0
+#: Longest pause between claim attempts while the workspace keeps failing.
+MAX_CLAIM_BACKOFF_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,8 @@ class PipelineConfig:
     lease_seconds: float = 300.0
     progress_interval: float = 10.0
     render_processes: int | None = None
+    render_timeout: float | None = DEFAULT_RENDER_TIMEOUT_S
+    stop_timeout: float = DEFAULT_STOP_TIMEOUT_S
 
 
 def populate(queue: WorkQueue, specs: tuple[str, ...], pages_per_group: int) -> None:
@@ -61,13 +67,17 @@ class Runner:
     """The running pipeline: shared renderer, server client, page slots and counters."""
 
     def __init__(self, config: PipelineConfig, storage: Storage, queue: WorkQueue, client: ServerClient,
-                 max_tokens: int = MAX_TOKENS) -> None:
+                 stop: StopRequest | None = None, max_tokens: int = MAX_TOKENS) -> None:
         self.config = config
+        self.stop = stop or StopRequest()
+        self.released = 0  # items handed back unfinished (graceful stop, errors)
+        self.gave_up = 0  # items abandoned because their lease could not be renewed
         self.storage = storage
         self.queue = queue
         self.client = client
         self.progress = Progress()
-        self.renderer = Renderer(config.render_processes)
+        self.renderer = Renderer(config.render_processes, config.render_timeout)
+        self.stop.on_hard_exit(self.renderer.kill_now)
         settings = PageSettings(config.target_longest_image_dim, config.max_page_retries, config.max_model_len,
                                 config.guided_decoding, max_tokens=max_tokens,
                                 guided_field=client.info.guided_field if client.info else STRUCTURED_OUTPUTS)
@@ -102,37 +112,91 @@ class Runner:
         logger.info("work item %s done: %d documents written, %d failed", item.hash, len(docs), len(failed))
 
     async def _renew_until_done(self, item: WorkItem, work: asyncio.Task[None]) -> None:
-        interval = max(1.0, self.config.lease_seconds / 3)
+        """Renew every third of the lease. A renewal that fails (storage errors, after the S3 client's own
+        retries) is tried again sooner; if none succeeds before the lease would expire, the item is given
+        up: its work is cancelled and never marked done by us, since another worker may own it by then."""
+        lease = self.config.lease_seconds
+        interval = max(1.0, lease / 3)
+        retry_after = max(0.5, min(5.0, interval / 4))
+        margin = min(5.0, lease / 10)  # clock skew between machines comparing expiry times
+        renewed_at = item.leased_at or time.monotonic()
+        next_at = renewed_at + interval
         while not work.done():
-            await asyncio.sleep(interval)
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             if work.done():
                 return
+            started = time.monotonic()
+            deadline = renewed_at + lease - margin
             try:
-                await asyncio.to_thread(self.queue.renew, item)
+                await asyncio.wait_for(asyncio.to_thread(self.queue.renew, item), max(0.1, deadline - started))
+                renewed_at, next_at = started, started + interval
+                continue
             except LeaseLost:
                 logger.error("lost the lease on work item %s (another worker took it); abandoning it", item.hash)
                 work.cancel()
                 return
-            except Exception as exc:  # noqa: BLE001 - a storage hiccup: try again next interval
-                logger.warning("could not renew the lease on %s: %s", item.hash, exc)
+            except Exception as exc:  # noqa: BLE001 - storage errors and timeouts: retry until the deadline
+                problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            if time.monotonic() >= deadline:
+                logger.error("could not renew the lease on work item %s for %.0fs (%s); giving it up before it "
+                             "expires (its work is dropped and never marked done by this worker)", item.hash,
+                             time.monotonic() - renewed_at, problem)
+                self.gave_up += 1
+                work.cancel()
+                await asyncio.to_thread(self._release_quietly, item)
+                return
+            logger.warning("could not renew the lease on %s (%s); retrying in %.1fs", item.hash, problem,
+                           retry_after)
+            next_at = time.monotonic() + retry_after
+
+    async def _claim(self) -> WorkItem | None | bool:
+        """A claimed item, None if nothing is claimable now, False if there is nothing left to do."""
+        item = await asyncio.to_thread(self.queue.claim)
+        if item is not None:
+            return item
+        counts = await asyncio.to_thread(self.queue.counts)
+        others = counts.get("leased", 0) - len(self.active)
+        if counts.get("pending", 0) <= 0 and others <= 0:
+            return False
+        return None
+
+    async def _pause(self, seconds: float, wake_on_item: bool = False) -> None:
+        """Sleep ``seconds``, or less if a stop is requested (or, optionally, one of our items finishes)."""
+        waits = [asyncio.ensure_future(self.stop.event.wait())]
+        if wake_on_item:
+            self.item_finished.clear()
+            waits.append(asyncio.ensure_future(self.item_finished.wait()))
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     async def _worker(self, worker_id: int) -> None:
         idle_wait = min(10.0, max(1.0, self.config.lease_seconds / 4))
-        while True:
-            item = await asyncio.to_thread(self.queue.claim)
+        errors_in_a_row = 0
+        while not self.stop.requested:
+            try:
+                item = await self._claim()
+                errors_in_a_row = 0
+            except Exception as exc:  # noqa: BLE001 - the workspace failed beyond the S3 client's retries
+                errors_in_a_row += 1
+                pause = min(MAX_CLAIM_BACKOFF_S, 2.0 ** errors_in_a_row)
+                logger.warning("worker %d: cannot claim work (%s: %s); retrying in %.0fs", worker_id,
+                               type(exc).__name__, exc, pause)
+                await self._pause(pause)
+                continue
+            if item is False:
+                return
             if item is None:
-                counts = await asyncio.to_thread(self.queue.counts)
-                others = counts.get("leased", 0) - len(self.active)
-                if counts.get("pending", 0) <= 0 and others <= 0:
-                    return
                 # Items leased by other (possibly dead) workers: wait until one of ours finishes, or poll again
                 # (a dead worker's item becomes claimable when its lease expires).
-                self.item_finished.clear()
-                try:
-                    await asyncio.wait_for(self.item_finished.wait(), idle_wait)
-                except TimeoutError:
-                    pass
+                await self._pause(idle_wait, wake_on_item=True)
                 continue
+            assert isinstance(item, WorkItem)
+            if self.stop.requested:  # the stop came while we were claiming: hand it straight back
+                await asyncio.to_thread(self._release_quietly, item)
+                return
             self.active.add(item.hash)
             try:
                 await self._run_item(worker_id, item)
@@ -147,42 +211,74 @@ class Runner:
         try:
             await asyncio.wait({work})
         except asyncio.CancelledError:
-            # Shutdown: hand the item back so another worker can take it at once.
+            # Stop: hand the item back so another worker can take it at once.
             work.cancel()
             await asyncio.to_thread(self._release_quietly, item)
             raise
         finally:
             renewer.cancel()
         if work.cancelled():
-            return  # lease lost; the new owner does it
+            return  # lease lost or given up; whoever owns it next does it
         exc = work.exception()
         if exc is not None:
             logger.error("work item %s failed (%s: %s); releasing it for a retry", item.hash,
                          type(exc).__name__, exc)
             await asyncio.to_thread(self._release_quietly, item)
-            await asyncio.sleep(ERROR_PAUSE_S)
+            await self._pause(ERROR_PAUSE_S)
 
     def _release_quietly(self, item: WorkItem) -> None:
         try:
-            self.queue.release(item)
+            if self.queue.release(item):
+                self.released += 1
         except Exception as exc:  # noqa: BLE001
             logger.warning("could not release work item %s: %s", item.hash, exc)
 
     async def run(self) -> None:
         reporter = asyncio.create_task(report_progress(
             self.progress, lambda: (self.client.describe_state(), self.client.in_flight), self.config.progress_interval))
+        workers = [asyncio.create_task(self._worker(i)) for i in range(max(1, self.config.workers))]
         try:
-            workers = [asyncio.create_task(self._worker(i)) for i in range(max(1, self.config.workers))]
-            await asyncio.gather(*workers)
+            stop_wait = asyncio.create_task(self.stop.event.wait())
+            while not stop_wait.done() and not all(w.done() for w in workers):
+                await asyncio.wait([*workers, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+            stop_wait.cancel()
+            if self.stop.requested:
+                await self._stop_gracefully(workers)
+            for w in workers:
+                if w.done() and not w.cancelled() and w.exception() is not None:
+                    raise w.exception()  # type: ignore[misc]
         finally:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
             reporter.cancel()
             self.renderer.close()
         logger.info("%s", self.progress.line(self.client.describe_state(), self.client.in_flight))
         logger.info("%s", self.progress.summary())
+        if self.stop.requested:
+            logger.warning("stopped on request (%s): %d work items completed, %d handed back unfinished for other "
+                           "workers", self.stop.signal_name, self.progress.items_done, self.released)
+
+    async def _stop_gracefully(self, workers: list[asyncio.Task[None]]) -> None:
+        busy = [w for w in workers if not w.done()]
+        if busy and self.active:
+            logger.warning("stop: waiting up to %gs for %d work items in progress", self.config.stop_timeout,
+                           len(self.active))
+        if busy:
+            _, busy_set = await asyncio.wait(busy, timeout=self.config.stop_timeout)
+            busy = list(busy_set)
+        if busy:
+            if self.active:
+                logger.warning("stop: abandoning %d work items still in progress and releasing their leases",
+                               len(self.active))
+            for w in busy:
+                w.cancel()
+            await asyncio.gather(*busy, return_exceptions=True)
 
 
-async def run_pipeline(config: PipelineConfig) -> int:
-    """Run to completion; returns the process exit status."""
+async def run_pipeline(config: PipelineConfig, stop: StopRequest | None = None) -> int:
+    """Run to completion (or until ``stop`` is requested: then exit 0); returns the process exit status."""
+    stop = stop or StopRequest()
     # Storage calls (claims, lease renewals, result uploads) run in threads; give them enough that a slow
     # upload never delays a lease renewal.
     asyncio.get_running_loop().set_default_executor(
@@ -202,8 +298,16 @@ async def run_pipeline(config: PipelineConfig) -> int:
     client = ServerClient(config.server_url, api_key=config.api_key, request_timeout=config.request_timeout,
                           max_concurrent_requests=config.max_concurrent_requests)
     try:
+        ready = asyncio.create_task(client.wait_ready(max_wait_s=config.max_server_ready_timeout))
+        stopped = asyncio.create_task(stop.event.wait())
+        await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not ready.done():
+            ready.cancel()
+            logger.warning("stopped on request (%s) before any work was claimed", stop.signal_name)
+            return 0
         try:
-            info = await client.wait_ready(max_wait_s=config.max_server_ready_timeout)
+            info = ready.result()
             max_tokens = plan_max_tokens(info.max_model_len, config.target_longest_image_dim)
         except (ServerNotReady, ServerMismatch) as exc:
             logger.error("%s", exc)
@@ -214,7 +318,7 @@ async def run_pipeline(config: PipelineConfig) -> int:
         if config.guided_decoding:
             logger.info("guided decoding: constraining the front matter with the %r request field (vLLM %s)",
                         info.guided_field, info.version or "version unknown")
-        await Runner(config, storage, queue, client, max_tokens).run()
+        await Runner(config, storage, queue, client, stop, max_tokens).run()
     finally:
         client.close()
     return 0

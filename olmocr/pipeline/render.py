@@ -1,7 +1,10 @@
 """Page rendering with pypdfium2 in a pool of worker processes.
 
 The functions prefixed ``_job_`` run inside the worker processes; :class:`Renderer` is the asyncio
-facade the pipeline uses. PDF pages are rendered so that their longest side is
+facade the pipeline uses. Every job runs under a time limit (``job_timeout``): a page that makes pdfium
+spin (or a worker that dies: segfault, OOM kill) costs only that page -- pebble's process pool kills the
+stuck worker, starts a fresh one, and the job fails with :class:`RenderError` saying why, while the
+other workers carry on (concurrent.futures' pool cannot stop one task, and one dead worker breaks it all). PDF pages are rendered so that their longest side is
 ``target_longest_image_dim`` pixels, honouring the page's ``/Rotate``; PNG and JPEG inputs are treated as
 one-page documents scaled the same way. Results are base64-encoded PNG bytes, ready to go into a data URL.
 """
@@ -15,11 +18,15 @@ import logging
 import multiprocessing
 import os
 import re
+import signal
+import time
 from collections import OrderedDict
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
+
+from pebble import ProcessExpired, ProcessPool
 
 logger = logging.getLogger("olmocr.pipeline")
 
@@ -31,6 +38,17 @@ MAX_IMAGE_PIXELS = 400_000_000
 PNG_COMPRESS_LEVEL = 1
 _DOC_CACHE_SIZE = 4
 EOF_SEARCH_BYTES = 16384
+
+#: Default time limit for one job (opening a document, rendering a page, reading its text layer), in
+#: seconds. Pages of the benchmark corpus render in well under a second at 1288 px; a page that takes
+#: minutes is pathological (or pdfium is stuck) and is not worth a worker.
+DEFAULT_RENDER_TIMEOUT_S = 120.0
+
+#: Tests only: make a worker misbehave on chosen pages, to check that the pipeline survives it.
+#: ``ACTION:NAME:PAGE[,...]`` where ACTION is ``hang`` (sleep forever) or ``crash`` (SIGKILL itself),
+#: NAME a substring of the document's path and PAGE a 1-based page number or ``*``; it applies to
+#: rendering and to the text layer (``hang-render`` / ``crash-render`` apply to rendering only).
+TEST_FAULT_ENV = "OLMOCR_TEST_RENDER_FAULT"
 
 _ROTATE_CCW = {90: "ROTATE_90", 180: "ROTATE_180", 270: "ROTATE_270"}
 
@@ -111,6 +129,26 @@ def _open_image(path: str) -> Any:
     return img
 
 
+def _injected_fault(path: str, page_num: int, job: str) -> None:
+    """The test-only fault of :data:`TEST_FAULT_ENV`, if one matches this job (see there)."""
+    spec = os.environ.get(TEST_FAULT_ENV)
+    if not spec:
+        return
+    for rule in spec.split(","):
+        action, _, rest = rule.strip().partition(":")
+        name, _, page = rest.rpartition(":")
+        if name not in path or page not in ("*", str(page_num)):
+            continue
+        base, _, only = action.partition("-")
+        if only and only != job:
+            continue
+        if base == "hang":
+            while True:
+                time.sleep(3600)
+        if base == "crash":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _job_probe(path: str, kind: str) -> DocInfo:
     if kind in ("png", "jpeg"):
         _open_image(path)
@@ -137,6 +175,7 @@ def _job_render(path: str, kind: str, page_num: int, target_dim: int, rotation: 
     """Render 1-based ``page_num``; rotate the image counter-clockwise by ``rotation`` degrees."""
     if rotation not in (0, 90, 180, 270):
         raise ValueError(f"invalid rotation {rotation}")
+    _injected_fault(path, page_num, "render")
     if kind in ("png", "jpeg"):
         from PIL import Image
 
@@ -183,6 +222,7 @@ def _job_render(path: str, kind: str, page_num: int, target_dim: int, rotation: 
 
 def _job_text(path: str, kind: str, page_num: int) -> str:
     """The page's text layer (what a text-layer fallback uses); empty for images."""
+    _injected_fault(path, page_num, "text")
     if kind in ("png", "jpeg"):
         return ""
     doc = _open_pdf(path)
@@ -198,8 +238,6 @@ def _job_text(path: str, kind: str, page_num: int) -> str:
 
 
 def _worker_init() -> None:
-    import signal
-
     # The parent handles Ctrl-C; workers just get torn down with the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -215,44 +253,93 @@ def default_render_processes() -> int:
 
 
 class Renderer:
-    """An asyncio front end to a process pool of pypdfium2 renderers (one pool for the whole run)."""
+    """An asyncio front end to a process pool of pypdfium2 renderers (one pool for the whole run).
 
-    def __init__(self, processes: int | None = None) -> None:
+    ``timeout`` bounds every job (see the module docstring); ``None`` or 0 means no limit.
+    """
+
+    def __init__(self, processes: int | None = None, timeout: float | None = DEFAULT_RENDER_TIMEOUT_S) -> None:
         self.processes = processes or default_render_processes()
+        self.timeout = timeout if timeout and timeout > 0 else None
+        self.timed_out = 0  # jobs stopped by the time limit
+        self.crashed = 0  # jobs whose worker died
         self._pool = self._new_pool()
 
-    def _new_pool(self) -> ProcessPoolExecutor:
-        ctx = multiprocessing.get_context("spawn")
-        return ProcessPoolExecutor(max_workers=self.processes, mp_context=ctx, initializer=_worker_init)
+    def _new_pool(self) -> ProcessPool:
+        return ProcessPool(max_workers=self.processes, initializer=_worker_init,
+                           context=multiprocessing.get_context("spawn"))
 
-    async def _call(self, fn: Any, *args: Any) -> Any:
-        loop = asyncio.get_running_loop()
+    def _schedule(self, fn: Any, args: tuple) -> Any:
+        # pebble gives up on the whole pool when a worker dies while no job runs (e.g. an idle worker
+        # OOM-killed): start a fresh one.
+        if not self._pool.active:
+            logger.warning("the render pool stopped (a worker died while idle); starting a new one")
+            old, self._pool = self._pool, self._new_pool()
+            old.stop()
+        return self._pool.schedule(fn, args=args, timeout=self.timeout)
+
+    async def _call(self, what: str, fn: Any, *args: Any) -> Any:
         for attempt in range(2):
-            pool = self._pool
+            future = self._schedule(fn, args)
             try:
-                return await loop.run_in_executor(pool, fn, *args)
+                return await asyncio.wrap_future(future)
             except BrokenProcessPool:
-                # A renderer crashed (e.g. pdfium on a hostile file); start a fresh pool, try once more.
-                if pool is self._pool:
-                    logger.warning("render worker process died; restarting the render pool")
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    self._pool = self._new_pool()
+                # Jobs in flight when pebble gave up on the pool: not this page's fault, try again.
                 if attempt == 1:
-                    raise RenderError("the renderer crashed on this document") from None
+                    raise RenderError(f"the render pool failed twice on {what}") from None
+                continue
+            except FutureTimeoutError:
+                # Deterministic for this page: no second try. pebble has killed and replaced the worker.
+                self.timed_out += 1
+                raise RenderError(f"{what} took longer than the {self.timeout:g} s render time limit "
+                                  "(the render worker was killed and replaced)") from None
+            except ProcessExpired as exc:
+                # A segfault may be this document's fault, an OOM kill the machine's: try once more.
+                self.crashed += 1
+                logger.warning("render worker died (%s) on %s; %s", _describe_exit(exc.exitcode), what,
+                               "retrying once in a fresh worker" if attempt == 0 else "giving up on it")
+                if attempt == 1:
+                    raise RenderError(f"the renderer crashed on {what} "
+                                      f"({_describe_exit(exc.exitcode)}, twice)") from None
         raise AssertionError("unreachable")
 
     async def probe(self, path: str, kind: str) -> DocInfo:
-        return await self._call(_job_probe, path, kind)
+        return await self._call("opening the document", _job_probe, path, kind)
 
     async def render(self, path: str, kind: str, page_num: int, target_dim: int, rotation: int = 0) -> bytes:
-        return await self._call(_job_render, path, kind, page_num, target_dim, rotation)
+        return await self._call(f"page {page_num}", _job_render, path, kind, page_num, target_dim, rotation)
 
     async def text(self, path: str, kind: str, page_num: int) -> str:
         try:
-            return await self._call(_job_text, path, kind, page_num)
+            return await self._call(f"the text layer of page {page_num}", _job_text, path, kind, page_num)
         except Exception as exc:  # noqa: BLE001 - a fallback must not fail the document
             logger.warning("text layer unavailable for %s page %d: %s", path, page_num, exc)
             return ""
 
+    def worker_pids(self) -> list[int]:
+        """Pids of the live worker processes (for a hard exit that must not leave them behind)."""
+        workers = getattr(getattr(self._pool, "_pool_manager", None), "worker_manager", None)
+        procs = getattr(workers, "workers", {}) or {}
+        return [p.pid for p in list(procs.values()) if p.pid]
+
+    def kill_now(self) -> None:
+        """SIGKILL every worker (a second Ctrl+C: exit at once, even if a worker is stuck in pdfium)."""
+        for pid in self.worker_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        # stop() rather than close(): a worker stuck past its limit is not waited for.
+        self._pool.stop()
+        self._pool.join(timeout=10)
+
+
+def _describe_exit(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit status {exitcode}"

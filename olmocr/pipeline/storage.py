@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Protocol
+
+logger = logging.getLogger("olmocr.pipeline")
 
 
 class Storage(Protocol):
@@ -165,18 +169,62 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-def make_s3_client(**kwargs: Any) -> Any:
-    """A boto3 S3 client; honours ``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3`` and the usual credentials."""
-    import boto3
+#: botocore retry settings used unless ``AWS_RETRY_MODE`` / ``AWS_MAX_ATTEMPTS`` say otherwise. "standard"
+#: retries throttling (503 SlowDown), 500s, connection resets and timeouts with exponential backoff and
+#: jitter; 8 attempts ride out about a minute of trouble.
+DEFAULT_S3_RETRY_MODE = "standard"
+DEFAULT_S3_MAX_ATTEMPTS = 8
+#: Seconds to connect / to wait for an answer before botocore counts the attempt as failed and retries.
+S3_CONNECT_TIMEOUT_S = 10
+S3_READ_TIMEOUT_S = 60
+#: Tries to read an object's body when the connection breaks mid-stream (botocore does not retry that).
+BODY_READ_ATTEMPTS = 3
+
+
+def s3_client_config(environ: dict[str, str] | None = None) -> Any:
+    """The botocore Config of the workspace client (retries, timeouts); see the constants above."""
     from botocore.config import Config
 
-    config = kwargs.pop("config", None) or Config(
-        retries={"max_attempts": 8, "mode": "standard"},
-        connect_timeout=10,
-        read_timeout=60,
-        max_pool_connections=32,
-    )
+    env = os.environ if environ is None else environ
+    mode = env.get("AWS_RETRY_MODE") or DEFAULT_S3_RETRY_MODE
+    if mode not in ("standard", "adaptive", "legacy"):
+        raise ValueError(f"AWS_RETRY_MODE={mode!r}: use standard, adaptive or legacy")
+    try:
+        attempts = int(env.get("AWS_MAX_ATTEMPTS") or DEFAULT_S3_MAX_ATTEMPTS)
+    except ValueError:
+        raise ValueError(f"AWS_MAX_ATTEMPTS={env.get('AWS_MAX_ATTEMPTS')!r} is not a whole number") from None
+    return Config(retries={"max_attempts": max(1, attempts), "mode": mode}, connect_timeout=S3_CONNECT_TIMEOUT_S,
+                  read_timeout=S3_READ_TIMEOUT_S, max_pool_connections=32)
+
+
+def make_s3_client(**kwargs: Any) -> Any:
+    """A boto3 S3 client; honours ``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3``, the usual credentials, and
+    ``AWS_RETRY_MODE``/``AWS_MAX_ATTEMPTS`` (see :func:`s3_client_config`)."""
+    import boto3
+
+    config = kwargs.pop("config", None) or s3_client_config()
     return boto3.client("s3", config=config, **kwargs)
+
+
+def get_object_bytes(client: Any, **params: Any) -> tuple[bytes, dict]:
+    """``get_object(**params)`` and its whole body; returns (body, response).
+
+    botocore retries the request, but not the reading of the body it returned: a connection that breaks
+    while the object streams in would fail the call. Such reads are tried again (``BODY_READ_ATTEMPTS``).
+    """
+    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+
+    for attempt in range(BODY_READ_ATTEMPTS):
+        response = client.get_object(**params)
+        try:
+            return response["Body"].read(), response
+        except (ResponseStreamingError, IncompleteReadError, ReadTimeoutError) as exc:
+            if attempt + 1 == BODY_READ_ATTEMPTS:
+                raise
+            logger.info("s3://%s/%s: reading the object broke off (%s); reading it again", params.get("Bucket"),
+                        params.get("Key"), exc)
+            time.sleep(0.2 * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def _error_code(exc: Exception) -> str:
@@ -204,12 +252,11 @@ class S3Storage:
         from botocore.exceptions import ClientError
 
         try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            data, response = get_object_bytes(self.client, Bucket=self.bucket, Key=self._key(key))
         except ClientError as exc:
             if _error_code(exc) in _MISSING:
                 return None
             raise
-        data = response["Body"].read()
         return data, str(response["ETag"]).strip('"')
 
     def read(self, key: str) -> bytes | None:
@@ -220,15 +267,28 @@ class S3Storage:
         self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
     def _conditional_put(self, key: str, data: bytes, **condition: str) -> bool:
+        """A conditional PUT; False if the condition failed.
+
+        botocore resends a PUT whose answer was lost (connection reset, timeout). If the first one was
+        written, the resend fails its condition (412) although the object is ours: after a resend, a
+        failed condition is checked by reading the object back -- our bytes (lease records and index
+        versions are unique) mean our write landed.
+        """
         from botocore.exceptions import ClientError
 
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
             return True
         except ClientError as exc:
-            if _error_code(exc) in _PRECONDITION or _error_code(exc) in _MISSING:
-                return False
-            raise
+            code = _error_code(exc)
+            if code not in _PRECONDITION and code not in _MISSING:
+                raise
+            retried = int((exc.response or {}).get("ResponseMetadata", {}).get("RetryAttempts", 0) or 0)
+            if retried and code in _PRECONDITION and self.read(key) == data:
+                logger.info("%s: conditional write landed although its answer was lost (resent %d times)",
+                            key, retried)
+                return True
+            return False
 
     def create(self, key: str, data: bytes) -> bool:
         return self._conditional_put(key, data, IfNoneMatch="*")

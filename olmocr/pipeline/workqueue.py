@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zstandard
 
@@ -51,6 +51,8 @@ class WorkItem:
 
     hash: str
     paths: tuple[str, ...]
+    #: ``time.monotonic()`` just before the lease was written (0: unknown); the lease runs from here.
+    leased_at: float = field(default=0.0, compare=False)
 
 
 class LeaseLost(Exception):
@@ -317,6 +319,7 @@ class WorkQueue:
         locked = {_hash_from_key(k, "worker_", ".lock") for k in self.storage.list(f"{LOCKS_DIR}/")}
         pending.sort(key=lambda h: h in locked)  # unlocked first, then maybe-expired
         for item_hash in pending:
+            leased_at = time.monotonic()
             lease_id = self._try_lease(item_hash)
             if lease_id is None:
                 continue
@@ -325,7 +328,7 @@ class WorkQueue:
             if self.is_done(item_hash):  # completed between our listing and our lease
                 self.release(WorkItem(item_hash, index[item_hash]))
                 continue
-            return WorkItem(hash=item_hash, paths=index[item_hash])
+            return WorkItem(hash=item_hash, paths=index[item_hash], leased_at=leased_at)
         return None
 
     def renew(self, item: WorkItem) -> None:
@@ -338,7 +341,7 @@ class WorkQueue:
         found = self.storage.read_versioned(key)
         current = _parse_jsonl(found[0]) if found else []
         if not current or current[0].get("lease_id") != lease_id:
-            self._forget(item.hash)
+            self._forget(item.hash, lease_id)
             raise LeaseLost(
                 f"work item {item.hash}: lease taken over by {current[0].get('worker_id') if current else 'nobody'}"
             )
@@ -346,7 +349,7 @@ class WorkQueue:
         if not self.storage.replace_if(
             key, self._lease_record(lease_id, current[0].get("claimed_at")), found[1]
         ):
-            self._forget(item.hash)
+            self._forget(item.hash, lease_id)
             raise LeaseLost(f"work item {item.hash}: lease changed while renewing")
 
     def holds(self, item: WorkItem) -> bool:
@@ -357,9 +360,11 @@ class WorkQueue:
         records = _parse_jsonl(data)
         return lease_id is not None and bool(records) and records[0].get("lease_id") == lease_id
 
-    def _forget(self, item_hash: str) -> None:
+    def _forget(self, item_hash: str, lease_id: str) -> None:
+        # Only that lease: a renewal abandoned by its caller may finish after the item was claimed again.
         with self._lock:
-            self._leases.pop(item_hash, None)
+            if self._leases.get(item_hash) == lease_id:
+                del self._leases[item_hash]
 
     # ---- finishing --------------------------------------------------------------------------------
 
@@ -391,16 +396,20 @@ class WorkQueue:
             self._done.add(item.hash)
         self.release(item)
 
-    def release(self, item: WorkItem) -> None:
-        """Give up the lease without completing (no-op if we do not hold it)."""
+    def release(self, item: WorkItem) -> bool:
+        """Give up the lease without completing; True if our lock was deleted (no-op if we do not hold it).
+
+        The lease is forgotten locally first: if the storage fails here, the lock expires by itself."""
         with self._lock:
             lease_id = self._leases.pop(item.hash, None)
         if lease_id is None:
-            return
+            return False
         key = lock_key(item.hash)
         records = _parse_jsonl(self.storage.read(key))
         if records and records[0].get("lease_id") == lease_id:
             self.storage.delete(key)
+            return True
+        return False
 
     def counts(self) -> dict:
         """``{"total", "done", "leased", "pending"}`` item counts (leased = live leases on not-done items)."""

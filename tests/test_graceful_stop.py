@@ -1,0 +1,127 @@
+"""Stopping a pipeline on purpose: SIGTERM hands unfinished work back at once; a second Ctrl+C exits at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.pdf_builders import text_pdf
+from tests.pipeline_helpers import (
+    docs_by_source,
+    failures,
+    launch_standin,
+    run_pipeline,
+    start_pipeline,
+    wait_for,
+)
+from tests.standin_helpers import pid_alive, pids_in_group, stop_process_group
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _docs(tmp_path: Path, n: int, pages: int) -> list[Path]:
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    out = []
+    for i in range(n):
+        path = folder / f"doc{i}.pdf"
+        path.write_bytes(text_pdf([f"document {i} page {p}" for p in range(pages)]))
+        out.append(path)
+    return out
+
+
+def _locks(ws: Path) -> list[str]:
+    folder = ws / "worker_locks"
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
+
+
+def test_sigterm_hands_work_back_and_another_pipeline_takes_it_at_once(tmp_path: Path) -> None:
+    docs = _docs(tmp_path, 4, 2)
+    ws = tmp_path / "ws"
+    # Slow answers: items are still in progress when the stop comes.
+    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "2", "OLMOCR_STANDIN_CONCURRENCY": "4"})
+    log = tmp_path / "first.log"
+    try:
+        # The default 300 s lease: only an explicit release lets the second pipeline start at once.
+        proc = start_pipeline(ws, standin.url, docs, "--pages_per_group", "2", "--workers", "2",
+                              "--stop_timeout", "1", log=log)
+        try:
+            wait_for(lambda: log.read_text().count("claimed work item") >= 2, 60, "two items claimed")
+            assert len(_locks(ws)) == 2
+            t0 = time.monotonic()
+            os.kill(proc.pid, signal.SIGTERM)
+            rc = proc.wait(timeout=30)
+            stop_s = time.monotonic() - t0
+        finally:
+            stop_process_group(proc)
+        text = log.read_text()
+        assert rc == 0, text
+        assert stop_s < 15, stop_s
+        assert "SIGTERM: stopping gracefully" in text and "handed back unfinished" in text, text
+        assert "finished in" in text  # the summary
+        assert _locks(ws) == [], "leases left behind"
+        done_before = len(list((ws / "done_flags").glob("*.flag"))) if (ws / "done_flags").is_dir() else 0
+        assert done_before < 4
+
+        t1 = time.monotonic()
+        rc2, text2 = run_pipeline(ws, standin.url, (), "--workers", "4", timeout=120, log=tmp_path / "second.log")
+        assert rc2 == 0, text2
+        assert "took over an expired lease" not in text2  # nothing had to expire
+        assert time.monotonic() - t1 < 100
+    finally:
+        standin.stop()
+    assert set(docs_by_source(ws)) == {str(p) for p in docs}  # each exactly once
+    assert failures(ws) == []
+
+
+def test_sigterm_lets_work_in_progress_finish_within_the_stop_timeout(tmp_path: Path) -> None:
+    docs = _docs(tmp_path, 1, 2)
+    ws = tmp_path / "ws"
+    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "2"})
+    log = tmp_path / "run.log"
+    try:
+        proc = start_pipeline(ws, standin.url, docs, "--stop_timeout", "60", log=log)
+        try:
+            wait_for(lambda: "claimed work item" in log.read_text(), 60, "the item claimed")
+            os.kill(proc.pid, signal.SIGTERM)
+            rc = proc.wait(timeout=60)
+        finally:
+            stop_process_group(proc)
+    finally:
+        standin.stop()
+    text = log.read_text()
+    assert rc == 0, text
+    assert "1 work items completed, 0 handed back" in text, text
+    assert set(docs_by_source(ws)) == {str(docs[0])}
+
+
+def test_second_ctrl_c_exits_at_once(tmp_path: Path) -> None:
+    docs = _docs(tmp_path, 2, 2)
+    ws = tmp_path / "ws"
+    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "1"})
+    log = tmp_path / "run.log"
+    try:
+        proc = start_pipeline(ws, standin.url, docs, "--stop_timeout", "120", log=log)
+        try:
+            wait_for(lambda: "claimed work item" in log.read_text(), 60, "an item claimed")
+            standin.control(hang=True)  # nothing in progress can finish now
+            wait_for(lambda: len(pids_in_group(proc.pid)) > 1, 20, "render workers started")
+            workers = [p for p in pids_in_group(proc.pid) if p != proc.pid]
+            os.kill(proc.pid, signal.SIGINT)
+            wait_for(lambda: "stopping gracefully" in log.read_text(), 10, "the first signal noticed")
+            t0 = time.monotonic()
+            os.kill(proc.pid, signal.SIGINT)
+            rc = proc.wait(timeout=10)
+            assert time.monotonic() - t0 < 5
+        finally:
+            stop_process_group(proc)
+    finally:
+        standin.stop()
+    assert rc == 130, log.read_text()
+    assert "exiting at once" in log.read_text()
+    wait_for(lambda: not any(pid_alive(p) for p in workers), 5, "render workers gone")
+    assert _locks(ws), "a hard exit leaves its lease to expire, like kill -9"
