@@ -234,7 +234,8 @@ def test_stop_with_a_request_in_flight_drains_it_and_leaves_nothing(dep: RealDep
     started = time.monotonic()
     stop = subprocess.Popen(dep.supervisorctl_argv("stop", "vllm"), env=dep.env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    time.sleep(1.0)  # vLLM is draining: a new request is refused at once
+    wait_for(lambda: dep.proxy.supervisor.getProcessInfo("vllm")["statename"] == "STOPPING", 30, "STOPPING")
+    time.sleep(1.0)  # the SIGTERM is sent: vLLM is draining, and a new request is refused at once
     try:
         late = dep.chat(timeout=30)
         late_status: object = late.status_code
