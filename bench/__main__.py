@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--corpus DIR] [render] [throughput] [recovery] [memory] [storm]``: run the benchmark suite.
+"""``python -m bench [--quick] [--corpus DIR] [render] [throughput] [recovery] [memory] [storm] [statusd]``: run the benchmark suite.
 
 Prints a table, writes ``bench/out/results.json`` (figures, details, machine) and
 ``bench/out/results.md`` (the table as Markdown, for bench/RESULTS.md). Each section is independent:
@@ -26,7 +26,8 @@ from bench.common import (
     upstream_available,
 )
 
-SECTIONS = ["render", "throughput", "memory", "recovery", "storm"]
+SECTIONS = ["render", "throughput", "memory", "recovery", "storm", "statusd"]
+NO_CORPUS = {"statusd"}  # sections that need no PDFs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,9 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.corpus is not None:
         set_corpus_root(args.corpus)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    corpus = load_corpus(quick=args.quick)
+    corpus = load_corpus(quick=args.quick) if set(sections) - NO_CORPUS else None
+    corpus_text = corpus.describe() if corpus else "no corpus (not needed)"
     info = machine_info()
-    log(f"corpus: {corpus.describe()}; sections: {', '.join(sections)}; quick={args.quick}")
+    log(f"corpus: {corpus_text}; sections: {', '.join(sections)}; quick={args.quick}")
     results_path = OUT_DIR / "results.json"
     # Re-running some sections keeps the other sections' last results (each section's figures are
     # ratios taken within that section's own run; each section records when and where it ran).
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                 by_section = {k: v for k, v in old.get("by_section", {}).items() if k not in sections}
         except (OSError, ValueError):
             by_section = {}
-    results: dict = {"machine": info, "quick": args.quick, "corpus": corpus.describe(),
+    results: dict = {"machine": info, "quick": args.quick, "corpus": corpus_text,
                      "upstream": "olmocr 0.4.27" if upstream_available() else None, "by_section": by_section}
 
     def all_figures() -> list[Figure]:
@@ -94,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import storm
 
                 figs, detail = storm.run(corpus, quick=args.quick)
+            elif section == "statusd":
+                from bench import statusd
+
+                figs, detail = statusd.run(quick=args.quick, log_dir=OUT_DIR / "logs" / "statusd")
             else:
                 from bench import recovery
 
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     when = "; ".join(f"{k} {v['run_at']} (load after: {v['loadavg_after']})" for k, v in by_section.items())
     md = [f"Machine: {info.get('cpu_model', '?')}, {info.get('cpus_usable', info['cpus'])} cores, "
           f"{info.get('memory_gib', '?')} GiB, {info['platform']}; commit {info.get('git_commit', '?')}; "
-          f"{'quick' if args.quick else 'full'} run over {corpus.describe()}.", "",
+          f"{'quick' if args.quick else 'full'} run over {corpus_text}.", "",
           f"Sections run at: {when}.", "", format_table(figures, width=None), ""]
     (OUT_DIR / "results.md").write_text("\n".join(md))
     log(f"wrote {results_path} and {OUT_DIR / 'results.md'}")

@@ -90,6 +90,8 @@ class Deployment:
         env["OLMOCR_VLLM_BIN"] = str(REPO / "scripts" / "vllm-standin")
         env["OLMOCR_PYTHON"] = sys.executable
         env["OLMOCR_PORT"] = str(self.port)
+        self.status_port = free_port()  # the status service ([program:olmocr-status]), never the shared default
+        env["OLMOCR_STATUS_PORT"] = str(self.status_port)
         env.update(health_env or {})
         env.update(standin_env or {})
         self.env = env

@@ -65,11 +65,13 @@ class Deployment:
         self.control_file = self.dir / "standin-control.json"
         self.set_control(dict(control or {}))
         self.port = free_port()
+        self.status_port = free_port()
         self.env = clean_env({
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             "OLMOCR_VLLM_BIN": str(STANDIN_SHIM),
             "OLMOCR_PYTHON": sys.executable,
             "OLMOCR_PORT": str(self.port),
+            "OLMOCR_STATUS_PORT": str(self.status_port),
             "OLMOCR_STANDIN_CONTROL": str(self.control_file),
             **FAST_HEALTH,
             **(env or {}),
@@ -81,6 +83,11 @@ class Deployment:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def status_url(self) -> str:
+        """The status service supervisord runs beside the server ([program:olmocr-status])."""
+        return f"http://127.0.0.1:{self.status_port}"
 
     def set_control(self, control: Mapping[str, Any]) -> None:
         tmp = self.control_file.with_suffix(".tmp")

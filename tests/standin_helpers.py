@@ -46,6 +46,9 @@ def clean_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
            if not k.startswith("OLMOCR_STANDIN_") and k != "VLLM_API_KEY"}
     out["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + out["PYTHONPATH"] if out.get("PYTHONPATH") else "")
     out.update(env or {})
+    # Every supervisord a test starts runs the status service: give it a free port, not the shared
+    # default 30025 that concurrent test runs (and a real deployment) would fight over.
+    out.setdefault("OLMOCR_STATUS_PORT", str(free_port()))
     return out
 
 

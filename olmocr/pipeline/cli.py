@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--stats", action="store_true", help="print a summary of the workspace and exit")
     out.add_argument("--progress_interval", type=float, default=10.0,
                      help="seconds between progress lines (default 10)")
+    out.add_argument("--metrics_port", type=int, default=None,
+                     help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics while running (a different "
+                          "port for each pipeline on a machine; docs/observability.md)")
+    out.add_argument("--metrics_host", default="127.0.0.1",
+                     help="address for --metrics_port (default 127.0.0.1); any other needs a bearer token in "
+                          "$OLMOCR_METRICS_TOKEN or a file given by --metrics_token_file / $OLMOCR_METRICS_TOKEN_FILE")
+    out.add_argument("--metrics_token_file", default=None, help="file holding the bearer token for /metrics")
     out.add_argument("--disk_logging", nargs="?", const="olmocr-pipeline-debug.log", default=None,
                      help="also log to this file (default name olmocr-pipeline-debug.log)")
     return p
@@ -121,6 +128,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.model and args.model != "olmocr":
         logger.info("--model %s is ignored: requests use the served model name 'olmocr'", args.model)
 
+    metrics_token = None
+    if args.metrics_port is not None:
+        from olmocr.endpoints import EndpointConfigError, check_exposure, read_token
+        from olmocr.pipeline.metrics import TOKEN_FILE_VAR, TOKEN_VAR
+
+        if not 0 < args.metrics_port < 65536:
+            parser.error("--metrics_port must be 1-65535")
+        try:
+            metrics_token = read_token(os.environ, TOKEN_VAR, TOKEN_FILE_VAR, args.metrics_token_file)
+            check_exposure("--metrics_port", args.metrics_host, metrics_token, TOKEN_VAR, "--metrics_token_file")
+        except EndpointConfigError as exc:
+            parser.error(str(exc))
+        from prometheus_client import disable_created_metrics
+
+        disable_created_metrics()  # *_created series only add noise
+
     if args.stats and not args.pdfs:
         return print_stats(args.workspace)
     if not args.server and not args.stats:
@@ -147,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         render_processes=args.render_processes,
         render_timeout=args.render_timeout,
         stop_timeout=args.stop_timeout,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        metrics_token=metrics_token,
     )
     try:
         if args.stats:
@@ -160,9 +186,15 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _run_with_signals(config: PipelineConfig) -> int:
     """Run the pipeline; the first SIGTERM/SIGINT stops it gracefully (exit 0), a second exits at once."""
+    from olmocr.endpoints import EndpointConfigError
+
     stop = StopRequest()
     stop.install(asyncio.get_running_loop())
-    return await run_pipeline(config, stop)
+    try:
+        return await run_pipeline(config, stop)
+    except EndpointConfigError as exc:  # --metrics_port cannot be served (port in use): before any claim
+        logger.error("%s", exc)
+        return 2
 
 
 async def _populate_only(config: PipelineConfig) -> None:

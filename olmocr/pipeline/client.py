@@ -118,6 +118,7 @@ class ServerClient:
         self._probe_started = float("-inf")
         self._last_success = float("-inf")
         self.info: ServerInfo | None = None
+        self.observe_request: Callable[[float], None] | None = None  # request-latency hook (metrics)
 
     # ------------------------------------------------------------------ probes
 
@@ -286,6 +287,7 @@ class ServerClient:
             async with self._slots:
                 body = await make_body()
                 self.in_flight += 1
+                sent = time.monotonic()
                 try:
                     resp = await self._post_watched(body)
                     problem = None
@@ -299,6 +301,8 @@ class ServerClient:
                     resp = None
                 finally:
                     self.in_flight -= 1
+                    if self.observe_request is not None:
+                        self.observe_request(time.monotonic() - sent)
             if resp is not None:
                 if resp.status == 200:
                     try:

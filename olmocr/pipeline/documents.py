@@ -114,6 +114,7 @@ class DocumentProcessor:
         fallbacks = [p for p in pages if p.is_fallback]
         if fallbacks and len(fallbacks) / page_count > self.max_page_error_rate:
             model_failures = any("no usable model answer" in (p.fallback_reason or "") for p in fallbacks)
+            self.pages.progress.pages_failed += page_count
             return failure(
                 source,
                 f"{len(fallbacks)} of {page_count} pages fell back to the text layer, more than "

@@ -170,6 +170,7 @@ class PageProcessor:
             for attempt in range(retries):
                 last = await self._try_once(page, attempt, rotation)
                 if last is None:
+                    self.progress.attempts_failed += 1
                     continue
                 if last.valid and last.response.is_rotation_valid:
                     return self._result(page, last)

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from olmocr.pipeline.client import ServerClient, ServerNotReady
 from olmocr.pipeline.documents import DocOutcome, DocumentProcessor, failure
@@ -50,6 +50,9 @@ class PipelineConfig:
     render_processes: int | None = None
     render_timeout: float | None = DEFAULT_RENDER_TIMEOUT_S
     stop_timeout: float = DEFAULT_STOP_TIMEOUT_S
+    metrics_port: int | None = None  # --metrics_port: serve /metrics while running (olmocr.pipeline.metrics)
+    metrics_host: str = "127.0.0.1"
+    metrics_token: str | None = field(default=None, repr=False)
 
 
 def populate(queue: WorkQueue, specs: tuple[str, ...], pages_per_group: int) -> None:
@@ -234,6 +237,15 @@ class Runner:
             logger.warning("could not release work item %s: %s", item.hash, exc)
 
     async def run(self) -> None:
+        exporter = None
+        if self.config.metrics_port:
+            from olmocr.pipeline.metrics import start_for_runner
+
+            try:
+                exporter = await start_for_runner(self)
+            except BaseException:
+                self.renderer.close()
+                raise
         reporter = asyncio.create_task(report_progress(
             self.progress, lambda: (self.client.describe_state(), self.client.in_flight), self.config.progress_interval))
         workers = [asyncio.create_task(self._worker(i)) for i in range(max(1, self.config.workers))]
@@ -253,6 +265,8 @@ class Runner:
             await asyncio.gather(*workers, return_exceptions=True)
             reporter.cancel()
             self.renderer.close()
+            if exporter is not None:
+                await exporter.close()
         logger.info("%s", self.progress.line(self.client.describe_state(), self.client.in_flight))
         logger.info("%s", self.progress.summary())
         if self.stop.requested:

@@ -21,6 +21,8 @@ class Progress:
     pages_total: int = 0
     pages_done: int = 0
     fallback_pages: int = 0
+    pages_failed: int = 0  # pages of documents recorded as failed after their pages ran
+    attempts_failed: int = 0  # model attempts without a usable answer
     docs_done: int = 0
     docs_failed: int = 0
     items_done: int = 0

@@ -21,6 +21,7 @@ import re
 import signal
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -264,6 +265,7 @@ class Renderer:
         self.timed_out = 0  # jobs stopped by the time limit
         self.crashed = 0  # jobs whose worker died
         self._pool = self._new_pool()
+        self.observe_render: Callable[[float], None] | None = None  # render-latency hook (metrics)
 
     def _new_pool(self) -> ProcessPool:
         return ProcessPool(max_workers=self.processes, initializer=_worker_init,
@@ -307,7 +309,11 @@ class Renderer:
         return await self._call("opening the document", _job_probe, path, kind)
 
     async def render(self, path: str, kind: str, page_num: int, target_dim: int, rotation: int = 0) -> bytes:
-        return await self._call(f"page {page_num}", _job_render, path, kind, page_num, target_dim, rotation)
+        started = time.monotonic()
+        image = await self._call(f"page {page_num}", _job_render, path, kind, page_num, target_dim, rotation)
+        if self.observe_render is not None:
+            self.observe_render(time.monotonic() - started)
+        return image
 
     async def text(self, path: str, kind: str, page_num: int) -> str:
         try:

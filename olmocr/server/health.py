@@ -77,3 +77,23 @@ def apply_probe(state: HealthState, result: ProbeResult, policy: HealthPolicy, n
         return Decision(failing)
     return Decision(failing, kill=True,
                     kill_reason=f"{reason} ({failures} consecutive failed probes)")
+
+
+#: Kill reasons by category, for the ``reason`` label of ``olmocr_server_health_kills_total``. The
+#: reasons are written by this module and olmocr.server.probe; the first matching prefix wins.
+KILL_CATEGORIES: tuple[tuple[str, str], ...] = (
+    ("server did not start listening within the startup timeout", "startup_timeout"),
+    ("completion probe timed out", "completion_timeout"),
+    ("completion probe", "completion_error"),
+    ("connection refused", "not_listening"),
+    ("GET /health", "health_endpoint"),
+    ("GET /v1/models", "models_endpoint"),
+)
+
+
+def kill_category(reason: str) -> str:
+    """A short, fixed label for a kill reason (free text would make one time series per message)."""
+    for prefix, category in KILL_CATEGORIES:
+        if reason.startswith(prefix):
+            return category
+    return "other"

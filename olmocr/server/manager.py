@@ -240,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, manager.request_stop)
     log.info("serving %s as 'olmocr' on %s (health every %g s, at most %d restarts)", settings.model,
              settings.base_url, settings.health_interval, settings.max_restart_attempts)
+    log.info("status service: http://%s:%s (/metrics, /status, /ws; docs/observability.md)",
+             os.environ.get("OLMOCR_STATUS_HOST") or "127.0.0.1", os.environ.get("OLMOCR_STATUS_PORT") or 30025)
     return manager.run()
 
 

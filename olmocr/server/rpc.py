@@ -49,6 +49,7 @@ def new_process_stats() -> dict[str, Any]:
         "last_failure_reason": None,
         "last_failure_time": None,
         "kills": 0,
+        "kills_by_reason": {},  # kill_category -> count (Prometheus label values)
         "last_kill_time": None,
         "last_kill_reason": None,
         "gave_up": False,
@@ -126,6 +127,10 @@ class ProcessStatsStore:
         stats = self.stats(name)
         now = self.clock()
         stats["kills"] += 1
+        from olmocr.server.health import kill_category  # here: supervisord need not import it at start
+
+        category = kill_category(reason)
+        stats["kills_by_reason"][category] = stats["kills_by_reason"].get(category, 0) + 1
         stats["last_kill_time"] = now
         stats["last_kill_reason"] = reason
         self._failure(stats, reason, now)
@@ -152,6 +157,8 @@ class ProcessStatsStore:
             for name, saved in data.get("processes", {}).items():
                 merged = new_process_stats()
                 merged.update(saved)
+                if "kills_by_reason" not in saved and merged["kills"]:
+                    merged["kills_by_reason"] = {"other": merged["kills"]}  # a file from before the split
                 self.processes[name] = merged
         except (OSError, ValueError):
             # A damaged state file must not stop supervisord from starting; counts restart at zero.

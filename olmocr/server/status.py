@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import xmlrpc.client
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,17 +50,34 @@ def build_status(info: Mapping[str, Any], stats: Mapping[str, Any], settings: Ma
     }
 
 
+def unreachable_status(url: str, exc: BaseException) -> dict:
+    return {"healthy": False, "error": f"supervisord unreachable at {url}: {exc}"}
+
+
 def _iso(timestamp: float | None) -> str | None:
     if not timestamp:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
+def fetch_parts(proxy: Any, program: str = PROGRAM_NAME) -> tuple[dict, dict, dict]:
+    """supervisord's process info, our stats and the settings, in one XML-RPC round trip (multicall)."""
+    # supervisord's system.multicall returns results unwrapped (the multicall convention wraps each in a
+    # list, which xmlrpc.client.MultiCall expects), and a failed call as a {faultCode, faultString} struct.
+    results = proxy.system.multicall([
+        {"methodName": "supervisor.getProcessInfo", "params": [program]},
+        {"methodName": "olmocr.getProcessStats", "params": [program]},
+        {"methodName": "olmocr.getSettings", "params": []},
+    ])
+    for result in results:
+        if isinstance(result, dict) and "faultCode" in result and "faultString" in result:
+            raise xmlrpc.client.Fault(result["faultCode"], result["faultString"])
+    info, stats, settings = results
+    return info, stats, settings
+
+
 def fetch_status(proxy: Any, program: str = PROGRAM_NAME) -> dict:
-    info = proxy.supervisor.getProcessInfo(program)
-    stats = proxy.olmocr.getProcessStats(program)
-    settings = proxy.olmocr.getSettings()
-    return build_status(info, stats, settings)
+    return build_status(*fetch_parts(proxy, program))
 
 
 def server_url_from_config(path: str) -> str:
@@ -77,8 +95,8 @@ def server_url_from_config(path: str) -> str:
     return url.replace("%(here)s", here)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="olmocr-server-status", description=__doc__.split("\n")[0])
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """How to reach supervisord: shared by this script and the status service."""
     parser.add_argument("-c", "--configuration", default=None,
                         help="supervisord.conf to find the socket in (default ./supervisord.conf)")
     parser.add_argument("-s", "--server-url", default=os.environ.get("OLMOCR_SUPERVISOR_URL"),
@@ -88,30 +106,38 @@ def main(argv: list[str] | None = None) -> int:
                         help="file holding the password for TCP control (or env SUPERVISOR_PASSWORD); "
                              "never pass a password on the command line")
     parser.add_argument("--program", default=PROGRAM_NAME)
-    parser.add_argument("--watch", nargs="?", type=float, const=5.0, default=None, metavar="SECONDS",
-                        help="refresh every SECONDS (default 5) until interrupted")
     parser.add_argument("--timeout", type=float, default=10.0)
-    args = parser.parse_args(argv)
 
+
+def connection_from_args(args: argparse.Namespace) -> tuple[str, Any]:
+    """(URL, proxy) for the parsed connection arguments; raises OSError/ValueError if no URL is found."""
     password = os.environ.get("SUPERVISOR_PASSWORD", "")
     if args.password_file:
         with open(args.password_file, encoding="utf-8") as handle:
             password = handle.read().strip()
-    url = args.server_url
-    if not url:
-        try:
-            url = server_url_from_config(args.configuration or "supervisord.conf")
-        except (OSError, ValueError) as exc:
-            print(json.dumps({"healthy": False, "error": f"{exc}; pass -c CONFIG or --server-url"}))
-            return EXIT_UNREACHABLE
-    proxy = connect(url, username=args.username, password=password, timeout=args.timeout)
+    url = args.server_url or server_url_from_config(args.configuration or "supervisord.conf")
+    return url, connect(url, username=args.username, password=password, timeout=args.timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="olmocr-server-status", description=__doc__.split("\n")[0])
+    add_connection_arguments(parser)
+    parser.add_argument("--watch", nargs="?", type=float, const=5.0, default=None, metavar="SECONDS",
+                        help="refresh every SECONDS (default 5) until interrupted")
+    args = parser.parse_args(argv)
+
+    try:
+        url, proxy = connection_from_args(args)
+    except (OSError, ValueError) as exc:
+        print(json.dumps({"healthy": False, "error": f"{exc}; pass -c CONFIG or --server-url"}))
+        return EXIT_UNREACHABLE
 
     while True:
         try:
             status = fetch_status(proxy, args.program)
             code = EXIT_HEALTHY if status["healthy"] else EXIT_UNHEALTHY
         except Exception as exc:
-            status = {"healthy": False, "error": f"supervisord unreachable at {url}: {exc}"}
+            status = unreachable_status(url, exc)
             code = EXIT_UNREACHABLE
         print(json.dumps(status, indent=None if args.watch else 2), flush=True)
         if args.watch is None:

@@ -72,6 +72,7 @@ def render_program_sections(layout: ConfigLayout) -> str:
     logs = layout.log_dir
     wrapper = _command(layout, "olmocr-vllm-wrapper", "olmocr.server.wrapper")
     listener = _command(layout, "olmocr-health-listener", "olmocr.server.listener")
+    status = _command(layout, "olmocr-status-service", "olmocr.server.status_service")
     return f"""
 [rpcinterface:olmocr]
 ; Restart counts and health records (olmocr.getProcessStats), kept across supervisord restarts
@@ -114,6 +115,21 @@ buffer_size = 100
 stderr_logfile = {logs}/vllm-health.log
 stderr_logfile_maxbytes = 10MB
 stderr_logfile_backups = 5
+
+[program:olmocr-status]
+; /metrics (Prometheus), /status (JSON) and /ws (WebSocket) on OLMOCR_STATUS_HOST:OLMOCR_STATUS_PORT,
+; default 127.0.0.1:30025; another address needs OLMOCR_STATUS_TOKEN(_FILE) (docs/observability.md).
+command = {status}
+priority = 200
+autostart = true
+autorestart = true
+startsecs = 2
+stopsignal = TERM
+stopwaitsecs = 10
+redirect_stderr = true
+stdout_logfile = {logs}/olmocr-status.log
+stdout_logfile_maxbytes = 10MB
+stdout_logfile_backups = 5
 """
 
 

@@ -1,0 +1,95 @@
+"""The project's own HTTP endpoints (status service, pipeline metrics): bind policy, bearer token, serving.
+
+Policy (the same for every endpoint): bind 127.0.0.1 unless the operator chooses another address; an
+address beyond loopback requires a bearer token, read from the environment or a file (never a command
+line: arguments are visible to every user in ``ps``), and every request must carry it as
+``Authorization: Bearer <token>``. Without a token such an endpoint refuses to start.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from collections.abc import Awaitable, Callable, Mapping
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+DEFAULT_HOST = "127.0.0.1"
+
+
+class EndpointConfigError(ValueError):
+    """An endpoint cannot start as configured; the message says what to change."""
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``; False for 0.0.0.0, '' (all interfaces) and names."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything, so it counts as exposed
+
+
+def read_token(env: Mapping[str, str], token_var: str, file_var: str, file_path: str | None = None) -> str | None:
+    """The token from ``$token_var``, else from the file ``file_path`` or ``$file_var`` (stripped)."""
+    token = (env.get(token_var) or "").strip()
+    if token:
+        return token
+    path = file_path or env.get(file_var) or None
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read().strip() or None
+    except OSError as exc:
+        raise EndpointConfigError(f"cannot read the token file {path}: {exc.strerror}; fix {file_var} "
+                                  "or the file's permissions") from None
+
+
+def check_exposure(what: str, host: str, token: str | None, token_var: str, file_var: str) -> None:
+    """Refuse to serve beyond loopback without a token (raises :class:`EndpointConfigError`)."""
+    if not is_loopback(host) and not token:
+        raise EndpointConfigError(
+            f"{what} would listen on {host or 'all interfaces'} without a token: set {token_var} or "
+            f"{file_var} (a file holding the token) so clients must send 'Authorization: Bearer <token>', "
+            f"or bind 127.0.0.1")
+
+
+def bearer_middleware(token: str | None) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """aiohttp middleware: 401 for any request without ``Authorization: Bearer <token>`` (if a token is set)."""
+    expected = f"Bearer {token}".encode() if token else None
+
+    @web.middleware
+    async def check(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                    ) -> web.StreamResponse:
+        if expected is not None:
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return web.json_response({"error": "missing or wrong bearer token"}, status=401,
+                                         headers={"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+
+    return check
+
+
+def metrics_response(registry: CollectorRegistry) -> web.Response:
+    """The registry in Prometheus text format (prometheus_client writes it; we never hand-format)."""
+    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def start_app(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Serve ``app`` on host:port in the running event loop; stop with ``await runner.cleanup()``.
+
+    Raises :class:`EndpointConfigError` when the address cannot be bound (port in use, no such address).
+    """
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port, reuse_address=True).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise EndpointConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another "
+                                  "port or stop what uses it") from None
+    return runner
