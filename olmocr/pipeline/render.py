@@ -323,17 +323,21 @@ class Renderer:
             return ""
 
     def worker_pids(self) -> list[int]:
-        """Pids of the live worker processes (for a hard exit that must not leave them behind)."""
+        """Pids of the pool's live worker processes (read from pebble's pool manager; [] if its internals
+        ever change, which only the tests would notice)."""
         workers = getattr(getattr(self._pool, "_pool_manager", None), "worker_manager", None)
         procs = getattr(workers, "workers", {}) or {}
         return [p.pid for p in list(procs.values()) if p.pid]
 
     def kill_now(self) -> None:
-        """SIGKILL every worker (a second Ctrl+C: exit at once, even if a worker is stuck in pdfium)."""
-        for pid in self.worker_pids():
+        """SIGKILL every child process (a second Ctrl+C: exit at once, even if a worker is stuck in pdfium).
+        The pipeline's only children are render workers and multiprocessing's helper processes."""
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):
             try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+                child.kill()
+            except psutil.Error:
                 pass
 
     def close(self) -> None:
