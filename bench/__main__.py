@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--corpus DIR] [render] [throughput] [recovery] [memory] [storm] [statusd]``: run the benchmark suite.
+"""``python -m bench [--quick] [--corpus DIR] [SECTION ...]``: run the benchmarks (sections: SECTIONS below).
 
 Prints a table, writes ``bench/out/results.json`` (figures, details, machine) and
 ``bench/out/results.md`` (the table as Markdown, for bench/RESULTS.md). Each section is independent:
@@ -26,7 +26,7 @@ from bench.common import (
     upstream_available,
 )
 
-SECTIONS = ["render", "throughput", "memory", "recovery", "storm", "statusd"]
+SECTIONS = ["render", "throughput", "memory", "recovery", "storm", "statusd", "fleet"]
 NO_CORPUS = {"statusd"}  # sections that need no PDFs
 
 
@@ -100,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import statusd
 
                 figs, detail = statusd.run(quick=args.quick, log_dir=OUT_DIR / "logs" / "statusd")
+            elif section == "fleet":
+                from bench import fleet
+
+                figs, detail = fleet.run(corpus, quick=args.quick)
             else:
                 from bench import recovery
 

@@ -223,7 +223,8 @@ class StandIn(ProcGroup):
     each request is answered after ``latency`` s, at most ``concurrency`` in parallel."""
 
     def __init__(self, *, latency: float = 0.0, concurrency: int | None = None, output_tokens: int = 750,
-                 log_dir: Path, extra_env: dict[str, str] | None = None, port: int | None = None) -> None:
+                 log_dir: Path, extra_env: dict[str, str] | None = None, port: int | None = None,
+                 extra_args: Sequence[str] = ()) -> None:
         self.port = port or free_port()
         self.latency = latency
         self.concurrency = concurrency
@@ -233,7 +234,7 @@ class StandIn(ProcGroup):
             env["OLMOCR_STANDIN_CONCURRENCY"] = json.dumps(concurrency)
         env["OLMOCR_STANDIN_OUTPUT_TOKENS"] = json.dumps(output_tokens)
         env.update(extra_env or {})
-        super().__init__(standin_argv(self.port), env=env, cwd=str(REPO),
+        super().__init__([*standin_argv(self.port), *extra_args], env=env, cwd=str(REPO),
                          log_path=log_dir / f"standin-{self.port}.log", name="stand-in")
 
     @property

@@ -11,7 +11,6 @@ import pytest
 import requests
 from prometheus_client import generate_latest
 
-from olmocr.pipeline.client import ServerStats
 from olmocr.pipeline.metrics import PipelineMetrics
 from olmocr.pipeline.progress import Progress
 from tests.metrics_helpers import parse_metrics
@@ -79,14 +78,14 @@ def test_metrics_while_the_pipeline_runs(tmp_path):
 def test_exact_values_from_the_run_counters():
     progress = Progress(pages_total=30, pages_done=20, fallback_pages=2, pages_failed=5, attempts_failed=7,
                         docs_done=3, docs_failed=1, items_done=1, input_tokens=100, output_tokens=50)
-    clients = [SimpleNamespace(base_url=f"http://127.0.0.1:{p}", in_flight=i, describe_state=lambda s=state: s,
-                               stats=ServerStats(requests_ok=10 * i, transient_errors=4, timeouts=1, rejected=2,
-                                                 outages=i))
-               for i, (p, state) in enumerate([(1001, "up"), (1002, "down 12s")], start=1)]
-    metrics = PipelineMetrics(progress, lambda: clients)
+    # The fleet's per-server counters (olmocr.pipeline.balance.Server).
+    servers = [SimpleNamespace(url=f"http://127.0.0.1:{p}", in_flight=i, state=state, pages=10 * i, errors=4,
+                               timeouts=1, rejected=2, ejections=i)
+               for i, (p, state) in enumerate([(1001, "up"), (1002, "down")], start=1)]
+    metrics = PipelineMetrics(progress, lambda: servers)
     metrics.queue_counts = {"pending": 3, "leased": 2, "done": 4, "total": 9}
     metrics.render_seconds.observe(0.03)
-    metrics.observe_request(clients[0].base_url)(1.5)
+    metrics.observe_request(servers[0].url)(1.5)
     got = parse_metrics(generate_latest(metrics.registry).decode())
     s1, s2 = "server=http://127.0.0.1:1001", "server=http://127.0.0.1:1002"
     expected = {

@@ -8,14 +8,14 @@ import re
 import shutil
 import signal
 import subprocess
-from types import SimpleNamespace
 
 import pytest
 import requests
 import yaml
 from prometheus_client import generate_latest
 
-from olmocr.pipeline.client import ServerStats
+from olmocr.pipeline.balance import Server
+from olmocr.pipeline.client import ServerClient
 from olmocr.pipeline.metrics import PipelineMetrics
 from olmocr.pipeline.progress import Progress
 from olmocr.server.status_service import ServiceSettings, Snapshot, StatusService
@@ -36,8 +36,8 @@ def exported_names() -> set[str]:
                         info={"statename": "RUNNING"}, stats=stats, settings={"model": "m"})
     service = StatusService(ServiceSettings(), read=lambda: snapshot)
     service.update(snapshot)
-    client = SimpleNamespace(base_url="http://s", in_flight=0, describe_state=lambda: "up", stats=ServerStats())
-    pipeline = PipelineMetrics(Progress(), lambda: [client])
+    server = Server(ServerClient("http://s:1"), state="up")
+    pipeline = PipelineMetrics(Progress(), lambda: [server])
     pipeline.queue_counts = {"pending": 1, "leased": 0, "done": 0}
     names = set()
     for registry in (service.registry, pipeline.registry):

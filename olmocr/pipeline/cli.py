@@ -10,6 +10,7 @@ import sys
 
 from olmocr.pipeline.pipeline import PipelineConfig, run_pipeline
 from olmocr.pipeline.render import DEFAULT_RENDER_TIMEOUT_S
+from olmocr.pipeline.serverlist import URL_ENV, FleetConfigError, parse_url_list, server_specs
 from olmocr.pipeline.shutdown import DEFAULT_STOP_TIMEOUT_S, StopRequest
 
 logger = logging.getLogger("olmocr.pipeline")
@@ -26,10 +27,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pdfs", nargs="*", default=None,
                    help="documents to add: paths, globs (also s3://bucket/prefix/*.pdf), or .txt files listing paths")
     server = p.add_argument_group("server")
-    server.add_argument("--vllm-url", "--server", dest="server", default=None, metavar="URL",
-                        help="URL of the vLLM server, e.g. http://127.0.0.1:30024 (a trailing /v1 is accepted)")
+    server.add_argument("--vllm-url", "--server", dest="server", action="append", default=None, metavar="URL",
+                        help="URL of a vLLM server, e.g. http://127.0.0.1:30024 (a trailing /v1 is accepted); "
+                             "repeat it or give a comma-separated list for several servers; URL#weight=N fixes a "
+                             "server's share (default: learned); default $OLMOCR_VLLM_URL")
     server.add_argument("--api_key", default=None,
-                        help="API key sent as 'Authorization: Bearer'; default $OLMOCR_API_KEY, then $VLLM_API_KEY")
+                        help="API key sent as 'Authorization: Bearer' (visible in ps: prefer $OLMOCR_API_KEY, "
+                             "$VLLM_API_KEY or --api_key_file)")
+    server.add_argument("--api_key_file", default=None, metavar="FILE",
+                        help="file with a line KEY (every server) and/or lines 'URL KEY' (per server); "
+                             "default $OLMOCR_API_KEY_FILE")
+    server.add_argument("--ca_bundle", default=None, metavar="PEM",
+                        help="CA certificates trusted for https:// servers instead of the system's; "
+                             "default $OLMOCR_CA_BUNDLE")
+    server.add_argument("--priority", type=int, default=None,
+                        help="vLLM request priority sent with every request (lower = sooner); the servers must "
+                             "run with --scheduling-policy priority")
     server.add_argument("--model", default=None,
                         help="accepted for upstream compatibility; requests always name the served model 'olmocr'")
     server.add_argument("--max_concurrent_requests", type=int, default=1600,
@@ -101,10 +114,16 @@ def setup_logging(disk_log: str | None) -> None:
 
 
 def print_stats(workspace: str) -> int:
+    from olmocr.pipeline.fleet import SERVER_STATS_DIR, format_server_stats, summarize_server_stats
     from olmocr.pipeline.storage import open_storage
     from olmocr.pipeline.workqueue import format_stats, workspace_stats
 
-    print(format_stats(workspace_stats(open_storage(workspace))))
+    storage = open_storage(workspace)
+    print(format_stats(workspace_stats(storage)))
+    per_server = format_server_stats(summarize_server_stats(
+        storage.read(key) or b"" for key in storage.list(f"{SERVER_STATS_DIR}/")))
+    if per_server:
+        print(per_server)
     return 0
 
 
@@ -113,7 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.disk_logging)
     api_key = args.api_key or os.environ.get("OLMOCR_API_KEY") or os.environ.get("VLLM_API_KEY") or None
-    pages_per_group = args.pages_per_group or (50 if api_key else 500)
+    if args.api_key:
+        logger.warning("--api_key on the command line is visible to every user in ps; prefer OLMOCR_API_KEY or "
+                       "--api_key_file")
+    key_file = args.api_key_file or os.environ.get("OLMOCR_API_KEY_FILE") or None
+    ca_bundle = args.ca_bundle or os.environ.get("OLMOCR_CA_BUNDLE") or None
+    pages_per_group = args.pages_per_group or (50 if api_key or key_file else 500)
     for name in ("workers", "max_page_retries", "max_concurrent_requests", "target_longest_image_dim",
                  "max_model_len", "pages_per_group"):
         value = pages_per_group if name == "pages_per_group" else getattr(args, name)
@@ -146,13 +170,21 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.stats and not args.pdfs:
         return print_stats(args.workspace)
-    if not args.server and not args.stats:
-        parser.error("--vllm-url (or --server) is required: the URL of a running olmOCR vLLM server")
+    url_values = args.server or ([os.environ[URL_ENV]] if os.environ.get(URL_ENV) else [])
+    try:
+        servers = server_specs(parse_url_list(url_values), api_key, key_file)
+    except FleetConfigError as exc:
+        parser.error(str(exc))
+    if not servers and not args.stats:
+        parser.error(f"--vllm-url (or --server, or ${URL_ENV}) is required: the URL of a running olmOCR vLLM server")
+    if ca_bundle and not os.path.isfile(ca_bundle):
+        parser.error(f"--ca_bundle {ca_bundle}: no such file (a PEM file of CA certificates)")
 
     config = PipelineConfig(
         workspace=args.workspace,
-        server_url=args.server or "",
-        api_key=api_key,
+        servers=tuple(servers),
+        ca_bundle=ca_bundle,
+        priority=args.priority,
         pdfs=tuple(args.pdfs or ()),
         workers=args.workers,
         pages_per_group=pages_per_group,

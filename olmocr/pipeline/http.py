@@ -26,6 +26,10 @@ class RequestTimeout(TransportError):
     """No complete response within the per-request timeout."""
 
 
+class TlsError(TransportError):
+    """The server's certificate could not be verified (untrusted CA, wrong host name): a misconfiguration."""
+
+
 @dataclass(frozen=True)
 class Response:
     status: int
@@ -50,7 +54,7 @@ class _Conn:
 class HttpPool:
     """Keep-alive connections to one ``scheme://host:port``; idle connections are reused LIFO."""
 
-    def __init__(self, base_url: str, *, max_idle: int = 64) -> None:
+    def __init__(self, base_url: str, *, max_idle: int = 64, ca_bundle: str | None = None) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
@@ -60,7 +64,8 @@ class HttpPool:
         self.host_header = parts.netloc.rpartition("@")[2]
         self.max_idle = max_idle
         self._idle: deque[_Conn] = deque()
-        self._ssl = ssl.create_default_context() if self.tls else None
+        # Certificates are always verified; ``ca_bundle`` adds trust in a private CA (PEM file).
+        self._ssl = ssl.create_default_context(cafile=ca_bundle) if self.tls else None
 
     async def _connect(self) -> _Conn:
         reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self._ssl, limit=1 << 20)
@@ -117,6 +122,8 @@ class HttpPool:
             if conn is None:
                 try:
                     conn = await self._connect()
+                except ssl.SSLCertVerificationError as exc:
+                    raise TlsError(f"certificate of {self.host}:{self.port} not trusted: {exc.verify_message}") from None
                 except OSError as exc:
                     raise TransportError(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from None
             sent = False

@@ -1,7 +1,7 @@
 """``--metrics_port P``: the running pipeline's Prometheus metrics on ``http://127.0.0.1:P/metrics``.
 
 Counters are read at scrape time from the objects the pipeline already keeps (``Progress``, each
-server client's ``stats``), so the pipeline's own code only gains two latency hooks (render and
+server's counters in :class:`olmocr.pipeline.balance.Server`), so the pipeline's own code only gains two latency hooks (render and
 request) and a handful of counters. Per-server series carry a ``server`` label (the server's base
 URL): one series per server when the pipeline talks to several. The work-queue counts are read from
 the workspace every ``--progress_interval`` seconds in a worker thread (they list storage, which a
@@ -101,19 +101,20 @@ def run_metrics(metrics: PipelineMetrics) -> list[Metric]:
                                       labels=["server", "kind"]),
         "retries": CounterMetricFamily("olmocr_pipeline_request_retries", "Requests resent after a timeout "
                                        "or a transient error", labels=["server"]),
-        "outages": CounterMetricFamily("olmocr_pipeline_server_outages", "Times the server was found down "
-                                       "and requests paused until it was healthy again", labels=["server"]),
+        "outages": CounterMetricFamily("olmocr_pipeline_server_outages", "Times the server was taken out of "
+                                       "rotation (refusals, 5xx or a hang); its requests went to the others or "
+                                       "waited until it was healthy again", labels=["server"]),
     }
-    for client in metrics.servers():
-        server, stats = client.base_url, client.stats
-        per_server["in_flight"].add_metric([server], client.in_flight)
-        per_server["healthy"].add_metric([server], float(client.describe_state() == "up"))
-        per_server["ok"].add_metric([server], stats.requests_ok)
-        per_server["errors"].add_metric([server, "timeout"], stats.timeouts)
-        per_server["errors"].add_metric([server, "transient"], max(0, stats.transient_errors - stats.timeouts))
-        per_server["errors"].add_metric([server, "rejected"], stats.rejected)
-        per_server["retries"].add_metric([server], stats.transient_errors)
-        per_server["outages"].add_metric([server], stats.outages)
+    for srv in metrics.servers():  # olmocr.pipeline.balance.Server: the fleet's per-server counters
+        server = srv.url
+        per_server["in_flight"].add_metric([server], srv.in_flight)
+        per_server["healthy"].add_metric([server], float(srv.state == "up"))
+        per_server["ok"].add_metric([server], srv.pages)
+        per_server["errors"].add_metric([server, "timeout"], srv.timeouts)
+        per_server["errors"].add_metric([server, "transient"], max(0, srv.errors - srv.timeouts))
+        per_server["errors"].add_metric([server, "rejected"], srv.rejected)
+        per_server["retries"].add_metric([server], srv.errors)
+        per_server["outages"].add_metric([server], srv.ejections)
     out += per_server.values()
     counts = metrics.queue_counts
     if counts is not None:
@@ -171,9 +172,10 @@ async def start_exporter(metrics: PipelineMetrics, queue: Any, host: str, port: 
 async def start_for_runner(runner: Any) -> MetricsExporter:
     """Wire the hooks of a :class:`olmocr.pipeline.pipeline.Runner` and serve its metrics."""
     config = runner.config
-    # One client today; the multi-server work adds one series per server through this callable.
-    metrics = PipelineMetrics(runner.progress, lambda: [runner.client])
+    # One series per server of the fleet (olmocr.pipeline.fleet).
+    metrics = PipelineMetrics(runner.progress, lambda: runner.client.servers)
     runner.renderer.observe_render = metrics.render_seconds.observe
-    runner.client.observe_request = metrics.observe_request(runner.client.base_url)
+    for server in runner.client.servers:
+        server.observe_request = metrics.observe_request(server.url)
     return await start_exporter(metrics, runner.queue, config.metrics_host, config.metrics_port,
                                 config.metrics_token, config.progress_interval)

@@ -6,7 +6,8 @@ import json
 import logging
 from dataclasses import dataclass
 
-from olmocr.pipeline.client import RequestRejected, ServerClient
+from olmocr.pipeline.client import RequestRejected
+from olmocr.pipeline.fleet import Fleet
 from olmocr.pipeline.output import PageResult
 from olmocr.pipeline.progress import Progress
 from olmocr.pipeline.prompts import (
@@ -38,6 +39,7 @@ class PageSettings:
     max_tokens: int = MAX_TOKENS
     #: The request field that constrains output on this server (``structured_outputs`` or ``guided_regex``).
     guided_field: str = STRUCTURED_OUTPUTS
+    priority: int | None = None  # vLLM's request priority (lower = sooner); None: the field is not sent
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,8 @@ class PageSource:
         return f"{self.source}-{self.page_num}"
 
 
-def request_template(temperature: float, guided: bool, *, max_tokens: int = MAX_TOKENS,
-                     guided_field: str = STRUCTURED_OUTPUTS) -> tuple[bytes, bytes]:
+def request_template(temperature: float, guided: bool, priority: int | None = None, *,
+                     max_tokens: int = MAX_TOKENS, guided_field: str = STRUCTURED_OUTPUTS) -> tuple[bytes, bytes]:
     """Bytes before and after the base64 PNG in the request JSON (upstream's request, field for field,
     except that guided decoding uses the field the server understands)."""
     query: dict = {
@@ -74,6 +76,8 @@ def request_template(temperature: float, guided: bool, *, max_tokens: int = MAX_
     }
     if guided:
         query.update(guided_fields(guided_field, GUIDED_REGEX))
+    if priority is not None:
+        query["priority"] = priority
     before, after = json.dumps(query).split(json.dumps(_IMAGE_MARK))
     return (before + '"data:image/png;base64,').encode(), ('"' + after).encode()
 
@@ -91,7 +95,7 @@ class Attempt:
 class PageProcessor:
     """Runs pages through the model; shared by all workers."""
 
-    def __init__(self, renderer: Renderer, client: ServerClient, settings: PageSettings, progress: Progress) -> None:
+    def __init__(self, renderer: Renderer, client: Fleet, settings: PageSettings, progress: Progress) -> None:
         self.renderer = renderer
         self.client = client
         self.settings = settings
@@ -102,8 +106,8 @@ class PageProcessor:
         found = self._templates.get(temperature)
         if found is None:
             found = self._templates[temperature] = request_template(
-                temperature, self.settings.guided_decoding, max_tokens=self.settings.max_tokens,
-                guided_field=self.settings.guided_field)
+                temperature, self.settings.guided_decoding, self.settings.priority,
+                max_tokens=self.settings.max_tokens, guided_field=self.settings.guided_field)
         return found
 
     async def _try_once(self, page: PageSource, attempt: int, rotation: int) -> Attempt | None:

@@ -8,14 +8,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from olmocr.pipeline.client import ServerClient, ServerNotReady
+from olmocr.pipeline.client import ServerNotReady
 from olmocr.pipeline.documents import DocOutcome, DocumentProcessor, failure
+from olmocr.pipeline.fleet import SERVER_STATS_DIR, Fleet, run_id, server_stats_record
 from olmocr.pipeline.inputs import expand_inputs
 from olmocr.pipeline.output import dolma_jsonl, markdown_relpath
 from olmocr.pipeline.pages import MAX_TOKENS, PageProcessor, PageSettings
 from olmocr.pipeline.progress import Progress, report_progress
-from olmocr.pipeline.render import DEFAULT_RENDER_TIMEOUT_S, Renderer
-from olmocr.pipeline.server_check import STRUCTURED_OUTPUTS, ServerMismatch, plan_max_tokens
+from olmocr.pipeline.render import DEFAULT_RENDER_TIMEOUT_S, Renderer, default_render_processes
+from olmocr.pipeline.server_check import STRUCTURED_OUTPUTS
+from olmocr.pipeline.serverlist import ServerSpec
 from olmocr.pipeline.shutdown import DEFAULT_STOP_TIMEOUT_S, StopRequest
 from olmocr.pipeline.storage import Storage, open_storage
 from olmocr.pipeline.workqueue import LeaseLost, WorkItem, WorkQueue
@@ -31,8 +33,7 @@ MAX_CLAIM_BACKOFF_S = 30.0
 @dataclass(frozen=True)
 class PipelineConfig:
     workspace: str
-    server_url: str
-    api_key: str | None = None
+    servers: tuple[ServerSpec, ...]
     pdfs: tuple[str, ...] = ()
     workers: int = 20
     pages_per_group: int = 500
@@ -53,6 +54,8 @@ class PipelineConfig:
     metrics_port: int | None = None  # --metrics_port: serve /metrics while running (olmocr.pipeline.metrics)
     metrics_host: str = "127.0.0.1"
     metrics_token: str | None = field(default=None, repr=False)
+    ca_bundle: str | None = None
+    priority: int | None = None
 
 
 def populate(queue: WorkQueue, specs: tuple[str, ...], pages_per_group: int) -> None:
@@ -69,8 +72,9 @@ def populate(queue: WorkQueue, specs: tuple[str, ...], pages_per_group: int) -> 
 class Runner:
     """The running pipeline: shared renderer, server client, page slots and counters."""
 
-    def __init__(self, config: PipelineConfig, storage: Storage, queue: WorkQueue, client: ServerClient,
-                 stop: StopRequest | None = None, max_tokens: int = MAX_TOKENS) -> None:
+    def __init__(self, config: PipelineConfig, storage: Storage, queue: WorkQueue, client: Fleet,
+                 stop: StopRequest | None = None, max_tokens: int = MAX_TOKENS,
+                 guided_field: str = STRUCTURED_OUTPUTS) -> None:
         self.config = config
         self.stop = stop or StopRequest()
         self.released = 0  # items handed back unfinished (graceful stop, errors)
@@ -82,8 +86,8 @@ class Runner:
         self.renderer = Renderer(config.render_processes, config.render_timeout)
         self.stop.on_hard_exit(self.renderer.kill_now)
         settings = PageSettings(config.target_longest_image_dim, config.max_page_retries, config.max_model_len,
-                                config.guided_decoding, max_tokens=max_tokens,
-                                guided_field=client.info.guided_field if client.info else STRUCTURED_OUTPUTS)
+                                config.guided_decoding, priority=config.priority, max_tokens=max_tokens,
+                                guided_field=guided_field)
         pages = PageProcessor(self.renderer, client, settings, self.progress)
         # Pages in flight: enough to keep every request slot busy plus a render lookahead.
         page_slots = asyncio.Semaphore(config.max_concurrent_requests + 4 * self.renderer.processes)
@@ -267,11 +271,24 @@ class Runner:
             self.renderer.close()
             if exporter is not None:
                 await exporter.close()
+            await self._record_server_stats()
         logger.info("%s", self.progress.line(self.client.describe_state(), self.client.in_flight))
         logger.info("%s", self.progress.summary())
+        if not self.client.single:
+            for server in self.client.servers:
+                logger.info("server %s: %s, %d ejections", server.url, server.describe(), server.ejections)
+            logger.info("%d requests moved to a less loaded server", self.client.moved)
         if self.stop.requested:
             logger.warning("stopped on request (%s): %d work items completed, %d handed back unfinished for other "
                            "workers", self.stop.signal_name, self.progress.items_done, self.released)
+
+    async def _record_server_stats(self) -> None:
+        """Per-server counters of this run, kept in the workspace for ``--stats`` (best effort)."""
+        try:
+            await asyncio.to_thread(self.storage.write, f"{SERVER_STATS_DIR}/{run_id()}.json",
+                                    server_stats_record(self.client))
+        except Exception as exc:  # noqa: BLE001 - statistics must never fail a run
+            logger.warning("could not record per-server statistics: %s", exc)
 
     async def _stop_gracefully(self, workers: list[asyncio.Task[None]]) -> None:
         busy = [w for w in workers if not w.done()]
@@ -309,10 +326,12 @@ async def run_pipeline(config: PipelineConfig, stop: StopRequest | None = None) 
         logger.info("no work to do: %d of %d work items are done", counts.get("done", 0), counts.get("total", 0))
         return 0
     logger.info("work items: %s", counts)
-    client = ServerClient(config.server_url, api_key=config.api_key, request_timeout=config.request_timeout,
-                          max_concurrent_requests=config.max_concurrent_requests)
+    fleet = Fleet(config.servers, request_timeout=config.request_timeout,
+                  max_concurrent_requests=config.max_concurrent_requests, ca_bundle=config.ca_bundle,
+                  priority=config.priority, render_lookahead=4 * (config.render_processes or default_render_processes()),
+                  longest_dim=config.target_longest_image_dim)
     try:
-        ready = asyncio.create_task(client.wait_ready(max_wait_s=config.max_server_ready_timeout))
+        ready = asyncio.create_task(fleet.start(max_wait_s=config.max_server_ready_timeout))
         stopped = asyncio.create_task(stop.event.wait())
         await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
@@ -321,18 +340,18 @@ async def run_pipeline(config: PipelineConfig, stop: StopRequest | None = None) 
             logger.warning("stopped on request (%s) before any work was claimed", stop.signal_name)
             return 0
         try:
-            info = ready.result()
-            max_tokens = plan_max_tokens(info.max_model_len, config.target_longest_image_dim)
-        except (ServerNotReady, ServerMismatch) as exc:
+            ready.result()
+        except ServerNotReady as exc:
             logger.error("%s", exc)
             return 1
+        max_tokens, guided_field = fleet.request_plan()
         if max_tokens < MAX_TOKENS:
-            logger.warning("the server's max_model_len is %d: answers are capped at %d tokens (not %d)",
-                           info.max_model_len, max_tokens, MAX_TOKENS)
+            logger.warning("the smallest server max_model_len is %d: answers are capped at %d tokens (not %d)",
+                           fleet.smallest_context(), max_tokens, MAX_TOKENS)
         if config.guided_decoding:
             logger.info("guided decoding: constraining the front matter with the %r request field (vLLM %s)",
-                        info.guided_field, info.version or "version unknown")
-        await Runner(config, storage, queue, client, stop, max_tokens).run()
+                        guided_field, ", ".join(fleet.versions()) or "version unknown")
+        await Runner(config, storage, queue, fleet, stop, max_tokens, guided_field).run()
     finally:
-        client.close()
+        await fleet.close()
     return 0

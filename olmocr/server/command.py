@@ -36,6 +36,8 @@ def build_vllm_command(settings: ServerSettings, passthrough: Sequence[str] = ()
         argv += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
     if settings.shutdown_timeout > 0:  # 0 is vLLM's default (abort at once); older vLLMs lack the flag
         argv += ["--shutdown-timeout", str(settings.shutdown_timeout)]
+    if settings.scheduling_policy != "fcfs":
+        argv += ["--scheduling-policy", settings.scheduling_policy]
     argv += list(settings.extra_vllm_args)
     argv += list(passthrough)
     refuse_secrets_in_argv(argv)

@@ -32,6 +32,8 @@ class ServerSettings:
     data_parallel_size: int = 1
     gpu_memory_utilization: float | None = None
     max_model_len: int = 16384
+    # "priority": vLLM schedules waiting requests by their ``priority`` field (pipeline --priority).
+    scheduling_policy: str = "fcfs"
     vllm_bin: str = "vllm"
     extra_vllm_args: tuple[str, ...] = ()
     api_key_file: str | None = None
@@ -102,6 +104,9 @@ class ServerSettings:
                 raise SettingsError(f"{name} must be positive, got {getattr(self, name)}")
         if self.shutdown_timeout < 0:
             raise SettingsError(f"OLMOCR_SHUTDOWN_TIMEOUT must not be negative, got {self.shutdown_timeout}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise SettingsError(f"scheduling policy {self.scheduling_policy!r} is not fcfs or priority "
+                                "(OLMOCR_SCHEDULING_POLICY / --scheduling-policy)")
         if self.max_restart_attempts < 0 or self.restart_delay < 0:
             raise SettingsError("max restart attempts and restart delay must not be negative")
 
@@ -114,6 +119,7 @@ ENV_NAMES: dict[str, str] = {
     "data_parallel_size": "OLMOCR_DATA_PARALLEL_SIZE",
     "gpu_memory_utilization": "OLMOCR_GPU_MEMORY_UTILIZATION",
     "max_model_len": "OLMOCR_MAX_MODEL_LEN",
+    "scheduling_policy": "OLMOCR_SCHEDULING_POLICY",
     "vllm_bin": "OLMOCR_VLLM_BIN",
     "extra_vllm_args": "OLMOCR_VLLM_ARGS",
     "api_key_file": "OLMOCR_API_KEY_FILE",

@@ -45,6 +45,9 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=None,
                         help="fraction of GPU memory for vLLM (default: vLLM's own)")
     parser.add_argument("--max-model-len", type=int, default=None, help="default 16384")
+    parser.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default=None,
+                        help="priority: serve waiting requests by their priority field (pipeline --priority); "
+                             "default fcfs, env OLMOCR_SCHEDULING_POLICY")
     parser.add_argument("--vllm-bin", default=None,
                         help="server executable invoked as vLLM is (default: vllm on PATH, env OLMOCR_VLLM_BIN)")
     parser.add_argument("--restart-delay", type=float, default=None,
@@ -61,6 +64,7 @@ def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None =
         data_parallel_size=args.data_parallel_size,
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_model_len=args.max_model_len,
+        scheduling_policy=args.scheduling_policy,
         vllm_bin=args.vllm_bin,
         restart_delay=args.restart_delay,
     )

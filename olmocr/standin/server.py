@@ -7,11 +7,13 @@ Stdlib only. See docs/standin.md.
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import os
 import select
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -71,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=DEFAULT_MAX_MODEL_LEN)
     p.add_argument("--uvicorn-log-level", default="info")
     p.add_argument("--api-key", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
+                   help="priority: waiting requests are served by their 'priority' field (lower first), as vLLM")
+    p.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this private key (PEM), as vLLM")
+    p.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate chain (PEM), as vLLM")
     for flag in _VALUE_FLAGS:
         p.add_argument(flag, default=None, help=argparse.SUPPRESS)
     return p
@@ -93,7 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # -------------------------------------------------------------------------------------------- state
 class Stats:
     def __init__(self) -> None:
-        self.lock = threading.Condition()
+        self.lock = threading.Lock()
         self.running = 0
         self.waiting = 0
         self.prompt_tokens = 0
@@ -101,6 +107,10 @@ class Stats:
         self.success: dict[str, int] = {"stop": 0, "length": 0}
         self.requests_served = 0
         self.completions_seen = 0  # completions that reached the engine (for error_rate)
+        self.queue: list[tuple[int, int, threading.Event]] = []  # waiting (priority, arrival, grant), a heap
+        self.priorities: dict[str, int] = {}  # completions served, by their priority field
+        self.image_requests_served = 0  # completions with an image (pages, not probes)
+        self.arrivals = 0
         self.answers = 0  # answers produced (for answer=mixed:k)
 
 
@@ -196,26 +206,51 @@ class StandIn:
             time.sleep(0.1)
 
     # gate
-    def acquire_slot(self, handler: Handler) -> bool:
+    def acquire_slot(self, handler: Handler, priority: int = 0) -> bool:
+        """Wait for one of ``concurrency`` slots. Waiting requests are served in arrival order, or by
+        (priority, arrival) under ``--scheduling-policy priority`` as vLLM's scheduler does (a running
+        request is never preempted here: the stand-in has no KV cache to run out of). A freed slot is handed
+        to the head of the queue directly (one wake-up, not one per waiter)."""
         st = self.stats
         with st.lock:
-            st.waiting += 1
-            try:
-                while True:
-                    limit = self.control.get("concurrency")
-                    if not limit or st.running < int(limit):
-                        st.running += 1
-                        return True
-                    st.lock.wait(0.2)
-                    if handler.client_gone():
+            if not st.queue and self._has_room():
+                st.running += 1
+                return True
+            st.arrivals += 1
+            granted = threading.Event()
+            rank = priority if self.args.scheduling_policy == "priority" else 0
+            heapq.heappush(st.queue, (rank, st.arrivals, granted))
+            st.waiting = len(st.queue)
+        while not granted.wait(0.2):
+            with st.lock:
+                self._hand_over()  # the concurrency limit may have been raised meanwhile
+            if handler.client_gone():
+                with st.lock:
+                    if not granted.is_set():
+                        st.queue = [w for w in st.queue if w[2] is not granted]
+                        heapq.heapify(st.queue)
+                        st.waiting = len(st.queue)
                         return False
-            finally:
-                st.waiting -= 1
+                self.release_slot()  # granted just as the client left
+                return False
+        return True
+
+    def _has_room(self) -> bool:
+        limit = self.control.get("concurrency")
+        return not limit or self.stats.running < int(limit)
+
+    def _hand_over(self) -> None:
+        """Give free slots to the head of the queue (caller holds the lock)."""
+        st = self.stats
+        while st.queue and self._has_room():
+            st.running += 1
+            heapq.heappop(st.queue)[2].set()
+        st.waiting = len(st.queue)
 
     def release_slot(self) -> None:
         with self.stats.lock:
             self.stats.running -= 1
-            self.stats.lock.notify()
+            self._hand_over()
 
 
 # ------------------------------------------------------------------------------------------ handler
@@ -251,11 +286,19 @@ class Handler(BaseHTTPRequestHandler):
     def send_json(self, status: int, obj: Any) -> None:
         self.send_bytes(status, json.dumps(obj).encode(), "application/json")
 
+    def setup(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket):  # TLS handshake in this thread, not in accept()
+            self.request.settimeout(10)
+            self.request.do_handshake()
+            self.request.settimeout(None)
+        super().setup()
+
     def client_gone(self) -> bool:
         try:
             readable, _, _ = select.select([self.connection], [], [], 0)
             if readable:
-                return self.connection.recv(1, socket.MSG_PEEK) == b""
+                # The raw socket's recv: peeks at TCP bytes under TLS too (EOF = the client left).
+                return socket.socket.recv(self.connection, 1, socket.MSG_PEEK) == b""
         except (OSError, ValueError):
             return True
         return False
@@ -353,7 +396,9 @@ class Handler(BaseHTTPRequestHandler):
             "model": app.args.model, "port": app.port, "host": app.args.host,
             "max_model_len": app.args.max_model_len, "control": app.control.snapshot(),
             "requests_served": app.stats.requests_served, "completions_seen": app.stats.completions_seen,
-            "uptime_s": round(time.monotonic() - app.started, 3),
+            "priorities": dict(app.stats.priorities),
+            "image_requests_served": app.stats.image_requests_served,
+            "scheduling_policy": app.args.scheduling_policy, "uptime_s": round(time.monotonic() - app.started, 3),
             "standin": True, "tmpdir": os.environ.get("TMPDIR"),
         }
 
@@ -426,6 +471,15 @@ class Handler(BaseHTTPRequestHandler):
                 f"max_tokens={int(max_tokens)} cannot be greater than max_model_len={max_len}. "
                 f"Please request fewer output tokens.", "BadRequestError", 400, "max_tokens"))
             return
+        try:
+            priority = int(req.get("priority") or 0)
+        except (TypeError, ValueError):
+            self.send_json(400, error_body("`priority` must be an integer", "BadRequestError", 400, "priority"))
+            return
+        if priority != 0 and app.args.scheduling_policy != "priority":
+            self.send_json(400, error_body(f"Got priority {priority} but Priority scheduling is not enabled.",
+                                           "BadRequestError", 400, "priority"))
+            return
         if prompt_tokens > max_len:
             self.send_json(400, error_body(
                 f"This model's maximum context length is {max_len} tokens. However, your prompt contains "
@@ -434,11 +488,11 @@ class Handler(BaseHTTPRequestHandler):
             return
         max_tokens = max_len - prompt_tokens if max_tokens is None else min(int(max_tokens), max_len - prompt_tokens)
         self.constrained = self.output_constrained(req)
-        if not app.acquire_slot(self):
+        if not app.acquire_slot(self, priority):
             self.close_connection = True
             return
         try:
-            self.complete(req, served, images, prompt_tokens, max_tokens)
+            self.complete(req, served, images, prompt_tokens, max_tokens, priority)
         finally:
             app.release_slot()
 
@@ -490,7 +544,7 @@ class Handler(BaseHTTPRequestHandler):
         return text_chars, images
 
     def complete(self, req: dict[str, Any], served: str, images: list[ans.ImageInfo],
-                 prompt_tokens: int, max_tokens: int) -> None:
+                 prompt_tokens: int, max_tokens: int, priority: int = 0) -> None:
         app = self.app
         ctl = app.control
         st = app.stats
@@ -518,6 +572,8 @@ class Handler(BaseHTTPRequestHandler):
             st.generation_tokens += completion_tokens
             st.success[finish] = st.success.get(finish, 0) + 1
             st.requests_served += 1
+            st.priorities[str(priority)] = st.priorities.get(str(priority), 0) + 1
+            st.image_requests_served += int(bool(images))
         self.send_json(200, {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": served,
@@ -563,10 +619,28 @@ class Handler(BaseHTTPRequestHandler):
 def make_server(app: StandIn) -> ThreadingHTTPServer:
     handler = type("BoundHandler", (Handler,), {"app": app})
 
+    tls: ssl.SSLContext | None = None
+    if app.args.ssl_certfile:
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(app.args.ssl_certfile, app.args.ssl_keyfile)
+
     class Server(ThreadingHTTPServer):
         daemon_threads = True
         request_queue_size = 1024
         allow_reuse_address = True
+
+        def get_request(self) -> tuple[socket.socket, Any]:
+            sock, addr = super().get_request()
+            if tls is not None:
+                sock = tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            return sock, addr
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            exc = sys.exc_info()[1]
+            if isinstance(exc, (ssl.SSLError, OSError)):  # e.g. a client that does not trust our certificate
+                log("WARNING", f"{client_address[0]}:{client_address[1]} - connection failed: {exc}")
+                return
+            super().handle_error(request, client_address)
 
     return Server((app.args.host, app.args.port), handler)
 
@@ -607,7 +681,8 @@ def serve(args: argparse.Namespace) -> int:
     log("INFO", f"Started server process [{os.getpid()}]")
     log("INFO", "Waiting for application startup.")
     log("INFO", "Application startup complete.")
-    log("INFO", f"Uvicorn running on http://{args.host}:{app.port} (Press CTRL+C to quit)")
+    scheme = "https" if args.ssl_certfile else "http"
+    log("INFO", f"Uvicorn running on {scheme}://{args.host}:{app.port} (Press CTRL+C to quit)")
     threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True).start()
     app.shutdown.wait()
     log("INFO", "Shutting down")

@@ -1,0 +1,496 @@
+"""One pipeline across many vLLM servers: start-up verification, rotation and health per server, and the
+retry policy of a request across them. A single ``--vllm-url`` is the one-server case of the same code.
+The server list is parsed by :mod:`olmocr.pipeline.serverlist`; the choice of server by
+:mod:`olmocr.pipeline.balance`.
+
+* **Verification.** Every server is checked at start-up by :func:`verify_server` (one function, so the
+  checks are the same for each). A misconfigured server (wrong model, rejected key, untrusted certificate,
+  no priority scheduling when ``--priority`` is used) is left out with a one-line reason. The run starts as
+  soon as one server is usable; servers still unreachable a few seconds later join when they come up. If
+  none is usable the run fails before claiming work.
+  The model list and ``/version`` also give each server's ``max_model_len`` (``max_tokens`` is capped so
+  every request fits every server in rotation; a server whose context cannot hold a useful page is left
+  out) and the request field that constrains output (:mod:`olmocr.pipeline.server_check`).
+* **Balancing.** A request goes to the server that would finish it soonest relative to its learned capacity
+  (:func:`~olmocr.pipeline.balance.choose`); a server that falls behind has its newest queued requests moved
+  (:func:`~olmocr.pipeline.balance.plan_steals`).
+* **Health.** ``EJECT_AFTER`` refusals / 5xx in a row, or one no-progress timeout (no request finished for
+  ``--request_timeout`` s: a hung engine), take a server out of rotation. Its in-flight requests are abandoned
+  and resent to the others without using page attempts. It is probed in the background (``/health``, the model
+  list and one tiny completion) and re-admitted after ``READMIT_AFTER`` good probes in a row. With every server
+  out, requests wait (and the log says so) -- no outage ends the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from olmocr.pipeline.balance import Server, choose, plan_steals
+from olmocr.pipeline.client import (
+    MAX_BACKOFF_S,
+    MODEL_NAME,
+    RETRYABLE_4XX,
+    RequestRejected,
+    ServerAborted,
+    ServerClient,
+    ServerNotReady,
+    aborted,
+)
+from olmocr.pipeline.http import RequestTimeout, TransportError
+from olmocr.pipeline.server_check import (
+    DEFAULT_MAX_TOKENS,
+    STRUCTURED_OUTPUTS,
+    ServerMismatch,
+    plan_max_tokens,
+)
+from olmocr.pipeline.serverlist import FleetConfigError, ServerSpec
+
+logger = logging.getLogger("olmocr.pipeline")
+
+#: Refusals / 5xx answers in a row (no success in between) that take a server out of rotation.
+EJECT_AFTER = 3
+#: Good background probes in a row that bring it back.
+READMIT_AFTER = 2
+#: Longest pause between background probes of a server out of rotation.
+PROBE_INTERVAL_MAX_S = 10.0
+#: After the first server is verified, how long the others may take before the run starts without them.
+STARTUP_GRACE_S = 5.0
+#: After this many 5xx answers in a row for one attempt, the attempt counts as failed, so one poisonous page
+#: cannot loop forever. Timeouts, refusals and 429 never do.
+MAX_5XX_IN_A_ROW = 20
+TRANSIENT_LOG_EVERY_S = 10.0
+ALL_DOWN_LOG_EVERY_S = 30.0
+#: Work stealing runs at most this often (by then the requests it moved have been sent again).
+REBALANCE_EVERY_S = 0.25
+ABANDONED = "abandoned: its server was taken out of rotation or was too far behind"
+
+
+# ---------------------------------------------------------------------------------------------- verification
+
+
+async def verify_server(client: ServerClient, *, max_wait_s: float, priority: int | None,
+                        longest_dim: int = 1288) -> int:
+    """Start-up checks for one server; returns the ``max_tokens`` its context allows for a page rendered
+    at ``longest_dim``. Raises :class:`ServerNotReady` with a one-line reason.
+
+    Reachable, serves ``olmocr`` (:meth:`ServerClient.wait_ready`), has room in its context for a useful
+    answer (:func:`~olmocr.pipeline.server_check.plan_max_tokens`); with ``--priority``, accepts a request
+    carrying a priority (vLLM answers 400 unless started with ``--scheduling-policy priority``).
+    """
+    info = await client.wait_ready(max_wait_s=max_wait_s)
+    try:
+        max_tokens = plan_max_tokens(info.max_model_len, longest_dim)
+    except ServerMismatch as exc:
+        raise ServerNotReady(f"{exc} ({client.name})") from None
+    if priority is not None:
+        try:
+            resp = await client.completion_probe(priority, timeout=max(10.0, client.request_timeout))
+        except TransportError as exc:
+            raise ServerNotReady(f"the vLLM server at {client.name} did not answer a test request: {exc}") from None
+        if 400 <= resp.status < 500 and resp.status != 429:
+            detail = resp.body[:200].decode("utf-8", "replace").replace("\n", " ")
+            raise ServerNotReady(
+                f"the vLLM server at {client.name} refused a request with priority {priority} (HTTP "
+                f"{resp.status}: {detail}). Start it with --scheduling-policy priority (olmocr-serve: "
+                "--scheduling-policy priority or OLMOCR_SCHEDULING_POLICY=priority), or drop --priority."
+            )
+    return max_tokens
+
+
+# ---------------------------------------------------------------------------------------------- the fleet
+
+
+class Fleet:
+    """The servers of one run, one cap on concurrent requests, and the retry policy across them."""
+
+    def __init__(self, specs: Sequence[ServerSpec], *, request_timeout: float = 600.0,
+                 max_concurrent_requests: int = 1600, ca_bundle: str | None = None,
+                 priority: int | None = None, render_lookahead: int = 8, longest_dim: int = 1288) -> None:
+        if not specs:
+            raise FleetConfigError("no vLLM server given: pass --vllm-url (or set OLMOCR_VLLM_URL)")
+        per_pool = max(8, min(max_concurrent_requests, 2048))
+        self.servers = [
+            Server(ServerClient(s.url, api_key=s.api_key, request_timeout=request_timeout,
+                                max_concurrent_requests=per_pool, ca_bundle=ca_bundle), weight=s.weight)
+            for s in specs
+        ]
+        self.priority = priority
+        self.longest_dim = longest_dim
+        self.max_tokens: dict[Server, int] = {}  # what each verified server's context allows
+        self._slots = asyncio.Semaphore(max_concurrent_requests)
+        self._render_gate = asyncio.Semaphore(max(1, render_lookahead))
+        self._changed = asyncio.Event()  # set whenever a server joins the rotation
+        self._probers: dict[Server, asyncio.Task[None]] = {}
+        self._all_down_since: float | None = None
+        self._all_down_logged = float("-inf")
+        self._last_transient_log = float("-inf")
+        self._tokens = itertools.count()
+        self._last_rebalance = float("-inf")
+        self.moved = 0  # requests moved to a less loaded server (work stealing)
+
+    @property
+    def single(self) -> bool:
+        return len(self.servers) == 1
+
+    @property
+    def in_flight(self) -> int:
+        return sum(s.in_flight for s in self.servers)
+
+    # ------------------------------------------------------------------ start-up
+
+    async def start(self, max_wait_s: float = 600.0) -> None:
+        """Verify every server; raises :class:`ServerNotReady` if none is usable (before any work is claimed)."""
+        tasks = {asyncio.create_task(verify_server(s.client, max_wait_s=max_wait_s, priority=self.priority,
+                                                   longest_dim=self.longest_dim)): s
+                 for s in self.servers}
+        pending = set(tasks)
+        grace_until: float | None = None
+        try:
+            while pending:
+                timeout = None if grace_until is None else max(0.0, grace_until - time.monotonic())
+                done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    server = tasks[task]
+                    exc = task.exception()
+                    if exc is None:
+                        self.max_tokens[server] = task.result()
+                        self._admit(server, "verified at start-up", quiet=True)
+                    elif isinstance(exc, ServerNotReady):
+                        server.state, server.reason = "excluded", str(exc)
+                        if not self.single:
+                            logger.error("vLLM server %s left out: %s", server.url, exc)
+                    else:
+                        raise exc
+                if grace_until is None and any(s.state == "up" for s in self.servers):
+                    grace_until = time.monotonic() + STARTUP_GRACE_S
+                if not done and grace_until is not None:
+                    break
+        finally:
+            for task in pending:
+                task.cancel()
+        usable = [s for s in self.servers if s.state == "up"]
+        if not usable:
+            if self.single:
+                raise ServerNotReady(self.servers[0].reason)
+            raise ServerNotReady(f"none of the {len(self.servers)} vLLM servers is usable: " + "; ".join(
+                f"{s.url}: {s.reason}" for s in self.servers))
+        for task in pending:
+            server = tasks[task]
+            logger.warning("vLLM server %s is not reachable yet; starting without it (it joins when it answers)",
+                           server.url)
+            self._eject(server, "not reachable at start-up", count=False)
+        if not self.single:
+            logger.info("%d of %d vLLM servers in rotation: %s", len(usable), len(self.servers),
+                        ", ".join(s.url for s in usable))
+
+    def request_plan(self) -> tuple[int, str]:
+        """``max_tokens`` and the guided-decoding field for every page request, from the verified servers.
+
+        Requests may go to any server, so ``max_tokens`` fits the smallest context. Servers of different
+        vLLM versions that disagree on the field get ``structured_outputs`` (every vLLM since 0.10.2).
+        """
+        max_tokens = min(self.max_tokens.values(), default=DEFAULT_MAX_TOKENS)
+        fields = {i.guided_field for i in self._infos()}
+        if len(fields) > 1:
+            logger.warning("the vLLM servers differ in version: guided decoding uses %r, which servers older "
+                           "than vLLM 0.10.2 ignore", STRUCTURED_OUTPUTS)
+        return max_tokens, fields.pop() if len(fields) == 1 else STRUCTURED_OUTPUTS
+
+    def _infos(self) -> list[Any]:
+        return [s.client.info for s in self.max_tokens if s.client.info is not None]
+
+    def smallest_context(self) -> int | None:
+        """The smallest ``max_model_len`` among the verified servers (None if none reported one)."""
+        return min((i.max_model_len for i in self._infos() if i.max_model_len), default=None)
+
+    def versions(self) -> list[str]:
+        """The distinct vLLM versions of the verified servers, sorted."""
+        return sorted({i.version for i in self._infos() if i.version})
+
+    # ------------------------------------------------------------------ rotation
+
+    def _admit(self, server: Server, why: str, *, quiet: bool = False) -> None:
+        if not quiet:
+            down = time.monotonic() - server.down_since if server.down_since is not None else 0.0
+            if self.single:
+                logger.warning("vLLM server is back after %.0fs; resuming (%s)", down, why)
+            else:
+                logger.warning("vLLM server is back: %s re-admitted after %.0fs (%s)", server.url, down, why)
+        server.state, server.reason, server.down_since = "up", "", None
+        server.failures_in_a_row = 0
+        server.meter.reset()
+        self._all_down_since = None
+        self._changed.set()
+        self._rebalance(now=True)  # take queued requests off the busiest servers now, not only new ones
+
+    def _eject(self, server: Server, reason: str, *, count: bool = True) -> None:
+        if server.state != "up" and server.state != "starting":
+            return
+        server.state, server.reason, server.down_since = "down", reason, time.monotonic()
+        server.ejections += int(count)
+        server.abandon_all()  # its in-flight requests are resent elsewhere now
+        if count:
+            if self.single:
+                logger.warning("vLLM server unavailable (%s); pausing requests until it is healthy again", reason)
+            else:
+                others = sum(1 for s in self.servers if s.state == "up")
+                logger.warning("vLLM server unavailable: %s taken out of rotation (%s); %d other server(s) in "
+                               "rotation; probing it in the background", server.url, reason, others)
+        self._probers[server] = asyncio.create_task(self._probe_until_back(server))
+
+    async def _probe_until_back(self, server: Server) -> None:
+        delay = 1.0
+        good = 0
+        last_logged = time.monotonic()
+        while True:
+            await asyncio.sleep(delay)
+            problem = await server.client.probe(completion=True, priority=self.priority)
+            if problem is None:
+                good += 1
+                if good >= READMIT_AFTER:
+                    self._admit(server, f"{good} good probes in a row")
+                    return
+                delay = 1.0
+                continue
+            good = 0
+            server.reason = problem
+            delay = min(delay * 2, PROBE_INTERVAL_MAX_S)
+            if time.monotonic() - last_logged >= ALL_DOWN_LOG_EVERY_S:
+                last_logged = time.monotonic()
+                if self.single:
+                    logger.info("still waiting for the vLLM server (down %.0fs: %s)",
+                                time.monotonic() - (server.down_since or time.monotonic()), problem)
+                else:
+                    logger.info("vLLM server %s still out of rotation (%s)", server.url, problem)
+
+    def _rebalance(self, *, now: bool = False) -> None:
+        """Work stealing: move the newest requests of the server furthest behind to the one that would finish
+        them soonest (a server back in rotation, or one that turned out faster than assumed while warming up).
+
+        The newest requests are the ones still waiting in the busy server's queue, so little work is lost;
+        they are resent without using a page attempt. Runs at most every ``REBALANCE_EVERY_S`` (by then the
+        requests it moved have been sent again, so it never counts one twice).
+        """
+        clock = time.monotonic()
+        if self.single or (not now and clock - self._last_rebalance < REBALANCE_EVERY_S):
+            return
+        self._last_rebalance = clock
+        for server in plan_steals(self.servers):
+            server.abandon_newest()
+            self.moved += 1
+
+    async def _wait_for_rotation(self) -> None:
+        """Return once some server can take a request (cheap when one can): waits while all are out."""
+        if choose(self.servers) is None:
+            await self._pick()
+
+    async def _pick(self) -> Server:
+        """A server in rotation; waits (and says so) while there is none."""
+        while True:
+            server = choose(self.servers)
+            if server is not None:
+                return server
+            self._changed.clear()
+            if any(s.state == "up" for s in self.servers):  # all warming up: wait for an answer
+                await self._changed.wait()
+                continue
+            now = time.monotonic()
+            if self._all_down_since is None:
+                self._all_down_since = now
+            if not self.single and now - self._all_down_logged >= ALL_DOWN_LOG_EVERY_S:
+                self._all_down_logged = now
+                logger.warning("all vLLM servers are out of rotation (down %.0fs: %s); requests wait for one to "
+                               "come back", now - self._all_down_since,
+                               "; ".join(f"{s.url}: {s.reason}" for s in self.servers))
+            if not any(s.state in ("down", "starting") for s in self.servers):
+                raise ServerNotReady("no vLLM server left: every one was excluded as misconfigured")
+            try:
+                await asyncio.wait_for(self._changed.wait(), ALL_DOWN_LOG_EVERY_S)
+            except TimeoutError:
+                pass
+
+    def _note_transient(self, server: Server, label: str, problem: str) -> None:
+        """Log transient failures without flooding: the first one, then a summary at most every 10 s."""
+        now = time.monotonic()
+        where = "" if self.single else f" on {server.url}"
+        if now - self._last_transient_log >= TRANSIENT_LOG_EVERY_S:
+            self._last_transient_log = now
+            logger.warning("request for %s failed%s (%s); it will be resent (errors so far: %d, timeouts: %d)",
+                           label, where, problem, sum(s.errors for s in self.servers),
+                           sum(s.timeouts for s in self.servers))
+        else:
+            logger.debug("request for %s failed%s (%s); it will be resent", label, where, problem)
+
+    # ------------------------------------------------------------------ requests
+
+    async def chat(self, make_body: Callable[[], Awaitable[list[bytes]]], label: str) -> dict[str, Any]:
+        """POST a chat completion built by ``make_body`` to the best server; returns the parsed JSON answer.
+
+        ``make_body`` runs while a request slot is held, and again for every resend: the body (a rendered
+        page image) is dropped as soon as it has been sent. Refusals, timeouts, 429 and 5xx are resent (to
+        another server when there is one) and never count as a failed attempt. Raises
+        :class:`RequestRejected` for an answer that should count as a failed attempt.
+        """
+        errors_5xx_in_a_row = 0
+        transient_in_a_row = 0
+        while True:
+            async with self._slots:
+                # The server is chosen (and reserved) when the page's render starts, and renders are limited to
+                # ``render_lookahead`` at a time: the choice is made with fresh counts (not before a long render
+                # queue), and requests waiting for a server hold no page image.
+                await self._wait_for_rotation()
+                async with self._render_gate:
+                    server = await self._pick()
+                    server.reserved += 1
+                    try:
+                        body = await make_body()
+                    finally:
+                        server.reserved -= 1
+                if server.state != "up":  # it left the rotation during the render
+                    server = await self._pick()
+                server.in_flight += 1
+                sent_at = time.monotonic()
+                server.meter.set_busy(True, sent_at)
+                token = next(self._tokens)
+                abandon = server.requests[token] = asyncio.Event()
+                problem: str | None = None
+                resp = None
+                try:
+                    resp = await server.client.post_chat(body, abandon)
+                except RequestTimeout as exc:
+                    server.timeouts += 1
+                    problem = f"timeout: {exc}"
+                except ServerAborted:
+                    problem = ABANDONED
+                except TransportError as exc:
+                    problem = f"connection error: {exc}"
+                finally:
+                    server.requests.pop(token, None)
+                    if server.observe_request is not None:
+                        server.observe_request(time.monotonic() - sent_at)
+                    server.in_flight -= 1
+                    if server.in_flight == 0:
+                        server.meter.set_busy(False, time.monotonic())
+                    self._changed.set()
+                    self._rebalance()
+            if resp is not None:
+                if resp.status == 200:
+                    try:
+                        data = json.loads(resp.body)
+                    except ValueError:
+                        server.rejected += 1
+                        raise RequestRejected(200, "answer is not JSON") from None
+                    if aborted(data):
+                        problem = "the server aborted the request (finish_reason abort: it is stopping)"
+                    else:
+                        server.pages += 1
+                        server.failures_in_a_row = 0
+                        now = time.monotonic()
+                        server.meter.answered(now, now - sent_at)
+                        return data
+                elif resp.status == 429 or resp.status >= 500:
+                    problem = f"HTTP {resp.status}"
+                elif resp.status == 404 and b"does not exist" in resp.body:
+                    # A server restarted with the wrong --served-model-name: not the page's fault; it leaves
+                    # the rotation like a failing one (its probes check /v1/models) and the page goes elsewhere.
+                    problem = f"HTTP 404, model {MODEL_NAME!r} not served"
+                else:
+                    server.rejected += 1
+                    raise RequestRejected(resp.status, resp.body[:300].decode("utf-8", "replace"),
+                                          retryable=resp.status in RETRYABLE_4XX)
+            assert problem is not None
+            if problem == ABANDONED:
+                continue  # moved to another server (ejected, or rebalanced): no error, no pause
+            server.errors += 1
+            transient_in_a_row += 1
+            self._note_transient(server, label, problem)
+            is_5xx = resp is not None and (resp.status >= 500 or resp.status == 200)  # 200: aborted
+            errors_5xx_in_a_row = errors_5xx_in_a_row + 1 if is_5xx else 0
+            if server.state == "up" and (resp is None or resp.status != 429):
+                server.failures_in_a_row += 1
+                if problem.startswith("timeout"):
+                    self._eject(server, f"no request finished for {server.client.request_timeout:g}s (hung?)")
+                elif server.failures_in_a_row >= EJECT_AFTER:
+                    self._eject(server, f"{server.failures_in_a_row} failures in a row, last: {problem}")
+            if errors_5xx_in_a_row >= MAX_5XX_IN_A_ROW:
+                server.rejected += 1
+                raise RequestRejected(resp.status if resp else 500, f"{errors_5xx_in_a_row} server errors in a row")
+            if server.state == "up":
+                # Still in rotation but the request failed (busy, 429, one error): back off a little, with jitter.
+                await asyncio.sleep(min(MAX_BACKOFF_S, 0.25 * 2 ** min(transient_in_a_row, 8))
+                                    * random.uniform(0.5, 1.0))
+
+    # ------------------------------------------------------------------ visibility
+
+    def describe_state(self) -> str:
+        """For the progress line: the server's state (one server), or each server's counters."""
+        if self.single:
+            s = self.servers[0]
+            return f"down {time.monotonic() - s.down_since:.0f}s" if s.down_since is not None else s.state
+        up = sum(1 for s in self.servers if s.state == "up")
+        return f"{up}/{len(self.servers)} up [" + "; ".join(f"{s.url}: {s.describe()}" for s in self.servers) + "]"
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        return [s.as_dict() for s in self.servers]
+
+    async def close(self) -> None:
+        for task in self._probers.values():
+            task.cancel()
+        await asyncio.gather(*self._probers.values(), return_exceptions=True)
+        for s in self.servers:
+            s.client.close()
+
+
+# ---------------------------------------------------------------------------------------------- --stats
+
+SERVER_STATS_DIR = "server_stats"
+
+
+def run_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{int(time.time())}"
+
+
+def server_stats_record(fleet: Fleet) -> bytes:
+    """This run's per-server counters, stored in the workspace for ``--stats``."""
+    return json.dumps({"time": time.time(), "servers": [
+        {k: v for k, v in s.as_dict().items() if k in ("url", "pages", "errors", "timeouts", "rejected",
+                                                          "ejections", "state")}
+        for s in fleet.servers]}).encode()
+
+
+def summarize_server_stats(records: Iterable[bytes]) -> dict[str, dict[str, int]]:
+    """Sum the runs' per-server counters by URL (pages, errors, timeouts, rejected, ejections)."""
+    totals: dict[str, dict[str, int]] = {}
+    for raw in records:
+        try:
+            record = json.loads(raw)
+            servers = record["servers"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        for s in servers:
+            row = totals.setdefault(str(s.get("url")), {"runs": 0, "pages": 0, "errors": 0, "timeouts": 0,
+                                                        "rejected": 0, "ejections": 0})
+            row["runs"] += 1
+            for key in ("pages", "errors", "timeouts", "rejected", "ejections"):
+                row[key] += int(s.get(key) or 0)
+    return totals
+
+
+def format_server_stats(totals: Mapping[str, Mapping[str, int]]) -> str:
+    if not totals:
+        return ""
+    lines = ["Servers (all runs):"]
+    for url, row in sorted(totals.items()):
+        lines.append(f"  {url}: {row['pages']} pages, {row['errors']} errors ({row['timeouts']} timeouts), "
+                     f"{row['rejected']} rejected, taken out of rotation {row['ejections']} times, "
+                     f"in {row['runs']} runs")
+    return "\n".join(lines)

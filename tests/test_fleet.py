@@ -1,0 +1,499 @@
+"""One pipeline across several vLLM servers (stand-ins on 127.0.0.1): server list, balancing, ejection and
+re-admission, hung and misconfigured servers, all servers down, TLS with a private CA and per-server keys,
+request priorities end to end, and the server's scheduling-policy option."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from olmocr.pipeline.balance import (
+    RATE_MIN_SAMPLES,
+    STEAL_BATCH,
+    WARMUP_CAP,
+    RateMeter,
+    Server,
+    choose,
+    plan_steals,
+)
+from olmocr.pipeline.client import ServerClient
+from olmocr.pipeline.pages import request_template
+from olmocr.pipeline.serverlist import FleetConfigError, parse_url_list, server_specs
+from olmocr.server.command import build_vllm_command
+from olmocr.server.settings import ServerSettings, SettingsError
+from olmocr.server.wrapper import add_server_arguments, settings_from_args
+from tests.metrics_helpers import parse_metrics
+from tests.pipeline_helpers import (
+    docs_by_source,
+    failures,
+    launch_standin,
+    run_pipeline,
+    start_pipeline,
+    wait_for,
+)
+from tests.sample_docs import write_text_pdf
+from tests.standin_helpers import VLLM_FLAGS, chat_payload, free_port, start_standin, stop_process_group
+
+pytestmark = pytest.mark.timeout(180)
+
+PAGES_PER_DOC = 5
+
+
+def make_pdfs(directory: Path, docs: int, pages: int = PAGES_PER_DOC) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    return [write_text_pdf(directory / f"doc{i:02d}.pdf", pages) for i in range(docs)]
+
+
+@pytest.fixture(scope="module")
+def pdfs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return make_pdfs(tmp_path_factory.mktemp("pdfs"), 24)  # 120 pages
+
+
+def assert_complete(ws: Path, docs: list[Path]) -> None:
+    """Every document exactly once (docs_by_source asserts no duplicates), every page from the model."""
+    found = docs_by_source(ws)
+    assert set(found) == {str(p) for p in docs}
+    for meta in (d["metadata"] for d in found.values()):
+        assert meta["pdf-total-pages"] == PAGES_PER_DOC
+        assert meta["total-fallback-pages"] == 0
+    assert failures(ws) == []
+
+
+def info(url: str, **kwargs: object) -> dict:
+    r = requests.get(f"{url}/admin/info", timeout=5, **kwargs)  # type: ignore[arg-type]
+    r.raise_for_status()
+    return r.json()
+
+
+def standin(tmp_path: Path, latency: float, concurrency: int | None = None, **env: str):
+    full = {"OLMOCR_STANDIN_LATENCY": str(latency), **env}
+    if concurrency:
+        full["OLMOCR_STANDIN_CONCURRENCY"] = str(concurrency)
+    return launch_standin(tmp_path, env=full)
+
+
+# --------------------------------------------------------------------------------------------- units
+
+
+def test_server_list_repeated_comma_separated_with_weights() -> None:
+    assert parse_url_list(["http://a:1/v1/,http://b:2#weight=2", " https://c:3 ", ""]) == [
+        ("http://a:1", None), ("http://b:2", 2.0), ("https://c:3", None)]
+    assert parse_url_list(["127.0.0.1:30024"]) == [("http://127.0.0.1:30024", None)]
+    with pytest.raises(FleetConfigError, match="listed twice"):
+        parse_url_list(["http://a:1", "http://a:1/v1"])
+    with pytest.raises(FleetConfigError, match="weight=N"):
+        parse_url_list(["http://a:1#weight=0"])
+    with pytest.raises(FleetConfigError, match="not an http"):
+        parse_url_list(["ftp://a:1"])
+
+
+def test_cli_rejects_a_bad_server_list_before_doing_anything(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from olmocr.pipeline.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path / "ws"), "--vllm-url", "http://127.0.0.1:1,http://127.0.0.1:1/v1", "--pdfs", "x.pdf"])
+    assert exc.value.code == 2
+    assert "listed twice" in capsys.readouterr().err
+    # The list may come from the environment instead.
+    monkeypatch.setenv("OLMOCR_VLLM_URL", "http://127.0.0.1:1,http://127.0.0.1:1")
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path / "ws"), "--pdfs", "x.pdf"])
+    assert exc.value.code == 2
+    assert "listed twice" in capsys.readouterr().err
+    assert not (tmp_path / "ws").exists()
+
+
+def test_key_file_per_server_and_default_and_never_echoed(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("# fleet keys\nhttps://gpu1:30024/v1 key-one\n\ndefault-key\n")
+    urls = parse_url_list(["https://gpu1:30024,https://gpu2:30024"])
+    specs = server_specs(urls, "env-key", str(keys))
+    assert [s.api_key for s in specs] == ["key-one", "default-key"]
+    assert "key-one" not in repr(specs) and "default-key" not in repr(specs)
+    assert [s.api_key for s in server_specs(urls, "env-key")] == ["env-key", "env-key"]
+    keys.write_text("https://gpu1:30024 key-one extra-secret\n")
+    with pytest.raises(FleetConfigError) as exc:
+        server_specs(urls, None, str(keys))
+    assert "line 1" in str(exc.value) and "extra-secret" not in str(exc.value)
+    keys.write_text("https://gpu9:30024 key-nine\n")
+    with pytest.raises(FleetConfigError, match="not in --vllm-url"):
+        server_specs(urls, None, str(keys))
+    with pytest.raises(FleetConfigError, match="cannot read"):
+        server_specs(urls, None, str(tmp_path / "missing"))
+
+
+def _server(url: str, weight: float | None = None) -> Server:
+    s = Server(ServerClient(url), weight=weight)
+    s.state = "up"
+    return s
+
+
+def _dispatch(servers: list[Server], n: int) -> list[int]:
+    for _ in range(n):
+        chosen = choose(servers)
+        assert chosen is not None
+        chosen.in_flight += 1
+    return [s.in_flight for s in servers]
+
+
+def test_balancer_gives_outstanding_requests_in_proportion_to_capacity() -> None:
+    # Fixed weights replace learning.
+    assert _dispatch([_server("http://a:1", 2), _server("http://b:1", 1)], 300) == [200, 100]
+    # Learned: answers per busy second; 8/s and 2/s measured over 10 s.
+    fast, slow, new = _server("http://a:1"), _server("http://b:1"), _server("http://c:1")
+    t0 = time.monotonic() - 10
+    for server, rate in ((fast, 8), (slow, 2)):
+        server.meter.set_busy(True, t0)
+        for i in range(10 * rate):
+            server.meter.answered(t0 + (i + 1) / rate, 1.0)
+    assert fast.meter.rate() == pytest.approx(8, rel=0.15)
+    assert slow.meter.rate() == pytest.approx(2, rel=0.15)
+    counts = _dispatch([fast, slow], 500)
+    assert counts[0] / counts[1] == pytest.approx(4, rel=0.15)
+    # A server not yet measured is capped while it warms up, then treated like the median server.
+    counts = _dispatch([fast, slow, new], 200)
+    assert counts[2] == WARMUP_CAP and new.meter.answers < RATE_MIN_SAMPLES
+    # Servers out of rotation get nothing.
+    slow.state, fast.state = "down", "excluded"
+    assert choose([fast, slow]) is None
+
+
+def _learned(server: Server, rate: float) -> Server:
+    t0 = time.monotonic() - 10
+    server.meter.set_busy(True, t0)
+    for i in range(int(10 * rate)):
+        server.meter.answered(t0 + (i + 1) / rate, 1.0)
+    return server
+
+
+def _sent(server: Server, n: int) -> None:
+    import asyncio
+
+    for _ in range(n):
+        server.requests[len(server.requests)] = asyncio.Event()
+    server.in_flight += n
+
+
+def test_work_stealing_moves_queued_requests_to_a_server_back_in_rotation() -> None:
+    busy, other, back = (_learned(_server(f"http://{h}:1"), 4) for h in "abc")
+    _sent(busy, 80)  # 20 s behind
+    _sent(other, 8)  # 2 s behind
+    back.meter.reset()  # just re-admitted: capacity not measured again yet
+    moves = plan_steals([busy, other, back])
+    # Only from the server furthest behind, its newest requests, a batch at a time.
+    assert set(moves) == {busy} and 0 < len(moves) <= STEAL_BATCH
+    newest = list(busy.requests.values())[-len(moves):]
+    for server in moves:
+        server.abandon_newest()
+    assert all(e.is_set() for e in newest) and len(busy.requests) == 80 - len(moves)
+    # Balanced servers never trade requests (hysteresis), and a lone server has nobody to give to.
+    a, b = _learned(_server("http://a:1"), 4), _learned(_server("http://b:1"), 2)
+    _sent(a, 40)
+    _sent(b, 19)
+    assert plan_steals([a, b]) == []
+    assert plan_steals([a]) == []
+
+
+def test_idle_time_does_not_dilute_a_learned_rate() -> None:
+    meter = RateMeter()
+    t0 = time.monotonic() - 40
+    meter.set_busy(True, t0)
+    for i in range(40):  # 4 answers/s for 10 s, then idle for 30 s
+        meter.answered(t0 + (i + 1) * 0.25, 1.0)
+    meter.set_busy(False, t0 + 10)
+    assert meter.rate() == pytest.approx(4, rel=0.15)
+
+
+def test_request_carries_priority_only_when_set() -> None:
+    before, after = request_template(0.1, False, priority=-3)
+    assert b'"priority": -3' in before + after
+    before, after = request_template(0.1, False)
+    assert b"priority" not in before + after
+
+
+def test_server_scheduling_policy_option() -> None:
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser)
+    settings = settings_from_args(parser.parse_args(["--scheduling-policy", "priority"]), env={})
+    argv = build_vllm_command(settings)
+    assert argv[argv.index("--scheduling-policy") + 1] == "priority"
+    from_env = ServerSettings.from_env({"OLMOCR_SCHEDULING_POLICY": "priority"})
+    assert "--scheduling-policy" in build_vllm_command(from_env)
+    assert "--scheduling-policy" not in build_vllm_command(ServerSettings())
+    with pytest.raises(SettingsError, match="OLMOCR_SCHEDULING_POLICY"):
+        ServerSettings.from_env({"OLMOCR_SCHEDULING_POLICY": "lifo"})
+
+
+# --------------------------------------------------------------------------------------------- fleets
+
+
+def test_pages_follow_capacity_and_each_server_is_visible(tmp_path: Path, pdfs: list[Path]) -> None:
+    fast = standin(tmp_path, 0.3, 8)  # ~27 pages/s
+    slow = standin(tmp_path, 0.3, 2)  # ~7 pages/s
+    ws = tmp_path / "ws"
+    try:
+        rc, log = run_pipeline(ws, f"{fast.url},{slow.url}", pdfs, "--pages_per_group", "20",
+                               log=tmp_path / "run.log")
+        served = [info(s.url)["image_requests_served"] for s in (fast, slow)]
+    finally:
+        fast.stop()
+        slow.stop()
+    assert rc == 0, log
+    assert_complete(ws, pdfs)
+    assert sum(served) == len(pdfs) * PAGES_PER_DOC
+    assert served[0] >= 2 * served[1], served  # capacity 4:1
+    assert "2 of 2 vLLM servers in rotation" in log
+    progress = [line for line in log.splitlines() if "pages/s" in line and "2/2 up" in line]
+    assert progress and fast.url in progress[-1] and slow.url in progress[-1]
+    assert f"{fast.url}: up, {served[0]} pages" in progress[-1]
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "olmocr.pipeline", str(ws), "--stats"], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    assert f"{fast.url}: {served[0]} pages" in out and f"{slow.url}: {served[1]} pages" in out
+
+
+def test_misconfigured_servers_are_left_out_with_a_reason(tmp_path: Path, pdfs: list[Path]) -> None:
+    good = standin(tmp_path, 0.05)
+    wrong = launch_standin(tmp_path, served_model_name="some-other-model")
+    locked = launch_standin(tmp_path, env={"VLLM_API_KEY": "k-locked"})
+    absent = f"http://127.0.0.1:{free_port()}"
+    docs = pdfs[:2]
+    try:
+        rc, log = run_pipeline(tmp_path / "ws", f"{good.url},{wrong.url},{absent}", docs,
+                               log=tmp_path / "run.log")
+        rc2, log2 = run_pipeline(tmp_path / "ws2", f"{wrong.url},{locked.url}", docs, timeout=60,
+                                 log=tmp_path / "run2.log")
+    finally:
+        for s in (good, wrong, locked):
+            s.stop()
+    assert rc == 0, log
+    assert_complete(tmp_path / "ws", docs)
+    left_out = [line for line in log.splitlines() if "left out" in line]
+    assert len(left_out) == 1 and wrong.url in left_out[0] and "doesn't have the 'olmocr' model" in left_out[0]
+    assert f"{absent} is not reachable yet; starting without it" in log
+    # None usable: fail fast, before claiming any work, saying why for each.
+    assert rc2 == 1
+    assert "none of the 2 vLLM servers is usable" in log2
+    assert "doesn't have the 'olmocr' model" in log2 and "rejected the API key" in log2
+    locks = tmp_path / "ws2" / "worker_locks"
+    assert not locks.exists() or not any(locks.iterdir())
+
+
+def test_killed_server_is_ejected_its_pages_resent_and_it_is_readmitted(tmp_path: Path, pdfs: list[Path]) -> None:
+    a = standin(tmp_path, 0.3, 2)
+    b = standin(tmp_path, 0.3, 2)
+    ws, log = tmp_path / "ws", tmp_path / "run.log"
+    # One attempt per page: a page resent because its server died must not use it up.
+    metrics_port = free_port()
+    proc = start_pipeline(ws, f"{a.url},{b.url}", pdfs, "--pages_per_group", "10", "--max_page_retries", "1",
+                          "--metrics_port", str(metrics_port), log=log)
+
+    def healthy() -> dict[str, float]:
+        text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+        got = parse_metrics(text)
+        return {s.url: got[f"olmocr_pipeline_server_healthy{{server={s.url}}}"] for s in (a, b)}
+
+    try:
+        wait_for(lambda: info(b.url)["image_requests_served"] >= 5, 60, "b to serve pages")
+        b.kill()
+        wait_for(lambda: "taken out of rotation" in log.read_text(), 30, "b ejected")
+        assert proc.poll() is None
+        assert healthy() == {a.url: 1.0, b.url: 0.0}  # one series per server in the metrics
+        b.restart()
+        wait_for(lambda: "re-admitted" in log.read_text() or proc.poll() is not None, 60, "b re-admitted")
+        rc = proc.wait(timeout=120)
+        after_restart = info(b.url)["image_requests_served"]
+    finally:
+        stop_process_group(proc)
+        a.stop()
+        b.stop()
+    text = log.read_text()
+    assert rc == 0, text
+    assert_complete(ws, pdfs)
+    assert f"vLLM server unavailable: {b.url} taken out of rotation" in text
+    assert f"vLLM server is back: {b.url} re-admitted" in text
+    assert after_restart > 0, "the re-admitted server got no pages"
+
+
+def test_hung_server_is_taken_out_and_the_others_carry_on(tmp_path: Path, pdfs: list[Path]) -> None:
+    ok = standin(tmp_path, 0.05)
+    hung = launch_standin(tmp_path, env={"OLMOCR_STANDIN_HANG": "true"})
+    docs = pdfs[:4]
+    try:
+        # /health and /v1/models answer while completions hang: only the no-progress rule reveals it.
+        rc, log = run_pipeline(tmp_path / "ws", f"{hung.url},{ok.url}", docs, "--request_timeout", "2",
+                               "--max_page_retries", "1", log=tmp_path / "run.log")
+    finally:
+        ok.stop()
+        hung.stop()
+    assert rc == 0, log
+    assert_complete(tmp_path / "ws", docs)
+    assert f"{hung.url} taken out of rotation (no request finished for 2s" in log
+
+
+def test_all_servers_down_the_run_waits_says_so_and_finishes(tmp_path: Path, pdfs: list[Path]) -> None:
+    a = standin(tmp_path, 0.3, 2)
+    b = standin(tmp_path, 0.3, 2)
+    docs = pdfs[:12]
+    ws, log = tmp_path / "ws", tmp_path / "run.log"
+    proc = start_pipeline(ws, f"{a.url},{b.url}", docs, "--pages_per_group", "10", log=log)
+    try:
+        wait_for(lambda: info(a.url)["image_requests_served"] >= 3, 60, "pages served")
+        a.kill()
+        b.kill()
+        wait_for(lambda: "all vLLM servers are out of rotation" in log.read_text(), 30, "the all-down message")
+        time.sleep(1)
+        assert proc.poll() is None, log.read_text()
+        a.restart()
+        rc = proc.wait(timeout=120)
+    finally:
+        stop_process_group(proc)
+        a.stop()
+        b.stop()
+    assert rc == 0, log.read_text()
+    assert_complete(ws, docs)
+
+
+# --------------------------------------------------------------------------------------------- TLS + keys
+
+
+def _make_ca_and_cert(directory: Path) -> tuple[Path, Path, Path]:
+    """A private CA and a certificate for 127.0.0.1 signed by it (cryptography); returns (ca, cert, key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "olmocr test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                        x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = directory / "ca.pem", directory / "cert.pem", directory / "key.pem"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    paths[2].chmod(0o600)
+    return paths
+
+
+def test_https_servers_with_a_private_ca_and_a_key_each(tmp_path: Path, pdfs: list[Path]) -> None:
+    ca, cert, key = _make_ca_and_cert(tmp_path)
+    keys = {"first": "k-first-0123456789", "second": "k-second-9876543210"}
+    procs, urls = [], []
+    try:
+        for secret in keys.values():
+            port = free_port()
+            procs.append(start_standin(port, env={"VLLM_API_KEY": secret, "OLMOCR_STANDIN_LATENCY": "0.05"},
+                                       extra_args=(*VLLM_FLAGS, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)),
+                                       log_path=tmp_path / f"tls-{port}.log"))
+            urls.append(f"https://127.0.0.1:{port}")
+        for url in urls:
+            wait_for(lambda u=url: _answers(u, str(ca)), 30, f"{url} up")
+        key_file = tmp_path / "keys"
+        key_file.write_text("".join(f"{u} {k}\n" for u, k in zip(urls, keys.values(), strict=True)))
+        key_file.chmod(0o600)
+        docs = pdfs[:4]
+        rc, log = run_pipeline(tmp_path / "ws", ",".join(urls), docs, "--ca_bundle", str(ca),
+                               "--api_key_file", str(key_file), log=tmp_path / "run.log")
+        served = [info(u, verify=str(ca), headers={"Authorization": f"Bearer {k}"})["image_requests_served"]
+                  for u, k in zip(urls, keys.values(), strict=True)]
+        # Without the private CA the certificate is not trusted: a clear reason, before claiming work.
+        rc2, log2 = run_pipeline(tmp_path / "ws2", ",".join(urls), docs, "--api_key_file", str(key_file),
+                                 timeout=60, log=tmp_path / "run2.log")
+    finally:
+        for p in procs:
+            stop_process_group(p)
+    assert rc == 0, log
+    assert_complete(tmp_path / "ws", docs)
+    assert all(n > 0 for n in served), served
+    assert rc2 == 1 and "certificate" in log2 and "--ca_bundle" in log2
+    for secret in keys.values():
+        assert secret not in log and secret not in log2
+
+
+def _answers(url: str, ca: str) -> bool:
+    try:
+        return requests.get(f"{url}/health", timeout=2, verify=ca).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+# --------------------------------------------------------------------------------------------- priorities
+
+
+def test_standin_serves_waiting_requests_by_priority(tmp_path: Path) -> None:
+    s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.4", "OLMOCR_STANDIN_CONCURRENCY": "1"},
+                       extra_args=(*VLLM_FLAGS, "--scheduling-policy", "priority"))
+    from tests.standin_helpers import make_png
+
+    finished: list[str] = []
+    lock = threading.Lock()
+
+    def send(name: str, priority: int) -> None:
+        body = chat_payload(make_png(8, 8), max_tokens=100) | {"priority": priority}
+        r = requests.post(f"{s.url}/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 200
+        with lock:
+            finished.append(name)
+
+    threads = []
+    try:
+        for name, priority in (("first", 0), ("low1", 5), ("low2", 5), ("high", -5)):
+            t = threading.Thread(target=send, args=(name, priority))
+            t.start()
+            threads.append(t)
+            time.sleep(0.1)  # arrival order: first (runs), low1, low2 (wait), high (waits, jumps the queue)
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        s.stop()
+    assert finished == ["first", "high", "low1", "low2"]
+
+
+def test_priority_end_to_end_and_refused_without_priority_scheduling(tmp_path: Path, pdfs: list[Path]) -> None:
+    prio = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.05"},
+                          extra_args=(*VLLM_FLAGS, "--scheduling-policy", "priority"))
+    fcfs = standin(tmp_path, 0.05)
+    docs = pdfs[:2]
+    try:
+        rc, log = run_pipeline(tmp_path / "ws", prio.url, docs, "--priority", "-2", log=tmp_path / "run.log")
+        seen = info(prio.url)["priorities"]
+        rc2, log2 = run_pipeline(tmp_path / "ws2", fcfs.url, docs, "--priority", "-2", timeout=60,
+                                 log=tmp_path / "run2.log")
+    finally:
+        prio.stop()
+        fcfs.stop()
+    assert rc == 0, log
+    assert_complete(tmp_path / "ws", docs)
+    assert set(seen) == {"-2"} and seen["-2"] >= len(docs) * PAGES_PER_DOC
+    assert rc2 == 1
+    assert "refused a request with priority -2" in log2 and "--scheduling-policy priority" in log2
