@@ -266,20 +266,26 @@ def test_misconfigured_servers_are_left_out_with_a_reason(tmp_path: Path, pdfs: 
     good = standin(tmp_path, 0.05)
     wrong = launch_standin(tmp_path, served_model_name="some-other-model")
     locked = launch_standin(tmp_path, env={"VLLM_API_KEY": "k-locked"})
+    # A context too small for a page at the default 1288 px: its requests would all be refused (HTTP 400).
+    small = launch_standin(tmp_path, extra_args=[*VLLM_FLAGS, "--max-model-len", "2048"])
     absent = f"http://127.0.0.1:{free_port()}"
     docs = pdfs[:2]
     try:
-        rc, log = run_pipeline(tmp_path / "ws", f"{good.url},{wrong.url},{absent}", docs,
+        rc, log = run_pipeline(tmp_path / "ws", f"{good.url},{wrong.url},{small.url},{absent}", docs,
                                log=tmp_path / "run.log")
+        small_completions = requests.get(f"{small.url}/admin/info", timeout=10).json()["completions_seen"]
         rc2, log2 = run_pipeline(tmp_path / "ws2", f"{wrong.url},{locked.url}", docs, timeout=60,
                                  log=tmp_path / "run2.log")
     finally:
-        for s in (good, wrong, locked):
+        for s in (good, wrong, locked, small):
             s.stop()
     assert rc == 0, log
     assert_complete(tmp_path / "ws", docs)
-    left_out = [line for line in log.splitlines() if "left out" in line]
-    assert len(left_out) == 1 and wrong.url in left_out[0] and "doesn't have the 'olmocr' model" in left_out[0]
+    left_out = sorted((line for line in log.splitlines() if "left out" in line), key=lambda line: wrong.url in line)
+    assert len(left_out) == 2, left_out
+    assert small.url in left_out[0] and "--max-model-len 2048" in left_out[0]
+    assert wrong.url in left_out[1] and "doesn't have the 'olmocr' model" in left_out[1]
+    assert small_completions == 0  # the run never sent it a page it would have had to refuse
     assert f"{absent} is not reachable yet; starting without it" in log
     # None usable: fail fast, before claiming any work, saying why for each.
     assert rc2 == 1
