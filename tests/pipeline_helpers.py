@@ -178,3 +178,15 @@ def page_count(path: Path) -> int:
         return len(doc)
     finally:
         doc.close()
+
+
+def assert_every_page_once(ws: Path, docs: Sequence[Path]) -> None:
+    """Every document exactly once (docs_by_source asserts no duplicates), every page from the model, no
+    failure records: what a run must leave behind whatever the servers did."""
+    found = docs_by_source(ws)
+    assert set(found) == {str(p) for p in docs}
+    for path in docs:
+        meta = found[str(path)]["metadata"]
+        assert meta["pdf-total-pages"] == page_count(path)
+        assert meta["total-fallback-pages"] == 0
+    assert failures(ws) == []

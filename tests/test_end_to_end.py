@@ -14,7 +14,7 @@ import requests
 
 from tests.deployment_helpers import Deployment
 from tests.pipeline_helpers import RESILIENCE_DOCS as DOCS
-from tests.pipeline_helpers import docs_by_source, failures, page_count, start_pipeline, wait_for
+from tests.pipeline_helpers import assert_every_page_once, start_pipeline, wait_for
 from tests.standin_helpers import stop_process_group
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -43,10 +43,4 @@ def test_pipeline_survives_server_kill_and_hang_under_supervisord(tmp_path: Path
     output = log.read_text()
     assert rc == 0, output[-3000:]
     assert status["restart_count"] == 2 and status["health_kills"] == 1
-    found = docs_by_source(tmp_path / "ws")  # asserts no document twice
-    assert set(found) == {str(p) for p in DOCS}
-    for path in DOCS:
-        meta = found[str(path)]["metadata"]
-        assert meta["pdf-total-pages"] == page_count(path)
-        assert meta["total-fallback-pages"] == 0
-    assert failures(tmp_path / "ws") == []
+    assert_every_page_once(tmp_path / "ws", DOCS)

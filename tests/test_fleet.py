@@ -31,8 +31,7 @@ from olmocr.server.settings import ServerSettings, SettingsError
 from olmocr.server.wrapper import add_server_arguments, settings_from_args
 from tests.metrics_helpers import parse_metrics
 from tests.pipeline_helpers import (
-    docs_by_source,
-    failures,
+    assert_every_page_once,
     launch_standin,
     run_pipeline,
     start_pipeline,
@@ -54,16 +53,6 @@ def make_pdfs(directory: Path, docs: int, pages: int = PAGES_PER_DOC) -> list[Pa
 @pytest.fixture(scope="module")
 def pdfs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return make_pdfs(tmp_path_factory.mktemp("pdfs"), 24)  # 120 pages
-
-
-def assert_complete(ws: Path, docs: list[Path]) -> None:
-    """Every document exactly once (docs_by_source asserts no duplicates), every page from the model."""
-    found = docs_by_source(ws)
-    assert set(found) == {str(p) for p in docs}
-    for meta in (d["metadata"] for d in found.values()):
-        assert meta["pdf-total-pages"] == PAGES_PER_DOC
-        assert meta["total-fallback-pages"] == 0
-    assert failures(ws) == []
 
 
 def info(url: str, **kwargs: object) -> dict:
@@ -247,7 +236,7 @@ def test_pages_follow_capacity_and_each_server_is_visible(tmp_path: Path, pdfs: 
         fast.stop()
         slow.stop()
     assert rc == 0, log
-    assert_complete(ws, pdfs)
+    assert_every_page_once(ws, pdfs)
     assert sum(served) == len(pdfs) * PAGES_PER_DOC
     assert served[0] >= 2 * served[1], served  # capacity 4:1
     assert "2 of 2 vLLM servers in rotation" in log
@@ -266,20 +255,26 @@ def test_misconfigured_servers_are_left_out_with_a_reason(tmp_path: Path, pdfs: 
     good = standin(tmp_path, 0.05)
     wrong = launch_standin(tmp_path, served_model_name="some-other-model")
     locked = launch_standin(tmp_path, env={"VLLM_API_KEY": "k-locked"})
+    # A context too small for a page at the default 1288 px: its requests would all be refused (HTTP 400).
+    small = launch_standin(tmp_path, extra_args=[*VLLM_FLAGS, "--max-model-len", "2048"])
     absent = f"http://127.0.0.1:{free_port()}"
     docs = pdfs[:2]
     try:
-        rc, log = run_pipeline(tmp_path / "ws", f"{good.url},{wrong.url},{absent}", docs,
+        rc, log = run_pipeline(tmp_path / "ws", f"{good.url},{wrong.url},{small.url},{absent}", docs,
                                log=tmp_path / "run.log")
+        small_completions = requests.get(f"{small.url}/admin/info", timeout=10).json()["completions_seen"]
         rc2, log2 = run_pipeline(tmp_path / "ws2", f"{wrong.url},{locked.url}", docs, timeout=60,
                                  log=tmp_path / "run2.log")
     finally:
-        for s in (good, wrong, locked):
+        for s in (good, wrong, locked, small):
             s.stop()
     assert rc == 0, log
-    assert_complete(tmp_path / "ws", docs)
-    left_out = [line for line in log.splitlines() if "left out" in line]
-    assert len(left_out) == 1 and wrong.url in left_out[0] and "doesn't have the 'olmocr' model" in left_out[0]
+    assert_every_page_once(tmp_path / "ws", docs)
+    left_out = sorted((line for line in log.splitlines() if "left out" in line), key=lambda line: wrong.url in line)
+    assert len(left_out) == 2, left_out
+    assert small.url in left_out[0] and "--max-model-len 2048" in left_out[0]
+    assert wrong.url in left_out[1] and "doesn't have the 'olmocr' model" in left_out[1]
+    assert small_completions == 0  # the run never sent it a page it would have had to refuse
     assert f"{absent} is not reachable yet; starting without it" in log
     # None usable: fail fast, before claiming any work, saying why for each.
     assert rc2 == 1
@@ -319,7 +314,7 @@ def test_killed_server_is_ejected_its_pages_resent_and_it_is_readmitted(tmp_path
         b.stop()
     text = log.read_text()
     assert rc == 0, text
-    assert_complete(ws, pdfs)
+    assert_every_page_once(ws, pdfs)
     assert f"vLLM server unavailable: {b.url} taken out of rotation" in text
     assert f"vLLM server is back: {b.url} re-admitted" in text
     assert after_restart > 0, "the re-admitted server got no pages"
@@ -337,7 +332,7 @@ def test_hung_server_is_taken_out_and_the_others_carry_on(tmp_path: Path, pdfs: 
         ok.stop()
         hung.stop()
     assert rc == 0, log
-    assert_complete(tmp_path / "ws", docs)
+    assert_every_page_once(tmp_path / "ws", docs)
     assert f"{hung.url} taken out of rotation (no request finished for 2s" in log
 
 
@@ -361,7 +356,7 @@ def test_all_servers_down_the_run_waits_says_so_and_finishes(tmp_path: Path, pdf
         a.stop()
         b.stop()
     assert rc == 0, log.read_text()
-    assert_complete(ws, docs)
+    assert_every_page_once(ws, docs)
 
 
 # --------------------------------------------------------------------------------------------- TLS + keys
@@ -433,7 +428,7 @@ def test_https_servers_with_a_private_ca_and_a_key_each(tmp_path: Path, pdfs: li
         for p in procs:
             stop_process_group(p)
     assert rc == 0, log
-    assert_complete(tmp_path / "ws", docs)
+    assert_every_page_once(tmp_path / "ws", docs)
     assert all(n > 0 for n in served), served
     assert rc2 == 1 and "certificate" in log2 and "--ca_bundle" in log2
     for secret in keys.values():
@@ -493,7 +488,7 @@ def test_priority_end_to_end_and_refused_without_priority_scheduling(tmp_path: P
         prio.stop()
         fcfs.stop()
     assert rc == 0, log
-    assert_complete(tmp_path / "ws", docs)
+    assert_every_page_once(tmp_path / "ws", docs)
     assert set(seen) == {"-2"} and seen["-2"] >= len(docs) * PAGES_PER_DOC
     assert rc2 == 1
     assert "refused a request with priority -2" in log2 and "--scheduling-policy priority" in log2

@@ -14,10 +14,8 @@ from tests.pipeline_helpers import (
     RESILIENCE_DOCS,
     SAMPLES,
     SMALL_DOCS,
-    docs_by_source,
-    failures,
+    assert_every_page_once,
     launch_standin,
-    page_count,
     run_pipeline,
     start_pipeline,
     wait_for,
@@ -28,16 +26,6 @@ from tests.standin_helpers import stop_process_group
 pytestmark = pytest.mark.timeout(300)
 
 DOCS = RESILIENCE_DOCS
-
-
-def _assert_complete(ws: Path, docs: list[Path]) -> None:
-    found = docs_by_source(ws)  # asserts no duplicates
-    assert set(found) == {str(p) for p in docs}
-    for path in docs:
-        meta = found[str(path)]["metadata"]
-        assert meta["pdf-total-pages"] == page_count(path)
-        assert meta["total-fallback-pages"] == 0
-    assert failures(ws) == []
 
 
 def test_server_killed_and_restarted_mid_run(tmp_path: Path) -> None:
@@ -57,7 +45,7 @@ def test_server_killed_and_restarted_mid_run(tmp_path: Path) -> None:
     text = log.read_text()
     assert rc == 0, text
     assert "vLLM server unavailable" in text and "vLLM server is back" in text
-    _assert_complete(tmp_path / "ws", DOCS)
+    assert_every_page_once(tmp_path / "ws", DOCS)
 
 
 def test_hung_server_times_out_then_recovers(tmp_path: Path) -> None:
@@ -76,7 +64,7 @@ def test_hung_server_times_out_then_recovers(tmp_path: Path) -> None:
         s.stop()
     text = log.read_text()
     assert rc == 0, text
-    _assert_complete(tmp_path / "ws", docs)
+    assert_every_page_once(tmp_path / "ws", docs)
 
 
 def test_two_pipelines_share_a_workspace_without_duplicates(tmp_path: Path) -> None:
@@ -91,7 +79,7 @@ def test_two_pipelines_share_a_workspace_without_duplicates(tmp_path: Path) -> N
             stop_process_group(p)
         s.stop()
     assert rcs == [0, 0], [lg.read_text()[-3000:] for lg in logs]
-    _assert_complete(ws, DOCS)
+    assert_every_page_once(ws, DOCS)
     claimed = [line.split("work item ")[1].split()[0] for lg in logs for line in lg.read_text().splitlines()
                if "claimed work item" in line]
     assert len(claimed) == len(set(claimed)), "an item was processed twice"
@@ -118,7 +106,7 @@ def test_pipeline_killed_midway_next_run_does_only_the_rest(tmp_path: Path) -> N
     finally:
         s.stop()
     assert rc == 0, text
-    _assert_complete(ws, DOCS)
+    assert_every_page_once(ws, DOCS)
     # Items finished by the killed run were neither redone nor rewritten.
     for name, mtime in done_before.items():
         assert (ws / "done_flags" / name).stat().st_mtime_ns == mtime

@@ -85,9 +85,15 @@ def test_request_matches_upstream_fields() -> None:
     text, image = message["content"]
     assert text == {"type": "text", "text": UPSTREAM_PROMPT}
     assert image == {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"png").decode()}}
-    assert "guided_regex" not in body
+    assert "guided_regex" not in body and "structured_outputs" not in body
+    # Guided decoding: structured_outputs for current vLLM, guided_regex (upstream's field) for old ones.
     guided = json.loads(b"".join((*request_template(0.1, guided=True)[:1], b"x", request_template(0.1, True)[1])))
-    assert guided["guided_regex"].startswith("---\\nprimary_language")
+    assert guided["structured_outputs"]["regex"].startswith("---\\nprimary_language")
+    assert "guided_regex" not in guided
+    before, after = request_template(0.1, True, guided_field="guided_regex", max_tokens=797)
+    old = json.loads(before + b"x" + after)
+    assert old["guided_regex"].startswith("---\\nprimary_language") and "structured_outputs" not in old
+    assert old["max_tokens"] == 797
     assert TEMPERATURE_BY_ATTEMPT == (0.1, 0.1, 0.2, 0.3, 0.5, 0.8, 0.9, 1.0)
 
 

@@ -79,7 +79,7 @@ def test_checked_in_supervisord_conf_is_the_rendered_default():
 
 def test_supervisord_conf_has_the_production_settings():
     conf = render_supervisord_config()
-    for line in ("chmod = 0700", "autorestart = true", "stopasgroup = true", "killasgroup = true",
+    for line in ("chmod = 0700", "autorestart = true", "stopasgroup = false", "killasgroup = true",
                  "stdout_logfile_maxbytes = 50MB", "stdout_logfile_backups = 10", "redirect_stderr = true",
                  "events = TICK_5,PROCESS_STATE", "stopwaitsecs = 60"):
         assert line in conf

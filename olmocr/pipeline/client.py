@@ -8,6 +8,9 @@ Contract (the retry policy across servers lives in :mod:`olmocr.pipeline.fleet`)
   finished no request for ``request_timeout`` seconds (a hung engine).
 * :meth:`ServerClient.probe` is the re-admission check: ``/health``, the model list and, optionally, one
   tiny completion (only a real request proves a server makes progress).
+* A 200 with ``finish_reason: abort`` (vLLM cut the request short while stopping) is resent like a 5xx.
+* A 4xx that no resend can change (400: the request does not fit the server, 401, 413 ...) is a
+  :class:`RequestRejected` with ``retryable`` False: the page gives up at once instead of using its attempts.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ import asyncio
 import json
 import logging
 import time
+from typing import Any
 
 from olmocr.pipeline.http import HttpPool, RequestTimeout, Response, TlsError, TransportError
+from olmocr.pipeline.server_check import ServerInfo, parse_models, parse_version_body, verify_server
 
 logger = logging.getLogger("olmocr.pipeline")
 
@@ -35,16 +40,34 @@ class ServerNotReady(Exception):
     """Fatal: the server never answered, or does not serve the olmocr model. Message is user-facing."""
 
 
+#: 4xx answers that may change when the same request is sent again; any other 4xx (400 context too
+#: small, 401 key, 413, 422 ...) would be refused again: the page stops trying at once. (A 404 for the
+#: model is handled above as a server in the wrong state.)
+RETRYABLE_4XX = frozenset({408, 409, 425})
+
+
 class ServerAborted(TransportError):
     """A request given up because its server was taken out of rotation; it is resent elsewhere."""
 
 
 class RequestRejected(Exception):
-    """The server answered the request with a non-retryable status (e.g. 400): a failed attempt."""
+    """The server refused the request (4xx) or answered nothing usable: a failed attempt.
 
-    def __init__(self, status: int, detail: str) -> None:
+    ``retryable`` is False when sending it again cannot help (:data:`RETRYABLE_4XX`).
+    """
+
+    def __init__(self, status: int, detail: str, *, retryable: bool = True) -> None:
         super().__init__(f"server returned {status}: {detail}")
         self.status = status
+        self.retryable = retryable
+
+
+def aborted(data: Any) -> bool:
+    """A 200 whose generation the server aborted (vLLM stopping: ``finish_reason: abort``)."""
+    try:
+        return data["choices"][0].get("finish_reason") == "abort"
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return False
 
 
 def normalize_base_url(url: str) -> str:
@@ -82,6 +105,7 @@ class ServerClient:
         self._pool = HttpPool(self.base_url, max_idle=max(8, min(max_concurrent_requests, 2048)), ca_bundle=ca_bundle)
         self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._last_success = float("-inf")
+        self.info: ServerInfo | None = None
 
     # ------------------------------------------------------------------ probes
 
@@ -91,6 +115,10 @@ class ServerClient:
 
     async def list_models(self) -> list[str]:
         """Model ids from ``/v1/models``; raises TransportError / ServerNotReady on a bad answer."""
+        return list(await self.model_lengths())
+
+    async def model_lengths(self) -> dict[str, int | None]:
+        """``/v1/models`` as {model id: max_model_len or None}; TransportError / ServerNotReady on a bad answer."""
         status, body = await self._get("/v1/models", auth=True)
         if status in (401, 403):
             raise ServerNotReady(
@@ -100,20 +128,27 @@ class ServerClient:
         if status != 200:
             raise TransportError(f"/v1/models answered HTTP {status}")
         try:
-            data = json.loads(body)
-            return [str(m.get("id")) for m in data.get("data", [])]
-        except (ValueError, AttributeError, TypeError):
-            raise TransportError("/v1/models answered something that is not a model list") from None
+            return parse_models(body)
+        except ValueError as exc:
+            raise TransportError(str(exc)) from None
+
+    async def server_version(self) -> str | None:
+        """``/version`` (vLLM's own version string), or None if the server has none."""
+        try:
+            status, body = await self._get("/version", auth=False)
+        except TransportError:
+            return None
+        return parse_version_body(status, body)
 
     async def wait_ready(self, *, attempts: int = INITIAL_ATTEMPTS, max_wait_s: float = 600.0,
-                         first_delay_s: float = 1.0) -> None:
-        """Initial connection, then the model check. Raises :class:`ServerNotReady` (exit non-zero)."""
+                         first_delay_s: float = 1.0) -> ServerInfo:
+        """Initial connection, then the model check (:func:`verify_server`). Raises :class:`ServerNotReady`."""
         delay = first_delay_s
         start = time.monotonic()
         last = ""
         for attempt in range(1, attempts + 1):
             try:
-                models = await self.list_models()
+                await self.list_models()
                 break
             except TlsError as exc:
                 raise ServerNotReady(
@@ -132,14 +167,14 @@ class ServerClient:
                            self.name, last, attempt, attempts, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_BACKOFF_S)
-        if MODEL_NAME not in models:
-            raise ServerNotReady(
-                f"External vLLM server is running but doesn't have the '{MODEL_NAME}' model "
-                f"(it serves: {', '.join(models) or 'nothing'}). Start vLLM with "
-                f"`--served-model-name {MODEL_NAME}` (the olmocr-serve server does this), or point "
-                "--vllm-url at the olmOCR server."
-            )
-        logger.info("vLLM server at %s is ready and serves '%s'", self.name, MODEL_NAME)
+        try:
+            self.info = await verify_server(self)
+        except TransportError as exc:
+            raise ServerNotReady(f"The vLLM server at {self.name} stopped answering during the model "
+                                 f"check ({exc}); check its log and try again.") from None
+        logger.info("vLLM server at %s is ready and serves '%s' (vLLM %s, max_model_len %s)", self.name,
+                    MODEL_NAME, self.info.version or "version unknown", self.info.max_model_len or "not reported")
+        return self.info
 
     async def completion_probe(self, priority: int | None = None, timeout: float = PROBE_TIMEOUT_S) -> Response:
         """One tiny text completion (``max_tokens`` 1): the only proof that the engine makes progress."""

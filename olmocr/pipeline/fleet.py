@@ -8,6 +8,9 @@ The server list is parsed by :mod:`olmocr.pipeline.serverlist`; the choice of se
   no priority scheduling when ``--priority`` is used) is left out with a one-line reason. The run starts as
   soon as one server is usable; servers still unreachable a few seconds later join when they come up. If
   none is usable the run fails before claiming work.
+  The model list and ``/version`` also give each server's ``max_model_len`` (``max_tokens`` is capped so
+  every request fits every server in rotation; a server whose context cannot hold a useful page is left
+  out) and the request field that constrains output (:mod:`olmocr.pipeline.server_check`).
 * **Balancing.** A request goes to the server that would finish it soonest relative to its learned capacity
   (:func:`~olmocr.pipeline.balance.choose`); a server that falls behind has its newest queued requests moved
   (:func:`~olmocr.pipeline.balance.plan_steals`).
@@ -35,12 +38,20 @@ from olmocr.pipeline.balance import Server, choose, plan_steals
 from olmocr.pipeline.client import (
     MAX_BACKOFF_S,
     MODEL_NAME,
+    RETRYABLE_4XX,
     RequestRejected,
     ServerAborted,
     ServerClient,
     ServerNotReady,
+    aborted,
 )
 from olmocr.pipeline.http import RequestTimeout, TransportError
+from olmocr.pipeline.server_check import (
+    DEFAULT_MAX_TOKENS,
+    STRUCTURED_OUTPUTS,
+    ServerMismatch,
+    plan_max_tokens,
+)
 from olmocr.pipeline.serverlist import FleetConfigError, ServerSpec
 
 logger = logging.getLogger("olmocr.pipeline")
@@ -66,13 +77,20 @@ ABANDONED = "abandoned: its server was taken out of rotation or was too far behi
 # ---------------------------------------------------------------------------------------------- verification
 
 
-async def verify_server(client: ServerClient, *, max_wait_s: float, priority: int | None) -> None:
-    """Start-up checks for one server; raises :class:`ServerNotReady` with a one-line reason.
+async def verify_server(client: ServerClient, *, max_wait_s: float, priority: int | None,
+                        longest_dim: int = 1288) -> int:
+    """Start-up checks for one server; returns the ``max_tokens`` its context allows for a page rendered
+    at ``longest_dim``. Raises :class:`ServerNotReady` with a one-line reason.
 
-    Reachable, serves ``olmocr`` (:meth:`ServerClient.wait_ready`); with ``--priority``, accepts a request
+    Reachable, serves ``olmocr`` (:meth:`ServerClient.wait_ready`), has room in its context for a useful
+    answer (:func:`~olmocr.pipeline.server_check.plan_max_tokens`); with ``--priority``, accepts a request
     carrying a priority (vLLM answers 400 unless started with ``--scheduling-policy priority``).
     """
-    await client.wait_ready(max_wait_s=max_wait_s)
+    info = await client.wait_ready(max_wait_s=max_wait_s)
+    try:
+        max_tokens = plan_max_tokens(info.max_model_len, longest_dim)
+    except ServerMismatch as exc:
+        raise ServerNotReady(f"{exc} ({client.name})") from None
     if priority is not None:
         try:
             resp = await client.completion_probe(priority, timeout=max(10.0, client.request_timeout))
@@ -85,6 +103,7 @@ async def verify_server(client: ServerClient, *, max_wait_s: float, priority: in
                 f"{resp.status}: {detail}). Start it with --scheduling-policy priority (olmocr-serve: "
                 "--scheduling-policy priority or OLMOCR_SCHEDULING_POLICY=priority), or drop --priority."
             )
+    return max_tokens
 
 
 # ---------------------------------------------------------------------------------------------- the fleet
@@ -95,7 +114,7 @@ class Fleet:
 
     def __init__(self, specs: Sequence[ServerSpec], *, request_timeout: float = 600.0,
                  max_concurrent_requests: int = 1600, ca_bundle: str | None = None,
-                 priority: int | None = None, render_lookahead: int = 8) -> None:
+                 priority: int | None = None, render_lookahead: int = 8, longest_dim: int = 1288) -> None:
         if not specs:
             raise FleetConfigError("no vLLM server given: pass --vllm-url (or set OLMOCR_VLLM_URL)")
         per_pool = max(8, min(max_concurrent_requests, 2048))
@@ -105,6 +124,8 @@ class Fleet:
             for s in specs
         ]
         self.priority = priority
+        self.longest_dim = longest_dim
+        self.max_tokens: dict[Server, int] = {}  # what each verified server's context allows
         self._slots = asyncio.Semaphore(max_concurrent_requests)
         self._render_gate = asyncio.Semaphore(max(1, render_lookahead))
         self._changed = asyncio.Event()  # set whenever a server joins the rotation
@@ -128,7 +149,8 @@ class Fleet:
 
     async def start(self, max_wait_s: float = 600.0) -> None:
         """Verify every server; raises :class:`ServerNotReady` if none is usable (before any work is claimed)."""
-        tasks = {asyncio.create_task(verify_server(s.client, max_wait_s=max_wait_s, priority=self.priority)): s
+        tasks = {asyncio.create_task(verify_server(s.client, max_wait_s=max_wait_s, priority=self.priority,
+                                                   longest_dim=self.longest_dim)): s
                  for s in self.servers}
         pending = set(tasks)
         grace_until: float | None = None
@@ -140,6 +162,7 @@ class Fleet:
                     server = tasks[task]
                     exc = task.exception()
                     if exc is None:
+                        self.max_tokens[server] = task.result()
                         self._admit(server, "verified at start-up", quiet=True)
                     elif isinstance(exc, ServerNotReady):
                         server.state, server.reason = "excluded", str(exc)
@@ -168,6 +191,30 @@ class Fleet:
         if not self.single:
             logger.info("%d of %d vLLM servers in rotation: %s", len(usable), len(self.servers),
                         ", ".join(s.url for s in usable))
+
+    def request_plan(self) -> tuple[int, str]:
+        """``max_tokens`` and the guided-decoding field for every page request, from the verified servers.
+
+        Requests may go to any server, so ``max_tokens`` fits the smallest context. Servers of different
+        vLLM versions that disagree on the field get ``structured_outputs`` (every vLLM since 0.10.2).
+        """
+        max_tokens = min(self.max_tokens.values(), default=DEFAULT_MAX_TOKENS)
+        fields = {i.guided_field for i in self._infos()}
+        if len(fields) > 1:
+            logger.warning("the vLLM servers differ in version: guided decoding uses %r, which servers older "
+                           "than vLLM 0.10.2 ignore", STRUCTURED_OUTPUTS)
+        return max_tokens, fields.pop() if len(fields) == 1 else STRUCTURED_OUTPUTS
+
+    def _infos(self) -> list[Any]:
+        return [s.client.info for s in self.max_tokens if s.client.info is not None]
+
+    def smallest_context(self) -> int | None:
+        """The smallest ``max_model_len`` among the verified servers (None if none reported one)."""
+        return min((i.max_model_len for i in self._infos() if i.max_model_len), default=None)
+
+    def versions(self) -> list[str]:
+        """The distinct vLLM versions of the verified servers, sorted."""
+        return sorted({i.version for i in self._infos() if i.version})
 
     # ------------------------------------------------------------------ rotation
 
@@ -342,12 +389,15 @@ class Fleet:
                     except ValueError:
                         server.rejected += 1
                         raise RequestRejected(200, "answer is not JSON") from None
-                    server.pages += 1
-                    server.failures_in_a_row = 0
-                    now = time.monotonic()
-                    server.meter.answered(now, now - sent_at)
-                    return data
-                if resp.status == 429 or resp.status >= 500:
+                    if aborted(data):
+                        problem = "the server aborted the request (finish_reason abort: it is stopping)"
+                    else:
+                        server.pages += 1
+                        server.failures_in_a_row = 0
+                        now = time.monotonic()
+                        server.meter.answered(now, now - sent_at)
+                        return data
+                elif resp.status == 429 or resp.status >= 500:
                     problem = f"HTTP {resp.status}"
                 elif resp.status == 404 and b"does not exist" in resp.body:
                     # A server restarted with the wrong --served-model-name: not the page's fault; it leaves
@@ -355,14 +405,15 @@ class Fleet:
                     problem = f"HTTP 404, model {MODEL_NAME!r} not served"
                 else:
                     server.rejected += 1
-                    raise RequestRejected(resp.status, resp.body[:300].decode("utf-8", "replace"))
+                    raise RequestRejected(resp.status, resp.body[:300].decode("utf-8", "replace"),
+                                          retryable=resp.status in RETRYABLE_4XX)
             assert problem is not None
             if problem == ABANDONED:
                 continue  # moved to another server (ejected, or rebalanced): no error, no pause
             server.errors += 1
             transient_in_a_row += 1
             self._note_transient(server, label, problem)
-            is_5xx = resp is not None and resp.status >= 500
+            is_5xx = resp is not None and (resp.status >= 500 or resp.status == 200)  # 200: aborted
             errors_5xx_in_a_row = errors_5xx_in_a_row + 1 if is_5xx else 0
             if server.state == "up" and (resp is None or resp.status != 429):
                 server.failures_in_a_row += 1

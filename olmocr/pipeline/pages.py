@@ -18,12 +18,13 @@ from olmocr.pipeline.prompts import (
     parse_page_response,
 )
 from olmocr.pipeline.render import Renderer, RenderError
+from olmocr.pipeline.server_check import DEFAULT_MAX_TOKENS, STRUCTURED_OUTPUTS, guided_fields
 
 logger = logging.getLogger("olmocr.pipeline")
 
 #: Temperature for attempt n (later attempts use the last value): higher temperatures break repetition loops.
 TEMPERATURE_BY_ATTEMPT = (0.1, 0.1, 0.2, 0.3, 0.5, 0.8, 0.9, 1.0)
-MAX_TOKENS = 8000
+MAX_TOKENS = DEFAULT_MAX_TOKENS
 _IMAGE_MARK = "@@OLMOCR_IMAGE@@"
 
 
@@ -33,6 +34,11 @@ class PageSettings:
     max_page_retries: int = 8
     max_model_len: int = 16384
     guided_decoding: bool = False
+    #: ``max_tokens`` of every request: MAX_TOKENS, or less where the server's context is smaller
+    #: (:func:`olmocr.pipeline.server_check.plan_max_tokens`).
+    max_tokens: int = MAX_TOKENS
+    #: The request field that constrains output on this server (``structured_outputs`` or ``guided_regex``).
+    guided_field: str = STRUCTURED_OUTPUTS
     priority: int | None = None  # vLLM's request priority (lower = sooner); None: the field is not sent
 
 
@@ -50,8 +56,10 @@ class PageSource:
         return f"{self.source}-{self.page_num}"
 
 
-def request_template(temperature: float, guided: bool, priority: int | None = None) -> tuple[bytes, bytes]:
-    """Bytes before and after the base64 PNG in the request JSON (upstream's request, field for field)."""
+def request_template(temperature: float, guided: bool, priority: int | None = None, *,
+                     max_tokens: int = MAX_TOKENS, guided_field: str = STRUCTURED_OUTPUTS) -> tuple[bytes, bytes]:
+    """Bytes before and after the base64 PNG in the request JSON (upstream's request, field for field,
+    except that guided decoding uses the field the server understands)."""
     query: dict = {
         "model": "olmocr",
         "messages": [
@@ -63,11 +71,11 @@ def request_template(temperature: float, guided: bool, priority: int | None = No
                 ],
             }
         ],
-        "max_tokens": MAX_TOKENS,
+        "max_tokens": max_tokens,
         "temperature": temperature,
     }
     if guided:
-        query["guided_regex"] = GUIDED_REGEX
+        query.update(guided_fields(guided_field, GUIDED_REGEX))
     if priority is not None:
         query["priority"] = priority
     before, after = json.dumps(query).split(json.dumps(_IMAGE_MARK))
@@ -97,8 +105,9 @@ class PageProcessor:
     def _template(self, temperature: float) -> tuple[bytes, bytes]:
         found = self._templates.get(temperature)
         if found is None:
-            found = self._templates[temperature] = request_template(temperature, self.settings.guided_decoding,
-                                                                   self.settings.priority)
+            found = self._templates[temperature] = request_template(
+                temperature, self.settings.guided_decoding, self.settings.priority,
+                max_tokens=self.settings.max_tokens, guided_field=self.settings.guided_field)
         return found
 
     async def _try_once(self, page: PageSource, attempt: int, rotation: int) -> Attempt | None:
@@ -115,6 +124,8 @@ class PageProcessor:
         try:
             data = await self.client.chat(make_body, page.label)
         except RequestRejected as exc:
+            if not exc.retryable:
+                raise  # the same request would be refused again: no attempts are spent on it
             logger.warning("%s attempt %d: %s", page.label, attempt, exc)
             return None
         try:
@@ -172,6 +183,10 @@ class PageProcessor:
                     logger.info("%s: model says rotation is invalid; retrying rotated %d degrees", page.label, rotation)
         except RenderError as exc:
             logger.warning("%s: cannot render (%s); using the text layer", page.label, exc)
+            return await self._fallback(page, f"page {page.page_num}: {exc}")
+        except RequestRejected as exc:
+            logger.warning("%s: the server refuses this request (%s); no retry can change that, using the "
+                           "text layer", page.label, exc)
             return await self._fallback(page, f"page {page.page_num}: {exc}")
         if last is not None and last.valid:
             return self._result(page, last)

@@ -14,9 +14,10 @@ from olmocr.pipeline.documents import DocOutcome, DocumentProcessor, failure
 from olmocr.pipeline.fleet import SERVER_STATS_DIR, Fleet, run_id, server_stats_record
 from olmocr.pipeline.inputs import expand_inputs, set_input_profile
 from olmocr.pipeline.output import dolma_jsonl, markdown_relpath
-from olmocr.pipeline.pages import PageProcessor, PageSettings
+from olmocr.pipeline.pages import MAX_TOKENS, PageProcessor, PageSettings
 from olmocr.pipeline.progress import Progress, report_progress
 from olmocr.pipeline.render import DEFAULT_RENDER_TIMEOUT_S, Renderer, default_render_processes
+from olmocr.pipeline.server_check import STRUCTURED_OUTPUTS
 from olmocr.pipeline.serverlist import ServerSpec
 from olmocr.pipeline.shutdown import DEFAULT_STOP_TIMEOUT_S, StopRequest
 from olmocr.pipeline.storage import Storage, open_storage
@@ -76,7 +77,8 @@ class Runner:
     """The running pipeline: shared renderer, server client, page slots and counters."""
 
     def __init__(self, config: PipelineConfig, storage: Storage, queue: WorkQueue, client: Fleet,
-                 stop: StopRequest | None = None) -> None:
+                 stop: StopRequest | None = None, max_tokens: int = MAX_TOKENS,
+                 guided_field: str = STRUCTURED_OUTPUTS) -> None:
         self.config = config
         self.stop = stop or StopRequest()
         self.released = 0  # items handed back unfinished (graceful stop, errors)
@@ -88,7 +90,8 @@ class Runner:
         self.renderer = Renderer(config.render_processes, config.render_timeout)
         self.stop.on_hard_exit(self.renderer.kill_now)
         settings = PageSettings(config.target_longest_image_dim, config.max_page_retries, config.max_model_len,
-                                config.guided_decoding, config.priority)
+                                config.guided_decoding, priority=config.priority, max_tokens=max_tokens,
+                                guided_field=guided_field)
         pages = PageProcessor(self.renderer, client, settings, self.progress)
         # Pages in flight: enough to keep every request slot busy plus a render lookahead.
         page_slots = asyncio.Semaphore(config.max_concurrent_requests + 4 * self.renderer.processes)
@@ -347,7 +350,8 @@ async def run_pipeline(config: PipelineConfig, stop: StopRequest | None = None,
 async def _run_on(config: PipelineConfig, storage: Storage, queue: WorkQueue, stop: StopRequest) -> int:
     fleet = Fleet(config.servers, request_timeout=config.request_timeout,
                   max_concurrent_requests=config.max_concurrent_requests, ca_bundle=config.ca_bundle,
-                  priority=config.priority, render_lookahead=4 * (config.render_processes or default_render_processes()))
+                  priority=config.priority, render_lookahead=4 * (config.render_processes or default_render_processes()),
+                  longest_dim=config.target_longest_image_dim)
     try:
         ready = asyncio.create_task(fleet.start(max_wait_s=config.max_server_ready_timeout))
         stopped = asyncio.create_task(stop.event.wait())
@@ -362,7 +366,14 @@ async def _run_on(config: PipelineConfig, storage: Storage, queue: WorkQueue, st
         except ServerNotReady as exc:
             logger.error("%s", exc)
             return 1
-        await Runner(config, storage, queue, fleet, stop).run()
+        max_tokens, guided_field = fleet.request_plan()
+        if max_tokens < MAX_TOKENS:
+            logger.warning("the smallest server max_model_len is %d: answers are capped at %d tokens (not %d)",
+                           fleet.smallest_context(), max_tokens, MAX_TOKENS)
+        if config.guided_decoding:
+            logger.info("guided decoding: constraining the front matter with the %r request field (vLLM %s)",
+                        guided_field, ", ".join(fleet.versions()) or "version unknown")
+        await Runner(config, storage, queue, fleet, stop, max_tokens, guided_field).run()
     finally:
         await fleet.close()
     return 0

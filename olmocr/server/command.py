@@ -34,6 +34,8 @@ def build_vllm_command(settings: ServerSettings, passthrough: Sequence[str] = ()
     ]
     if settings.gpu_memory_utilization is not None:
         argv += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
+    if settings.shutdown_timeout > 0:  # 0 is vLLM's default (abort at once); older vLLMs lack the flag
+        argv += ["--shutdown-timeout", str(settings.shutdown_timeout)]
     if settings.scheduling_policy != "fcfs":
         argv += ["--scheduling-policy", settings.scheduling_policy]
     argv += list(settings.extra_vllm_args)
@@ -42,12 +44,15 @@ def build_vllm_command(settings: ServerSettings, passthrough: Sequence[str] = ()
     return argv
 
 
-def build_vllm_env(base: Mapping[str, str], api_key: str | None) -> dict[str, str]:
-    """The server's environment: the caller's, single-threaded OpenMP, and the API key if any."""
+def build_vllm_env(base: Mapping[str, str], api_key: str | None, tmpdir: str | None = None) -> dict[str, str]:
+    """The server's environment: the caller's, single-threaded OpenMP, the API key if any, and
+    ``TMPDIR`` (where vLLM puts its sockets) if the deployment gives it a directory of its own."""
     env = dict(base)
     env["OMP_NUM_THREADS"] = "1"
     if api_key:
         env["VLLM_API_KEY"] = api_key
+    if tmpdir:
+        env["TMPDIR"] = tmpdir
     return env
 
 

@@ -28,6 +28,7 @@ import psutil
 from olmocr.server.lifetime import die_with_parent
 from olmocr.server.rpcclient import connect
 from olmocr.server.settings import PROGRAM_NAME, ServerSettings, SettingsError, read_api_key
+from olmocr.server.shutdown import stopwaitsecs_for
 from olmocr.server.status import fetch_status
 from olmocr.server.supervisor_config import ConfigLayout, render_supervisord_config
 from olmocr.server.wrapper import add_server_arguments, resolve_executable, settings_from_args
@@ -95,7 +96,8 @@ class Manager:
         self.config_path = run_dir / "supervisord.conf"
         layout = ConfigLayout(run_dir=str(run_dir / "run"), log_dir=str(run_dir / "logs"),
                               python=sys.executable, nodaemon=True, startsecs=startsecs,
-                              socket_file=self.socket_file)
+                              socket_file=self.socket_file,
+                              stopwaitsecs=max(ConfigLayout.stopwaitsecs, stopwaitsecs_for(settings.shutdown_timeout)))
         (run_dir / "run").mkdir(parents=True, exist_ok=True)
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(render_supervisord_config(layout))

@@ -12,6 +12,8 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
+from olmocr.server.shutdown import DEFAULT_SHUTDOWN_TIMEOUT
+
 DEFAULT_MODEL = "allenai/olmOCR-7B-0825-FP8"
 SERVED_MODEL_NAME = "olmocr"
 PROGRAM_NAME = "vllm"
@@ -48,6 +50,11 @@ class ServerSettings:
     success_threshold: int = 1
     startup_timeout: float = 600.0
     kill_grace: float = 15.0
+    # Planned stops: vLLM drains requests for this long before aborting them (olmocr/server/shutdown.py).
+    shutdown_timeout: int = DEFAULT_SHUTDOWN_TIMEOUT
+    # vLLM writes its ZeroMQ sockets and other scratch files into $TMPDIR and leaves them behind: the
+    # deployment points it at a directory it owns (supervisord.conf sets <run>/vllm-tmp). Unset: $TMPDIR.
+    vllm_tmpdir: str | None = None
 
     @property
     def base_url(self) -> str:
@@ -95,6 +102,8 @@ class ServerSettings:
         for name in ("health_interval", "health_timeout", "completion_timeout", "startup_timeout"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.shutdown_timeout < 0:
+            raise SettingsError(f"OLMOCR_SHUTDOWN_TIMEOUT must not be negative, got {self.shutdown_timeout}")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise SettingsError(f"scheduling policy {self.scheduling_policy!r} is not fcfs or priority "
                                 "(OLMOCR_SCHEDULING_POLICY / --scheduling-policy)")
@@ -124,10 +133,12 @@ ENV_NAMES: dict[str, str] = {
     "success_threshold": "OLMOCR_HEALTH_SUCCESS_THRESHOLD",
     "startup_timeout": "OLMOCR_HEALTH_STARTUP_TIMEOUT",
     "kill_grace": "OLMOCR_HEALTH_KILL_GRACE",
+    "shutdown_timeout": "OLMOCR_SHUTDOWN_TIMEOUT",
+    "vllm_tmpdir": "OLMOCR_VLLM_TMPDIR",
 }
 
 _INT_FIELDS = {"port", "tensor_parallel_size", "data_parallel_size", "max_model_len",
-               "max_restart_attempts", "failure_threshold", "success_threshold"}
+               "max_restart_attempts", "failure_threshold", "success_threshold", "shutdown_timeout"}
 _FLOAT_FIELDS = {"gpu_memory_utilization", "restart_delay", "restart_reset_after", "health_interval", "health_timeout",
                  "completion_timeout", "startup_timeout", "kill_grace"}
 

@@ -1,17 +1,24 @@
 """The thin wrapper supervisord runs as ``[program:vllm]``: it builds the vLLM command and ``exec``s it.
 
 ``exec`` (not a child process) keeps the server's pid equal to the one supervisord tracks, and the
-server stays leader of the process group supervisord created for it, so ``stopasgroup``/``killasgroup``
-and the health listener's group kill reach vLLM's engine processes too: an orphaned engine keeps
-holding GPU memory and the port.
+server stays leader of the process group supervisord created for it, so supervisord's SIGTERM reaches
+the server itself (which then drains and stops its engine) while ``killasgroup`` and the health
+listener's group kill reach vLLM's engine processes too: an orphaned engine keeps holding GPU memory
+and the port.
 
 On a restart it first waits out ``--restart-delay`` (counted from the last exit recorded by the
 olmocr RPC extension) so a crashed engine has time to release GPU memory.
+
+vLLM's scratch files (ZeroMQ sockets, ``vllm_dist_*``; it leaves them after every run) go to
+``OLMOCR_VLLM_TMPDIR`` (supervisord.conf: ``<run>/vllm-tmp``), emptied before each start, never to the
+system temp directory. ``--shutdown-timeout`` is shortened if supervisord's ``stopwaitsecs`` would kill
+vLLM inside its drain (olmocr/server/shutdown.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shutil
@@ -21,6 +28,7 @@ from collections.abc import Mapping, Sequence
 
 from olmocr.server.command import build_vllm_command, build_vllm_env
 from olmocr.server.settings import DEFAULT_MODEL, ServerSettings, SettingsError, read_api_key
+from olmocr.server.shutdown import fit_shutdown_timeout
 
 log = logging.getLogger("olmocr.wrapper")
 
@@ -85,6 +93,56 @@ def _process_stats_from_supervisor(env: Mapping[str, str]) -> Mapping[str, objec
         return None
 
 
+#: vLLM names its sockets ``ipc://<TMPDIR>/<uuid4>``; AF_UNIX paths end at 107 bytes.
+MAX_TMPDIR_LEN = 107 - 1 - 36
+#: Entries of the scratch directory kept across starts: compiled-kernel caches, not per-run state.
+KEEP_IN_TMPDIR = ("torchinductor_",)
+
+
+def prepare_tmpdir(path: str | None) -> str | None:
+    """Creates the server's scratch directory (mode 0700) and removes what earlier runs left in it.
+
+    Returns the directory for ``TMPDIR``, or None (keep the inherited one) when none is configured or its
+    path is too long for vLLM's unix sockets.
+    """
+    if not path:
+        return None
+    path = os.path.abspath(path)
+    if len(path) > MAX_TMPDIR_LEN:
+        log.warning("OLMOCR_VLLM_TMPDIR %s is longer than %d characters, too long for vLLM's unix sockets; "
+                    "vLLM uses the system temp directory instead", path, MAX_TMPDIR_LEN)
+        return None
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    for entry in os.listdir(path):
+        if entry.startswith(KEEP_IN_TMPDIR):
+            continue
+        full = os.path.join(path, entry)
+        if os.path.isdir(full) and not os.path.islink(full):
+            shutil.rmtree(full, ignore_errors=True)
+        else:
+            try:
+                os.unlink(full)
+            except OSError:
+                pass
+    return path
+
+
+def _stopwaitsecs_from_supervisor(env: Mapping[str, str]) -> int | None:
+    """supervisord's ``stopwaitsecs`` for this program (None when not under supervisord or unknown)."""
+    if "SUPERVISOR_SERVER_URL" not in env:
+        return None
+    try:
+        from olmocr.server.rpcclient import connect_from_child_env
+
+        name = env.get("SUPERVISOR_PROCESS_NAME", "vllm")
+        for info in connect_from_child_env(env, timeout=5.0).supervisor.getAllConfigInfo():
+            if info.get("name") == name:
+                return int(info["stopwaitsecs"])
+    except Exception as exc:  # a courtesy check; never block a start on it
+        log.warning("could not read stopwaitsecs from supervisord (%s)", exc)
+    return None
+
+
 def resolve_executable(name: str) -> str:
     path = shutil.which(name)
     if path is None and os.sep not in name:
@@ -110,6 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, passthrough = parser.parse_known_args(argv)
     try:
         settings = settings_from_args(args)
+        fitted = fit_shutdown_timeout(settings.shutdown_timeout, _stopwaitsecs_from_supervisor(os.environ))
+        if fitted != settings.shutdown_timeout:
+            log.warning("OLMOCR_SHUTDOWN_TIMEOUT=%d does not fit supervisord's stopwaitsecs (it would SIGKILL "
+                        "vLLM mid-drain): using --shutdown-timeout %d; raise stopwaitsecs to keep %d",
+                        settings.shutdown_timeout, fitted, settings.shutdown_timeout)
+            settings = dataclasses.replace(settings, shutdown_timeout=fitted)
         api_key = read_api_key(settings)
         argv_out = build_vllm_command(settings, passthrough)
         argv_out[0] = resolve_executable(argv_out[0])
@@ -126,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("starting: %s", " ".join(argv_out))
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(argv_out[0], argv_out, build_vllm_env(os.environ, api_key))
+    os.execve(argv_out[0], argv_out, build_vllm_env(os.environ, api_key, prepare_tmpdir(settings.vllm_tmpdir)))
     return 0  # not reached
 
 

@@ -31,6 +31,8 @@ DEFAULTS: dict[str, Any] = {
     "rotation": "none",
     "answer": "ok",
     "output_tokens": 750,
+    # The vLLM version the stand-in plays (``/version``, and which guided-decoding fields it honours).
+    "vllm_version": "0.32.0",
 }
 
 

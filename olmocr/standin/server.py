@@ -25,8 +25,14 @@ from typing import Any
 from olmocr.standin import answer as ans
 from olmocr.standin.control import Control
 
-VLLM_COMPAT_VERSION = "0.11.0"
+VLLM_COMPAT_VERSION = "0.32.0"  # the default of the ``vllm_version`` control
 DEFAULT_MAX_MODEL_LEN = 16384
+#: vLLM added ``structured_outputs`` in 0.10.2 and later removed the ``guided_*`` request fields (0.32
+#: ignores them with a warning); the stand-in plays 0.12 and later as "removed".
+STRUCTURED_OUTPUTS_SINCE = (0, 10, 2)
+GUIDED_FIELDS_REMOVED_SINCE = (0, 12, 0)
+_REMOVED_GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                          "guided_decoding_backend", "guided_whitespace_pattern")
 
 # The "EngineCore" child: sleeps forever, ignores SIGINT, dies on SIGTERM/SIGKILL. It does NOT notice
 # its parent's death (no setsid, no parent-death signal), like a vLLM engine orphaned holding GPU memory.
@@ -120,6 +126,17 @@ class StandIn:
         self.exiting = threading.Lock()
         self.httpd: ThreadingHTTPServer | None = None
         self.port = args.port
+        self.warned_guided = False
+
+    def version(self) -> str:
+        return str(self.control.get("vllm_version") or VLLM_COMPAT_VERSION)
+
+    def version_tuple(self) -> tuple[int, ...]:
+        parts = []
+        for piece in self.version().split("+")[0].split(".")[:3]:
+            digits = "".join(ch for ch in piece if ch.isdigit())
+            parts.append(int(digits or 0))
+        return tuple(parts)
 
     # names and logging
     def served_name(self) -> str:
@@ -251,6 +268,7 @@ class Handler(BaseHTTPRequestHandler):
     sys_version = ""
     disable_nagle_algorithm = True
     app: StandIn  # set on the subclass made in serve()
+    constrained = False  # this request's output is constrained to the front matter
 
     # -- plumbing
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence default stderr log
@@ -343,7 +361,7 @@ class Handler(BaseHTTPRequestHandler):
                 status = int(app.control.get("health_status") or 200)
                 self.send_bytes(status, b"", "application/json")
             elif path == "/version":
-                self.send_json(200, {"version": f"{VLLM_COMPAT_VERSION}+standin"})
+                self.send_json(200, {"version": f"{app.version()}+standin"})
             elif path == "/metrics":
                 self.send_bytes(200, self.metrics_text().encode(), "text/plain; version=0.0.4; charset=utf-8")
             elif path == "/v1/models":
@@ -377,10 +395,11 @@ class Handler(BaseHTTPRequestHandler):
             "pid": os.getpid(), "engine_pid": eng.pid if eng else None, "served_model_name": app.served_name(),
             "model": app.args.model, "port": app.port, "host": app.args.host,
             "max_model_len": app.args.max_model_len, "control": app.control.snapshot(),
-            "requests_served": app.stats.requests_served, "priorities": dict(app.stats.priorities),
+            "requests_served": app.stats.requests_served, "completions_seen": app.stats.completions_seen,
+            "priorities": dict(app.stats.priorities),
             "image_requests_served": app.stats.image_requests_served,
             "scheduling_policy": app.args.scheduling_policy, "uptime_s": round(time.monotonic() - app.started, 3),
-            "standin": True,
+            "standin": True, "tmpdir": os.environ.get("TMPDIR"),
         }
 
     def metrics_text(self) -> str:
@@ -445,15 +464,12 @@ class Handler(BaseHTTPRequestHandler):
         prompt_tokens = ans.estimate_prompt_tokens(text_chars, images)
         max_len = app.args.max_model_len
         max_tokens = req.get("max_completion_tokens") or req.get("max_tokens")
-        if max_tokens is None:
-            max_tokens = max(0, max_len - prompt_tokens)
-        max_tokens = int(max_tokens)
-        if prompt_tokens + max_tokens > max_len:
+        # vLLM 0.32's checks: max_tokens above the context, or a prompt that alone overflows it, is a 400;
+        # otherwise max_tokens is silently lowered to what is left.
+        if max_tokens is not None and int(max_tokens) > max_len:
             self.send_json(400, error_body(
-                f"This model's maximum context length is {max_len} tokens. However, you requested "
-                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
-                "completion). Please reduce the length of the messages or completion.",
-                "BadRequestError", 400))
+                f"max_tokens={int(max_tokens)} cannot be greater than max_model_len={max_len}. "
+                f"Please request fewer output tokens.", "BadRequestError", 400, "max_tokens"))
             return
         try:
             priority = int(req.get("priority") or 0)
@@ -464,6 +480,14 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(400, error_body(f"Got priority {priority} but Priority scheduling is not enabled.",
                                            "BadRequestError", 400, "priority"))
             return
+        if prompt_tokens > max_len:
+            self.send_json(400, error_body(
+                f"This model's maximum context length is {max_len} tokens. However, your prompt contains "
+                f"{prompt_tokens} input tokens, which exceeds this limit even without any output tokens. "
+                "Please reduce the length of the input prompt.", "BadRequestError", 400, "input_tokens"))
+            return
+        max_tokens = max_len - prompt_tokens if max_tokens is None else min(int(max_tokens), max_len - prompt_tokens)
+        self.constrained = self.output_constrained(req)
         if not app.acquire_slot(self, priority):
             self.close_connection = True
             return
@@ -471,6 +495,22 @@ class Handler(BaseHTTPRequestHandler):
             self.complete(req, served, images, prompt_tokens, max_tokens, priority)
         finally:
             app.release_slot()
+
+    def output_constrained(self, req: dict[str, Any]) -> bool:
+        """True if the request asks for the front matter in a field this vLLM version honours."""
+        version = self.app.version_tuple()
+        structured = req.get("structured_outputs")
+        if isinstance(structured, dict) and structured.get("regex") and version >= STRUCTURED_OUTPUTS_SINCE:
+            return True
+        present = sorted(f for f in _REMOVED_GUIDED_FIELDS if f in req)
+        if present and version >= GUIDED_FIELDS_REMOVED_SINCE:
+            if not self.app.warned_guided:  # vLLM: logger.warning_once
+                self.app.warned_guided = True
+                log("WARNING", f"Request contains the removed guided-decoding field(s) {present}, which are "
+                               "ignored; output will NOT be constrained. Use `structured_outputs` (or "
+                               "`response_format`) instead; see docs/features/structured_outputs.md.")
+            return False
+        return bool(req.get("guided_regex"))
 
     def wait_while_hung(self) -> bool:
         """Block while the stand-in is told to hang; False if the client left or we are shutting down."""
@@ -552,12 +592,17 @@ class Handler(BaseHTTPRequestHandler):
             st.answers += 1
             k_th = st.answers
         garbage = mode == "garbage"
-        if mode.startswith("mixed:"):
+        if mode.startswith(("mixed:", "abort:")):
             try:
                 every = max(1, int(mode.split(":", 1)[1]))
             except ValueError:
                 every = 2
-            garbage = k_th % every == 0
+            if mode.startswith("mixed:"):
+                garbage = k_th % every == 0
+            elif k_th % every == 0:  # vLLM stopping with this request running: cut short, finish "abort"
+                return ans.front_matter()[:20], "abort"
+        # Output under structured outputs / honoured guided_regex starts with the front matter.
+        garbage = garbage and not self.constrained
         valid, correction = True, 0
         if image is not None and str(ctl.get("rotation")) == "landscape" and image.width > image.height:
             valid, correction = False, 90
@@ -610,7 +655,7 @@ def serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    log("INFO", f"vLLM STAND-IN (not vLLM, no GPU) API server version {VLLM_COMPAT_VERSION}+standin")
+    log("INFO", f"vLLM STAND-IN (not vLLM, no GPU) API server version {app.version()}+standin")
     log("INFO", f"model={args.model!r} served_model_name={args.served_name!r} max_model_len={args.max_model_len}"
                 + (f" (ignored flags: {' '.join(args.ignored)})" if args.ignored else ""))
     threading.Thread(target=app.ticker, name="ticker", daemon=True).start()

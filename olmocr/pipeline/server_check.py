@@ -1,0 +1,154 @@
+"""What the pipeline learns from a vLLM server before it claims any work (pure functions + one probe).
+
+:func:`verify_server` reads ``/v1/models`` (is ``olmocr`` served, with what ``max_model_len``) and
+``/version`` (which request field constrains the output), and :func:`plan_max_tokens` decides the
+``max_tokens`` every page request may ask for so that the server never has to refuse one (HTTP 400).
+Callable once per server: the result is a small immutable :class:`ServerInfo`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from olmocr.pipeline.prompts import PROMPT_V4_YAML
+
+MODEL_NAME = "olmocr"
+
+#: vLLM 0.10.2 added ``structured_outputs`` (and deprecated ``guided_*``); later releases removed the
+#: ``guided_*`` fields: 0.32 logs "Request contains the removed guided-decoding field(s)" and ignores them.
+STRUCTURED_OUTPUTS_SINCE = (0, 10, 2)
+STRUCTURED_OUTPUTS = "structured_outputs"
+GUIDED_REGEX = "guided_regex"
+
+#: What upstream olmOCR asks for; a page answer is rarely longer.
+DEFAULT_MAX_TOKENS = 8000
+#: Fewer answer tokens than this and most pages would be cut short and fall back to the text layer.
+MIN_USEFUL_MAX_TOKENS = 512
+#: Qwen2-VL turns each 28x28 pixel patch into one token (14 px patches, merged 2x2).
+IMAGE_PATCH_PX = 28
+#: The chat template around the prompt: role headers, the system line, vision start/end, generation prompt.
+TEMPLATE_TOKENS = 64
+
+
+class ServerMismatch(Exception):
+    """The server cannot serve this run as configured; the message says what to change (one line)."""
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """One server as the pipeline sees it after verification."""
+
+    base_url: str
+    served_model: str
+    max_model_len: int | None  # None: the server did not say (not vLLM, or an old one)
+    version: str | None  # None: no /version
+    guided_field: str  # STRUCTURED_OUTPUTS or GUIDED_REGEX
+
+
+def parse_version(text: str | None) -> tuple[int, ...] | None:
+    """``"0.32.0+cpu"`` -> ``(0, 32, 0)``; None when there is no leading dotted number."""
+    if not text:
+        return None
+    match = re.match(r"\s*v?(\d+)\.(\d+)(?:\.(\d+))?", text)
+    if not match:
+        return None
+    return tuple(int(part or 0) for part in match.groups())
+
+
+def guided_field_for(version: str | None) -> str:
+    """The request field that constrains output on a server of this version.
+
+    Unknown versions get ``structured_outputs``: every vLLM of the last year understands it, and the
+    only servers without ``/version`` we know of are not vLLM at all.
+    """
+    parsed = parse_version(version)
+    if parsed is not None and parsed < STRUCTURED_OUTPUTS_SINCE:
+        return GUIDED_REGEX
+    return STRUCTURED_OUTPUTS
+
+
+def guided_fields(field: str, regex: str) -> dict[str, Any]:
+    """The request's extra fields that ask for output matching ``regex``."""
+    if field == GUIDED_REGEX:
+        return {GUIDED_REGEX: regex}
+    return {STRUCTURED_OUTPUTS: {"regex": regex}}
+
+
+def parse_models(body: bytes) -> dict[str, int | None]:
+    """``/v1/models`` -> {model id: max_model_len or None}; ValueError if it is not a model list."""
+    try:
+        data = json.loads(body)
+        models: dict[str, int | None] = {}
+        for entry in data.get("data", []):
+            length = entry.get("max_model_len")
+            models[str(entry.get("id"))] = int(length) if isinstance(length, int | float) and length > 0 else None
+        return models
+    except (ValueError, AttributeError, TypeError):
+        raise ValueError("/v1/models answered something that is not a model list") from None
+
+
+def parse_version_body(status: int, body: bytes) -> str | None:
+    if status != 200:
+        return None
+    try:
+        version = json.loads(body).get("version")
+    except (ValueError, AttributeError):
+        return None
+    return str(version) if version else None
+
+
+def image_tokens_bound(longest_dim: int) -> int:
+    """At most how many tokens one page image costs: a square page (the worst case for a given longest
+    side), each side rounded up to the next patch, plus the vision start/end tokens."""
+    per_side = longest_dim // IMAGE_PATCH_PX + 1
+    return per_side * per_side + 2
+
+
+def prompt_tokens_bound(longest_dim: int) -> int:
+    """A bound on a page request's prompt tokens: a byte-level BPE token covers at least one byte."""
+    return image_tokens_bound(longest_dim) + len(PROMPT_V4_YAML.encode("utf-8")) + TEMPLATE_TOKENS
+
+
+def plan_max_tokens(server_max_model_len: int | None, longest_dim: int,
+                    wanted: int = DEFAULT_MAX_TOKENS) -> int:
+    """``max_tokens`` for page requests: ``wanted``, capped so prompt + answer fit the server's context.
+
+    Raises :class:`ServerMismatch` when less than :data:`MIN_USEFUL_MAX_TOKENS` would be left.
+    """
+    if server_max_model_len is None:
+        return wanted
+    room = server_max_model_len - prompt_tokens_bound(longest_dim)
+    if room < MIN_USEFUL_MAX_TOKENS:
+        need = prompt_tokens_bound(longest_dim) + wanted
+        suggestion = 1 << (need - 1).bit_length()  # next power of two: 16384 for the defaults
+        raise ServerMismatch(
+            f"the vLLM server was started with --max-model-len {server_max_model_len}, too small for pages "
+            f"rendered at --target_longest_image_dim {longest_dim} (prompt up to "
+            f"{prompt_tokens_bound(longest_dim)} tokens + at least {MIN_USEFUL_MAX_TOKENS} for the answer): "
+            f"restart it with --max-model-len {suggestion} (olmocr-serve: OLMOCR_MAX_MODEL_LEN={suggestion}) "
+            "or lower --target_longest_image_dim"
+        )
+    return min(wanted, room)
+
+
+async def verify_server(client: Any) -> ServerInfo:
+    """Reads ``/v1/models`` and ``/version`` through ``client`` (a :class:`ServerClient`).
+
+    Raises the client's ``ServerNotReady`` when ``olmocr`` is not served, and its ``TransportError``
+    when the server does not answer.
+    """
+    from olmocr.pipeline.client import ServerNotReady
+
+    models = await client.model_lengths()
+    if MODEL_NAME not in models:
+        raise ServerNotReady(
+            f"External vLLM server is running but doesn't have the '{MODEL_NAME}' model "
+            f"(it serves: {', '.join(models) or 'nothing'}). Start vLLM with "
+            f"`--served-model-name {MODEL_NAME}` (the olmocr-serve server does this), or point "
+            "--vllm-url at the olmOCR server."
+        )
+    version = await client.server_version()
+    return ServerInfo(client.base_url, MODEL_NAME, models[MODEL_NAME], version, guided_field_for(version))

