@@ -17,7 +17,7 @@ import psutil
 import pytest
 import requests
 
-from tests.pipeline_helpers import docs_by_source, failures, page_count, wait_for
+from tests.pipeline_helpers import assert_every_page_once, failures, wait_for
 from tests.sample_docs import write_text_pdf
 from tests.standin_helpers import (
     REPO_ROOT,
@@ -142,14 +142,6 @@ def _docs(tmp_path: Path, count: int, pages: int) -> list[Path]:
     return [write_text_pdf(folder / f"doc{i}.pdf", pages) for i in range(count)]
 
 
-def _assert_every_page_once(workspace: Path, pdfs: list[Path]) -> None:
-    docs = docs_by_source(workspace)  # asserts no duplicate document
-    assert set(docs) == {str(p) for p in pdfs}, failures(workspace)
-    for pdf in pdfs:
-        spans = docs[str(pdf)]["attributes"]["pdf_page_numbers"]
-        assert [s[2] for s in spans] == list(range(1, page_count(pdf) + 1))
-
-
 def test_internal_mode_serves_the_run_and_stops_everything(internal_run, tmp_path: Path) -> None:
     pdfs = _docs(tmp_path, 2, 2)
     key_file = tmp_path / "api-key"
@@ -157,7 +149,7 @@ def test_internal_mode_serves_the_run_and_stops_everything(internal_run, tmp_pat
     run = internal_run(pdfs, "--max_model_len", "20000", "--gpu-memory-utilization", "0.5", "-tp", "1",
                        "--enforce-eager", env={"OLMOCR_API_KEY_FILE": str(key_file)})
     assert run.wait(90) == 0, run.output()[-3000:]
-    _assert_every_page_once(run.workspace, pdfs)
+    assert_every_page_once(run.workspace, pdfs)
     out = run.output()
     vllm_log = run.run_dir / "logs" / "vllm.log"
     assert f"server log: {vllm_log}" in out
@@ -185,7 +177,7 @@ def test_internal_mode_rides_out_a_crash_and_a_hang(internal_run, tmp_path: Path
     requests.post(f"{run.url}/admin/control", json={"hang": True}, timeout=5)
     wait_for(lambda: _pid_or_none(run) not in (None, second), 60, "the hung server to be killed and restarted")
     assert run.wait(120) == 0, run.output()[-3000:]
-    _assert_every_page_once(run.workspace, pdfs)
+    assert_every_page_once(run.workspace, pdfs)
     assert failures(run.workspace) == []
     assert (run.run_dir / "logs" / "vllm.log").read_text().count("starting:") >= 3
     run.assert_nothing_left(5)
@@ -250,7 +242,7 @@ def test_internal_mode_uses_an_olmocr_server_already_on_the_port(internal_run, t
         assert "already answering" in run.output() and "serves 'olmocr': using it" in run.output()
         assert not run.run_dir.exists()  # no supervisord was started
         assert ours.poll() is None  # and the server that was there is left running
-        _assert_every_page_once(run.workspace, pdfs)
+        assert_every_page_once(run.workspace, pdfs)
     finally:
         stop_process_group(ours)
 
