@@ -25,6 +25,11 @@ def _script_module():
     return module
 
 
+def _skip_reasons(pytest_output: str) -> set[str]:
+    """The distinct reasons of pytest -ra's SKIPPED lines (one line per test module, same reason)."""
+    return {line.split(": ", 1)[1] for line in pytest_output.splitlines() if line.startswith("SKIPPED")}
+
+
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OLMOCR_REAL_VLLM", "OLMOCR_TEST_REAL_VLLM"))}
     env.update(extra)
@@ -54,9 +59,9 @@ def test_failed_setup_skips_the_tier_with_one_line_naming_what_failed(tmp_path: 
                          capture_output=True, text=True, timeout=300, cwd=str(REPO_ROOT),
                          env={**env, "OLMOCR_TEST_REAL_VLLM": "1"})
     assert run.returncode == 0, run.stdout[-3000:]
-    skips = [line for line in run.stdout.splitlines() if line.startswith("SKIPPED")]
-    assert len(skips) == 1, run.stdout[-3000:]
-    assert "real-vLLM setup failed: setup-real-vllm: creating the virtual environment failed" in skips[0]
+    (reason,) = _skip_reasons(run.stdout) or {""}
+    assert reason.startswith("real-vLLM setup failed: setup-real-vllm: creating the virtual environment failed"), \
+        run.stdout[-3000:]
 
 
 def test_without_the_flag_the_tier_is_skipped_with_one_reason(tmp_path: Path) -> None:
@@ -64,6 +69,6 @@ def test_without_the_flag_the_tier_is_skipped_with_one_reason(tmp_path: Path) ->
                          capture_output=True, text=True, timeout=300, cwd=str(REPO_ROOT),
                          env=_env(OLMOCR_REAL_VLLM_VENV=str(tmp_path / "never-created")))
     assert run.returncode == 0, run.stdout[-3000:]
-    skips = [line for line in run.stdout.splitlines() if line.startswith("SKIPPED")]
-    assert len(skips) == 1 and "real-vLLM tier not requested (run scripts/run-tests --real-vllm)" in skips[0]
+    assert _skip_reasons(run.stdout) == {"real-vLLM tier not requested (run scripts/run-tests --real-vllm)"}, \
+        run.stdout[-3000:]
     assert not (tmp_path / "never-created").exists()
