@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,6 +74,7 @@ class ManagerRun:
         for pid in started:
             with contextlib.suppress(psutil.Error):
                 psutil.Process(pid).kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -67,6 +67,10 @@ def upstream_python() -> Path:
 
 def _start_upstream(python: Path, workspace: Path, url: str, *extra: str, log: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("OLMOCR_")}
+    # Upstream copies each PDF to a temp file it deletes only when done: a killed upstream leaves it behind.
+    tmpdir = log.parent / "upstream-tmp"
+    tmpdir.mkdir(exist_ok=True)
+    env["TMPDIR"] = str(tmpdir)
     with open(log, "ab") as out:
         # From outside the checkout: its olmocr/ would shadow upstream's package.
         return subprocess.Popen([str(python), "-m", "olmocr.pipeline", str(workspace), "--server", f"{url}/v1",
