@@ -1,4 +1,5 @@
-"""Session set-up: the sample documents every test reads are built here, never read from outside the repo."""
+"""Session set-up: the sample documents every test reads are built here, never read from outside the repo;
+the ``deployments`` fixture (supervised stand-in deployments)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests import sample_docs
+from tests.deployment_helpers import Deployment
 
 _root: Path | None = None
 
@@ -22,3 +24,18 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _root is not None:
         shutil.rmtree(_root, ignore_errors=True)
+
+
+@pytest.fixture
+def deployments():
+    """Start supervised stand-in deployments (``deployments(**Deployment kwargs)``); all cleaned up after."""
+    created: list[Deployment] = []
+
+    def make(**kwargs) -> Deployment:
+        dep = Deployment(**kwargs)
+        created.append(dep)
+        return dep.start()
+
+    yield make
+    for dep in created:
+        dep.cleanup()

@@ -12,31 +12,17 @@ import sys
 import pytest
 import requests
 
-from tests.deployment_helpers import Deployment, live, wait_for
+from tests.deployment_helpers import live, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def deployment(request):
-    created: list[Deployment] = []
-
-    def make(**kwargs) -> Deployment:
-        dep = Deployment(**kwargs)
-        created.append(dep)
-        return dep.start()
-
-    yield make
-    for dep in created:
-        dep.cleanup()
 
 
 def healthy(status: dict) -> bool:
     return status["healthy"]
 
 
-def test_reaches_healthy_and_reports_status(deployment):
-    dep = deployment()
+def test_reaches_healthy_and_reports_status(deployments):
+    dep = deployments()
     status = dep.wait_status(healthy, 30, "healthy")
     assert status["state"] == "RUNNING"
     assert status["restart_count"] == 0
@@ -61,8 +47,8 @@ def test_reaches_healthy_and_reports_status(deployment):
     assert stat.S_IMODE(os.stat(sock).st_mode) == 0o700
 
 
-def test_kill_9_is_restarted_counted_and_orphans_reaped(deployment):
-    dep = deployment()
+def test_kill_9_is_restarted_counted_and_orphans_reaped(deployments):
+    dep = deployments()
     before = dep.wait_status(healthy, 30, "healthy")
     engine_pid = dep.standin_info()["engine_pid"]
     os.kill(before["pid"], signal.SIGKILL)
@@ -73,8 +59,8 @@ def test_kill_9_is_restarted_counted_and_orphans_reaped(deployment):
     wait_for(lambda: not live(engine_pid), 10, "orphaned engine process to be killed")
 
 
-def test_hung_completions_are_killed_and_restarted(deployment):
-    dep = deployment()
+def test_hung_completions_are_killed_and_restarted(deployments):
+    dep = deployments()
     before = dep.wait_status(healthy, 30, "healthy")
     requests.post(f"{dep.base_url}/admin/control", json={"hang": True}, timeout=5)
     # /health and /v1/models stay 200 while hung: only the completion probe can tell.
@@ -85,21 +71,21 @@ def test_hung_completions_are_killed_and_restarted(deployment):
     assert "completion probe timed out" in after["last_failure_reason"]
 
 
-def test_slow_load_inside_startup_grace_is_not_killed(deployment):
-    dep = deployment(control={"load_delay": 6})
+def test_slow_load_inside_startup_grace_is_not_killed(deployments):
+    dep = deployments(control={"load_delay": 6})
     status = dep.wait_status(healthy, 40, "healthy after slow load")
     assert status["restart_count"] == 0
     assert status["health_kills"] == 0
 
 
-def test_slow_load_past_startup_timeout_is_killed(deployment):
-    dep = deployment(control={"load_delay": 60}, env={"OLMOCR_HEALTH_STARTUP_TIMEOUT": "3"})
+def test_slow_load_past_startup_timeout_is_killed(deployments):
+    dep = deployments(control={"load_delay": 60}, env={"OLMOCR_HEALTH_STARTUP_TIMEOUT": "3"})
     status = dep.wait_status(lambda s: s["health_kills"] >= 1, 40, "kill after startup timeout")
     assert "startup timeout" in status["last_failure_reason"]
 
 
-def test_crash_loop_is_left_stopped_with_reason(deployment):
-    dep = deployment(control={"crash_after": 1.0, "crash_exit_code": 0},
+def test_crash_loop_is_left_stopped_with_reason(deployments):
+    dep = deployments(control={"crash_after": 1.0, "crash_exit_code": 0},
                      env={"OLMOCR_MAX_RESTART_ATTEMPTS": "2"})
     status = dep.wait_status(lambda s: s["state"] in ("STOPPED", "FATAL"), 60, "server left stopped")
     assert not status["healthy"]
@@ -111,8 +97,8 @@ def test_crash_loop_is_left_stopped_with_reason(deployment):
     assert "crash loop" in reason or "FATAL" in reason
 
 
-def test_crash_loop_after_running_hits_max_restart_attempts(deployment):
-    dep = deployment(control={"crash_after": 1.5}, env={"OLMOCR_MAX_RESTART_ATTEMPTS": "2"},
+def test_crash_loop_after_running_hits_max_restart_attempts(deployments):
+    dep = deployments(control={"crash_after": 1.5}, env={"OLMOCR_MAX_RESTART_ATTEMPTS": "2"},
                      config_edits={"startsecs = 5": "startsecs = 1"})
     status = dep.wait_status(lambda s: s["gave_up"], 60, "restart limit")
     assert status["state"] == "STOPPED"
@@ -124,16 +110,16 @@ def test_crash_loop_after_running_hits_max_restart_attempts(deployment):
     dep.wait_status(healthy, 30, "healthy after manual start")
 
 
-def test_wrong_model_is_unhealthy_with_reason_and_not_killed(deployment):
-    dep = deployment(control={"served_model_name": "some-other-model"})
+def test_wrong_model_is_unhealthy_with_reason_and_not_killed(deployments):
+    dep = deployments(control={"served_model_name": "some-other-model"})
     status = dep.wait_status(lambda s: s["health_phase"] == "unhealthy", 30, "unhealthy")
     assert "model olmocr not served" in status["last_failure_reason"]
     assert status["health_kills"] == 0 and status["restart_count"] == 0
     assert dep.run_status_script().returncode == 1
 
 
-def test_restart_count_survives_supervisord_restart(deployment):
-    dep = deployment()
+def test_restart_count_survives_supervisord_restart(deployments):
+    dep = deployments()
     first = dep.wait_status(healthy, 30, "healthy")
     os.kill(first["pid"], signal.SIGKILL)
     dep.wait_status(lambda s: s["healthy"] and s["restart_count"] == 1, 40, "restarted")
@@ -148,8 +134,8 @@ def test_restart_count_survives_supervisord_restart(deployment):
     dep.wait_status(lambda s: s["healthy"] and s["restart_count"] == 2, 40, "restart counted after reload")
 
 
-def test_log_file_rotates_at_its_size(deployment):
-    dep = deployment(config_edits={"stdout_logfile_maxbytes = 50MB": "stdout_logfile_maxbytes = 4KB"},
+def test_log_file_rotates_at_its_size(deployments):
+    dep = deployments(config_edits={"stdout_logfile_maxbytes = 50MB": "stdout_logfile_maxbytes = 4KB"},
                      env={"OLMOCR_VLLM_ARGS": "--uvicorn-log-level info"})
     dep.wait_status(healthy, 30, "healthy")
     for _ in range(200):
@@ -160,12 +146,12 @@ def test_log_file_rotates_at_its_size(deployment):
     wait_for(lambda: (logs / "vllm.log").stat().st_size <= 8 * 1024, 10, "vllm.log reopened below its size limit")
 
 
-def test_api_key_never_in_ps_or_logs(deployment, tmp_path):
+def test_api_key_never_in_ps_or_logs(deployments, tmp_path):
     secret = "sk-test-Zq81secret"
     key_file = tmp_path / "key"
     key_file.write_text(secret + "\n")
     key_file.chmod(0o600)
-    dep = deployment(env={"OLMOCR_API_KEY_FILE": str(key_file),
+    dep = deployments(env={"OLMOCR_API_KEY_FILE": str(key_file),
                           "OLMOCR_VLLM_ARGS": "--uvicorn-log-level info"})
     status = dep.wait_status(healthy, 30, "healthy with API key")  # the probe authenticates
     assert requests.get(f"{dep.base_url}/v1/models", timeout=5).status_code == 401
@@ -179,13 +165,13 @@ def test_api_key_never_in_ps_or_logs(deployment, tmp_path):
             assert secret not in path.read_text(errors="replace"), path
 
 
-def test_status_over_password_protected_loopback_tcp_and_watch(deployment, tmp_path):
+def test_status_over_password_protected_loopback_tcp_and_watch(deployments, tmp_path):
     from tests.standin_helpers import free_port
 
     port = free_port()
     inet = (f"[inet_http_server]\nport = 127.0.0.1:{port}\nusername = ops\npassword = pw-Xk2\n\n"
             "[rpcinterface:supervisor]")
-    dep = deployment(config_edits={"[rpcinterface:supervisor]": inet})
+    dep = deployments(config_edits={"[rpcinterface:supervisor]": inet})
     dep.wait_status(healthy, 30, "healthy")
     url = f"http://127.0.0.1:{port}"
     base = [sys.executable, "-m", "olmocr.server.status", "--server-url", url, "-u", "ops"]

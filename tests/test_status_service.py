@@ -28,7 +28,7 @@ from olmocr.server.status_service import (
     change_key,
     server_metrics,
 )
-from tests.deployment_helpers import Deployment, wait_for
+from tests.deployment_helpers import wait_for
 from tests.metrics_helpers import parse_metrics
 from tests.standin_helpers import clean_env, free_port
 
@@ -79,20 +79,6 @@ class WsClient:
         self.loop.run_until_complete(self.ws.close())
         self.loop.run_until_complete(self.session.close())
         self.loop.close()
-
-
-@pytest.fixture
-def deployments():
-    created: list[Deployment] = []
-
-    def make(**kwargs) -> Deployment:
-        dep = Deployment(**kwargs)
-        created.append(dep)
-        return dep.start()
-
-    yield make
-    for dep in created:
-        dep.cleanup()
 
 
 @pytest.mark.integration
