@@ -28,12 +28,12 @@ def _ours_impl():
     """Our renderer's page function (the one the pipeline's worker processes run), or a pypdfium2
     equivalent if the pipeline's renderer is not importable."""
     try:
-        from olmocr.pipeline.render import _job_render
+        from olmocr.pipeline.pages.render import _job_render
 
         def render(path: str, page_num: int, target: int = TARGET_DIM) -> bytes:
             return _job_render(path, "pdf", page_num, target, 0)
 
-        render.source = "olmocr.pipeline.render"  # type: ignore[attr-defined]
+        render.source = "olmocr.pipeline.pages.render"  # type: ignore[attr-defined]
         return render
     except ImportError:
         import io

@@ -15,11 +15,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from olmocr.server.errors import EndpointConfigError
+
 DEFAULT_HOST = "127.0.0.1"
-
-
-class EndpointConfigError(ValueError):
-    """An endpoint cannot start as configured; the message says what to change."""
 
 
 def is_loopback(host: str) -> bool:

@@ -164,7 +164,7 @@ def docs_by_source(workspace: Path) -> dict[str, dict]:
 def _close_cached_render_docs() -> Iterator[None]:
     """Tests that call the render jobs in-process leave pypdfium2 documents cached: close them."""
     yield
-    from olmocr.pipeline import render
+    from olmocr.pipeline.pages import render
 
     while render._docs:
         render._docs.popitem()[1].close()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from olmocr.pipeline.filters import language_of, seo_spam_share, text_reason
+from olmocr.pipeline.pages.filters import language_of, seo_spam_share, text_reason
 from tests.pipeline_helpers import docs_by_source, failures, run_pipeline, standin  # noqa: F401 - fixture
 from tests.sample_docs import PARAGRAPHS, write_text_pdf
 from tests.standin_helpers import REPO_ROOT, clean_env

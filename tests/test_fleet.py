@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from olmocr.pipeline.balance import (
+from olmocr.pipeline.errors import FleetConfigError
+from olmocr.pipeline.pages.page import request_template
+from olmocr.pipeline.servers.balance import (
     RATE_MIN_SAMPLES,
     STEAL_BATCH,
     WARMUP_CAP,
@@ -23,11 +25,11 @@ from olmocr.pipeline.balance import (
     choose,
     plan_steals,
 )
-from olmocr.pipeline.client import ServerClient
-from olmocr.pipeline.pages import request_template
-from olmocr.pipeline.serverlist import FleetConfigError, parse_url_list, server_specs
+from olmocr.pipeline.servers.client import ServerClient
+from olmocr.pipeline.servers.serverlist import parse_url_list, server_specs
 from olmocr.server.command import build_vllm_command
-from olmocr.server.settings import ServerSettings, SettingsError
+from olmocr.server.errors import SettingsError
+from olmocr.server.settings import ServerSettings
 from olmocr.server.wrapper import add_server_arguments, settings_from_args
 from tests.metrics_helpers import parse_metrics
 from tests.pipeline_helpers import (

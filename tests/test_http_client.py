@@ -8,7 +8,7 @@ import asyncio
 import gc
 import tracemalloc
 
-from olmocr.pipeline.http import HttpPool
+from olmocr.pipeline.servers.http import HttpPool
 
 BODY_BYTES = 8 << 20
 

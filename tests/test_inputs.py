@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from olmocr.pipeline.inputs import count_pages, expand_inputs, read_input, sniff_kind
+from olmocr.pipeline.workspace.inputs import count_pages, expand_inputs, read_input, sniff_kind
 from tests import s3_helpers
 from tests.s3_helpers import S3Server
 from tests.sample_docs import samples

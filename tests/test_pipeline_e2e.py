@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from olmocr.pipeline.render import _job_render
+from olmocr.pipeline.pages.render import _job_render
 from tests.pipeline_helpers import (
     SAMPLES,
     SMALL_DOCS,

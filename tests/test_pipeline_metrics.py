@@ -78,7 +78,7 @@ def test_metrics_while_the_pipeline_runs(tmp_path):
 def test_exact_values_from_the_run_counters():
     progress = Progress(pages_total=30, pages_done=20, fallback_pages=2, pages_failed=5, attempts_failed=7,
                         docs_done=3, docs_failed=1, items_done=1, input_tokens=100, output_tokens=50)
-    # The fleet's per-server counters (olmocr.pipeline.balance.Server).
+    # The fleet's per-server counters (olmocr.pipeline.servers.balance.Server).
     servers = [SimpleNamespace(url=f"http://127.0.0.1:{p}", in_flight=i, state=state, pages=10 * i, errors=4,
                                timeouts=1, rejected=2, ejections=i)
                for i, (p, state) in enumerate([(1001, "up"), (1002, "down")], start=1)]

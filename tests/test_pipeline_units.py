@@ -11,11 +11,12 @@ import pytest
 from PIL import Image
 
 import olmocr
-from olmocr.pipeline.client import normalize_base_url
-from olmocr.pipeline.output import PageResult, build_dolma_document, markdown_relpath
-from olmocr.pipeline.pages import TEMPERATURE_BY_ATTEMPT, request_template
-from olmocr.pipeline.prompts import PROMPT_V4_YAML, FrontMatterError, PageResponse, parse_page_response
-from olmocr.pipeline.render import RenderError, _job_probe, _job_render, _job_text
+from olmocr.pipeline.errors import FrontMatterError, RenderError
+from olmocr.pipeline.pages.output import PageResult, build_dolma_document, markdown_relpath
+from olmocr.pipeline.pages.page import TEMPERATURE_BY_ATTEMPT, request_template
+from olmocr.pipeline.pages.prompts import PROMPT_V4_YAML, PageResponse, parse_page_response
+from olmocr.pipeline.pages.render import _job_probe, _job_render, _job_text
+from olmocr.pipeline.servers.client import normalize_base_url
 from tests.pipeline_helpers import SAMPLES, _close_cached_render_docs  # noqa: F401 - autouse fixture
 
 UPSTREAM_PROMPT = (

@@ -14,18 +14,17 @@ import requests
 import yaml
 from prometheus_client import generate_latest
 
-from olmocr.pipeline.balance import Server
-from olmocr.pipeline.client import ServerClient
 from olmocr.pipeline.metrics import PipelineMetrics
 from olmocr.pipeline.progress import Progress
+from olmocr.pipeline.servers.balance import Server
+from olmocr.pipeline.servers.client import ServerClient
 from olmocr.server.status_service import ServiceSettings, Snapshot, StatusService
 from tests.deployment_helpers import Deployment, wait_for
 from tests.metrics_helpers import parse_metrics
 from tests.standin_helpers import REPO_ROOT, free_port
+from tests.tiers import require_tool
 
 PROM_DIR = REPO_ROOT / "deploy" / "prometheus"
-PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian package 'prometheus')")
 
 
 def exported_names() -> set[str]:
@@ -62,25 +61,25 @@ def test_rules_are_well_formed_and_use_only_exported_metrics():
     assert jobs["olmocr-status"] == ["127.0.0.1:30025"]  # the status service's default address
 
 
-@needs_promtool
 def test_promtool_accepts_the_config_and_the_rules():
+    promtool = require_tool("promtool", "prometheus")
     for args in (["check", "config", "prometheus.yml"], ["check", "rules", "olmocr-alerts.yml"]):
-        done = subprocess.run([PROMTOOL, *args], cwd=PROM_DIR, capture_output=True, text=True, timeout=60)
+        done = subprocess.run([promtool, *args], cwd=PROM_DIR, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stdout + done.stderr
 
 
-@needs_promtool
 def test_alerts_fire_when_they_should():
-    done = subprocess.run([PROMTOOL, "test", "rules", "olmocr-alerts.test.yml"], cwd=PROM_DIR,
+    promtool = require_tool("promtool", "prometheus")
+    done = subprocess.run([promtool, "test", "rules", "olmocr-alerts.test.yml"], cwd=PROM_DIR,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus not installed (Debian package 'prometheus')")
 def test_real_prometheus_scrapes_the_status_service_and_a_kill_fires_the_restart_alert(tmp_path):
     """deploy/prometheus as shipped (only the target port and intervals changed): Prometheus reads our
     exposition, loads the rules, and a kill -9 of the server fires the restart alert."""
+    prometheus = require_tool("prometheus", "prometheus")
     dep = Deployment().start()
     prom_port = free_port()
     config = (PROM_DIR / "prometheus.yml").read_text()
@@ -90,7 +89,7 @@ def test_real_prometheus_scrapes_the_status_service_and_a_kill_fires_the_restart
     (tmp_path / "prometheus.yml").write_text(config)
     shutil.copy(PROM_DIR / "olmocr-alerts.yml", tmp_path)
     with open(tmp_path / "prometheus.log", "wb") as log:
-        prom = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+        prom = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
                                  f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
                                 stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     api = f"http://127.0.0.1:{prom_port}/api/v1"

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from olmocr.pipeline.render import TEST_FAULT_ENV, Renderer, RenderError
+from olmocr.pipeline.errors import RenderError
+from olmocr.pipeline.pages.render import TEST_FAULT_ENV, Renderer
 from tests.pdf_builders import slow_pdf, text_pdf
 from tests.pipeline_helpers import failures, launch_standin, results, run_pipeline, wait_for
 from tests.standin_helpers import pid_alive

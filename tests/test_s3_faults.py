@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from olmocr.pipeline.storage import open_storage
+from olmocr.pipeline.workspace.storage import open_storage
 from tests.fault_proxy import FaultProxy
 from tests.pdf_builders import text_pdf
 from tests.pipeline_helpers import launch_standin, run_pipeline, start_pipeline, wait_for
@@ -177,7 +177,7 @@ def test_lease_that_cannot_be_renewed_is_given_up(proxy: FaultProxy, s3_server: 
 def test_read_timeout_is_retried(proxy: FaultProxy, s3_server: S3Server) -> None:  # noqa: F811
     from botocore.config import Config
 
-    from olmocr.pipeline.storage import S3Storage, make_s3_client
+    from olmocr.pipeline.workspace.storage import S3Storage, make_s3_client
 
     # The shipped read timeout is 60 s; a short one here, the same retry handling.
     client = make_s3_client(config=Config(retries={"mode": "standard", "max_attempts": 3}, read_timeout=1,

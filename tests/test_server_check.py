@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from olmocr.pipeline.server_check import (
+from olmocr.pipeline.errors import ServerMismatch
+from olmocr.pipeline.servers.checks import (
     GUIDED_REGEX,
     MIN_USEFUL_MAX_TOKENS,
     STRUCTURED_OUTPUTS,
-    ServerMismatch,
     guided_field_for,
     parse_models,
     plan_max_tokens,

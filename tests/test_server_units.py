@@ -8,10 +8,11 @@ import pytest
 from supervisor.states import ProcessStates as S
 
 from olmocr.server.command import build_vllm_command, build_vllm_env
+from olmocr.server.errors import SettingsError
 from olmocr.server.health import HealthPolicy, apply_probe, process_started
 from olmocr.server.probe import ProbeResult
 from olmocr.server.rpc import ProcessStatsStore
-from olmocr.server.settings import ServerSettings, SettingsError, read_api_key
+from olmocr.server.settings import ServerSettings, read_api_key
 from olmocr.server.supervisor_config import render_supervisord_config
 from olmocr.server.wrapper import seconds_to_wait_before_restart
 from tests.standin_helpers import REPO_ROOT

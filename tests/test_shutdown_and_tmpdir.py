@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from olmocr.server.command import build_vllm_command, build_vllm_env
-from olmocr.server.settings import ServerSettings, SettingsError
-from olmocr.server.shutdown import fit_shutdown_timeout, stopwaitsecs_for
+from olmocr.server.drain import fit_shutdown_timeout, stopwaitsecs_for
+from olmocr.server.errors import SettingsError
+from olmocr.server.settings import ServerSettings
 from olmocr.server.supervisor_config import ConfigLayout
 from olmocr.server.wrapper import MAX_TMPDIR_LEN, prepare_tmpdir
 from tests.deployment_helpers import Deployment, wait_for

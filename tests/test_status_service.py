@@ -18,7 +18,8 @@ import aiohttp
 import pytest
 import requests
 
-from olmocr.endpoints import EndpointConfigError, check_exposure, is_loopback
+from olmocr.endpoints import check_exposure, is_loopback
+from olmocr.server.errors import EndpointConfigError
 from olmocr.server.health import kill_category
 from olmocr.server.rpc import ProcessStatsStore
 from olmocr.server.status_service import (

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from olmocr.pipeline.storage import Storage, open_storage
+from olmocr.pipeline.workspace.storage import Storage, open_storage
 from tests.s3_helpers import S3Server, s3_server  # noqa: F401
 
 

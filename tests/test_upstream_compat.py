@@ -26,6 +26,7 @@ from tests.pipeline_helpers import (  # noqa: F401 - standin is a fixture
 )
 from tests.sample_docs import write_text_pdf
 from tests.standin_helpers import REPO_ROOT, clean_env, stop_process_group
+from tests.tiers import missing
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +46,7 @@ def _ready(venv: Path) -> bool:
 @pytest.fixture(scope="module")
 def upstream_python() -> Path:
     if shutil.which("pdftoppm") is None:
-        pytest.skip("upstream olmOCR needs poppler's pdftoppm to render pages (apt install poppler-utils)")
+        missing("upstream olmOCR needs poppler's pdftoppm to render pages (apt install poppler-utils)")
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "olmocr-serve"
     candidates = [Path(os.environ["UPSTREAM_VENV"])] if os.environ.get("UPSTREAM_VENV") else []
     candidates += [REPO_ROOT / "bench" / ".upstream-venv", cache / f"upstream-olmocr-{UPSTREAM_VERSION}"]
@@ -58,10 +59,10 @@ def upstream_python() -> Path:
         made = subprocess.run(["bash", str(SETUP)], env={**os.environ, "UPSTREAM_VENV": str(venv)},
                               capture_output=True, text=True, timeout=900)
     except subprocess.TimeoutExpired:
-        pytest.skip(f"upstream olmOCR {UPSTREAM_VERSION} venv could not be made in 15 min (bench/setup_upstream.sh)")
+        missing(f"upstream olmOCR {UPSTREAM_VERSION} venv could not be made in 15 min (bench/setup_upstream.sh)")
     if made.returncode != 0 or not _ready(venv):
         last = (made.stderr.strip().splitlines() or ["no output"])[-1]
-        pytest.skip(f"upstream olmOCR {UPSTREAM_VERSION} venv could not be made (bench/setup_upstream.sh: {last})")
+        missing(f"upstream olmOCR {UPSTREAM_VERSION} venv could not be made (bench/setup_upstream.sh: {last})")
     return venv / "bin" / "python"
 
 

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from olmocr.pipeline.storage import LocalStorage, Storage, open_storage
-from olmocr.pipeline.workqueue import (
+from olmocr.pipeline.errors import LeaseLost
+from olmocr.pipeline.workspace.queue import (
     INDEX_KEY,
-    LeaseLost,
     WorkQueue,
     decode_index,
     format_stats,
@@ -20,6 +19,7 @@ from olmocr.pipeline.workqueue import (
     load_index,
     workspace_stats,
 )
+from olmocr.pipeline.workspace.storage import LocalStorage, Storage, open_storage
 from tests.s3_helpers import S3Server, s3_server  # noqa: F401
 
 

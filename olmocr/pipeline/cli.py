@@ -9,10 +9,11 @@ import logging
 import os
 import sys
 
-from olmocr.pipeline.pipeline import PipelineConfig, run_pipeline
-from olmocr.pipeline.render import DEFAULT_RENDER_TIMEOUT_S
-from olmocr.pipeline.serverlist import URL_ENV, FleetConfigError, parse_url_list, server_specs
-from olmocr.pipeline.shutdown import DEFAULT_STOP_TIMEOUT_S, StopRequest
+from olmocr.pipeline.errors import FleetConfigError
+from olmocr.pipeline.pages.render import DEFAULT_RENDER_TIMEOUT_S
+from olmocr.pipeline.runner import PipelineConfig, run_pipeline
+from olmocr.pipeline.servers.serverlist import URL_ENV, parse_url_list, server_specs
+from olmocr.pipeline.stopping import DEFAULT_STOP_TIMEOUT_S, StopRequest
 from olmocr.pipeline.upstream_flags import add_upstream_arguments, check_unknown, check_upstream_flags, fail
 
 logger = logging.getLogger("olmocr.pipeline")
@@ -122,9 +123,9 @@ def setup_logging(disk_log: str | None) -> None:
 
 
 def print_stats(workspace: str, profile: str | None = None) -> int:
-    from olmocr.pipeline.fleet import SERVER_STATS_DIR, format_server_stats, summarize_server_stats
-    from olmocr.pipeline.storage import open_storage
-    from olmocr.pipeline.workqueue import format_stats, workspace_stats
+    from olmocr.pipeline.servers.fleet import SERVER_STATS_DIR, format_server_stats, summarize_server_stats
+    from olmocr.pipeline.workspace.queue import format_stats, workspace_stats
+    from olmocr.pipeline.workspace.storage import open_storage
 
     storage = open_storage(workspace, profile=profile)
     print(format_stats(workspace_stats(storage)))
@@ -165,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
 
     metrics_token = None
     if args.metrics_port is not None:
-        from olmocr.endpoints import EndpointConfigError, check_exposure, read_token
+        from olmocr.endpoints import check_exposure, read_token
         from olmocr.pipeline.metrics import TOKEN_FILE_VAR, TOKEN_VAR
+        from olmocr.server.errors import EndpointConfigError
 
         if not 0 < args.metrics_port < 65536:
             parser.error("--metrics_port must be 1-65535")
@@ -187,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     except FleetConfigError as exc:
         parser.error(str(exc))
     server_settings = None
-    if internal:  # no server given: start one for the run (olmocr.pipeline.internal_server)
-        from olmocr.pipeline.internal_server import internal_settings
-        from olmocr.pipeline.serverlist import ServerSpec
+    if internal:  # no server given: start one for the run (olmocr.pipeline.servers.internal)
+        from olmocr.pipeline.servers.internal import internal_settings
+        from olmocr.pipeline.servers.serverlist import ServerSpec
         from olmocr.server.settings import read_api_key
 
         try:
@@ -243,13 +245,13 @@ def main(argv: list[str] | None = None) -> int:
 async def _run_with_signals(config: PipelineConfig, server_settings=None, server_run_dir=None) -> int:  # noqa: ANN001
     """Run the pipeline (on its own server when ``server_settings`` is given: internal mode); the first
     SIGTERM/SIGINT stops it gracefully (exit 0), a second exits at once."""
-    from olmocr.endpoints import EndpointConfigError
+    from olmocr.server.errors import EndpointConfigError
 
     stop = StopRequest()
     stop.install(asyncio.get_running_loop())
     server = None
     if server_settings is not None:
-        from olmocr.pipeline.internal_server import run_with_internal_server
+        from olmocr.pipeline.servers.internal import run_with_internal_server
 
         server = functools.partial(run_with_internal_server, settings=server_settings, run_dir=server_run_dir,
                                    ready_timeout=config.max_server_ready_timeout,
@@ -262,10 +264,10 @@ async def _run_with_signals(config: PipelineConfig, server_settings=None, server
 
 
 async def _populate_only(config: PipelineConfig) -> None:
-    from olmocr.pipeline.inputs import set_input_profile
-    from olmocr.pipeline.pipeline import populate
-    from olmocr.pipeline.storage import open_storage
-    from olmocr.pipeline.workqueue import WorkQueue
+    from olmocr.pipeline.runner import populate
+    from olmocr.pipeline.workspace.inputs import set_input_profile
+    from olmocr.pipeline.workspace.queue import WorkQueue
+    from olmocr.pipeline.workspace.storage import open_storage
 
     set_input_profile(config.pdf_profile)
     storage = open_storage(config.workspace, profile=config.workspace_profile)

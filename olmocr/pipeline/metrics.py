@@ -1,7 +1,7 @@
 """``--metrics_port P``: the running pipeline's Prometheus metrics on ``http://127.0.0.1:P/metrics``.
 
 Counters are read at scrape time from the objects the pipeline already keeps (``Progress``, each
-server's counters in :class:`olmocr.pipeline.balance.Server`), so the pipeline's own code only gains two latency hooks (render and
+server's counters in :class:`olmocr.pipeline.servers.balance.Server`), so the pipeline's own code only gains two latency hooks (render and
 request) and a handful of counters. Per-server series carry a ``server`` label (the server's base
 URL): one series per server when the pipeline talks to several. The work-queue counts are read from
 the workspace every ``--progress_interval`` seconds in a worker thread (they list storage, which a
@@ -105,7 +105,7 @@ def run_metrics(metrics: PipelineMetrics) -> list[Metric]:
                                        "rotation (refusals, 5xx or a hang); its requests went to the others or "
                                        "waited until it was healthy again", labels=["server"]),
     }
-    for srv in metrics.servers():  # olmocr.pipeline.balance.Server: the fleet's per-server counters
+    for srv in metrics.servers():  # olmocr.pipeline.servers.balance.Server: the fleet's per-server counters
         server = srv.url
         per_server["in_flight"].add_metric([server], srv.in_flight)
         per_server["healthy"].add_metric([server], float(srv.state == "up"))
@@ -170,9 +170,9 @@ async def start_exporter(metrics: PipelineMetrics, queue: Any, host: str, port: 
 
 
 async def start_for_runner(runner: Any) -> MetricsExporter:
-    """Wire the hooks of a :class:`olmocr.pipeline.pipeline.Runner` and serve its metrics."""
+    """Wire the hooks of a :class:`olmocr.pipeline.runner.Runner` and serve its metrics."""
     config = runner.config
-    # One series per server of the fleet (olmocr.pipeline.fleet).
+    # One series per server of the fleet (olmocr.pipeline.servers.fleet).
     metrics = PipelineMetrics(runner.progress, lambda: runner.client.servers)
     runner.renderer.observe_render = metrics.render_seconds.observe
     for server in runner.client.servers:

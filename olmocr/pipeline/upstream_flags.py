@@ -5,7 +5,7 @@
   ``--max_model_len``, which cli.py defines). As upstream, flags the pipeline does not know are passed to
   ``vllm serve`` in internal mode; with ``--vllm-url`` there is no vLLM to pass them to, so they are an error.
 * ``--workspace_profile`` / ``--pdf_profile``: AWS profiles for the workspace and for the inputs.
-* ``--apply_filter``: see olmocr.pipeline.filters.
+* ``--apply_filter``: see olmocr.pipeline.pages.filters.
 * Flags that mean nothing here (Beaker job submission) are rejected with a one-line explanation instead
   of argparse's generic "unrecognized arguments".
 
@@ -95,7 +95,8 @@ def check_upstream_flags(parser: argparse.ArgumentParser, args: argparse.Namespa
         if (error := profile_error(flag, profile)) is not None:
             fail(parser, error)
     if args.apply_filter:
-        from olmocr.pipeline.filters import FilterUnavailable, check_available
+        from olmocr.pipeline.errors import FilterUnavailable
+        from olmocr.pipeline.pages.filters import check_available
 
         try:
             check_available()

@@ -25,8 +25,9 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from olmocr.server import health
+from olmocr.server.errors import SettingsError
 from olmocr.server.probe import ProbeResult, ServerProbe
-from olmocr.server.settings import PROGRAM_NAME, ServerSettings, SettingsError, read_api_key
+from olmocr.server.settings import PROGRAM_NAME, ServerSettings, read_api_key
 
 log = logging.getLogger("olmocr.listener")
 

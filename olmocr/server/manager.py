@@ -25,10 +25,11 @@ from pathlib import Path
 
 import psutil
 
+from olmocr.server.drain import stopwaitsecs_for
+from olmocr.server.errors import SettingsError
 from olmocr.server.lifetime import die_with_parent
 from olmocr.server.rpcclient import connect
-from olmocr.server.settings import PROGRAM_NAME, ServerSettings, SettingsError, read_api_key
-from olmocr.server.shutdown import stopwaitsecs_for
+from olmocr.server.settings import PROGRAM_NAME, ServerSettings, read_api_key
 from olmocr.server.status import fetch_status
 from olmocr.server.supervisor_config import ConfigLayout, render_supervisord_config
 from olmocr.server.wrapper import add_server_arguments, resolve_executable, settings_from_args

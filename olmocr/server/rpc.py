@@ -26,7 +26,8 @@ from typing import Any
 from supervisor import events
 from supervisor.states import ProcessStates, getProcessStateDescription
 
-from olmocr.server.settings import ServerSettings, SettingsError
+from olmocr.server.errors import SettingsError
+from olmocr.server.settings import ServerSettings
 
 API_VERSION = "1.0"
 

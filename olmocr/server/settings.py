@@ -12,15 +12,12 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
-from olmocr.server.shutdown import DEFAULT_SHUTDOWN_TIMEOUT
+from olmocr.server.drain import DEFAULT_SHUTDOWN_TIMEOUT
+from olmocr.server.errors import SettingsError
 
 DEFAULT_MODEL = "allenai/olmOCR-7B-0825-FP8"
 SERVED_MODEL_NAME = "olmocr"
 PROGRAM_NAME = "vllm"
-
-
-class SettingsError(ValueError):
-    """A setting has a value that cannot be used; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +47,7 @@ class ServerSettings:
     success_threshold: int = 1
     startup_timeout: float = 600.0
     kill_grace: float = 15.0
-    # Planned stops: vLLM drains requests for this long before aborting them (olmocr/server/shutdown.py).
+    # Planned stops: vLLM drains requests for this long before aborting them (olmocr/server/drain.py).
     shutdown_timeout: int = DEFAULT_SHUTDOWN_TIMEOUT
     # vLLM writes its ZeroMQ sockets and other scratch files into $TMPDIR and leaves them behind: the
     # deployment points it at a directory it owns (supervisord.conf sets <run>/vllm-tmp). Unset: $TMPDIR.

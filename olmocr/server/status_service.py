@@ -46,13 +46,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from olmocr.endpoints import (
     DEFAULT_HOST,
-    EndpointConfigError,
     bearer_middleware,
     check_exposure,
     metrics_response,
     read_token,
     start_app,
 )
+from olmocr.server.errors import EndpointConfigError
 from olmocr.server.rpcclient import connect_from_child_env
 from olmocr.server.status import (
     add_connection_arguments,

@@ -12,7 +12,7 @@ olmocr RPC extension) so a crashed engine has time to release GPU memory.
 vLLM's scratch files (ZeroMQ sockets, ``vllm_dist_*``; it leaves them after every run) go to
 ``OLMOCR_VLLM_TMPDIR`` (supervisord.conf: ``<run>/vllm-tmp``), emptied before each start, never to the
 system temp directory. ``--shutdown-timeout`` is shortened if supervisord's ``stopwaitsecs`` would kill
-vLLM inside its drain (olmocr/server/shutdown.py).
+vLLM inside its drain (olmocr/server/drain.py).
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ import time
 from collections.abc import Mapping, Sequence
 
 from olmocr.server.command import build_vllm_command, build_vllm_env
-from olmocr.server.settings import DEFAULT_MODEL, ServerSettings, SettingsError, read_api_key
-from olmocr.server.shutdown import fit_shutdown_timeout
+from olmocr.server.drain import fit_shutdown_timeout
+from olmocr.server.errors import SettingsError
+from olmocr.server.settings import DEFAULT_MODEL, ServerSettings, read_api_key
 
 log = logging.getLogger("olmocr.wrapper")
 

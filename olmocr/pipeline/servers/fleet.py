@@ -1,7 +1,7 @@
 """One pipeline across many vLLM servers: start-up verification, rotation and health per server, and the
 retry policy of a request across them. A single ``--vllm-url`` is the one-server case of the same code.
-The server list is parsed by :mod:`olmocr.pipeline.serverlist`; the choice of server by
-:mod:`olmocr.pipeline.balance`.
+The server list is parsed by :mod:`olmocr.pipeline.servers.serverlist`; the choice of server by
+:mod:`olmocr.pipeline.servers.balance`.
 
 * **Verification.** Every server is checked at start-up by :func:`verify_server` (one function, so the
   checks are the same for each). A misconfigured server (wrong model, rejected key, untrusted certificate,
@@ -10,10 +10,10 @@ The server list is parsed by :mod:`olmocr.pipeline.serverlist`; the choice of se
   none is usable the run fails before claiming work.
   The model list and ``/version`` also give each server's ``max_model_len`` (``max_tokens`` is capped so
   every request fits every server in rotation; a server whose context cannot hold a useful page is left
-  out) and the request field that constrains output (:mod:`olmocr.pipeline.server_check`).
+  out) and the request field that constrains output (:mod:`olmocr.pipeline.servers.checks`).
 * **Balancing.** A request goes to the server that would finish it soonest relative to its learned capacity
-  (:func:`~olmocr.pipeline.balance.choose`); a server that falls behind has its newest queued requests moved
-  (:func:`~olmocr.pipeline.balance.plan_steals`).
+  (:func:`~olmocr.pipeline.servers.balance.choose`); a server that falls behind has its newest queued requests moved
+  (:func:`~olmocr.pipeline.servers.balance.plan_steals`).
 * **Health.** ``EJECT_AFTER`` refusals / 5xx in a row, or one no-progress timeout (no request finished for
   ``--request_timeout`` s: a hung engine), take a server out of rotation. Its in-flight requests are abandoned
   and resent to the others without using page attempts. It is probed in the background (``/health``, the model
@@ -34,25 +34,19 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from olmocr.pipeline.balance import Server, choose, plan_steals
-from olmocr.pipeline.client import (
-    MAX_BACKOFF_S,
-    MODEL_NAME,
-    RETRYABLE_4XX,
+from olmocr.pipeline.errors import (
+    FleetConfigError,
     RequestRejected,
+    RequestTimeout,
     ServerAborted,
-    ServerClient,
-    ServerNotReady,
-    aborted,
-)
-from olmocr.pipeline.http import RequestTimeout, TransportError
-from olmocr.pipeline.server_check import (
-    DEFAULT_MAX_TOKENS,
-    STRUCTURED_OUTPUTS,
     ServerMismatch,
-    plan_max_tokens,
+    ServerNotReady,
+    TransportError,
 )
-from olmocr.pipeline.serverlist import FleetConfigError, ServerSpec
+from olmocr.pipeline.servers.balance import Server, choose, plan_steals
+from olmocr.pipeline.servers.checks import DEFAULT_MAX_TOKENS, STRUCTURED_OUTPUTS, plan_max_tokens
+from olmocr.pipeline.servers.client import MAX_BACKOFF_S, MODEL_NAME, RETRYABLE_4XX, ServerClient, aborted
+from olmocr.pipeline.servers.serverlist import ServerSpec
 
 logger = logging.getLogger("olmocr.pipeline")
 
@@ -83,7 +77,7 @@ async def verify_server(client: ServerClient, *, max_wait_s: float, priority: in
     at ``longest_dim``. Raises :class:`ServerNotReady` with a one-line reason.
 
     Reachable, serves ``olmocr`` (:meth:`ServerClient.wait_ready`), has room in its context for a useful
-    answer (:func:`~olmocr.pipeline.server_check.plan_max_tokens`); with ``--priority``, accepts a request
+    answer (:func:`~olmocr.pipeline.servers.checks.plan_max_tokens`); with ``--priority``, accepts a request
     carrying a priority (vLLM answers 400 unless started with ``--scheduling-policy priority``).
     """
     info = await client.wait_ready(max_wait_s=max_wait_s)

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 
 import zstandard
 
-from olmocr.pipeline.storage import Storage
+from olmocr.pipeline.errors import LeaseLost
+from olmocr.pipeline.workspace.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +54,6 @@ class WorkItem:
     paths: tuple[str, ...]
     #: ``time.monotonic()`` just before the lease was written (0: unknown); the lease runs from here.
     leased_at: float = field(default=0.0, compare=False)
-
-
-class LeaseLost(Exception):
-    """Another worker took over this item (our lease expired and was claimed), or it is gone."""
 
 
 def group_hash(paths: Iterable[str]) -> str:
@@ -205,7 +202,7 @@ class WorkQueue:
         """
         requeued = self.requeue_retryable()
         if page_count is None:
-            from olmocr.pipeline.inputs import count_pages
+            from olmocr.pipeline.workspace.inputs import count_pages
 
             page_count = count_pages
         counts: dict[str, int] = {}

@@ -14,20 +14,10 @@ from collections import deque
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from olmocr.pipeline.errors import RequestTimeout, TlsError, TransportError
+
 #: Servers close idle keep-alive connections (uvicorn after 5 s); do not reuse one idle for longer.
 IDLE_REUSE_S = 4.0
-
-
-class TransportError(Exception):
-    """The request did not get a complete HTTP response (refused, reset, timed out, malformed)."""
-
-
-class RequestTimeout(TransportError):
-    """No complete response within the per-request timeout."""
-
-
-class TlsError(TransportError):
-    """The server's certificate could not be verified (untrusted CA, wrong host name): a misconfiguration."""
 
 
 @dataclass(frozen=True)

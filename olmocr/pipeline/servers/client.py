@@ -1,6 +1,6 @@
 """The client for one vLLM server: start-up verification, probes, and one watched chat-completion request.
 
-Contract (the retry policy across servers lives in :mod:`olmocr.pipeline.fleet`):
+Contract (the retry policy across servers lives in :mod:`olmocr.pipeline.servers.fleet`):
 
 * ``/v1/models`` must list ``olmocr`` before any work is claimed (:meth:`ServerClient.wait_ready`).
 * The initial connection makes 10 attempts with exponential backoff (never more than 60 s apart).
@@ -21,8 +21,15 @@ import logging
 import time
 from typing import Any
 
-from olmocr.pipeline.http import HttpPool, RequestTimeout, Response, TlsError, TransportError
-from olmocr.pipeline.server_check import ServerInfo, parse_models, parse_version_body, verify_server
+from olmocr.pipeline.errors import (
+    RequestTimeout,
+    ServerAborted,
+    ServerNotReady,
+    TlsError,
+    TransportError,
+)
+from olmocr.pipeline.servers.checks import ServerInfo, parse_models, parse_version_body, verify_server
+from olmocr.pipeline.servers.http import HttpPool, Response
 
 logger = logging.getLogger("olmocr.pipeline")
 
@@ -36,30 +43,10 @@ PROBE_TIMEOUT_S = 10.0
 HARD_TIMEOUT_FACTOR = 3.0
 
 
-class ServerNotReady(Exception):
-    """Fatal: the server never answered, or does not serve the olmocr model. Message is user-facing."""
-
-
 #: 4xx answers that may change when the same request is sent again; any other 4xx (400 context too
 #: small, 401 key, 413, 422 ...) would be refused again: the page stops trying at once. (A 404 for the
 #: model is handled above as a server in the wrong state.)
 RETRYABLE_4XX = frozenset({408, 409, 425})
-
-
-class ServerAborted(TransportError):
-    """A request given up because its server was taken out of rotation; it is resent elsewhere."""
-
-
-class RequestRejected(Exception):
-    """The server refused the request (4xx) or answered nothing usable: a failed attempt.
-
-    ``retryable`` is False when sending it again cannot help (:data:`RETRYABLE_4XX`).
-    """
-
-    def __init__(self, status: int, detail: str, *, retryable: bool = True) -> None:
-        super().__init__(f"server returned {status}: {detail}")
-        self.status = status
-        self.retryable = retryable
 
 
 def aborted(data: Any) -> bool:

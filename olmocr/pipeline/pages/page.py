@@ -6,19 +6,13 @@ import json
 import logging
 from dataclasses import dataclass
 
-from olmocr.pipeline.client import RequestRejected
-from olmocr.pipeline.fleet import Fleet
-from olmocr.pipeline.output import PageResult
+from olmocr.pipeline.errors import FrontMatterError, RenderError, RequestRejected
+from olmocr.pipeline.pages.output import PageResult
+from olmocr.pipeline.pages.prompts import GUIDED_REGEX, PROMPT_V4_YAML, PageResponse, parse_page_response
+from olmocr.pipeline.pages.render import Renderer
 from olmocr.pipeline.progress import Progress
-from olmocr.pipeline.prompts import (
-    GUIDED_REGEX,
-    PROMPT_V4_YAML,
-    FrontMatterError,
-    PageResponse,
-    parse_page_response,
-)
-from olmocr.pipeline.render import Renderer, RenderError
-from olmocr.pipeline.server_check import DEFAULT_MAX_TOKENS, STRUCTURED_OUTPUTS, guided_fields
+from olmocr.pipeline.servers.checks import DEFAULT_MAX_TOKENS, STRUCTURED_OUTPUTS, guided_fields
+from olmocr.pipeline.servers.fleet import Fleet
 
 logger = logging.getLogger("olmocr.pipeline")
 
@@ -35,7 +29,7 @@ class PageSettings:
     max_model_len: int = 16384
     guided_decoding: bool = False
     #: ``max_tokens`` of every request: MAX_TOKENS, or less where the server's context is smaller
-    #: (:func:`olmocr.pipeline.server_check.plan_max_tokens`).
+    #: (:func:`olmocr.pipeline.servers.checks.plan_max_tokens`).
     max_tokens: int = MAX_TOKENS
     #: The request field that constrains output on this server (``structured_outputs`` or ``guided_regex``).
     guided_field: str = STRUCTURED_OUTPUTS

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from olmocr.pipeline.storage import get_object_bytes, make_s3_client, parse_s3_url
+from olmocr.pipeline.workspace.storage import get_object_bytes, make_s3_client, parse_s3_url
 
 SNIFF_BYTES = 1024
 _GLOB_CHARS = re.compile(r"[*?\[]")

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from olmocr.pipeline.client import ServerClient
+from olmocr.pipeline.servers.client import ServerClient
 
 #: Answers a capacity estimate needs before it is trusted, and the (shortest) time constant of its average.
 RATE_MIN_SAMPLES = 5

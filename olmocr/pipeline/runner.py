@@ -9,19 +9,19 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from olmocr.pipeline.client import ServerNotReady
-from olmocr.pipeline.documents import DocOutcome, DocumentProcessor, failure
-from olmocr.pipeline.fleet import SERVER_STATS_DIR, Fleet, run_id, server_stats_record
-from olmocr.pipeline.inputs import expand_inputs, set_input_profile
-from olmocr.pipeline.output import dolma_jsonl, markdown_relpath
-from olmocr.pipeline.pages import MAX_TOKENS, PageProcessor, PageSettings
+from olmocr.pipeline.errors import LeaseLost, ServerNotReady
+from olmocr.pipeline.pages.documents import DocOutcome, DocumentProcessor, failure
+from olmocr.pipeline.pages.output import dolma_jsonl, markdown_relpath
+from olmocr.pipeline.pages.page import MAX_TOKENS, PageProcessor, PageSettings
+from olmocr.pipeline.pages.render import DEFAULT_RENDER_TIMEOUT_S, Renderer, default_render_processes
 from olmocr.pipeline.progress import Progress, report_progress
-from olmocr.pipeline.render import DEFAULT_RENDER_TIMEOUT_S, Renderer, default_render_processes
-from olmocr.pipeline.server_check import STRUCTURED_OUTPUTS
-from olmocr.pipeline.serverlist import ServerSpec
-from olmocr.pipeline.shutdown import DEFAULT_STOP_TIMEOUT_S, StopRequest
-from olmocr.pipeline.storage import Storage, open_storage
-from olmocr.pipeline.workqueue import LeaseLost, WorkItem, WorkQueue
+from olmocr.pipeline.servers.checks import STRUCTURED_OUTPUTS
+from olmocr.pipeline.servers.fleet import SERVER_STATS_DIR, Fleet, run_id, server_stats_record
+from olmocr.pipeline.servers.serverlist import ServerSpec
+from olmocr.pipeline.stopping import DEFAULT_STOP_TIMEOUT_S, StopRequest
+from olmocr.pipeline.workspace.inputs import expand_inputs, set_input_profile
+from olmocr.pipeline.workspace.queue import WorkItem, WorkQueue
+from olmocr.pipeline.workspace.storage import Storage, open_storage
 
 logger = logging.getLogger("olmocr.pipeline")
 

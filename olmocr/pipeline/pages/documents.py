@@ -8,10 +8,11 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-from olmocr.pipeline.inputs import read_input, sniff_kind
-from olmocr.pipeline.output import PageResult, build_dolma_document
-from olmocr.pipeline.pages import PageProcessor, PageSource
-from olmocr.pipeline.render import Renderer, RenderError, pdf_has_eof_marker
+from olmocr.pipeline.errors import RenderError
+from olmocr.pipeline.pages.output import PageResult, build_dolma_document
+from olmocr.pipeline.pages.page import PageProcessor, PageSource
+from olmocr.pipeline.pages.render import Renderer, pdf_has_eof_marker
+from olmocr.pipeline.workspace.inputs import read_input, sniff_kind
 
 logger = logging.getLogger("olmocr.pipeline")
 
@@ -106,7 +107,7 @@ class DocumentProcessor:
             fetched.cleanup()
 
     async def _filter_reason(self, path: str, page_count: int) -> str | None:
-        from olmocr.pipeline.filters import PAGES_TO_READ, filter_reason
+        from olmocr.pipeline.pages.filters import PAGES_TO_READ, filter_reason
 
         texts = [await self.renderer.text(path, "pdf", n) for n in range(1, min(page_count, PAGES_TO_READ) + 1)]
         return await asyncio.to_thread(filter_reason, path, "\n".join(texts))

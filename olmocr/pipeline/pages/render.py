@@ -29,6 +29,8 @@ from typing import Any
 
 from pebble import ProcessExpired, ProcessPool
 
+from olmocr.pipeline.errors import RenderError
+
 logger = logging.getLogger("olmocr.pipeline")
 
 #: The PDF specification's implementation limit for a page side (200 inches), in points.
@@ -52,10 +54,6 @@ DEFAULT_RENDER_TIMEOUT_S = 120.0
 TEST_FAULT_ENV = "OLMOCR_TEST_RENDER_FAULT"
 
 _ROTATE_CCW = {90: "ROTATE_90", 180: "ROTATE_180", 270: "ROTATE_270"}
-
-
-class RenderError(Exception):
-    """A document or page cannot be opened or rendered; the message is the reason shown to users."""
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,11 @@ from typing import Any
 
 import requests
 
-from olmocr.pipeline.shutdown import StopRequest
+from olmocr.pipeline.errors import InternalServerError
+from olmocr.pipeline.stopping import StopRequest
 from olmocr.server.command import refuse_secrets_in_argv
-from olmocr.server.settings import SERVED_MODEL_NAME, ServerSettings, SettingsError
+from olmocr.server.errors import SettingsError
+from olmocr.server.settings import SERVED_MODEL_NAME, ServerSettings
 from olmocr.server.wrapper import resolve_executable
 
 logger = logging.getLogger("olmocr.pipeline")
@@ -37,10 +39,6 @@ logger = logging.getLogger("olmocr.pipeline")
 STARTSECS = 5
 #: Seconds between checks that the server has not been given up on during the run.
 WATCH_INTERVAL_S = 2.0
-
-
-class InternalServerError(Exception):
-    """The run's server could not be started or was given up on; the message is user-facing."""
 
 
 def internal_settings(args: Any, vllm_args: Sequence[str] = ()) -> ServerSettings:

@@ -21,6 +21,8 @@ import threading
 from collections import Counter
 from typing import Any
 
+from olmocr.pipeline.errors import FilterUnavailable
+
 #: Pages whose text the language and spam checks read (upstream: ``pdftotext -f 1 -l 5``).
 PAGES_TO_READ = 5
 MIN_TEXT_CHARS = 200
@@ -31,10 +33,6 @@ SEO_WORDS = frozenset({"download", "pdf", "epub", "mobi", "free", "ebook", "file
 KEEP_LANGUAGE = "ENGLISH"
 MISSING_LINGUA = ("--apply_filter needs the language detector lingua: "
                   "pip install 'olmocr-serve[filter]' (or: pip install lingua-language-detector pypdf)")
-
-
-class FilterUnavailable(RuntimeError):
-    """The optional filter dependencies are not installed; the message says what to install."""
 
 
 def check_available() -> None:

@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from olmocr.pipeline.errors import FrontMatterError
+
 PROMPT_V4_YAML = (
     "Attached is one page of a document that you must process. "
     "Just return the plain text representation of this document as if you were reading it naturally. "
@@ -30,10 +32,6 @@ GUIDED_REGEX = (
 
 FRONT_MATTER_FIELDS = ("primary_language", "is_rotation_valid", "rotation_correction", "is_table", "is_diagram")
 VALID_ROTATIONS = (0, 90, 180, 270)
-
-
-class FrontMatterError(ValueError):
-    """The answer does not carry a valid olmOCR front matter."""
 
 
 @dataclass(frozen=True)

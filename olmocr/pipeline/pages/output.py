@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from olmocr import __version__
-from olmocr.pipeline.prompts import PageResponse
+from olmocr.pipeline.pages.prompts import PageResponse
 
 #: The upstream olmOCR release whose output format (prompt, fields, layout) these documents follow.
 OLMOCR_COMPAT_VERSION = "0.4.27"

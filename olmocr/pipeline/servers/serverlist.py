@@ -6,14 +6,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from olmocr.pipeline.client import display_url, normalize_base_url
+from olmocr.pipeline.errors import FleetConfigError
+from olmocr.pipeline.servers.client import display_url, normalize_base_url
 
 #: Environment variable holding the server list when no ``--vllm-url`` is given.
 URL_ENV = "OLMOCR_VLLM_URL"
-
-
-class FleetConfigError(ValueError):
-    """A server list, weight or key file that cannot be used; the message says what to fix."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,24 @@
+"""Every exception the server half raises on purpose, in one place (httpx's ``_exceptions.py`` is the model).
+
+Each message is user-facing: one line that says which setting is wrong and what to do.
+
+```
+ServerSideError
+└── SettingsError (ValueError) ........ a setting has a value that cannot be used
+    └── EndpointConfigError ........... an HTTP endpoint (status service, metrics) cannot start as configured
+```
+"""
+
+from __future__ import annotations
+
+
+class ServerSideError(Exception):
+    """Base of every exception the server half raises on purpose."""
+
+
+class SettingsError(ServerSideError, ValueError):
+    """A setting has a value that cannot be used; the message says which and why."""
+
+
+class EndpointConfigError(SettingsError):
+    """An endpoint cannot start as configured; the message says what to change."""
