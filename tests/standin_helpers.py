@@ -23,7 +23,7 @@ DEFAULT_MODEL = "allenai/olmOCR-7B-0825-FP8"
 # The flags the wrapper gives vLLM; the stand-in must accept (and ignore) them.
 VLLM_FLAGS: tuple[str, ...] = (
     "--tensor-parallel-size", "1", "--data-parallel-size", "1", "--limit-mm-per-prompt", '{"video": 0}',
-    "--max-model-len", "16384", "--uvicorn-log-level", "warning", "--disable-log-requests",
+    "--max-model-len", "16384", "--uvicorn-log-level", "warning",
 )
 
 

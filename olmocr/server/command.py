@@ -2,42 +2,39 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 
 from olmocr.server.settings import SERVED_MODEL_NAME, ServerSettings
-
-# vLLM >= 0.11 logs requests only with --enable-log-requests (PR #21739 removed --disable-log-requests),
-# so "request logging off" means passing nothing; the gpu extra pins vllm>=0.11. An operator on an
-# older vLLM adds --disable-log-requests through OLMOCR_VLLM_ARGS.
-LIMIT_MM_PER_PROMPT = json.dumps({"video": 0})
+from olmocr.server.vllm_versions import FlagPlan, Version, plan_server_flags
 
 
-def build_vllm_command(settings: ServerSettings, passthrough: Sequence[str] = ()) -> list[str]:
-    """The argv that starts the server: ``BIN serve MODEL --served-model-name olmocr ...``.
+def plan_vllm_flags(settings: ServerSettings, vllm_version: Version | None = None) -> FlagPlan:
+    """olmocr-serve's own flags for this vLLM release, and a line for each one it leaves out or changes
+    (the table and the reasons: olmocr/server/vllm_versions.py). ``None``: the newest tested release."""
+    return plan_server_flags(
+        vllm_version,
+        host=settings.host,
+        port=settings.port,
+        served_model_name=SERVED_MODEL_NAME,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        data_parallel_size=settings.data_parallel_size,
+        max_model_len=settings.max_model_len,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        shutdown_timeout=settings.shutdown_timeout,
+        scheduling_policy=settings.scheduling_policy,
+    )
+
+
+def build_vllm_command(settings: ServerSettings, passthrough: Sequence[str] = (),
+                       vllm_version: Version | None = None) -> list[str]:
+    """The argv that starts the server: ``BIN serve MODEL --served-model-name olmocr ...``, with only
+    the flags ``vllm_version`` accepts (``None``: the newest tested release).
 
     Unknown flags (``passthrough`` and ``settings.extra_vllm_args``) go to vLLM unchanged, after ours,
     so an operator can override any of them (argparse keeps the last value).
     """
-    argv = [
-        settings.vllm_bin,
-        "serve",
-        settings.model,
-        "--served-model-name", SERVED_MODEL_NAME,
-        "--host", settings.host,
-        "--port", str(settings.port),
-        "--tensor-parallel-size", str(settings.tensor_parallel_size),
-        "--data-parallel-size", str(settings.data_parallel_size),
-        "--max-model-len", str(settings.max_model_len),
-        "--limit-mm-per-prompt", LIMIT_MM_PER_PROMPT,
-        "--uvicorn-log-level", "warning",
-    ]
-    if settings.gpu_memory_utilization is not None:
-        argv += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
-    if settings.shutdown_timeout > 0:  # 0 is vLLM's default (abort at once); older vLLMs lack the flag
-        argv += ["--shutdown-timeout", str(settings.shutdown_timeout)]
-    if settings.scheduling_policy != "fcfs":
-        argv += ["--scheduling-policy", settings.scheduling_policy]
+    argv = [settings.vllm_bin, "serve", settings.model]
+    argv += plan_vllm_flags(settings, vllm_version).args
     argv += list(settings.extra_vllm_args)
     argv += list(passthrough)
     refuse_secrets_in_argv(argv)

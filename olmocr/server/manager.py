@@ -25,6 +25,7 @@ from pathlib import Path
 
 import psutil
 
+from olmocr.server.command import plan_vllm_flags
 from olmocr.server.drain import stopwaitsecs_for
 from olmocr.server.errors import SettingsError
 from olmocr.server.lifetime import die_with_parent
@@ -32,7 +33,12 @@ from olmocr.server.rpcclient import connect
 from olmocr.server.settings import PROGRAM_NAME, ServerSettings, read_api_key
 from olmocr.server.status import fetch_status
 from olmocr.server.supervisor_config import ConfigLayout, render_supervisord_config
-from olmocr.server.wrapper import add_server_arguments, resolve_executable, settings_from_args
+from olmocr.server.wrapper import (
+    add_server_arguments,
+    resolve_executable,
+    settings_from_args,
+    vllm_version_or_refuse,
+)
 
 log = logging.getLogger("olmocr.manager")
 
@@ -225,6 +231,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["vllm_bin"] = resolve_executable(settings.vllm_bin)
         settings = dataclasses.replace(settings, **overrides)
         settings.validate()
+        # A vLLM that cannot serve olmOCR is refused here, in one line, not in supervisord's retry loop;
+        # the answer is cached where the wrapper looks for it (supervisord.conf: <run>/vllm-version.json).
+        version = vllm_version_or_refuse(settings.vllm_bin, Path(args.run_dir).resolve() / "run" / "vllm-version.json",
+                                         warn=False)
+        plan_vllm_flags(settings, version)  # a setting the release cannot honour stops here too
         read_api_key(settings)  # fail now, not in a restart loop, when the key file is unreadable
     except (SettingsError, ValueError) as exc:
         log.error("%s", exc)

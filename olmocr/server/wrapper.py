@@ -13,6 +13,10 @@ vLLM's scratch files (ZeroMQ sockets, ``vllm_dist_*``; it leaves them after ever
 ``OLMOCR_VLLM_TMPDIR`` (supervisord.conf: ``<run>/vllm-tmp``), emptied before each start, never to the
 system temp directory. ``--shutdown-timeout`` is shortened if supervisord's ``stopwaitsecs`` would kill
 vLLM inside its drain (olmocr/server/drain.py).
+
+It passes only the flags the vLLM it starts accepts: it learns the version (olmocr/server/vllm_probe.py),
+refuses in one line a release that cannot serve olmOCR, warns on one outside the tested range, and logs
+each flag it leaves out with what that costs (the table: olmocr/server/vllm_versions.py).
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 
-from olmocr.server.command import build_vllm_command, build_vllm_env
+from olmocr.server.command import build_vllm_command, build_vllm_env, plan_vllm_flags
 from olmocr.server.drain import fit_shutdown_timeout
 from olmocr.server.errors import SettingsError
 from olmocr.server.settings import DEFAULT_MODEL, ServerSettings, read_api_key
+from olmocr.server.vllm_probe import learn_vllm_version
+from olmocr.server.vllm_versions import Version, judge_version, parse_version
 
 log = logging.getLogger("olmocr.wrapper")
 
@@ -158,6 +164,21 @@ def resolve_executable(name: str) -> str:
     return os.path.abspath(path)
 
 
+def vllm_version_or_refuse(executable: str, cache_file: str | os.PathLike[str] | None = None, *,
+                           use_cache: bool = True, warn: bool = True) -> Version | None:
+    """The release ``executable`` is (None: it did not say); SettingsError (one line) when it cannot
+    serve olmOCR. ``warn``: log the warning for a release outside the tested range (the wrapper does, at
+    every start, into the server's log; the manager's early check leaves that to it)."""
+    text = learn_vllm_version(executable, cache_file, use_cache=use_cache)
+    version = parse_version(text)
+    verdict = judge_version(version, executable)
+    if verdict.refuse:
+        raise SettingsError(verdict.refuse)
+    if warn and verdict.warning:
+        log.warning("%s", verdict.warning)
+    return version
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s olmocr-wrapper %(levelname)s %(message)s",
                         stream=sys.stderr)
@@ -176,8 +197,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         settings.shutdown_timeout, fitted, settings.shutdown_timeout)
             settings = dataclasses.replace(settings, shutdown_timeout=fitted)
         api_key = read_api_key(settings)
-        argv_out = build_vllm_command(settings, passthrough)
-        argv_out[0] = resolve_executable(argv_out[0])
+        settings = dataclasses.replace(settings, vllm_bin=resolve_executable(settings.vllm_bin))
+        version = vllm_version_or_refuse(settings.vllm_bin)
+        for note in plan_vllm_flags(settings, version).notes:
+            log.warning("%s", note)
+        argv_out = build_vllm_command(settings, passthrough, version)
     except (SettingsError, ValueError) as exc:
         print(f"olmocr-vllm-wrapper: error: {exc}", file=sys.stderr)
         return 2

@@ -22,15 +22,18 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from olmocr.server import vllm_versions
 from olmocr.standin import answer as ans
 from olmocr.standin.control import Control
 
 VLLM_COMPAT_VERSION = "0.32.0"  # the default of the ``vllm_version`` control
+#: The usage line vLLM's argparse prints before an error.
+VLLM_SERVE_USAGE = "usage: vllm serve [model_tag] [options]\n"
 DEFAULT_MAX_MODEL_LEN = 16384
-#: vLLM added ``structured_outputs`` in 0.10.2 and later removed the ``guided_*`` request fields (0.32
-#: ignores them with a warning); the stand-in plays 0.12 and later as "removed".
-STRUCTURED_OUTPUTS_SINCE = (0, 10, 2)
-GUIDED_FIELDS_REMOVED_SINCE = (0, 12, 0)
+#: Which request fields constrain output in the release played, and which flags it lacks: the release
+#: table (olmocr/server/vllm_versions.py, checked against the releases' sources).
+#: Flags of the table that take no value (``--flag`` alone), for vLLM's "unrecognized arguments" message.
+_BOOLEAN_FLAGS = ("--disable-log-requests", "--enable-log-requests")
 _REMOVED_GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
                           "guided_decoding_backend", "guided_whitespace_pattern")
 
@@ -58,12 +61,14 @@ _VALUE_FLAGS = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(version: str = VLLM_COMPAT_VERSION) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="olmocr-standin-vllm",
         description="Stand-in for `vllm serve` (NOT vLLM: no model, no GPU). Unknown vLLM flags are ignored.",
         allow_abbrev=False,
     )
+    p.add_argument("--version", action="version", version=played_version_text(version),
+                   help="the vLLM version played (control vllm_version, env OLMOCR_STANDIN_VLLM_VERSION)")
     p.add_argument("command", choices=["serve"], help="only `serve` is supported")
     p.add_argument("model", nargs="?", default=None, help="model name or path (not loaded)")
     p.add_argument("--model", dest="model_flag", default=None)
@@ -75,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help=argparse.SUPPRESS)
     p.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
                    help="priority: waiting requests are served by their 'priority' field (lower first), as vLLM")
+    p.add_argument("--shutdown-timeout", type=int, default=0,
+                   help="on SIGTERM, finish in-flight requests for up to this many seconds (vLLM >= 0.18)")
     p.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this private key (PEM), as vLLM")
     p.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate chain (PEM), as vLLM")
     for flag in _VALUE_FLAGS:
@@ -82,8 +89,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = build_parser()
+def played_version_text(version: str) -> str:
+    """What ``--version`` prints and ``GET /version`` answers."""
+    return f"{version}+standin"
+
+
+def flags_the_release_lacks(argv: list[str], version: str) -> list[str]:
+    """The arguments vLLM ``version`` would call unrecognized: the release table's flags it does not
+    define, each with its value (the table: olmocr/server/vllm_versions.py)."""
+    played = vllm_versions.parse_version(version)
+    if played is None:
+        return []
+    missing = set(vllm_versions.flags_missing_in(played))
+    rejected: list[str] = []
+    i = 0
+    while i < len(argv):
+        name = argv[i].split("=", 1)[0]
+        if name in missing:
+            takes_value = name not in _BOOLEAN_FLAGS and "=" not in argv[i]
+            rejected += argv[i:i + 2] if takes_value else argv[i:i + 1]
+            i += 2 if takes_value else 1
+        else:
+            i += 1
+    return rejected
+
+
+def parse_args(argv: list[str] | None, version: str = VLLM_COMPAT_VERSION) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(version)
+    rejected = flags_the_release_lacks(argv, version)
+    if rejected:  # as vLLM's argparse does: usage, then "vllm: error: unrecognized arguments: ...", exit 2
+        sys.stderr.write(VLLM_SERVE_USAGE)
+        parser.exit(2, f"vllm: error: unrecognized arguments: {' '.join(rejected)}\n")
     args, unknown = parser.parse_known_args(argv)
     if args.api_key is not None:
         parser.exit(2, "olmocr-standin-vllm: error: --api-key is not accepted (it would be visible in ps); "
@@ -102,6 +139,7 @@ class Stats:
         self.lock = threading.Lock()
         self.running = 0
         self.waiting = 0
+        self.inflight = 0  # completions between arrival and answer (what a --shutdown-timeout drain waits for)
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.success: dict[str, int] = {"stop": 0, "length": 0}
@@ -122,7 +160,8 @@ class StandIn:
         self.started = time.monotonic()
         self.api_key = os.environ.get("VLLM_API_KEY") or None
         self.engine: subprocess.Popen[bytes] | None = None
-        self.shutdown = threading.Event()
+        self.shutdown = threading.Event()  # stop now: in-flight requests are aborted
+        self.draining = threading.Event()  # SIGTERM under --shutdown-timeout: finish in-flight, refuse new
         self.exiting = threading.Lock()
         self.httpd: ThreadingHTTPServer | None = None
         self.port = args.port
@@ -132,11 +171,7 @@ class StandIn:
         return str(self.control.get("vllm_version") or VLLM_COMPAT_VERSION)
 
     def version_tuple(self) -> tuple[int, ...]:
-        parts = []
-        for piece in self.version().split("+")[0].split(".")[:3]:
-            digits = "".join(ch for ch in piece if ch.isdigit())
-            parts.append(int(digits or 0))
-        return tuple(parts)
+        return vllm_versions.parse_version(self.version()) or vllm_versions.NEWEST_TESTED
 
     # names and logging
     def served_name(self) -> str:
@@ -361,7 +396,7 @@ class Handler(BaseHTTPRequestHandler):
                 status = int(app.control.get("health_status") or 200)
                 self.send_bytes(status, b"", "application/json")
             elif path == "/version":
-                self.send_json(200, {"version": f"{app.version()}+standin"})
+                self.send_json(200, {"version": played_version_text(app.version())})
             elif path == "/metrics":
                 self.send_bytes(200, self.metrics_text().encode(), "text/plain; version=0.0.4; charset=utf-8")
             elif path == "/v1/models":
@@ -447,6 +482,19 @@ class Handler(BaseHTTPRequestHandler):
     # -- completions
     def chat_completions(self) -> None:
         app = self.app
+        if app.draining.is_set():  # vLLM during --shutdown-timeout: new requests fail at once
+            self.send_json(500, error_body("The server is shutting down.", "InternalServerError", 500))
+            return
+        with app.stats.lock:
+            app.stats.inflight += 1
+        try:
+            self._chat_completions()
+        finally:
+            with app.stats.lock:
+                app.stats.inflight -= 1
+
+    def _chat_completions(self) -> None:
+        app = self.app
         try:
             req = self.read_json()
         except ValueError as exc:
@@ -500,10 +548,10 @@ class Handler(BaseHTTPRequestHandler):
         """True if the request asks for the front matter in a field this vLLM version honours."""
         version = self.app.version_tuple()
         structured = req.get("structured_outputs")
-        if isinstance(structured, dict) and structured.get("regex") and version >= STRUCTURED_OUTPUTS_SINCE:
+        if isinstance(structured, dict) and structured.get("regex") and vllm_versions.has("structured_outputs", version):
             return True
         present = sorted(f for f in _REMOVED_GUIDED_FIELDS if f in req)
-        if present and version >= GUIDED_FIELDS_REMOVED_SINCE:
+        if present and not vllm_versions.has("guided_regex", version):
             if not self.app.warned_guided:  # vLLM: logger.warning_once
                 self.app.warned_guided = True
                 log("WARNING", f"Request contains the removed guided-decoding field(s) {present}, which are "
@@ -645,17 +693,20 @@ def make_server(app: StandIn) -> ThreadingHTTPServer:
     return Server((app.args.host, app.args.port), handler)
 
 
-def serve(args: argparse.Namespace) -> int:
-    control = Control()
+def serve(args: argparse.Namespace, control: Control | None = None) -> int:
+    control = control or Control()
     app = StandIn(args, control)
 
     def on_signal(signum: int, _frame: Any) -> None:
-        app.shutdown.set()
+        if args.shutdown_timeout > 0 and app.httpd is not None and not app.draining.is_set():
+            app.draining.set()  # the main thread drains, then sets shutdown
+        else:
+            app.shutdown.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    log("INFO", f"vLLM STAND-IN (not vLLM, no GPU) API server version {app.version()}+standin")
+    log("INFO", f"vLLM STAND-IN (not vLLM, no GPU) API server version {played_version_text(app.version())}")
     log("INFO", f"model={args.model!r} served_model_name={args.served_name!r} max_model_len={args.max_model_len}"
                 + (f" (ignored flags: {' '.join(args.ignored)})" if args.ignored else ""))
     threading.Thread(target=app.ticker, name="ticker", daemon=True).start()
@@ -684,15 +735,30 @@ def serve(args: argparse.Namespace) -> int:
     scheme = "https" if args.ssl_certfile else "http"
     log("INFO", f"Uvicorn running on {scheme}://{args.host}:{app.port} (Press CTRL+C to quit)")
     threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True).start()
-    app.shutdown.wait()
+    while not app.shutdown.wait(0.1):
+        if app.draining.is_set():
+            drain(app, args.shutdown_timeout)
+            break
     log("INFO", "Shutting down")
     app.exit_now(0)
     return 0
 
 
+def drain(app: StandIn, timeout: float) -> None:
+    """vLLM's ``--shutdown-timeout``: wait for in-flight requests (new ones already fail), then stop."""
+    log("INFO", f"Graceful shutdown: waiting up to {timeout:g} s for {app.stats.inflight} in-flight request(s)")
+    deadline = time.monotonic() + timeout
+    while app.stats.inflight > 0 and time.monotonic() < deadline and not app.shutdown.is_set():
+        time.sleep(0.05)
+    if app.stats.inflight > 0:
+        log("WARNING", f"Shutdown timeout reached: aborting {app.stats.inflight} in-flight request(s)")
+    app.shutdown.set()
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return serve(args)
+    control = Control()
+    version = str(control.get("vllm_version") or VLLM_COMPAT_VERSION)
+    return serve(parse_args(argv, version), control)
 
 
 if __name__ == "__main__":

@@ -9,18 +9,19 @@ Callable once per server: the result is a small immutable :class:`ServerInfo`.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from olmocr.pipeline.errors import ServerMismatch, ServerNotReady
 from olmocr.pipeline.pages.prompts import PROMPT_V4_YAML
+from olmocr.server import vllm_versions
 
 MODEL_NAME = "olmocr"
 
-#: vLLM 0.10.2 added ``structured_outputs`` (and deprecated ``guided_*``); later releases removed the
-#: ``guided_*`` fields: 0.32 logs "Request contains the removed guided-decoding field(s)" and ignores them.
-STRUCTURED_OUTPUTS_SINCE = (0, 10, 2)
+#: The request fields that constrain output. Which one a server honours is in the vLLM release table
+#: (olmocr/server/vllm_versions.py, checked against the releases' sources): ``structured_outputs`` since
+#: 0.11.0, ``guided_regex`` until 0.11.x (0.12 removed it; 0.32 logs "Request contains the removed
+#: guided-decoding field(s)" and ignores it).
 STRUCTURED_OUTPUTS = "structured_outputs"
 GUIDED_REGEX = "guided_regex"
 
@@ -47,24 +48,16 @@ class ServerInfo:
 
 def parse_version(text: str | None) -> tuple[int, ...] | None:
     """``"0.32.0+cpu"`` -> ``(0, 32, 0)``; None when there is no leading dotted number."""
-    if not text:
-        return None
-    match = re.match(r"\s*v?(\d+)\.(\d+)(?:\.(\d+))?", text)
-    if not match:
-        return None
-    return tuple(int(part or 0) for part in match.groups())
+    return vllm_versions.parse_version(text)
 
 
 def guided_field_for(version: str | None) -> str:
-    """The request field that constrains output on a server of this version.
+    """The request field that constrains output on a server of this version (the release table decides).
 
     Unknown versions get ``structured_outputs``: every vLLM of the last year understands it, and the
     only servers without ``/version`` we know of are not vLLM at all.
     """
-    parsed = parse_version(version)
-    if parsed is not None and parsed < STRUCTURED_OUTPUTS_SINCE:
-        return GUIDED_REGEX
-    return STRUCTURED_OUTPUTS
+    return vllm_versions.guided_field_for(parse_version(version))
 
 
 def guided_fields(field: str, regex: str) -> dict[str, Any]:

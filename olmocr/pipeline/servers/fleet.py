@@ -190,13 +190,13 @@ class Fleet:
         """``max_tokens`` and the guided-decoding field for every page request, from the verified servers.
 
         Requests may go to any server, so ``max_tokens`` fits the smallest context. Servers of different
-        vLLM versions that disagree on the field get ``structured_outputs`` (every vLLM since 0.10.2).
+        vLLM versions that disagree on the field get ``structured_outputs`` (every vLLM since 0.11.0).
         """
         max_tokens = min(self.max_tokens.values(), default=DEFAULT_MAX_TOKENS)
         fields = {i.guided_field for i in self._infos()}
         if len(fields) > 1:
             logger.warning("the vLLM servers differ in version: guided decoding uses %r, which servers older "
-                           "than vLLM 0.10.2 ignore", STRUCTURED_OUTPUTS)
+                           "than vLLM 0.11.0 ignore", STRUCTURED_OUTPUTS)
         return max_tokens, fields.pop() if len(fields) == 1 else STRUCTURED_OUTPUTS
 
     def _infos(self) -> list[Any]:

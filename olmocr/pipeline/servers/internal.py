@@ -28,10 +28,10 @@ import requests
 
 from olmocr.pipeline.errors import InternalServerError
 from olmocr.pipeline.stopping import StopRequest
-from olmocr.server.command import refuse_secrets_in_argv
+from olmocr.server.command import plan_vllm_flags, refuse_secrets_in_argv
 from olmocr.server.errors import SettingsError
 from olmocr.server.settings import SERVED_MODEL_NAME, ServerSettings
-from olmocr.server.wrapper import resolve_executable
+from olmocr.server.wrapper import resolve_executable, vllm_version_or_refuse
 
 logger = logging.getLogger("olmocr.pipeline")
 
@@ -65,7 +65,11 @@ def internal_settings(args: Any, vllm_args: Sequence[str] = ()) -> ServerSetting
             f"no vLLM executable {settings.vllm_bin!r} to start a server with: install the gpu extra "
             "(pip install 'olmocr-serve[gpu]') or set OLMOCR_VLLM_BIN, or give a running server with --vllm-url"
         ) from None
-    return dataclasses.replace(settings, extra_vllm_args=extra, vllm_bin=vllm_bin)
+    settings = dataclasses.replace(settings, extra_vllm_args=extra, vllm_bin=vllm_bin)
+    # A vLLM that cannot serve olmOCR stops the run here, in one line (the wrapper would refuse it at
+    # every start); the run directory is temporary, so nothing is cached.
+    plan_vllm_flags(settings, vllm_version_or_refuse(vllm_bin, use_cache=False, warn=False))
+    return settings
 
 
 def existing_server(base_url: str, api_key: str | None, port: int) -> str | None:
