@@ -55,7 +55,9 @@ def console_script_python(executable: str) -> str | None:
 
 
 def _metadata_version(python: str) -> str | None:
-    if os.path.realpath(python) == os.path.realpath(sys.executable):
+    # The same environment when the interpreter lives in the same bin/ (a venv's python is a symlink to
+    # the system one, so comparing resolved interpreters would mistake every venv for this one).
+    if os.path.realpath(os.path.dirname(python)) == os.path.realpath(os.path.dirname(sys.executable)):
         from importlib import metadata
 
         for dist in DISTRIBUTIONS:

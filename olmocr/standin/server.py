@@ -28,7 +28,9 @@ from olmocr.standin.control import Control
 
 VLLM_COMPAT_VERSION = "0.32.0"  # the default of the ``vllm_version`` control
 #: The usage line vLLM's argparse prints before an error.
-VLLM_SERVE_USAGE = "usage: vllm serve [model_tag] [options]\n"
+VLLM_SERVE_USAGE = ("usage: vllm [-h] [-v]\n"
+                    "            {chat,complete,serve,launch,bench,collect-env,download-kernels,preload,run-batch,"
+                    "snapshot}\n            ...\n")
 DEFAULT_MAX_MODEL_LEN = 16384
 #: Which request fields constrain output in the release played, and which flags it lacks: the release
 #: table (olmocr/server/vllm_versions.py, checked against the releases' sources).
@@ -118,7 +120,7 @@ def parse_args(argv: list[str] | None, version: str = VLLM_COMPAT_VERSION) -> ar
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(version)
     rejected = flags_the_release_lacks(argv, version)
-    if rejected:  # as vLLM's argparse does: usage, then "vllm: error: unrecognized arguments: ...", exit 2
+    if rejected:  # as vLLM 0.32's argparse does: usage, then "vllm: error: unrecognized arguments: ...", exit 2
         sys.stderr.write(VLLM_SERVE_USAGE)
         parser.exit(2, f"vllm: error: unrecognized arguments: {' '.join(rejected)}\n")
     args, unknown = parser.parse_known_args(argv)

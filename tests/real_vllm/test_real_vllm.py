@@ -25,6 +25,8 @@ import requests
 
 from olmocr.server.command import build_vllm_command
 from olmocr.server.settings import ServerSettings
+from olmocr.server.vllm_probe import learn_vllm_version
+from olmocr.server.vllm_versions import FEATURES, FLAG, NEWEST_TESTED, OLDEST_TESTED, parse_version, show
 from tests.deployment_helpers import Deployment, live, wait_for
 from tests.pipeline_helpers import docs_by_source, failures, page_count, run_pipeline
 from tests.sample_docs import samples
@@ -128,13 +130,20 @@ def test_every_flag_the_wrapper_passes_is_accepted_by_the_installed_vllm(real_vl
     assert proc.returncode == 0, proc.stderr[-2000:]
     accepted = set(re.findall(r"^\s{2}(--[a-z0-9][a-z0-9-]*)", proc.stdout, re.M))
     accepted |= set(re.findall(r",\s(--[a-z0-9][a-z0-9-]*)", proc.stdout))
-    settings = ServerSettings.from_env({"OLMOCR_GPU_MEMORY_UTILIZATION": "0.9"})  # every optional flag on
-    argv = build_vllm_command(settings, shlex.split(TIER_ENV["OLMOCR_VLLM_ARGS"]))
+    version = parse_version(learn_vllm_version(str(real_vllm_venv / "bin" / "vllm"), use_cache=False))
+    assert version is not None and OLDEST_TESTED <= version <= NEWEST_TESTED, version
+    settings = ServerSettings.from_env({"OLMOCR_GPU_MEMORY_UTILIZATION": "0.9",  # every optional flag on
+                                        "OLMOCR_SCHEDULING_POLICY": "priority"})
+    argv = build_vllm_command(settings, shlex.split(TIER_ENV["OLMOCR_VLLM_ARGS"]), version)
     passed = {a.split("=")[0] for a in argv if a.startswith("--")}
     assert passed - accepted == set(), f"flags vLLM {real_vllm_venv.name} does not know"
     assert "--shutdown-timeout" in passed
     # Why the wrapper passes no request-logging flag: 0.32 rejects the old one (exit 2).
     assert "--disable-log-requests" not in accepted
+    # The release table (olmocr/server/vllm_versions.py) is right about this release, flag by flag.
+    wrong = [f"{f.name}: table says {'defined' if f.in_release(version) else 'absent'}"
+             for f in FEATURES.values() if f.kind == FLAG and f.in_release(version) != (f.name in accepted)]
+    assert wrong == [], f"vLLM {show(version)}: {wrong}"
 
 
 def test_ready_and_status(dep: RealDeployment) -> None:
