@@ -141,3 +141,16 @@ def test_internal_mode_starts_clean(tmp_path: Path, version: str) -> None:
         assert f"'structured_outputs' request field (vLLM {version}+standin)" in run.output()
     finally:
         run.close()
+
+
+def test_internal_mode_refuses_a_vllm_that_cannot_serve_olmocr(tmp_path: Path) -> None:
+    pdfs = _docs(tmp_path, 1, 1)
+    run = InternalRun(tmp_path, pdfs, control={"vllm_version": "0.7.1"})
+    try:
+        assert run.wait(60) == 2, run.output()[-3000:]
+        out = run.output()
+        assert out.count("vLLM 0.7.1 cannot serve olmOCR") == 1 and "Traceback" not in out
+        assert "started a vLLM server" not in out
+        assert not (run.run_dir / "logs" / "vllm.log").exists()  # supervisord never started it
+    finally:
+        run.close()

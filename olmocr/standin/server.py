@@ -141,7 +141,7 @@ class Stats:
         self.lock = threading.Lock()
         self.running = 0
         self.waiting = 0
-        self.inflight = 0  # completions between arrival and answer (what a --shutdown-timeout drain waits for)
+        self.inflight: set[Any] = set()  # handlers of completions not yet answered (a drain waits for them)
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.success: dict[str, int] = {"stop": 0, "length": 0}
@@ -488,12 +488,12 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(500, error_body("The server is shutting down.", "InternalServerError", 500))
             return
         with app.stats.lock:
-            app.stats.inflight += 1
+            app.stats.inflight.add(self)
         try:
             self._chat_completions()
         finally:
             with app.stats.lock:
-                app.stats.inflight -= 1
+                app.stats.inflight.discard(self)
 
     def _chat_completions(self) -> None:
         app = self.app
@@ -748,12 +748,18 @@ def serve(args: argparse.Namespace, control: Control | None = None) -> int:
 
 def drain(app: StandIn, timeout: float) -> None:
     """vLLM's ``--shutdown-timeout``: wait for in-flight requests (new ones already fail), then stop."""
-    log("INFO", f"Graceful shutdown: waiting up to {timeout:g} s for {app.stats.inflight} in-flight request(s)")
+    def waited_for() -> int:
+        # A request whose client has left is aborted, as vLLM aborts it on disconnect: nothing to wait for.
+        with app.stats.lock:
+            handlers = list(app.stats.inflight)
+        return sum(1 for handler in handlers if not handler.client_gone())
+
+    log("INFO", f"Graceful shutdown: waiting up to {timeout:g} s for {waited_for()} in-flight request(s)")
     deadline = time.monotonic() + timeout
-    while app.stats.inflight > 0 and time.monotonic() < deadline and not app.shutdown.is_set():
+    while waited_for() > 0 and time.monotonic() < deadline and not app.shutdown.is_set():
         time.sleep(0.05)
-    if app.stats.inflight > 0:
-        log("WARNING", f"Shutdown timeout reached: aborting {app.stats.inflight} in-flight request(s)")
+    if waited_for() > 0:
+        log("WARNING", f"Shutdown timeout reached: aborting {waited_for()} in-flight request(s)")
     app.shutdown.set()
 
 

@@ -65,11 +65,7 @@ def internal_settings(args: Any, vllm_args: Sequence[str] = ()) -> ServerSetting
             f"no vLLM executable {settings.vllm_bin!r} to start a server with: install the gpu extra "
             "(pip install 'olmocr-serve[gpu]') or set OLMOCR_VLLM_BIN, or give a running server with --vllm-url"
         ) from None
-    settings = dataclasses.replace(settings, extra_vllm_args=extra, vllm_bin=vllm_bin)
-    # A vLLM that cannot serve olmOCR stops the run here, in one line (the wrapper would refuse it at
-    # every start); the run directory is temporary, so nothing is cached.
-    plan_vllm_flags(settings, vllm_version_or_refuse(vllm_bin, use_cache=False, warn=False))
-    return settings
+    return dataclasses.replace(settings, extra_vllm_args=extra, vllm_bin=vllm_bin)
 
 
 def existing_server(base_url: str, api_key: str | None, port: int) -> str | None:
@@ -207,6 +203,17 @@ async def run_with_internal_server(run: Callable[[], Awaitable[int]], stop: Stop
         logger.error("port %d is taken by %s; stop it or choose another port with --port", settings.port, found)
         return 2
     server = InternalServer(settings, run_dir)
+    try:
+        # A vLLM that cannot serve olmOCR stops the run here, in one line, before supervisord would retry
+        # it; the answer is cached where the wrapper looks (<run>/run/vllm-version.json).
+        version = await asyncio.to_thread(vllm_version_or_refuse, settings.vllm_bin,
+                                          server.run_dir / "run" / "vllm-version.json", warn=False)
+        plan_vllm_flags(settings, version)
+    except SettingsError as exc:
+        logger.error("%s", exc)
+        if not server.keep_run_dir:
+            shutil.rmtree(server.run_dir, ignore_errors=True)
+        return 2
     server.start()
     stop.on_hard_exit(server.signal_stop)
     pipeline: asyncio.Task[int] | None = None
