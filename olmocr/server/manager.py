@@ -25,6 +25,7 @@ from pathlib import Path
 
 import psutil
 
+from olmocr import envs
 from olmocr.server.drain import stopwaitsecs_for
 from olmocr.server.errors import SettingsError
 from olmocr.server.lifetime import die_with_parent
@@ -235,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("serving %s as 'olmocr' on %s (health every %g s, at most %d restarts)", settings.model,
              settings.base_url, settings.health_interval, settings.max_restart_attempts)
     log.info("status service: http://%s:%s (/metrics, /status, /ws; docs/observability.md)",
-             os.environ.get("OLMOCR_STATUS_HOST") or "127.0.0.1", os.environ.get("OLMOCR_STATUS_PORT") or 30025)
+             envs.value("OLMOCR_STATUS_HOST"), envs.value("OLMOCR_STATUS_PORT"))
     return manager.run()
 
 
