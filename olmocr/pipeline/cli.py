@@ -111,19 +111,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Loggers whose lines a pipeline run shows: its own, and in internal mode the manager of its server
+#: (without a handler of its own, "supervisord started", "stopped" ... would vanish).
+RUN_LOGGERS = ("olmocr.pipeline", "olmocr.manager")
+
+
 def setup_logging(disk_log: str | None) -> None:
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False
-    if not logger.handlers:
-        console = logging.StreamHandler(sys.stderr)
-        console.setLevel(logging.INFO)
-        console.setFormatter(logging.Formatter(LOG_FORMAT))
-        logger.addHandler(console)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.INFO)
+    console.setFormatter(logging.Formatter(LOG_FORMAT))
+    handlers: list[logging.Handler] = [console]
     if disk_log:
         handler = logging.FileHandler(disk_log, mode="a")
         handler.setLevel(logging.DEBUG)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
-        logger.addHandler(handler)
+        handlers.append(handler)
+    for name in RUN_LOGGERS:
+        run_logger = logging.getLogger(name)
+        run_logger.setLevel(logging.DEBUG)
+        run_logger.propagate = False
+        if not run_logger.handlers:
+            for handler in handlers:
+                run_logger.addHandler(handler)
 
 
 def print_stats(workspace: str, profile: str | None = None) -> int:

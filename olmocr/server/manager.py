@@ -15,6 +15,7 @@ import json
 import logging
 import logging.handlers
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -95,6 +96,9 @@ class Manager:
         self.status_interval = status_interval
         self.stop_requested = False
         self.socket_file = socket_path_for(run_dir)
+        # A run directory too long for AF_UNIX puts the socket in a private /tmp directory: ours to remove.
+        self._private_socket_dir = (Path(self.socket_file).parent if Path(self.socket_file).parent != run_dir
+                                    else None)
         self.config_path = run_dir / "supervisord.conf"
         layout = ConfigLayout(run_dir=str(run_dir / "run"), log_dir=str(run_dir / "logs"),
                               python=sys.executable, nodaemon=True, startsecs=startsecs,
@@ -162,6 +166,13 @@ class Manager:
             return None
 
     def shutdown(self) -> None:
+        try:
+            self._stop_supervisord()
+        finally:
+            if self._private_socket_dir is not None:
+                shutil.rmtree(self._private_socket_dir, ignore_errors=True)
+
+    def _stop_supervisord(self) -> None:
         if self.supervisord is None:
             return
         tree = _process_tree(self.supervisord.pid)
