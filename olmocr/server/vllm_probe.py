@@ -22,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from olmocr import envs
 from olmocr.server.vllm_versions import parse_version
 
 log = logging.getLogger("olmocr.vllm_probe")
@@ -129,7 +130,7 @@ def learn_vllm_version(executable: str, cache_file: str | os.PathLike[str] | Non
         if found:
             return found
     key = _cache_key(executable) if use_cache else None
-    cache = Path(cache_file or os.environ.get(CACHE_ENV) or default_cache_file())
+    cache = Path(cache_file or envs.value(CACHE_ENV) or default_cache_file())
     if key is not None:
         cached = _read_cache(cache).get(key)
         if isinstance(cached, str) and cached:

@@ -12,11 +12,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from olmocr.envs import SERVED_MODEL_NAME
 from olmocr.pipeline.errors import ServerMismatch, ServerNotReady
 from olmocr.pipeline.pages.prompts import PROMPT_V4_YAML
 from olmocr.server import vllm_versions
 
-MODEL_NAME = "olmocr"
+MODEL_NAME = SERVED_MODEL_NAME
 
 #: The request fields that constrain output. Which one a server honours is in the vLLM release table
 #: (olmocr/server/vllm_versions.py, checked against the releases' sources): ``structured_outputs`` since
