@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -221,7 +222,9 @@ class Release:
         self.request_fields: set[str] = set()
         self.limit_mm_types: set[str] = set()
         for name, text in self.files.items():
-            tree = ast.parse(text)
+            with warnings.catch_warnings():  # old releases have invalid escapes in docstrings
+                warnings.simplefilter("ignore")
+                tree = ast.parse(text)
             if name.endswith("protocol.py"):
                 self._read_request(tree)
             else:
