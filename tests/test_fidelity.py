@@ -159,7 +159,7 @@ def test_two_pipelines_on_one_workspace(reader: StandIn, tmp_path: Path) -> None
     docs.mkdir()
     layout = [("a", pages[0:2]), ("b", pages[2:3]), ("c", pages[3:5]), ("d", pages[5:6])]
     paths = [write_marked_pdf(docs / f"{name}.pdf", p) for name, p in layout]
-    expected = _expect([(path, p) for path, (_, p) in zip(paths, layout)])
+    expected = _expect([(path, p) for path, (_, p) in zip(paths, layout, strict=True)])
     ws = tmp_path / "ws"
     procs = [start_pipeline(ws, reader.url, paths, *FAST, "--pages_per_group", "1", "--workers", "2",
                             log=tmp_path / f"pipeline-{i}.log") for i in (1, 2)]
