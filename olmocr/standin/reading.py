@@ -46,6 +46,10 @@ import subprocess
 import threading
 from dataclasses import dataclass
 
+from olmocr.server.errors import TesseractMissing
+
+__all__ = ["LABEL", "Reader", "Reading", "TesseractMissing", "find_tesseract"]
+
 #: Shown wherever reading-mode answers appear (logs, /admin/info, the completion's system_fingerprint).
 LABEL = "Tesseract, not olmOCR"
 INSTALL_HINT = "apt-get install tesseract-ocr tesseract-ocr-eng tesseract-ocr-osd"
@@ -61,10 +65,6 @@ REQUIRED_LANGS = ("eng", "osd")
 _ROTATE = re.compile(r"^Rotate:\s*(\d+)\s*$", re.MULTILINE)
 _CONFIDENCE = re.compile(r"^Orientation confidence:\s*([0-9.]+)\s*$", re.MULTILINE)
 _WORD = re.compile(r"[A-Za-z]{2,}")
-
-
-class TesseractMissing(RuntimeError):
-    """Tesseract or one of its language files is not installed (the message says how to install it)."""
 
 
 @dataclass(frozen=True)
