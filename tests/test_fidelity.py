@@ -161,14 +161,18 @@ def test_two_pipelines_on_one_workspace(reader: StandIn, tmp_path: Path) -> None
     paths = [write_marked_pdf(docs / f"{name}.pdf", p) for name, p in layout]
     expected = _expect([(path, p) for path, (_, p) in zip(paths, layout, strict=True)])
     ws = tmp_path / "ws"
-    procs = [start_pipeline(ws, reader.url, paths, *FAST, "--pages_per_group", "1", "--workers", "2",
-                            log=tmp_path / f"pipeline-{i}.log") for i in (1, 2)]
+    reader.control(latency=1.0)  # one pipeline cannot finish all six work items before the other starts
     try:
-        for proc in procs:
-            assert proc.wait(timeout=240) == 0, (tmp_path / "pipeline-1.log").read_text()[-3000:]
+        procs = [start_pipeline(ws, reader.url, paths, *FAST, "--pages_per_group", "1", "--workers", "2",
+                                log=tmp_path / f"pipeline-{i}.log") for i in (1, 2)]
+        try:
+            for proc in procs:
+                assert proc.wait(timeout=240) == 0, (tmp_path / "pipeline-1.log").read_text()[-3000:]
+        finally:
+            for proc in procs:
+                stop_process_group(proc)
     finally:
-        for proc in procs:
-            stop_process_group(proc)
+        reader.control(latency=0.0)
     logs = [(tmp_path / f"pipeline-{i}.log").read_text() for i in (1, 2)]
     assert all("claimed work item" in log for log in logs), "both pipelines did some of the work"
     assert_every_page_once(ws, paths)
