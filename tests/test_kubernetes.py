@@ -28,6 +28,11 @@ import yaml
 
 from olmocr.pipeline.cli import build_parser
 from olmocr.pipeline.servers.serverlist import parse_url_list
+
+try:
+    from olmocr.pipeline.servers.serverlist import parse_dns_names
+except ImportError:  # the dns+http:// discovery of issue 17 not merged yet
+    parse_dns_names = None
 from olmocr.server.drain import manager_stop_budget
 from olmocr.server.errors import EndpointConfigError
 from olmocr.server.manager import parse_args as parse_manager_args
@@ -217,12 +222,15 @@ def test_pipeline_job_command_parses_and_reaches_the_headless_service(built):
         assert args.workspace.startswith("s3://")
         assert args.stop_exit_code != 0  # a drained pod's index runs again
         assert spec["terminationGracePeriodSeconds"] > args.stop_timeout
-        urls = parse_url_list(args.server)
         service = one(objects, "Service", "olmocr-server")
         http_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "http")
-        url = urls[0][0] if isinstance(urls[0], tuple) else urls[0].url
-        assert len(urls) == 1 and url.startswith("dns+http://"), urls
-        assert f"//{service['metadata']['name']}:{http_port}" in url
+        if parse_dns_names is not None:
+            assert parse_url_list(args.server) == [], "the Job names servers besides the headless Service"
+            names = parse_dns_names(args.server)
+            assert [(n.scheme, n.host, n.ports) for n in names] == [("http", service["metadata"]["name"],
+                                                                       (http_port,))]
+        else:  # before the pipeline's dns+http:// discovery (issue 17) is merged: the form it will parse
+            assert args.server == [f"dns+http://{service['metadata']['name']}:{http_port}"]
         rules = job["spec"]["podFailurePolicy"]["rules"]
         assert any(r["action"] == "FailJob" and 2 in r["onExitCodes"]["values"] for r in rules if "onExitCodes" in r)
 
