@@ -317,7 +317,8 @@ class PodLikeManager:
 
     def server_pid(self) -> int:
         status = self.get("/status", headers={"Authorization": f"Bearer {self.token}"}).json()
-        return int(status["pid"])
+        servers = status.get("servers") or [status]  # a box of several servers lists each (OLMOCR_GPUS)
+        return int(servers[0]["pid"])
 
     def stop(self) -> None:
         self.remember()

@@ -25,8 +25,8 @@ READINESS_ROWS = [
     ({"healthy": False, "state": "FATAL"}, True, False, "gave up"),
     (UNREACHABLE, False, False, "supervisord unreachable"),
     # a box of several servers (OLMOCR_GPUS): ready only when the box is healthy
-    ({"healthy": False, "state": "RUNNING", "servers": [HEALTHY, {**HEALTHY, "healthy": False}]}, True, False,
-     "not ready"),
+    ({"healthy": False, "servers": [HEALTHY, {"healthy": False, "state": "BACKOFF", "restart_count": 1}]}, True,
+     False, "not ready: the server is restarting (state BACKOFF)"),
 ]
 
 

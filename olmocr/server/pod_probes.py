@@ -81,14 +81,17 @@ def readiness(status: Mapping[str, Any], reachable: bool) -> ProbeAnswer:
     reason = _gave_up(status)
     if reason is not None:
         return ProbeAnswer(False, f"not ready: gave up: {reason}")
-    state = status.get("state") or "unknown"
-    phase = status.get("health_phase")
+    # A box of several servers (one per GPU): describe the first one that is not healthy.
+    servers = [s for s in status.get("servers") or () if isinstance(s, Mapping) and not s.get("healthy")]
+    entry = servers[0] if servers else status
+    state = entry.get("state") or "unknown"
+    phase = entry.get("health_phase")
     if state == "RUNNING" and phase in (None, "starting"):
         what = "the model is loading"
     elif state == "RUNNING":
         what = f"health {phase}"
     elif state in ("STARTING", "BACKOFF", "EXITED"):
-        what = "the server is restarting" if status.get("restart_count") else "the server is starting"
+        what = "the server is restarting" if entry.get("restart_count") else "the server is starting"
     elif state in ("STOPPING", "STOPPED"):
         what = "the server is stopping"
     else:
