@@ -63,8 +63,8 @@ def liveness(status: Mapping[str, Any], reachable: bool, seconds_since_good_read
     if seconds_since_reading > stale_limit:
         return ProbeAnswer(False, f"status service stuck: no reading of supervisord for {seconds_since_reading:.0f} s")
     if not reachable and seconds_since_good_reading > stale_limit:
-        return ProbeAnswer(False, f"supervisord unreachable for {seconds_since_good_reading:.0f} s: "
-                                  f"{status.get('error', 'no answer')}")
+        # Not the error itself: it names the socket, and these answers are open without the token.
+        return ProbeAnswer(False, f"supervisord unreachable for {seconds_since_good_reading:.0f} s")
     if reachable:
         reason = _gave_up(status)
         if reason is not None:
@@ -75,7 +75,7 @@ def liveness(status: Mapping[str, Any], reachable: bool, seconds_since_good_read
 def readiness(status: Mapping[str, Any], reachable: bool) -> ProbeAnswer:
     """``/readyz``: ok only while the server is running and healthy (see the module docstring)."""
     if not reachable:
-        return ProbeAnswer(False, f"not ready: {status.get('error', 'no reading of supervisord yet')}")
+        return ProbeAnswer(False, "not ready: supervisord unreachable (or not read yet)")
     if status.get("healthy"):
         return ProbeAnswer(True, "ok")
     reason = _gave_up(status)
