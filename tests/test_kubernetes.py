@@ -113,6 +113,30 @@ def test_base_and_overlay_build(built):
     assert {o["metadata"].get("namespace") for o in overlay} == {"olmocr"}
     assert one(overlay, "Deployment")["spec"]["replicas"] == 8
     assert {o["kind"] for o in overlay} >= {"PodMonitor"}  # the optional component
+    for objects in built.values():  # `kubectl get all -l app.kubernetes.io/part-of=olmocr-serve` finds it all
+        assert all(o["metadata"].get("labels", {}).get("app.kubernetes.io/part-of") == "olmocr-serve"
+                   for o in objects), [o["metadata"]["name"] for o in objects]
+    assert all(o["metadata"]["labels"].get("release") for o in overlay if o["kind"] == "PodMonitor")
+
+
+def test_pod_monitors_scrape_ports_the_pods_have(built):
+    """No schema checks the CRDs offline: check what they point at instead."""
+    objects = built["example overlay"]
+    templates = [one(objects, kind)["spec"]["template"] for kind in ("Deployment", "Job")]
+    monitors = [o for o in objects if o["kind"] == "PodMonitor"]
+    assert {m["metadata"]["name"] for m in monitors} == {"olmocr-server", "olmocr-pipeline"}
+    for monitor in monitors:
+        selector = monitor["spec"]["selector"]["matchLabels"]
+        pods = [t for t in templates if selector.items() <= t["metadata"]["labels"].items()]
+        assert len(pods) == 1, monitor["metadata"]["name"]
+        ports = {p["name"]: p["containerPort"] for c in pods[0]["spec"]["containers"] for p in c.get("ports", [])}
+        annotated = int(pods[0]["metadata"]["annotations"]["prometheus.io/port"])
+        for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+            assert endpoint["port"] in ports, endpoint
+            assert endpoint["path"] == "/metrics"
+            credentials = endpoint.get("authorization", {}).get("credentials")
+            if ports[endpoint["port"]] == annotated:  # the token-guarded endpoint (status / pipeline metrics)
+                assert credentials == {"name": "olmocr-keys", "key": "status-token"}, endpoint
 
 
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
