@@ -269,10 +269,14 @@ def test_dockerfile_passes_hadolint_and_runs_the_manager_as_non_root():
     assert user and not user[-1].split()[1].startswith(("root", "0"))
     entrypoint = next(line for line in lines if line.startswith("ENTRYPOINT "))
     assert '"olmocr.vllm_server_manager"' in entrypoint
-    for line in lines:  # everything it copies is in the repository (and let through by .dockerignore)
+    ignore = (REPO_ROOT / ".dockerignore").read_text().splitlines()
+    assert "*" in ignore  # an allow-list: nothing else of the checkout (.venv, tests, bench) reaches the build
+    allowed = [line[1:].rstrip("/") for line in ignore if line.startswith("!")]
+    for line in lines:  # everything it copies is in the repository and let through by .dockerignore
         if line.startswith("COPY "):
             for source in shlex.split(line)[1:-1]:
                 assert (REPO_ROOT / source).exists(), source
+                assert any(source == a or source.startswith(a + "/") for a in allowed), source
 
 
 # -------------------------------------------------------------------------------------------- live
@@ -424,3 +428,41 @@ def test_liveness_fails_once_the_manager_gives_up(deployments, built):
     answer = requests.get(dep.status_url + live_path, timeout=5)
     assert answer.text.startswith("gave up: crash loop"), answer.text
     assert requests.get(dep.status_url + ready_path, timeout=5).status_code == 503
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_image_install_step_adds_the_package_without_changing_the_base_environment(tmp_path):
+    """The Dockerfile's install step (deploy/container/install-olmocr.sh) in a venv standing in for the vLLM
+    image: its packages are pinned, so a conflict fails the build instead of changing vLLM's packages."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+
+    def pip(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([python, "-m", "pip", "--disable-pip-version-check", *args], capture_output=True,
+                              text=True, timeout=300)
+
+    def installed() -> dict[str, str]:
+        lines = pip("list", "--format=freeze").stdout.splitlines()
+        return dict(line.lower().split("==", 1) for line in lines if "==" in line)
+
+    def install() -> subprocess.CompletedProcess:
+        # PIP_NO_COMPILE only saves the test time (no .pyc for botocore); the command is the Dockerfile's.
+        return subprocess.run([str(REPO_ROOT / "deploy" / "container" / "install-olmocr.sh"), str(REPO_ROOT)],
+                              env={**os.environ, "PYTHON": python, "PIP_NO_COMPILE": "1"}, capture_output=True,
+                              text=True, timeout=400)
+
+    # The "image" has a Pillow older than olmocr-serve allows: the step must fail, not upgrade it.
+    assert pip("install", "-q", "Pillow==9.5.0", "requests==2.31.0").returncode == 0
+    failed = install()
+    assert failed.returncode != 0
+    assert installed()["pillow"] == "9.5.0" and "olmocr-serve" not in installed()
+    # With a compatible Pillow it installs, adds only new packages, and the manager's entry point runs.
+    assert pip("install", "-q", "Pillow==10.4.0").returncode == 0
+    before = installed()
+    done = install()
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    after = installed()
+    assert "olmocr-serve" in after and "supervisor" in after
+    assert {name: after[name] for name in before} == before, "the step changed a package of the base image"
