@@ -447,9 +447,16 @@ def test_image_install_step_adds_the_package_without_changing_the_base_environme
         lines = pip("list", "--format=freeze").stdout.splitlines()
         return dict(line.lower().split("==", 1) for line in lines if "==" in line)
 
+    # What the Dockerfile copies to /src, and nothing else (a build leaves build/ in its source).
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, src / name)
+    shutil.copytree(REPO_ROOT / "olmocr", src / "olmocr", ignore=shutil.ignore_patterns("__pycache__"))
+
     def install() -> subprocess.CompletedProcess:
         # PIP_NO_COMPILE only saves the test time (no .pyc for botocore); the command is the Dockerfile's.
-        return subprocess.run([str(REPO_ROOT / "deploy" / "container" / "install-olmocr.sh"), str(REPO_ROOT)],
+        return subprocess.run([str(REPO_ROOT / "deploy" / "container" / "install-olmocr.sh"), str(src)],
                               env={**os.environ, "PYTHON": python, "PIP_NO_COMPILE": "1"}, capture_output=True,
                               text=True, timeout=400)
 
