@@ -28,18 +28,19 @@ import yaml
 
 from olmocr.pipeline.cli import build_parser
 from olmocr.pipeline.servers.serverlist import parse_url_list
+from olmocr.server.drain import manager_stop_budget
+from olmocr.server.errors import EndpointConfigError
+from olmocr.server.manager import parse_args as parse_manager_args
+from olmocr.server.status_service import PROBE_PATHS, ServiceSettings
+from tests.deployment_helpers import FAST_HEALTH, live
+from tests.standin_helpers import REPO_ROOT, STANDIN_SHIM, clean_env, free_port
+from tests.tiers import require
+from tests.waiting import wait_for
 
 try:
     from olmocr.pipeline.servers.serverlist import parse_dns_names
 except ImportError:  # the dns+http:// discovery of issue 17 not merged yet
     parse_dns_names = None
-from olmocr.server.drain import manager_stop_budget
-from olmocr.server.errors import EndpointConfigError
-from olmocr.server.manager import parse_args as parse_manager_args
-from olmocr.server.status_service import PROBE_PATHS, ServiceSettings
-from tests.deployment_helpers import FAST_HEALTH, live, wait_for
-from tests.standin_helpers import REPO_ROOT, STANDIN_SHIM, clean_env, free_port
-from tests.tiers import require
 
 KUBE_DIR = REPO_ROOT / "deploy" / "kubernetes"
 BUILDS = {"base": KUBE_DIR, "example overlay": KUBE_DIR / "overlays" / "example"}
