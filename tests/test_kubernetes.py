@@ -109,7 +109,11 @@ def expand(arg: str, env: dict[str, str]) -> str:
 def test_base_and_overlay_build(built):
     for name, objects in built.items():
         kinds = {o["kind"] for o in objects}
-        assert {"Deployment", "Service", "NetworkPolicy", "Job", "ConfigMap", "PersistentVolumeClaim"} <= kinds, name
+        assert {"Deployment", "Service", "NetworkPolicy", "Job", "ConfigMap", "PersistentVolumeClaim",
+                "PodDisruptionBudget"} <= kinds, name
+        server_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+        pdb = one(objects, "PodDisruptionBudget")["spec"]
+        assert pdb["selector"]["matchLabels"].items() <= server_labels.items() and pdb["maxUnavailable"] == 1
     overlay = built["example overlay"]
     assert {o["metadata"].get("namespace") for o in overlay} == {"olmocr"}
     assert one(overlay, "Deployment")["spec"]["replicas"] == 8
