@@ -26,7 +26,7 @@ from bench.common import (
     upstream_available,
 )
 
-SECTIONS = ["render", "throughput", "memory", "recovery", "storm", "statusd", "fleet", "probes"]
+SECTIONS = ["render", "throughput", "memory", "recovery", "storm", "statusd", "fleet", "reading", "probes"]
 NO_CORPUS = {"statusd", "probes"}  # sections that need no PDFs
 
 
@@ -108,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import fleet
 
                 figs, detail = fleet.run(corpus, quick=args.quick)
+            elif section == "reading":
+                from bench import reading
+
+                figs, detail = reading.run(corpus, quick=args.quick)
             else:
                 from bench import recovery
 
