@@ -7,7 +7,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,17 +113,86 @@ def _env(env: Mapping[str, str] | None) -> dict[str, str]:
     return out
 
 
+@dataclass
+class RunningPipeline:
+    """A pipeline started by :func:`running_pipeline`: its process and its log."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def wait(self, timeout: float) -> int:
+        """Its exit status; an AssertionError with the end of its log if it runs past ``timeout``."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"pipeline did not finish in {timeout}s:\n{self.output()[-4000:]}") from None
+
+    def wait_log(self, text: str, timeout: float, what: str | None = None, count: int = 1) -> None:
+        """Wait until ``text`` is in the log ``count`` times (an AssertionError if the pipeline exits first)."""
+        def seen() -> bool:
+            if self.output().count(text) >= count:
+                return True
+            assert self.proc.poll() is None, f"pipeline exited ({self.proc.returncode}) before {what or text!r}"
+            return False
+
+        try:
+            wait_for(seen, timeout, what or repr(text))
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.output()[-4000:]}") from None
+
+
+#: What a test hands to :func:`running_pipeline` to be stopped with the pipeline: a stand-in (``.stop()``),
+#: a process started in its own session, or any callable.
+Stoppable = StandIn | subprocess.Popen[bytes] | Callable[[], object]
+
+
+def _stop(thing: Stoppable) -> None:
+    if isinstance(thing, subprocess.Popen):
+        stop_process_group(thing)
+    elif isinstance(thing, StandIn):
+        thing.stop()
+    else:
+        thing()
+
+
+@contextmanager
+def running_pipeline(workspace: str | Path, url: str, pdfs: Sequence[str | Path] = (), *extra: str,
+                     env: Mapping[str, str] | None = None, log: Path,
+                     stop: Iterable[Stoppable] = ()) -> Iterator[RunningPipeline]:
+    """Start the pipeline (its own process group), yield it, and always stop it and then everything in
+    ``stop`` (its stand-ins), whatever the test did: the one harness of the tests that run pipelines."""
+    others = list(stop)
+    try:
+        proc = start_pipeline(workspace, url, pdfs, *extra, env=env, log=log)
+    except BaseException:
+        for thing in others:
+            _stop(thing)
+        raise
+    try:
+        yield RunningPipeline(proc, log)
+    finally:
+        try:
+            stop_process_group(proc)
+        finally:
+            for thing in others:
+                _stop(thing)
+
+
 def run_pipeline(workspace: str | Path, url: str, pdfs: Sequence[str | Path] = (), *extra: str,
                  env: Mapping[str, str] | None = None, timeout: float = 120, log: Path) -> tuple[int, str]:
     """Run the pipeline to completion (killed after ``timeout``); returns (exit status, its output)."""
-    proc = start_pipeline(workspace, url, pdfs, *extra, env=env, log=log)
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        stop_process_group(proc)
-        raise AssertionError(f"pipeline did not finish in {timeout}s:\n{log.read_text()[-4000:]}") from None
-    finally:
-        stop_process_group(proc)
+    with running_pipeline(workspace, url, pdfs, *extra, env=env, log=log) as run:
+        rc = run.wait(timeout)
     return rc, log.read_text()
 
 
