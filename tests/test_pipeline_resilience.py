@@ -10,17 +10,19 @@ from pathlib import Path
 
 import pytest
 
+from olmocr.pipeline.servers.fleet import LOG_PAUSED, LOG_RESUMED
 from tests.pipeline_helpers import (
     RESILIENCE_DOCS,
     SAMPLES,
     SMALL_DOCS,
     assert_every_page_once,
     launch_standin,
+    log_line,
+    logged,
     run_pipeline,
     running_pipeline,
     wait_for,
 )
-from tests.s3_helpers import s3_server  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -33,13 +35,15 @@ def test_server_killed_and_restarted_mid_run(tmp_path: Path) -> None:
     with running_pipeline(tmp_path / "ws", s.url, DOCS, "--pages_per_group", "6", log=log, stop=[s]) as run:
         wait_for(lambda: "work item" in log.read_text() and "done" in log.read_text(), 60, "a first item done")
         s.kill()  # SIGKILL the stand-in's process group: a crash
-        time.sleep(2)
+        # Down until the pipeline has noticed (on a loaded machine a fixed pause may pass with no request out).
+        run.wait_log(log_line(LOG_PAUSED), 60, "the outage noticed")
+        time.sleep(1)
         assert run.poll() is None, run.output()
         s.restart()
         rc = run.wait(120)
     text = log.read_text()
     assert rc == 0, text
-    assert "vLLM server unavailable" in text and "vLLM server is back" in text
+    assert logged(text, LOG_RESUMED)
     assert_every_page_once(tmp_path / "ws", DOCS)
 
 
@@ -101,7 +105,7 @@ def test_pipeline_killed_midway_next_run_does_only_the_rest(tmp_path: Path) -> N
     assert "claimed work item" in text
 
 
-def test_s3_workspace_and_s3_inputs(s3_server, tmp_path: Path) -> None:  # noqa: F811
+def test_s3_workspace_and_s3_inputs(s3_server, tmp_path: Path) -> None:
     client = s3_server.client()
     s3_pdf = SAMPLES.report
     client.put_object(Bucket=s3_server.bucket, Key="inputs/olmo-page-1.pdf", Body=s3_pdf.read_bytes())

@@ -19,7 +19,7 @@ from olmocr.pipeline.workspace.storage import open_storage
 from tests.fault_proxy import FaultProxy
 from tests.pdf_builders import text_pdf
 from tests.pipeline_helpers import launch_standin, run_pipeline, running_pipeline
-from tests.s3_helpers import S3Server, s3_server  # noqa: F401 - fixture
+from tests.s3_helpers import S3Server
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -45,7 +45,7 @@ class Switch:
 
 
 @pytest.fixture
-def proxy(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:  # noqa: F811
+def proxy(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
     with FaultProxy(s3_server.endpoint, seed=11) as p:
         monkeypatch.setenv("AWS_ENDPOINT_URL", p.url)
         yield p
@@ -84,7 +84,7 @@ def _env(proxy: FaultProxy, **extra: str) -> dict[str, str]:
     return {"AWS_ENDPOINT_URL": proxy.url, **extra}
 
 
-def test_conditional_write_whose_answer_was_lost_is_recognised(proxy: FaultProxy, s3_server: S3Server) -> None:  # noqa: F811
+def test_conditional_write_whose_answer_was_lost_is_recognised(proxy: FaultProxy, s3_server: S3Server) -> None:
     storage = open_storage(s3_server.url("ws"))
     proxy.rule = Switch("PUT", "/ws/locks/a", "reset-after", times=1)
     assert storage.create("locks/a", b"lease mine-1")  # written, answer lost, resent: 412, read back: ours
@@ -101,7 +101,7 @@ def test_conditional_write_whose_answer_was_lost_is_recognised(proxy: FaultProxy
     assert storage.read("locks/b") == b"lease b"
 
 
-def test_workspace_client_uses_standard_retries_with_8_attempts(proxy: FaultProxy, s3_server: S3Server,  # noqa: F811
+def test_workspace_client_uses_standard_retries_with_8_attempts(proxy: FaultProxy, s3_server: S3Server,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """botocore's standard retry mode, 8 attempts in all (what AWS_MAX_ATTEMPTS means): 7 failures of one
     request in a row are absorbed, the 8th reaches the caller; AWS_MAX_ATTEMPTS and AWS_RETRY_MODE override."""
@@ -140,7 +140,7 @@ def test_workspace_client_uses_standard_retries_with_8_attempts(proxy: FaultProx
 
 
 def test_pipeline_under_random_s3_faults_loses_and_duplicates_nothing(
-        proxy: FaultProxy, s3_server: S3Server, tmp_path: Path) -> None:  # noqa: F811
+        proxy: FaultProxy, s3_server: S3Server, tmp_path: Path) -> None:
     docs = _docs(tmp_path, 8, 2)
     proxy.error_rate, proxy.drop_rate = 0.08, 0.08  # 503/500 and resets before/after, 16% of requests
     standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.3"})
@@ -158,7 +158,7 @@ def test_pipeline_under_random_s3_faults_loses_and_duplicates_nothing(
     assert _keys(s3_server, "ws/worker_locks/") == []
 
 
-def test_result_upload_failing_is_never_marked_done(proxy: FaultProxy, s3_server: S3Server, tmp_path: Path) -> None:  # noqa: F811
+def test_result_upload_failing_is_never_marked_done(proxy: FaultProxy, s3_server: S3Server, tmp_path: Path) -> None:
     docs = _docs(tmp_path, 1, 1)
     failing = Switch("PUT", "/ws/results/", "503")
     proxy.rule = failing
@@ -177,7 +177,7 @@ def test_result_upload_failing_is_never_marked_done(proxy: FaultProxy, s3_server
     assert len(_keys(s3_server, "ws/done_flags/")) == 1
 
 
-def test_lease_that_cannot_be_renewed_is_given_up(proxy: FaultProxy, s3_server: S3Server, tmp_path: Path) -> None:  # noqa: F811
+def test_lease_that_cannot_be_renewed_is_given_up(proxy: FaultProxy, s3_server: S3Server, tmp_path: Path) -> None:
     docs = _docs(tmp_path, 1, 2)
     locks = Switch("PUT", "/ws/worker_locks/", "503")
     locks.on = False
@@ -200,7 +200,7 @@ def test_lease_that_cannot_be_renewed_is_given_up(proxy: FaultProxy, s3_server: 
     assert _results(s3_server, "ws") == {str(docs[0]): 1}
 
 
-def test_read_timeout_is_retried(proxy: FaultProxy, s3_server: S3Server) -> None:  # noqa: F811
+def test_read_timeout_is_retried(proxy: FaultProxy, s3_server: S3Server) -> None:
     from botocore.config import Config
 
     from olmocr.pipeline.workspace.storage import S3Storage, make_s3_client
@@ -217,7 +217,7 @@ def test_read_timeout_is_retried(proxy: FaultProxy, s3_server: S3Server) -> None
 
 
 def test_connection_breaking_while_an_object_streams_in_is_read_again(
-        proxy: FaultProxy, s3_server: S3Server) -> None:  # noqa: F811
+        proxy: FaultProxy, s3_server: S3Server) -> None:
     storage = open_storage(s3_server.url("ws"))
     body = b"x" * 200_000
     storage.write("results/output_big.jsonl", body)

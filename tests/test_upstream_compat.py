@@ -17,11 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline_helpers import (  # noqa: F401 - standin is a fixture
+from tests.pipeline_helpers import (
     assert_every_page_once,
     docs_by_source,
     running_pipeline,
-    standin,
     wait_for,
 )
 from tests.sample_docs import write_text_pdf
@@ -106,7 +105,7 @@ def _assert_every_page_once(workspace: Path, pdfs: list[Path]) -> set[str]:
     return {doc["metadata"].get("producer", "upstream " + doc["metadata"]["olmocr-version"]) for doc in docs}
 
 
-def test_upstream_started_and_killed_ours_finishes(upstream_python: Path, standin, tmp_path: Path) -> None:  # noqa: F811
+def test_upstream_started_and_killed_ours_finishes(upstream_python: Path, standin, tmp_path: Path) -> None:
     pdfs = _docs(tmp_path)
     ws = tmp_path / "ws"
     standin.control(latency=1.0)  # upstream does one item at a time: there is time to kill it between items
@@ -125,7 +124,7 @@ def test_upstream_started_and_killed_ours_finishes(upstream_python: Path, standi
     assert _assert_every_page_once(ws, pdfs) == {f"upstream {UPSTREAM_VERSION}", "olmocr-serve"}
 
 
-def test_ours_started_and_stopped_upstream_finishes(upstream_python: Path, standin, tmp_path: Path) -> None:  # noqa: F811
+def test_ours_started_and_stopped_upstream_finishes(upstream_python: Path, standin, tmp_path: Path) -> None:
     pdfs = _docs(tmp_path)
     ws = tmp_path / "ws"
     standin.control(latency=1.0)

@@ -20,7 +20,7 @@ from olmocr.pipeline.workspace.queue import (
     workspace_stats,
 )
 from olmocr.pipeline.workspace.storage import LocalStorage, Storage, open_storage
-from tests.s3_helpers import S3Server, s3_server  # noqa: F401
+from tests.s3_helpers import S3Server
 
 
 def one_page(path: str) -> int:

@@ -27,12 +27,13 @@ def test_wrong_model_mid_run_waits_instead_of_burning_attempts(tmp_path: Path) -
                           stop=[standin]) as run:
         run.wait_log("claimed work item", 60, "work claimed")
         standin.control(served_model_name="not-olmocr")
-        time.sleep(3)
+        # Until pages have met the wrong model (on a loaded machine rendering may outlast a fixed pause).
+        run.wait_log("model 'olmocr' not served", 60)
+        time.sleep(2)
         standin.control(served_model_name="olmocr")
         rc = run.wait(90)
     text = log.read_text()
     assert rc == 0, text
-    assert "model 'olmocr' not served" in text, text
     found = docs_by_source(tmp_path / "ws")
     assert set(found) == set(map(str, docs))
     assert all(d["metadata"]["total-fallback-pages"] == 0 for d in found.values())
