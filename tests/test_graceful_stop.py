@@ -120,14 +120,11 @@ def test_stop_exit_code_tells_a_job_controller_the_run_was_cut_short(tmp_path: P
     standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "2"})
     log = tmp_path / "run.log"
     try:
-        proc = start_pipeline(ws, standin.url, docs, "--pages_per_group", "2", "--stop_timeout", "1",
-                              "--stop_exit_code", "143", log=log)
-        try:
-            wait_for(lambda: "claimed work item" in log.read_text(), 60, "an item claimed")
-            os.kill(proc.pid, signal.SIGTERM)
-            rc = proc.wait(timeout=30)
-        finally:
-            stop_process_group(proc)
+        with running_pipeline(ws, standin.url, docs, "--pages_per_group", "2", "--stop_timeout", "1",
+                              "--stop_exit_code", "143", log=log) as run:
+            run.wait_log("claimed work item", 60, "an item claimed")
+            os.kill(run.pid, signal.SIGTERM)
+            rc = run.wait(30)
         assert rc == 143, log.read_text()
         assert _locks(ws) == [], "leases left behind"
         # The rerun (the Job's next pod for that index) finishes the work and exits 0.
