@@ -1,16 +1,29 @@
-"""Session set-up: the sample documents every test reads are built here, never read from outside the repo;
-the ``deployments`` fixture (supervised stand-in deployments)."""
+"""Session set-up and the shared fixtures.
+
+The sample documents every test reads are built here, never read from outside the repo. Fixtures:
+``deployments`` (supervised stand-in deployments), ``standin`` (one stand-in vLLM server), ``s3_server``
+(moto in server mode), and the autouse clean-up of pypdfium2 documents left by in-process render jobs.
+Helpers are imported inside the fixtures: ``tests.pipeline_helpers`` builds the sample documents when it is
+imported, which must wait for :func:`pytest_configure`. Tests that run pipelines use
+``tests.pipeline_helpers.running_pipeline``."""
 
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests import sample_docs
 from tests.deployment_helpers import Deployment
+
+if TYPE_CHECKING:
+    from tests.pipeline_helpers import StandIn
+    from tests.s3_helpers import S3Server
 
 _root: Path | None = None
 
@@ -39,3 +52,49 @@ def deployments():
     yield make
     for dep in created:
         dep.cleanup()
+
+
+@pytest.fixture
+def standin(tmp_path: Path) -> Iterator[StandIn]:
+    """A stand-in vLLM server on 127.0.0.1 (default settings; ``standin.control(...)`` changes them)."""
+    from tests.pipeline_helpers import launch_standin
+
+    s = launch_standin(tmp_path)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def s3_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
+    """moto in server mode on 127.0.0.1 with a fresh bucket; sets ``AWS_ENDPOINT_URL`` and dummy credentials
+    with ``monkeypatch`` (child processes started by the test inherit them). See tests/s3_helpers.py."""
+    import uuid
+
+    from tests.s3_helpers import S3Server, start_s3_server
+
+    endpoint, stop = start_s3_server()
+    try:
+        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        server = S3Server(endpoint=endpoint, bucket=f"test-{uuid.uuid4().hex[:12]}", _stop=stop)
+        server.client().create_bucket(Bucket=server.bucket)
+        yield server
+    finally:
+        stop()
+
+
+@pytest.fixture(autouse=True)
+def _close_cached_render_docs() -> Iterator[None]:
+    """Tests that call the render jobs in-process leave pypdfium2 documents cached: close them."""
+    yield
+    render = sys.modules.get("olmocr.pipeline.pages.render")
+    if render is not None:
+        while render._docs:
+            render._docs.popitem()[1].close()

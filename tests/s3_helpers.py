@@ -1,8 +1,6 @@
 """A real S3 API on 127.0.0.1 for tests: moto in server mode, no mocking of boto3.
 
-Use in a test module::
-
-    from tests.s3_helpers import s3_server  # noqa: F401  (pytest fixture)
+The ``s3_server`` fixture (tests/conftest.py)::
 
     def test_x(s3_server):
         url = s3_server.url("workspace")        # s3://<bucket>/workspace
@@ -20,12 +18,9 @@ S3, the server handles one request at a time (a lock around the WSGI app); conne
 from __future__ import annotations
 
 import threading
-import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
-
-import pytest
 
 
 class _SerializedApp:
@@ -89,19 +84,5 @@ def start_s3_server() -> tuple[str, Callable[[], None]]:
     return f"http://{host}:{port}", stop
 
 
-@pytest.fixture
-def s3_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
-    endpoint, stop = start_s3_server()
-    try:
-        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-            monkeypatch.delenv(var, raising=False)
-        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        server = S3Server(endpoint=endpoint, bucket=f"test-{uuid.uuid4().hex[:12]}", _stop=stop)
-        server.client().create_bucket(Bucket=server.bucket)
-        yield server
-    finally:
-        stop()
+# The fixture lives in tests/conftest.py; the name stays importable for test modules that import it.
+from tests.conftest import s3_server  # noqa: E402, F401

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from olmocr.pipeline.pages.filters import language_of, seo_spam_share, text_reason
-from tests.pipeline_helpers import docs_by_source, failures, run_pipeline, standin  # noqa: F401 - fixture
+from tests.pipeline_helpers import docs_by_source, failures, run_pipeline
 from tests.sample_docs import PARAGRAPHS, write_text_pdf
 from tests.standin_helpers import REPO_ROOT, clean_env
 
@@ -49,7 +49,7 @@ def test_text_rules_as_upstream() -> None:
     assert text_reason("1234 5678 9012 " * 30, language_of) is None  # mostly not letters: kept
     assert seo_spam_share("") == 0.0
 
-def test_apply_filter_records_skipped_documents(standin, tmp_path: Path) -> None:  # noqa: F811
+def test_apply_filter_records_skipped_documents(standin, tmp_path: Path) -> None:
     docs = tmp_path / "docs"
     docs.mkdir()
     english = write_text_pdf(docs / "english.pdf", [" ".join(PARAGRAPHS[:3]), " ".join(PARAGRAPHS[3:])])

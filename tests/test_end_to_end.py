@@ -12,34 +12,26 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.deployment_helpers import Deployment
 from tests.pipeline_helpers import RESILIENCE_DOCS as DOCS
-from tests.pipeline_helpers import assert_every_page_once, start_pipeline, wait_for
-from tests.standin_helpers import stop_process_group
+from tests.pipeline_helpers import assert_every_page_once, running_pipeline
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
-def test_pipeline_survives_server_kill_and_hang_under_supervisord(tmp_path: Path) -> None:
-    dep = Deployment(control={"latency": 0.4, "concurrency": 2}).start()
-    proc = None
-    try:
-        first = dep.wait_status(lambda s: s["healthy"], 30, "healthy")
-        log = tmp_path / "pipeline.log"
-        proc = start_pipeline(tmp_path / "ws", dep.base_url, DOCS, "--pages_per_group", "6",
-                              "--request_timeout", "3", log=log)
-        wait_for(lambda: "done:" in log.read_text(), 90, "a first work item done")
+def test_pipeline_survives_server_kill_and_hang_under_supervisord(tmp_path: Path, deployments) -> None:
+    dep = deployments(control={"latency": 0.4, "concurrency": 2})
+    log = tmp_path / "pipeline.log"
+    first = dep.wait_status(lambda s: s["healthy"], 30, "healthy")
+    with running_pipeline(tmp_path / "ws", dep.base_url, DOCS, "--pages_per_group", "6", "--request_timeout", "3",
+                          log=log) as run:
+        run.wait_log("done:", 90, "a first work item done")
         os.kill(first["pid"], signal.SIGKILL)
         second = dep.wait_status(lambda s: s["healthy"] and s["pid"] != first["pid"], 60, "restart after -9")
         time.sleep(1)
         requests.post(f"{dep.base_url}/admin/control", json={"hang": True}, timeout=5)
         dep.wait_status(lambda s: s["healthy"] and s["pid"] != second["pid"], 90, "restart after hang")
-        rc = proc.wait(timeout=180)
+        rc = run.wait(180)
         status = dep.status()
-    finally:
-        if proc is not None:
-            stop_process_group(proc)
-        dep.cleanup()
     output = log.read_text()
     assert rc == 0, output[-3000:]
     assert status["restart_count"] == 2 and status["health_kills"] == 1

@@ -30,10 +30,9 @@ from tests.pipeline_helpers import (
     launch_standin,
     results,
     run_pipeline,
-    start_pipeline,
+    running_pipeline,
 )
 from tests.sample_docs import marker_pages, write_marked_pdf, write_marked_scan
-from tests.standin_helpers import stop_process_group
 from tests.tiers import require
 
 pytestmark = pytest.mark.integration
@@ -162,17 +161,12 @@ def test_two_pipelines_on_one_workspace(reader: StandIn, tmp_path: Path) -> None
     expected = _expect([(path, p) for path, (_, p) in zip(paths, layout, strict=True)])
     ws = tmp_path / "ws"
     reader.control(latency=1.0)  # one pipeline cannot finish all six work items before the other starts
-    try:
-        procs = [start_pipeline(ws, reader.url, paths, *FAST, "--pages_per_group", "1", "--workers", "2",
-                                log=tmp_path / f"pipeline-{i}.log") for i in (1, 2)]
-        try:
-            for proc in procs:
-                assert proc.wait(timeout=240) == 0, (tmp_path / "pipeline-1.log").read_text()[-3000:]
-        finally:
-            for proc in procs:
-                stop_process_group(proc)
-    finally:
-        reader.control(latency=0.0)
+    args = (ws, reader.url, paths, *FAST, "--pages_per_group", "1", "--workers", "2")
+    fast_again = [lambda: reader.control(latency=0.0)]
+    with (running_pipeline(*args, log=tmp_path / "pipeline-1.log", stop=fast_again) as one,
+          running_pipeline(*args, log=tmp_path / "pipeline-2.log") as two):
+        for run in (one, two):
+            assert run.wait(240) == 0, run.output()[-3000:]
     logs = [(tmp_path / f"pipeline-{i}.log").read_text() for i in (1, 2)]
     assert all("claimed work item" in log for log in logs), "both pipelines did some of the work"
     assert_every_page_once(ws, paths)

@@ -26,6 +26,15 @@ from olmocr.pipeline.servers.balance import (
     plan_steals,
 )
 from olmocr.pipeline.servers.client import ServerClient
+from olmocr.pipeline.servers.fleet import (
+    LOG_ALL_DOWN,
+    LOG_EJECTED,
+    LOG_IN_ROTATION,
+    LOG_LEFT_OUT,
+    LOG_MOVED,
+    LOG_NOT_REACHABLE,
+    LOG_READMITTED,
+)
 from olmocr.pipeline.servers.serverlist import parse_url_list, server_specs
 from olmocr.server.command import build_vllm_command
 from olmocr.server.errors import SettingsError
@@ -35,8 +44,10 @@ from tests.metrics_helpers import parse_metrics
 from tests.pipeline_helpers import (
     assert_every_page_once,
     launch_standin,
+    log_line,
+    logged,
     run_pipeline,
-    start_pipeline,
+    running_pipeline,
     wait_for,
 )
 from tests.sample_docs import write_text_pdf
@@ -226,24 +237,48 @@ def test_server_scheduling_policy_option() -> None:
 # --------------------------------------------------------------------------------------------- fleets
 
 
+def _per_server(metrics_port: int, urls: list[str]) -> tuple[list[float], list[float]] | None:
+    """(requests in flight, requests completed) per server from the pipeline's /metrics; None if unreadable."""
+    try:
+        text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2).text
+    except requests.RequestException:
+        return None
+    got = parse_metrics(text)
+    try:
+        return ([got[f"olmocr_pipeline_requests_in_flight{{server={u}}}"] for u in urls],
+                [got[f"olmocr_pipeline_requests_completed_total{{server={u}}}"] for u in urls])
+    except KeyError:
+        return None
+
+
 def test_pages_follow_capacity_and_each_server_is_visible(tmp_path: Path, pdfs: list[Path]) -> None:
     # 8 and 2 pages/s: together well under what the client renders even on a loaded 2-core machine, so the
     # servers, not the client, set the pace (a client-bound run spreads pages by who is idle, not capacity).
     fast = standin(tmp_path, 1.0, 8)
     slow = standin(tmp_path, 1.0, 2)
-    ws = tmp_path / "ws"
-    try:
-        rc, log = run_pipeline(ws, f"{fast.url},{slow.url}", pdfs, "--pages_per_group", "20",
-                               log=tmp_path / "run.log")
+    ws, metrics_port = tmp_path / "ws", free_port()
+    urls = [fast.url, slow.url]
+    # Requests out to each server, sampled from the pipeline's per-server in-flight gauge while both have
+    # measured capacities. Capacity-relative balancing, min (in_flight + 1) / capacity, keeps them ~4:1;
+    # least-outstanding would keep them ~1:1 (and still send the fast one more pages, as it frees up first,
+    # so the served counts alone cannot tell the two apart).
+    in_flight = [0.0, 0.0]
+    with running_pipeline(ws, ",".join(urls), pdfs, "--pages_per_group", "20", "--metrics_port",
+                          str(metrics_port), log=tmp_path / "run.log", stop=[fast, slow]) as run:
+        while run.poll() is None:
+            sample = _per_server(metrics_port, urls)
+            if sample is not None and min(sample[1]) >= 2 * RATE_MIN_SAMPLES and sum(sample[0]) >= 5:
+                in_flight = [total + now for total, now in zip(in_flight, sample[0], strict=True)]
+            time.sleep(0.2)
+        rc, log = run.wait(10), run.output()
         served = [info(s.url)["image_requests_served"] for s in (fast, slow)]
-    finally:
-        fast.stop()
-        slow.stop()
     assert rc == 0, log
     assert_every_page_once(ws, pdfs)
     assert sum(served) == len(pdfs) * PAGES_PER_DOC
     assert served[0] >= 2 * served[1], served  # capacity 4:1
-    assert "2 of 2 vLLM servers in rotation" in log
+    assert sum(in_flight) >= 50, in_flight  # enough samples to judge
+    assert in_flight[0] >= 2 * in_flight[1], in_flight  # ~4:1 (3.2 measured), least-outstanding ~1:1 (0.7)
+    assert logged(log, LOG_IN_ROTATION, 2, 2)
     progress = [line for line in log.splitlines() if "pages/s" in line and "2/2 up" in line]
     assert progress and fast.url in progress[-1] and slow.url in progress[-1]
     assert f"{fast.url}: up, {served[0]} pages" in progress[-1]
@@ -274,12 +309,12 @@ def test_misconfigured_servers_are_left_out_with_a_reason(tmp_path: Path, pdfs: 
             s.stop()
     assert rc == 0, log
     assert_every_page_once(tmp_path / "ws", docs)
-    left_out = sorted((line for line in log.splitlines() if "left out" in line), key=lambda line: wrong.url in line)
-    assert len(left_out) == 2, left_out
-    assert small.url in left_out[0] and "--max-model-len 2048" in left_out[0]
-    assert wrong.url in left_out[1] and "doesn't have the 'olmocr' model" in left_out[1]
+    left_out = {m.group(1): m.group(2) for m in logged(log, LOG_LEFT_OUT)}  # url: reason
+    assert set(left_out) == {small.url, wrong.url}, left_out
+    assert "--max-model-len 2048" in left_out[small.url]
+    assert "doesn't have the 'olmocr' model" in left_out[wrong.url]
     assert small_completions == 0  # the run never sent it a page it would have had to refuse
-    assert f"{absent} is not reachable yet; starting without it" in log
+    assert logged(log, LOG_NOT_REACHABLE, absent)
     # None usable: fail fast, before claiming any work, saying why for each.
     assert rc2 == 1
     assert "none of the 2 vLLM servers is usable" in log2
@@ -294,34 +329,52 @@ def test_killed_server_is_ejected_its_pages_resent_and_it_is_readmitted(tmp_path
     ws, log = tmp_path / "ws", tmp_path / "run.log"
     # One attempt per page: a page resent because its server died must not use it up.
     metrics_port = free_port()
-    proc = start_pipeline(ws, f"{a.url},{b.url}", pdfs, "--pages_per_group", "10", "--max_page_retries", "1",
-                          "--metrics_port", str(metrics_port), log=log)
 
     def healthy() -> dict[str, float]:
         text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
         got = parse_metrics(text)
         return {s.url: got[f"olmocr_pipeline_server_healthy{{server={s.url}}}"] for s in (a, b)}
 
-    try:
+    with running_pipeline(ws, f"{a.url},{b.url}", pdfs, "--pages_per_group", "10", "--max_page_retries", "1",
+                          "--metrics_port", str(metrics_port), log=log, stop=[a, b]) as run:
         wait_for(lambda: info(b.url)["image_requests_served"] >= 5, 60, "b to serve pages")
         b.kill()
-        wait_for(lambda: "taken out of rotation" in log.read_text(), 30, "b ejected")
-        assert proc.poll() is None
+        run.wait_log(log_line(LOG_EJECTED, b.url), 30, "b ejected")
         assert healthy() == {a.url: 1.0, b.url: 0.0}  # one series per server in the metrics
         b.restart()
-        wait_for(lambda: "re-admitted" in log.read_text() or proc.poll() is not None, 60, "b re-admitted")
-        rc = proc.wait(timeout=120)
+        wait_for(lambda: logged(run.output(), LOG_READMITTED, b.url) or run.poll() is not None, 60, "b re-admitted")
+        rc = run.wait(120)
         after_restart = info(b.url)["image_requests_served"]
-    finally:
-        stop_process_group(proc)
-        a.stop()
-        b.stop()
     text = log.read_text()
     assert rc == 0, text
     assert_every_page_once(ws, pdfs)
-    assert f"vLLM server unavailable: {b.url} taken out of rotation" in text
-    assert f"vLLM server is back: {b.url} re-admitted" in text
+    assert logged(text, LOG_EJECTED, b.url)
+    assert logged(text, LOG_READMITTED, b.url)
     assert after_restart > 0, "the re-admitted server got no pages"
+
+
+def test_queued_requests_move_to_a_server_that_joins_mid_run(tmp_path: Path, pdfs: list[Path]) -> None:
+    """Work stealing in a real run: one server (2 pages/s) holds the whole run's queue when a second one
+    joins; requests still waiting on the first move to the newcomer (resent there, no attempt used up)
+    instead of only new pages going to it, and every page is still written once."""
+    busy = standin(tmp_path, 1.0, 2)
+    late = standin(tmp_path, 1.0, 2)
+    late.kill()  # not up yet when the run starts: it joins once it answers
+    docs = pdfs[:10]  # 50 pages: ~25 s on the busy server alone
+    ws = tmp_path / "ws"
+    with running_pipeline(ws, f"{busy.url},{late.url}", docs, "--pages_per_group", "10", "--max_page_retries",
+                          "1", log=tmp_path / "run.log", stop=[busy, late]) as run:
+        run.wait_log(log_line(LOG_NOT_REACHABLE, late.url), 60)
+        late.restart()  # soon, while its probes are still frequent: the busy one has its queue by then
+        run.wait_log(log_line(LOG_READMITTED, late.url), 60)
+        rc = run.wait(120)
+        log = run.output()
+        served = [info(s.url)["image_requests_served"] for s in (busy, late)]
+    assert rc == 0, log
+    assert_every_page_once(ws, docs)
+    moved = [int(m.group(1)) for m in logged(log, LOG_MOVED)]
+    assert moved and moved[-1] > 0, log[-3000:]
+    assert served[1] > 0, served
 
 
 def test_hung_server_is_taken_out_and_the_others_carry_on(tmp_path: Path, pdfs: list[Path]) -> None:
@@ -337,7 +390,7 @@ def test_hung_server_is_taken_out_and_the_others_carry_on(tmp_path: Path, pdfs: 
         hung.stop()
     assert rc == 0, log
     assert_every_page_once(tmp_path / "ws", docs)
-    assert f"{hung.url} taken out of rotation (no request finished for 2s" in log
+    assert logged(log, LOG_EJECTED, hung.url, "no request finished for 2s (hung?)")
 
 
 def test_all_servers_down_the_run_waits_says_so_and_finishes(tmp_path: Path, pdfs: list[Path]) -> None:
@@ -345,20 +398,15 @@ def test_all_servers_down_the_run_waits_says_so_and_finishes(tmp_path: Path, pdf
     b = standin(tmp_path, 0.3, 2)
     docs = pdfs[:12]
     ws, log = tmp_path / "ws", tmp_path / "run.log"
-    proc = start_pipeline(ws, f"{a.url},{b.url}", docs, "--pages_per_group", "10", log=log)
-    try:
+    with running_pipeline(ws, f"{a.url},{b.url}", docs, "--pages_per_group", "10", log=log, stop=[a, b]) as run:
         wait_for(lambda: info(a.url)["image_requests_served"] >= 3, 60, "pages served")
         a.kill()
         b.kill()
-        wait_for(lambda: "all vLLM servers are out of rotation" in log.read_text(), 30, "the all-down message")
+        run.wait_log(log_line(LOG_ALL_DOWN), 30, "the all-down message")
         time.sleep(1)
-        assert proc.poll() is None, log.read_text()
+        assert run.poll() is None, run.output()
         a.restart()
-        rc = proc.wait(timeout=120)
-    finally:
-        stop_process_group(proc)
-        a.stop()
-        b.stop()
+        rc = run.wait(120)
     assert rc == 0, log.read_text()
     assert_every_page_once(ws, docs)
 

@@ -15,10 +15,10 @@ from tests.pipeline_helpers import (
     failures,
     launch_standin,
     run_pipeline,
-    start_pipeline,
+    running_pipeline,
     wait_for,
 )
-from tests.standin_helpers import pid_alive, pids_in_group, stop_process_group
+from tests.standin_helpers import pid_alive, pids_in_group
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -47,17 +47,14 @@ def test_sigterm_hands_work_back_and_another_pipeline_takes_it_at_once(tmp_path:
     log = tmp_path / "first.log"
     try:
         # The default 300 s lease: only an explicit release lets the second pipeline start at once.
-        proc = start_pipeline(ws, standin.url, docs, "--pages_per_group", "2", "--workers", "2",
-                              "--stop_timeout", "1", log=log)
-        try:
-            wait_for(lambda: log.read_text().count("claimed work item") >= 2, 60, "two items claimed")
+        with running_pipeline(ws, standin.url, docs, "--pages_per_group", "2", "--workers", "2",
+                              "--stop_timeout", "1", log=log) as run:
+            run.wait_log("claimed work item", 60, "two items claimed", count=2)
             assert len(_locks(ws)) == 2
             t0 = time.monotonic()
-            os.kill(proc.pid, signal.SIGTERM)
-            rc = proc.wait(timeout=30)
+            os.kill(run.pid, signal.SIGTERM)
+            rc = run.wait(30)
             stop_s = time.monotonic() - t0
-        finally:
-            stop_process_group(proc)
         text = log.read_text()
         assert rc == 0, text
         assert stop_s < 15, stop_s
@@ -83,16 +80,10 @@ def test_sigterm_lets_work_in_progress_finish_within_the_stop_timeout(tmp_path: 
     ws = tmp_path / "ws"
     standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "2"})
     log = tmp_path / "run.log"
-    try:
-        proc = start_pipeline(ws, standin.url, docs, "--stop_timeout", "60", log=log)
-        try:
-            wait_for(lambda: "claimed work item" in log.read_text(), 60, "the item claimed")
-            os.kill(proc.pid, signal.SIGTERM)
-            rc = proc.wait(timeout=60)
-        finally:
-            stop_process_group(proc)
-    finally:
-        standin.stop()
+    with running_pipeline(ws, standin.url, docs, "--stop_timeout", "60", log=log, stop=[standin]) as run:
+        run.wait_log("claimed work item", 60, "the item claimed")
+        os.kill(run.pid, signal.SIGTERM)
+        rc = run.wait(60)
     text = log.read_text()
     assert rc == 0, text
     assert "1 work items completed, 0 handed back" in text, text
@@ -104,23 +95,17 @@ def test_second_ctrl_c_exits_at_once(tmp_path: Path) -> None:
     ws = tmp_path / "ws"
     standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "1"})
     log = tmp_path / "run.log"
-    try:
-        proc = start_pipeline(ws, standin.url, docs, "--stop_timeout", "120", log=log)
-        try:
-            wait_for(lambda: "claimed work item" in log.read_text(), 60, "an item claimed")
-            standin.control(hang=True)  # nothing in progress can finish now
-            wait_for(lambda: len(pids_in_group(proc.pid)) > 1, 20, "render workers started")
-            workers = [p for p in pids_in_group(proc.pid) if p != proc.pid]
-            os.kill(proc.pid, signal.SIGINT)
-            wait_for(lambda: "stopping gracefully" in log.read_text(), 10, "the first signal noticed")
-            t0 = time.monotonic()
-            os.kill(proc.pid, signal.SIGINT)
-            rc = proc.wait(timeout=10)
-            assert time.monotonic() - t0 < 5
-        finally:
-            stop_process_group(proc)
-    finally:
-        standin.stop()
+    with running_pipeline(ws, standin.url, docs, "--stop_timeout", "120", log=log, stop=[standin]) as run:
+        run.wait_log("claimed work item", 60, "an item claimed")
+        standin.control(hang=True)  # nothing in progress can finish now
+        wait_for(lambda: len(pids_in_group(run.pid)) > 1, 20, "render workers started")
+        workers = [p for p in pids_in_group(run.pid) if p != run.pid]
+        os.kill(run.pid, signal.SIGINT)
+        run.wait_log("stopping gracefully", 10, "the first signal noticed")
+        t0 = time.monotonic()
+        os.kill(run.pid, signal.SIGINT)
+        rc = run.wait(10)
+        assert time.monotonic() - t0 < 5
     assert rc == 130, log.read_text()
     assert "exiting at once" in log.read_text()
     wait_for(lambda: not any(pid_alive(p) for p in workers), 5, "render workers gone")
@@ -135,14 +120,11 @@ def test_stop_exit_code_tells_a_job_controller_the_run_was_cut_short(tmp_path: P
     standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "2"})
     log = tmp_path / "run.log"
     try:
-        proc = start_pipeline(ws, standin.url, docs, "--pages_per_group", "2", "--stop_timeout", "1",
-                              "--stop_exit_code", "143", log=log)
-        try:
-            wait_for(lambda: "claimed work item" in log.read_text(), 60, "an item claimed")
-            os.kill(proc.pid, signal.SIGTERM)
-            rc = proc.wait(timeout=30)
-        finally:
-            stop_process_group(proc)
+        with running_pipeline(ws, standin.url, docs, "--pages_per_group", "2", "--stop_timeout", "1",
+                              "--stop_exit_code", "143", log=log) as run:
+            run.wait_log("claimed work item", 60, "an item claimed")
+            os.kill(run.pid, signal.SIGTERM)
+            rc = run.wait(30)
         assert rc == 143, log.read_text()
         assert _locks(ws) == [], "leases left behind"
         # The rerun (the Job's next pod for that index) finishes the work and exits 0.

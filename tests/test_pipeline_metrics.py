@@ -14,9 +14,9 @@ from prometheus_client import generate_latest
 from olmocr.pipeline.metrics import PipelineMetrics
 from olmocr.pipeline.progress import Progress
 from tests.metrics_helpers import parse_metrics
-from tests.pipeline_helpers import launch_standin, run_pipeline, start_pipeline
+from tests.pipeline_helpers import launch_standin, run_pipeline, running_pipeline, wait_for
 from tests.sample_docs import samples
-from tests.standin_helpers import free_port, stop_process_group
+from tests.standin_helpers import free_port
 
 
 def scrape(port: int, headers: dict | None = None) -> dict[str, float] | None:
@@ -34,21 +34,18 @@ def test_metrics_while_the_pipeline_runs(tmp_path):
                                             "OLMOCR_STANDIN_ERROR_RATE": "0.15"})
     port = free_port()
     docs = samples().resilience  # 23 pages
-    proc = start_pipeline(tmp_path / "ws", standin.url, docs, "--metrics_port", str(port), "--progress_interval",
-                          "1", "--max_concurrent_requests", "4", log=tmp_path / "pipeline.log")
     server = f"server={standin.url}"
     scrapes: list[dict[str, float]] = []
-    try:
+    with running_pipeline(tmp_path / "ws", standin.url, docs, "--metrics_port", str(port), "--progress_interval",
+                          "1", "--max_concurrent_requests", "4", log=tmp_path / "pipeline.log",
+                          stop=[standin]) as run:
         deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline:
+        while run.poll() is None and time.monotonic() < deadline:
             got = scrape(port)
             if got is not None:
                 scrapes.append(got)
             time.sleep(0.3)
-        assert proc.wait(timeout=5) == 0, (tmp_path / "pipeline.log").read_text()[-3000:]
-    finally:
-        stop_process_group(proc)
-        standin.stop()
+        assert run.wait(5) == 0, run.output()[-3000:]
     assert len(scrapes) >= 5, "too few scrapes while the pipeline ran"
     mid = [s for s in scrapes if s.get("olmocr_pipeline_work_items_remaining{}", 0) >= 1]
     assert mid, "the queue's remaining items never showed"
@@ -118,21 +115,14 @@ def test_token_rule_and_a_busy_port_fail_before_any_work_is_claimed(tmp_path):
     try:
         # A token on loopback is enforced too.
         port = free_port()
-        proc = start_pipeline(tmp_path / "ws1", standin.url, doc, "--metrics_port", str(port),
-                              env={"OLMOCR_METRICS_TOKEN": "pm-9f-token"}, log=tmp_path / "token.log")
-        try:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    denied = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
-                    break
-                except requests.ConnectionError:
-                    time.sleep(0.1)
-            assert denied.status_code == 401
+        with running_pipeline(tmp_path / "ws1", standin.url, doc, "--metrics_port", str(port),
+                              env={"OLMOCR_METRICS_TOKEN": "pm-9f-token"}, log=tmp_path / "token.log") as run:
+            # (a Response is falsy for a 401: wait for its status code)
+            status = wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/metrics", timeout=2).status_code, 30,
+                              "the metrics endpoint")
+            assert status == 401
             assert scrape(port, {"Authorization": "Bearer pm-9f-token"}) is not None
-            assert proc.wait(timeout=60) == 0
-        finally:
-            stop_process_group(proc)
+            assert run.wait(60) == 0
         assert "pm-9f-token" not in (tmp_path / "token.log").read_text()
         # A port in use: a clear error, exit 2, and the work item is left for others.
         with socket.socket() as busy:

@@ -10,18 +10,19 @@ from pathlib import Path
 
 import pytest
 
+from olmocr.pipeline.servers.fleet import LOG_PAUSED, LOG_RESUMED
 from tests.pipeline_helpers import (
     RESILIENCE_DOCS,
     SAMPLES,
     SMALL_DOCS,
     assert_every_page_once,
     launch_standin,
+    log_line,
+    logged,
     run_pipeline,
-    start_pipeline,
+    running_pipeline,
     wait_for,
 )
-from tests.s3_helpers import s3_server  # noqa: F401 - fixture
-from tests.standin_helpers import stop_process_group
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -31,20 +32,18 @@ DOCS = RESILIENCE_DOCS
 def test_server_killed_and_restarted_mid_run(tmp_path: Path) -> None:
     s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.3", "OLMOCR_STANDIN_CONCURRENCY": "2"})
     log = tmp_path / "run.log"
-    proc = start_pipeline(tmp_path / "ws", s.url, DOCS, "--pages_per_group", "6", log=log)
-    try:
+    with running_pipeline(tmp_path / "ws", s.url, DOCS, "--pages_per_group", "6", log=log, stop=[s]) as run:
         wait_for(lambda: "work item" in log.read_text() and "done" in log.read_text(), 60, "a first item done")
         s.kill()  # SIGKILL the stand-in's process group: a crash
-        time.sleep(2)
-        assert proc.poll() is None, log.read_text()
+        # Down until the pipeline has noticed (on a loaded machine a fixed pause may pass with no request out).
+        run.wait_log(log_line(LOG_PAUSED), 60, "the outage noticed")
+        time.sleep(1)
+        assert run.poll() is None, run.output()
         s.restart()
-        rc = proc.wait(timeout=120)
-    finally:
-        stop_process_group(proc)
-        s.stop()
+        rc = run.wait(120)
     text = log.read_text()
     assert rc == 0, text
-    assert "vLLM server unavailable" in text and "vLLM server is back" in text
+    assert logged(text, LOG_RESUMED)
     assert_every_page_once(tmp_path / "ws", DOCS)
 
 
@@ -52,16 +51,12 @@ def test_hung_server_times_out_then_recovers(tmp_path: Path) -> None:
     s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_HANG": "true"})
     log = tmp_path / "run.log"
     docs = SMALL_DOCS[:3]
-    proc = start_pipeline(tmp_path / "ws", s.url, docs, "--request_timeout", "1", log=log)
-    try:
+    with running_pipeline(tmp_path / "ws", s.url, docs, "--request_timeout", "1", log=log, stop=[s]) as run:
         # /health and /v1/models keep answering while completions hang: only timeouts reveal it.
-        wait_for(lambda: "timeout" in log.read_text(), 60, "a request timeout")
-        assert proc.poll() is None, log.read_text()
+        run.wait_log("timeout", 60, "a request timeout")
+        assert run.poll() is None, run.output()
         s.control(hang=False)
-        rc = proc.wait(timeout=120)
-    finally:
-        stop_process_group(proc)
-        s.stop()
+        rc = run.wait(120)
     text = log.read_text()
     assert rc == 0, text
     assert_every_page_once(tmp_path / "ws", docs)
@@ -71,13 +66,9 @@ def test_two_pipelines_share_a_workspace_without_duplicates(tmp_path: Path) -> N
     s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.05"})
     ws = tmp_path / "ws"
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    procs = [start_pipeline(ws, s.url, DOCS, "--pages_per_group", "2", "--workers", "3", log=lg) for lg in logs]
-    try:
-        rcs = [p.wait(timeout=180) for p in procs]
-    finally:
-        for p in procs:
-            stop_process_group(p)
-        s.stop()
+    args = (ws, s.url, DOCS, "--pages_per_group", "2", "--workers", "3")
+    with running_pipeline(*args, log=logs[0], stop=[s]) as a, running_pipeline(*args, log=logs[1]) as b:
+        rcs = [a.wait(180), b.wait(180)]
     assert rcs == [0, 0], [lg.read_text()[-3000:] for lg in logs]
     assert_every_page_once(ws, DOCS)
     claimed = [line.split("work item ")[1].split()[0] for lg in logs for line in lg.read_text().splitlines()
@@ -90,14 +81,11 @@ def test_pipeline_killed_midway_next_run_does_only_the_rest(tmp_path: Path) -> N
     ws = tmp_path / "ws"
     log1 = tmp_path / "run1.log"
     try:
-        proc = start_pipeline(ws, s.url, DOCS, "--pages_per_group", "3", "--workers", "2", "--lease_seconds", "4",
-                              log=log1)
-        try:
+        with running_pipeline(ws, s.url, DOCS, "--pages_per_group", "3", "--workers", "2", "--lease_seconds", "4",
+                              log=log1) as run:
             wait_for(lambda: (ws / "done_flags").is_dir() and any((ws / "done_flags").iterdir()), 60, "an item done")
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        finally:
-            stop_process_group(proc)
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait(10)
         done_before = {p.name: p.stat().st_mtime_ns for p in (ws / "done_flags").iterdir()}
         results_before = {p.name: p.read_bytes() for p in (ws / "results").iterdir()}
         assert (ws / "worker_locks").is_dir() and any((ws / "worker_locks").iterdir())  # a lease left behind
@@ -117,7 +105,7 @@ def test_pipeline_killed_midway_next_run_does_only_the_rest(tmp_path: Path) -> N
     assert "claimed work item" in text
 
 
-def test_s3_workspace_and_s3_inputs(s3_server, tmp_path: Path) -> None:  # noqa: F811
+def test_s3_workspace_and_s3_inputs(s3_server, tmp_path: Path) -> None:
     client = s3_server.client()
     s3_pdf = SAMPLES.report
     client.put_object(Bucket=s3_server.bucket, Key="inputs/olmo-page-1.pdf", Body=s3_pdf.read_bytes())

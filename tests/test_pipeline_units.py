@@ -17,7 +17,7 @@ from olmocr.pipeline.pages.page import TEMPERATURE_BY_ATTEMPT, request_template
 from olmocr.pipeline.pages.prompts import PROMPT_V4_YAML, PageResponse, parse_page_response
 from olmocr.pipeline.pages.render import _job_probe, _job_render, _job_text
 from olmocr.pipeline.servers.client import normalize_base_url
-from tests.pipeline_helpers import SAMPLES, _close_cached_render_docs  # noqa: F401 - autouse fixture
+from tests.pipeline_helpers import SAMPLES
 
 UPSTREAM_PROMPT = (
     "Attached is one page of a document that you must process. Just return the plain text representation of "

@@ -18,9 +18,8 @@ import pytest
 from olmocr.pipeline.workspace.storage import open_storage
 from tests.fault_proxy import FaultProxy
 from tests.pdf_builders import text_pdf
-from tests.pipeline_helpers import launch_standin, run_pipeline, start_pipeline, wait_for
-from tests.s3_helpers import S3Server, s3_server  # noqa: F401 - fixture
-from tests.standin_helpers import stop_process_group
+from tests.pipeline_helpers import launch_standin, run_pipeline, running_pipeline
+from tests.s3_helpers import S3Server
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -46,7 +45,7 @@ class Switch:
 
 
 @pytest.fixture
-def proxy(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:  # noqa: F811
+def proxy(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
     with FaultProxy(s3_server.endpoint, seed=11) as p:
         monkeypatch.setenv("AWS_ENDPOINT_URL", p.url)
         yield p
@@ -85,7 +84,7 @@ def _env(proxy: FaultProxy, **extra: str) -> dict[str, str]:
     return {"AWS_ENDPOINT_URL": proxy.url, **extra}
 
 
-def test_conditional_write_whose_answer_was_lost_is_recognised(proxy: FaultProxy, s3_server: S3Server) -> None:  # noqa: F811
+def test_conditional_write_whose_answer_was_lost_is_recognised(proxy: FaultProxy, s3_server: S3Server) -> None:
     storage = open_storage(s3_server.url("ws"))
     proxy.rule = Switch("PUT", "/ws/locks/a", "reset-after", times=1)
     assert storage.create("locks/a", b"lease mine-1")  # written, answer lost, resent: 412, read back: ours
@@ -102,8 +101,46 @@ def test_conditional_write_whose_answer_was_lost_is_recognised(proxy: FaultProxy
     assert storage.read("locks/b") == b"lease b"
 
 
+def test_workspace_client_uses_standard_retries_with_8_attempts(proxy: FaultProxy, s3_server: S3Server,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """botocore's standard retry mode, 8 attempts in all (what AWS_MAX_ATTEMPTS means): 7 failures of one
+    request in a row are absorbed, the 8th reaches the caller; AWS_MAX_ATTEMPTS and AWS_RETRY_MODE override."""
+    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.retries import standard
+
+    from olmocr.pipeline.workspace.storage import (
+        DEFAULT_S3_MAX_ATTEMPTS,
+        DEFAULT_S3_RETRY_MODE,
+        make_s3_client,
+    )
+
+    for var in ("AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS"):
+        monkeypatch.delenv(var, raising=False)
+    assert (DEFAULT_S3_RETRY_MODE, DEFAULT_S3_MAX_ATTEMPTS) == ("standard", 8)
+    assert make_s3_client().meta.config.retries == {"mode": "standard", "total_max_attempts": 8}
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+    monkeypatch.setenv("AWS_RETRY_MODE", "adaptive")
+    assert make_s3_client().meta.config.retries == {"mode": "adaptive", "total_max_attempts": 3}
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS")
+    monkeypatch.delenv("AWS_RETRY_MODE")
+    # The behaviour, against moto: the backoff between attempts (up to 20 s each) is not what is pinned here.
+    monkeypatch.setattr(standard.ExponentialBackoff, "delay_amount", lambda self, context: 0.0)
+    storage = open_storage(s3_server.url("ws"))
+    assert storage.create("probe", b"x")
+    for failures, absorbed in ((DEFAULT_S3_MAX_ATTEMPTS - 1, True), (DEFAULT_S3_MAX_ATTEMPTS, False)):
+        for action in ("503", "500", "reset-before"):
+            rule = proxy.rule = Switch("GET", "/ws/probe", action, times=failures)
+            if absorbed:
+                assert storage.read("probe") == b"x", action
+            else:
+                with pytest.raises((ClientError, BotoCoreError)):
+                    storage.read("probe")
+            assert rule.fired == failures, (action, rule.fired)
+    proxy.rule = None
+
+
 def test_pipeline_under_random_s3_faults_loses_and_duplicates_nothing(
-        proxy: FaultProxy, s3_server: S3Server, tmp_path: Path) -> None:  # noqa: F811
+        proxy: FaultProxy, s3_server: S3Server, tmp_path: Path) -> None:
     docs = _docs(tmp_path, 8, 2)
     proxy.error_rate, proxy.drop_rate = 0.08, 0.08  # 503/500 and resets before/after, 16% of requests
     standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.3"})
@@ -121,23 +158,18 @@ def test_pipeline_under_random_s3_faults_loses_and_duplicates_nothing(
     assert _keys(s3_server, "ws/worker_locks/") == []
 
 
-def test_result_upload_failing_is_never_marked_done(proxy: FaultProxy, s3_server: S3Server, tmp_path: Path) -> None:  # noqa: F811
+def test_result_upload_failing_is_never_marked_done(proxy: FaultProxy, s3_server: S3Server, tmp_path: Path) -> None:
     docs = _docs(tmp_path, 1, 1)
     failing = Switch("PUT", "/ws/results/", "503")
     proxy.rule = failing
     standin = launch_standin(tmp_path)
     log = tmp_path / "run.log"
-    try:
-        proc = start_pipeline(s3_server.url("ws"), standin.url, docs, env=_env(proxy, AWS_MAX_ATTEMPTS="2"), log=log)
-        try:
-            wait_for(lambda: "releasing it for a retry" in log.read_text(), 60, "the failed upload")
-            assert _keys(s3_server, "ws/done_flags/") == []
-            failing.on = False
-            rc = proc.wait(timeout=60)
-        finally:
-            stop_process_group(proc)
-    finally:
-        standin.stop()
+    with running_pipeline(s3_server.url("ws"), standin.url, docs, env=_env(proxy, AWS_MAX_ATTEMPTS="2"), log=log,
+                          stop=[standin]) as run:
+        run.wait_log("releasing it for a retry", 60, "the failed upload")
+        assert _keys(s3_server, "ws/done_flags/") == []
+        failing.on = False
+        rc = run.wait(60)
     text = log.read_text()
     assert rc == 0, text
     assert failing.fired >= 2  # botocore's own resend, then given up to the pipeline
@@ -145,7 +177,7 @@ def test_result_upload_failing_is_never_marked_done(proxy: FaultProxy, s3_server
     assert len(_keys(s3_server, "ws/done_flags/")) == 1
 
 
-def test_lease_that_cannot_be_renewed_is_given_up(proxy: FaultProxy, s3_server: S3Server, tmp_path: Path) -> None:  # noqa: F811
+def test_lease_that_cannot_be_renewed_is_given_up(proxy: FaultProxy, s3_server: S3Server, tmp_path: Path) -> None:
     docs = _docs(tmp_path, 1, 2)
     locks = Switch("PUT", "/ws/worker_locks/", "503")
     locks.on = False
@@ -153,20 +185,14 @@ def test_lease_that_cannot_be_renewed_is_given_up(proxy: FaultProxy, s3_server: 
     # 2 pages answered one at a time after 2.5 s: the item takes 5 s, longer than the 4 s lease.
     standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "2.5", "OLMOCR_STANDIN_CONCURRENCY": "1"})
     log = tmp_path / "run.log"
-    try:
-        proc = start_pipeline(s3_server.url("ws"), standin.url, docs, "--lease_seconds", "4", "--workers", "1",
-                              env=_env(proxy, AWS_MAX_ATTEMPTS="2"), log=log)
-        try:
-            wait_for(lambda: "claimed work item" in log.read_text(), 60, "the item claimed")
-            locks.on = True
-            wait_for(lambda: "giving it up" in log.read_text(), 30, "the lease given up")
-            assert _keys(s3_server, "ws/done_flags/") == []
-            locks.on = False
-            rc = proc.wait(timeout=90)
-        finally:
-            stop_process_group(proc)
-    finally:
-        standin.stop()
+    with running_pipeline(s3_server.url("ws"), standin.url, docs, "--lease_seconds", "4", "--workers", "1",
+                          env=_env(proxy, AWS_MAX_ATTEMPTS="2"), log=log, stop=[standin]) as run:
+        run.wait_log("claimed work item", 60, "the item claimed")
+        locks.on = True
+        run.wait_log("giving it up", 30, "the lease given up")
+        assert _keys(s3_server, "ws/done_flags/") == []
+        locks.on = False
+        rc = run.wait(90)
     text = log.read_text()
     assert rc == 0, text
     assert "could not renew the lease" in text
@@ -174,7 +200,7 @@ def test_lease_that_cannot_be_renewed_is_given_up(proxy: FaultProxy, s3_server: 
     assert _results(s3_server, "ws") == {str(docs[0]): 1}
 
 
-def test_read_timeout_is_retried(proxy: FaultProxy, s3_server: S3Server) -> None:  # noqa: F811
+def test_read_timeout_is_retried(proxy: FaultProxy, s3_server: S3Server) -> None:
     from botocore.config import Config
 
     from olmocr.pipeline.workspace.storage import S3Storage, make_s3_client
@@ -191,7 +217,7 @@ def test_read_timeout_is_retried(proxy: FaultProxy, s3_server: S3Server) -> None
 
 
 def test_connection_breaking_while_an_object_streams_in_is_read_again(
-        proxy: FaultProxy, s3_server: S3Server) -> None:  # noqa: F811
+        proxy: FaultProxy, s3_server: S3Server) -> None:
     storage = open_storage(s3_server.url("ws"))
     body = b"x" * 200_000
     storage.write("results/output_big.jsonl", body)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from olmocr.pipeline.workspace.storage import Storage, open_storage
-from tests.s3_helpers import S3Server, s3_server  # noqa: F401
+from tests.s3_helpers import S3Server
 
 
 @pytest.fixture(params=["local", "s3"])

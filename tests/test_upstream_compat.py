@@ -17,15 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline_helpers import (  # noqa: F401 - standin is a fixture
+from tests.pipeline_helpers import (
     assert_every_page_once,
     docs_by_source,
-    pipeline_command,
-    standin,
+    running_pipeline,
     wait_for,
 )
 from tests.sample_docs import write_text_pdf
-from tests.standin_helpers import REPO_ROOT, clean_env, stop_process_group
+from tests.standin_helpers import REPO_ROOT, stop_process_group
 from tests.tiers import missing
 
 pytestmark = pytest.mark.integration
@@ -80,13 +79,6 @@ def _start_upstream(python: Path, workspace: Path, url: str, *extra: str, log: P
                                 start_new_session=True)
 
 
-def _start_ours(workspace: Path, url: str, *extra: str, log: Path) -> subprocess.Popen:
-    with open(log, "ab") as out:
-        return subprocess.Popen(pipeline_command(workspace, url, (), *extra), cwd=str(REPO_ROOT), env=clean_env(),
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-
 def _done_flags(workspace: Path) -> int:
     folder = workspace / "done_flags"
     return len(list(folder.glob("done_*.flag"))) if folder.is_dir() else 0
@@ -113,7 +105,7 @@ def _assert_every_page_once(workspace: Path, pdfs: list[Path]) -> set[str]:
     return {doc["metadata"].get("producer", "upstream " + doc["metadata"]["olmocr-version"]) for doc in docs}
 
 
-def test_upstream_started_and_killed_ours_finishes(upstream_python: Path, standin, tmp_path: Path) -> None:  # noqa: F811
+def test_upstream_started_and_killed_ours_finishes(upstream_python: Path, standin, tmp_path: Path) -> None:
     pdfs = _docs(tmp_path)
     ws = tmp_path / "ws"
     standin.control(latency=1.0)  # upstream does one item at a time: there is time to kill it between items
@@ -127,24 +119,21 @@ def test_upstream_started_and_killed_ours_finishes(upstream_python: Path, standi
         stop_process_group(upstream)
     assert _done_flags(ws) < len(pdfs)
     standin.control(latency=0)
-    ours = _start_ours(ws, standin.url, log=tmp_path / "ours.log")
-    _finish(ours, tmp_path / "ours.log")
+    with running_pipeline(ws, standin.url, log=tmp_path / "ours.log") as ours:
+        assert ours.wait(180) == 0, ours.output()[-4000:]
     assert _assert_every_page_once(ws, pdfs) == {f"upstream {UPSTREAM_VERSION}", "olmocr-serve"}
 
 
-def test_ours_started_and_stopped_upstream_finishes(upstream_python: Path, standin, tmp_path: Path) -> None:  # noqa: F811
+def test_ours_started_and_stopped_upstream_finishes(upstream_python: Path, standin, tmp_path: Path) -> None:
     pdfs = _docs(tmp_path)
     ws = tmp_path / "ws"
     standin.control(latency=1.0)
-    ours = _start_ours(ws, standin.url, "--pdfs", *map(str, pdfs), "--workers", "1", "--pages_per_group", "2",
-                       log=tmp_path / "ours.log")
-    try:
+    with running_pipeline(ws, standin.url, pdfs, "--workers", "1", "--pages_per_group", "2",
+                          log=tmp_path / "ours.log") as ours:
         wait_for(lambda: _done_flags(ws) >= 1 or ours.poll() is not None, 120, "our pipeline to finish an item")
-        assert ours.poll() is None, (tmp_path / "ours.log").read_text()[-4000:]
+        assert ours.poll() is None, ours.output()[-4000:]
         os.kill(ours.pid, signal.SIGTERM)  # an operator's stop: graceful, nothing left locked
-        assert ours.wait(timeout=60) == 0
-    finally:
-        stop_process_group(ours)
+        assert ours.wait(60) == 0
     assert _done_flags(ws) < len(pdfs)
     standin.control(latency=0)
     upstream = _start_upstream(upstream_python, ws, standin.url, "--workers", "2", log=tmp_path / "upstream.log")

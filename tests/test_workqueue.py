@@ -20,7 +20,7 @@ from olmocr.pipeline.workspace.queue import (
     workspace_stats,
 )
 from olmocr.pipeline.workspace.storage import LocalStorage, Storage, open_storage
-from tests.s3_helpers import S3Server, s3_server  # noqa: F401
+from tests.s3_helpers import S3Server
 
 
 def one_page(path: str) -> int:
@@ -300,3 +300,28 @@ def test_stats_over_a_workspace(workspace: str) -> None:
     assert (stats["documents"], stats["pages"], stats["fallback_pages"]) == (1, 10, 2)
     text = format_stats(stats)
     assert "3 total, 2 done" in text and "password-protected PDF" in text and "2 fallback pages" in text
+
+
+def test_a_claim_that_fails_after_taking_the_lease_does_not_strand_the_item(tmp_path) -> None:
+    """The store breaks between taking an item's lease and checking that it is not done (a connection reset
+    under random S3 faults): the claim fails, and the item must not stay "ours" in memory -- no worker of
+    this queue would ever claim it again, and the run would wait forever for it."""
+    storage = open_storage(str(tmp_path / "ws"))
+    now = [1000.0]
+    queue = WorkQueue(storage, lease_seconds=6, clock=lambda: now[0])
+    queue.populate(["a.pdf"], pages_per_group=1, page_count=one_page)
+    real_read = storage.read
+
+    def broken_read(key: str) -> bytes | None:
+        if key.startswith("done_flags/"):
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return real_read(key)
+
+    storage.read = broken_read  # type: ignore[method-assign]
+    with pytest.raises(ConnectionResetError):
+        queue.claim()
+    storage.read = real_read  # type: ignore[method-assign]
+    assert queue.claim() is None  # its lease is still in the store, and not expired yet
+    now[0] += 7
+    item = queue.claim()
+    assert item is not None and item.paths == ("a.pdf",)

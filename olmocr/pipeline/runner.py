@@ -16,7 +16,7 @@ from olmocr.pipeline.pages.page import MAX_TOKENS, PageProcessor, PageSettings
 from olmocr.pipeline.pages.render import DEFAULT_RENDER_TIMEOUT_S, Renderer, default_render_processes
 from olmocr.pipeline.progress import Progress, report_progress
 from olmocr.pipeline.servers.checks import STRUCTURED_OUTPUTS
-from olmocr.pipeline.servers.fleet import SERVER_STATS_DIR, Fleet, run_id, server_stats_record
+from olmocr.pipeline.servers.fleet import LOG_MOVED, SERVER_STATS_DIR, Fleet, run_id, server_stats_record
 from olmocr.pipeline.servers.serverlist import ServerSpec
 from olmocr.pipeline.stopping import DEFAULT_STOP_TIMEOUT_S, StopRequest
 from olmocr.pipeline.workspace.inputs import expand_inputs, set_input_profile
@@ -285,7 +285,7 @@ class Runner:
         if not self.fleet.single:
             for server in self.fleet.servers:
                 logger.info("server %s: %s, %d ejections", server.url, server.describe(), server.ejections)
-            logger.info("%d requests moved to a less loaded server", self.fleet.moved)
+            logger.info(LOG_MOVED, self.fleet.moved)
         if self.stop.requested:
             logger.warning("stopped on request (%s): %d work items completed, %d handed back unfinished for other "
                            "workers", self.stop.signal_name, self.progress.items_done, self.released)

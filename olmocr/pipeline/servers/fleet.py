@@ -66,6 +66,19 @@ ALL_DOWN_LOG_EVERY_S = 30.0
 REBALANCE_EVERY_S = 0.25
 ABANDONED = "abandoned: its server was taken out of rotation or was too far behind"
 
+# Log lines operators read, grep and alert on: their wording is a contract. One home here, used by the code
+# and by the tests that assert them (logging %-style arguments).
+LOG_LEFT_OUT = "vLLM server %s left out: %s"
+LOG_NOT_REACHABLE = "vLLM server %s is not reachable yet; starting without it (it joins when it answers)"
+LOG_IN_ROTATION = "%d of %d vLLM servers in rotation: %s"
+LOG_EJECTED = ("vLLM server unavailable: %s taken out of rotation (%s); %d other server(s) in rotation; probing it "
+               "in the background")
+LOG_READMITTED = "vLLM server is back: %s re-admitted after %.0fs (%s)"
+LOG_PAUSED = "vLLM server unavailable (%s); pausing requests until it is healthy again"  # the only server
+LOG_RESUMED = "vLLM server is back after %.0fs; resuming (%s)"  # the only server
+LOG_ALL_DOWN = "all vLLM servers are out of rotation (down %.0fs: %s); requests wait for one to come back"
+LOG_MOVED = "%d requests moved to a less loaded server"  # the run's summary (work stealing)
+
 
 # ---------------------------------------------------------------------------------------------- verification
 
@@ -160,7 +173,7 @@ class Fleet:
                     elif isinstance(exc, ServerNotReady):
                         server.state, server.reason = ServerState.EXCLUDED, str(exc)
                         if not self.single:
-                            logger.error("vLLM server %s left out: %s", server.url, exc)
+                            logger.error(LOG_LEFT_OUT, server.url, exc)
                     else:
                         raise exc
                 if grace_until is None and any(s.state == ServerState.UP for s in self.servers):
@@ -178,12 +191,10 @@ class Fleet:
                 f"{s.url}: {s.reason}" for s in self.servers))
         for task in pending:
             server = tasks[task]
-            logger.warning("vLLM server %s is not reachable yet; starting without it (it joins when it answers)",
-                           server.url)
+            logger.warning(LOG_NOT_REACHABLE, server.url)
             self._eject(server, "not reachable at start-up", count=False)
         if not self.single:
-            logger.info("%d of %d vLLM servers in rotation: %s", len(usable), len(self.servers),
-                        ", ".join(s.url for s in usable))
+            logger.info(LOG_IN_ROTATION, len(usable), len(self.servers), ", ".join(s.url for s in usable))
 
     def request_plan(self) -> tuple[int, str]:
         """``max_tokens`` and the guided-decoding field for every page request, from the verified servers.
@@ -215,9 +226,9 @@ class Fleet:
         if not quiet:
             down = time.monotonic() - server.down_since if server.down_since is not None else 0.0
             if self.single:
-                logger.warning("vLLM server is back after %.0fs; resuming (%s)", down, why)
+                logger.warning(LOG_RESUMED, down, why)
             else:
-                logger.warning("vLLM server is back: %s re-admitted after %.0fs (%s)", server.url, down, why)
+                logger.warning(LOG_READMITTED, server.url, down, why)
         server.state, server.reason, server.down_since = ServerState.UP, "", None
         server.failures_in_a_row = 0
         server.meter.reset()
@@ -233,11 +244,10 @@ class Fleet:
         server.abandon_all()  # its in-flight requests are resent elsewhere now
         if count:
             if self.single:
-                logger.warning("vLLM server unavailable (%s); pausing requests until it is healthy again", reason)
+                logger.warning(LOG_PAUSED, reason)
             else:
                 others = sum(1 for s in self.servers if s.state == ServerState.UP)
-                logger.warning("vLLM server unavailable: %s taken out of rotation (%s); %d other server(s) in "
-                               "rotation; probing it in the background", server.url, reason, others)
+                logger.warning(LOG_EJECTED, server.url, reason, others)
         self._probers[server] = asyncio.create_task(self._probe_until_back(server))
 
     async def _probe_until_back(self, server: Server) -> None:
@@ -301,8 +311,7 @@ class Fleet:
                 self._all_down_since = now
             if not self.single and now - self._all_down_logged >= ALL_DOWN_LOG_EVERY_S:
                 self._all_down_logged = now
-                logger.warning("all vLLM servers are out of rotation (down %.0fs: %s); requests wait for one to "
-                               "come back", now - self._all_down_since,
+                logger.warning(LOG_ALL_DOWN, now - self._all_down_since,
                                "; ".join(f"{s.url}: {s.reason}" for s in self.servers))
             if not any(s.state in (ServerState.DOWN, ServerState.STARTING) for s in self.servers):
                 raise ServerNotReady("no vLLM server left: every one was excluded as misconfigured")

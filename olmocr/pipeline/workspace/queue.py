@@ -322,7 +322,14 @@ class WorkQueue:
                 continue
             with self._lock:
                 self._leases[item_hash] = lease_id
-            if self.is_done(item_hash):  # completed between our listing and our lease
+            try:
+                done_meanwhile = self.is_done(item_hash)
+            except BaseException:
+                # Not ours in memory any more: the lease in the store expires and the item is claimed again
+                # (kept, no worker of this queue would ever claim it and the run would wait for it forever).
+                self._forget(item_hash, lease_id)
+                raise
+            if done_meanwhile:  # completed between our listing and our lease
                 self.release(WorkItem(item_hash, index[item_hash]))
                 continue
             return WorkItem(hash=item_hash, paths=index[item_hash], leased_at=leased_at)

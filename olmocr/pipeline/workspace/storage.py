@@ -193,8 +193,10 @@ def s3_client_config(environ: dict[str, str] | None = None) -> Any:
         attempts = int(env.get("AWS_MAX_ATTEMPTS") or DEFAULT_S3_MAX_ATTEMPTS)
     except ValueError:
         raise ValueError(f"AWS_MAX_ATTEMPTS={env.get('AWS_MAX_ATTEMPTS')!r} is not a whole number") from None
-    return Config(retries={"max_attempts": max(1, attempts), "mode": mode}, connect_timeout=S3_CONNECT_TIMEOUT_S,
-                  read_timeout=S3_READ_TIMEOUT_S, max_pool_connections=32)
+    # ``total_max_attempts`` counts the first request, as AWS_MAX_ATTEMPTS does; botocore's ``max_attempts``
+    # key would count retries only (one attempt more than asked for).
+    return Config(retries={"total_max_attempts": max(1, attempts), "mode": mode},
+                  connect_timeout=S3_CONNECT_TIMEOUT_S, read_timeout=S3_READ_TIMEOUT_S, max_pool_connections=32)
 
 
 def make_s3_client(profile: str | None = None, **kwargs: Any) -> Any:
