@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from olmocr.pipeline.errors import LeaseLost, ServerNotReady
+from olmocr.pipeline.errors import LeaseLost, NoInput, ServerNotReady
 from olmocr.pipeline.pages.documents import DocOutcome, DocumentProcessor, failure
 from olmocr.pipeline.pages.output import dolma_jsonl, markdown_relpath
 from olmocr.pipeline.pages.page import MAX_TOKENS, PageProcessor, PageSettings
@@ -62,7 +62,8 @@ class PipelineConfig:
     pdf_profile: str | None = None
 
 
-def populate(queue: WorkQueue, specs: tuple[str, ...], pages_per_group: int) -> None:
+def populate(queue: WorkQueue, specs: tuple[str, ...], pages_per_group: int) -> int:
+    """Queue the documents ``specs`` name; returns how many documents they named."""
     paths, problems = expand_inputs(list(specs))
     for problem in problems:
         if problem.path is None:
@@ -71,6 +72,7 @@ def populate(queue: WorkQueue, specs: tuple[str, ...], pages_per_group: int) -> 
             logger.warning("input %s: %s (it will be recorded as a failed document)", problem.path, problem.reason)
     added = queue.populate(paths, pages_per_group)
     logger.info("found %d documents; %d new work items added to the queue", len(paths), added)
+    return len(paths)
 
 
 class Runner:
@@ -333,15 +335,21 @@ async def run_pipeline(config: PipelineConfig, stop: StopRequest | None = None,
     set_input_profile(config.pdf_profile)
     storage = open_storage(config.workspace, profile=config.workspace_profile)
     queue = WorkQueue(storage, lease_seconds=config.lease_seconds)
+    found = None
     if config.pdfs:
-        await asyncio.to_thread(populate, queue, config.pdfs, config.pages_per_group)
+        found = await asyncio.to_thread(populate, queue, config.pdfs, config.pages_per_group)
     else:
         await asyncio.to_thread(queue.requeue_retryable)
     counts = await asyncio.to_thread(queue.counts)
     if counts.get("pending", 0) == 0 and counts.get("leased", 0) == 0:
+        if found == 0:  # every --pdfs spec was a mistake: `pipeline && next-step` must not carry on
+            raise NoInput(
+                f"nothing to do: no document could be queued from --pdfs ({len(config.pdfs)} given; see the "
+                f"errors above) and the workspace has no work left ({counts.get('done', 0)} of "
+                f"{counts.get('total', 0)} work items done); check the paths, globs and credentials")
         logger.info("no work to do: %d of %d work items are done", counts.get("done", 0), counts.get("total", 0))
         return 0
-    logger.info("work items: %s", counts)
+    logger.info("work items: %s", ", ".join(f"{n} {state}" for state, n in counts.items()))
     if server is not None:
         return await server(lambda: _run_on(config, storage, queue, stop), stop)
     return await _run_on(config, storage, queue, stop)

@@ -82,7 +82,7 @@ def classify_pdf_failure(path: str, pdfium_message: str) -> str:
     if re.search(rb"/Encrypt\s*(\d+\s+\d+\s+R|<<)", data):
         return "password-protected PDF (encrypted; cannot be opened without its password)"
     if not pdf_has_eof_marker(path):
-        return f"truncated PDF (the file ends without a %%EOF marker; {len(data):,} bytes)"
+        return f"truncated PDF (it lacks the end-of-file marker a complete PDF ends with: the download or copy was cut short; {len(data):,} bytes)"
     if re.search(rb"/Type\s*/Pages\b", data) and not re.search(rb"/Count\s+[1-9]", data):
         return "PDF has zero pages"
     detail = pdfium_message.removeprefix("Failed to load document ").strip("(). ")

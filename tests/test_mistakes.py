@@ -1,0 +1,422 @@
+"""Every mistake a user makes gets one clear line, the right exit status, no traceback -- and fast.
+
+Table-driven: each row is a command line a user could type (docs/pipeline.md "Common mistakes"), run as a
+real process; the row says the exit status and the words of the one line. Servers are real programs on
+loopback: Python's own ``http.server`` (not vLLM), a TCP server that does not speak HTTP, the stand-in with
+TLS and an API key; S3 is moto in server mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from olmocr.pipeline.cli import build_parser
+from olmocr.pipeline.flags import normalize_spellings, spelling_aliases
+from olmocr.pipeline.servers.client import ready_wait_bound
+from olmocr.pipeline.workspace.check import workspace_problem
+from tests.pipeline_helpers import SAMPLES
+from tests.s3_helpers import start_s3_server
+from tests.standin_helpers import (
+    REPO_ROOT,
+    clean_env,
+    free_port,
+    start_standin,
+    stop_process_group,
+    wait_http_ok,
+)
+from tests.tiers import require
+
+pytestmark = pytest.mark.timeout(120)
+
+#: A PDF whose name has a space and accents (the sweep: names users really have).
+ACCENTED = "relevé de compte é.pdf"
+
+
+def run_cli(args: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 60,
+            cwd: Path | None = None, module: str = "olmocr.pipeline", user: int | None = None) -> tuple[int, str, float]:
+    """Run ``python -m module args``; returns (exit status, stdout+stderr, seconds)."""
+    full_env = clean_env(env)
+    for var in ("OLMOCR_VLLM_URL", "OLMOCR_API_KEY", "OLMOCR_API_KEY_FILE"):
+        full_env.pop(var, None)
+    full_env.update(env or {})
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", module, *args], env=full_env, cwd=str(cwd or REPO_ROOT),
+                          stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, user=user)
+    return proc.returncode, (proc.stdout + proc.stderr).decode("utf-8", "replace"), time.monotonic() - started
+
+
+def assert_one_line(output: str, *words: str) -> str:
+    """Exactly one line of ``output`` holds all ``words``; no traceback anywhere. Returns that line."""
+    assert "Traceback" not in output, output
+    lines = [line for line in output.splitlines() if all(w in line for w in words)]
+    assert len(lines) == 1, f"want one line with {words}, got {len(lines)}:\n{output}"
+    return lines[0]
+
+
+@pytest.fixture
+def doc(tmp_path: Path) -> Path:
+    path = tmp_path / ACCENTED
+    shutil.copy(SAMPLES.small[0], path)
+    return path
+
+
+# ------------------------------------------------------------------------- servers that will not fix themselves
+
+
+@pytest.fixture
+def not_vllm(tmp_path: Path) -> Iterator[str]:
+    """``python3 -m http.server``: a web server that answers /v1/models with 404."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                            cwd=str(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        wait_http_ok(f"http://127.0.0.1:{port}/", timeout=20, proc=proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_process_group(proc)
+
+
+@pytest.fixture
+def not_http() -> Iterator[str]:
+    """A TCP server that greets like SSH and closes (a wrong port)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        done.set()
+        thread.join(5)
+        server.close()
+
+
+@pytest.fixture
+def tls_standin(tmp_path: Path) -> Iterator[tuple[int, str]]:
+    """The stand-in over https with an API key; yields (port, key)."""
+    from tests.test_fleet import _make_ca_and_cert
+
+    _, cert, key = _make_ca_and_cert(tmp_path)
+    port = free_port()
+    secret = "k-right-0123456789"
+    proc = start_standin(port, env={"VLLM_API_KEY": secret},
+                         extra_args=("--ssl-certfile", str(cert), "--ssl-keyfile", str(key)),
+                         log_path=tmp_path / "tls.log")
+    try:
+        deadline = time.monotonic() + 30
+        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "tls.log").read_text()
+            time.sleep(0.1)
+        yield port, secret
+    finally:
+        stop_process_group(proc)
+
+
+@pytest.fixture
+def keyed_standin(tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    proc = start_standin(port, env={"VLLM_API_KEY": "k-right-0123456789"}, log_path=tmp_path / "keyed.log")
+    try:
+        wait_http_ok(f"http://127.0.0.1:{port}/health", timeout=30, proc=proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_process_group(proc)
+
+
+def test_a_web_server_that_is_not_vllm_fails_in_seconds(tmp_path: Path, doc: Path, not_vllm: str) -> None:
+    rc, out, took = run_cli([str(tmp_path / "ws"), "--vllm-url", not_vllm, "--pdfs", str(doc)])
+    assert rc == 1, out
+    assert_one_line(out, "HTTP 404 on /v1/models", "not an OpenAI-compatible vLLM server", "--vllm-url")
+    assert "attempt" not in out and took < 15, (took, out)
+
+
+def test_a_program_that_does_not_speak_http_fails_at_once(tmp_path: Path, doc: Path, not_http: str) -> None:
+    rc, out, took = run_cli([str(tmp_path / "ws"), "--vllm-url", not_http, "--pdfs", str(doc)])
+    assert rc == 1, out
+    assert_one_line(out, "is not a vLLM server", "does not speak HTTP", "SSH-2.0")
+    assert took < 15, (took, out)
+
+
+def test_https_to_a_plain_http_server_and_http_to_a_tls_server(tmp_path: Path, doc: Path, not_vllm: str,
+                                                                tls_standin: tuple[int, str]) -> None:
+    rc, out, took = run_cli([str(tmp_path / "ws"), "--vllm-url", not_vllm.replace("http:", "https:"),
+                             "--pdfs", str(doc)])
+    assert rc == 1, out
+    assert_one_line(out, "TLS", "may not speak https", "http://")
+    assert "--ca_bundle" not in out and took < 15
+    port, _ = tls_standin
+    rc, out, took = run_cli([str(tmp_path / "ws"), "--vllm-url", f"http://127.0.0.1:{port}", "--pdfs", str(doc)])
+    assert rc == 1, out
+    assert_one_line(out, "speaks", "https://", "--vllm-url")
+    assert took < 15, (took, out)
+
+
+def test_a_rejected_api_key_fails_at_once_without_showing_the_key(tmp_path: Path, doc: Path,
+                                                                  keyed_standin: str) -> None:
+    rc, out, took = run_cli([str(tmp_path / "ws"), "--vllm-url", keyed_standin, "--pdfs", str(doc)],
+                            env={"OLMOCR_API_KEY": "k-wrong-9999999999"})
+    assert rc == 1, out
+    assert_one_line(out, "rejected the API key", "OLMOCR_API_KEY")
+    assert "k-wrong-9999999999" not in out and took < 15
+
+
+def test_a_server_not_up_yet_is_waited_for_and_the_first_line_says_how_long(tmp_path: Path, doc: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens: connection refused
+    rc, out, took = run_cli([str(tmp_path / "ws"), "--vllm-url", url, "--pdfs", str(doc),
+                             "--max_server_ready_timeout", "2"])
+    assert rc == 1, out
+    first = assert_one_line(out, "waiting for the vLLM server", "--max_server_ready_timeout")
+    assert "at most 2s" in first and "connection refused" in first, first
+    assert_one_line(out, "Cannot reach the vLLM server")
+    assert ready_wait_bound(10, 600) == 1 + 2 + 4 + 8 + 16 + 32 + 60 + 60 + 60  # what the default line says
+
+
+# ---------------------------------------------------------------------------------------------- workspaces
+
+
+WORKSPACE_ROWS = [
+    # (workspace, words of the one line, exit status)
+    ("/proc/olmocr-ws", ("workspace /proc/olmocr-ws", "normal file system"), 2),
+    ("/sys/olmocr-ws", ("workspace /sys/olmocr-ws", "no permission"), 2),
+    ("{file}", ("is a file, not a directory",), 2),
+    ("{file}/sub", ("is a file, not a directory",), 2),
+]
+
+
+@pytest.mark.parametrize("workspace,words,status", WORKSPACE_ROWS)
+def test_a_workspace_that_cannot_be_used_is_one_line(tmp_path: Path, doc: Path, workspace: str,
+                                                     words: tuple[str, ...], status: int) -> None:
+    a_file = tmp_path / "a file é.txt"
+    a_file.write_text("not a directory")
+    ws = workspace.format(file=a_file)
+    rc, out, took = run_cli([ws, "--vllm-url", "http://127.0.0.1:9", "--pdfs", str(doc)])
+    assert rc == status, out
+    assert_one_line(out, "ERROR", *words)
+    assert took < 15
+
+
+def _as_user_without(ws: Path, how: str) -> list[str]:
+    """A command prefix that runs the pipeline where ``ws`` cannot be written: ``ro`` on a read-only bind mount
+    of it (a private mount namespace: gone with the process), ``perm`` without root's power to ignore modes."""
+    if how == "ro":
+        require(os.geteuid() == 0 and shutil.which("unshare") is not None,
+                "a read-only mount needs root and unshare (util-linux)")
+        return ["unshare", "-m", "sh", "-c", f"mount --bind '{ws}' '{ws}' && mount -o remount,bind,ro '{ws}' && "
+                'exec "$@"', "sh"]
+    ws.chmod(0o555)
+    if os.geteuid() != 0:
+        return []
+    require(shutil.which("setpriv") is not None, "setpriv (util-linux) is needed to drop root's CAP_DAC_OVERRIDE")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+
+
+@pytest.mark.parametrize("how,words", [("ro", ("read-only file system", "writable directory")),
+                                       ("perm", ("no permission to write",))])
+def test_a_read_only_workspace_is_one_line(tmp_path: Path, doc: Path, how: str, words: tuple[str, ...]) -> None:
+    ws = tmp_path / "read only ws"
+    ws.mkdir()
+    prefix = _as_user_without(ws, how)
+    try:
+        proc = subprocess.run([*prefix, sys.executable, "-m", "olmocr.pipeline", str(ws), "--vllm-url",
+                               "http://127.0.0.1:9", "--pdfs", str(doc)], env=clean_env(), capture_output=True,
+                              timeout=60, cwd=str(REPO_ROOT))
+    finally:
+        ws.chmod(0o755)
+    out = (proc.stdout + proc.stderr).decode()
+    assert proc.returncode == 2, out
+    assert_one_line(out, "ERROR", f"workspace {ws}", *words)
+    assert list(ws.iterdir()) == []
+
+
+@pytest.mark.parametrize("exc,words", [
+    (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/ws"), ("read-only file system", "writable")),
+    (OSError(errno.ENOSPC, "No space left on device", "/data"), ("no space left",)),
+    (OSError(errno.EACCES, "Permission denied", "/data/ws"), ("no permission to write in /data/ws",)),
+    (OSError(errno.ENOTDIR, "Not a directory", "/data/f"), ("is a file",)),
+    (OSError(errno.ENOENT, "No such file or directory", "/proc/x"), ("cannot create /proc/x",)),
+])
+def test_workspace_errors_become_one_line(exc: OSError, words: tuple[str, ...]) -> None:
+    line = workspace_problem("/data/ws", exc)
+    assert line is not None and "\n" not in line and all(w in line for w in words), line
+
+
+def test_a_bug_is_not_dressed_up_as_a_user_mistake() -> None:
+    assert workspace_problem("/data/ws", KeyError("x")) is None
+
+
+@pytest.fixture
+def s3_endpoint() -> Iterator[str]:
+    endpoint, stop = start_s3_server()
+    try:
+        yield endpoint
+    finally:
+        stop()
+
+
+def _s3_env(endpoint: str, tmp_path: Path, credentials: bool) -> dict[str, str]:
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+           "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials")}
+    if credentials:
+        env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+    return env
+
+
+@pytest.mark.parametrize("credentials,words", [
+    (False, ("no usable AWS credentials", "AWS_ACCESS_KEY_ID", "--workspace_profile")),
+    (True, ("bucket does not exist", "aws s3 mb s3://no-such-bucket-x")),
+])
+def test_an_s3_workspace_without_credentials_or_bucket_is_one_line(tmp_path: Path, doc: Path, s3_endpoint: str,
+                                                                   credentials: bool, words: tuple[str, ...],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    rc, out, took = run_cli(["s3://no-such-bucket-x/ws", "--vllm-url", "http://127.0.0.1:9", "--pdfs", str(doc)],
+                            env=_s3_env(s3_endpoint, tmp_path, credentials))
+    assert rc == 1, out
+    assert_one_line(out, "ERROR", "workspace s3://no-such-bucket-x/ws", *words)
+    assert took < 20
+
+
+# ----------------------------------------------------------------------- no input: non-zero, nothing left behind
+
+
+NO_INPUT_ROWS = [
+    # (--pdfs values, words of the line about the input)
+    (["{tmp}/missing é.pdf"], ("no such file", "missing é.pdf")),
+    (["{tmp}/nothing here/*.pdf"], ("glob matched no files",)),
+    (["{tmp}"], ("is a directory", "**/*.pdf")),
+]
+
+
+@pytest.mark.parametrize("pdfs,words", NO_INPUT_ROWS)
+def test_no_input_exits_non_zero_and_leaves_no_empty_workspace(tmp_path: Path, pdfs: list[str],
+                                                               words: tuple[str, ...]) -> None:
+    ws = tmp_path / "new ws" / "inner"
+    rc, out, _ = run_cli([str(ws), "--vllm-url", "http://127.0.0.1:9", "--pdfs",
+                          *(p.format(tmp=tmp_path) for p in pdfs)])
+    assert rc == 2, out
+    assert_one_line(out, "ERROR", *words)
+    assert_one_line(out, "ERROR", "nothing to do: no document could be queued from --pdfs")
+    assert not (tmp_path / "new ws").exists(), "an empty workspace was left behind"
+
+
+def test_s3_inputs_without_credentials_exit_non_zero(tmp_path: Path, s3_endpoint: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    ws = tmp_path / "ws"
+    rc, out, _ = run_cli([str(ws), "--vllm-url", "http://127.0.0.1:9", "--pdfs", "s3://some-bucket/docs/*.pdf"],
+                         env=_s3_env(s3_endpoint, tmp_path, credentials=False))
+    assert rc == 2, out
+    assert_one_line(out, "ERROR", "s3://some-bucket/docs/*.pdf", "credentials")
+    assert_one_line(out, "nothing to do")
+    assert not ws.exists()
+
+
+def test_an_existing_workspace_is_kept_when_the_input_is_a_mistake(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    rc, out, _ = run_cli([str(ws), "--vllm-url", "http://127.0.0.1:9", "--pdfs", str(tmp_path / "none.pdf")])
+    assert rc == 2 and ws.is_dir(), out
+
+
+# ---------------------------------------------------------------------------------------------------- flags
+
+
+FLAG_ROWS = [
+    # (arguments after the workspace, words of argparse's one line)
+    (["--pages_per_group", "0"], ("--pages_per_group", "must be 1 or more, not 0")),
+    (["--pages-per-group", "0"], ("--pages_per_group", "must be 1 or more")),
+    (["--workers", "-3"], ("--workers", "must be 1 or more")),
+    (["--workers", "many"], ("--workers", "'many' is not a whole number")),
+    (["--max_page_error_rate", "2"], ("--max_page_error_rate", "between 0 and 1")),
+    (["--lease_seconds", "nan"], ("--lease_seconds", "1 or more")),
+    (["--request_timeout", "0"], ("--request_timeout", "more than 0")),
+    (["--render_timeout", "-1"], ("--render_timeout", "0 or more")),
+    (["--stop_timeout", "-5"], ("--stop_timeout", "0 or more")),
+    (["--max_page_retries", "0"], ("--max_page_retries", "1 or more")),
+    (["--target_longest_image_dim", "10"], ("--target_longest_image_dim", "28 or more")),
+    (["--render_processes", "0"], ("--render_processes", "1 or more")),
+    (["--progress_interval", "0"], ("--progress_interval", "more than 0")),
+    (["--metrics_port", "70000"], ("--metrics_port", "between 1 and 65535")),
+    (["--metrics-port", "0"], ("--metrics_port", "between 1 and 65535")),
+    (["--max_concurrent_requests", "0"], ("--max_concurrent_requests", "1 or more")),
+    (["--max_server_ready_timeout", "-1"], ("--max_server_ready_timeout", "0 or more")),
+    (["--gpu_memory_utilization", "1.5"], ("--gpu-memory-utilization", "between 0 and 1")),
+    (["--port", "0"], ("--port", "between 1 and 65535")),
+]
+
+
+@pytest.mark.parametrize("extra,words", FLAG_ROWS, ids=[" ".join(r[0]) for r in FLAG_ROWS])
+def test_every_numeric_flag_is_checked_on_one_line(tmp_path: Path, extra: list[str], words: tuple[str, ...]) -> None:
+    rc, out, _ = run_cli([str(tmp_path / "ws"), "--vllm-url", "http://127.0.0.1:9", *extra])
+    assert rc == 2, out
+    assert out.count("\n") == 1, out  # argparse's one line, no usage dump
+    assert_one_line(out, "error:", *words, "(see --help)")
+    assert not (tmp_path / "ws").exists()
+
+
+def test_both_spellings_of_every_flag_are_the_same_flag() -> None:
+    parser = build_parser()
+    aliases = spelling_aliases(parser)
+    longs = [o for a in parser._actions for o in a.option_strings if o.startswith("--") and ("_" in o or "-" in o[2:])]
+    assert longs and all(any(alias_target == o for alias_target in aliases.values()) for o in longs), longs
+    assert aliases["--vllm_url"] == "--vllm-url" and aliases["--metrics-port"] == "--metrics_port"
+    assert normalize_spellings(parser, ["ws", "--pages-per-group=7", "--", "--x_y"]) == \
+        ["ws", "--pages_per_group=7", "--", "--x_y"]
+    help_text = parser.format_help()
+    assert "--pages_per_group" in help_text and "--pages-per-group PAGES" not in help_text  # --help shows one
+    for flag, value in (("--max-page-retries", "3"), ("--max_page_retries", "3")):
+        args = parser.parse_args(normalize_spellings(parser, ["ws", flag, value]))
+        assert args.max_page_retries == 3
+    assert isinstance(parser, argparse.ArgumentParser)
+
+
+def test_the_underscore_spelling_of_vllm_url_runs(tmp_path: Path, doc: Path, not_vllm: str) -> None:
+    rc, out, _ = run_cli([str(tmp_path / "ws"), "--vllm_url", not_vllm, "--pdfs", str(doc)])
+    assert rc == 1 and "unrecognized" not in out, out
+    assert_one_line(out, "HTTP 404 on /v1/models")
+
+
+def test_version_without_a_workspace(tmp_path: Path) -> None:
+    from olmocr import __version__
+
+    rc, out, _ = run_cli(["--version"])
+    assert rc == 0 and out.strip() == f"olmocr-serve {__version__}", out
+
+
+def test_stats_into_a_closed_pipe_is_quiet(tmp_path: Path, doc: Path) -> None:
+    ws = tmp_path / "ws"
+    rc, out, _ = run_cli([str(ws), "--stats", "--pdfs", str(doc)])
+    assert rc == 0, out
+    env = clean_env()
+    for reader in ("head -1", "true"):  # `true` has gone before the first byte is written
+        proc = subprocess.run(f"{sys.executable} -m olmocr.pipeline '{ws}' --stats | {reader}", shell=True,
+                              env=env, cwd=str(REPO_ROOT), capture_output=True, timeout=60)
+        assert b"Traceback" not in proc.stderr and b"BrokenPipe" not in proc.stderr, proc.stderr
+        assert proc.stdout.count(b"\n") == (1 if reader == "head -1" else 0)
