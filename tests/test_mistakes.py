@@ -12,6 +12,7 @@ import argparse
 import errno
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -25,13 +26,15 @@ import pytest
 from olmocr.pipeline.cli import build_parser
 from olmocr.pipeline.flags import normalize_spellings, spelling_aliases
 from olmocr.pipeline.servers.client import ready_wait_bound
+from olmocr.pipeline.stopping import BURST_S, is_same_stop
 from olmocr.pipeline.workspace.check import workspace_problem
-from tests.pipeline_helpers import SAMPLES
+from tests.pipeline_helpers import SAMPLES, launch_standin, start_pipeline, wait_for
 from tests.s3_helpers import start_s3_server
 from tests.standin_helpers import (
     REPO_ROOT,
     clean_env,
     free_port,
+    pids_in_group,
     start_standin,
     stop_process_group,
     wait_http_ok,
@@ -420,3 +423,106 @@ def test_stats_into_a_closed_pipe_is_quiet(tmp_path: Path, doc: Path) -> None:
                               env=env, cwd=str(REPO_ROOT), capture_output=True, timeout=60)
         assert b"Traceback" not in proc.stderr and b"BrokenPipe" not in proc.stderr, proc.stderr
         assert proc.stdout.count(b"\n") == (1 if reader == "head -1" else 0)
+
+
+# ------------------------------------------------------------------------------------------------- signals
+
+
+def _children_ready(pgid: int, processes: int = 2) -> bool:
+    """The render workers (and multiprocessing's resource tracker) are up and no longer die of SIGTERM:
+    blocked (a worker, see render._ignore_group_sigterm) or ignored (the tracker), read from /proc."""
+    children = [p for p in pids_in_group(pgid) if p != pgid]
+    if len(children) < processes + 1:
+        return False
+    for pid in children:
+        try:
+            fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                          if ":\t" in line)
+        except OSError:
+            return False
+        bit = 1 << (signal.SIGTERM - 1)
+        if not (int(fields["SigBlk"], 16) | int(fields["SigIgn"], 16)) & bit:
+            return False
+    return True
+
+
+def _text_docs(tmp_path: Path, n: int) -> list[Path]:
+    from tests.pdf_builders import text_pdf
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    paths = []
+    for i in range(n):
+        paths.append(folder / f"doc {i}.pdf")
+        paths[-1].write_bytes(text_pdf([f"document {i} page {p}" for p in range(2)]))
+    return paths
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_whole_group_is_one_graceful_stop(tmp_path: Path, sig: signal.Signals) -> None:
+    """GNU ``timeout -s INT`` signals the pipeline, then its group (render workers included); systemd and
+    Slurm signal the whole job: one stop, the items handed back at once, no worker dies of it."""
+    docs = _text_docs(tmp_path, 4)
+    ws = tmp_path / "ws"
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "30"})
+    log = tmp_path / "run.log"
+    try:
+        proc = start_pipeline(ws, standin.url, docs, "--pages_per_group", "2", "--workers", "2",
+                              "--stop_timeout", "1", env={"TMPDIR": str(temp)}, log=log)
+        try:
+            wait_for(lambda: log.read_text().count("claimed work item") >= 2, 60, "two items claimed")
+            wait_for(lambda: _children_ready(proc.pid), 30, "render workers started")
+            os.kill(proc.pid, sig)  # what `timeout` does: the process, then the group
+            time.sleep(0.1)  # (at once, the kernel would merge the two into one pending signal)
+            os.killpg(proc.pid, sig)
+            rc = proc.wait(timeout=60)
+        finally:
+            stop_process_group(proc)
+    finally:
+        standin.stop()
+    text = log.read_text()
+    assert rc == 0, text
+    assert text.count(f"{sig.name}: stopping gracefully") == 1 and "exiting at once" not in text, text
+    assert "the same stop" in text
+    assert "handed back unfinished" in text and not list((ws / "worker_locks").glob("*.lock"))
+    assert "Traceback" not in text and "render pool stopped" not in text and "died" not in text, text
+    assert list(temp.iterdir()) == [], list(temp.iterdir())
+
+
+def test_a_second_signal_later_exits_at_once_and_removes_its_temp_dirs(tmp_path: Path) -> None:
+    docs = _text_docs(tmp_path, 2)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "30"})
+    log = tmp_path / "run.log"
+    try:
+        proc = start_pipeline(tmp_path / "ws", standin.url, docs, "--stop_timeout", "120",
+                              env={"TMPDIR": str(temp)}, log=log)
+        try:
+            wait_for(lambda: "claimed work item" in log.read_text(), 60, "an item claimed")
+            wait_for(lambda: _children_ready(proc.pid), 30, "render workers started")
+            os.killpg(proc.pid, signal.SIGINT)
+            wait_for(lambda: "stopping gracefully" in log.read_text(), 10, "the first signal noticed")
+            time.sleep(BURST_S + 0.2)
+            os.killpg(proc.pid, signal.SIGINT)
+            rc = proc.wait(timeout=20)
+        finally:
+            stop_process_group(proc)
+    finally:
+        standin.stop()
+    assert rc == 130, log.read_text()
+    assert "exiting at once" in log.read_text()
+    wait_for(lambda: list(temp.iterdir()) == [], 5, "temp dirs removed")
+
+
+@pytest.mark.parametrize("first,sig,later,same", [
+    (None, signal.SIGINT, 0.0, False),
+    ((signal.SIGINT, 10.0), signal.SIGINT, 10.001, True),
+    ((signal.SIGINT, 10.0), signal.SIGINT, 10.0 + BURST_S + 0.1, False),
+    ((signal.SIGINT, 10.0), signal.SIGTERM, 10.01, False),
+])
+def test_which_signals_are_the_same_stop(first: tuple[int, float] | None, sig: int, later: float,
+                                         same: bool) -> None:
+    assert is_same_stop(first, sig, later) is same

@@ -205,6 +205,8 @@ async def run_with_internal_server(run: Callable[[], Awaitable[int]], stop: Stop
     server = InternalServer(settings, run_dir)
     server.start()
     stop.on_hard_exit(server.signal_stop)
+    if not server.keep_run_dir:
+        stop.remove_on_hard_exit(server.run_dir)
     pipeline: asyncio.Task[int] | None = None
     try:
         ready = asyncio.create_task(server.wait_ready(ready_timeout))
