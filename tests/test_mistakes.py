@@ -526,3 +526,71 @@ def test_a_second_signal_later_exits_at_once_and_removes_its_temp_dirs(tmp_path:
 def test_which_signals_are_the_same_stop(first: tuple[int, float] | None, sig: int, later: float,
                                          same: bool) -> None:
     assert is_same_stop(first, sig, later) is same
+
+
+# ------------------------------------------------------------------------------------- the deployment's output
+
+
+def test_kill_9_is_named_and_the_health_log_says_healthy_again(deployments) -> None:  # noqa: ANN001
+    dep = deployments()
+    first = dep.wait_status(lambda s: s["healthy"], 60, "healthy")
+    os.kill(first["pid"], signal.SIGKILL)
+    after = dep.wait_status(lambda s: s["healthy"] and s["pid"] != first["pid"], 60, "healthy after kill -9")
+    assert "SIGKILL" in after["last_failure_reason"], after
+    assert "Bad exit code" not in after["last_failure_reason"]
+    health = dep.log_text("vllm-health")
+    wait_for(lambda: "vllm is healthy again" in dep.log_text("vllm-health"), 30, "the good news in the health log")
+    health = dep.log_text("vllm-health")
+    assert " - INFO - " in health and "{'" not in health, health[-2000:]  # one format, no Python reprs
+    assert not list((dep.dir / "logs").glob("*supervisor-*.log")), list((dep.dir / "logs").iterdir())
+
+
+def _listen(port: int) -> socket.socket:
+    sock = socket.create_server(("127.0.0.1", port))
+    sock.listen()
+    return sock
+
+
+def test_the_manager_names_a_taken_port_and_its_owner(tmp_path: Path) -> None:
+    port = free_port()
+    holder = _listen(port)
+    try:
+        rc, out, took = run_cli(["--port", str(port), "--run-dir", str(tmp_path / "run"),
+                                 "--log-file", str(tmp_path / "manager.log")],
+                                module="olmocr.vllm_server_manager",
+                                env={"OLMOCR_VLLM_BIN": str(REPO_ROOT / "scripts" / "vllm-standin"),
+                                     "OLMOCR_STATUS_PORT": str(free_port())})
+    finally:
+        holder.close()
+    assert rc == 2, out
+    line = assert_one_line(out, f"port {port}", "already in use", f"pid {os.getpid()}", "--port")
+    assert "ERROR" in line and took < 20
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_wrapper_names_a_taken_port_instead_of_starting_vllm(tmp_path: Path) -> None:
+    from olmocr.server import wrapper
+
+    port = free_port()
+    holder = _listen(port)
+    try:
+        line = wrapper.wait_for_port("127.0.0.1", port, wait_s=0.5)
+    finally:
+        holder.close()
+    assert line is not None and f"port {port}" in line and f"pid {os.getpid()}" in line, line
+    assert wrapper.wait_for_port("127.0.0.1", port, wait_s=0.5) is None
+
+
+@pytest.mark.parametrize("module", ["olmocr.vllm_server_manager", "olmocr.server.status",
+                                    "olmocr.server.status_service", "olmocr.server.listener"])
+def test_version_on_every_command(module: str) -> None:
+    from olmocr import __version__
+
+    rc, out, _ = run_cli(["--version"], module=module)
+    assert rc == 0 and out.strip() == f"olmocr-serve {__version__}", out
+
+
+def test_gitignore_covers_what_the_programs_create() -> None:
+    ignored = (REPO_ROOT / ".gitignore").read_text().split()
+    for entry in ("/olmocr-server-run/", "*.log", "demo-workspace/"):
+        assert entry in ignored

@@ -11,6 +11,7 @@ import sys
 from typing import NoReturn
 
 from olmocr import __version__
+from olmocr.logformat import LOG_FORMAT
 from olmocr.pipeline.errors import FleetConfigError, NoInput, WorkspaceError
 from olmocr.pipeline.flags import normalize_spellings, number, whole
 from olmocr.pipeline.pages.render import DEFAULT_RENDER_TIMEOUT_S
@@ -20,9 +21,6 @@ from olmocr.pipeline.stopping import DEFAULT_STOP_TIMEOUT_S, StopRequest
 from olmocr.pipeline.upstream_flags import add_upstream_arguments, check_unknown, check_upstream_flags, fail
 
 logger = logging.getLogger("olmocr.pipeline")
-
-LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
-
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse with errors on one line: ``prog: error: what (see --help)``, exit status 2 (no usage dump of

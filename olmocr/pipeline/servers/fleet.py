@@ -216,9 +216,9 @@ class Fleet:
         if not quiet:
             down = time.monotonic() - server.down_since if server.down_since is not None else 0.0
             if self.single:
-                logger.warning("vLLM server is back after %.0fs; resuming (%s)", down, why)
+                logger.info("vLLM server is back after %.0fs; resuming (%s)", down, why)
             else:
-                logger.warning("vLLM server is back: %s re-admitted after %.0fs (%s)", server.url, down, why)
+                logger.info("vLLM server is back: %s re-admitted after %.0fs (%s)", server.url, down, why)
         server.state, server.reason, server.down_since = "up", "", None
         server.failures_in_a_row = 0
         server.meter.reset()
