@@ -594,3 +594,36 @@ def test_gitignore_covers_what_the_programs_create() -> None:
     ignored = (REPO_ROOT / ".gitignore").read_text().split()
     for entry in ("/olmocr-server-run/", "*.log", "demo-workspace/"):
         assert entry in ignored
+
+
+# ------------------------------------------------------------------------------------ why nothing happens
+
+
+def test_describe_lease_holders_names_host_pid_and_expiry() -> None:
+    from olmocr.pipeline.workspace.queue import describe_lease_holders
+
+    line = describe_lease_holders([("gpu-node-1-4242-abcd1234", 1250.0), ("gpu-node-1-4242-abcd1234", 1100.0),
+                                   ("other-77-ffff0000", 1010.0)], now=1000.0)
+    assert line.startswith("3 work items are leased by other pipelines"), line
+    assert "gpu-node-1 pid 4242: 2, leases expiring within 4m10s" in line
+    assert "other pid 77: 1, lease expiring within 0m10s" in line
+
+
+def test_a_second_pipeline_says_whose_items_it_waits_for(tmp_path: Path) -> None:
+    docs = _text_docs(tmp_path, 2)
+    ws = tmp_path / "ws"
+    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "60"})
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    first = second = None
+    try:
+        first = start_pipeline(ws, standin.url, docs, "--pages_per_group", "1", "--workers", "2", log=first_log)
+        wait_for(lambda: first_log.read_text().count("claimed work item") >= 2, 60, "both items claimed")
+        second = start_pipeline(ws, standin.url, (), "--workers", "2", log=second_log)
+        wait_for(lambda: "leased by other pipelines" in second_log.read_text(), 60, "the idle line")
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                stop_process_group(proc)
+        standin.stop()
+    line = assert_one_line(second_log.read_text(), "leased by other pipelines")
+    assert f"2 work items are leased by other pipelines ({socket.gethostname()} pid {first.pid}: 2" in line, line

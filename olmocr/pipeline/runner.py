@@ -20,13 +20,15 @@ from olmocr.pipeline.servers.fleet import SERVER_STATS_DIR, Fleet, run_id, serve
 from olmocr.pipeline.servers.serverlist import ServerSpec
 from olmocr.pipeline.stopping import DEFAULT_STOP_TIMEOUT_S, StopRequest
 from olmocr.pipeline.workspace.inputs import expand_inputs, set_input_profile
-from olmocr.pipeline.workspace.queue import WorkItem, WorkQueue
+from olmocr.pipeline.workspace.queue import WorkItem, WorkQueue, describe_lease_holders
 from olmocr.pipeline.workspace.storage import Storage, open_storage
 
 logger = logging.getLogger("olmocr.pipeline")
 
 #: Pause after a work item failed as a whole (e.g. the workspace is unreachable) before claiming again.
 ERROR_PAUSE_S = 5.0
+#: An idle pipeline says who holds the items it waits for at most this often.
+IDLE_LOG_EVERY_S = 30.0
 #: Longest pause between claim attempts while the workspace keeps failing.
 MAX_CLAIM_BACKOFF_S = 30.0
 
@@ -208,6 +210,8 @@ class Runner:
             if item is None:
                 # Items leased by other (possibly dead) workers: wait until one of ours finishes, or poll again
                 # (a dead worker's item becomes claimable when its lease expires).
+                if not self.active:
+                    await self._say_why_idle()
                 await self._pause(idle_wait, wake_on_item=True)
                 continue
             assert isinstance(item, WorkItem)
@@ -220,6 +224,21 @@ class Runner:
             finally:
                 self.active.discard(item.hash)
                 self.item_finished.set()
+
+    async def _say_why_idle(self) -> None:
+        """With nothing of its own in progress, the pipeline says who holds the items it waits for (at most
+        every IDLE_LOG_EVERY_S): "pages 0/0" alone does not tell a user why nothing happens."""
+        now = time.monotonic()
+        if now - getattr(self, "_idle_logged_at", float("-inf")) < IDLE_LOG_EVERY_S:
+            return
+        self._idle_logged_at = now
+        try:
+            held = await asyncio.to_thread(self.queue.lease_holders)
+        except Exception as exc:  # noqa: BLE001 - only an explanation
+            logger.debug("could not list lease holders: %s", exc)
+            return
+        if held:
+            logger.info("%s", describe_lease_holders(held, self.queue.clock()))
 
     async def _run_item(self, worker_id: int, item: WorkItem) -> None:
         logger.info("worker %d claimed work item %s (%d documents)", worker_id, item.hash, len(item.paths))
