@@ -67,3 +67,36 @@ def port_problem(host: str, port: int, what: str, fix: str) -> str | None:
     return (f"port {port} on {host} ({what}) is already in use"
             + (f" by {owner}" if owner else " by another program (its owner is not visible to this user)")
             + f": {fix}")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (the kernel's choice)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m olmocr.ports pick DEFAULT`` prints DEFAULT if it is free, else a free port;
+    ``python -m olmocr.ports check PORT WHAT FIX`` prints PORT if it is free, else the one line (exit 2)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) == 2 and args[0] == "pick":
+        port = int(args[1])
+        print(port if not port_taken("127.0.0.1", port) else free_port())
+        return 0
+    if len(args) == 4 and args[0] == "check":
+        port = int(args[1])
+        problem = port_problem("127.0.0.1", port, args[2], args[3])
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
+        print(port)
+        return 0
+    print("usage: python -m olmocr.ports pick DEFAULT | check PORT WHAT FIX", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
