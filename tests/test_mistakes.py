@@ -627,3 +627,33 @@ def test_a_second_pipeline_says_whose_items_it_waits_for(tmp_path: Path) -> None
         standin.stop()
     line = assert_one_line(second_log.read_text(), "leased by other pipelines")
     assert f"2 work items are leased by other pipelines ({socket.gethostname()} pid {first.pid}: 2" in line, line
+
+
+def test_the_listener_never_takes_a_stranger_on_its_port_for_its_server(deployments, tmp_path: Path) -> None:  # noqa: ANN001
+    """Another vLLM-like program holds the deployment's port: the wrapper says so in vllm.log instead of
+    starting vLLM, and the listener does not report the stranger's health as the deployment's."""
+    port = free_port()
+    stranger = start_standin(port, log_path=tmp_path / "stranger.log")
+    try:
+        wait_http_ok(f"http://127.0.0.1:{port}/health", timeout=30, proc=stranger)
+        dep = deployments(env={"OLMOCR_PORT": str(port)})
+        dep.port = port
+        wait_for(lambda: "already in use" in dep.log_text("vllm"), 60, "the wrapper's line")
+        # The listener probes while the wrapper waits for the port: the stranger answers, and is named.
+        seen: list[str] = []
+
+        def stranger_named() -> bool:
+            reason = str((dep.proxy.olmocr.getProcessStats("vllm").get("health") or {}).get("reason"))
+            seen.append(reason)
+            return "is held by" in reason
+
+        wait_for(stranger_named, 60, "the listener noticing the stranger")
+        health = seen[-1]
+        assert f"pid {stranger.pid}" in health and "not by vllm" in health, health
+        assert not dep.status()["healthy"]
+        lines = [line for line in dep.log_text("vllm").splitlines() if "already in use" in line]
+        assert lines and all(f"port {port}" in line and f"pid {stranger.pid}" in line and "OLMOCR_PORT" in line
+                             for line in lines), lines
+        assert "Traceback" not in dep.log_text("vllm")
+    finally:
+        stop_process_group(stranger)

@@ -190,9 +190,35 @@ class HealthListener:
     def _run_probe(self) -> None:
         try:
             result = self.probe()
+            if result.ok and (stranger := self._stranger_on_port()) is not None:
+                # Another program answers on the port (ours failed to bind it): it is not our server, so its
+                # answers say nothing about ours -- as if nothing listened yet (no kill, no "healthy").
+                result = ProbeResult(False, stranger, result.latency, refused=True)
         except Exception as exc:  # a bug in the probe is a failed probe, not a dead listener
             result = ProbeResult(False, f"probe error: {exc!r}", 0.0)
         self.results.put(result)
+
+    def _stranger_on_port(self) -> str | None:
+        """A one-line reason when the process listening on the server's port is not in the supervised
+        program's process group (supervisord makes each program a group leader); None when it is ours or
+        when this user cannot tell."""
+        import psutil
+
+        from olmocr.ports import describe_pid, listening_pids
+
+        pgid = self.pid
+        pids = listening_pids(self.settings.port) if pgid and psutil.pid_exists(pgid) else None
+        if not pids:
+            return None
+        for pid in pids:
+            try:
+                if os.getpgid(pid) == pgid:
+                    return None
+            except OSError:
+                continue
+        owner = ", ".join(describe_pid(pid) for pid in sorted(pids))
+        return (f"port {self.settings.port} is held by {owner}, not by {self.program} (process group {pgid}): "
+                f"stop that program or give {self.program} another port (OLMOCR_PORT)")
 
     def _drain_results(self) -> None:
         while True:

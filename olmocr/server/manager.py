@@ -141,7 +141,8 @@ class Manager:
                 status = self.poll_status()
                 if status is not None:
                     if status["healthy"] and not ready_announced:
-                        log.info(READY_MESSAGE)  # the console handler prints it: once
+                        log.debug(READY_MESSAGE)  # the log file only: the console gets the bare line, once
+                        print(READY_MESSAGE, flush=True)
                         ready_announced = True
                     if status.get("gave_up") or status.get("state") == "FATAL":
                         log.error("server left stopped: %s", status.get("last_failure_reason"))
