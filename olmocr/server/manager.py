@@ -15,6 +15,7 @@ import json
 import logging
 import logging.handlers
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import psutil
 
-from olmocr import __version__
+from olmocr import __version__, envs
 from olmocr.logformat import formatter
 from olmocr.ports import port_problem
 from olmocr.server.drain import stopwaitsecs_for
@@ -98,6 +99,9 @@ class Manager:
         self.status_interval = status_interval
         self.stop_requested = False
         self.socket_file = socket_path_for(run_dir)
+        # A run directory too long for AF_UNIX puts the socket in a private /tmp directory: ours to remove.
+        self._private_socket_dir = (Path(self.socket_file).parent if Path(self.socket_file).parent != run_dir
+                                    else None)
         self.config_path = run_dir / "supervisord.conf"
         layout = ConfigLayout(run_dir=str(run_dir / "run"), log_dir=str(run_dir / "logs"),
                               python=sys.executable, nodaemon=True, startsecs=startsecs,
@@ -165,6 +169,13 @@ class Manager:
             return None
 
     def shutdown(self) -> None:
+        try:
+            self._stop_supervisord()
+        finally:
+            if self._private_socket_dir is not None:
+                shutil.rmtree(self._private_socket_dir, ignore_errors=True)
+
+    def _stop_supervisord(self) -> None:
         if self.supervisord is None:
             return
         tree = _process_tree(self.supervisord.pid)
@@ -233,11 +244,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SettingsError, ValueError) as exc:
         log.error("%s", exc)
         return 2
-    status_port = int(os.environ.get("OLMOCR_STATUS_PORT") or 30025)
+    status_port = int(envs.value("OLMOCR_STATUS_PORT"))
     for host, port, what, fix in (
         (settings.host, settings.port, "the vLLM server", "stop that program or choose another port with --port "
                                                           "(OLMOCR_PORT)"),
-        (os.environ.get("OLMOCR_STATUS_HOST") or "127.0.0.1", status_port, "the status service",
+        (envs.value("OLMOCR_STATUS_HOST"), status_port, "the status service",
          "stop that program or choose another port with OLMOCR_STATUS_PORT"),
     ):
         if (problem := port_problem(host, port, what, fix)) is not None:
@@ -249,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("serving %s as 'olmocr' on %s (health every %g s, at most %d restarts)", settings.model,
              settings.base_url, settings.health_interval, settings.max_restart_attempts)
     log.info("status service: http://%s:%s (/metrics, /status, /ws; docs/observability.md)",
-             os.environ.get("OLMOCR_STATUS_HOST") or "127.0.0.1", os.environ.get("OLMOCR_STATUS_PORT") or 30025)
+             envs.value("OLMOCR_STATUS_HOST"), envs.value("OLMOCR_STATUS_PORT"))
     return manager.run()
 
 
