@@ -191,7 +191,7 @@ class HealthListener:
     def _run_probe(self) -> None:
         try:
             result = self.probe()
-            if result.ok and (stranger := self._stranger_on_port()) is not None:
+            if result.ok and isinstance(self.probe, ServerProbe) and (stranger := self._stranger_on_port()):
                 # Another program answers on the port (ours failed to bind it): it is not our server, so its
                 # answers say nothing about ours -- as if nothing listened yet (no kill, no "healthy").
                 result = ProbeResult(False, stranger, result.latency, refused=True)
@@ -201,14 +201,13 @@ class HealthListener:
 
     def _stranger_on_port(self) -> str | None:
         """A one-line reason when the process listening on the server's port is not in the supervised
-        program's process group (supervisord makes each program a group leader); None when it is ours or
-        when this user cannot tell."""
-        import psutil
-
+        program's process group (supervisord makes each program a group leader; once it has exited it has no
+        group, so whoever listens then is a stranger); None when it is ours or this user cannot tell. Only for
+        the real probe: a test's stand-in probe never touches the port."""
         from olmocr.ports import describe_pid, listening_pids
 
         pgid = self.pid
-        pids = listening_pids(self.settings.port) if pgid and psutil.pid_exists(pgid) else None
+        pids = listening_pids(self.settings.port) if pgid else None
         if not pids:
             return None
         for pid in pids:
