@@ -200,25 +200,26 @@ class HealthListener:
         self.results.put(result)
 
     def _stranger_on_port(self) -> str | None:
-        """A one-line reason when the process listening on the server's port is not in the supervised
-        program's process group (supervisord makes each program a group leader; once it has exited it has no
-        group, so whoever listens then is a stranger); None when it is ours or this user cannot tell. Only for
-        the real probe: a test's stand-in probe never touches the port."""
+        """A one-line reason when the process listening on the server's port was not started by our
+        supervisord (the listener's parent) -- so not the supervised server; None when it is ours or this
+        user cannot tell. Only for the real probe: a test's stand-in probe never touches the port."""
+        import psutil
+
         from olmocr.ports import describe_pid, listening_pids
 
-        pgid = self.pid
-        pids = listening_pids(self.settings.port) if pgid else None
+        supervisord = os.getppid()
+        pids = listening_pids(self.settings.port)
         if not pids:
             return None
         for pid in pids:
             try:
-                if os.getpgid(pid) == pgid:
+                if supervisord in {p.pid for p in psutil.Process(pid).parents()}:
                     return None
-            except OSError:
-                continue
+            except psutil.Error:
+                return None  # it just exited: no verdict
         owner = ", ".join(describe_pid(pid) for pid in sorted(pids))
-        return (f"port {self.settings.port} is held by {owner}, not by {self.program} (process group {pgid}): "
-                f"stop that program or give {self.program} another port (OLMOCR_PORT)")
+        return (f"port {self.settings.port} is held by {owner}, not by {self.program}: stop that program or "
+                f"give {self.program} another port (OLMOCR_PORT)")
 
     def _drain_results(self) -> None:
         while True:
