@@ -657,3 +657,62 @@ def test_the_listener_never_takes_a_stranger_on_its_port_for_its_server(deployme
         assert "Traceback" not in dep.log_text("vllm")
     finally:
         stop_process_group(stranger)
+
+
+# ------------------------------------------------------------------------- the sweep: mistakes not in the issue
+
+
+SWEEP_ROWS = [
+    # (arguments; {tmp} is the test's directory, {doc} a PDF named with a space and accents), exit, words
+    (["{tmp}/ws é", "--vllm-url", "http://", "--pdfs", "{doc}"], 2, ("--vllm-url http://", "no host name")),
+    (["{tmp}/ws é", "--vllm-url", "127.0.0.1:notaport", "--pdfs", "{doc}"], 2, ("port is not a number",)),
+    (["{tmp}/ws é", "--vllm-url", "http://127.0.0.1:99999", "--pdfs", "{doc}"], 2, ("port is not a number",)),
+    (["{tmp}/ws é", "--vllm-url", "ftp://127.0.0.1:21", "--pdfs", "{doc}"], 2, ("is not an http:// or https:// URL",)),
+    (["{tmp}/ws é", "--vllm-url", "http://127.0.0.1:9#weight=-1", "--pdfs", "{doc}"], 2, ("#weight=N",)),
+    (["{tmp}/ws é", "--vllm-url", "http://127.0.0.1:9", "--api_key_file", "{tmp}/no key é", "--pdfs", "{doc}"], 2,
+     ("cannot read the API key file", "no key é")),
+    (["{tmp}/ws é", "--vllm-url", "http://127.0.0.1:9", "--ca_bundle", "{tmp}/no ca.pem", "--pdfs", "{doc}"], 2,
+     ("--ca_bundle", "no such file")),
+    (["{tmp}/ws é", "--vllm-url", "http://127.0.0.1:9", "--workspace_profile", "nosuch", "--pdfs", "{doc}"], 2,
+     ("--workspace_profile nosuch", "no such profile")),
+    (["{tmp}/ws é", "--vllm-url", "http://127.0.0.1:9", "--beaker"], 2, ("--beaker", "not supported")),
+    (["{tmp}/ws é", "--vllm-url", "http://127.0.0.1:9", "--no-such-flag"], 2, ("unrecognized arguments",)),
+    (["{tmp}/ws é", "--vllm-url", "http://127.0.0.1:9", "--pdfs", "{tmp}/naïve dir/*.pdf"], 2,
+     ("glob matched no files", "naïve dir")),
+    (["{tmp}/ws é", "--stats"], 2, ("workspace", "no such directory")),
+]
+
+
+@pytest.mark.parametrize("args,status,words", SWEEP_ROWS, ids=[" ".join(r[0][1:4]) for r in SWEEP_ROWS])
+def test_the_sweep(tmp_path: Path, doc: Path, args: list[str], status: int, words: tuple[str, ...]) -> None:
+    argv = [a.format(tmp=tmp_path, doc=doc) for a in args]
+    rc, out, took = run_cli(argv)
+    assert rc == status, out
+    assert_one_line(out, *words)
+    assert took < 20
+    assert not (tmp_path / "ws é").exists(), "a mistake left an empty workspace behind"
+
+
+def test_an_invalid_bucket_name_is_one_line(tmp_path: Path, doc: Path, s3_endpoint: str) -> None:
+    rc, out, _ = run_cli(["s3://Not_A_Bucket/ws", "--vllm-url", "http://127.0.0.1:9", "--pdfs", str(doc)],
+                         env=_s3_env(s3_endpoint, tmp_path, credentials=True))
+    assert rc == 1, out
+    assert_one_line(out, "ERROR", "workspace s3://Not_A_Bucket/ws")
+
+
+def test_a_port_held_by_another_program_is_named_for_the_status_service() -> None:
+    import asyncio
+
+    from aiohttp import web
+
+    from olmocr.endpoints import start_app
+    from olmocr.server.errors import EndpointConfigError
+
+    port = free_port()
+    holder = _listen(port)
+    try:
+        with pytest.raises(EndpointConfigError) as err:
+            asyncio.run(start_app(web.Application(), "127.0.0.1", port))
+    finally:
+        holder.close()
+    assert f"held by pid {os.getpid()}" in str(err.value), err.value

@@ -58,6 +58,23 @@ def ready_wait_bound(attempts: int, max_wait_s: float, first_delay_s: float = 1.
     return min(total, max_wait_s)
 
 
+def url_problem(url: str) -> str | None:
+    """What is wrong with a server URL as given (no host, a port that is not a number 1-65535), or None."""
+    from urllib.parse import urlsplit
+
+    text = url.strip()
+    parts = urlsplit(text if "://" in text else "http://" + text)
+    if not parts.hostname:
+        return "no host name (e.g. http://127.0.0.1:30024)"
+    try:
+        port = parts.port
+    except ValueError:
+        return f"the port is not a number 1-65535 ({parts.netloc.rpartition(':')[2]!r})"
+    if port == 0:
+        return "the port is not a number 1-65535 (0)"
+    return None
+
+
 def normalize_base_url(url: str) -> str:
     """``http://h:p``, ``http://h:p/``, ``http://h:p/v1`` and ``http://h:p/v1/`` all give ``http://h:p``."""
     url = url.strip().rstrip("/")

@@ -227,7 +227,11 @@ async def run_with_internal_server(run: Callable[[], Awaitable[int]], stop: Stop
                     settings.base_url, SERVED_MODEL_NAME)
         return await run()
     if found is not None:
-        logger.error("port %d is taken by %s; stop it or choose another port with --port", settings.port, found)
+        from olmocr.ports import port_owner
+
+        owner = port_owner(settings.port)
+        logger.error("port %d is taken by %s%s; stop it or choose another port with --port", settings.port, found,
+                     f" ({owner})" if owner else "")
         return 2
     server = InternalServer(settings, run_dir)
     server.start()
