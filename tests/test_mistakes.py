@@ -225,9 +225,12 @@ def _as_user_without(ws: Path, how: str) -> list[str]:
     """A command prefix that runs the pipeline where ``ws`` cannot be written: ``ro`` on a read-only bind mount
     of it (a private mount namespace: gone with the process), ``perm`` without root's power to ignore modes."""
     if how == "ro":
-        require(os.geteuid() == 0 and shutil.which("unshare") is not None,
-                "a read-only mount needs root and unshare (util-linux)")
-        return ["unshare", "-m", "sh", "-c", f"mount --bind '{ws}' '{ws}' && mount -o remount,bind,ro '{ws}' && "
+        # root: a private mount namespace; anyone else: also a user namespace (unshare -r) to mount in.
+        unshare = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-r", "-m"]
+        works = shutil.which("unshare") is not None and subprocess.run(
+            [*unshare, "true"], capture_output=True, timeout=10).returncode == 0
+        require(works, f"a read-only bind mount needs {' '.join(unshare)} (util-linux; user namespaces enabled)")
+        return [*unshare, "sh", "-c", f"mount --bind '{ws}' '{ws}' && mount -o remount,bind,ro '{ws}' && "
                 'exec "$@"', "sh"]
     ws.chmod(0o555)
     if os.geteuid() != 0:

@@ -196,7 +196,7 @@ class HealthListener:
                 # answers say nothing about ours -- as if nothing listened yet (no kill, no "healthy").
                 result = ProbeResult(False, stranger, result.latency, refused=True)
         except Exception as exc:  # a bug in the probe is a failed probe, not a dead listener
-            result = ProbeResult(False, f"probe error: {exc!r}", 0.0)
+            result = ProbeResult(False, f"probe error: {type(exc).__name__}: {exc}", 0.0)
         self.results.put(result)
 
     def _stranger_on_port(self) -> str | None:
