@@ -491,6 +491,7 @@ def test_a_signal_to_the_whole_group_is_one_graceful_stop(tmp_path: Path, sig: s
     assert "the same stop" in text
     assert "handed back unfinished" in text and not list((ws / "worker_locks").glob("*.lock"))
     assert "Traceback" not in text and "render pool stopped" not in text and "died" not in text, text
+    assert "{'" not in text, text  # no Python reprs in the log (e.g. the work item counts)
     assert list(temp.iterdir()) == [], list(temp.iterdir())
 
 
@@ -719,3 +720,13 @@ def test_a_port_held_by_another_program_is_named_for_the_status_service() -> Non
     finally:
         holder.close()
     assert f"held by pid {os.getpid()}" in str(err.value), err.value
+
+
+def test_a_truncated_pdf_reason_has_no_doubled_percent(tmp_path: Path) -> None:
+    from olmocr.pipeline.pages.render import classify_pdf_failure
+
+    whole = SAMPLES.small[0].read_bytes()
+    cut = tmp_path / "cut é.pdf"
+    cut.write_bytes(whole[: len(whole) // 2])
+    reason = classify_pdf_failure(str(cut), "Data format error")
+    assert reason.startswith("truncated PDF") and "%%" not in reason and "\n" not in reason, reason
