@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -128,11 +129,8 @@ def remove_if_empty(created: Path | None) -> bool:
     True if it was removed."""
     if created is None or not created.is_dir():
         return False
-    for dirpath, _, filenames in os.walk(created):
+    for _, _, filenames in os.walk(created):
         if any(not name.startswith(".") for name in filenames):
             return False
-        del dirpath
-    import shutil
-
     shutil.rmtree(created, ignore_errors=True)
     return not created.exists()
