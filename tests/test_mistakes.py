@@ -375,6 +375,7 @@ FLAG_ROWS = [
     (["--max_server_ready_timeout", "-1"], ("--max_server_ready_timeout", "0 or more")),
     (["--gpu_memory_utilization", "1.5"], ("--gpu-memory-utilization", "between 0 and 1")),
     (["--port", "0"], ("--port", "between 1 and 65535")),
+    (["--stop-exit-code", "300"], ("--stop_exit_code", "between 0 and 255")),
 ]
 
 
