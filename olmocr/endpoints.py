@@ -8,6 +8,7 @@ line: arguments are visible to every user in ``ps``), and every request must car
 
 from __future__ import annotations
 
+import errno
 import hmac
 import ipaddress
 from collections.abc import Awaitable, Callable, Mapping
@@ -89,6 +90,10 @@ async def start_app(app: web.Application, host: str, port: int) -> web.AppRunner
         await web.TCPSite(runner, host, port, reuse_address=True).start()
     except OSError as exc:
         await runner.cleanup()
-        raise EndpointConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another "
-                                  "port or stop what uses it") from None
+        from olmocr.ports import port_owner
+
+        owner = port_owner(port) if exc.errno == errno.EADDRINUSE else None
+        raise EndpointConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+                                  + (f" (held by {owner})" if owner else "")
+                                  + "; choose another port or stop what uses it") from None
     return runner

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from olmocr.pipeline.stopping import BURST_S
 from tests.pdf_builders import text_pdf
 from tests.pipeline_helpers import (
     docs_by_source,
@@ -102,6 +103,7 @@ def test_second_ctrl_c_exits_at_once(tmp_path: Path) -> None:
         workers = [p for p in pids_in_group(run.pid) if p != run.pid]
         os.kill(run.pid, signal.SIGINT)
         run.wait_log("stopping gracefully", 10, "the first signal noticed")
+        time.sleep(BURST_S)  # sooner, it would be the same signal delivered twice (tests/test_mistakes.py)
         t0 = time.monotonic()
         os.kill(run.pid, signal.SIGINT)
         rc = run.wait(10)

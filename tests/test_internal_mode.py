@@ -17,6 +17,7 @@ import psutil
 import pytest
 import requests
 
+from olmocr.pipeline.stopping import BURST_S
 from tests.pipeline_helpers import assert_every_page_once, failures, wait_for
 from tests.sample_docs import write_text_pdf
 from tests.standin_helpers import (
@@ -206,6 +207,7 @@ def test_internal_mode_stopped_leaves_no_process(internal_run, tmp_path: Path, h
         os.killpg(run.proc.pid, signal.SIGINT)  # what a terminal's Ctrl+C does: the foreground group
         if how == "ctrl-c-twice":
             run.wait_output("stopping gracefully", 10)
+            time.sleep(BURST_S)  # sooner, it would be the same Ctrl+C delivered twice
             os.killpg(run.proc.pid, signal.SIGINT)  # the impatient second one: exit at once
     elif how == "sigterm":
         os.kill(run.proc.pid, signal.SIGTERM)

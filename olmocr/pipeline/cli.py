@@ -9,8 +9,12 @@ import logging
 import os
 import sys
 from collections.abc import Mapping
+from typing import NoReturn
 
-from olmocr.pipeline.errors import FleetConfigError
+from olmocr import __version__
+from olmocr.logformat import LOG_FORMAT
+from olmocr.pipeline.errors import FleetConfigError, NoInput, WorkspaceError
+from olmocr.pipeline.flags import normalize_spellings, number, whole
 from olmocr.pipeline.pages.render import DEFAULT_RENDER_TIMEOUT_S
 from olmocr.pipeline.runner import PipelineConfig, run_pipeline
 from olmocr.pipeline.servers.serverlist import URL_ENV, parse_url_list, server_specs
@@ -21,15 +25,22 @@ from olmocr.server.settings import ServerSettings, read_api_key
 
 logger = logging.getLogger("olmocr.pipeline")
 
-LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with errors on one line: ``prog: error: what (see --help)``, exit status 2 (no usage dump of
+    thirty flags above the one line that matters)."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m olmocr.pipeline",
         description="Turn PDFs (and PNG/JPEG images) into text with olmOCR, on a vLLM server at --vllm-url or "
-                    "on one the pipeline starts for the run.",
+                    "on one the pipeline starts for the run. Every flag may be spelled with '_' or '-' "
+                    "(--pages_per_group or --pages-per-group).",
     )
+    p.add_argument("--version", action="version", version=f"olmocr-serve {__version__}")
     p.add_argument("workspace", help="local directory or s3://bucket/prefix holding the work queue and results")
     p.add_argument("--pdfs", nargs="*", default=None,
                    help="documents to add: paths, globs (also s3://bucket/prefix/*.pdf), or .txt files listing paths")
@@ -49,50 +60,50 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--ca_bundle", default=None, metavar="PEM",
                         help="CA certificates trusted for https:// servers instead of the system's; "
                              "default $OLMOCR_CA_BUNDLE")
-    server.add_argument("--priority", type=int, default=None,
+    server.add_argument("--priority", type=whole(), default=None,
                         help="vLLM request priority sent with every request (lower = sooner); the servers must "
                              "run with --scheduling-policy priority")
     server.add_argument("--model", default=None,
                         help="internal mode: the model to serve (default $OLMOCR_MODEL, then the deployment's); "
                              "with --vllm-url accepted for upstream compatibility: requests always name the "
                              "served model 'olmocr'")
-    server.add_argument("--max_concurrent_requests", type=int, default=1600,
+    server.add_argument("--max_concurrent_requests", type=whole(1), default=1600,
                         help="cap on requests in flight to the server (default 1600)")
-    server.add_argument("--request_timeout", type=float, default=600.0,
+    server.add_argument("--request_timeout", type=number(0, low_open=True), default=600.0,
                         help="a request is abandoned and resent when the server has finished no request for this "
                              "many seconds (a hung engine), or after 3x this in any case (default 600)")
-    server.add_argument("--max_server_ready_timeout", type=float, default=600.0,
+    server.add_argument("--max_server_ready_timeout", type=number(0), default=600.0,
                         help="longest total wait for the server at start-up, in seconds (default 600; at most "
                              "10 attempts are made)")
     work = p.add_argument_group("work")
-    work.add_argument("--workers", type=int, default=20, help="work items processed at a time (default 20)")
-    work.add_argument("--pages_per_group", type=int, default=None,
+    work.add_argument("--workers", type=whole(1), default=20, help="work items processed at a time (default 20)")
+    work.add_argument("--pages_per_group", type=whole(1), default=None,
                       help="aim for this many pages per work item (default 500, or 50 with an API key)")
-    work.add_argument("--max_page_retries", type=int, default=8, help="model attempts per page (default 8)")
-    work.add_argument("--max_page_error_rate", type=float, default=0.004,
+    work.add_argument("--max_page_retries", type=whole(1), default=8, help="model attempts per page (default 8)")
+    work.add_argument("--max_page_error_rate", type=number(0, 1), default=0.004,
                       help="largest fraction of a document's pages that may fall back to the text layer "
                            "(default 0.004 = 1/250); above it the document is recorded as failed and retried")
-    work.add_argument("--target_longest_image_dim", type=int, default=1288,
+    work.add_argument("--target_longest_image_dim", type=whole(28, note=" pixels (one image patch)"), default=1288,
                       help="longest side of rendered page images in pixels (default 1288)")
     work.add_argument("--target_anchor_text_len", type=int, default=-1, help=argparse.SUPPRESS)
-    work.add_argument("--max_model_len", type=int, default=16384,
+    work.add_argument("--max_model_len", type=whole(1), default=16384,
                       help="answers whose total tokens exceed this are rejected; in internal mode also the "
                            "server's context length (default 16384)")
     work.add_argument("--guided_decoding", action="store_true", help="ask vLLM to constrain the front matter")
-    work.add_argument("--lease_seconds", type=float, default=300.0,
+    work.add_argument("--lease_seconds", type=number(1), default=300.0,
                       help="work-item lease; renewed every third of it; a dead worker's item is free "
                            "after it (default 300)")
-    work.add_argument("--stop_timeout", type=float, default=DEFAULT_STOP_TIMEOUT_S,
+    work.add_argument("--stop_timeout", type=number(0), default=DEFAULT_STOP_TIMEOUT_S,
                       help="on SIGTERM/Ctrl+C, seconds to let work items in progress finish before handing "
                            f"them back to the queue (default {DEFAULT_STOP_TIMEOUT_S:g}); a second signal exits "
                            "at once")
-    work.add_argument("--stop_exit_code", type=int, default=0, metavar="N",
+    work.add_argument("--stop_exit_code", type=whole(0, 255), default=0, metavar="N",
                       help="exit status after a graceful stop by SIGTERM/Ctrl+C (default 0); a Kubernetes Job "
                            "sets 143 so that a drained or preempted pod's index is run again instead of "
                            "counted as completed (docs/kubernetes.md)")
-    work.add_argument("--render_processes", type=int, default=None,
+    work.add_argument("--render_processes", type=whole(1), default=None,
                       help="page-rendering processes (default: number of CPU cores)")
-    work.add_argument("--render_timeout", type=float, default=DEFAULT_RENDER_TIMEOUT_S,
+    work.add_argument("--render_timeout", type=number(0, note=" (0 = no limit)"), default=DEFAULT_RENDER_TIMEOUT_S,
                       help="time limit in seconds for rendering one page (or reading its text layer); a page "
                            "over it fails, its render process is killed and replaced (default "
                            f"{DEFAULT_RENDER_TIMEOUT_S:g}; 0 = no limit)")
@@ -100,9 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--markdown", action="store_true",
                      help="also write markdown/<source path>.md for each document into the workspace")
     out.add_argument("--stats", action="store_true", help="print a summary of the workspace and exit")
-    out.add_argument("--progress_interval", type=float, default=10.0,
+    out.add_argument("--progress_interval", type=number(0, low_open=True), default=10.0,
                      help="seconds between progress lines (default 10)")
-    out.add_argument("--metrics_port", type=int, default=None,
+    out.add_argument("--metrics_port", type=whole(1, 65535), default=None,
                      help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics while running (a different "
                           "port for each pipeline on a machine; docs/observability.md)")
     out.add_argument("--metrics_host", default="127.0.0.1",
@@ -145,11 +156,15 @@ def print_stats(workspace: str, profile: str | None = None) -> int:
     from olmocr.pipeline.workspace.storage import open_storage
 
     storage = open_storage(workspace, profile=profile)
-    print(format_stats(workspace_stats(storage)))
+    text = format_stats(workspace_stats(storage))
     per_server = format_server_stats(summarize_server_stats(
         storage.read(key) or b"" for key in storage.list(f"{SERVER_STATS_DIR}/")))
-    if per_server:
-        print(per_server)
+    try:
+        print(text + ("\n" + per_server if per_server else ""), flush=True)
+    except BrokenPipeError:  # `--stats | head`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the exit's flush of stdout must not fail again
+        return STATUS_BROKEN_PIPE
     return 0
 
 
@@ -168,8 +183,17 @@ def resolve_api_key(flag: str | None, env: Mapping[str, str]) -> str | None:
     return None
 
 
+#: Exit statuses: 0 done (or nothing left to do), 1 the run failed (server, storage), 2 a mistake in the
+#: command line or its inputs (argparse's own status), 130 stopped at once by a second signal, 141 the reader
+#: of --stats went away (as a program killed by SIGPIPE: ``seq 9 | head -1``).
+STATUS_FAILED = 1
+STATUS_USAGE = 2
+STATUS_BROKEN_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = normalize_spellings(parser, sys.argv[1:] if argv is None else argv)
     args, unknown = parser.parse_known_args(argv)
     internal = not args.server and not os.environ.get(URL_ENV) and not args.stats
     vllm_args = check_unknown(parser, unknown, internal)
@@ -183,20 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                        "--api_key_file")
     key_file = args.api_key_file or os.environ.get("OLMOCR_API_KEYS_FILE") or None
     ca_bundle = args.ca_bundle or os.environ.get("OLMOCR_CA_BUNDLE") or None
-    pages_per_group = args.pages_per_group or (50 if api_key or key_file else 500)
-    for name in ("workers", "max_page_retries", "max_concurrent_requests", "target_longest_image_dim",
-                 "max_model_len", "pages_per_group"):
-        value = pages_per_group if name == "pages_per_group" else getattr(args, name)
-        if value < 1:
-            parser.error(f"--{name} must be at least 1")
-    if args.stop_timeout < 0:
-        parser.error("--stop_timeout must be 0 or more")
-    if not 0 <= args.stop_exit_code <= 255:
-        parser.error("--stop_exit_code must be 0-255")
-    if args.render_timeout < 0:
-        parser.error("--render_timeout must be 0 (no limit) or more")
-    if not 0 <= args.max_page_error_rate <= 1:
-        parser.error("--max_page_error_rate must be between 0 and 1")
+    pages_per_group = args.pages_per_group if args.pages_per_group is not None else (50 if api_key or key_file else 500)
     check_upstream_flags(parser, args)
     if args.model and args.model != "olmocr" and args.server:
         logger.info("--model %s is ignored: requests use the served model name 'olmocr'", args.model)
@@ -207,8 +218,6 @@ def main(argv: list[str] | None = None) -> int:
         from olmocr.pipeline.metrics import TOKEN_FILE_VAR, TOKEN_VAR
         from olmocr.server.errors import EndpointConfigError
 
-        if not 0 < args.metrics_port < 65536:
-            parser.error("--metrics_port must be 1-65535")
         try:
             metrics_token = read_token(os.environ, TOKEN_VAR, TOKEN_FILE_VAR, args.metrics_token_file)
             check_exposure("--metrics_port", args.metrics_host, metrics_token, TOKEN_VAR, "--metrics_token_file")
@@ -218,6 +227,40 @@ def main(argv: list[str] | None = None) -> int:
 
         disable_created_metrics()  # *_created series only add noise
 
+    from olmocr.pipeline.workspace.check import check_workspace, missing_parents, remove_if_empty
+
+    created = missing_parents(args.workspace)  # removed again if the run finds nothing to put in it
+    try:
+        check_workspace(args.workspace, args.workspace_profile, writable=not (args.stats and not args.pdfs))
+    except WorkspaceError as exc:
+        remove_if_empty(created)
+        logger.error("%s", exc)
+        return STATUS_FAILED if args.workspace.startswith("s3://") else STATUS_USAGE
+    status = STATUS_FAILED
+    try:
+        status = _main(parser, args, internal, vllm_args, api_key, key_file, ca_bundle, pages_per_group,
+                       metrics_token)
+    except NoInput as exc:
+        logger.error("%s", exc)
+        status = STATUS_USAGE
+    except WorkspaceError as exc:
+        logger.error("%s", exc)
+    except Exception as exc:
+        from olmocr.pipeline.workspace.check import workspace_problem
+
+        problem = workspace_problem(args.workspace, exc)
+        if problem is None:
+            raise
+        logger.error("%s", problem)
+    finally:
+        if status != 0:  # a mistake must not leave an empty workspace behind
+            remove_if_empty(created)
+    return status
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, internal: bool, vllm_args: tuple[str, ...],
+          api_key: str | None, key_file: str | None, ca_bundle: str | None, pages_per_group: int,
+          metrics_token: str | None) -> int:
     if args.stats and not args.pdfs:
         return print_stats(args.workspace, args.workspace_profile)
     url_values = args.server or ([os.environ[URL_ENV]] if os.environ.get(URL_ENV) else [])

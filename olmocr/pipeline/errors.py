@@ -6,6 +6,8 @@ Each message is user-facing: one line that says what is wrong and what to do.
 PipelineError
 ├── ConfigError (ValueError) .............. a setting or input the run cannot use
 │   ├── FleetConfigError .................. a server list, weight or key file
+│   ├── WorkspaceError .................... a workspace that cannot be used (path, permissions, credentials, bucket)
+│   ├── NoInput ........................... --pdfs gave nothing to queue and the workspace has nothing to do
 │   └── FrontMatterError .................. a model answer without valid olmOCR front matter
 ├── FilterUnavailable (RuntimeError) ...... --apply_filter without its optional dependencies
 ├── ServerError ........................... a server cannot take this run's work
@@ -13,8 +15,10 @@ PipelineError
 │   ├── ServerMismatch .................... answers, but cannot serve the run as configured
 │   └── InternalServerError ............... internal mode: the run's own server could not start or was given up
 ├── TransportError ........................ no complete HTTP response (refused, reset, malformed)
+│   ├── ConnectionRefused ................. nothing listens there (yet): the one start-up error worth waiting on
+│   ├── NotHttp ........................... something answered, but not in HTTP: a wrong port or scheme
 │   ├── RequestTimeout .................... no complete response within the request's timeout
-│   ├── TlsError .......................... the certificate could not be verified
+│   ├── TlsError .......................... the certificate could not be verified, or no TLS there
 │   └── ServerAborted ..................... the server left rotation; the request is resent elsewhere
 ├── RequestRejected ....................... a 4xx or unusable answer: a failed page attempt (``retryable``)
 ├── RenderError ........................... a document or page cannot be opened or rendered
@@ -35,6 +39,14 @@ class ConfigError(PipelineError, ValueError):
 
 class FleetConfigError(ConfigError):
     """A server list, weight or key file that cannot be used; the message says what to fix."""
+
+
+class WorkspaceError(ConfigError):
+    """The workspace cannot be used (a file, read-only, no credentials, no bucket); the message says what to do."""
+
+
+class NoInput(ConfigError):
+    """No input could be queued and the workspace has nothing to do; the message sums up why."""
 
 
 class FrontMatterError(ConfigError):
@@ -65,12 +77,21 @@ class TransportError(PipelineError):
     """The request did not get a complete HTTP response (refused, reset, timed out, malformed)."""
 
 
+class ConnectionRefused(TransportError):
+    """Nothing listens at the address (yet): a server still starting, or a wrong port."""
+
+
+class NotHttp(TransportError):
+    """The peer answered, but not with HTTP (a TLS port spoken to in plain HTTP, SSH, a database ...)."""
+
+
 class RequestTimeout(TransportError):
     """No complete response within the per-request timeout."""
 
 
 class TlsError(TransportError):
-    """The server's certificate could not be verified (untrusted CA, wrong host name): a misconfiguration."""
+    """The server's certificate could not be verified (untrusted CA, wrong host name), or the handshake failed
+    (https:// to a plain-HTTP port): a misconfiguration."""
 
 
 class ServerAborted(TransportError):

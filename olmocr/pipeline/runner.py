@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from olmocr.pipeline.errors import LeaseLost, ServerNotReady
+from olmocr.pipeline.errors import LeaseLost, NoInput, ServerNotReady
 from olmocr.pipeline.pages.documents import DocOutcome, DocumentProcessor, failure
 from olmocr.pipeline.pages.output import dolma_jsonl, markdown_relpath
 from olmocr.pipeline.pages.page import MAX_TOKENS, PageProcessor, PageSettings
@@ -20,13 +20,15 @@ from olmocr.pipeline.servers.fleet import LOG_MOVED, SERVER_STATS_DIR, Fleet, ru
 from olmocr.pipeline.servers.serverlist import ServerSpec
 from olmocr.pipeline.stopping import DEFAULT_STOP_TIMEOUT_S, StopRequest
 from olmocr.pipeline.workspace.inputs import expand_inputs, set_input_profile
-from olmocr.pipeline.workspace.queue import WorkItem, WorkQueue
+from olmocr.pipeline.workspace.queue import WorkItem, WorkQueue, describe_lease_holders
 from olmocr.pipeline.workspace.storage import Storage, open_storage
 
 logger = logging.getLogger("olmocr.pipeline")
 
 #: Pause after a work item failed as a whole (e.g. the workspace is unreachable) before claiming again.
 ERROR_PAUSE_S = 5.0
+#: An idle pipeline says who holds the items it waits for at most this often.
+IDLE_LOG_EVERY_S = 30.0
 #: Longest pause between claim attempts while the workspace keeps failing.
 MAX_CLAIM_BACKOFF_S = 30.0
 
@@ -62,7 +64,8 @@ class PipelineConfig:
     pdf_profile: str | None = None
 
 
-def populate(queue: WorkQueue, specs: tuple[str, ...], pages_per_group: int) -> None:
+def populate(queue: WorkQueue, specs: tuple[str, ...], pages_per_group: int) -> int:
+    """Queue the documents ``specs`` name; returns how many documents they named."""
     paths, problems = expand_inputs(list(specs))
     for problem in problems:
         if problem.path is None:
@@ -71,6 +74,7 @@ def populate(queue: WorkQueue, specs: tuple[str, ...], pages_per_group: int) -> 
             logger.warning("input %s: %s (it will be recorded as a failed document)", problem.path, problem.reason)
     added = queue.populate(paths, pages_per_group)
     logger.info("found %d documents; %d new work items added to the queue", len(paths), added)
+    return len(paths)
 
 
 class Runner:
@@ -206,6 +210,8 @@ class Runner:
             if item is None:
                 # Items leased by other (possibly dead) workers: wait until one of ours finishes, or poll again
                 # (a dead worker's item becomes claimable when its lease expires).
+                if not self.active:
+                    await self._say_why_idle()
                 await self._pause(idle_wait, wake_on_item=True)
                 continue
             assert isinstance(item, WorkItem)
@@ -218,6 +224,21 @@ class Runner:
             finally:
                 self.active.discard(item.hash)
                 self.item_finished.set()
+
+    async def _say_why_idle(self) -> None:
+        """With nothing of its own in progress, the pipeline says who holds the items it waits for (at most
+        every IDLE_LOG_EVERY_S): "pages 0/0" alone does not tell a user why nothing happens."""
+        now = time.monotonic()
+        if now - getattr(self, "_idle_logged_at", float("-inf")) < IDLE_LOG_EVERY_S:
+            return
+        self._idle_logged_at = now
+        try:
+            held = await asyncio.to_thread(self.queue.lease_holders)
+        except Exception as exc:  # noqa: BLE001 - only an explanation
+            logger.debug("could not list lease holders: %s", exc)
+            return
+        if held:
+            logger.info("%s", describe_lease_holders(held, self.queue.clock()))
 
     async def _run_item(self, worker_id: int, item: WorkItem) -> None:
         logger.info("worker %d claimed work item %s (%d documents)", worker_id, item.hash, len(item.paths))
@@ -333,15 +354,21 @@ async def run_pipeline(config: PipelineConfig, stop: StopRequest | None = None,
     set_input_profile(config.pdf_profile)
     storage = open_storage(config.workspace, profile=config.workspace_profile)
     queue = WorkQueue(storage, lease_seconds=config.lease_seconds)
+    found = None
     if config.pdfs:
-        await asyncio.to_thread(populate, queue, config.pdfs, config.pages_per_group)
+        found = await asyncio.to_thread(populate, queue, config.pdfs, config.pages_per_group)
     else:
         await asyncio.to_thread(queue.requeue_retryable)
     counts = await asyncio.to_thread(queue.counts)
     if counts.get("pending", 0) == 0 and counts.get("leased", 0) == 0:
+        if found == 0:  # every --pdfs spec was a mistake: `pipeline && next-step` must not carry on
+            raise NoInput(
+                f"nothing to do: no document could be queued from --pdfs ({len(config.pdfs)} given; see the "
+                f"errors above) and the workspace has no work left ({counts.get('done', 0)} of "
+                f"{counts.get('total', 0)} work items done); check the paths, globs and credentials")
         logger.info("no work to do: %d of %d work items are done", counts.get("done", 0), counts.get("total", 0))
         return 0
-    logger.info("work items: %s", counts)
+    logger.info("work items: %s", ", ".join(f"{n} {state}" for state, n in counts.items()))
     if server is not None:
         return await server(lambda: _run_on(config, storage, queue, stop), stop)
     return await _run_on(config, storage, queue, stop)

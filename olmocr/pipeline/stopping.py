@@ -1,6 +1,12 @@
 """Stopping the pipeline on purpose: the first SIGTERM / Ctrl+C asks for a graceful stop, a second one
 exits at once.
 
+One Ctrl+C is one stop however many processes receive it. A terminal, GNU ``timeout -s INT`` (the process,
+then its group), systemd's ``KillMode=control-group`` and Slurm's ``scancel`` signal every process of the
+group at once, so the pipeline may get the same signal twice within milliseconds: the same signal again
+within :data:`BURST_S` of the first is that same stop, not the impatient second one. (The render workers
+ignore such group signals: see ``olmocr.pipeline.pages.render``; the pipeline stops them itself.)
+
 A graceful stop (see ``Runner.run``): no new work items are claimed; items in progress get
 ``--stop_timeout`` seconds to finish, then are abandoned and their leases deleted so that another
 pipeline takes them at once; the process exits 0 with a summary. The second signal kills the render
@@ -12,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
+import time
 from collections.abc import Callable
 
 logger = logging.getLogger("olmocr.pipeline")
@@ -22,6 +30,8 @@ logger = logging.getLogger("olmocr.pipeline")
 DEFAULT_STOP_TIMEOUT_S = 25.0
 
 HARD_EXIT_STATUS = 130
+#: The same signal again within this many seconds of the first is one stop delivered twice (see above).
+BURST_S = 1.0
 
 
 class StopRequest:
@@ -31,6 +41,8 @@ class StopRequest:
         self.event = asyncio.Event()
         self.signal_name: str | None = None
         self._hard_exit_hooks: list[Callable[[], None]] = []
+        self._first: tuple[int, float] | None = None  # the first signal and when it came
+        self._temp_dirs: list[str] = []
 
     @property
     def requested(self) -> bool:
@@ -44,6 +56,10 @@ class StopRequest:
         """Run ``hook`` (e.g. kill child processes) before a hard exit."""
         self._hard_exit_hooks.append(hook)
 
+    def remove_on_hard_exit(self, path: str | os.PathLike[str]) -> None:
+        """Remove the temporary directory ``path`` (made by this run) if the process exits at once."""
+        self._temp_dirs.append(os.fspath(path))
+
     def request(self, reason: str) -> None:
         if not self.event.is_set():
             self.signal_name = reason
@@ -51,10 +67,16 @@ class StopRequest:
 
     def on_signal(self, sig: int) -> None:
         name = signal.Signals(sig).name
+        now = time.monotonic()
         if not self.event.is_set():
             logger.warning("%s: stopping gracefully (no new work; work in progress finishes or is handed back); "
                            "send it again to exit at once", name)
+            self._first = (sig, now)
             self.request(name)
+            return
+        if is_same_stop(self._first, sig, now):
+            logger.info("%s again within %gs of the first: the same stop, delivered to the whole process group; "
+                        "still stopping gracefully", name, BURST_S)
             return
         logger.warning("second %s: exiting at once; unfinished work items become free when their leases "
                        "expire", name)
@@ -63,6 +85,22 @@ class StopRequest:
                 hook()
             except Exception:  # noqa: BLE001 - exiting anyway
                 logger.exception("while exiting")
+        for path in [*self._temp_dirs, *_multiprocessing_temp_dir()]:
+            shutil.rmtree(path, ignore_errors=True)
         for handler in logging.getLogger("olmocr.pipeline").handlers:
             handler.flush()
         os._exit(HARD_EXIT_STATUS)
+
+
+def is_same_stop(first: tuple[int, float] | None, sig: int, now: float) -> bool:
+    """True when signal ``sig`` at ``now`` is the ``first`` one delivered again (same signal within
+    :data:`BURST_S`), False when it is a second request."""
+    return first is not None and first[0] == sig and now - first[1] < BURST_S
+
+
+def _multiprocessing_temp_dir() -> list[str]:
+    """multiprocessing's ``pymp-*`` directory, removed by a finalizer that ``os._exit`` skips."""
+    import multiprocessing
+
+    path = multiprocessing.current_process()._config.get("tempdir")  # type: ignore[attr-defined]
+    return [path] if path else []

@@ -19,6 +19,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from olmocr.pipeline.flags import number, whole
+
 BEAKER_EXPLANATION = (
     "submitting the job to AI2's Beaker cluster is not supported by olmocr-serve; run the pipeline on each "
     "machine instead, all with the same s3:// workspace (they share the work queue)"
@@ -56,13 +58,13 @@ def add_upstream_arguments(parser: argparse.ArgumentParser) -> None:
         "as they do the deployment (OLMOCR_VLLM_BIN: the vLLM executable). Flags the pipeline does not know "
         "are passed to vllm serve, as upstream does",
     )
-    internal.add_argument("--gpu-memory-utilization", dest="gpu_memory_utilization", type=float, default=None,
+    internal.add_argument("--gpu-memory-utilization", dest="gpu_memory_utilization", type=number(0, 1, low_open=True), default=None,
                           help="fraction of GPU memory vLLM may use (default: vLLM's own)")
-    internal.add_argument("--tensor-parallel-size", "-tp", dest="tensor_parallel_size", type=int, default=None,
+    internal.add_argument("--tensor-parallel-size", "-tp", dest="tensor_parallel_size", type=whole(1), default=None,
                           help="GPUs per model replica (default 1)")
-    internal.add_argument("--data-parallel-size", "-dp", dest="data_parallel_size", type=int, default=None,
+    internal.add_argument("--data-parallel-size", "-dp", dest="data_parallel_size", type=whole(1), default=None,
                           help="model replicas (default 1)")
-    internal.add_argument("--port", type=int, default=None,
+    internal.add_argument("--port", type=whole(1, 65535), default=None,
                           help="port of the server (default 30024); if an olmocr server already answers there, "
                                "it is used instead of starting one")
     internal.add_argument("--server_run_dir", default=None,

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
+from olmocr import __version__
 from olmocr.server import health
 from olmocr.server.errors import SettingsError
 from olmocr.server.health import ProbeResult
@@ -190,9 +191,35 @@ class HealthListener:
     def _run_probe(self) -> None:
         try:
             result = self.probe()
+            if result.ok and isinstance(self.probe, ServerProbe) and (stranger := self._stranger_on_port()):
+                # Another program answers on the port (ours failed to bind it): it is not our server, so its
+                # answers say nothing about ours -- as if nothing listened yet (no kill, no "healthy").
+                result = ProbeResult(False, stranger, result.latency, refused=True)
         except Exception as exc:  # a bug in the probe is a failed probe, not a dead listener
-            result = ProbeResult(False, f"probe error: {exc!r}", 0.0)
+            result = ProbeResult(False, f"probe error: {type(exc).__name__}: {exc}", 0.0)
         self.results.put(result)
+
+    def _stranger_on_port(self) -> str | None:
+        """A one-line reason when the process listening on the server's port was not started by our
+        supervisord (the listener's parent) -- so not the supervised server; None when it is ours or this
+        user cannot tell. Only for the real probe: a test's stand-in probe never touches the port."""
+        import psutil
+
+        from olmocr.ports import describe_pid, listening_pids
+
+        supervisord = os.getppid()
+        pids = listening_pids(self.settings.port)
+        if not pids:
+            return None
+        for pid in pids:
+            try:
+                if supervisord in {p.pid for p in psutil.Process(pid).parents()}:
+                    return None
+            except psutil.Error:
+                return None  # it just exited: no verdict
+        owner = ", ".join(describe_pid(pid) for pid in sorted(pids))
+        return (f"port {self.settings.port} is held by {owner}, not by {self.program}: stop that program or "
+                f"give {self.program} another port (OLMOCR_PORT)")
 
     def _drain_results(self) -> None:
         while True:
@@ -203,8 +230,10 @@ class HealthListener:
             self.probe_in_flight = False
             if self.process_state not in ACTIVE_STATES:
                 continue  # the probed process is gone; its result says nothing about the next one
+            was = self.state.phase
             decision = health.apply_probe(self.state, result, self.policy, self.clock())
             self.state = decision.state
+            self._log_recovery(was, self.state.phase)
             if decision.loading:
                 self._log_still_loading()
             self.record({"phase": self.state.phase, "ok": result.ok, "healthy": self.state.phase == health.HEALTHY,
@@ -242,23 +271,44 @@ class HealthListener:
         log.info("%s is starting (port not open yet, normal while the model loads): waited %.0f s of the "
                  "%g s startup timeout", self.program, now - self.state.started_at, self.policy.startup_timeout)
 
+    def _log_recovery(self, was: str, now: str) -> None:
+        """Good news at INFO: the first healthy probe, and "healthy again" after failed ones."""
+        if now != health.HEALTHY or was == health.HEALTHY:
+            return
+        again = getattr(self, "_was_healthy", False)
+        self._was_healthy = True
+        log.info("%s is healthy%s", self.program, " again" if again else "")
+
     def record(self, record: dict[str, Any], failure: bool, quiet: bool = False) -> None:
         record = {"time": self.wall_clock(), **record, "failed_probe": failure}
         level = logging.WARNING if failure and not quiet else logging.DEBUG
-        log.log(level, "probe %s: %s", self.program, record)
+        log.log(level, "probe %s: %s", self.program, describe_probe(record))
         try:
             self.rpc.olmocr.recordProbe(self.program, record)
         except Exception as exc:
             log.warning("could not record probe result in supervisord: %s", exc)
 
 
+def describe_probe(record: dict[str, Any]) -> str:
+    """A probe record as a log line (not a Python repr): ``failed (reason); phase ..., latency ...``."""
+    outcome = "ok" if record.get("ok") else f"failed ({record.get('reason') or 'no reason given'})"
+    parts = [f"phase {record.get('phase')}", f"latency {record.get('latency_ms')} ms"]
+    if record.get("consecutive_failures"):
+        parts.append(f"{record['consecutive_failures']} failures in a row")
+    if record.get("busy"):
+        parts.append("busy")
+    return f"{outcome}; " + ", ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="olmocr-health-listener", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"olmocr-serve {__version__}")
     parser.add_argument("--program", default=PROGRAM_NAME, help="supervisord program to watch (default vllm)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s olmocr-health %(levelname)s %(message)s")
+    from olmocr.logformat import LOG_FORMAT
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format=LOG_FORMAT)
     try:
         settings = ServerSettings.from_env()
         api_key = read_api_key(settings)

@@ -26,7 +26,9 @@ from pathlib import Path
 
 import psutil
 
-from olmocr import envs
+from olmocr import __version__, envs
+from olmocr.logformat import formatter
+from olmocr.ports import port_problem
 from olmocr.server.command import plan_vllm_flags
 from olmocr.server.drain import manager_stop_budget, stopwaitsecs_for
 from olmocr.server.errors import SettingsError
@@ -54,6 +56,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
         description="Run a persistent, supervised vLLM server for olmOCR in the foreground. "
                     "Unknown flags are passed to vLLM unchanged.",
     )
+    parser.add_argument("--version", action="version", version=f"olmocr-serve {__version__}")
     add_server_arguments(parser)
     parser.add_argument("--health-check-interval", type=float, default=None,
                         help="seconds between health probes (default 10)")
@@ -76,10 +79,10 @@ def setup_logging(log_file: str) -> None:
     root.setLevel(logging.DEBUG)
     console = logging.StreamHandler(sys.stdout)
     console.setLevel(logging.INFO)
-    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    console.setFormatter(formatter())
     to_file = logging.handlers.RotatingFileHandler(log_file, maxBytes=10 * 1024 * 1024, backupCount=5)
     to_file.setLevel(logging.DEBUG)
-    to_file.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    to_file.setFormatter(formatter())
     root.handlers[:] = [console, to_file]
     logging.getLogger("urllib3").setLevel(logging.INFO)
 
@@ -149,7 +152,7 @@ class Manager:
                 status = self.poll_status()
                 if status is not None:
                     if status["healthy"] and not ready_announced:
-                        log.info(READY_MESSAGE)
+                        log.debug(READY_MESSAGE)  # the log file only: the console gets the bare line, once
                         print(READY_MESSAGE, flush=True)
                         ready_announced = True
                     if status.get("gave_up") or status.get("state") == "FATAL":
@@ -260,6 +263,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SettingsError, ValueError) as exc:
         log.error("%s", exc)
         return 2
+    status_port = int(envs.value("OLMOCR_STATUS_PORT"))
+    for host, port, what, fix in (
+        (settings.host, settings.port, "the vLLM server", "stop that program or choose another port with --port "
+                                                          "(OLMOCR_PORT)"),
+        (envs.value("OLMOCR_STATUS_HOST"), status_port, "the status service",
+         "stop that program or choose another port with OLMOCR_STATUS_PORT"),
+    ):
+        if (problem := port_problem(host, port, what, fix)) is not None:
+            log.error("%s", problem)
+            return 2
     manager = Manager(settings, Path(args.run_dir).resolve(), args.status_interval, args.startsecs)
     signal.signal(signal.SIGINT, manager.request_stop)
     signal.signal(signal.SIGTERM, manager.request_stop)

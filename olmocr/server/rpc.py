@@ -279,7 +279,33 @@ def make_rpcinterface(supervisord: Any, **config: str) -> OlmocrNamespaceRPCInte
     return OlmocrNamespaceRPCInterface(supervisord, store)
 
 
+#: What supervisord decoded from the last wait status it reaped ("terminated by SIGKILL", "exit status 1").
+_last_wait_status: dict[str, str | None] = {"message": None}
+
+
+def _remember_wait_status() -> None:
+    """supervisord knows how a program died (``decode_wait_status``: "terminated by SIGKILL") but keeps only
+    ``exitstatus`` -1 and ``spawnerr`` "Bad exit code -1". It reaps a process, decodes its status and emits the
+    state event in one call on its single thread, so the message remembered here belongs to that event. (No
+    public hook gives the signal; this wraps the one function that sees it, in supervisord's own process.)"""
+    import supervisor.process as supervisor_process
+
+    original = supervisor_process.decode_wait_status
+    if getattr(original, "olmocr_wrapped", False):
+        return
+
+    def decode(sts: int) -> tuple[int, str]:
+        code, message = original(sts)
+        _last_wait_status["message"] = message
+        return code, message
+
+    decode.olmocr_wrapped = True  # type: ignore[attr-defined]
+    supervisor_process.decode_wait_status = decode
+
+
 def _recorder(store: ProcessStatsStore, supervisord: Any) -> Callable[[Any], None]:
+    _remember_wait_status()
+
     def on_event(event: Any) -> None:
         process = event.process
         to_state = process.state
@@ -288,6 +314,11 @@ def _recorder(store: ProcessStatsStore, supervisord: Any) -> Callable[[Any], Non
             to_state == ProcessStates.EXITED and not event.expected
         ):
             description = process.spawnerr or None
+            died = _last_wait_status["message"] or ""
+            if to_state != ProcessStates.FATAL and died.startswith("terminated by"):
+                description = died  # "terminated by SIGKILL", not "Bad exit code -1"
+        if to_state in (ProcessStates.EXITED, ProcessStates.BACKOFF, ProcessStates.STOPPED):
+            _last_wait_status["message"] = None  # consumed by the exit it belongs to
         try:
             store.on_state_change(process.config.name, event.from_state, to_state,
                                   exitstatus=process.exitstatus,

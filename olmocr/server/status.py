@@ -15,6 +15,7 @@ import xmlrpc.client
 from collections.abc import Mapping
 from typing import Any
 
+from olmocr import __version__
 from olmocr.server.rpcclient import connect
 from olmocr.server.settings import PROGRAM_NAME
 
@@ -121,6 +122,7 @@ def connection_from_args(args: argparse.Namespace) -> tuple[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="olmocr-server-status", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"olmocr-serve {__version__}")
     add_connection_arguments(parser)
     parser.add_argument("--watch", nargs="?", type=float, const=5.0, default=None, metavar="SECONDS",
                         help="refresh every SECONDS (default 5) until interrupted")

@@ -48,7 +48,7 @@ from aiohttp import WSMsgType, web
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from olmocr import envs
+from olmocr import __version__, envs
 from olmocr.endpoints import (
     DEFAULT_HOST,
     bearer_middleware,
@@ -462,6 +462,7 @@ async def serve(service: StatusService, stop: asyncio.Event | None = None) -> No
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="olmocr-status-service", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"olmocr-serve {__version__}")
     add_connection_arguments(parser)
     parser.add_argument("--host", default=None,
                         help=f"address to listen on (default {DEFAULT_HOST}, env OLMOCR_STATUS_HOST); any other "
@@ -471,8 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-file", default=None, help=f"file holding the bearer token (or {TOKEN_FILE_VAR})")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s olmocr-status %(levelname)s %(message)s")
+    from olmocr.logformat import LOG_FORMAT
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format=LOG_FORMAT)
     disable_created_metrics()  # *_created series only add noise to a handful of counters
     try:
         settings = ServiceSettings.from_env(os.environ, host=args.host, port=args.port, token_file=args.token_file)

@@ -112,7 +112,9 @@ priority = 10
 autostart = true
 autorestart = true
 buffer_size = 100
-; stdout is the event protocol; the listener logs to stderr.
+; stdout is the event protocol (not logged: no stray vllm-health-stdout---supervisor-*.log); the listener
+; logs to stderr.
+stdout_logfile = NONE
 stderr_logfile = {logs}/vllm-health.log
 stderr_logfile_maxbytes = 10MB
 stderr_logfile_backups = 5

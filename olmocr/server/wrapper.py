@@ -182,9 +182,28 @@ def vllm_version_or_refuse(executable: str, cache_file: str | os.PathLike[str] |
     return version
 
 
+#: How long the wrapper waits for its port to be released (a previous vLLM's last process exiting) before
+#: it says who holds it and exits instead of starting a vLLM that would fail with "Address already in use".
+PORT_WAIT_S = 10.0
+
+
+def wait_for_port(host: str, port: int, wait_s: float = PORT_WAIT_S) -> str | None:
+    """None once ``host:port`` is free; after ``wait_s`` the one line naming who holds it."""
+    from olmocr.ports import port_problem
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        problem = port_problem(host or "0.0.0.0", port, "the vLLM server",
+                               "stop that program or choose another port (OLMOCR_PORT / --port)")
+        if problem is None or time.monotonic() >= deadline:
+            return problem
+        time.sleep(0.5)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s olmocr-wrapper %(levelname)s %(message)s",
-                        stream=sys.stderr)
+    from olmocr.logformat import LOG_FORMAT
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
     parser = argparse.ArgumentParser(
         prog="olmocr-vllm-wrapper",
         description="Start vLLM for olmOCR (exec); unknown flags are passed to vLLM unchanged.",
@@ -215,6 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("server exited recently; waiting %.1f s (restart delay) before starting it again", delay)
         time.sleep(delay)
 
+    if (problem := wait_for_port(settings.host, settings.port)) is not None:
+        log.error("%s", problem)  # one line in vllm.log; supervisord's status shows the exit
+        return 2
     log.info("starting: %s", " ".join(argv_out))
     sys.stdout.flush()
     sys.stderr.flush()

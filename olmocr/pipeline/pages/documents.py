@@ -97,7 +97,7 @@ class DocumentProcessor:
             if info.page_count == 0:
                 return failure(source, "PDF has zero pages", retryable=False)
             if kind == "pdf" and not await asyncio.to_thread(pdf_has_eof_marker, fetched.path):
-                return failure(source, "truncated PDF (no %%EOF marker at the end of the file)", retryable=False)
+                return failure(source, "truncated PDF (it lacks the end-of-file marker a complete PDF ends with: the download or copy was cut short)", retryable=False)
             if self.apply_filter and kind == "pdf":
                 reason = await self._filter_reason(fetched.path, info.page_count)
                 if reason is not None:

@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import re
 import signal
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -84,7 +85,7 @@ def classify_pdf_failure(path: str, pdfium_message: str) -> str:
     if re.search(rb"/Encrypt\s*(\d+\s+\d+\s+R|<<)", data):
         return "password-protected PDF (encrypted; cannot be opened without its password)"
     if not pdf_has_eof_marker(path):
-        return f"truncated PDF (the file ends without a %%EOF marker; {len(data):,} bytes)"
+        return f"truncated PDF (it lacks the end-of-file marker a complete PDF ends with: the download or copy was cut short; {len(data):,} bytes)"
     if re.search(rb"/Type\s*/Pages\b", data) and not re.search(rb"/Count\s+[1-9]", data):
         return "PDF has zero pages"
     detail = pdfium_message.removeprefix("Failed to load document ").strip("(). ")
@@ -249,12 +250,34 @@ def _job_text(path: str, kind: str, page_num: int) -> str:
 def _worker_init(parent_pid: int | None = None) -> None:
     # The parent handles Ctrl-C; workers just get torn down with the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _ignore_group_sigterm(parent_pid)
     # An idle worker would outlive a pipeline killed by SIGKILL (it never notices): die with it. The parent's
     # pid comes from the parent: one that died while this worker started is noticed too.
     if parent_pid is not None:
         from olmocr.server.lifetime import die_with_parent
 
         die_with_parent(signal.SIGKILL, parent_pid)
+
+
+def _ignore_group_sigterm(parent_pid: int | None) -> None:
+    """End on SIGTERM only when the pipeline sends it (pebble stops a worker with SIGTERM, then SIGKILL).
+
+    systemd's ``KillMode=control-group``, Slurm's ``scancel`` and ``kill -TERM -PGID`` signal every process of
+    the job at once; a worker that died of that would fail its page while the pipeline stops gracefully. The
+    worker blocks SIGTERM and a thread reads each one with its sender (``sigwaitinfo``): from the parent it
+    exits as SIGTERM would; from anyone else it is ignored.
+    """
+    if parent_pid is None or not hasattr(signal, "sigwaitinfo"):
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def watch() -> None:
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid in (parent_pid, os.getppid()):
+                os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, name="sigterm-from-parent", daemon=True).start()
 
 
 # --------------------------------------------------------------------------- parent side

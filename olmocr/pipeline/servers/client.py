@@ -3,7 +3,9 @@
 Contract (the retry policy across servers lives in :mod:`olmocr.pipeline.servers.fleet`):
 
 * ``/v1/models`` must list ``olmocr`` before any work is claimed (:meth:`ServerClient.wait_ready`).
-* The initial connection makes 10 attempts with exponential backoff (never more than 60 s apart).
+* The initial connection makes 10 attempts with exponential backoff (never more than 60 s apart), but only
+  for answers that may change (connection refused, reset, timeout, 5xx); a definite one (not HTTP, not
+  vLLM's API, TLS mismatch, rejected key) fails at once.
 * Every request has a timeout (:meth:`ServerClient.post_chat`): a request is abandoned when the server has
   finished no request for ``request_timeout`` seconds (a hung engine).
 * :meth:`ServerClient.probe` is the re-admission check: ``/health``, the model list and, optionally, one
@@ -18,10 +20,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import time
 
 from olmocr.envs import SERVED_MODEL_NAME
 from olmocr.pipeline.errors import (
+    ConnectionRefused,
+    NotHttp,
     RequestTimeout,
     ServerAborted,
     ServerNotReady,
@@ -41,6 +46,33 @@ PROBE_TIMEOUT_S = 10.0
 #: while it waited -- a hung engine -- so requests merely queued on a busy server are not thrown away. As a
 #: guard against lost connections, no request waits longer than ``HARD_TIMEOUT_FACTOR * request_timeout``.
 HARD_TIMEOUT_FACTOR = 3.0
+
+
+def ready_wait_bound(attempts: int, max_wait_s: float, first_delay_s: float = 1.0) -> float:
+    """The longest :meth:`ServerClient.wait_ready` waits for a server that is not up: its backoff schedule,
+    capped by ``max_wait_s``."""
+    total, delay = 0.0, first_delay_s
+    for _ in range(attempts - 1):
+        total += delay
+        delay = min(delay * 2, MAX_BACKOFF_S)
+    return min(total, max_wait_s)
+
+
+def url_problem(url: str) -> str | None:
+    """What is wrong with a server URL as given (no host, a port that is not a number 1-65535), or None."""
+    from urllib.parse import urlsplit
+
+    text = url.strip()
+    parts = urlsplit(text if "://" in text else "http://" + text)
+    if not parts.hostname:
+        return "no host name (e.g. http://127.0.0.1:30024)"
+    try:
+        port = parts.port
+    except ValueError:
+        return f"the port is not a number 1-65535 ({parts.netloc.rpartition(':')[2]!r})"
+    if port == 0:
+        return "the port is not a number 1-65535 (0)"
+    return None
 
 
 def normalize_base_url(url: str) -> str:
@@ -98,12 +130,20 @@ class ServerClient:
                 f"The vLLM server at {self.name} rejected the API key (HTTP {status}) on /v1/models. "
                 "Give the server's key in OLMOCR_API_KEY / VLLM_API_KEY or a --api_key_file."
             )
-        if status != 200:
+        if status >= 500:  # a proxy in front of a server that is still starting, or an engine restarting
             raise TransportError(f"/v1/models answered HTTP {status}")
+        if status != 200:
+            raise ServerNotReady(
+                f"{self.name} answered HTTP {status} on /v1/models: it is not an OpenAI-compatible vLLM server. "
+                "Check the host and port in --vllm-url (vLLM's own default port is 8000, olmocr-serve's 30024)."
+            )
         try:
             return parse_models(body)
-        except ValueError as exc:
-            raise TransportError(str(exc)) from None
+        except ValueError:
+            raise ServerNotReady(
+                f"{self.name} answered /v1/models with something that is not a model list: it is not an "
+                "OpenAI-compatible vLLM server. Check the host and port in --vllm-url."
+            ) from None
 
     async def server_version(self) -> str | None:
         """``/version`` (vLLM's own version string), or None if the server has none."""
@@ -115,7 +155,13 @@ class ServerClient:
 
     async def wait_ready(self, *, attempts: int = INITIAL_ATTEMPTS, max_wait_s: float = 600.0,
                          first_delay_s: float = 1.0) -> ServerInfo:
-        """Initial connection, then the model check (:func:`read_server_info`). Raises :class:`ServerNotReady`."""
+        """Initial connection, then the model check (:func:`read_server_info`). Raises :class:`ServerNotReady`.
+
+        Only an answer that may change is waited for: nothing listening yet (connection refused), a reset or
+        a timeout (a server still loading), a 5xx (a proxy before a starting server). A definite answer --
+        not HTTP, not vLLM's API (``/v1/models`` 404, not a model list), TLS that cannot work, a rejected
+        key -- fails at once: no retry can change it.
+        """
         delay = first_delay_s
         start = time.monotonic()
         last = ""
@@ -124,20 +170,35 @@ class ServerClient:
                 await self.list_models()
                 break
             except TlsError as exc:
+                untrusted = "not trusted" in str(exc)
                 raise ServerNotReady(
-                    f"TLS connection to the vLLM server at {self.name} failed: {exc}. If it uses a private CA, "
-                    "pass its certificate with --ca_bundle (or OLMOCR_CA_BUNDLE)."
+                    f"TLS connection to the vLLM server at {self.name} failed: {exc}"
+                    + (". If it uses a private CA, pass its certificate with --ca_bundle (or OLMOCR_CA_BUNDLE)."
+                       if untrusted else ".")
                 ) from None
+            except NotHttp as exc:
+                raise ServerNotReady(f"{self.name} is not a vLLM server: {exc}; check --vllm-url.") from None
             except TransportError as exc:
                 last = str(exc)
+                if attempt == 1 and not isinstance(exc, ConnectionRefused | RequestTimeout):
+                    tls_hint = await self._tls_answer()
+                    if tls_hint:
+                        raise ServerNotReady(f"{self.name} is not a vLLM server over http: {tls_hint}; "
+                                             "check --vllm-url.") from None
             if attempt == attempts or time.monotonic() - start + delay > max_wait_s:
                 raise ServerNotReady(
                     f"Cannot reach the vLLM server at {self.name} after {attempt} attempts over "
                     f"{time.monotonic() - start:.0f}s (last error: {last}). Check that it is running "
                     "(`supervisorctl status` / its log), that --vllm-url is right, and try again."
                 )
-            logger.warning("vLLM server at %s not reachable (%s); attempt %d/%d, retrying in %.0fs",
-                           self.name, last, attempt, attempts, delay)
+            if attempt == 1:
+                logger.warning(
+                    "waiting for the vLLM server at %s (%s): it may still be loading its model; up to %d "
+                    "attempts over at most %.0fs (--max_server_ready_timeout to change it)", self.name, last,
+                    attempts, ready_wait_bound(attempts, max_wait_s, first_delay_s))
+            else:
+                logger.info("vLLM server at %s not reachable yet (%s); attempt %d/%d, retrying in %.0fs",
+                            self.name, last, attempt, attempts, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_BACKOFF_S)
         try:
@@ -148,6 +209,22 @@ class ServerClient:
         logger.info("vLLM server at %s is ready and serves '%s' (vLLM %s, max_model_len %s)", self.name,
                     MODEL_NAME, self.info.version or "version unknown", self.info.max_model_len or "not reported")
         return self.info
+
+    async def _tls_answer(self) -> str | None:
+        """For an ``http://`` server that closed the connection without an answer: a hint if the port speaks
+        TLS (a TLS server drops plain HTTP without a word), else None."""
+        if self._pool.tls:
+            return None
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        try:
+            async with asyncio.timeout(3.0):
+                _, writer = await asyncio.open_connection(self._pool.host, self._pool.port, ssl=context)
+        except (OSError, TimeoutError):
+            return None
+        writer.close()
+        return "the port speaks TLS: use https://"
 
     async def completion_probe(self, priority: int | None = None, timeout: float = PROBE_TIMEOUT_S) -> Response:
         """One tiny text completion (``max_tokens`` 1): the only proof that the engine makes progress."""

@@ -226,9 +226,9 @@ class Fleet:
         if not quiet:
             down = time.monotonic() - server.down_since if server.down_since is not None else 0.0
             if self.single:
-                logger.warning(LOG_RESUMED, down, why)
+                logger.info(LOG_RESUMED, down, why)
             else:
-                logger.warning(LOG_READMITTED, server.url, down, why)
+                logger.info(LOG_READMITTED, server.url, down, why)
         server.state, server.reason, server.down_since = ServerState.UP, "", None
         server.failures_in_a_row = 0
         server.meter.reset()

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from olmocr.pipeline.errors import RequestTimeout, TlsError, TransportError
+from olmocr.pipeline.errors import ConnectionRefused, NotHttp, RequestTimeout, TlsError, TransportError
 
 #: Servers close idle keep-alive connections (uvicorn after 5 s); do not reuse one idle for longer.
 IDLE_REUSE_S = 4.0
@@ -114,6 +114,11 @@ class HttpPool:
                     conn = await self._connect()
                 except ssl.SSLCertVerificationError as exc:
                     raise TlsError(f"certificate of {self.host}:{self.port} not trusted: {exc.verify_message}") from None
+                except ssl.SSLError as exc:  # e.g. WRONG_VERSION_NUMBER: https:// to a plain-HTTP port
+                    raise TlsError(f"TLS handshake with {self.host}:{self.port} failed ({exc.reason or exc}); "
+                                   "the server may not speak https: try http://") from None
+                except ConnectionRefusedError:
+                    raise ConnectionRefused(f"connection refused: nothing listens on {self.host}:{self.port}") from None
                 except OSError as exc:
                     raise TransportError(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from None
             sent = False
@@ -128,6 +133,9 @@ class HttpPool:
                 if not status_line:
                     raise ConnectionResetError("connection closed before a response")
                 response, keep = await self._read_response(conn.reader, status_line)
+            except NotHttp:
+                conn.close()
+                raise
             except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
                 conn.close()
                 if reused and not sent:
@@ -141,9 +149,12 @@ class HttpPool:
 
     @staticmethod
     async def _read_response(reader: asyncio.StreamReader, status_line: bytes) -> tuple[Response, bool]:
+        if status_line.startswith(b"\x15\x03"):  # a TLS alert record: plain HTTP sent to a TLS port
+            raise NotHttp("the server answered with TLS (it speaks https): use https://")
         parts = status_line.decode("latin-1").split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/"):
-            raise ValueError(f"malformed status line {status_line[:80]!r}")
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+            shown = status_line[:40].decode("ascii", "replace").strip()
+            raise NotHttp(f"the server does not speak HTTP (it answered {shown!r})")
         status = int(parts[1])
         keep = parts[0] == "HTTP/1.1"
         hdrs: dict[str, str] = {}

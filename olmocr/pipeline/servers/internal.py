@@ -18,6 +18,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -86,6 +88,24 @@ def existing_server(base_url: str, api_key: str | None, port: int) -> str | None
     if response.status_code in (401, 403):
         return "a server that rejects the API key"
     return f"a server that does not serve '{SERVED_MODEL_NAME}' (models: {models or 'none'})"
+
+
+#: Run by a detached process on a hard exit: wait (at most 10 min) for supervisord's pid to go, then remove the
+#: run directory.
+REMOVE_WHEN_GONE = """
+import os, shutil, sys, time
+pid, path = int(sys.argv[1]), sys.argv[2]
+deadline = time.monotonic() + 600
+while pid and time.monotonic() < deadline:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        break
+    except PermissionError:
+        pass
+    time.sleep(0.5)
+shutil.rmtree(path, ignore_errors=True)
+"""
 
 
 class InternalServer:
@@ -170,10 +190,17 @@ class InternalServer:
                 return reason
 
     def signal_stop(self) -> None:
-        """Tell supervisord to stop vLLM and exit, without waiting (the process is about to exit at once)."""
+        """Tell supervisord to stop vLLM and exit, without waiting (the process is about to exit at once).
+        The temporary run directory is removed by a small detached process once supervisord has exited
+        (it needs the directory while it stops vLLM; we do not wait)."""
         process = self.manager.supervisord
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)
+        if not self.keep_run_dir:
+            pid = process.pid if process is not None else 0
+            subprocess.Popen(  # noqa: S603 - our own interpreter and code
+                [sys.executable, "-c", REMOVE_WHEN_GONE, str(pid), str(self.run_dir)], start_new_session=True,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop(self) -> None:
         """Stop supervisord, vLLM's process group and anything left of the tree; tidy the run directory."""
@@ -201,7 +228,11 @@ async def run_with_internal_server(run: Callable[[], Awaitable[int]], stop: Stop
                     settings.base_url, SERVED_MODEL_NAME)
         return await run()
     if found is not None:
-        logger.error("port %d is taken by %s; stop it or choose another port with --port", settings.port, found)
+        from olmocr.ports import port_owner
+
+        owner = port_owner(settings.port)
+        logger.error("port %d is taken by %s%s; stop it or choose another port with --port", settings.port, found,
+                     f" ({owner})" if owner else "")
         return 2
     server = InternalServer(settings, run_dir)
     try:

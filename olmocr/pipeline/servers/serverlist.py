@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from olmocr.pipeline.errors import FleetConfigError
-from olmocr.pipeline.servers.client import display_url, normalize_base_url
+from olmocr.pipeline.servers.client import display_url, normalize_base_url, url_problem
 from olmocr.secret_files import SecretFileError, read_secret_lines
 
 #: Environment variable holding the server list when no ``--vllm-url`` is given.
@@ -46,6 +46,8 @@ def parse_url_list(values: Iterable[str]) -> list[tuple[str, float | None]]:
                 if key != "weight" or weight is None or not weight > 0:
                     raise FleetConfigError(f"{display_url(raw)}: the only URL fragment understood is "
                                            "'#weight=N' with N > 0")
+            if (problem := url_problem(url)) is not None:
+                raise FleetConfigError(f"--vllm-url {display_url(url.strip())}: {problem}")
             url = normalize_base_url(url)
             if not url.startswith(("http://", "https://")):
                 raise FleetConfigError(f"{display_url(url)} is not an http:// or https:// URL")

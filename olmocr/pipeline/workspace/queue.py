@@ -435,6 +435,41 @@ class WorkQueue:
             "pending": len(index) - len(done) - leased,
         }
 
+    def lease_holders(self) -> list[tuple[str, float]]:
+        """``(worker_id, expires_at)`` of every live lease on a not-done item held by another worker."""
+        index = load_index(self.storage)
+        done = self._done_hashes(refresh=True)
+        with self._lock:
+            mine = set(self._leases)
+        now = self.clock()
+        held: list[tuple[str, float]] = []
+        for key in self.storage.list(f"{LOCKS_DIR}/"):
+            item_hash = _hash_from_key(key, "worker_", ".lock")
+            if item_hash not in index or item_hash in done or item_hash in mine:
+                continue
+            records = _parse_jsonl(self.storage.read(key))
+            if records and float(records[0].get("expires_at", 0)) > now:
+                held.append((str(records[0].get("worker_id") or "?"), float(records[0]["expires_at"])))
+        return held
+
+
+def describe_lease_holders(held: list[tuple[str, float]], now: float) -> str:
+    """Why an idle worker waits, in one line: ``3 work items are leased by other pipelines (host-a pid 12: 2,
+    the last lease expires in 4m10s; ...)`` (worker ids are ``host-pid-suffix``)."""
+    per_worker: dict[str, list[float]] = {}
+    for worker_id, expires_at in held:
+        per_worker.setdefault(worker_id, []).append(expires_at)
+    parts = []
+    for worker_id, expiries in sorted(per_worker.items()):
+        pieces = worker_id.rsplit("-", 2)
+        who = f"{pieces[0]} pid {pieces[1]}" if len(pieces) == 3 and pieces[1].isdigit() else worker_id
+        left = max(0, int(max(expiries) - now))
+        parts.append(f"{who}: {len(expiries)}, lease{'s' if len(expiries) > 1 else ''} expiring within "
+                     f"{left // 60}m{left % 60:02d}s")
+    return (f"{len(held)} work item{'s are' if len(held) != 1 else ' is'} leased by other pipelines "
+            f"({'; '.join(parts)}): waiting until they finish, or until a lease expires (a dead pipeline's "
+            "item is then taken over)")
+
 
 # ---- --stats ----------------------------------------------------------------------------------------
 
