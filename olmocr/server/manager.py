@@ -254,6 +254,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["vllm_bin"] = resolve_executable(settings.vllm_bin)
         settings = dataclasses.replace(settings, **overrides)
         settings.validate()
+        # A taken port is a definite answer: said at once, before anything is written to the run dir.
+        status_port = int(envs.value("OLMOCR_STATUS_PORT"))
+        for host, port, what, fix in (
+            (settings.host, settings.port, "the vLLM server", "stop that program or choose another port with --port "
+                                                              "(OLMOCR_PORT)"),
+            (envs.value("OLMOCR_STATUS_HOST"), status_port, "the status service",
+             "stop that program or choose another port with OLMOCR_STATUS_PORT"),
+        ):
+            if (problem := port_problem(host, port, what, fix)) is not None:
+                log.error("%s", problem)
+                return 2
         # A vLLM that cannot serve olmOCR is refused here, in one line, not in supervisord's retry loop;
         # the answer is cached where the wrapper looks for it (supervisord.conf: <run>/vllm-version.json).
         version = vllm_version_or_refuse(settings.vllm_bin, Path(args.run_dir).resolve() / "run" / "vllm-version.json",
@@ -263,16 +274,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SettingsError, ValueError) as exc:
         log.error("%s", exc)
         return 2
-    status_port = int(envs.value("OLMOCR_STATUS_PORT"))
-    for host, port, what, fix in (
-        (settings.host, settings.port, "the vLLM server", "stop that program or choose another port with --port "
-                                                          "(OLMOCR_PORT)"),
-        (envs.value("OLMOCR_STATUS_HOST"), status_port, "the status service",
-         "stop that program or choose another port with OLMOCR_STATUS_PORT"),
-    ):
-        if (problem := port_problem(host, port, what, fix)) is not None:
-            log.error("%s", problem)
-            return 2
     manager = Manager(settings, Path(args.run_dir).resolve(), args.status_interval, args.startsecs)
     signal.signal(signal.SIGINT, manager.request_stop)
     signal.signal(signal.SIGTERM, manager.request_stop)
