@@ -26,7 +26,7 @@ from bench.common import (
     upstream_available,
 )
 
-SECTIONS = ["render", "throughput", "memory", "recovery", "storm", "statusd", "fleet"]
+SECTIONS = ["cpu", "render", "throughput", "memory", "recovery", "storm", "statusd", "fleet", "fleet16"]
 NO_CORPUS = {"statusd"}  # sections that need no PDFs
 
 
@@ -104,6 +104,14 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import fleet
 
                 figs, detail = fleet.run(corpus, quick=args.quick)
+            elif section == "fleet16":
+                from bench import fleet
+
+                figs, detail = fleet.run_wide(corpus, quick=args.quick)
+            elif section == "cpu":
+                from bench import cpu
+
+                figs, detail = cpu.run(corpus, quick=args.quick)
             else:
                 from bench import recovery
 
