@@ -12,7 +12,11 @@ Figures:
   the main process costs little next to rendering);
 * the pages/s one pipeline process could feed = 1 / main-process CPU per page (the ceiling of one
   pipeline for a box of GPUs, given enough render cores);
-* the stand-in's CPU per page (context: it decodes and inspects every image it is sent).
+* the stand-in's CPU per page (context: it decodes and inspects every image it is sent);
+* client-bound efficiency in CPU terms: our renderer alone (the same ``_job_render``, in this process,
+  page after page, no pipeline) over the same pages, CPU per page, divided by the whole pipeline's CPU per
+  page (main + renderers). It is what the client-bound throughput / render limit ratio would be on
+  otherwise idle cores (target >= 0.9), without the wall-time noise of a shared machine.
 
 ``OLMOCR_BENCH_PYSPY=1`` also records a py-spy profile of the main process (``bench/out/logs/cpu-main.txt``,
 py-spy's raw collapsed stacks; ``python -m bench.cpu top FILE`` prints the hottest functions).
@@ -34,6 +38,7 @@ from bench.common import (
     Figure,
     StandIn,
     count_output,
+    log,
     make_tmpdir,
     our_env,
     our_pipeline_argv,
@@ -64,7 +69,7 @@ def measure(corpus: Corpus, url: str, log_dir: Path, tag: str, extra: tuple[str,
             spy_bin = shutil.which("py-spy", path=os.path.dirname(sys.executable) + os.pathsep
                                    + os.environ.get("PATH", ""))
             spy = subprocess.Popen([str(spy_bin), "record", "--pid", str(proc.pid), "--rate", "100",
-                                    "--format", "raw", "--gil", "--nonblocking", "-o", str(log_dir / f"cpu-{tag}-main.txt")],
+                                    "--format", "raw", "--gil", "--nonblocking", *(["--subprocesses"] if os.environ.get("OLMOCR_BENCH_PYSPY_ALL") == "1" else []), "-o", str(log_dir / f"cpu-{tag}-main.txt")],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             rc, reaped = wait_with_rusage(proc, timeout)
@@ -88,6 +93,23 @@ def measure(corpus: Corpus, url: str, log_dir: Path, tag: str, extra: tuple[str,
             "log": str(log_path)}
 
 
+def render_alone_cpu_per_page(corpus: Corpus) -> float:
+    """CPU seconds per page of our render job alone (render + PNG + base64), this process, page by page."""
+    import time
+
+    from olmocr.pipeline.pages import render
+
+    pages = [(str(p), i + 1) for p, i in corpus.page_list()]
+    render._job_render(pages[0][0], "pdf", pages[0][1], 1288, 0)  # imports and first open out of the timing
+    c0 = time.process_time()
+    for path, page in pages:
+        render._job_render(path, "pdf", page, 1288, 0)
+    cpu = time.process_time() - c0
+    while render._docs:
+        render._docs.popitem()[1].close()
+    return cpu / len(pages)
+
+
 def run(corpus: Corpus, quick: bool = False) -> tuple[list[Figure], dict]:
     log_dir = OUT_DIR / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -100,6 +122,8 @@ def run(corpus: Corpus, quick: bool = False) -> tuple[list[Figure], dict]:
         standin_cpu = (process_cpu_seconds(standin.pid) or 0.0) - standin_before
     finally:
         standin.stop()
+    log("cpu: our render job alone over the same pages (CPU time, this process)")
+    alone = render_alone_cpu_per_page(corpus)
     pages = max(1, r["pages"])
     main = r["cpu_s"]["main"] / pages
     render = r["cpu_s"]["renderer"] / pages
@@ -108,7 +132,9 @@ def run(corpus: Corpus, quick: bool = False) -> tuple[list[Figure], dict]:
                 f"dup {r['output']['duplicate_pages']}, rc {r['rc']}"
     detail = {"corpus": corpus.describe(), "run": r, "standin_cpu_s": round(standin_cpu, 3),
               "main_cpu_ms_per_page": round(1000 * main, 3), "render_cpu_ms_per_page": round(1000 * render, 3),
-              "standin_cpu_ms_per_page": round(1000 * standin_cpu / pages, 3)}
+              "standin_cpu_ms_per_page": round(1000 * standin_cpu / pages, 3),
+              "render_alone_cpu_ms_per_page": round(1000 * alone, 3)}
+    efficiency = alone / (main + render) if main + render > 0 else None
     ratio = main / render if render > 0 else None
     figs = [
         Figure("cpu", "main process CPU per page", 1000 * main, "ms", "render processes' CPU per page "
@@ -123,6 +149,10 @@ def run(corpus: Corpus, quick: bool = False) -> tuple[list[Figure], dict]:
         Figure("cpu", "stand-in CPU per page", 1000 * standin_cpu / pages, "ms", "render processes' CPU per page",
                ratio=(standin_cpu / pages) / render if render > 0 else None,
                context="it decodes and inspects every image (shares the cores in client-bound runs)"),
+        Figure("cpu", "client-bound efficiency (CPU): render alone / whole pipeline", efficiency, "",
+               f"render job alone {1000 * alone:.1f} ms CPU a page vs pipeline {1000 * (main + render):.1f} ms "
+               "(main + renderers)", ratio=efficiency, target=">= 0.9", ok=efficiency is not None and efficiency >= 0.9,
+               context="the throughput/render-limit ratio on idle cores; wall-time version: throughput section"),
     ]
     return figs, detail
 
