@@ -23,6 +23,7 @@ from olmocr.pipeline.workspace.queue import WorkQueue
 from olmocr.pipeline.workspace.storage import LocalStorage
 from tests.pipeline_helpers import RESILIENCE_DOCS, SMALL_DOCS, launch_standin, start_pipeline
 from tests.standin_helpers import stop_process_group
+from tests.waiting import wait_for
 
 WINDOW_S = 10.0
 MAX_CPU_S = 0.5
@@ -48,11 +49,10 @@ def assert_idle(cpu: float, what: str, log: Path) -> None:
 
 
 def wait_for_log(log: Path, text: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in log.read_text(errors="replace"):
-        assert time.monotonic() < deadline, f"no {text!r} in the pipeline's log after {timeout:g}s:\n" \
-                                            f"{log.read_text(errors='replace')[-3000:]}"
-        time.sleep(0.1)
+    try:
+        wait_for(lambda: text in log.read_text(errors="replace"), timeout, f"{text!r} in the pipeline's log")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}:\n{log.read_text(errors='replace')[-3000:]}") from None
 
 
 def test_waiting_on_items_leased_by_others(tmp_path: Path) -> None:
@@ -80,10 +80,9 @@ def test_waiting_on_a_server_that_is_down(tmp_path: Path) -> None:
     log = tmp_path / "pipeline.log"
     proc = start_pipeline(ws, standin.url, RESILIENCE_DOCS, "--workers", "20", log=log)
     try:
-        deadline = time.monotonic() + 60
-        while standin_info(standin.url)["image_requests_served"] < 1:  # the run is under way
-            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.2)
+        wait_for(lambda: standin_info(standin.url)["image_requests_served"] >= 1, 60, "the first answer",
+                 interval=0.1)  # the run is under way
+        assert proc.poll() is None, log.read_text()[-3000:]
         standin.kill()
         wait_for_log(log, "vLLM server unavailable", 60)
         time.sleep(3)
