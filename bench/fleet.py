@@ -109,13 +109,14 @@ def _integrity(ws: Path, expected: dict[Path, int]) -> tuple[bool, str, int]:
     return ok, f"{c.pages}/{total} pages, lost {c.lost_pages}, dup {c.duplicate_pages}", c.pages
 
 
-def _standins(log_dir: Path, specs: list[tuple[float, int]], extra_args: tuple[str, ...] = ()) -> list[StandIn]:
+def _standins(log_dir: Path, specs: list[tuple[float, int]], extra_args: tuple[str, ...] = (),
+              ready_timeout: float = 60.0) -> list[StandIn]:
     out = []
     try:
         for latency, conc in specs:
             out.append(StandIn(latency=latency, concurrency=conc, log_dir=log_dir, extra_args=extra_args))
         for s in out:
-            s.wait_ready()
+            s.wait_ready(timeout=ready_timeout)
     except BaseException:
         for s in out:
             s.stop()
@@ -171,7 +172,7 @@ def run_wide(corpus: Corpus, quick: bool = False) -> tuple[list[Figure], dict]:
         pdfs = _replicate(corpus, copies, tmp / "in")
         pages = sum(pdfs.values())
         log(f"fleet16: {len(WIDE)} stand-ins, {total_cap:g} p/s summed; {len(pdfs)} PDFs, {pages} pages")
-        servers = _standins(log_dir, WIDE)
+        servers = _standins(log_dir, WIDE, ready_timeout=300.0)  # 16 start at once on 2 shared cores
         timeline: list[tuple[float, int]] = []
         try:
             proc = _start("wide", tmp / "ws-wide", [s.base_url for s in servers], list(pdfs), log_dir,
