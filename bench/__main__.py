@@ -29,8 +29,9 @@ from bench.common import (
     upstream_available,
 )
 
-SECTIONS = ["cpu", "render", "throughput", "memory", "recovery", "storm", "statusd", "fleet", "fleet16"]
-NO_CORPUS = {"statusd"}  # sections that need no PDFs
+SECTIONS = ["cpu", "render", "throughput", "memory", "recovery", "storm", "statusd", "fleet", "fleet16", "reading",
+            "probes"]
+NO_CORPUS = {"statusd", "probes"}  # sections that need no PDFs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import statusd
 
                 figs, detail = statusd.run(quick=args.quick, log_dir=OUT_DIR / "logs" / "statusd")
+            elif section == "probes":
+                from bench import probes
+
+                figs, detail = probes.run(quick=args.quick, log_dir=OUT_DIR / "logs" / "probes")
             elif section == "fleet":
                 from bench import fleet
 
@@ -121,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import cpu
 
                 figs, detail = cpu.run(corpus, quick=args.quick)
+            elif section == "reading":
+                from bench import reading
+
+                figs, detail = reading.run(corpus, quick=args.quick)
             else:
                 from bench import recovery
 
