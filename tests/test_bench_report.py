@@ -3,9 +3,7 @@ and every committed results file says when, where and under what load its figure
 
 from __future__ import annotations
 
-import json
-
-from bench.report import REPORT, RESULTS_DIR, generate
+from bench.report import REPORT, RESULTS_DIR, generate, load_records
 
 
 def test_results_md_is_generated_from_the_raw_figures() -> None:
@@ -17,8 +15,7 @@ def test_results_md_is_generated_from_the_raw_figures() -> None:
 def test_every_results_file_says_when_and_where_it_ran() -> None:
     files = sorted(RESULTS_DIR.glob("*.json"))
     assert files
-    for path in files:
-        record = json.loads(path.read_text())
+    for path, record in ((f, r) for f in files for r in load_records(f)):
         assert record.get("run_at"), f"{path.name}: no run_at"
         assert record.get("source"), f"{path.name}: no source"
         assert record.get("machine"), f"{path.name}: no machine"
