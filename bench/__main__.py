@@ -1,4 +1,7 @@
 """``python -m bench [--quick] [--corpus DIR] [SECTION ...]``: run the benchmarks (sections: SECTIONS below).
+``python -m bench report``: regenerate bench/RESULTS.md from the raw figures in bench/results/.
+
+Each section's raw figures also go to ``bench/results/SECTION.json`` (committed; see bench/report.py).
 
 Prints a table, writes ``bench/out/results.json`` (figures, details, machine) and
 ``bench/out/results.md`` (the table as Markdown, for bench/RESULTS.md). Each section is independent:
@@ -26,11 +29,17 @@ from bench.common import (
     upstream_available,
 )
 
-SECTIONS = ["render", "throughput", "memory", "recovery", "storm", "statusd", "fleet", "reading", "probes"]
+SECTIONS = ["cpu", "render", "throughput", "memory", "recovery", "storm", "statusd", "fleet", "fleet16", "reading",
+            "probes"]
 NO_CORPUS = {"statusd", "probes"}  # sections that need no PDFs
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:  # python -m bench report [OUT.md]: bench/RESULTS.md from bench/results/*.json
+        from bench import report
+
+        return report.main(argv[1:])
     ap = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
     ap.add_argument("sections", nargs="*", metavar="SECTION",
                     help=f"any of {', '.join(SECTIONS)} (default: all)")
@@ -79,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         log(f"=== {section} ===")
         entry: dict = {"run_at": machine_info()["date"], "machine": info.get("host"), "error": None}
+        load_before = [round(x, 2) for x in os.getloadavg()]
         try:
             if section == "render":
                 from bench import render
@@ -108,6 +118,14 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import fleet
 
                 figs, detail = fleet.run(corpus, quick=args.quick)
+            elif section == "fleet16":
+                from bench import fleet
+
+                figs, detail = fleet.run_wide(corpus, quick=args.quick)
+            elif section == "cpu":
+                from bench import cpu
+
+                figs, detail = cpu.run(corpus, quick=args.quick)
             elif section == "reading":
                 from bench import reading
 
@@ -129,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         entry["detail"] = detail
         by_section[section] = entry
         save()
+        from bench.report import save_section
+
+        saved = save_section(section, entry, info, quick=args.quick, corpus=corpus_text, loadavg_before=load_before)
+        log(f"raw figures: {saved}")
 
     figures = all_figures()
     print(format_table(figures))
@@ -138,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{'quick' if args.quick else 'full'} run over {corpus_text}.", "",
           f"Sections run at: {when}.", "", format_table(figures, width=None), ""]
     (OUT_DIR / "results.md").write_text("\n".join(md))
-    log(f"wrote {results_path} and {OUT_DIR / 'results.md'}")
+    log(f"wrote {results_path} and {OUT_DIR / 'results.md'}; `python -m bench report` regenerates "
+        "bench/RESULTS.md from bench/results/")
     return 1 if failed else 0
 
 

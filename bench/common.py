@@ -560,3 +560,100 @@ def machine_info() -> dict[str, Any]:
 
 def make_tmpdir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"olmocr-bench-{prefix}-"))
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU time by process
+
+
+def _proc_label(p: Any, root_pid: int) -> str:
+    if p.pid == root_pid:
+        return "main"
+    try:
+        text = " ".join(p.cmdline())
+    except Exception:  # noqa: BLE001
+        return "other"
+    if "resource_tracker" in text:
+        return "other"
+    if "spawn_main" in text or "multiprocessing" in text:
+        return "renderer"
+    return "other"
+
+
+class CpuMeter:
+    """CPU seconds (user + system, from /proc via psutil) of a process tree, by process role.
+
+    Samples every ``interval`` s and keeps each process's last reading; children are idle at the end of a
+    run, so their last reading is their total. The main process's total comes from the kernel when it is
+    reaped (``wait4`` rusage, which also holds the children it reaped): main = that total minus the children
+    seen. CPU time, unlike wall time, is barely affected by other work on a shared machine.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.last: dict[int, tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                label = self.last[p.pid][0] if p.pid in self.last else _proc_label(p, self.pid)
+                self.last[p.pid] = (label, t.user + t.system)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    def start(self) -> CpuMeter:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def by_role(self, reaped_total: float | None = None) -> dict[str, Any]:
+        """{"main": s, "renderer": s, "other": s, "renderers": n}; ``reaped_total`` is the wait4 figure."""
+        out: dict[str, Any] = {"main": 0.0, "renderer": 0.0, "other": 0.0, "renderers": 0}
+        for label, cpu in self.last.values():
+            out[label] += cpu
+            out["renderers"] += label == "renderer"
+        out["main_sampled"] = out["main"]
+        if reaped_total is not None:
+            children = out["renderer"] + out["other"]
+            out["main"] = max(out["main"], reaped_total - children)
+        return out
+
+
+def wait_with_rusage(proc: subprocess.Popen, timeout: float) -> tuple[int | None, float | None]:
+    """Wait for ``proc`` (killed after ``timeout``); returns (exit status, CPU seconds of it and the
+    children it reaped, from the kernel)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid == proc.pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return proc.returncode, usage.ru_utime + usage.ru_stime
+        time.sleep(0.05)
+    return None, None
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    import psutil
+
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return None
+    return t.user + t.system

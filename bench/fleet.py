@@ -46,6 +46,12 @@ from bench.common import (
 )
 
 CAPACITY = [(2.0, 16), (2.0, 8), (2.0, 4)]  # (latency s, concurrency): 8, 4, 2 pages/s
+#: The wide fleet: one pipeline, 16 stand-ins of 2 pages/s each (2 s x 4), 32 pages/s summed.
+WIDE = [(2.0, 4)] * 16
+#: Pages for the wide fleet are rendered at 256 px: it measures whether one pipeline process can fan out to
+#: 16 servers, not how fast 2 shared cores render (at 640 px, 32 pages/s of rendering alone takes 0.6 of a
+#: core, which a 2-core machine shared with other work does not reliably have; a GPU box has the cores).
+WIDE_IMAGE_DIM = "256"
 PRIORITY_SERVER = (2.0, 16)
 
 
@@ -79,9 +85,10 @@ def _priorities(standin: StandIn) -> dict[str, int]:
 IMAGE_DIM = "640"
 
 
-def _start(tag: str, ws: Path, urls: list[str], pdfs: list[Path], log_dir: Path, *extra: str) -> ProcGroup:
+def _start(tag: str, ws: Path, urls: list[str], pdfs: list[Path], log_dir: Path, *extra: str,
+           image_dim: str = IMAGE_DIM) -> ProcGroup:
     argv = our_pipeline_argv(ws, ",".join(urls), pdfs,
-                             ["--progress_interval", "5", "--target_longest_image_dim", IMAGE_DIM, *extra])
+                             ["--progress_interval", "5", "--target_longest_image_dim", image_dim, *extra])
     return ProcGroup(argv, env=our_env(), cwd=str(ws.parent), log_path=log_dir / f"fleet-{tag}.log", name=tag)
 
 
@@ -102,13 +109,14 @@ def _integrity(ws: Path, expected: dict[Path, int]) -> tuple[bool, str, int]:
     return ok, f"{c.pages}/{total} pages, lost {c.lost_pages}, dup {c.duplicate_pages}", c.pages
 
 
-def _standins(log_dir: Path, specs: list[tuple[float, int]], extra_args: tuple[str, ...] = ()) -> list[StandIn]:
+def _standins(log_dir: Path, specs: list[tuple[float, int]], extra_args: tuple[str, ...] = (),
+              ready_timeout: float = 60.0) -> list[StandIn]:
     out = []
     try:
         for latency, conc in specs:
             out.append(StandIn(latency=latency, concurrency=conc, log_dir=log_dir, extra_args=extra_args))
         for s in out:
-            s.wait_ready()
+            s.wait_ready(timeout=ready_timeout)
     except BaseException:
         for s in out:
             s.stop()
@@ -146,6 +154,74 @@ def run_capacity(pdfs: dict[Path, int], log_dir: Path, tmp: Path) -> tuple[list[
     ]
     return figs, {"wall_s": wall, "rc": rc, "served": served, "shares": shares, "capacity_shares": cap_shares,
                   "integrity": integrity}
+
+
+def run_wide(corpus: Corpus, quick: bool = False) -> tuple[list[Figure], dict]:
+    """One pipeline driving 16 stand-ins (2 pages/s each): throughput vs the summed capacity, over the whole
+    command and over the middle of the run (20 %..80 % of the pages served: start-up and the last wave left
+    out), plus the pipeline's main-process CPU per page."""
+    from bench.common import CpuMeter, wait_with_rusage
+
+    log_dir = OUT_DIR / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    tmp = make_tmpdir("fleet16")
+    caps = [c / lat for lat, c in WIDE]
+    total_cap = sum(caps)
+    try:
+        copies = 1 if quick else max(1, round(110 * total_cap / max(1, corpus.total_pages)))  # ~110 s of work
+        pdfs = _replicate(corpus, copies, tmp / "in")
+        pages = sum(pdfs.values())
+        log(f"fleet16: {len(WIDE)} stand-ins, {total_cap:g} p/s summed; {len(pdfs)} PDFs, {pages} pages")
+        servers = _standins(log_dir, WIDE, ready_timeout=300.0)  # 16 start at once on 2 shared cores
+        timeline: list[tuple[float, int]] = []
+        try:
+            proc = _start("wide", tmp / "ws-wide", [s.base_url for s in servers], list(pdfs), log_dir,
+                          image_dim=WIDE_IMAGE_DIM)
+            meter = CpuMeter(proc.pid).start()
+            deadline = time.monotonic() + 4 * pages / total_cap + 120
+            rc = reaped = None
+            while time.monotonic() < deadline:
+                rc, reaped = wait_with_rusage(proc.proc, 1.0)
+                with contextlib.suppress(Exception):
+                    timeline.append((time.monotonic() - proc.started, sum(_served(s) for s in servers)))
+                if rc is not None:
+                    break
+            wall = time.monotonic() - proc.started
+            meter.stop()
+            proc.stop()
+            served = [_served(s) for s in servers]
+        finally:
+            for s in servers:
+                s.stop()
+        ok, integrity, got = _integrity(tmp / "ws-wide", pdfs)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rate = got / wall
+    ratio = rate / total_cap
+    lo = next(((t, n) for t, n in timeline if n >= 0.2 * pages), None)
+    hi = next(((t, n) for t, n in timeline if n >= 0.8 * pages), None)
+    mid_rate = (hi[1] - lo[1]) / (hi[0] - lo[0]) if lo and hi and hi[0] > lo[0] else None
+    cpu = meter.by_role(reaped)
+    main_ms = 1000 * cpu["main"] / max(1, got)
+    floor_s = -(-pages // sum(c for _, c in WIDE)) * WIDE[0][0]
+    detail = {"pages": pages, "copies": copies, "wall_s": round(wall, 2), "rc": rc, "served": served,
+              "mid_run_pages_per_s": mid_rate, "timeline": timeline[::5], "cpu_s": cpu, "integrity": integrity,
+              "whole_waves_floor_s": floor_s}
+    figs = [
+        Figure("fleet16", "16 servers x 2 p/s: throughput (whole command)", rate, "pages/s",
+               f"summed capacity {total_cap:g} p/s", ratio=ratio, target=">= 0.95",
+               ok=ratio >= 0.95 and ok and rc == 0,
+               context=f"{integrity}; wall {wall:.1f}s vs {floor_s:.0f}s for whole waves; rc {rc}; "
+                       f"fewest pages on one server {min(served)}, most {max(served)}"),
+        Figure("fleet16", "16 servers x 2 p/s: throughput (20-80 % of the run)", mid_rate, "pages/s",
+               f"summed capacity {total_cap:g} p/s", ratio=mid_rate / total_cap if mid_rate else None,
+               context="start-up and the last wave left out"),
+        Figure("fleet16", "16 servers: main process CPU per page", main_ms, "ms",
+               "render processes' CPU per page", ratio=cpu["main"] / cpu["renderer"] if cpu["renderer"] else None,
+               context=f"main {cpu['main']:.1f} CPU-s, renderers {cpu['renderer']:.1f} CPU-s "
+                       f"({WIDE_IMAGE_DIM} px pages); one process could feed {1000 / main_ms:.0f} p/s"),
+    ]
+    return figs, detail
 
 
 def run_outage(pdfs: dict[Path, int], log_dir: Path, tmp: Path) -> tuple[list[Figure], dict]:

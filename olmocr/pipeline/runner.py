@@ -284,8 +284,12 @@ class Runner:
         workers = [asyncio.create_task(self._worker(i)) for i in range(max(1, self.config.workers))]
         try:
             stop_wait = asyncio.create_task(self.stop.event.wait())
-            while not stop_wait.done() and not all(w.done() for w in workers):
-                await asyncio.wait([*workers, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+            running = set(workers)
+            while running and not stop_wait.done():
+                # Only the workers still running: a finished one in the set would make every wait return at
+                # once (a busy loop for the rest of the run).
+                _, running = await asyncio.wait([*running, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+                running.discard(stop_wait)
             stop_wait.cancel()
             if self.stop.requested:
                 await self._stop_gracefully(workers)

@@ -1,0 +1,193 @@
+"""CPU seconds per page by process: one pipeline over the corpus against an instant stand-in.
+
+The pipeline's main process only moves requests and results (HTTP, JSON, the work queue, output); its
+render processes (pebble workers) render, PNG-encode and base64 the pages. Against an instant server
+(``latency 0``) nothing waits, so the CPU each one spends per page is its cost per page. CPU time is
+read from the kernel (``/proc`` while the run goes, ``wait4`` rusage when the main process exits), so,
+unlike a wall-time rate, it barely moves with other work on a shared machine.
+
+Figures:
+
+* main-process CPU per page, and as a fraction of the render processes' CPU per page (target <= 0.15:
+  the main process costs little next to rendering);
+* the pages/s one pipeline process could feed = 1 / main-process CPU per page (the ceiling of one
+  pipeline for a box of GPUs, given enough render cores);
+* the stand-in's CPU per page (context: it decodes and inspects every image it is sent);
+* client-bound efficiency in CPU terms: our renderer alone (the same ``_job_render``, in this process,
+  page after page, no pipeline) over the same pages, CPU per page, divided by the whole pipeline's CPU per
+  page (main + renderers). It is what the client-bound throughput / render limit ratio would be on
+  otherwise idle cores (target >= 0.9), without the wall-time noise of a shared machine.
+
+``OLMOCR_BENCH_PYSPY=1`` also records a py-spy profile of the main process (``bench/out/logs/cpu-main.txt``,
+py-spy's raw collapsed stacks; ``python -m bench.cpu top FILE`` prints the hottest functions).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.common import (
+    OUT_DIR,
+    Corpus,
+    CpuMeter,
+    Figure,
+    StandIn,
+    count_output,
+    log,
+    make_tmpdir,
+    our_env,
+    our_pipeline_argv,
+    process_cpu_seconds,
+    wait_with_rusage,
+)
+
+TARGET_MAIN_VS_RENDER = 0.15
+
+
+def measure(corpus: Corpus, url: str, log_dir: Path, tag: str, extra: tuple[str, ...] = (),
+            profile: bool = False, timeout: float = 900) -> dict:
+    """One pipeline run to completion; CPU seconds by role, pages written, wall time."""
+    import time
+
+    tmp = make_tmpdir(f"cpu-{tag}")
+    ws = tmp / "ws"
+    argv = our_pipeline_argv(ws, url, corpus.pdfs, ["--render_processes", "2", *extra])
+    log_path = log_dir / f"cpu-{tag}.log"
+    spy = None
+    with open(log_path, "ab") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, env=our_env(), cwd=tmp, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        meter = CpuMeter(proc.pid).start()
+        if profile and shutil.which("py-spy", path=os.path.dirname(sys.executable) + os.pathsep
+                                    + os.environ.get("PATH", "")):
+            spy_bin = shutil.which("py-spy", path=os.path.dirname(sys.executable) + os.pathsep
+                                   + os.environ.get("PATH", ""))
+            spy = subprocess.Popen([str(spy_bin), "record", "--pid", str(proc.pid), "--rate", "100",
+                                    "--format", "raw", "--gil", "--nonblocking", *(["--subprocesses"] if os.environ.get("OLMOCR_BENCH_PYSPY_ALL") == "1" else []), "-o", str(log_dir / f"cpu-{tag}-main.txt")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            rc, reaped = wait_with_rusage(proc, timeout)
+        finally:
+            wall = time.perf_counter() - t0
+            meter.stop()
+            if proc.returncode is None:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+            if spy is not None:
+                try:
+                    spy.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    spy.kill()
+                    spy.wait()
+    cpu = meter.by_role(reaped)
+    count = count_output(ws, corpus.pages)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {"rc": rc, "wall_s": round(wall, 2), "pages": count.pages, "output": count.as_dict(),
+            "cpu_s": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in cpu.items()},
+            "log": str(log_path)}
+
+
+def render_alone_cpu_per_page(corpus: Corpus) -> float:
+    """CPU seconds per page of our render job alone (render + PNG + base64), this process, page by page."""
+    import time
+
+    from olmocr.pipeline.pages import render
+
+    pages = [(str(p), i + 1) for p, i in corpus.page_list()]
+    render._job_render(pages[0][0], "pdf", pages[0][1], 1288, 0)  # imports and first open out of the timing
+    c0 = time.process_time()
+    for path, page in pages:
+        render._job_render(path, "pdf", page, 1288, 0)
+    cpu = time.process_time() - c0
+    while render._docs:
+        render._docs.popitem()[1].close()
+    return cpu / len(pages)
+
+
+def run(corpus: Corpus, quick: bool = False) -> tuple[list[Figure], dict]:
+    log_dir = OUT_DIR / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    profile = os.environ.get("OLMOCR_BENCH_PYSPY") == "1"
+    standin = StandIn(latency=0.0, log_dir=log_dir)
+    try:
+        standin.wait_ready()
+        standin_before = process_cpu_seconds(standin.pid) or 0.0
+        r = measure(corpus, standin.base_url, log_dir, "instant", profile=profile)
+        standin_cpu = (process_cpu_seconds(standin.pid) or 0.0) - standin_before
+    finally:
+        standin.stop()
+    log("cpu: our render job alone over the same pages (CPU time, this process)")
+    alone = render_alone_cpu_per_page(corpus)
+    pages = max(1, r["pages"])
+    main = r["cpu_s"]["main"] / pages
+    render = r["cpu_s"]["renderer"] / pages
+    ok_run = r["rc"] == 0 and r["output"]["lost_pages"] == 0 and r["output"]["duplicate_pages"] == 0
+    integrity = f"{r['pages']}/{corpus.total_pages} pages, lost {r['output']['lost_pages']}, " \
+                f"dup {r['output']['duplicate_pages']}, rc {r['rc']}"
+    detail = {"corpus": corpus.describe(), "run": r, "standin_cpu_s": round(standin_cpu, 3),
+              "main_cpu_ms_per_page": round(1000 * main, 3), "render_cpu_ms_per_page": round(1000 * render, 3),
+              "standin_cpu_ms_per_page": round(1000 * standin_cpu / pages, 3),
+              "render_alone_cpu_ms_per_page": round(1000 * alone, 3)}
+    efficiency = alone / (main + render) if main + render > 0 else None
+    ratio = main / render if render > 0 else None
+    figs = [
+        Figure("cpu", "main process CPU per page", 1000 * main, "ms", "render processes' CPU per page "
+               f"({1000 * render:.1f} ms, {r['cpu_s']['renderers']} processes)", ratio=ratio,
+               target=f"<= {TARGET_MAIN_VS_RENDER}", ok=ok_run and ratio is not None and ratio <= TARGET_MAIN_VS_RENDER,
+               context=f"{integrity}; main {r['cpu_s']['main']:.1f} CPU-s, renderers {r['cpu_s']['renderer']:.1f} "
+                       f"CPU-s over {r['wall_s']:.0f}s wall"),
+        Figure("cpu", "pages/s one pipeline process could feed", 1 / main if main > 0 else None, "pages/s",
+               "1 / main-process CPU per page", context="ceiling of one pipeline, given render cores"),
+        Figure("cpu", "render processes' CPU per page", 1000 * render, "ms", "main process CPU per page",
+               ratio=render / main if main > 0 else None, context="pypdfium2 render + PNG (zlib 1) + base64"),
+        Figure("cpu", "stand-in CPU per page", 1000 * standin_cpu / pages, "ms", "render processes' CPU per page",
+               ratio=(standin_cpu / pages) / render if render > 0 else None,
+               context="it decodes and inspects every image (shares the cores in client-bound runs)"),
+        Figure("cpu", "client-bound efficiency (CPU): render alone / whole pipeline", efficiency, "",
+               f"render job alone {1000 * alone:.1f} ms CPU a page vs pipeline {1000 * (main + render):.1f} ms "
+               "(main + renderers)", ratio=efficiency, target=">= 0.9", ok=efficiency is not None and efficiency >= 0.9,
+               context="the throughput/render-limit ratio on idle cores; wall-time version: throughput section"),
+    ]
+    return figs, detail
+
+
+def top(raw: Path, n: int = 30) -> str:
+    """The hottest functions of a py-spy raw (collapsed stacks) file: self and inclusive sample shares."""
+    own: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        k = int(count)
+        frames = stack.split(";")
+        total += k
+        own[frames[-1]] += k
+        for f in set(frames):
+            incl[f] += k
+    lines = [f"{total} samples", "self%  incl%  function"]
+    for f, k in own.most_common(n):
+        lines.append(f"{100 * k / total:5.1f}  {100 * incl[f] / total:5.1f}  {f}")
+    lines.append("--- inclusive")
+    for f, k in incl.most_common(n):
+        lines.append(f"{100 * own[f] / total:5.1f}  {100 * k / total:5.1f}  {f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    if len(sys.argv) >= 3 and sys.argv[1] == "top":
+        print(top(Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 30))
+    else:
+        from bench.common import load_corpus
+
+        figs, det = run(load_corpus(quick="--quick" in sys.argv), quick=True)
+        for f in figs:
+            print(f.as_dict())
+        print({k: v for k, v in det.items() if k != "run"}, det["run"]["cpu_s"])

@@ -1,0 +1,125 @@
+"""A waiting pipeline uses (about) no CPU: its main process's CPU time over a 10 s wait, read from /proc.
+
+Three ways a pipeline waits, each with more workers than work items (the default ``--workers 20`` on a small
+batch, which used to make ``Runner.run`` spin from its first second):
+
+* every work item is leased by another (live) pipeline;
+* the only server is down (killed mid-run; the pipeline waits for it to come back);
+* the server is slow (each answer takes minutes; requests are in flight).
+
+The limit (0.5 CPU-s per 10 s, 5 % of a core) is generous for a loaded 2-core machine, and far below a
+spinning loop (which takes a whole core: ~10 CPU-s per 10 s, or several where other work competes).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from olmocr.pipeline.workspace.queue import WorkQueue
+from olmocr.pipeline.workspace.storage import LocalStorage
+from tests.pipeline_helpers import RESILIENCE_DOCS, SMALL_DOCS, launch_standin, start_pipeline
+from tests.standin_helpers import stop_process_group
+from tests.waiting import wait_for
+
+WINDOW_S = 10.0
+MAX_CPU_S = 0.5
+
+
+def main_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of the process itself (not its children), from /proc via psutil."""
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+def cpu_over_window(proc, log: Path) -> float:  # type: ignore[no-untyped-def]
+    before = main_cpu_seconds(proc.pid)
+    time.sleep(WINDOW_S)
+    assert proc.poll() is None, f"the pipeline exited while it should wait:\n{log.read_text()[-3000:]}"
+    return main_cpu_seconds(proc.pid) - before
+
+
+def assert_idle(cpu: float, what: str, log: Path) -> None:
+    print(f"main process CPU over {WINDOW_S:g} s while {what}: {cpu:.3f} s")
+    assert cpu < MAX_CPU_S, (f"the pipeline burnt {cpu:.2f} CPU-s in {WINDOW_S:g} s while {what} "
+                             f"(limit {MAX_CPU_S}):\n{log.read_text()[-2000:]}")
+
+
+def wait_for_log(log: Path, text: str, timeout: float) -> None:
+    try:
+        wait_for(lambda: text in log.read_text(errors="replace"), timeout, f"{text!r} in the pipeline's log")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}:\n{log.read_text(errors='replace')[-3000:]}") from None
+
+
+def test_waiting_on_items_leased_by_others(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    other = WorkQueue(LocalStorage(str(ws)), lease_seconds=600)
+    other.populate([str(p) for p in SMALL_DOCS[:2]], pages_per_group=500)
+    assert other.claim() is not None  # another pipeline holds the only item for 10 minutes
+    standin = launch_standin(tmp_path)
+    log = tmp_path / "pipeline.log"
+    proc = start_pipeline(ws, standin.url, (), "--workers", "20", log=log)
+    try:
+        # Every worker has found nothing claimable and waits (for the lease to expire or one of ours to end).
+        wait_for_log(log, "is ready and serves", 60)
+        time.sleep(3)
+        assert_idle(cpu_over_window(proc, log), "waiting on an item leased by another pipeline", log)
+    finally:
+        stop_process_group(proc)
+        standin.stop()
+
+
+def test_waiting_on_a_server_that_is_down(tmp_path: Path) -> None:
+    # Answers take 1 s, so the run is still going when the server is killed.
+    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "1", "OLMOCR_STANDIN_CONCURRENCY": "2"})
+    ws = tmp_path / "ws"
+    log = tmp_path / "pipeline.log"
+    proc = start_pipeline(ws, standin.url, RESILIENCE_DOCS, "--workers", "20", log=log)
+    try:
+        wait_for(lambda: standin_info(standin.url)["image_requests_served"] >= 1, 60, "the first answer",
+                 interval=0.1)  # the run is under way
+        assert proc.poll() is None, log.read_text()[-3000:]
+        standin.kill()
+        wait_for_log(log, "vLLM server unavailable", 60)
+        time.sleep(3)
+        assert_idle(cpu_over_window(proc, log), "waiting for a server that is down", log)
+    finally:
+        stop_process_group(proc)
+        standin.stop()
+
+
+def test_waiting_on_a_slow_server(tmp_path: Path) -> None:
+    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "600"})
+    ws = tmp_path / "ws"
+    log = tmp_path / "pipeline.log"
+    # One small work item for 20 workers: 19 of them are done at once.
+    proc = start_pipeline(ws, standin.url, SMALL_DOCS[:2], "--workers", "20", log=log)
+    try:
+        wait_for_log(log, "claimed work item", 60)
+        time.sleep(4)  # rendered and sent: every page now waits for its answer
+        info = standin_info(standin.url)
+        assert info["requests_served"] == 0
+        assert_idle(cpu_over_window(proc, log), "waiting for a slow server's answers", log)
+    finally:
+        stop_process_group(proc)
+        standin.stop()
+
+
+def standin_info(url: str) -> dict:
+    import requests
+
+    r = requests.get(f"{url}/admin/info", timeout=10)
+    r.raise_for_status()
+    return r.json()
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_processes() -> None:
+    """Every process a test here starts, it stops (checked: no child of ours is left)."""
+    yield
+    left = [p for p in psutil.Process().children(recursive=True) if p.is_running()]
+    assert not left, f"processes left behind: {[p.cmdline() for p in left]}"
