@@ -46,6 +46,8 @@ def scrape(url: str, **kw) -> dict[str, float]:
 
 def m(name: str, **labels: str) -> str:
     labels.setdefault("model", MODEL)
+    labels.setdefault("server", "vllm")  # one server, no GPU: the process keeps the name vllm
+    labels.setdefault("gpu", "")
     return f"{name}{{{','.join(f'{k}={v}' for k, v in sorted(labels.items()))}}}"
 
 
@@ -289,15 +291,15 @@ def test_metrics_keep_last_known_counters_while_supervisord_is_unreachable():
                     info={"statename": "RUNNING"}, stats=stats, settings={"model": "mdl"})
     down = Snapshot({"healthy": False, "error": "supervisord unreachable"})
     text_good = parse_metrics(_exposition(server_metrics(good, good)))
-    assert text_good['olmocr_server_restarts_total{model=mdl}'] == 3.0
-    assert text_good['olmocr_server_health_kills_total{model=mdl,reason=completion_timeout}'] == 2.0
-    assert text_good['olmocr_server_last_probe_duration_seconds{model=mdl}'] == 0.25
-    assert text_good['olmocr_server_consecutive_probe_failures{model=mdl}'] == 1.0
+    assert text_good['olmocr_server_restarts_total{gpu=,model=mdl,server=vllm}'] == 3.0
+    assert text_good['olmocr_server_health_kills_total{gpu=,model=mdl,reason=completion_timeout,server=vllm}'] == 2.0
+    assert text_good['olmocr_server_last_probe_duration_seconds{gpu=,model=mdl,server=vllm}'] == 0.25
+    assert text_good['olmocr_server_consecutive_probe_failures{gpu=,model=mdl,server=vllm}'] == 1.0
     text_down = parse_metrics(_exposition(server_metrics(down, good)))
-    assert text_down['olmocr_server_restarts_total{model=mdl}'] == 3.0
-    assert text_down['olmocr_server_up{model=mdl}'] == 0.0
-    assert text_down['olmocr_server_health_phase{model=mdl,phase=unknown}'] == 1.0
-    assert text_down['olmocr_server_uptime_seconds{model=mdl}'] == 0.0
+    assert text_down['olmocr_server_restarts_total{gpu=,model=mdl,server=vllm}'] == 3.0
+    assert text_down['olmocr_server_up{gpu=,model=mdl,server=vllm}'] == 0.0
+    assert text_down['olmocr_server_health_phase{gpu=,model=mdl,phase=unknown,server=vllm}'] == 1.0
+    assert text_down['olmocr_server_uptime_seconds{gpu=,model=mdl,server=vllm}'] == 0.0
 
 
 def _exposition(families) -> str:

@@ -400,6 +400,8 @@ class Handler(BaseHTTPRequestHandler):
             "image_requests_served": app.stats.image_requests_served,
             "scheduling_policy": app.args.scheduling_policy, "uptime_s": round(time.monotonic() - app.started, 3),
             "standin": True, "tmpdir": os.environ.get("TMPDIR"),
+            # Where a deployment placed this server (one per GPU: olmocr/server/expansion.py).
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
 
     def metrics_text(self) -> str:
