@@ -34,6 +34,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_run(count: int) -> int:
+    """A base port with ``count`` consecutive ports free on 127.0.0.1 a moment ago (one server per GPU)."""
+    for _ in range(50):
+        base = free_port()
+        if base + count > 65535:
+            continue
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise AssertionError(f"no {count} consecutive free ports on 127.0.0.1")
+
+
 def standin_command(port: int, *, model: str = DEFAULT_MODEL, served_model_name: str = "olmocr",
                     extra_args: Sequence[str] = VLLM_FLAGS) -> list[str]:
     return [sys.executable, "-m", "olmocr.standin", "serve", model, "--served-model-name", served_model_name,

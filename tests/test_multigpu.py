@@ -5,7 +5,6 @@ its own, with one status service for the box."""
 from __future__ import annotations
 
 import os
-import socket
 import stat
 
 import pytest
@@ -13,33 +12,11 @@ import requests
 
 from tests.deployment_helpers import Deployment, wait_for
 from tests.metrics_helpers import parse_metrics
+from tests.standin_helpers import free_port_run
 
 pytestmark = pytest.mark.integration
 
 MODEL = "allenai/olmOCR-7B-0825-FP8"
-
-
-def free_port_run(count: int) -> int:
-    """A base port with ``count`` consecutive ports free on 127.0.0.1 a moment ago."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base + count > 65535:
-            continue
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise AssertionError(f"no {count} consecutive free ports")
 
 
 def all_healthy(n: int):

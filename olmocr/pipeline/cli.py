@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -197,9 +198,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             server_settings = internal_settings(args, vllm_args)
             key = api_key or read_api_key(server_settings)  # the key the server is started with
+            slots = server_settings.server_slots()  # one server per GPU (olmocr/server/gpus.py)
         except ValueError as exc:
             fail(parser, str(exc))
-        servers = [ServerSpec(server_settings.base_url, None, key)]
+        gpus = [gpu for slot in slots for gpu in slot.gpus]
+        if gpus:  # resolved once (nvidia-smi): the servers started are the servers the pipeline uses
+            server_settings = dataclasses.replace(server_settings, gpus=",".join(gpus))
+        servers = [ServerSpec(slot.url(server_settings.client_host), None, key) for slot in slots]
     if ca_bundle and not os.path.isfile(ca_bundle):
         parser.error(f"--ca_bundle {ca_bundle}: no such file (a PEM file of CA certificates)")
 
