@@ -6,6 +6,7 @@ import json
 import logging
 from dataclasses import dataclass
 
+from olmocr.envs import SERVED_MODEL_NAME
 from olmocr.pipeline.errors import FrontMatterError, RenderError, RequestRejected
 from olmocr.pipeline.pages.output import PageResult
 from olmocr.pipeline.pages.prompts import GUIDED_REGEX, PROMPT_V4_YAML, PageResponse, parse_page_response
@@ -55,7 +56,7 @@ def request_template(temperature: float, guided: bool, priority: int | None = No
     """Bytes before and after the base64 PNG in the request JSON (upstream's request, field for field,
     except that guided decoding uses the field the server understands)."""
     query: dict = {
-        "model": "olmocr",
+        "model": SERVED_MODEL_NAME,
         "messages": [
             {
                 "role": "user",

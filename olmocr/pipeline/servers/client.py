@@ -21,6 +21,7 @@ import logging
 import time
 from typing import Any
 
+from olmocr.envs import SERVED_MODEL_NAME
 from olmocr.pipeline.errors import (
     RequestTimeout,
     ServerAborted,
@@ -33,7 +34,7 @@ from olmocr.pipeline.servers.http import HttpPool, Response
 
 logger = logging.getLogger("olmocr.pipeline")
 
-MODEL_NAME = "olmocr"
+MODEL_NAME = SERVED_MODEL_NAME
 MAX_BACKOFF_S = 60.0
 INITIAL_ATTEMPTS = 10
 PROBE_TIMEOUT_S = 10.0
