@@ -4,9 +4,12 @@ its own, with one status service for the box."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import stat
 
+import aiohttp
 import pytest
 import requests
 
@@ -77,6 +80,14 @@ def test_three_gpus_three_servers_placed_on_their_gpu_and_port(box):
         assert metric(metrics, "olmocr_server_restarts_total", f"vllm-{i}", str(i)) == 0.0
     body = requests.get(f"{box.status_url}/status", timeout=5).json()
     assert [e["name"] for e in body["servers"]] == ["vllm-0", "vllm-1", "vllm-2"]
+    pushed = asyncio.run(_first_ws_message(box.status_url.replace("http://", "ws://") + "/ws"))
+    assert [(e["name"], e["gpus"], e["healthy"]) for e in pushed["servers"]] == [
+        (f"vllm-{i}", [str(i)], True) for i in range(3)]
+
+
+async def _first_ws_message(url: str) -> dict:
+    async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+        return json.loads((await ws.receive(timeout=10)).data)
 
 
 def test_a_hang_on_one_gpu_restarts_that_server_alone(box):
