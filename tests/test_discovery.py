@@ -18,6 +18,7 @@ import requests
 from olmocr.pipeline.errors import FleetConfigError
 from olmocr.pipeline.servers.discovery import (
     membership_change,
+    name_has_no_address,
     parse_hosts,
     refresh_interval,
     server_urls,
@@ -96,9 +97,19 @@ def test_refresh_interval_is_at_most_30_s() -> None:
 
 
 def test_the_system_resolver_gives_every_address_of_a_name() -> None:
+    # localhost comes from the machine's hosts file: no DNS query leaves the machine.
     addresses = asyncio.run(system_resolve("localhost"))
     assert "127.0.0.1" in addresses or "::1" in addresses
-    assert asyncio.run(system_resolve("no-such-name.invalid")) == []  # NXDOMAIN: no address, not an error
+
+
+
+@pytest.mark.parametrize("errno, empty", [
+    (socket.EAI_NONAME, True),  # NXDOMAIN: the name has no address (its servers are drained)
+    (socket.EAI_AGAIN, False),  # resolver unreachable / timed out: keep the servers
+    (socket.EAI_FAIL, False),
+])
+def test_which_lookup_errors_empty_a_name(errno: int, empty: bool) -> None:
+    assert name_has_no_address(socket.gaierror(errno, "x")) is empty
 
 
 # ------------------------------------------------------------------------------------- a real run

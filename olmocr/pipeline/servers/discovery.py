@@ -97,13 +97,18 @@ def _read(path: str) -> str:
         return fh.read()
 
 
+def name_has_no_address(exc: socket.gaierror) -> bool:
+    """An authoritative "no such name / no address" (drain its servers), not a failed lookup (keep them)."""
+    return exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME))
+
+
 async def system_resolve(host: str) -> list[str]:
     """Every A/AAAA address of ``host`` through the system resolver, in its order, without duplicates."""
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        if exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
+        if name_has_no_address(exc):
             return []
         raise LookupFailed(f"cannot resolve {host}: {exc.strerror or exc}") from None
     out: list[str] = []
