@@ -138,8 +138,11 @@ class Box:
 
 
 def _pipeline(tag: str, box: Box, ws: Path, pdfs: list[Path], log_dir: Path) -> ProcGroup:
+    # The pipeline's own settings are the defaults: the deployment's health listener, not the pipeline's
+    # no-progress timeout, ends the hang (a first version with --request_timeout 10 had the pipeline eject
+    # healthy servers whose queues were deep on this loaded machine).
     argv = our_pipeline_argv(ws, box.vllm_url, pdfs, ["--progress_interval", "5", "--target_longest_image_dim",
-                                                      IMAGE_DIM, "--request_timeout", "10"])
+                                                      IMAGE_DIM])
     return ProcGroup(argv, env=our_env(), cwd=str(ws.parent), log_path=log_dir / f"multigpu-{tag}.log", name=tag)
 
 
