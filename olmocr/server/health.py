@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from olmocr.server.probe import ProbeResult
+from olmocr import envs
 
 STARTING = "starting"
 HEALTHY = "healthy"
@@ -20,10 +20,23 @@ UNHEALTHY = "unhealthy"
 
 
 @dataclass(frozen=True)
+class ProbeResult:
+    """What one probe of a server found (written by :mod:`olmocr.server.probe`, judged here)."""
+
+    ok: bool
+    reason: str
+    latency: float  # seconds for the whole probe
+    refused: bool = False  # nothing listening on the port (vLLM still loading, or dead)
+    busy: bool = False  # completion timed out but tokens are being generated
+    config_error: bool = False  # restarting cannot fix it (wrong model, API key mismatch)
+    generation_tokens: float | None = None
+
+
+@dataclass(frozen=True)
 class HealthPolicy:
-    failure_threshold: int = 3
-    success_threshold: int = 1
-    startup_timeout: float = 600.0
+    failure_threshold: int = envs.default("OLMOCR_HEALTH_FAILURE_THRESHOLD")
+    success_threshold: int = envs.default("OLMOCR_HEALTH_SUCCESS_THRESHOLD")
+    startup_timeout: float = envs.DEFAULT_STARTUP_TIMEOUT_S
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any
 
 from olmocr.envs import SERVED_MODEL_NAME
 from olmocr.pipeline.errors import (
@@ -29,7 +28,7 @@ from olmocr.pipeline.errors import (
     TlsError,
     TransportError,
 )
-from olmocr.pipeline.servers.checks import ServerInfo, parse_models, parse_version_body, verify_server
+from olmocr.pipeline.servers.checks import ServerInfo, parse_models, parse_version_body, read_server_info
 from olmocr.pipeline.servers.http import HttpPool, Response
 
 logger = logging.getLogger("olmocr.pipeline")
@@ -42,20 +41,6 @@ PROBE_TIMEOUT_S = 10.0
 #: while it waited -- a hung engine -- so requests merely queued on a busy server are not thrown away. As a
 #: guard against lost connections, no request waits longer than ``HARD_TIMEOUT_FACTOR * request_timeout``.
 HARD_TIMEOUT_FACTOR = 3.0
-
-
-#: 4xx answers that may change when the same request is sent again; any other 4xx (400 context too
-#: small, 401 key, 413, 422 ...) would be refused again: the page stops trying at once. (A 404 for the
-#: model is handled above as a server in the wrong state.)
-RETRYABLE_4XX = frozenset({408, 409, 425})
-
-
-def aborted(data: Any) -> bool:
-    """A 200 whose generation the server aborted (vLLM stopping: ``finish_reason: abort``)."""
-    try:
-        return data["choices"][0].get("finish_reason") == "abort"
-    except (KeyError, IndexError, TypeError, AttributeError):
-        return False
 
 
 def normalize_base_url(url: str) -> str:
@@ -130,7 +115,7 @@ class ServerClient:
 
     async def wait_ready(self, *, attempts: int = INITIAL_ATTEMPTS, max_wait_s: float = 600.0,
                          first_delay_s: float = 1.0) -> ServerInfo:
-        """Initial connection, then the model check (:func:`verify_server`). Raises :class:`ServerNotReady`."""
+        """Initial connection, then the model check (:func:`read_server_info`). Raises :class:`ServerNotReady`."""
         delay = first_delay_s
         start = time.monotonic()
         last = ""
@@ -156,7 +141,7 @@ class ServerClient:
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_BACKOFF_S)
         try:
-            self.info = await verify_server(self)
+            self.info = await read_server_info(self)
         except TransportError as exc:
             raise ServerNotReady(f"The vLLM server at {self.name} stopped answering during the model "
                                  f"check ({exc}); check its log and try again.") from None

@@ -29,6 +29,7 @@ import requests
 
 from olmocr.pipeline.errors import InternalServerError
 from olmocr.pipeline.stopping import StopRequest
+from olmocr.served import parse_models, serves
 from olmocr.server.command import refuse_secrets_in_argv
 from olmocr.server.errors import SettingsError
 from olmocr.server.settings import SERVED_MODEL_NAME, ServerSettings
@@ -79,8 +80,8 @@ def existing_server(base_url: str, api_key: str | None, port: int) -> str | None
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         response = requests.get(f"{base_url}/v1/models", headers=headers, timeout=10)
-        models = [str(m.get("id")) for m in response.json().get("data", [])] if response.ok else []
-    except (requests.RequestException, ValueError, AttributeError):
+        models = list(parse_models(response.content)) if response.ok else []
+    except (requests.RequestException, ValueError):
         return "a program that is not an OpenAI-compatible server"
     if SERVED_MODEL_NAME in models:
         return SERVED_MODEL_NAME
@@ -141,9 +142,9 @@ class InternalServer:
         for url in self.urls:
             try:
                 response = requests.get(f"{url}/v1/models", timeout=5, headers=self._auth_headers())
-                if not (response.ok and SERVED_MODEL_NAME in [m.get("id") for m in response.json().get("data", [])]):
-                    return False
-            except (requests.RequestException, ValueError, AttributeError):
+            except requests.RequestException:
+                return False
+            if not (response.ok and serves(response.content)):
                 return False
         return True
 
