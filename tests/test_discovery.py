@@ -25,7 +25,8 @@ from olmocr.pipeline.servers.discovery import (
     system_resolve,
 )
 from olmocr.pipeline.servers.serverlist import DnsName, expand_port_range, parse_dns_names, parse_url_list
-from tests.pipeline_helpers import assert_every_page_once, start_pipeline
+from tests.metrics_helpers import parse_metrics
+from tests.pipeline_helpers import assert_every_page_once, start_pipeline, wait_for
 from tests.sample_docs import write_text_pdf
 from tests.standin_helpers import (
     VLLM_FLAGS,
@@ -172,7 +173,9 @@ def test_dns_name_servers_added_and_removed_mid_run_every_page_once(tmp_path: Pa
     try:
         pdfs = [write_text_pdf(tmp_path / f"doc{i}.pdf", 4) for i in range(20)]
         log = tmp_path / "pipeline.log"
+        metrics_port = free_port()
         proc = start_pipeline(tmp_path / "ws", f"dns+http://olmocr-vllm.test:{port}", pdfs, "--workers", "8",
+                              "--metrics_port", str(metrics_port),
                               env={"OLMOCR_HOSTS_FILE": str(hosts), "OLMOCR_DNS_REFRESH_S": "0.5"}, log=log)
         try:
             deadline = time.monotonic() + 60
@@ -185,6 +188,13 @@ def test_dns_name_servers_added_and_removed_mid_run_every_page_once(tmp_path: Pa
             while _served("127.0.0.4", port) == 0:
                 assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(0.1)
+            # The new server has its own series in the pipeline's metrics (with its request-latency hook).
+            def scrape() -> dict[str, float]:
+                return parse_metrics(requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text)
+
+            latency_of_new = f"olmocr_pipeline_request_seconds_count{{server=http://127.0.0.4:{port}}}"
+            wait_for(lambda: scrape().get(latency_of_new, 0) > 0, 10, "the new server's request latencies")
+            assert scrape()[f"olmocr_pipeline_server_healthy{{server=http://127.0.0.4:{port}}}"] == 1.0
             time.sleep(max(0.0, removed_at + 2.5 - time.monotonic()))  # a refresh, plus its in-flight finishing
             drained_count = _served("127.0.0.2", port)
             assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
