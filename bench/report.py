@@ -33,6 +33,7 @@ TITLES = {
     "fleet16": "Many servers from one process (issue 16): 16 stand-ins",
     "reading": "Reading stand-in (issue 23): Tesseract, not olmOCR",
     "probes": "Kubernetes probes (issue 21)",
+    "multigpu": "One box, many GPUs (issue 17)",
 }
 
 HOW_TO_READ = """\

@@ -60,7 +60,11 @@ REGISTRY: tuple[Setting, ...] = (
     # ---- the server (wrapper, health listener, RPC extension, manager)
     _s("OLMOCR_MODEL", str, DEFAULT_MODEL, f"model path or Hugging Face id (served as `{SERVED_MODEL_NAME}`)",
        SERVER, "model"),
-    _s("OLMOCR_PORT", int, DEFAULT_PORT, "port", SERVER, "port"),
+    _s("OLMOCR_GPUS", str, "all", "GPUs to serve on, one server each (or each run of tensor x data parallel size "
+       "GPUs): `all` (every GPU `nvidia-smi -L` lists, or those `CUDA_VISIBLE_DEVICES` names; none: one server "
+       "without GPU), a count `N`, or a list `0,1,3` (manager and internal mode: `--gpus`)", SERVER, "gpus"),
+    _s("OLMOCR_PORT", int, DEFAULT_PORT, "port of the (first) server; server i of a box listens on "
+       "`OLMOCR_PORT + i`", SERVER, "port"),
     _s("OLMOCR_HOST", str, "127.0.0.1", "bind address; set 0.0.0.0 only on purpose, with an API key", SERVER, "host"),
     _s("OLMOCR_TENSOR_PARALLEL_SIZE", int, 1, "vLLM `--tensor-parallel-size`", SERVER, "tensor_parallel_size"),
     _s("OLMOCR_DATA_PARALLEL_SIZE", int, 1, "vLLM `--data-parallel-size`", SERVER, "data_parallel_size"),
@@ -104,6 +108,8 @@ REGISTRY: tuple[Setting, ...] = (
        "answered, per executable path, mtime and size (vLLM's own console script is read from its package "
        "metadata instead); supervisord.conf sets `run/vllm-version.json`", SERVER,
        shown_default="`~/.cache/olmocr-serve/vllm-versions.json`"),
+    _s("OLMOCR_SERVER_INDEX", str, None, "set by the deployment, not by operators: which server of the box "
+       "a process is (olmocr/server/expansion.py)", SERVER, shown_default=""),
     _s("OLMOCR_PYTHON", str, None, "the Python that `scripts/` run (default: the checkout's `.venv`)", SERVER,
        shown_default="`.venv/bin/python`"),
     _s("OLMOCR_SUPERVISOR_URL", str, None, "`olmocr-server-status`: supervisord's `unix://` socket or `http://` "
@@ -111,8 +117,9 @@ REGISTRY: tuple[Setting, ...] = (
     # ---- the status service
     _s("OLMOCR_STATUS_HOST", str, "127.0.0.1", "status service address; any other than loopback needs a token",
        STATUS, "host"),
-    _s("OLMOCR_STATUS_PORT", int, DEFAULT_STATUS_PORT, "status service port (internal mode: the server's port + 1)",
-       STATUS, "port"),
+    _s("OLMOCR_STATUS_PORT", int, DEFAULT_STATUS_PORT, "status service port; unset, the port after the box's "
+       "servers (`OLMOCR_PORT` + number of servers: 30025 with one server on 30024). Pin it when Prometheus "
+       "scrapes boxes with different GPU counts", STATUS, "port", shown_default="`OLMOCR_PORT` + servers"),
     _s("OLMOCR_STATUS_POLL_INTERVAL", float, 1.0, "seconds between readings of supervisord", STATUS,
        "poll_interval"),
     _s("OLMOCR_STATUS_PUSH_INTERVAL", float, 5.0, "WebSocket heartbeat: the state is pushed at least this often",
@@ -125,8 +132,14 @@ REGISTRY: tuple[Setting, ...] = (
        secret=True, shown_default=""),
     _s("OLMOCR_STATUS_TOKEN_FILE", str, None, "a file holding that token", STATUS, shown_default=""),
     # ---- the pipeline
-    _s("OLMOCR_VLLM_URL", str, None, "the servers, as `--vllm-url` takes them (comma-separated, `URL#weight=N`); "
+    _s("OLMOCR_VLLM_URL", str, None, "the servers, as `--vllm-url` takes them (comma-separated, `URL#weight=N`, "
+       "`http://HOST:P-Q`, `dns+http://NAME:PORT`); "
        "set, it means external servers (no internal mode)", PIPELINE, shown_default=""),
+    _s("OLMOCR_DNS_REFRESH_S", float, 10.0, "how often `dns+http://NAME:PORT` servers are re-resolved "
+       "(0 < s <= 30; docs/fleet.md)", PIPELINE),
+    _s("OLMOCR_HOSTS_FILE", str, None, "resolve `dns+` names from this hosts-format file instead of the system "
+       "resolver (for tests: several 127.0.0.x behind one name without editing `/etc/hosts`)", PIPELINE,
+       shown_default=""),
     _s("OLMOCR_API_KEY", str, None, "API key sent to every server (`Authorization: Bearer`)", PIPELINE,
        secret=True, shown_default=""),
     _s("OLMOCR_API_KEYS_FILE", str, None, "per-server keys: lines `KEY` (every server) or `URL KEY`", PIPELINE,

@@ -34,18 +34,47 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_run(count: int) -> int:
+    """A base port with ``count`` consecutive ports free on 127.0.0.1 a moment ago (one server per GPU)."""
+    for _ in range(50):
+        base = free_port()
+        if base + count > 65535:
+            continue
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise AssertionError(f"no {count} consecutive free ports on 127.0.0.1")
+
+
 def standin_command(port: int, *, model: str = DEFAULT_MODEL, served_model_name: str = "olmocr",
                     extra_args: Sequence[str] = VLLM_FLAGS) -> list[str]:
     return [sys.executable, "-m", "olmocr.standin", "serve", model, "--served-model-name", served_model_name,
             "--port", str(port), *extra_args]
 
 
-def clean_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """os.environ without inherited stand-in control / API key, plus ``env``."""
+def clean_env(env: Mapping[str, str | None] | None = None) -> dict[str, str]:
+    """os.environ without inherited stand-in control / API key / GPU choice, plus ``env`` (a None value
+    removes the variable)."""
     out = {k: v for k, v in os.environ.items()
-           if not k.startswith("OLMOCR_STANDIN_") and k != "VLLM_API_KEY"}
+           if not k.startswith("OLMOCR_STANDIN_") and k not in ("VLLM_API_KEY", "OLMOCR_GPUS")}
     out["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + out["PYTHONPATH"] if out.get("PYTHONPATH") else "")
-    out.update(env or {})
+    # OLMOCR_GPUS defaults to every GPU nvidia-smi lists: on a machine with GPUs a deployment test would
+    # run one stand-in per GPU. No GPU visible unless a test asks: one server, as the tests expect.
+    out["CUDA_VISIBLE_DEVICES"] = ""
+    for key, value in (env or {}).items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
     # Every supervisord a test starts runs the status service: give it a free port, not the shared
     # default 30025 that concurrent test runs (and a real deployment) would fight over.
     out.setdefault("OLMOCR_STATUS_PORT", str(free_port()))

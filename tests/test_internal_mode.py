@@ -25,6 +25,7 @@ from tests.standin_helpers import (
     STANDIN_SHIM,
     clean_env,
     free_port,
+    free_port_run,
     start_standin,
     stop_process_group,
 )
@@ -285,3 +286,22 @@ def test_internal_mode_stops_when_the_server_is_given_up_on(internal_run, tmp_pa
     assert "stopping the run: the server was left stopped after" in run.output()
     run.assert_nothing_left(5)
     assert not list((run.workspace / "worker_locks").glob("*.lock"))  # items handed back
+
+
+def test_internal_mode_serves_on_every_gpu_and_sends_work_to_all(internal_run, tmp_path: Path) -> None:
+    from olmocr.pipeline.servers.fleet import SERVER_STATS_DIR, summarize_server_stats
+
+    pdfs = _docs(tmp_path, 4, 2)
+    run = internal_run(pdfs, "--gpus", "0,1", port=free_port_run(2))
+    assert run.wait(120) == 0, run.output()[-3000:]
+    assert_every_page_once(run.workspace, pdfs)
+    assert "started 2 vLLM servers (one per GPU)" in run.output()
+    for i in range(2):
+        started = next(line for line in (run.run_dir / "logs" / f"vllm-{i}.log").read_text().splitlines()
+                       if "starting:" in line)
+        assert f"--port {run.port + i}" in started
+    totals = summarize_server_stats(p.read_bytes() for p in (run.workspace / SERVER_STATS_DIR).rglob("*")
+                                    if p.is_file())
+    assert set(totals) == {f"http://127.0.0.1:{run.port}", f"http://127.0.0.1:{run.port + 1}"}
+    assert all(row["pages"] > 0 for row in totals.values()), totals
+    run.assert_nothing_left(5)

@@ -214,3 +214,37 @@ def test_a_hung_server_is_killed_after_three_probe_timeouts_not_three_timeouts_p
         if (4242, signal.SIGTERM) in h.signals:
             killed_at = h.now
     assert killed_at == 60  # 3 x 20 s, probes back to back (70 s with a tick lost after each)
+
+
+def test_one_listener_for_a_box_kills_and_gives_up_per_server():
+    """Three servers behind one listener: a hang on vllm-1 kills vllm-1's process group alone, and a
+    crash loop of vllm-2 stops vllm-2 alone (XML-RPC names vllm:vllm-N, records under vllm-N)."""
+    from olmocr.server.listener import BoxListener
+
+    now = [0.0]
+    rpcs = [FakeSupervisorRPC() for _ in range(3)]
+    for i, rpc in enumerate(rpcs):
+        rpc.info = {"statename": "RUNNING", "pid": 5000 + i, "start": 100, "now": 130}
+    rpcs[2].stats = {"consecutive_restarts": 3}  # over the limit of 2 at its next automatic restart
+    probes = {0: lambda: OK, 1: lambda: HUNG, 2: lambda: OK}
+    signals: list[tuple[int, int]] = []
+    settings = ServerSettings(health_interval=10, failure_threshold=2, startup_timeout=600, kill_grace=15,
+                              max_restart_attempts=2)
+    stdout = io.StringIO()
+    watchers = [HealthListener(io.StringIO(), stdout, rpcs[i], settings, probes[i], program=f"vllm-{i}",
+                               rpc_name=f"vllm:vllm-{i}", clock=lambda: now[0], wall_clock=lambda: 1000 + now[0],
+                               executor=lambda fn: fn(), signal_group=lambda pgid, sig: signals.append((pgid, sig))
+                               or True)
+                for i in range(3)]
+    box = BoxListener(io.StringIO(), stdout, watchers)
+    for _ in range(3):  # three probe rounds, 10 s apart
+        box.handle("TICK_5", "when:0")
+        now[0] += 10
+    assert signals == [(5001, signal.SIGTERM)]  # vllm-1 alone, by its process group
+    assert ("supervisor.getProcessInfo", ("vllm:vllm-1",)) in rpcs[1].calls
+    assert [c for c in rpcs[1].calls if c[0] == "olmocr.recordKill"][0][1][0] == "vllm-1"
+    assert not [c for c in rpcs[0].calls + rpcs[2].calls if c[0] == "olmocr.recordKill"]
+
+    box.handle("PROCESS_STATE_STARTING", "processname:vllm-2 groupname:vllm from_state:EXITED tries:0")
+    assert ("supervisor.stopProcess", ("vllm:vllm-2", False)) in rpcs[2].calls
+    assert not [c for c in rpcs[0].calls + rpcs[1].calls if c[0] == "supervisor.stopProcess"]

@@ -18,15 +18,15 @@ import pytest
 
 from olmocr.server.manager import READY_MESSAGE
 from tests.deployment_helpers import live, wait_for
-from tests.standin_helpers import STANDIN_SHIM, clean_env, free_port
+from tests.standin_helpers import STANDIN_SHIM, clean_env, free_port_run
 
 pytestmark = pytest.mark.integration
 
 
 class ManagerRun:
-    def __init__(self, *args: str, control: dict | None = None) -> None:
+    def __init__(self, *args: str, control: dict | None = None, ports: int = 1) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="olmocr-mgr-"))
-        self.port = free_port()
+        self.port = free_port_run(ports)
         control_file = self.dir / "control.json"
         control_file.write_text(json.dumps(control or {}))
         env = clean_env({"OLMOCR_PYTHON": sys.executable, "OLMOCR_STANDIN_CONTROL": str(control_file),
@@ -142,6 +142,28 @@ def test_manager_killed_with_sigkill_takes_the_deployment_with_it(manager_run):
     run.proc.kill()
     run.proc.wait(timeout=10)
     wait_for(lambda: not any(live(pid) for pid in pids), 90, "every process the manager started to exit")
+
+
+def test_several_gpus_one_server_each_and_one_vllm_url(manager_run):
+    run = manager_run("--gpus", "0,1", ports=2)
+    wait_for(lambda: READY_MESSAGE in run.lines, 60, "ready message")
+    out = run.output()
+    assert f"server vllm:vllm-0: http://127.0.0.1:{run.port} on GPU 0" in out
+    assert f"server vllm:vllm-1: http://127.0.0.1:{run.port + 1} on GPU 1" in out
+    assert f"--vllm-url http://127.0.0.1:{run.port}-{run.port + 1}" in out
+    before_ready = run.lines[:run.lines.index(READY_MESSAGE)]
+    assert f"all 2 servers ready: --vllm-url http://127.0.0.1:{run.port}-{run.port + 1}" in "\n".join(before_ready)
+    status = wait_for(lambda: run.status_lines(after=READY_MESSAGE), 15, "a status line after ready")[-1]
+    assert status["healthy"] and [e["name"] for e in status["servers"]] == ["vllm-0", "vllm-1"]
+    run.proc.send_signal(signal.SIGINT)
+    assert run.proc.wait(timeout=90) == 0
+
+
+def test_a_gpu_count_above_the_visible_gpus_fails_fast_with_one_line(manager_run):
+    run = manager_run("--gpus", "3")  # no GPU here (the tests hide any)
+    assert run.proc.wait(timeout=30) == 2
+    assert "OLMOCR_GPUS=3 but only 0 GPU(s) are visible" in run.output()
+    assert "Traceback" not in run.output()
 
 
 def test_a_run_dir_too_long_for_a_unix_socket_leaves_no_socket_dir_behind(manager_run, tmp_path):

@@ -46,6 +46,8 @@ def scrape(url: str, **kw) -> dict[str, float]:
 
 def m(name: str, **labels: str) -> str:
     labels.setdefault("model", MODEL)
+    labels.setdefault("server", "vllm")  # one server, no GPU: the process keeps the name vllm
+    labels.setdefault("gpu", "")
     return f"{name}{{{','.join(f'{k}={v}' for k, v in sorted(labels.items()))}}}"
 
 
@@ -100,8 +102,12 @@ def test_kill_9_counts_a_restart_in_metrics_and_is_pushed_over_websocket(deploym
     assert status.status_code == 200
     script = json.loads(dep.run_status_script().stdout)
     volatile = {"uptime_seconds", "last_health_check", "probe_latency_ms", "description"}
-    assert {k: v for k, v in status.json().items() if k not in volatile} == \
-        {k: v for k, v in script.items() if k not in volatile}
+
+    def steady(part: dict) -> dict:  # the box and each of its servers, without what ticks with the clock
+        return {k: ([steady(e) for e in v] if k == "servers" else v) for k, v in part.items() if k not in volatile}
+
+    assert steady(status.json()) == steady(script)
+    assert [e["name"] for e in script["servers"]] == ["vllm"]
 
     client = WsClient(f"{dep.status_url}/ws")
     try:
@@ -289,15 +295,15 @@ def test_metrics_keep_last_known_counters_while_supervisord_is_unreachable():
                     info={"statename": "RUNNING"}, stats=stats, settings={"model": "mdl"})
     down = Snapshot({"healthy": False, "error": "supervisord unreachable"})
     text_good = parse_metrics(_exposition(server_metrics(good, good)))
-    assert text_good['olmocr_server_restarts_total{model=mdl}'] == 3.0
-    assert text_good['olmocr_server_health_kills_total{model=mdl,reason=completion_timeout}'] == 2.0
-    assert text_good['olmocr_server_last_probe_duration_seconds{model=mdl}'] == 0.25
-    assert text_good['olmocr_server_consecutive_probe_failures{model=mdl}'] == 1.0
+    assert text_good['olmocr_server_restarts_total{gpu=,model=mdl,server=vllm}'] == 3.0
+    assert text_good['olmocr_server_health_kills_total{gpu=,model=mdl,reason=completion_timeout,server=vllm}'] == 2.0
+    assert text_good['olmocr_server_last_probe_duration_seconds{gpu=,model=mdl,server=vllm}'] == 0.25
+    assert text_good['olmocr_server_consecutive_probe_failures{gpu=,model=mdl,server=vllm}'] == 1.0
     text_down = parse_metrics(_exposition(server_metrics(down, good)))
-    assert text_down['olmocr_server_restarts_total{model=mdl}'] == 3.0
-    assert text_down['olmocr_server_up{model=mdl}'] == 0.0
-    assert text_down['olmocr_server_health_phase{model=mdl,phase=unknown}'] == 1.0
-    assert text_down['olmocr_server_uptime_seconds{model=mdl}'] == 0.0
+    assert text_down['olmocr_server_restarts_total{gpu=,model=mdl,server=vllm}'] == 3.0
+    assert text_down['olmocr_server_up{gpu=,model=mdl,server=vllm}'] == 0.0
+    assert text_down['olmocr_server_health_phase{gpu=,model=mdl,phase=unknown,server=vllm}'] == 1.0
+    assert text_down['olmocr_server_uptime_seconds{gpu=,model=mdl,server=vllm}'] == 0.0
 
 
 def _exposition(families) -> str:

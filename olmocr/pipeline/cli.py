@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -17,7 +18,14 @@ from olmocr.pipeline.errors import FleetConfigError, NoInput, WorkspaceError
 from olmocr.pipeline.flags import normalize_spellings, number, whole
 from olmocr.pipeline.pages.render import DEFAULT_RENDER_TIMEOUT_S
 from olmocr.pipeline.runner import PipelineConfig, run_pipeline
-from olmocr.pipeline.servers.serverlist import URL_ENV, parse_url_list, server_specs
+from olmocr.pipeline.servers.discovery import refresh_interval
+from olmocr.pipeline.servers.serverlist import (
+    URL_ENV,
+    dns_with_keys,
+    parse_dns_names,
+    parse_url_list,
+    server_specs,
+)
 from olmocr.pipeline.stopping import DEFAULT_STOP_TIMEOUT_S, StopRequest
 from olmocr.pipeline.upstream_flags import add_upstream_arguments, check_unknown, check_upstream_flags, fail
 from olmocr.server.errors import SettingsError
@@ -47,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     server = p.add_argument_group("server")
     server.add_argument("--vllm-url", "--server", dest="server", action="append", default=None, metavar="URL",
                         help="URL of a vLLM server, e.g. http://127.0.0.1:30024 (a trailing /v1 is accepted); "
-                             "repeat it or give a comma-separated list for several servers; URL#weight=N fixes a "
+                             "repeat it or give a comma-separated list for several servers; http://HOST:P-Q is one server per "
+                             "port (a box with one server per GPU); dns+http://NAME:PORT is every address NAME "
+                             "resolves to, re-resolved while running; URL#weight=N fixes a "
                              "server's share (default: learned); default $OLMOCR_VLLM_URL; without any, the "
                              "pipeline starts its own server (see 'internal server')")
     server.add_argument("--api_key", default=None,
@@ -266,6 +276,8 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, internal: b
     url_values = args.server or ([os.environ[URL_ENV]] if os.environ.get(URL_ENV) else [])
     try:
         servers = server_specs(parse_url_list(url_values), api_key, key_file)
+        dns = dns_with_keys(parse_dns_names(url_values), api_key, key_file)
+        refresh_interval(os.environ)  # a bad OLMOCR_DNS_REFRESH_S fails now, with one line
     except FleetConfigError as exc:
         parser.error(str(exc))
     server_settings = None
@@ -277,15 +289,20 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, internal: b
         try:
             server_settings = internal_settings(args, vllm_args)
             key = api_key or read_api_key(server_settings)  # the key the server is started with
+            slots = server_settings.server_slots()  # one server per GPU (olmocr/server/gpus.py)
         except ValueError as exc:
             fail(parser, str(exc))
-        servers = [ServerSpec(server_settings.base_url, None, key)]
+        gpus = [gpu for slot in slots for gpu in slot.gpus]
+        if gpus:  # resolved once (nvidia-smi): the servers started are the servers the pipeline uses
+            server_settings = dataclasses.replace(server_settings, gpus=",".join(gpus))
+        servers = [ServerSpec(slot.url(server_settings.client_host), None, key) for slot in slots]
     if ca_bundle and not os.path.isfile(ca_bundle):
         parser.error(f"--ca_bundle {ca_bundle}: no such file (a PEM file of CA certificates)")
 
     config = PipelineConfig(
         workspace=args.workspace,
         servers=tuple(servers),
+        dns=tuple(dns) if not internal else (),
         ca_bundle=ca_bundle,
         priority=args.priority,
         pdfs=tuple(args.pdfs or ()),

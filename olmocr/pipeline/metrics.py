@@ -178,5 +178,7 @@ async def start_for_runner(runner: Any) -> MetricsExporter:
     runner.renderer.observe_render = metrics.render_seconds.observe
     for server in runner.fleet.servers:
         server.observe_request = metrics.observe_request(server.url)
+    runner.fleet.on_new_server = lambda server: setattr(server, "observe_request",  # dns+http:// servers
+                                                         metrics.observe_request(server.url))
     return await start_exporter(metrics, runner.queue, config.metrics_host, config.metrics_port,
                                 config.metrics_token, config.progress_interval)

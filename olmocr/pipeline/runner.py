@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -16,8 +17,9 @@ from olmocr.pipeline.pages.page import MAX_TOKENS, PageProcessor, PageSettings
 from olmocr.pipeline.pages.render import DEFAULT_RENDER_TIMEOUT_S, Renderer, default_render_processes
 from olmocr.pipeline.progress import Progress, report_progress
 from olmocr.pipeline.servers.checks import STRUCTURED_OUTPUTS
+from olmocr.pipeline.servers.discovery import refresh_interval
 from olmocr.pipeline.servers.fleet import LOG_MOVED, SERVER_STATS_DIR, Fleet, run_id, server_stats_record
-from olmocr.pipeline.servers.serverlist import ServerSpec
+from olmocr.pipeline.servers.serverlist import DnsName, ServerSpec
 from olmocr.pipeline.stopping import DEFAULT_STOP_TIMEOUT_S, StopRequest
 from olmocr.pipeline.workspace.inputs import expand_inputs, set_input_profile
 from olmocr.pipeline.workspace.queue import WorkItem, WorkQueue, describe_lease_holders
@@ -38,6 +40,7 @@ class PipelineConfig:
     workspace: str
     servers: tuple[ServerSpec, ...]
     pdfs: tuple[str, ...] = ()
+    dns: tuple[DnsName, ...] = ()  # dns+http://NAME:PORT servers (olmocr.pipeline.servers.discovery)
     workers: int = 20
     pages_per_group: int = 500
     max_page_retries: int = 8
@@ -382,7 +385,8 @@ async def _run_on(config: PipelineConfig, storage: Storage, queue: WorkQueue, st
     fleet = Fleet(config.servers, request_timeout=config.request_timeout,
                   max_concurrent_requests=config.max_concurrent_requests, ca_bundle=config.ca_bundle,
                   priority=config.priority, render_lookahead=4 * (config.render_processes or default_render_processes()),
-                  longest_dim=config.target_longest_image_dim)
+                  longest_dim=config.target_longest_image_dim, dns=config.dns,
+                  dns_refresh_s=refresh_interval(os.environ))
     try:
         ready = asyncio.create_task(fleet.start(max_wait_s=config.max_server_ready_timeout))
         stopped = asyncio.create_task(stop.event.wait())

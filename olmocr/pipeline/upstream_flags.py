@@ -64,8 +64,11 @@ def add_upstream_arguments(parser: argparse.ArgumentParser) -> None:
                           help="GPUs per model replica (default 1)")
     internal.add_argument("--data-parallel-size", "-dp", dest="data_parallel_size", type=whole(1), default=None,
                           help="model replicas (default 1)")
+    internal.add_argument("--gpus", default=None,
+                          help="GPUs to start servers on, one per GPU (or per tensor-parallel run): 'all' (default: "
+                               "every visible GPU; upstream uses one), a count N or a list 0,1,3 (env OLMOCR_GPUS)")
     internal.add_argument("--port", type=whole(1, 65535), default=None,
-                          help="port of the server (default 30024); if an olmocr server already answers there, "
+                          help="port of the (first) server (default 30024); if an olmocr server already answers there, "
                                "it is used instead of starting one")
     internal.add_argument("--server_run_dir", default=None,
                           help="directory for the server's supervisord files and logs (default: a new temporary "

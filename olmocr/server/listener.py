@@ -5,6 +5,12 @@ whole process group of an unhealthy server, records every probe in the ``olmocr`
 up engine processes orphaned by a crash, and leaves a crash-looping server stopped after
 ``max_restart_attempts`` restarts in a row (runs shorter than ``restart_reset_after``).
 
+One listener watches every server of the box (``olmocr.getServers()``: one per GPU, see
+olmocr/server/expansion.py). Each server has its own ``HealthListener`` state: its own probes, failure
+count, startup grace, kill and crash-loop budget, so a hang on one GPU kills and restarts that server
+alone, and giving up is decided per server. ``BoxListener`` speaks the event protocol and hands each
+event to all of them (each acts only on its own process's events).
+
 Protocol discipline: stdout carries only the event protocol (anything else puts the listener in
 UNKNOWN forever), so logs go to stderr. Probes run in a worker thread, so every event is answered at
 once and a slow probe never stalls supervisord's event queue; results are acted on at the next event
@@ -72,7 +78,7 @@ class HealthListener:
     """Drive with ``run()``; tests inject stdin/stdout/rpc/probe/clock and call it line by line."""
 
     def __init__(self, stdin: IO[str], stdout: IO[str], rpc: Any, settings: ServerSettings,
-                 probe: Callable[[], ProbeResult], *, program: str = PROGRAM_NAME,
+                 probe: Callable[[], ProbeResult], *, program: str = PROGRAM_NAME, rpc_name: str | None = None,
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
                  executor: Callable[[Callable[[], None]], None] = thread_executor,
                  signal_group: Callable[[int, int], bool] = kill_process_group) -> None:
@@ -81,7 +87,8 @@ class HealthListener:
         self.rpc = rpc
         self.settings = settings
         self.probe = probe
-        self.program = program
+        self.program = program  # the process name: in events and in the olmocr extension's records
+        self.rpc_name = rpc_name or program  # supervisord's XML-RPC name ("vllm" or "vllm:vllm-0")
         self.clock = clock
         self.wall_clock = wall_clock
         self.executor = executor
@@ -99,22 +106,7 @@ class HealthListener:
 
     # -- protocol ---------------------------------------------------------------------------------
     def run(self, max_events: int | None = None) -> None:
-        handled = 0
-        while max_events is None or handled < max_events:
-            self.stdout.write("READY\n")
-            self.stdout.flush()
-            line = self.stdin.readline()
-            if not line:
-                return  # supervisord closed our stdin: it is shutting down
-            headers = parse_fields(line)
-            payload = self.stdin.read(int(headers.get("len", "0")))
-            try:
-                self.handle(headers.get("eventname", ""), payload)
-            except Exception:  # survive our own bugs and RPC hiccups; never leave supervisord waiting
-                log.exception("error while handling %s", headers.get("eventname"))
-            self.stdout.write("RESULT 2\nOK")
-            self.stdout.flush()
-            handled += 1
+        run_protocol(self.stdin, self.stdout, self.handle, max_events)
 
     def handle(self, event_name: str, payload: str) -> None:
         if event_name.startswith("PROCESS_STATE_"):
@@ -153,7 +145,7 @@ class HealthListener:
 
     def sync_from_supervisor(self) -> None:
         """Learn the process state when we (re)start after the server: we missed its events."""
-        info = self.rpc.supervisor.getProcessInfo(self.program)
+        info = self.rpc.supervisor.getProcessInfo(self.rpc_name)
         self.process_state = info["statename"]
         self.pid = info["pid"] or None
         running_for = max(0, info["now"] - info["start"]) if info["start"] else 0
@@ -169,9 +161,9 @@ class HealthListener:
         reason = (f"crash loop: restarted {limit} times in a row, each run shorter than "
                   f"{self.settings.restart_reset_after:g} s (max restart attempts {limit}); left stopped. "
                   "Read the server log "
-                  f"(supervisorctl tail {self.program}), fix the cause, then `supervisorctl start {self.program}`")
+                  f"(supervisorctl tail {self.rpc_name}), fix the cause, then `supervisorctl start {self.rpc_name}`")
         log.error(reason)
-        self.rpc.supervisor.stopProcess(self.program, False)
+        self.rpc.supervisor.stopProcess(self.rpc_name, False)
         self.rpc.olmocr.recordGiveUp(self.program, reason)
 
     # -- probing ----------------------------------------------------------------------------------
@@ -244,7 +236,7 @@ class HealthListener:
                 self.kill(decision.kill_reason)
 
     def kill(self, reason: str) -> None:
-        pid = self.pid or self.rpc.supervisor.getProcessInfo(self.program)["pid"]
+        pid = self.pid or self.rpc.supervisor.getProcessInfo(self.rpc_name)["pid"]
         if not pid:
             return
         log.error("%s is unhealthy: %s; killing process group %s so supervisord restarts it",
@@ -300,6 +292,56 @@ def describe_probe(record: dict[str, Any]) -> str:
     return f"{outcome}; " + ", ".join(parts)
 
 
+def run_protocol(stdin: IO[str], stdout: IO[str], handle: Callable[[str, str], None],
+                 max_events: int | None = None) -> None:
+    handled = 0
+    while max_events is None or handled < max_events:
+        stdout.write("READY\n")
+        stdout.flush()
+        line = stdin.readline()
+        if not line:
+            return  # supervisord closed our stdin: it is shutting down
+        headers = parse_fields(line)
+        payload = stdin.read(int(headers.get("len", "0")))
+        try:
+            handle(headers.get("eventname", ""), payload)
+        except Exception:  # survive our own bugs and RPC hiccups; never leave supervisord waiting
+            log.exception("error while handling %s", headers.get("eventname"))
+        stdout.write("RESULT 2\nOK")
+        stdout.flush()
+        handled += 1
+
+
+class BoxListener:
+    """The event protocol for every server of the box; each event goes to every server's watcher."""
+
+    def __init__(self, stdin: IO[str], stdout: IO[str], watchers: list[HealthListener]) -> None:
+        self.stdin = stdin
+        self.stdout = stdout
+        self.watchers = watchers
+
+    def handle(self, event_name: str, payload: str) -> None:
+        for watcher in self.watchers:
+            try:
+                watcher.handle(event_name, payload)
+            except Exception:  # one server's trouble (an RPC hiccup) must not skip the others
+                log.exception("error while handling %s for %s", event_name, watcher.program)
+
+    def run(self, max_events: int | None = None) -> None:
+        run_protocol(self.stdin, self.stdout, self.handle, max_events)
+
+
+def servers_from_supervisor(rpc: Any, program: str, settings: ServerSettings) -> list[dict[str, Any]]:
+    """The servers the olmocr extension started; the one configured program if it cannot say."""
+    try:
+        servers = rpc.olmocr.getServers()
+        if servers:
+            return servers
+    except Exception as exc:  # an extension from before getServers, or a hiccup
+        log.warning("could not list the servers from supervisord (%s); watching %s alone", exc, program)
+    return [{"name": program, "rpc_name": program, "url": settings.base_url, "gpus": []}]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="olmocr-health-listener", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"olmocr-serve {__version__}")
@@ -320,13 +362,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from olmocr.server.rpcclient import connect_from_child_env
 
-    rpc = connect_from_child_env(os.environ, timeout=10.0)
-    probe = ServerProbe(settings.base_url, api_key=api_key, health_timeout=settings.health_timeout,
-                        completion_timeout=settings.completion_timeout)
-    log.info("watching %s at %s every %g s (failure threshold %d, startup timeout %g s)", args.program,
-             settings.base_url, settings.health_interval, settings.failure_threshold,
-             settings.startup_timeout)
-    HealthListener(sys.stdin, sys.stdout, rpc, settings, probe, program=args.program).run()
+    watchers = []
+    for server in servers_from_supervisor(connect_from_child_env(os.environ, timeout=10.0), args.program,
+                                          settings):
+        # One XML-RPC connection per server: probes of different servers finish in different threads.
+        rpc = connect_from_child_env(os.environ, timeout=10.0)
+        probe = ServerProbe(server["url"], api_key=api_key, health_timeout=settings.health_timeout,
+                            completion_timeout=settings.completion_timeout)
+        log.info("watching %s at %s%s every %g s (failure threshold %d, startup timeout %g s)",
+                 server["rpc_name"], server["url"],
+                 f" (GPU {','.join(server['gpus'])})" if server.get("gpus") else "", settings.health_interval,
+                 settings.failure_threshold, settings.startup_timeout)
+        watchers.append(HealthListener(sys.stdin, sys.stdout, rpc, settings, probe, program=server["name"],
+                                       rpc_name=server["rpc_name"]))
+    BoxListener(sys.stdin, sys.stdout, watchers).run()
     return 0
 
 

@@ -4,6 +4,12 @@ It renders the same supervisord configuration as ``supervisord.conf`` into a run
 supervisord (``-n``) with the options as ``OLMOCR_*`` environment, reports readiness and a status JSON
 every minute from supervisord's XML-RPC, and on Ctrl+C / SIGTERM shuts supervisord down, which stops
 the whole vLLM process group, then makes sure nothing it started is left and exits 0.
+
+With several GPUs (``--gpus`` / ``OLMOCR_GPUS``, default every visible GPU) it runs one server per GPU
+(olmocr/server/expansion.py), prints every server's URL and the one ``--vllm-url`` value that reaches
+them all (a port range), says "ready" once every server is, and until then names those that are not.
+It exits 1 only when every server has been left stopped; one server given up is reported and the
+others keep serving.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from olmocr.ports import port_problem
 from olmocr.server.command import plan_vllm_flags
 from olmocr.server.drain import manager_stop_budget, stopwaitsecs_for
 from olmocr.server.errors import SettingsError
+from olmocr.server.gpus import ServerSlot, port_range_url
 from olmocr.server.lifetime import die_with_parent
 from olmocr.server.rpcclient import connect
 from olmocr.server.settings import PROGRAM_NAME, ServerSettings, read_api_key
@@ -58,6 +65,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     )
     parser.add_argument("--version", action="version", version=f"olmocr-serve {__version__}")
     add_server_arguments(parser)
+    parser.add_argument("--gpus", default=None,
+                        help="GPUs to serve on, one server each (or each tensor-parallel run): 'all' (default: "
+                             "every GPU nvidia-smi lists, honouring CUDA_VISIBLE_DEVICES), a count N, or a list "
+                             "0,1,3 (env OLMOCR_GPUS)")
     parser.add_argument("--health-check-interval", type=float, default=None,
                         help="seconds between health probes (default 10)")
     parser.add_argument("--max-restart-attempts", type=int, default=None,
@@ -98,8 +109,14 @@ def socket_path_for(run_dir: Path) -> str:
 
 class Manager:
     def __init__(self, settings: ServerSettings, run_dir: Path, status_interval: float, startsecs: int,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, slots: list[ServerSlot] | None = None) -> None:
         self.extra_env = dict(extra_env or {})  # for supervisord and its programs, over os.environ
+        # Resolved once here (nvidia-smi), then given to supervisord as an explicit list so that the
+        # RPC extension, the listener and the status service see the very same servers.
+        self.slots = slots if slots is not None else settings.server_slots()
+        gpus = [gpu for slot in self.slots for gpu in slot.gpus]
+        if gpus:
+            settings = dataclasses.replace(settings, gpus=",".join(gpus))
         self.settings = settings
         self.run_dir = run_dir
         self.status_interval = status_interval
@@ -136,12 +153,27 @@ class Manager:
             preexec_fn=_terminate_when_parent_dies(os.getpid()),
         )
         log.info("supervisord started (pid %d), config %s", self.supervisord.pid, self.config_path)
-        log.info("vLLM output: %s", self.run_dir / "logs" / "vllm.log")
+        for slot in self.slots:
+            name = "vllm" if slot.name == slot.group else slot.name
+            log.info("vLLM output: %s", self.run_dir / "logs" / f"{name}.log")
+
+    @property
+    def vllm_url(self) -> str:
+        """The one ``--vllm-url`` value that reaches every server of this box."""
+        return port_range_url(self.settings.client_host, self.slots)
+
+    def announce_servers(self) -> None:
+        for slot in self.slots:
+            log.info("server %s: %s%s", slot.rpc_name, slot.url(self.settings.client_host),
+                     f" on GPU {','.join(slot.gpus)}" if slot.gpus else "")
+        log.info("pipeline: --vllm-url %s", self.vllm_url)
 
     def run(self) -> int:
         self.start()
         ready_announced = False
         next_status_at = time.monotonic() + self.status_interval
+        next_waiting_note = time.monotonic() + min(self.status_interval, 30.0)
+        reported_given_up: set[str] = set()
         exit_code = 0
         try:
             while not self.stop_requested:
@@ -151,10 +183,24 @@ class Manager:
                     return 1
                 status = self.poll_status()
                 if status is not None:
+                    servers = status.get("servers") or []
                     if status["healthy"] and not ready_announced:
+                        if len(servers) > 1:
+                            log.info("all %d servers ready: --vllm-url %s", len(servers), self.vllm_url)
                         log.debug(READY_MESSAGE)  # the log file only: the console gets the bare line, once
                         print(READY_MESSAGE, flush=True)
                         ready_announced = True
+                    elif not status["healthy"] and len(servers) > 1 and time.monotonic() >= next_waiting_note:
+                        waiting = [f"{e['name']} ({e.get('health_phase') or (e.get('state') or '?').lower()})"
+                                   for e in servers if not e["healthy"]]
+                        log.info("%d of %d servers ready; not ready: %s", len(servers) - len(waiting),
+                                 len(servers), ", ".join(waiting))
+                        next_waiting_note = time.monotonic() + min(self.status_interval, 30.0)
+                    for entry in servers if len(servers) > 1 else []:
+                        if entry.get("gave_up") and entry["name"] not in reported_given_up:
+                            reported_given_up.add(entry["name"])
+                            log.error("server %s left stopped: %s; the other servers keep serving",
+                                      entry["name"], entry.get("last_failure_reason"))
                     if status.get("gave_up") or status.get("state") == "FATAL":
                         log.error("server left stopped: %s", status.get("last_failure_reason"))
                         print(json.dumps(status), flush=True)
@@ -254,14 +300,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["vllm_bin"] = resolve_executable(settings.vllm_bin)
         settings = dataclasses.replace(settings, **overrides)
         settings.validate()
+        slots = settings.server_slots()
         # A taken port is a definite answer: said at once, before anything is written to the run dir.
-        status_port = int(envs.value("OLMOCR_STATUS_PORT"))
-        for host, port, what, fix in (
-            (settings.host, settings.port, "the vLLM server", "stop that program or choose another port with --port "
-                                                              "(OLMOCR_PORT)"),
-            (envs.value("OLMOCR_STATUS_HOST"), status_port, "the status service",
-             "stop that program or choose another port with OLMOCR_STATUS_PORT"),
-        ):
+        status_port = int(os.environ.get("OLMOCR_STATUS_PORT") or slots[-1].port + 1)
+        fix_server = "stop that program or choose another port with --port (OLMOCR_PORT)"
+        checks = [(settings.host, slot.port, "the vLLM server" if len(slots) == 1 else f"vLLM server {i}", fix_server)
+                  for i, slot in enumerate(slots)]
+        checks.append((envs.value("OLMOCR_STATUS_HOST"), status_port, "the status service",
+                       "stop that program or choose another port with OLMOCR_STATUS_PORT"))
+        for host, port, what, fix in checks:
             if (problem := port_problem(host, port, what, fix)) is not None:
                 log.error("%s", problem)
                 return 2
@@ -274,13 +321,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SettingsError, ValueError) as exc:
         log.error("%s", exc)
         return 2
-    manager = Manager(settings, Path(args.run_dir).resolve(), args.status_interval, args.startsecs)
+    manager = Manager(settings, Path(args.run_dir).resolve(), args.status_interval, args.startsecs, slots=slots)
     signal.signal(signal.SIGINT, manager.request_stop)
     signal.signal(signal.SIGTERM, manager.request_stop)
     log.info("serving %s as 'olmocr' on %s (health every %g s, at most %d restarts)", settings.model,
-             settings.base_url, settings.health_interval, settings.max_restart_attempts)
+             manager.vllm_url, settings.health_interval, settings.max_restart_attempts)
+    manager.announce_servers()
     log.info("status service: http://%s:%s (/metrics, /status, /ws; docs/observability.md)",
-             envs.value("OLMOCR_STATUS_HOST"), envs.value("OLMOCR_STATUS_PORT"))
+             envs.value("OLMOCR_STATUS_HOST"), status_port)
     return manager.run()
 
 

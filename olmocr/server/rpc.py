@@ -10,6 +10,10 @@ Load it with::
     [rpcinterface:olmocr]
     supervisor.rpcinterface_factory = olmocr.server.rpc:make_rpcinterface
 
+At load it also expands ``[program:vllm]`` into one process per server of ``OLMOCR_GPUS``
+(olmocr/server/expansion.py) and answers ``olmocr.getServers()`` with the box's servers, so the health
+listener, the status service and the manager all learn them from the one place that started them.
+
 The state file is ``olmocr-state.json`` beside supervisord's pidfile (``%(here)s`` cannot be used in
 rpcinterface sections), or the absolute path given as ``state_file = ...`` there.
 """
@@ -29,7 +33,9 @@ from supervisor.xmlrpc import Faults, RPCError
 
 from olmocr import envs
 from olmocr.server.errors import SettingsError
-from olmocr.server.settings import ServerSettings
+from olmocr.server.expansion import expand_in_supervisord
+from olmocr.server.gpus import ServerSlot, plan_servers
+from olmocr.server.settings import PROGRAM_NAME, ServerSettings
 
 API_VERSION = "1.0"
 
@@ -191,9 +197,20 @@ class ProcessStatsStore:
 class OlmocrNamespaceRPCInterface:
     """Methods served as ``olmocr.<name>`` on supervisord's XML-RPC endpoint."""
 
-    def __init__(self, supervisord: Any, store: ProcessStatsStore) -> None:
+    def __init__(self, supervisord: Any, store: ProcessStatsStore,
+                 slots: list[ServerSlot] | None = None) -> None:
         self.supervisord = supervisord
         self.store = store
+        self.slots = slots or plan_servers((), 1, ServerSettings.port)
+
+    def getServers(self) -> list[dict[str, Any]]:
+        """The box's vLLM servers, in order: process name, XML-RPC name, port, URL and GPUs."""
+        try:
+            host = ServerSettings.from_env().client_host
+        except SettingsError:
+            host = "127.0.0.1"
+        return [{"index": s.index, "name": s.name, "rpc_name": s.rpc_name, "port": s.port,
+                 "url": s.url(host), "gpus": list(s.gpus)} for s in self.slots]
 
     def getAPIVersion(self) -> str:
         return API_VERSION
@@ -273,10 +290,34 @@ def make_rpcinterface(supervisord: Any, **config: str) -> OlmocrNamespaceRPCInte
         store = ProcessStatsStore(state_file, reset_after=reset_after)
         _stores[state_file] = (store, _recorder(store, supervisord))
     store, recorder = _stores[state_file]
+    slots = _expand_servers(supervisord)
     # A reload clears supervisord's subscriptions (events.clear()) before calling the factories again.
     if (events.ProcessStateEvent, recorder) not in events.callbacks:
         events.subscribe(events.ProcessStateEvent, recorder)
-    return OlmocrNamespaceRPCInterface(supervisord, store)
+    return OlmocrNamespaceRPCInterface(supervisord, store, slots)
+
+
+def _expand_servers(supervisord: Any) -> list[ServerSlot]:
+    """One process per server of OLMOCR_GPUS, before supervisord starts any (olmocr/server/expansion.py).
+
+    Bad settings leave the one unexpanded program: its wrapper then exits with the one-line reason,
+    which ``supervisorctl tail vllm`` and the status show."""
+    logger = supervisord.options.logger
+    try:
+        slots = ServerSettings.from_env().server_slots()
+    except SettingsError as exc:
+        logger.error(f"olmocr: {exc}; running one server, which will refuse to start")
+        return plan_servers((), 1, ServerSettings.port)
+    if not any(getattr(g, "name", None) == PROGRAM_NAME for g in supervisord.options.process_group_configs):
+        return slots  # no [program:vllm] here (an include for another layout): nothing to expand
+    try:
+        if expand_in_supervisord(supervisord, slots):
+            logger.info("olmocr: " + ", ".join(f"{s.rpc_name} on port {s.port}"
+                                               + (f" (GPU {','.join(s.gpus)})" if s.gpus else "")
+                                               for s in slots))
+    except ValueError as exc:
+        logger.error(f"olmocr: {exc}")
+    return slots
 
 
 #: What supervisord decoded from the last wait status it reaped ("terminated by SIGKILL", "exit status 1").

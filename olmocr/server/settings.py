@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from olmocr import envs
 from olmocr.secret_files import SecretFileError, read_secret_file
 from olmocr.server.errors import SettingsError
+from olmocr.server.gpus import ServerSlot, detect_gpus, parse_gpus, plan_servers
 
 DEFAULT_MODEL = envs.DEFAULT_MODEL
 SERVED_MODEL_NAME = envs.SERVED_MODEL_NAME
@@ -59,11 +60,24 @@ class ServerSettings:
     # vLLM writes its ZeroMQ sockets and other scratch files into $TMPDIR and leaves them behind: the
     # deployment points it at a directory it owns (supervisord.conf sets <run>/vllm-tmp). Unset: $TMPDIR.
     vllm_tmpdir: str | None = _d("OLMOCR_VLLM_TMPDIR")
+    # Which GPUs the box serves on: "all", a count or a list (olmocr/server/gpus.py); one server per
+    # tensor_parallel_size x data_parallel_size of them, on consecutive ports from ``port``.
+    gpus: str = _d("OLMOCR_GPUS")
+
+    @property
+    def client_host(self) -> str:
+        """The address a client on this machine uses to reach the server."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
 
     @property
     def base_url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
-        return f"http://{host}:{self.port}"
+        return f"http://{self.client_host}:{self.port}"
+
+    def server_slots(self, env: Mapping[str, str] | None = None) -> list[ServerSlot]:
+        """The box's servers: OLMOCR_GPUS resolved on this machine (may run nvidia-smi)."""
+        env = os.environ if env is None else env
+        gpus = detect_gpus(parse_gpus(self.gpus), env)
+        return plan_servers(gpus, self.tensor_parallel_size * self.data_parallel_size, self.port)
 
     def to_env(self) -> dict[str, str]:
         """The environment variables that reproduce these settings in another process."""
@@ -111,6 +125,7 @@ class ServerSettings:
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise SettingsError(f"scheduling policy {self.scheduling_policy!r} is not fcfs or priority "
                                 "(OLMOCR_SCHEDULING_POLICY / --scheduling-policy)")
+        parse_gpus(self.gpus)
         if self.max_restart_attempts < 0 or self.restart_delay < 0:
             raise SettingsError("max restart attempts and restart delay must not be negative")
 

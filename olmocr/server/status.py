@@ -1,6 +1,11 @@
 """``olmocr-server-status``: the deployment's health as JSON, from supervisord's XML-RPC interface.
 
-Exit status: 0 healthy, 1 unhealthy (or stopped), 2 supervisord unreachable.
+A box may run several servers (one per GPU, ``OLMOCR_GPUS``). The top-level fields describe the whole box
+(``healthy`` only when every server is, ``restart_count`` summed, the latest failure named with its
+server); ``servers`` lists each server with the same fields plus ``name``, ``gpus`` and ``url``. With one
+server the top level is that server's entry, as before.
+
+Exit status: 0 every server healthy, 1 any unhealthy (or stopped), 2 supervisord unreachable.
 """
 
 from __future__ import annotations
@@ -51,6 +56,55 @@ def build_status(info: Mapping[str, Any], stats: Mapping[str, Any], settings: Ma
     }
 
 
+def server_entry(server: Mapping[str, Any], info: Mapping[str, Any], stats: Mapping[str, Any],
+                 settings: Mapping[str, Any]) -> dict:
+    """One server's status: the seed's fields plus its name, GPUs and URL (pure)."""
+    entry = build_status(info, stats, {**settings, "port": server.get("port", settings.get("port"))})
+    return {"name": server["name"], "gpus": list(server.get("gpus") or []), "url": server.get("url"), **entry}
+
+
+def _latest(entries: list[dict], time_key: str) -> dict | None:
+    dated = [e for e in entries if e.get(time_key)]
+    return max(dated, key=lambda e: e[time_key]) if dated else None
+
+
+def build_box_status(entries: list[dict]) -> dict:
+    """The whole box from its servers' entries (pure): healthy only when all are, counts summed."""
+    if len(entries) == 1:
+        top = {k: v for k, v in entries[0].items() if k not in ("name", "gpus", "url")}
+        return {**top, "servers": entries}
+    healthy = all(e["healthy"] for e in entries)
+    unhealthy = [e for e in entries if not e["healthy"]]
+    states = {e["state"] for e in entries}
+    failure = _latest(entries, "last_failure_time")
+    exited = _latest(entries, "last_exit_time")
+    checks = [e["last_health_check"] for e in entries if e.get("last_health_check")]
+    return {
+        "healthy": healthy,
+        "pid": None,  # several processes: see servers[].pid
+        "port": entries[0]["port"],
+        "model": entries[0]["model"],
+        "restart_count": sum(e["restart_count"] for e in entries),
+        "uptime_seconds": min(e["uptime_seconds"] for e in entries),
+        "last_health_check": min(checks) if len(checks) == len(entries) else None,
+        "state": states.pop() if len(states) == 1 else (unhealthy[0] if unhealthy else entries[0])["state"],
+        "health_phase": "healthy" if healthy else (unhealthy[0]["health_phase"] or "starting"),
+        "last_exit_status": exited["last_exit_status"] if exited else None,
+        "last_exit_time": exited["last_exit_time"] if exited else None,
+        "last_failure_reason": f"{failure['name']}: {failure['last_failure_reason']}" if failure else None,
+        "last_failure_time": failure["last_failure_time"] if failure else None,
+        "probe_latency_ms": max((e["probe_latency_ms"] for e in entries if e.get("probe_latency_ms") is not None),
+                                default=None),
+        "consecutive_failures": max(e["consecutive_failures"] for e in entries),
+        "consecutive_restarts": max(e["consecutive_restarts"] for e in entries),
+        "health_kills": sum(e["health_kills"] for e in entries),
+        "gave_up": all(e["gave_up"] for e in entries),  # the box is left stopped only when every server is
+        "description": f"{len(entries) - len(unhealthy)} of {len(entries)} servers healthy"
+                       + (f"; not healthy: {', '.join(e['name'] for e in unhealthy)}" if unhealthy else ""),
+        "servers": entries,
+    }
+
+
 def unreachable_status(url: str, exc: BaseException) -> dict:
     return {"healthy": False, "error": f"supervisord unreachable at {url}: {exc}"}
 
@@ -77,8 +131,41 @@ def fetch_parts(proxy: Any, program: str = PROGRAM_NAME) -> tuple[dict, dict, di
     return info, stats, settings
 
 
+def fetch_servers(proxy: Any, program: str = PROGRAM_NAME) -> list[dict]:
+    """The box's servers from the olmocr extension (``program`` alone if it cannot list them)."""
+    try:
+        servers = proxy.olmocr.getServers()
+    except xmlrpc.client.Fault:  # an extension from before getServers
+        servers = None
+    return servers or [{"name": program, "rpc_name": program, "gpus": []}]
+
+
+def fetch_box_parts(proxy: Any, program: str = PROGRAM_NAME) -> tuple[list[dict], list[tuple[dict, dict]], dict]:
+    """(servers, [(process info, our stats)] per server, settings): two XML-RPC round trips."""
+    servers = fetch_servers(proxy, program)
+    calls: list[dict] = [{"methodName": "olmocr.getSettings", "params": []}]
+    for server in servers:
+        calls += [{"methodName": "supervisor.getProcessInfo", "params": [server["rpc_name"]]},
+                  {"methodName": "olmocr.getProcessStats", "params": [server["name"]]}]
+    results = proxy.system.multicall(calls)
+    for result in results:
+        if isinstance(result, dict) and "faultCode" in result and "faultString" in result:
+            raise xmlrpc.client.Fault(result["faultCode"], result["faultString"])
+    settings = results[0]
+    parts = [(results[1 + 2 * i], results[2 + 2 * i]) for i in range(len(servers))]
+    for server in servers:
+        server.setdefault("port", settings.get("port"))
+        server.setdefault("url", settings.get("base_url"))
+    return servers, parts, settings
+
+
+def box_status_from_parts(servers: list[dict], parts: list[tuple[dict, dict]], settings: dict) -> dict:
+    return build_box_status([server_entry(server, info, stats, settings)
+                             for server, (info, stats) in zip(servers, parts, strict=True)])
+
+
 def fetch_status(proxy: Any, program: str = PROGRAM_NAME) -> dict:
-    return build_status(*fetch_parts(proxy, program))
+    return box_status_from_parts(*fetch_box_parts(proxy, program))
 
 
 def server_url_from_config(path: str) -> str:

@@ -1,6 +1,10 @@
 """``olmocr-status-service``: the deployment's state over HTTP for Prometheus, dashboards and scripts.
 
-supervisord runs it as its own program next to vLLM. It serves, on 127.0.0.1:30025 by default:
+supervisord runs it as its own program next to vLLM, one for the whole box however many servers it runs.
+It listens on 127.0.0.1, port ``OLMOCR_STATUS_PORT``; by default the first port after the box's servers
+(``OLMOCR_PORT`` + number of servers: 30025 with one server on 30024, as before; 30032 with eight), so
+it never collides with a server. Pin ``OLMOCR_STATUS_PORT`` when Prometheus scrapes boxes of different
+sizes. It serves:
 
 - ``GET /metrics``: Prometheus text format (written by ``prometheus_client``): up, healthy, health
   phase, restarts, health kills by reason, consecutive failures, crash-loop give-up, uptime, last
@@ -13,7 +17,11 @@ supervisord runs it as its own program next to vLLM. It serves, on 127.0.0.1:300
   own ``/livez`` and ``/readyz``): the kubelet cannot read a Secret for its probes, and the answer is
   one line that names no setting.
 
-It reads the state as the status script does (``olmocr.server.status.fetch_parts``: one XML-RPC
+Every server of the box (one per GPU, ``OLMOCR_GPUS``) has its own series, labelled ``server`` (its
+supervisord process name, ``vllm`` or ``vllm-<i>``) and ``gpu`` (its ``CUDA_VISIBLE_DEVICES``); ``/status``
+and the WebSocket carry the box's JSON with its ``servers`` list.
+
+It reads the state as the status script does (``olmocr.server.status.fetch_box_parts``: one XML-RPC
 multicall to supervisord and the olmocr RPC extension, in a worker thread, every
 ``OLMOCR_STATUS_POLL_INTERVAL`` seconds) and answers every request from the latest reading, so
 no client, however many or slow, adds load on supervisord. Each connection is fresh, so a supervisord
@@ -41,7 +49,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -60,11 +68,13 @@ from olmocr.endpoints import (
 from olmocr.server.errors import EndpointConfigError
 from olmocr.server.pod_probes import ProbeAnswer, liveness, readiness, stale_after
 from olmocr.server.rpcclient import connect_from_child_env
+from olmocr.server.settings import PROGRAM_NAME
 from olmocr.server.status import (
     add_connection_arguments,
-    build_status,
+    box_status_from_parts,
     connection_from_args,
-    fetch_parts,
+    fetch_box_parts,
+    fetch_servers,
     unreachable_status,
 )
 
@@ -125,27 +135,54 @@ class ServiceSettings:
 # ----------------------------------------------------------------------------------------- readings
 
 @dataclass(frozen=True)
+class ServerReading:
+    """One server of the box in one reading: its status entry and the raw parts its metrics need."""
+
+    name: str
+    gpus: tuple[str, ...]
+    status: dict
+    info: Mapping[str, Any]
+    stats: Mapping[str, Any]
+
+    @property
+    def gpu_label(self) -> str:
+        return ",".join(self.gpus)
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """One reading of supervisord: the status script's JSON plus the raw parts metrics need."""
 
     status: dict
-    info: Mapping[str, Any] | None = None  # None: supervisord unreachable
+    info: Mapping[str, Any] | None = None  # None: supervisord unreachable (one server: its info)
     stats: Mapping[str, Any] | None = None
     settings: Mapping[str, Any] | None = None
     taken_at: float = 0.0
+    servers: tuple[ServerReading, ...] = ()  # empty: the one program of ``info``/``stats``, named vllm
 
     @property
     def reachable(self) -> bool:
         return self.info is not None
 
+    def readings(self) -> list[ServerReading]:
+        if self.servers:
+            return list(self.servers)
+        if not self.reachable:
+            return []
+        return [ServerReading(PROGRAM_NAME, (), self.status, self.info or {}, self.stats or {})]
+
 
 def read_snapshot(proxy: Any, program: str, url: str, clock: Callable[[], float] = time.time) -> Snapshot:
     """Blocking (run it in a thread): never raises, an unreachable supervisord is a snapshot too."""
     try:
-        info, stats, settings = fetch_parts(proxy, program)
+        servers, parts, settings = fetch_box_parts(proxy, program)
     except Exception as exc:  # noqa: BLE001 - refused, timeout, Fault: all mean "cannot tell"
         return Snapshot(unreachable_status(url, exc), taken_at=clock())
-    return Snapshot(build_status(info, stats, settings), info, stats, settings, clock())
+    status = box_status_from_parts(servers, parts, settings)
+    readings = tuple(ServerReading(entry["name"], tuple(entry["gpus"]), entry, info, stats)
+                     for entry, (info, stats) in zip(status["servers"], parts, strict=True))
+    first_info, first_stats = parts[0]
+    return Snapshot(status, first_info, first_stats, settings, clock(), readings)
 
 
 #: Fields that change every second by themselves (supervisord's description says "uptime 0:00:06").
@@ -154,87 +191,110 @@ _TICKING = frozenset({"uptime_seconds", "description"})
 
 def change_key(status: Mapping[str, Any]) -> str:
     """What makes a status worth pushing: all of it except the fields that tick with the clock."""
-    return json.dumps({k: v for k, v in status.items() if k not in _TICKING}, sort_keys=True)
+    def strip(part: Mapping[str, Any]) -> dict:
+        return {k: ([strip(e) for e in v] if k == "servers" else v) for k, v in part.items() if k not in _TICKING}
+
+    return json.dumps(strip(status), sort_keys=True)
 
 
-def health_phase(snapshot: Snapshot) -> str:
-    if not snapshot.reachable:
+def status_phase(status: Mapping[str, Any] | None) -> str:
+    if status is None:
         return "unknown"
-    state = (snapshot.status.get("state") or "unknown").lower()
+    state = (status.get("state") or "unknown").lower()
     if state in ("starting", "running"):
-        return snapshot.status.get("health_phase") or "starting"
+        return status.get("health_phase") or "starting"
     return state
 
 
-def server_metrics(current: Snapshot, last_good: Snapshot | None) -> list[Metric]:
-    """The ``olmocr_server_*`` families for one reading (pure).
+def health_phase(snapshot: Snapshot) -> str:
+    return status_phase(snapshot.status if snapshot.reachable else None)
 
-    While supervisord is unreachable the server is reported down and unhealthy, and the counters keep
+
+def server_metrics(current: Snapshot, last_good: Snapshot | None) -> list[Metric]:
+    """The ``olmocr_server_*`` families for one reading (pure), one series per server of the box with
+    ``server`` (supervisord process name) and ``gpu`` (its CUDA_VISIBLE_DEVICES, "" without GPU) labels.
+
+    While supervisord is unreachable every server is reported down and unhealthy, and the counters keep
     their last known values (from ``last_good``) so that no counter ever goes back.
     """
     good = current if current.reachable else last_good
     model = str((good.settings or {}).get("model", "")) if good else ""
-    labels, values = ["model"], [model]
+    known = good.readings() if good else []
+    current_by_name = {r.name: r for r in current.readings()} if current.reachable else {}
+    # (labels, reading of the last good snapshot, reading now or None)
+    rows = [([model, r.name, r.gpu_label], r, current_by_name.get(r.name)) for r in known] or \
+        [([model, PROGRAM_NAME, ""], None, None)]
+    labels = ["model", "server", "gpu"]
 
-    def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    def gauge(name: str, doc: str, value: Callable[[ServerReading | None, ServerReading | None], float | None]
+              ) -> GaugeMetricFamily:
         family = GaugeMetricFamily(name, doc, labels=labels)
-        family.add_metric(values, value)
+        for row_labels, was, now in rows:
+            v = value(was, now)
+            if v is not None:
+                family.add_metric(row_labels, v)
         return family
 
-    status = current.status
+    def counter(name: str, doc: str, key: str) -> CounterMetricFamily:
+        family = CounterMetricFamily(name, doc, labels=labels)
+        for row_labels, was, _now in rows:
+            family.add_metric(row_labels, float(was.stats.get(key, 0)))
+        return family
+
     out: list[Metric] = [
         gauge("olmocr_server_up", "1 if supervisord runs the vLLM program (state RUNNING)",
-              float(current.reachable and status.get("state") == "RUNNING")),
+              lambda _w, now: float(now is not None and now.status.get("state") == "RUNNING")),
         gauge("olmocr_server_healthy", "1 if the vLLM program is running and its last health probes passed",
-              float(bool(status.get("healthy")))),
+              lambda _w, now: float(now is not None and bool(now.status.get("healthy")))),
     ]
-    phase = health_phase(current)
     family = GaugeMetricFamily("olmocr_server_health_phase", "Health phase of the vLLM program (1 for the "
-                               "current phase)", labels=["model", "phase"])
-    for name in PHASES + (() if phase in PHASES else (phase,)):
-        family.add_metric([model, name], float(name == phase))
+                               "current phase)", labels=["model", "server", "gpu", "phase"])
+    for row_labels, _was, now in rows:
+        phase = status_phase(now.status if now is not None else None)
+        for name in PHASES + (() if phase in PHASES else (phase,)):
+            family.add_metric([*row_labels, name], float(name == phase))
     out.append(family)
     if good is None:
         return out
 
-    stats = good.stats or {}
-    restarts = CounterMetricFamily("olmocr_server_restarts", "Automatic restarts of the vLLM program after "
-                                   "it exited or failed to start (kept across supervisord restarts)",
-                                   labels=labels)
-    restarts.add_metric(values, float(stats.get("restarts", 0)))
-    starts = CounterMetricFamily("olmocr_server_starts", "Starts of the vLLM program, by supervisord or an "
-                                 "operator, restarts included", labels=labels)
-    starts.add_metric(values, float(stats.get("starts", 0)))
     kills = CounterMetricFamily("olmocr_server_health_kills", "vLLM processes killed by the health check, by "
-                                "reason", labels=["model", "reason"])
-    for reason, count in sorted((stats.get("kills_by_reason") or {}).items()):
-        kills.add_metric([model, reason], float(count))
-    out += [restarts, starts, kills]
+                                "reason", labels=["model", "server", "gpu", "reason"])
+    for row_labels, was, _now in rows:
+        for reason, count in sorted((was.stats.get("kills_by_reason") or {}).items()):
+            kills.add_metric([*row_labels, reason], float(count))
+    out += [
+        counter("olmocr_server_restarts", "Automatic restarts of the vLLM program after it exited or failed to "
+                "start (kept across supervisord restarts)", "restarts"),
+        counter("olmocr_server_starts", "Starts of the vLLM program, by supervisord or an operator, restarts "
+                "included", "starts"),
+        kills,
+    ]
 
-    probe = stats.get("health") or {}
-    current_stats = (current.stats or {}) if current.reachable else {}
-    current_probe = current_stats.get("health") or {}
+    def now_stats(now: ServerReading | None) -> Mapping[str, Any]:
+        return now.stats if now is not None else {}
+
+    def was_probe(was: ServerReading) -> Mapping[str, Any]:
+        return was.stats.get("health") or {}
+
     out += [
         gauge("olmocr_server_consecutive_probe_failures", "Failed health probes in a row",
-              float(current_probe.get("consecutive_failures", 0))),
+              lambda _w, now: float((now_stats(now).get("health") or {}).get("consecutive_failures", 0))),
         gauge("olmocr_server_consecutive_restarts", "Restarts in a row, each run shorter than "
               "OLMOCR_RESTART_RESET_AFTER (the crash-loop budget counts these)",
-              float(current_stats.get("consecutive_restarts", 0))),
+              lambda _w, now: float(now_stats(now).get("consecutive_restarts", 0))),
         gauge("olmocr_server_gave_up", "1 if the crash-loop limit left the vLLM program stopped",
-              float(bool(current_stats.get("gave_up")))),
+              lambda _w, now: float(bool(now_stats(now).get("gave_up")))),
         gauge("olmocr_server_uptime_seconds", "Seconds since the running vLLM process started (0 if not "
-              "running)", float(status.get("uptime_seconds") or 0) if current.reachable else 0.0),
+              "running)", lambda _w, now: float(now.status.get("uptime_seconds") or 0) if now else 0.0),
+        gauge("olmocr_server_last_probe_timestamp_seconds", "Unix time of the last health probe",
+              lambda was, _n: float(was_probe(was)["time"]) if was_probe(was).get("time") else None),
+        gauge("olmocr_server_last_probe_duration_seconds", "Duration of the last health probe",
+              lambda was, _n: float(was_probe(was)["latency_ms"]) / 1000.0
+              if was_probe(was).get("latency_ms") is not None else None),
+        gauge("olmocr_server_last_healthy_timestamp_seconds", "Unix time of the last passed health probe",
+              lambda was, _n: float(was.stats["last_healthy_time"]) if was.stats.get("last_healthy_time") else None),
     ]
-    if probe.get("time"):
-        out.append(gauge("olmocr_server_last_probe_timestamp_seconds", "Unix time of the last health probe",
-                         float(probe["time"])))
-    if probe.get("latency_ms") is not None:
-        out.append(gauge("olmocr_server_last_probe_duration_seconds", "Duration of the last health probe",
-                         float(probe["latency_ms"]) / 1000.0))
-    if stats.get("last_healthy_time"):
-        out.append(gauge("olmocr_server_last_healthy_timestamp_seconds", "Unix time of the last passed "
-                         "health probe", float(stats["last_healthy_time"])))
-    return out
+    return [f for f in out if f.samples]
 
 
 # -------------------------------------------------------------------------------------- WebSockets
@@ -460,6 +520,11 @@ async def serve(service: StatusService, stop: asyncio.Event | None = None) -> No
     log.info("stopped")
 
 
+def default_status_port(servers: list[Mapping[str, Any]]) -> int:
+    """The first port after the box's servers (PORT + N), so that it never takes a server's port."""
+    return max(int(s["port"]) for s in servers) + 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="olmocr-status-service", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"olmocr-serve {__version__}")
@@ -468,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"address to listen on (default {DEFAULT_HOST}, env OLMOCR_STATUS_HOST); any other "
                              f"than loopback needs {TOKEN_VAR} or {TOKEN_FILE_VAR}")
     parser.add_argument("--port", type=int, default=None,
-                        help=f"port (default {DEFAULT_PORT}, env OLMOCR_STATUS_PORT)")
+                        help="port (default: OLMOCR_PORT + number of servers, 30025 for one; env OLMOCR_STATUS_PORT)")
     parser.add_argument("--token-file", default=None, help=f"file holding the bearer token (or {TOKEN_FILE_VAR})")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
@@ -490,6 +555,13 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         log.error("%s; pass -c supervisord.conf or --server-url", exc)
         return 2
+    if args.port is None and not os.environ.get("OLMOCR_STATUS_PORT"):
+        try:
+            servers = fetch_servers(proxy, args.program)
+            settings = replace(settings, port=default_status_port(
+                [s for s in servers if s.get("port")] or [{"port": DEFAULT_PORT - 1}]))
+        except Exception as exc:  # noqa: BLE001 - supervisord not answering: keep the default
+            log.warning("could not list the servers (%s); using port %d", exc, settings.port)
     service = StatusService(settings, lambda: read_snapshot(proxy, args.program, url))
     try:
         asyncio.run(serve(service))

@@ -80,6 +80,8 @@ def render_program_sections(layout: ConfigLayout) -> str:
 supervisor.rpcinterface_factory = olmocr.server.rpc:make_rpcinterface
 
 [program:vllm]
+; One process per server of OLMOCR_GPUS (vllm:vllm-0, vllm:vllm-1, ... on OLMOCR_PORT+i, each with its GPUs,
+; log and TMPDIR): the olmocr RPC extension expands this program at start (olmocr/server/expansion.py).
 command = {wrapper}
 priority = 100
 autostart = true
@@ -121,7 +123,8 @@ stderr_logfile_backups = 5
 
 [program:olmocr-status]
 ; /metrics (Prometheus), /status (JSON) and /ws (WebSocket) on OLMOCR_STATUS_HOST:OLMOCR_STATUS_PORT,
-; default 127.0.0.1:30025; another address needs OLMOCR_STATUS_TOKEN(_FILE) (docs/observability.md).
+; default 127.0.0.1, the port after the last vLLM server (30025 with one); another address needs
+; OLMOCR_STATUS_TOKEN(_FILE) (docs/observability.md). One for the whole box, however many servers.
 command = {status}
 priority = 200
 autostart = true

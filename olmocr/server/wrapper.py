@@ -77,6 +77,7 @@ def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None =
         scheduling_policy=args.scheduling_policy,
         vllm_bin=args.vllm_bin,
         restart_delay=args.restart_delay,
+        gpus=getattr(args, "gpus", None),
     )
 
 

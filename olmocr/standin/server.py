@@ -458,6 +458,8 @@ class Handler(BaseHTTPRequestHandler):
             "standin": True, "tmpdir": os.environ.get("TMPDIR"),
             "answers_by": (app.reader.label if app.reader and app.control.get("answer") == "read"
                            else "canned text (stand-in, not a model)"),
+            # Where a deployment placed this server (one per GPU: olmocr/server/expansion.py).
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
 
     def metrics_text(self) -> str:

@@ -86,6 +86,7 @@ class ServerState(str, enum.Enum):
     UP = "up"  # in rotation
     DOWN = "down"  # out of rotation (ejected, or unreachable at start), probed until it is back
     EXCLUDED = "excluded"  # misconfigured (wrong model, context too small): never gets work
+    DRAINING = "draining"  # its address left a dns+ name: no new requests, in-flight ones finish or are resent
 
     def __str__(self) -> str:
         return self.value

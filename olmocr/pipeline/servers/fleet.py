@@ -3,7 +3,7 @@ retry policy of a request across them. A single ``--vllm-url`` is the one-server
 The server list is parsed by :mod:`olmocr.pipeline.servers.serverlist`; the choice of server by
 :mod:`olmocr.pipeline.servers.balance`.
 
-* **Verification.** Every server is checked at start-up by :func:`verify_server` (one function, so the
+* **Verification.** Every server is checked at start-up by :func:`admit_for_run` (one function, so the
   checks are the same for each). A misconfigured server (wrong model, rejected key, untrusted certificate,
   no priority scheduling when ``--priority`` is used) is left out with a one-line reason. The run starts as
   soon as one server is usable; servers still unreachable a few seconds later join when they come up. If
@@ -19,6 +19,9 @@ The server list is parsed by :mod:`olmocr.pipeline.servers.serverlist`; the choi
   and resent to the others without using page attempts. It is probed in the background (``/health``, the model
   list and one tiny completion) and re-admitted after ``READMIT_AFTER`` good probes in a row. With every server
   out, requests wait (and the log says so) -- no outage ends the run.
+* **Discovery.** ``dns+http://NAME:PORT`` servers come and go with the name's addresses
+  (:mod:`olmocr.pipeline.servers.discovery`): a new one is verified before it gets work, a vanished one is
+  drained (state ``draining``: no new requests, in-flight ones finish or are resent) and then retired.
 """
 
 from __future__ import annotations
@@ -44,8 +47,17 @@ from olmocr.pipeline.errors import (
 from olmocr.pipeline.servers.balance import Server, ServerState, choose, plan_steals
 from olmocr.pipeline.servers.checks import DEFAULT_MAX_TOKENS, STRUCTURED_OUTPUTS, plan_max_tokens
 from olmocr.pipeline.servers.client import MAX_BACKOFF_S, ServerClient
+from olmocr.pipeline.servers.discovery import (
+    DEFAULT_REFRESH_S,
+    DRAIN_GRACE_S,
+    LookupFailed,
+    Resolver,
+    default_resolver,
+    membership_change,
+    server_urls,
+)
 from olmocr.pipeline.servers.outcome import Classified, Outcome, Problem, classify
-from olmocr.pipeline.servers.serverlist import ServerSpec
+from olmocr.pipeline.servers.serverlist import DnsName, ServerSpec
 
 logger = logging.getLogger("olmocr.pipeline")
 
@@ -120,15 +132,26 @@ class Fleet:
 
     def __init__(self, specs: Sequence[ServerSpec], *, request_timeout: float = 600.0,
                  max_concurrent_requests: int = 1600, ca_bundle: str | None = None,
-                 priority: int | None = None, render_lookahead: int = 8, longest_dim: int = 1288) -> None:
-        if not specs:
+                 priority: int | None = None, render_lookahead: int = 8, longest_dim: int = 1288,
+                 dns: Sequence[DnsName] = (), resolver: Resolver | None = None,
+                 dns_refresh_s: float = DEFAULT_REFRESH_S) -> None:
+        if not specs and not dns:
             raise FleetConfigError("no vLLM server given: pass --vllm-url (or set OLMOCR_VLLM_URL)")
         per_pool = max(8, min(max_concurrent_requests, 2048))
-        self.servers = [
-            Server(ServerClient(s.url, api_key=s.api_key, request_timeout=request_timeout,
-                                max_concurrent_requests=per_pool, ca_bundle=ca_bundle), weight=s.weight)
-            for s in specs
-        ]
+        self._new_client = lambda url, key: ServerClient(url, api_key=key, request_timeout=request_timeout,
+                                                         max_concurrent_requests=per_pool, ca_bundle=ca_bundle)
+        self.servers = [Server(self._new_client(s.url, s.api_key), weight=s.weight) for s in specs]
+        self.dns = tuple(dns)
+        self.resolver = resolver or default_resolver()
+        self.dns_refresh_s = dns_refresh_s
+        self._members: dict[str, dict[str, Server]] = {n.label: {} for n in self.dns}  # name -> url -> server
+        self._joining: dict[Server, asyncio.Task[None]] = {}
+        self._draining: dict[Server, asyncio.Task[None]] = {}
+        self._discovery: asyncio.Task[None] | None = None
+        self._max_wait_s = 600.0
+        self.planned_max_tokens: int | None = None  # fixed by request_plan(); later servers must fit it
+        self.retired: list[Server] = []  # servers drained away (kept for the run's per-server stats)
+        self.on_new_server: Callable[[Server], None] | None = None  # metrics hooks for discovered servers
         self.priority = priority
         self.longest_dim = longest_dim
         self.max_tokens: dict[Server, int] = {}  # what each verified server's context allows
@@ -155,6 +178,13 @@ class Fleet:
 
     async def start(self, max_wait_s: float = 600.0) -> None:
         """Verify every server; raises :class:`ServerNotReady` if none is usable (before any work is claimed)."""
+        self._max_wait_s = max_wait_s
+        if self.dns:
+            await self.refresh_dns(initial=True)
+            self._discovery = asyncio.create_task(self._discover_forever())
+            if not self.servers:
+                raise ServerNotReady("no vLLM server: " + "; ".join(
+                    f"{n.label} has no address" for n in self.dns))
         tasks = {asyncio.create_task(admit_for_run(s.client, max_wait_s=max_wait_s, priority=self.priority,
                                                    longest_dim=self.longest_dim)): s
                  for s in self.servers}
@@ -203,6 +233,7 @@ class Fleet:
         vLLM versions that disagree on the field get ``structured_outputs`` (every vLLM since 0.11.0).
         """
         max_tokens = min(self.max_tokens.values(), default=DEFAULT_MAX_TOKENS)
+        self.planned_max_tokens = max_tokens
         fields = {i.guided_field for i in self._infos()}
         if len(fields) > 1:
             logger.warning("the vLLM servers differ in version: guided decoding uses %r, which servers older "
@@ -275,6 +306,95 @@ class Fleet:
                 else:
                     logger.info("vLLM server %s still out of rotation (%s)", server.url, problem)
 
+    # ------------------------------------------------------------------ discovery (dns+http://)
+
+    async def _discover_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.dns_refresh_s)
+            try:
+                await self.refresh_dns()
+            except Exception:  # never let discovery die: the next refresh tries again
+                logger.exception("DNS discovery failed; trying again in %g s", self.dns_refresh_s)
+
+    async def refresh_dns(self, *, initial: bool = False) -> None:
+        """Resolve every ``dns+`` name once: add new addresses (verified before work), drain vanished ones."""
+        for name in self.dns:
+            try:
+                addresses = await self.resolver(name.host)
+            except LookupFailed as exc:
+                logger.warning("%s: %s; keeping its %d server(s) as they are", name.label, exc,
+                               len(self._members[name.label]))
+                continue
+            members = self._members[name.label]
+            added, removed = membership_change(list(members), server_urls(name, addresses))
+            for url in removed:
+                self._drain(members.pop(url), f"its address left {name.label}")
+            for url in added:
+                revived = next((s for s in self._draining if s.url == url), None)
+                if revived is not None:  # back before it finished draining: verify it again
+                    self._draining.pop(revived).cancel()
+                    server = revived
+                else:
+                    server = Server(self._new_client(url, name.api_key), weight=name.weight)
+                    self.servers.append(server)
+                    if self.on_new_server is not None:
+                        self.on_new_server(server)
+                members[url] = server
+                if initial:
+                    continue  # start() verifies it with the others
+                server.state, server.reason = ServerState.STARTING, f"new address of {name.label}, being verified"
+                logger.info("%s: new server %s; verifying it before it gets work", name.label, url)
+                self._joining[server] = asyncio.create_task(self._join(server))
+
+    async def _join(self, server: Server) -> None:
+        try:
+            max_tokens = await admit_for_run(server.client, max_wait_s=self._max_wait_s, priority=self.priority,
+                                             longest_dim=self.longest_dim)
+        except ServerNotReady as exc:
+            server.state, server.reason = ServerState.EXCLUDED, str(exc)
+            logger.error("vLLM server %s left out: %s", server.url, exc)
+            return
+        finally:
+            self._joining.pop(server, None)
+        if self.planned_max_tokens is not None and max_tokens < self.planned_max_tokens:
+            server.state = ServerState.EXCLUDED
+            server.reason = (f"its context allows max_tokens {max_tokens}, less than this run's "
+                             f"{self.planned_max_tokens}")
+            logger.error("vLLM server %s left out: %s", server.url, server.reason)
+            return
+        self.max_tokens[server] = max_tokens
+        self._admit(server, "verified", quiet=True)
+        logger.info("vLLM server %s joined the rotation (%d in rotation)", server.url,
+                    sum(1 for s in self.servers if s.state == ServerState.UP))
+
+    def _drain(self, server: Server, reason: str) -> None:
+        for tasks in (self._joining, self._probers):
+            task = tasks.pop(server, None)
+            if task is not None:
+                task.cancel()
+        server.state, server.reason = ServerState.DRAINING, reason
+        logger.warning("vLLM server %s: %s; draining it (no new requests, %d in flight finish or are resent)",
+                       server.url, reason, server.in_flight)
+        self._draining[server] = asyncio.create_task(self._retire_when_idle(server))
+
+    async def _retire_when_idle(self, server: Server) -> None:
+        deadline = time.monotonic() + min(DRAIN_GRACE_S, server.client.request_timeout)
+        while server.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        if server.in_flight > 0:
+            logger.warning("vLLM server %s: %d requests still in flight after draining %.0f s; resending them",
+                           server.url, server.in_flight, min(DRAIN_GRACE_S, server.client.request_timeout))
+            server.abandon_all()
+            while server.in_flight > 0:
+                await asyncio.sleep(0.05)
+        self._draining.pop(server, None)
+        if server in self.servers:
+            self.servers.remove(server)
+        self.max_tokens.pop(server, None)
+        self.retired.append(server)
+        server.client.close()
+        logger.info("vLLM server %s left the fleet (%d pages answered)", server.url, server.pages)
+
     def _rebalance(self, *, now: bool = False) -> None:
         """Work stealing: move the newest requests of the server furthest behind to the one that would finish
         them soonest (a server back in rotation, or one that turned out faster than assumed while warming up).
@@ -313,7 +433,7 @@ class Fleet:
                 self._all_down_logged = now
                 logger.warning(LOG_ALL_DOWN, now - self._all_down_since,
                                "; ".join(f"{s.url}: {s.reason}" for s in self.servers))
-            if not any(s.state in (ServerState.DOWN, ServerState.STARTING) for s in self.servers):
+            if not self.dns and not any(s.state in (ServerState.DOWN, ServerState.STARTING) for s in self.servers):
                 raise ServerNotReady("no vLLM server left: every one was excluded as misconfigured")
             try:
                 await asyncio.wait_for(self._changed.wait(), ALL_DOWN_LOG_EVERY_S)
@@ -431,9 +551,12 @@ class Fleet:
         return f"{up}/{len(self.servers)} up [" + "; ".join(f"{s.url}: {s.describe()}" for s in self.servers) + "]"
 
     async def close(self) -> None:
-        for task in self._probers.values():
+        tasks = [*self._probers.values(), *self._joining.values(), *self._draining.values()]
+        if self._discovery is not None:
+            tasks.append(self._discovery)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._probers.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         for s in self.servers:
             s.client.close()
 
@@ -452,7 +575,7 @@ def server_stats_record(fleet: Fleet) -> bytes:
     return json.dumps({"time": time.time(), "servers": [
         {k: v for k, v in s.as_dict().items() if k in ("url", "pages", "errors", "timeouts", "rejected",
                                                           "ejections", "state")}
-        for s in fleet.servers]}).encode()
+        for s in [*fleet.servers, *fleet.retired]]}).encode()
 
 
 def summarize_server_stats(records: Iterable[bytes]) -> dict[str, dict[str, int]]:

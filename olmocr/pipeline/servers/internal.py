@@ -4,7 +4,8 @@ The server is the manager's (:class:`olmocr.server.manager.Manager`): supervisor
 wrapper that ``exec``s vLLM, the health listener that restarts a crashed server and kills a hung one. The
 pipeline starts it, waits until ``/v1/models`` lists ``olmocr``, runs, and stops it and its whole process
 tree at the end, on Ctrl+C or SIGTERM; supervisord gets SIGTERM from the kernel if the pipeline dies
-(``PR_SET_PDEATHSIG``), so vLLM never outlives the run. If a server already answers on the port and
+(``PR_SET_PDEATHSIG``), so vLLM never outlives the run. It uses every visible GPU by default, one server
+each (``--gpus`` / ``OLMOCR_GPUS``; upstream uses one GPU), and the pipeline sends work to all of them. If a server already answers on the port and
 serves ``olmocr``, the pipeline uses it instead of failing on the port.
 """
 
@@ -58,6 +59,7 @@ def internal_settings(args: Any, vllm_args: Sequence[str] = ()) -> ServerSetting
         data_parallel_size=args.data_parallel_size,
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_model_len=args.max_model_len,
+        gpus=getattr(args, "gpus", None),
     )
     extra = settings.extra_vllm_args + tuple(vllm_args)
     refuse_secrets_in_argv(extra)
@@ -115,26 +117,34 @@ class InternalServer:
         from olmocr.server.manager import Manager
 
         self.settings = settings
+        self.slots = settings.server_slots()
         self.keep_run_dir = run_dir is not None
         self.run_dir = Path(run_dir).resolve() if run_dir else Path(tempfile.mkdtemp(prefix="olmocr-pipeline-server-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        # The deployment's status service (/status, /metrics) listens beside the server: --port + 1 unless
-        # OLMOCR_STATUS_PORT says otherwise, so that runs on other ports do not collide on its default.
-        self.status_port = int(os.environ.get("OLMOCR_STATUS_PORT") or settings.port + 1)
+        # The deployment's status service (/status, /metrics) listens after the servers: --port + number of
+        # servers unless OLMOCR_STATUS_PORT says otherwise, so that runs on other ports do not collide.
+        self.status_port = int(os.environ.get("OLMOCR_STATUS_PORT") or self.slots[-1].port + 1)
         self.manager = Manager(settings, self.run_dir, status_interval=float("inf"), startsecs=STARTSECS,
-                               extra_env={"OLMOCR_STATUS_PORT": str(self.status_port)})
+                               extra_env={"OLMOCR_STATUS_PORT": str(self.status_port)}, slots=self.slots)
         self.failed = False
 
     @property
     def log_path(self) -> Path:
-        return self.run_dir / "logs" / "vllm.log"
+        """The (first) server's log: vllm.log, or vllm-0.log with one server per GPU."""
+        first = self.slots[0]
+        return self.run_dir / "logs" / f"{first.group if first.name == first.group else first.name}.log"
 
     def start(self) -> None:
         self.manager.start()
-        logger.info("started a vLLM server for this run: model %s on %s (tensor-parallel %d, data-parallel %d); "
-                    "server log: %s; server status: http://127.0.0.1:%d/status", self.settings.model,
-                    self.settings.base_url, self.settings.tensor_parallel_size, self.settings.data_parallel_size,
-                    self.log_path, self.status_port)
+        logger.info("started %s for this run: model %s on %s (tensor-parallel %d, data-parallel %d); "
+                    "server log: %s; server status: http://127.0.0.1:%d/status",
+                    "a vLLM server" if len(self.slots) == 1 else f"{len(self.slots)} vLLM servers (one per GPU)",
+                    self.settings.model, self.manager.vllm_url, self.settings.tensor_parallel_size,
+                    self.settings.data_parallel_size, self.log_path, self.status_port)
+
+    @property
+    def urls(self) -> list[str]:
+        return [slot.url(self.settings.client_host) for slot in self.slots]
 
     def gone_reason(self) -> str | None:
         """Why the server will not come back by itself (supervisord dead, or the listener gave up), else None."""
@@ -148,12 +158,15 @@ class InternalServer:
         return None
 
     def _answers(self) -> bool:
-        try:
-            response = requests.get(f"{self.settings.base_url}/v1/models", timeout=5,
-                                    headers=self._auth_headers())
-        except requests.RequestException:
-            return False
-        return response.ok and serves(response.content)
+        """Every server of the run lists olmocr (the pipeline starts once all have loaded the model)."""
+        for url in self.urls:
+            try:
+                response = requests.get(f"{url}/v1/models", timeout=5, headers=self._auth_headers())
+            except requests.RequestException:
+                return False
+            if not (response.ok and serves(response.content)):
+                return False
+        return True
 
     def _auth_headers(self) -> dict[str, str]:
         from olmocr.server.settings import read_api_key

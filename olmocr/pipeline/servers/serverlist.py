@@ -1,8 +1,19 @@
 """The server list of a pipeline: ``--vllm-url`` values (repeated or comma-separated, optional weights) and
-the API key of each server (environment or key file; never a command line shown in ``ps``). Pure functions."""
+the API key of each server (environment or key file; never a command line shown in ``ps``). Pure functions.
+
+Besides plain URLs a value may name many servers at once:
+
+- a port range, ``http://gpu-a:30024-30031``: one server per port (a box with one server per GPU);
+- a DNS name, ``dns+http://olmocr-vllm.ns.svc:30024``: every A/AAAA record of the name is a server (a
+  Kubernetes headless Service, Consul, ``/etc/hosts``), re-resolved while the pipeline runs
+  (olmocr/pipeline/servers/discovery.py). It may carry a port range too.
+
+All forms mix, and ``#weight=N`` applies to every server a value names.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -23,32 +34,107 @@ class ServerSpec:
     api_key: str | None = field(default=None, repr=False)
 
 
+DNS_PREFIX = "dns+"
+#: The most servers one port range may name (a typo like 30024-40024 is refused, not 10 000 servers).
+MAX_PORT_RANGE = 256
+_PORT_RANGE = re.compile(r"^(?P<scheme>https?)://(?P<host>\[[^\]]+\]|[^/:\[\]]+):(?P<first>\d+)-(?P<last>\d+)$")
+
+
+@dataclass(frozen=True)
+class DnsName:
+    """``dns+http://name:port``: every address the name resolves to is a server on ``ports``."""
+
+    scheme: str
+    host: str
+    ports: tuple[int, ...]
+    weight: float | None = None
+    api_key: str | None = field(default=None, repr=False)
+
+    @property
+    def label(self) -> str:
+        ports = str(self.ports[0]) if len(self.ports) == 1 else f"{self.ports[0]}-{self.ports[-1]}"
+        return f"{DNS_PREFIX}{self.scheme}://{self.host}:{ports}"
+
+
+def expand_port_range(url: str) -> list[str]:
+    """``http://h:P-Q`` -> ``[http://h:P, ..., http://h:Q]``; any other URL -> ``[url]``."""
+    match = _PORT_RANGE.match(url)
+    if match is None:
+        return [url]
+    first, last = int(match["first"]), int(match["last"])
+    if not 0 < first <= last < 65536:
+        raise FleetConfigError(f"{display_url(url)}: a port range is FIRST-LAST with 1 <= FIRST <= LAST <= 65535")
+    if last - first + 1 > MAX_PORT_RANGE:
+        raise FleetConfigError(f"{display_url(url)}: {last - first + 1} ports; a range names at most "
+                               f"{MAX_PORT_RANGE} servers")
+    return [f"{match['scheme']}://{match['host']}:{port}" for port in range(first, last + 1)]
+
+
+def _parse_weight(raw: str, fragment: str) -> float | None:
+    if not fragment:
+        return None
+    key, _, num = fragment.partition("=")
+    try:
+        weight: float | None = float(num)
+    except ValueError:
+        weight = None
+    if key != "weight" or weight is None or not weight > 0:
+        raise FleetConfigError(f"{display_url(raw)}: the only URL fragment understood is "
+                               "'#weight=N' with N > 0")
+    return weight
+
+
+def _raw_values(values: Iterable[str]) -> Iterable[str]:
+    for value in values:
+        for raw in value.split(","):
+            raw = raw.strip()
+            if raw:
+                yield raw
+
+
+def parse_dns_names(values: Iterable[str]) -> list[DnsName]:
+    """The ``dns+http(s)://name:port[-port][#weight=N]`` values of ``--vllm-url``."""
+    out: list[DnsName] = []
+    for raw in _raw_values(values):
+        if not raw.startswith(DNS_PREFIX):
+            continue
+        url, _, fragment = raw[len(DNS_PREFIX):].partition("#")
+        weight = _parse_weight(raw, fragment)
+        url = normalize_base_url(url)
+        if not url.startswith(("http://", "https://")):
+            raise FleetConfigError(f"{display_url(raw)}: write dns+http://NAME:PORT or dns+https://NAME:PORT")
+        scheme, _, rest = url.partition("://")
+        host, sep, port = rest.rpartition(":")
+        if not sep or "/" in rest or not host or "@" in host:
+            raise FleetConfigError(f"{display_url(raw)}: write dns+http://NAME:PORT (the port is required: "
+                                   "every address of NAME is a server on it)")
+        ports = [int(u.rpartition(":")[2]) for u in expand_port_range(f"{scheme}://{host}:{port}")
+                 if u.rpartition(":")[2].isdigit()]
+        if not ports:
+            raise FleetConfigError(f"{display_url(raw)}: {port!r} is not a port or a port range")
+        name = DnsName(scheme, host.strip("[]"), tuple(ports), weight)
+        if any(d.label == name.label for d in out):
+            raise FleetConfigError(f"{name.label} is listed twice in --vllm-url")
+        out.append(name)
+    return out
+
+
 def parse_url_list(values: Iterable[str]) -> list[tuple[str, float | None]]:
-    """``--vllm-url`` values (each may be a comma-separated list) as ``(normalised URL, weight)``.
+    """``--vllm-url`` values (each may be a comma-separated list) as ``(normalised URL, weight)``; port
+    ranges give one URL per port, ``dns+`` names are left to :func:`parse_dns_names`.
 
     A weight is written as a URL fragment, ``http://gpu1:30024#weight=2`` (fragments are never sent).
     """
     out: list[tuple[str, float | None]] = []
     seen: set[str] = set()
-    for value in values:
-        for raw in value.split(","):
-            raw = raw.strip()
-            if not raw:
-                continue
-            url, _, fragment = raw.partition("#")
-            weight: float | None = None
-            if fragment:
-                key, _, num = fragment.partition("=")
-                try:
-                    weight = float(num)
-                except ValueError:
-                    weight = None
-                if key != "weight" or weight is None or not weight > 0:
-                    raise FleetConfigError(f"{display_url(raw)}: the only URL fragment understood is "
-                                           "'#weight=N' with N > 0")
+    for raw in _raw_values(values):
+        if raw.startswith(DNS_PREFIX):
+            continue
+        base, _, fragment = raw.partition("#")
+        weight = _parse_weight(raw, fragment)
+        for url in expand_port_range(normalize_base_url(base)):
             if (problem := url_problem(url)) is not None:
                 raise FleetConfigError(f"--vllm-url {display_url(url.strip())}: {problem}")
-            url = normalize_base_url(url)
             if not url.startswith(("http://", "https://")):
                 raise FleetConfigError(f"{display_url(url)} is not an http:// or https:// URL")
             if url in seen:
@@ -93,3 +179,11 @@ def server_specs(urls: Sequence[tuple[str, float | None]], default_key: str | No
         raise FleetConfigError(f"the API key file names servers not in --vllm-url: "
                                f"{', '.join(display_url(u) for u in unknown)}")
     return [ServerSpec(url, weight, per_server.get(url) or file_default or default_key) for url, weight in urls]
+
+
+def dns_with_keys(names: Sequence[DnsName], default_key: str | None = None,
+                  key_file: str | None = None) -> list[DnsName]:
+    """A DNS name's servers use the key file's default line, else ``default_key`` (addresses are not
+    known in advance, so per-server lines cannot name them)."""
+    file_default, _ = read_key_file(key_file) if key_file else (None, {})
+    return [DnsName(n.scheme, n.host, n.ports, n.weight, file_default or default_key) for n in names]

@@ -1,0 +1,150 @@
+"""One box, many GPUs: the real supervisord with the checked-in supervisord.conf runs one supervised
+stand-in per "GPU" (OLMOCR_GPUS), each placed on its GPU and port, each probed, restarted and counted on
+its own, with one status service for the box."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+
+import aiohttp
+import pytest
+import requests
+
+from tests.deployment_helpers import Deployment, wait_for
+from tests.metrics_helpers import parse_metrics
+from tests.standin_helpers import free_port_run
+
+pytestmark = pytest.mark.integration
+
+MODEL = "allenai/olmOCR-7B-0825-FP8"
+
+
+def all_healthy(n: int):
+    return lambda s: s["healthy"] and len(s["servers"]) == n and all(e["healthy"] for e in s["servers"])
+
+
+def info(url: str) -> dict:
+    return requests.get(f"{url}/admin/info", timeout=5).json()
+
+
+def metric(metrics: dict[str, float], name: str, server: str, gpu: str, **labels: str) -> float:
+    labels = {"model": MODEL, "server": server, "gpu": gpu, **labels}
+    return metrics[f"{name}{{{','.join(f'{k}={v}' for k, v in sorted(labels.items()))}}}"]
+
+
+@pytest.fixture
+def box():
+    """Three "GPUs" 0,1,2 behind one supervisord."""
+    base = free_port_run(3)
+    dep = Deployment(env={"OLMOCR_GPUS": "0,1,2", "OLMOCR_PORT": str(base)})
+    dep.port = base
+    try:
+        yield dep.start()
+    finally:
+        dep.cleanup()
+
+
+def test_three_gpus_three_servers_placed_on_their_gpu_and_port(box):
+    status = box.wait_status(all_healthy(3), 60, "three healthy servers")
+    assert status["restart_count"] == 0 and status["port"] == box.port
+    for i, entry in enumerate(status["servers"]):
+        assert entry["name"] == f"vllm-{i}"
+        assert entry["gpus"] == [str(i)]
+        assert entry["url"] == f"http://127.0.0.1:{box.port + i}"
+        assert entry["port"] == box.port + i and entry["state"] == "RUNNING"
+        seen = info(entry["url"])  # the stand-in says where it runs
+        assert seen["cuda_visible_devices"] == str(i)
+        assert seen["port"] == box.port + i and seen["pid"] == entry["pid"]
+        assert seen["tmpdir"].endswith(f"/run/vllm-tmp-{i}")
+        assert (box.dir / "logs" / f"vllm-{i}.log").stat().st_size > 0
+    assert len({e["pid"] for e in status["servers"]}) == 3
+
+    ctl = box.supervisorctl("status").stdout
+    for i in range(3):
+        assert any(line.startswith(f"vllm:vllm-{i} ") and "RUNNING" in line for line in ctl.splitlines()), ctl
+    # reread finds the expanded program unchanged (the RPC extension expands the re-read file too)
+    assert "No config updates" in box.supervisorctl("reread").stdout
+
+    script = box.run_status_script()
+    assert script.returncode == 0, script.stdout
+
+    # one status service for the box: every server in /metrics with its server and gpu labels
+    metrics = wait_for(lambda: (lambda m: m if all(
+        metric(m, "olmocr_server_healthy", f"vllm-{i}", str(i)) == 1.0 for i in range(3)) else None)(
+        parse_metrics(requests.get(f"{box.status_url}/metrics", timeout=5).text)), 15, "metrics per server")
+    for i in range(3):
+        assert metric(metrics, "olmocr_server_up", f"vllm-{i}", str(i)) == 1.0
+        assert metric(metrics, "olmocr_server_restarts_total", f"vllm-{i}", str(i)) == 0.0
+    body = requests.get(f"{box.status_url}/status", timeout=5).json()
+    assert [e["name"] for e in body["servers"]] == ["vllm-0", "vllm-1", "vllm-2"]
+    pushed = asyncio.run(_first_ws_message(box.status_url.replace("http://", "ws://") + "/ws"))
+    assert [(e["name"], e["gpus"], e["healthy"]) for e in pushed["servers"]] == [
+        (f"vllm-{i}", [str(i)], True) for i in range(3)]
+
+
+async def _first_ws_message(url: str) -> dict:
+    async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+        return json.loads((await ws.receive(timeout=10)).data)
+
+
+def test_a_hang_on_one_gpu_restarts_that_server_alone(box):
+    before = box.wait_status(all_healthy(3), 60, "three healthy servers")
+    pids = [e["pid"] for e in before["servers"]]
+    hung = before["servers"][1]
+    requests.post(f"{hung['url']}/admin/control", json={"hang": True}, timeout=5).raise_for_status()
+
+    down = box.wait_status(lambda s: not s["healthy"], 30, "the box unhealthy while one server hangs")
+    assert "vllm-1" in down["description"]
+    assert box.run_status_script().returncode == 1  # exits 0 only when every server is healthy
+
+    after = box.wait_status(lambda s: all_healthy(3)(s) and s["servers"][1]["restart_count"] == 1, 60,
+                            "the hung server restarted and healthy")
+    assert [e["restart_count"] for e in after["servers"]] == [0, 1, 0]
+    assert after["restart_count"] == 1  # summed for the box
+    assert [e["pid"] for e in after["servers"]][0::2] == pids[0::2]  # the others never stopped
+    assert after["servers"][1]["pid"] != pids[1]
+    assert after["servers"][1]["health_kills"] == 1
+    assert after["last_failure_reason"].startswith("vllm-1: ")
+    metrics = parse_metrics(requests.get(f"{box.status_url}/metrics", timeout=5).text)
+    assert metric(metrics, "olmocr_server_restarts_total", "vllm-1", "1") == 1.0
+    assert metric(metrics, "olmocr_server_restarts_total", "vllm-0", "0") == 0.0
+    assert sum(v for k, v in metrics.items() if k.startswith("olmocr_server_health_kills_total")
+               and "server=vllm-1" in k) == 1.0
+
+
+def _fake_nvidia_smi(directory, gpus: int) -> None:
+    path = directory / "nvidia-smi"
+    lines = "".join(f"GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i:04d})\n" for i in range(gpus))
+    path.write_text(f"#!/bin/sh\n[ \"$1\" = -L ] || exit 9\ncat <<'OUT'\n{lines}OUT\n")
+    os.chmod(path, stat.S_IRWXU)
+
+
+def test_all_uses_every_gpu_nvidia_smi_lists_in_tensor_parallel_pairs(tmp_path):
+    _fake_nvidia_smi(tmp_path, 4)
+    base = free_port_run(2)
+    dep = Deployment(env={"OLMOCR_PORT": str(base), "OLMOCR_TENSOR_PARALLEL_SIZE": "2",
+                          "CUDA_VISIBLE_DEVICES": None})  # OLMOCR_GPUS unset: all
+    dep.env["PATH"] = f"{tmp_path}{os.pathsep}{dep.env['PATH']}"
+    try:
+        dep.start()
+        status = dep.wait_status(all_healthy(2), 60, "two healthy servers")
+        assert [e["gpus"] for e in status["servers"]] == [["0", "1"], ["2", "3"]]
+        assert [info(e["url"])["cuda_visible_devices"] for e in status["servers"]] == ["0,1", "2,3"]
+        cmdline = open(f"/proc/{status['servers'][1]['pid']}/cmdline").read().split("\0")
+        assert cmdline[cmdline.index("--tensor-parallel-size") + 1] == "2"
+        assert cmdline[cmdline.index("--port") + 1] == str(base + 1)
+    finally:
+        dep.cleanup()
+
+
+def test_a_bad_gpu_list_is_one_line_in_the_server_log():
+    dep = Deployment(env={"OLMOCR_GPUS": "0,0"})
+    try:
+        dep.start()
+        wait_for(lambda: "lists GPU 0 twice" in dep.log_text("vllm"), 30, "the reason in the log")
+        assert "Traceback" not in dep.log_text("vllm")
+    finally:
+        dep.cleanup()
