@@ -157,7 +157,9 @@ REGISTRY: tuple[Setting, ...] = (
 PREFIX_FAMILIES: dict[str, str] = {
     "OLMOCR_STANDIN_": "the stand-in's behaviour settings (docs/standin.md)",
 }
-#: Variables only the test suite and benchmarks read; they are not operator settings.
+#: Variables only the test suite and benchmarks read; they are not operator settings (and every
+#: ``OLMOCR_BENCH_*``: the benchmarks' own switches, docs/benchmarks.md).
+TEST_ONLY_PREFIXES = ("OLMOCR_BENCH_",)
 TEST_ONLY = frozenset({"OLMOCR_TEST_REAL_VLLM", "OLMOCR_REAL_VLLM_VENV", "OLMOCR_REAL_VLLM_PYTHON",
                        "OLMOCR_BENCH_CORPUS", "OLMOCR_BENCH_OUT", "OLMOCR_BENCH_PYTHON",
                        "OLMOCR_TEST_RENDER_FAULT"})

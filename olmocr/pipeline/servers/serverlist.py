@@ -132,9 +132,12 @@ def parse_url_list(values: Iterable[str]) -> list[tuple[str, float | None]]:
             continue
         base, _, fragment = raw.partition("#")
         weight = _parse_weight(raw, fragment)
-        for url in expand_port_range(normalize_base_url(base)):
-            if (problem := url_problem(url)) is not None:
-                raise FleetConfigError(f"--vllm-url {display_url(url.strip())}: {problem}")
+        urls = expand_port_range(normalize_base_url(base))
+        # A port range is checked by its expansion; anything else as the user wrote it (before "http://"
+        # is added to a bare "host:port", an empty "http://" would become the host "http").
+        if len(urls) == 1 and (problem := url_problem(base)) is not None:
+            raise FleetConfigError(f"--vllm-url {display_url(base.strip())}: {problem}")
+        for url in urls:
             if not url.startswith(("http://", "https://")):
                 raise FleetConfigError(f"{display_url(url)} is not an http:// or https:// URL")
             if url in seen:
