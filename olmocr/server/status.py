@@ -50,6 +50,18 @@ def build_status(info: Mapping[str, Any], stats: Mapping[str, Any], settings: Ma
     }
 
 
+def history_fields(stats: Mapping[str, Any]) -> dict:
+    """What the status page adds to :func:`build_status` (oldest first): the reasons of the last failures
+    and restarts (a signal named), the health check's last decisions, ``[time, latency_ms, ok]`` of the
+    last probes. The status service sends them; this script's JSON keeps the fields above only."""
+    return {
+        "last_exit_signal": stats.get("last_exit_signal"),
+        "recent_failures": list(stats.get("recent_failures") or []),
+        "health_decisions": list(stats.get("recent_decisions") or []),
+        "probe_history": list(stats.get("probe_history") or []),
+    }
+
+
 def unreachable_status(url: str, exc: BaseException) -> dict:
     return {"healthy": False, "error": f"supervisord unreachable at {url}: {exc}"}
 

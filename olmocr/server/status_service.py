@@ -7,7 +7,9 @@ supervisord runs it as its own program next to vLLM. It serves, on 127.0.0.1:300
   probe duration and time, all with a ``model`` label;
 - ``GET /status``: the JSON of ``olmocr-server-status`` (200 when healthy, else 503);
 - ``GET /ws``: a WebSocket that sends that JSON at once, then whenever it changes (a restart, a
-  health transition, a probe result) and at least every ``OLMOCR_STATUS_PUSH_INTERVAL`` seconds.
+  health transition, a probe result) and at least every ``OLMOCR_STATUS_PUSH_INTERVAL`` seconds;
+- ``GET /``: the status page, live over ``/ws`` (olmocr.server.status_page; its JSON adds the history
+  fields of ``olmocr.server.status.history_fields``).
 
 It reads the state as the status script does (``olmocr.server.status.fetch_parts``: one XML-RPC
 multicall to supervisord and the olmocr RPC extension, in a worker thread, every
@@ -22,7 +24,7 @@ dead client never stalls the service or the other clients.
 
 Bound beyond loopback (``OLMOCR_STATUS_HOST``) it requires a bearer token on every endpoint, from
 ``OLMOCR_STATUS_TOKEN`` or the file named by ``OLMOCR_STATUS_TOKEN_FILE``, and refuses to start
-without one.
+without one. A browser signs in once at ``/login`` and then carries a cookie (see status_page).
 """
 
 from __future__ import annotations
@@ -46,12 +48,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from olmocr.endpoints import (
     DEFAULT_HOST,
-    bearer_middleware,
     check_exposure,
     metrics_response,
     read_token,
     start_app,
 )
+from olmocr.server import status_page
 from olmocr.server.errors import EndpointConfigError
 from olmocr.server.rpcclient import connect_from_child_env
 from olmocr.server.status import (
@@ -59,6 +61,7 @@ from olmocr.server.status import (
     build_status,
     connection_from_args,
     fetch_parts,
+    history_fields,
     unreachable_status,
 )
 
@@ -137,7 +140,7 @@ def read_snapshot(proxy: Any, program: str, url: str, clock: Callable[[], float]
         info, stats, settings = fetch_parts(proxy, program)
     except Exception as exc:  # noqa: BLE001 - refused, timeout, Fault: all mean "cannot tell"
         return Snapshot(unreachable_status(url, exc), taken_at=clock())
-    return Snapshot(build_status(info, stats, settings), info, stats, settings, clock())
+    return Snapshot({**build_status(info, stats, settings), **history_fields(stats)}, info, stats, settings, clock())
 
 
 #: Fields that change every second by themselves (supervisord's description says "uptime 0:00:06").
@@ -342,15 +345,12 @@ class StatusService:
 
     # -- HTTP ---------------------------------------------------------------------------------------
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[bearer_middleware(self.settings.token)])
-        app.router.add_get("/", self.index)
+        app = web.Application(middlewares=[status_page.auth_middleware(self.settings.token)])
+        status_page.add_routes(app, self.settings.token)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/status", self.status)
         app.router.add_get("/ws", self.websocket)
         return app
-
-    async def index(self, _request: web.Request) -> web.Response:
-        return web.Response(text="olmocr status service: /metrics (Prometheus), /status (JSON), /ws (WebSocket)\n")
 
     async def metrics(self, _request: web.Request) -> web.Response:
         return metrics_response(self.registry)

@@ -1,0 +1,157 @@
+"""The status page at ``/`` in a real browser (Debian's headless Chromium over the DevTools protocol)
+against a real supervisord deployment with the stand-in as vLLM; and its sign-in rules in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from olmocr.server.status_page import COOKIE, session_value
+from olmocr.server.status_service import ServiceSettings, Snapshot, StatusService
+from tests.browser import Browser, chromium_path
+from tests.tiers import require
+
+TOKEN = "page-Tk-5531"
+#: Where the page's phase badge and fields are (data-field attributes of olmocr/server/page/status.js).
+FIELD = "((document.querySelector('[data-field={0}]') || {{}}).innerText || '')"
+
+
+def field(browser: Browser, name: str) -> str:
+    return browser.evaluate(FIELD.format(name))
+
+
+@pytest.mark.integration
+def test_page_shows_health_a_kill_9_restart_live_and_a_lost_connection(deployments, tmp_path):
+    require(chromium_path() is not None, "chromium not installed (Debian package 'chromium': apt-get install chromium)")
+    token_file = tmp_path / "status.token"
+    token_file.write_text(TOKEN + "\n")
+    dep = deployments(env={"OLMOCR_STATUS_TOKEN_FILE": str(token_file)})
+    dep.wait_status(lambda s: s["healthy"], 30, "healthy")
+    browser = Browser(tmp_path / "chromium-profile")
+    try:
+        # Signing in with ?token= sets the cookie and takes the token out of the address bar.
+        browser.goto(f"{dep.status_url}/?token={TOKEN}")
+        browser.wait_for(FIELD.format("phase") + " === 'healthy'", 20, "the server shown healthy")
+        assert browser.evaluate("location.href") == f"{dep.status_url}/"
+        assert browser.text("#connection") == "live"
+        assert "1 of 1 server healthy" in browser.text("#summary")
+        assert field(browser, "restarts").startswith("0")
+        assert "allenai/olmOCR-7B-0825-FP8" in browser.text(".server")
+        browser.wait_for("document.querySelectorAll('svg.spark polyline').length === 1", 20, "a latency sparkline")
+        browser.evaluate("window.sameDocument = true")  # gone if the page reloads
+
+        pid = dep.status()["pid"]
+        os.kill(pid, signal.SIGKILL)
+        browser.wait_for(FIELD.format("restarts") + ".startsWith('1')", 30, "the restart counted on the page")
+        reasons = browser.wait_for(FIELD.format("reasons") + ".match(/SIGKILL/) && " + FIELD.format("reasons"),
+                                   10, "the restart's reason, with the signal named")
+        assert "killed by SIGKILL" in reasons
+        browser.wait_for(FIELD.format("phase") + " === 'healthy'", 30, "healthy again")
+        assert browser.evaluate("window.sameDocument") is True, "the page reloaded"
+        assert "exited" in field(browser, "decisions")
+        browser.screenshot(tmp_path / "status-page.png")
+
+        # A narrow window: one column, nothing wider than the window.
+        browser.set_size(400, 900)
+        assert browser.wait_for("document.documentElement.scrollWidth <= 400 && 'fits'", 5, "no sideways scrolling")
+        browser.screenshot(tmp_path / "status-page-narrow.png")
+        browser.set_size(1280, 800)
+
+        # The service stops: the page says so plainly.
+        assert "stopped" in dep.supervisorctl("stop", "olmocr-status").stdout
+        browser.wait_for("document.getElementById('connection').innerText.startsWith('disconnected')", 10,
+                         "'disconnected' on the page")
+        assert browser.evaluate("document.body.classList.contains('disconnected')")
+        browser.screenshot(tmp_path / "status-page-disconnected.png")
+        # ... and comes back by itself when the service is back.
+        dep.supervisorctl("start", "olmocr-status")
+        browser.wait_for("document.getElementById('connection').innerText === 'live'", 30, "reconnected")
+        assert browser.evaluate("window.sameDocument") is True
+    finally:
+        browser.close()
+    for name in ("status-page.png", "status-page-narrow.png", "status-page-disconnected.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+# ------------------------------------------------------------------------------- sign-in, in-process
+
+def _service(token: str | None) -> StatusService:
+    snapshot = Snapshot({"healthy": True, "state": "RUNNING", "health_phase": "healthy"},
+                        info={"statename": "RUNNING"}, stats={}, settings={"model": "m"})
+    service = StatusService(ServiceSettings(token=token), read=lambda: snapshot)
+    service.update(snapshot)
+    return service
+
+
+def _run(coroutine_fn):  # type: ignore[no-untyped-def]
+    return asyncio.run(coroutine_fn())
+
+
+def test_sign_in_exchanges_the_token_for_a_cookie_that_opens_every_endpoint():
+    async def scenario() -> None:
+        async with TestClient(TestServer(_service(TOKEN).app())) as client:
+            # No credentials: a browser gets the sign-in form (401), a script the JSON error.
+            page = await client.get("/", headers={"Accept": "text/html"})
+            assert page.status == 401 and "<form" in await page.text()
+            assert (await client.get("/status")).status == 401
+            assert (await client.get("/assets/status.js")).status == 200  # no secret in the assets
+            # A wrong token: refused, no cookie.
+            wrong = await client.post("/login", data={"token": "nope"}, allow_redirects=False)
+            assert wrong.status == 401 and COOKIE not in wrong.cookies
+            # The right one: a cookie (an HMAC, not the token), HttpOnly and SameSite=Strict.
+            good = await client.post("/login", data={"token": TOKEN}, allow_redirects=False)
+            assert good.status == 303 and good.headers["Location"] == "/"
+            morsel = good.cookies[COOKIE]
+            assert morsel.value == session_value(TOKEN) and TOKEN not in morsel.value
+            assert morsel["httponly"] and morsel["samesite"] == "Strict"
+            client.session.cookie_jar.clear()  # below, each request says which cookie it carries
+            cookie = {COOKIE: morsel.value}
+            assert "status.js" in await (await client.get("/", cookies=cookie)).text()
+            assert (await client.get("/status", cookies=cookie)).status == 200
+            ws = await client.ws_connect("/ws", headers={"Cookie": f"{COOKIE}={morsel.value}"})
+            assert json.loads((await ws.receive(timeout=5)).data)["healthy"] is True
+            await ws.close()
+            # Another site's page in the same browser: the cookie is sent, the WebSocket is refused.
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await client.ws_connect("/ws", headers={"Cookie": f"{COOKIE}={morsel.value}",
+                                                        "Origin": "http://evil.example"})
+            assert refused.value.status == 403
+            # A cookie for another token opens nothing; the header still works as before.
+            assert (await client.get("/status", cookies={COOKIE: session_value("old")})).status == 401
+            assert (await client.get("/status", headers={"Authorization": f"Bearer {TOKEN}"})).status == 200
+            # ?token= signs in too, and redirects to the bare address.
+            query = await client.get(f"/?token={TOKEN}", allow_redirects=False)
+            assert query.status == 303 and query.headers["Location"] == "/" and COOKIE in query.cookies
+
+    _run(scenario)
+
+
+def test_without_a_token_the_page_needs_no_sign_in():
+    async def scenario() -> None:
+        async with TestClient(TestServer(_service(None).app())) as client:
+            page = await client.get("/")
+            assert page.status == 200 and 'src="assets/status.js"' in await page.text()
+            assert (await client.get("/assets/status.css")).headers["Content-Type"].startswith("text/css")
+            assert (await client.get("/assets/index.py")).status == 404
+            login = await client.get("/login", allow_redirects=False)
+            assert login.status == 303
+
+    _run(scenario)
+
+
+def test_the_page_loads_nothing_from_outside_the_service():
+    """Clusters have no internet: every URL the page names is the service's own (relative)."""
+    page_dir = Path(__file__).resolve().parents[1] / "olmocr" / "server" / "page"
+    for path in page_dir.iterdir():
+        text = path.read_text()
+        assert "http://" not in text.replace("http://www.w3.org/2000/svg", "") and "https://" not in text, path
+        assert "//cdn" not in text and "@import" not in text, path
+    assert shutil.which  # (the browser test above fetches only from the service: Chromium runs offline)
