@@ -155,3 +155,40 @@ def test_the_page_loads_nothing_from_outside_the_service():
         assert "http://" not in text.replace("http://www.w3.org/2000/svg", "") and "https://" not in text, path
         assert "//cdn" not in text and "@import" not in text, path
     assert shutil.which  # (the browser test above fetches only from the service: Chromium runs offline)
+
+
+# ------------------------------------------------------------------------- the history the page shows
+
+def test_store_keeps_reasons_with_the_signal_decisions_and_probe_latencies(tmp_path):
+    from supervisor.states import ProcessStates as S
+
+    from olmocr.server.rpc import PROBE_HISTORY, ProcessStatsStore, signal_name
+
+    assert signal_name(signal.SIGKILL) == "SIGKILL"  # a wait status of "killed by signal 9"
+    assert signal_name(3 << 8) is None  # exited with status 3
+    assert signal_name(None) is None
+    now = [1000.0]
+    store = ProcessStatsStore(str(tmp_path / "state.json"), clock=lambda: now[0])
+    store.on_state_change("vllm", S.STOPPED, S.STARTING)
+    for i in range(PROBE_HISTORY + 5):
+        store.record_probe("vllm", {"time": 1000.0 + i, "phase": "healthy", "ok": True, "healthy": True,
+                                    "latency_ms": float(i), "failed_probe": False})
+    store.record_probe("vllm", {"time": 2000.0, "phase": "healthy", "ok": False, "healthy": True,
+                                "latency_ms": 2000.0, "failed_probe": True, "consecutive_failures": 1,
+                                "reason": "completion probe timed out"})
+    now[0] = 2001.0
+    store.record_kill("vllm", "completion probe timed out (2 consecutive failed probes)")
+    store.on_state_change("vllm", S.RUNNING, S.EXITED, exitstatus=-1, expected=False, signal_name="SIGTERM")
+    now[0] = 2100.0
+    store.on_state_change("vllm", S.EXITED, S.STARTING)
+    store.on_state_change("vllm", S.RUNNING, S.EXITED, exitstatus=-1, expected=False, signal_name="SIGKILL")
+    stats = ProcessStatsStore(str(tmp_path / "state.json")).stats("vllm")  # as read back after a restart
+    history = stats["probe_history"]
+    assert len(history) == PROBE_HISTORY and history[-1] == [2000.0, 2000.0, False]
+    assert [f["reason"] for f in stats["recent_failures"]] == [  # the kill's own entry became the exit's
+        "killed by the health check: completion probe timed out (2 consecutive failed probes) (SIGTERM)",
+        "process exited (EXITED: killed by SIGKILL)",
+    ]
+    assert stats["last_exit_signal"] == "SIGKILL"
+    decisions = [d["decision"] for d in stats["recent_decisions"]]
+    assert decisions == ["healthy", "probe failed (1 in a row)", "kill", "exited", "exited"]

@@ -95,13 +95,15 @@ def test_kill_9_counts_a_restart_in_metrics_and_is_pushed_over_websocket(deploym
     assert metrics[m("olmocr_server_last_probe_duration_seconds")] > 0
     assert abs(metrics[m("olmocr_server_last_probe_timestamp_seconds")] - time.time()) < 30
 
-    # /status is the status script's JSON.
+    # /status is the status script's JSON, plus the status page's history.
     status = requests.get(f"{dep.status_url}/status", timeout=5)
     assert status.status_code == 200
     script = json.loads(dep.run_status_script().stdout)
     volatile = {"uptime_seconds", "last_health_check", "probe_latency_ms", "description"}
-    assert {k: v for k, v in status.json().items() if k not in volatile} == \
+    history = {"last_exit_signal", "recent_failures", "health_decisions", "probe_history"}
+    assert {k: v for k, v in status.json().items() if k not in volatile | history} == \
         {k: v for k, v in script.items() if k not in volatile}
+    assert status.json()["probe_history"] and status.json()["health_decisions"][-1]["decision"] == "healthy"
 
     client = WsClient(f"{dep.status_url}/ws")
     try:
