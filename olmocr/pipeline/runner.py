@@ -14,7 +14,7 @@ from olmocr.pipeline.pages.documents import DocOutcome, DocumentProcessor, failu
 from olmocr.pipeline.pages.output import dolma_jsonl, markdown_relpath
 from olmocr.pipeline.pages.page import MAX_TOKENS, PageProcessor, PageSettings
 from olmocr.pipeline.pages.render import DEFAULT_RENDER_TIMEOUT_S, Renderer, default_render_processes
-from olmocr.pipeline.progress import Progress, report_progress
+from olmocr.pipeline.progress import Progress, refresh_totals, refresh_totals_forever, report_progress
 from olmocr.pipeline.servers.checks import STRUCTURED_OUTPUTS
 from olmocr.pipeline.servers.fleet import SERVER_STATS_DIR, Fleet, run_id, server_stats_record
 from olmocr.pipeline.servers.serverlist import ServerSpec
@@ -258,6 +258,8 @@ class Runner:
             except BaseException:
                 self.renderer.close()
                 raise
+        totals = asyncio.create_task(refresh_totals_forever(self.progress, self.queue.page_totals,
+                                                            self.config.progress_interval))
         reporter = asyncio.create_task(report_progress(
             self.progress, lambda: (self.client.describe_state(), self.client.in_flight), self.config.progress_interval))
         workers = [asyncio.create_task(self._worker(i)) for i in range(max(1, self.config.workers))]
@@ -275,7 +277,11 @@ class Runner:
             for w in workers:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+            totals.cancel()
+            await asyncio.gather(totals, return_exceptions=True)
+            await refresh_totals(self.progress, self.queue.page_totals)  # the final totals, for bar and line
             reporter.cancel()
+            await asyncio.gather(reporter, return_exceptions=True)  # the bar is closed before the summary
             self.renderer.close()
             if exporter is not None:
                 await exporter.close()

@@ -34,6 +34,13 @@ import zstandard
 
 from olmocr.pipeline.errors import LeaseLost
 from olmocr.pipeline.workspace.storage import Storage
+from olmocr.pipeline.workspace.totals import (
+    PageTotals,
+    compute_totals,
+    format_totals,
+    load_pages,
+    record_pages,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -220,8 +227,28 @@ class WorkQueue:
             return {group_hash(g): g for g in group_paths(new_paths, pages_per_group, cached_count)}
 
         added = append_index(self.storage, make_groups)
+        self._record_page_counts(wanted, cached_count)
         logger.info("work queue: %d new items (%d retry items)", added, requeued)
         return added + requeued
+
+    def _record_page_counts(self, wanted: list[str], count: Callable[[str], int]) -> None:
+        """Store the page count of every queued item made of ``wanted`` paths that has none yet (the
+        workspace's total; see olmocr.pipeline.workspace.totals). Items another populator added are
+        recorded by it; items of ours counted here were counted already, so this costs no extra reads
+        except for workspaces queued before page counts were kept."""
+        wanted_set = set(wanted)
+        index = load_index(self.storage)
+        have = load_pages(self.storage)
+        missing = {h: paths for h, paths in index.items() if h not in have and paths and set(paths) <= wanted_set}
+        if missing:
+            record_pages(self.storage, {h: sum(max(1, count(p) or 1) for p in paths) for h, paths in missing.items()})
+
+    def page_totals(self, clock: Callable[[], float] | None = None) -> PageTotals:
+        """Pages queued, done and per second for the whole workspace (all pipelines); lists, never reads flags."""
+        index = load_index(self.storage)
+        done_times = {h: t for k, t in self.storage.list_times(f"{DONE_DIR}/").items()
+                      if (h := _hash_from_key(k, "done_", ".flag"))}
+        return compute_totals(index, load_pages(self.storage), done_times, (clock or self.clock)())
 
     def requeue_retryable(self) -> int:
         """Add a retry item for each done item's retryable failures not yet re-queued; returns how many."""
@@ -243,7 +270,14 @@ class WorkQueue:
                 retry_groups[retry_hash(original, sources)] = tuple(sources)
         if not retry_groups:
             return 0
-        return append_index(self.storage, lambda current: retry_groups)
+        added = append_index(self.storage, lambda current: retry_groups)
+        if added:
+            from olmocr.pipeline.workspace.inputs import count_pages
+
+            have = load_pages(self.storage)
+            record_pages(self.storage, {h: sum(max(1, count_pages(p) or 1) for p in paths)
+                                        for h, paths in retry_groups.items() if h not in have})
+        return added
 
     # ---- claiming ---------------------------------------------------------------------------------
 
@@ -469,6 +503,7 @@ def workspace_stats(storage: Storage, clock: Callable[[], float] = time.time) ->
     return {
         "workspace": storage.url,
         "items": counts,
+        "page_totals": queue.page_totals().as_dict(),
         "queued_documents": queued_docs,
         "documents": documents,
         "pages": pages,
@@ -497,6 +532,7 @@ def format_stats(stats: dict, max_failures: int = 50) -> str:
         + (f", {len(stats.get('filtered_documents', []))} skipped by --apply_filter"
            if stats.get("filtered_documents") else ""),
         f"Pages: {pages} in results, {fallback} fallback pages{share}",
+        *([f"Progress: {format_totals(PageTotals.from_dict(stats['page_totals']))}"] if "page_totals" in stats else []),
         f"Tokens: {stats['input_tokens']} input, {stats['output_tokens']} output",
     ]
     if failed:
