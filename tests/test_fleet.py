@@ -496,3 +496,24 @@ def test_priority_end_to_end_and_refused_without_priority_scheduling(tmp_path: P
     assert set(seen) == {"-2"} and seen["-2"] >= len(docs) * PAGES_PER_DOC
     assert rc2 == 1
     assert "refused a request with priority -2" in log2 and "--scheduling-policy priority" in log2
+
+
+def test_the_servers_key_file_variable_is_one_key_for_every_server(tmp_path: Path) -> None:
+    """OLMOCR_API_KEY_FILE means to the pipeline what it means to the server: the file is the key. The
+    multi-line KEY / URL KEY format has its own variable, OLMOCR_API_KEYS_FILE."""
+    from olmocr.pipeline.cli import resolve_api_key
+    from olmocr.pipeline.servers.serverlist import server_specs
+
+    key = tmp_path / "key"
+    key.write_text("s3cret key with spaces\n")
+    keys = tmp_path / "keys"
+    keys.write_text("http://127.0.0.1:1 k-one\nk-default\n")
+    urls = [("http://127.0.0.1:1", None), ("http://127.0.0.1:2", None)]
+    env = {"OLMOCR_API_KEY_FILE": str(key)}
+    assert resolve_api_key(None, env) == "s3cret key with spaces"
+    assert [s.api_key for s in server_specs(urls, resolve_api_key(None, env))] == ["s3cret key with spaces"] * 2
+    assert [s.api_key for s in server_specs(urls, resolve_api_key(None, env), str(keys))] == ["k-one", "k-default"]
+    assert resolve_api_key(None, {**env, "OLMOCR_API_KEY": "from-env"}) == "from-env"
+    assert resolve_api_key("from-flag", env) == "from-flag"
+    with pytest.raises(FleetConfigError, match="cannot read API key file"):
+        resolve_api_key(None, {"OLMOCR_API_KEY_FILE": str(tmp_path / "missing")})
