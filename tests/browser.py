@@ -91,16 +91,16 @@ class Browser:
         assert self.ws is not None
         call_id = next(self._ids)
         await self.ws.send_str(json.dumps({"id": call_id, "method": method, "params": params}))
-        async with asyncio.timeout(timeout):
-            while True:
-                msg = await self.ws.receive()
-                if msg.type != aiohttp.WSMsgType.TEXT:
-                    raise RuntimeError(f"DevTools connection closed: {msg}")
-                data = json.loads(msg.data)
-                if data.get("id") == call_id:
-                    if "error" in data:
-                        raise RuntimeError(f"{method}: {data['error']}")
-                    return data.get("result", {})
+        deadline = time.monotonic() + timeout
+        while True:  # events arrive in between: skip them until our answer
+            msg = await self.ws.receive(timeout=max(0.01, deadline - time.monotonic()))
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                raise RuntimeError(f"DevTools connection closed: {msg}")
+            data = json.loads(msg.data)
+            if data.get("id") == call_id:
+                if "error" in data:
+                    raise RuntimeError(f"{method}: {data['error']}")
+                return data.get("result", {})
 
     def call(self, method: str, timeout: float = 30, **params: Any) -> dict[str, Any]:
         return self.loop.run_until_complete(self._call(method, params, timeout))

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 from pathlib import Path
 
 import aiohttp
@@ -79,6 +80,42 @@ def test_page_shows_health_a_kill_9_restart_live_and_a_lost_connection(deploymen
         browser.close()
     for name in ("status-page.png", "status-page-narrow.png", "status-page-disconnected.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_page_shows_one_row_per_gpu_server(tmp_path):
+    """The multi-GPU status (``servers: [...]``, each entry the top-level fields plus gpus/url): one card each."""
+    require(chromium_path() is not None, "chromium not installed (Debian package 'chromium': apt-get install chromium)")
+    base = {"state": "RUNNING", "model": "m", "restart_count": 0, "uptime_seconds": 75, "health_kills": 0,
+            "probe_history": [[1000.0 + i, 10.0 + i, True] for i in range(5)], "health_decisions": []}
+    servers = [{**base, "healthy": True, "health_phase": "healthy", "url": "http://127.0.0.1:30024", "gpus": [0],
+                "port": 30024, "pid": 11},
+               {**base, "healthy": False, "health_phase": "unhealthy", "url": "http://127.0.0.1:30026", "gpus": [1],
+                "port": 30026, "pid": 12, "restart_count": 3,
+                "recent_failures": [{"time": 1004.0, "reason": "killed by the health check: completion probe timed "
+                                     "out (3 consecutive failed probes) (SIGTERM)"}]}]
+    status = {**servers[0], "healthy": False, "servers": servers}
+    snapshot = Snapshot(status, info={"statename": "RUNNING"}, stats={}, settings={"model": "m"})
+    service = StatusService(ServiceSettings(), read=lambda: snapshot)
+    service.update(snapshot)
+    loop = asyncio.new_event_loop()
+    server = TestServer(service.app(), loop=loop)
+    loop.run_until_complete(server.start_server())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    browser = Browser(tmp_path / "chromium-profile")
+    try:
+        browser.goto(str(server.make_url("/")))
+        browser.wait_for("document.querySelectorAll('section.server').length === 2", 20, "two server cards")
+        assert "1 of 2 servers healthy" in browser.text("#summary")
+        cards = browser.evaluate("[...document.querySelectorAll('section.server')].map(c => c.innerText)")
+        assert "http://127.0.0.1:30024" in cards[0] and "GPUs\n0" in cards[0] and "healthy" in cards[0]
+        assert "unhealthy" in cards[1] and "(SIGTERM)" in cards[1] and "Restarts\n3" in cards[1]
+    finally:
+        browser.close()
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
 
 
 # ------------------------------------------------------------------------------- sign-in, in-process
