@@ -42,15 +42,16 @@ class Browser:
         if binary is None:
             raise RuntimeError("chromium is not installed (Debian package 'chromium')")
         profile_dir.mkdir(parents=True, exist_ok=True)
-        # Chromium's own temporary files and its singleton socket (AF_UNIX: the path must stay short) go
-        # to a directory of ours, removed by close(): nothing is left in the system temp dir.
+        # Chromium's own temporary files, its singleton socket (AF_UNIX: the path must stay short) and what
+        # it keeps in $HOME go to a directory of ours, removed by close(): nothing is left behind.
         self.tmp_dir = tempfile.mkdtemp(prefix="olmocr-cr-")
         self.log_path = profile_dir.parent / f"{profile_dir.name}.log"
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile_dir}", f"--window-size={width},{height}",
                  "about:blank"], stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
-                env={**os.environ, "TMPDIR": self.tmp_dir})
+                env={**os.environ, "TMPDIR": self.tmp_dir, "HOME": self.tmp_dir,  # its crash
+                     "XDG_CONFIG_HOME": self.tmp_dir, "XDG_CACHE_HOME": self.tmp_dir})  # dirs, dconf: ours too
         self.loop = asyncio.new_event_loop()
         self._ids = itertools.count(1)
         self.session: aiohttp.ClientSession | None = None

@@ -35,8 +35,10 @@ import zstandard
 from olmocr.pipeline.errors import LeaseLost
 from olmocr.pipeline.workspace.storage import Storage
 from olmocr.pipeline.workspace.totals import (
+    PAGES_KEY,
     PageTotals,
     compute_totals,
+    decode_pages,
     format_totals,
     load_pages,
     record_pages,
@@ -197,6 +199,7 @@ class WorkQueue:
         self._done: set[str] = set()
         self._done_listed_at = float("-inf")
         self._requeued = False
+        self._totals_cache: tuple[tuple[str | None, str | None], dict, dict[str, int]] | None = None
 
     # ---- populating -------------------------------------------------------------------------------
 
@@ -245,10 +248,15 @@ class WorkQueue:
 
     def page_totals(self, clock: Callable[[], float] | None = None) -> PageTotals:
         """Pages queued, done and per second for the whole workspace (all pipelines); lists, never reads flags."""
-        index = load_index(self.storage)
+        found, pages_found = self.storage.read_versioned(INDEX_KEY), self.storage.read_versioned(PAGES_KEY)
+        tags = (found[1] if found else None, pages_found[1] if pages_found else None)
+        if self._totals_cache is None or self._totals_cache[0] != tags:  # decode only what changed
+            self._totals_cache = (tags, decode_index(found[0]) if found else {},
+                                  decode_pages(pages_found[0]) if pages_found else {})
+        _, index, pages = self._totals_cache
         done_times = {h: t for k, t in self.storage.list_times(f"{DONE_DIR}/").items()
                       if (h := _hash_from_key(k, "done_", ".flag"))}
-        return compute_totals(index, load_pages(self.storage), done_times, (clock or self.clock)())
+        return compute_totals(index, pages, done_times, (clock or self.clock)())
 
     def requeue_retryable(self) -> int:
         """Add a retry item for each done item's retryable failures not yet re-queued; returns how many."""

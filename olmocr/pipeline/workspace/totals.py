@@ -30,10 +30,10 @@ CAS_ATTEMPTS = 100
 
 def load_pages(storage: Storage) -> dict[str, int]:
     data = storage.read(PAGES_KEY)
-    return _decode(data) if data else {}
+    return decode_pages(data) if data else {}
 
 
-def _decode(data: bytes) -> dict[str, int]:
+def decode_pages(data: bytes) -> dict[str, int]:
     try:
         items = json.loads(data).get("items") or {}
         return {str(h): int(n) for h, n in items.items()}
@@ -45,7 +45,7 @@ def record_pages(storage: Storage, pages: Mapping[str, int]) -> int:
     """Add the page counts of items not yet in the file (compare-and-swap); returns how many were added."""
     for attempt in range(CAS_ATTEMPTS):
         found = storage.read_versioned(PAGES_KEY)
-        current = _decode(found[0]) if found else {}
+        current = decode_pages(found[0]) if found else {}
         new = {h: int(n) for h, n in pages.items() if h not in current}
         if not new:
             return 0
