@@ -5,7 +5,6 @@ returns data; those on metrics only real vLLM has are checked for syntax by Prom
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
@@ -20,32 +19,18 @@ from olmocr.pipeline.servers.client import ServerClient
 from olmocr.pipeline.workspace.totals import PageTotals
 from olmocr.server.status_service import ServiceSettings, Snapshot, StatusService
 from tests.deployment_helpers import wait_for
+from tests.grafana_queries import DASHBOARD, GRAFANA, panels, queries, substitute
 from tests.metrics_helpers import parse_metrics
 from tests.pipeline_helpers import start_pipeline
 from tests.prometheus_helpers import Prometheus
 from tests.sample_docs import samples
-from tests.standin_helpers import REPO_ROOT, free_port, stop_process_group
+from tests.standin_helpers import free_port, stop_process_group
 from tests.tiers import require_tool
 
-GRAFANA = REPO_ROOT / "deploy" / "grafana"
-DASHBOARD = json.loads((GRAFANA / "olmocr-serve.json").read_text())
 #: vLLM 0.32's metric names (vllm/v1/metrics/loggers.py) that the stand-in does not play.
 VLLM_ONLY = {"vllm:kv_cache_usage_perc", "vllm:time_to_first_token_seconds_bucket"}
 #: ... and those it plays with vLLM's names and labels.
 VLLM_PLAYED = {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:generation_tokens_total"}
-
-
-def panels() -> list[dict]:
-    return [p for p in DASHBOARD["panels"] if p["type"] != "row"]
-
-
-def queries() -> list[tuple[str, str]]:
-    return [(p["title"], t["expr"]) for p in panels() for t in p["targets"]]
-
-
-def substitute(expr: str, instance: str, server: str) -> str:
-    """What Grafana sends for one selected value of each variable (rate interval: 4 scrapes at 1 s)."""
-    return expr.replace("$__rate_interval", "5s").replace("$instance", instance).replace("$server", server)
 
 
 def exported_names() -> set[str]:
