@@ -10,7 +10,7 @@
   const summaryEl = document.getElementById("summary");
   const errorEl = document.getElementById("error");
   const updatedEl = document.getElementById("updated");
-  let socket = null, lastMessageAt = 0, retryMs = 500, retryTimer = null;
+  let socket = null, lastMessageAt = 0, retryMs = 500, retryTimer = null, lostAt = new Date();
 
   function el(tag, attrs, ...children) {
     const node = document.createElement(tag);
@@ -96,7 +96,8 @@
         gpus !== undefined && gpus !== null && gpus !== "" ? el("dt", {}, "GPUs") : null,
         gpus !== undefined && gpus !== null && gpus !== "" ? el("dd", {}, gpus) : null,
         el("dt", {}, "State"), el("dd", {"data-field": "state"}, `${s.state || "?"}${s.pid ? ` (pid ${s.pid})` : ""}`),
-        el("dt", {}, "Uptime"), el("dd", {"data-field": "uptime"}, s.state === "RUNNING" ? duration(s.uptime_seconds) : "not running"),
+        el("dt", {}, "Uptime"), el("dd", {"data-field": "uptime", "data-uptime": s.state === "RUNNING" ? s.uptime_seconds || 0 : null,
+                                          "data-at": Date.now()}, s.state === "RUNNING" ? duration(s.uptime_seconds) : "not running"),
         el("dt", {}, "Restarts"), el("dd", {"data-field": "restarts"}, String(s.restart_count ?? 0) +
           (s.consecutive_restarts ? ` (${s.consecutive_restarts} in a row)` : "")),
         el("dt", {}, "Health kills"), el("dd", {"data-field": "kills"}, String(s.health_kills ?? 0)),
@@ -141,12 +142,20 @@
     socket.onclose = event => {
       socket = null;
       const why = event.code === 1008 || event.code === 4401 ? " (not authorised: reload to sign in)" : "";
-      setConnection("disconnected", `disconnected${why} — retrying`);
+      if (!connection.classList.contains("disconnected")) lostAt = new Date();
+      const since = lastMessageAt ? ` since ${lostAt.toLocaleTimeString([], {hour12: false})}` : "";
+      setConnection("disconnected", `disconnected${since}${why} — retrying`);
       retryTimer = setTimeout(connect, retryMs);
       retryMs = Math.min(retryMs * 2, 10000);
     };
   }
 
+  setInterval(() => {  // uptimes tick between messages (the service pushes changes, not every second)
+    if (document.body.classList.contains("disconnected")) return;
+    for (const node of document.querySelectorAll("[data-uptime]")) {
+      node.textContent = duration(Number(node.dataset.uptime) + (Date.now() - Number(node.dataset.at)) / 1000);
+    }
+  }, 1000);
   setInterval(() => {  // a silent connection (service hung, network gone without a FIN) is a lost one
     if (socket && lastMessageAt && Date.now() - lastMessageAt > STALE_MS) {
       setConnection("disconnected", `disconnected (no update for ${Math.round((Date.now() - lastMessageAt) / 1000)} s) — retrying`);
