@@ -230,7 +230,11 @@ class WorkQueue:
             return {group_hash(g): g for g in group_paths(new_paths, pages_per_group, cached_count)}
 
         added = append_index(self.storage, make_groups)
-        self._record_page_counts(wanted, cached_count)
+        try:
+            self._record_page_counts(wanted, cached_count)
+        except Exception as exc:  # noqa: BLE001 - the totals are for display: never fail the queue for them
+            logger.warning("could not store the page counts of the queued items (%s); progress will estimate "
+                           "the total", exc)
         logger.info("work queue: %d new items (%d retry items)", added, requeued)
         return added + requeued
 
@@ -282,9 +286,12 @@ class WorkQueue:
         if added:
             from olmocr.pipeline.workspace.inputs import count_pages
 
-            have = load_pages(self.storage)
-            record_pages(self.storage, {h: sum(max(1, count_pages(p) or 1) for p in paths)
-                                        for h, paths in retry_groups.items() if h not in have})
+            try:
+                have = load_pages(self.storage)
+                record_pages(self.storage, {h: sum(max(1, count_pages(p) or 1) for p in paths)
+                                            for h, paths in retry_groups.items() if h not in have})
+            except Exception as exc:  # noqa: BLE001 - as in populate: display only
+                logger.warning("could not store the page counts of the retry items (%s)", exc)
         return added
 
     # ---- claiming ---------------------------------------------------------------------------------
