@@ -300,3 +300,28 @@ def test_stats_over_a_workspace(workspace: str) -> None:
     assert (stats["documents"], stats["pages"], stats["fallback_pages"]) == (1, 10, 2)
     text = format_stats(stats)
     assert "3 total, 2 done" in text and "password-protected PDF" in text and "2 fallback pages" in text
+
+
+def test_a_failed_done_check_after_leasing_gives_the_lease_back(tmp_path: Path) -> None:
+    """Found under random S3 faults: the read of the done flag failing right after the lease was taken left
+    the item leased by this queue, so none of its workers ever claimed it again."""
+    storage = LocalStorage(tmp_path / "ws")
+    WorkQueue(storage).populate(["only.pdf"], pages_per_group=1, page_count=one_page)
+    failing = {"done": 1}
+
+    class Flaky:
+        def __getattr__(self, name):  # type: ignore[no-untyped-def]
+            return getattr(storage, name)
+
+        def read(self, key: str) -> bytes | None:
+            if key.startswith("done_flags/") and failing["done"]:
+                failing["done"] -= 1
+                raise ConnectionResetError("connection reset by peer")
+            return storage.read(key)
+
+    queue = WorkQueue(Flaky())  # type: ignore[arg-type]
+    with pytest.raises(ConnectionResetError):
+        queue.claim()
+    assert storage.list("worker_locks/") == []  # handed back at once, not left to expire
+    item = queue.claim()
+    assert item is not None and item.paths == ("only.pdf",)

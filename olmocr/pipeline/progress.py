@@ -10,6 +10,7 @@ to the debug log. Piped or redirected, it is the plain line every ``--progress_i
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import sys
@@ -120,11 +121,18 @@ async def refresh_totals_forever(progress: Progress, read: Callable[[], PageTota
         await asyncio.sleep(interval)
 
 
-async def refresh_totals(progress: Progress, read: Callable[[], PageTotals]) -> None:
+#: The totals are read on a thread of their own: a slow storage (S3 retrying) never takes one of the
+#: default executor's few threads from the workers' claims, renewals and writes.
+_TOTALS_EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="olmocr-totals")
+
+
+async def refresh_totals(progress: Progress, read: Callable[[], PageTotals], timeout: float | None = None) -> None:
+    """One reading of the totals (kept if it fails or takes over ``timeout`` seconds: display only)."""
     try:
-        progress.workspace = await asyncio.to_thread(read)
+        future = asyncio.get_running_loop().run_in_executor(_TOTALS_EXECUTOR, read)
+        progress.workspace = await asyncio.wait_for(future, timeout)
     except Exception as exc:  # noqa: BLE001 - a storage hiccup: keep the last totals, try again
-        logger.debug("progress: cannot read the workspace totals: %s", exc)
+        logger.debug("progress: cannot read the workspace totals: %s", exc or type(exc).__name__)
 
 
 async def report_progress(progress: Progress, state: Callable[[], tuple[str, int]], interval: float,

@@ -279,7 +279,7 @@ class Runner:
             await asyncio.gather(*workers, return_exceptions=True)
             totals.cancel()
             await asyncio.gather(totals, return_exceptions=True)
-            await refresh_totals(self.progress, self.queue.page_totals)  # the final totals, for bar and line
+            await refresh_totals(self.progress, self.queue.page_totals, timeout=10)  # final totals: bar, line
             reporter.cancel()
             await asyncio.gather(reporter, return_exceptions=True)  # the bar is closed before the summary
             self.renderer.close()

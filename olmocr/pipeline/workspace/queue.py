@@ -371,7 +371,17 @@ class WorkQueue:
                 continue
             with self._lock:
                 self._leases[item_hash] = lease_id
-            if self.is_done(item_hash):  # completed between our listing and our lease
+            try:
+                done = self.is_done(item_hash)
+            except Exception:
+                # Not knowing, we must not keep the lease: held here but never worked on, the item would be
+                # skipped by every worker of this queue ("mine") until the process ends.
+                try:
+                    self.release(WorkItem(item_hash, index[item_hash]))
+                except Exception:  # noqa: BLE001 - forgotten locally; the lock expires by itself
+                    self._forget(item_hash, lease_id)
+                raise
+            if done:  # completed between our listing and our lease
                 self.release(WorkItem(item_hash, index[item_hash]))
                 continue
             return WorkItem(hash=item_hash, paths=index[item_hash], leased_at=leased_at)
