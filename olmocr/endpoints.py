@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from olmocr.secret_files import SecretFileError, read_secret_file
 from olmocr.server.errors import EndpointConfigError
 
 DEFAULT_HOST = "127.0.0.1"
@@ -39,11 +40,9 @@ def read_token(env: Mapping[str, str], token_var: str, file_var: str, file_path:
     if not path:
         return None
     try:
-        with open(path, encoding="utf-8") as handle:
-            return handle.read().strip() or None
-    except OSError as exc:
-        raise EndpointConfigError(f"cannot read the token file {path}: {exc.strerror}; fix {file_var} "
-                                  "or the file's permissions") from None
+        return read_secret_file(path, "the token", file_var)
+    except SecretFileError as exc:
+        raise EndpointConfigError(str(exc)) from None
 
 
 def check_exposure(what: str, host: str, token: str | None, token_var: str, file_var: str) -> None:
@@ -55,14 +54,16 @@ def check_exposure(what: str, host: str, token: str | None, token_var: str, file
             f"or bind 127.0.0.1")
 
 
-def bearer_middleware(token: str | None) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """aiohttp middleware: 401 for any request without ``Authorization: Bearer <token>`` (if a token is set)."""
+def bearer_middleware(token: str | None, open_paths: frozenset[str] = frozenset()
+                      ) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """aiohttp middleware: 401 for any request without ``Authorization: Bearer <token>`` (if a token is set),
+    except for ``open_paths`` (exact paths: health probes that answer one line, for the kubelet)."""
     expected = f"Bearer {token}".encode() if token else None
 
     @web.middleware
     async def check(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                     ) -> web.StreamResponse:
-        if expected is not None:
+        if expected is not None and request.path not in open_paths:
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):
                 return web.json_response({"error": "missing or wrong bearer token"}, status=401,

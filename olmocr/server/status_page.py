@@ -50,14 +50,16 @@ def _same_origin(request: web.Request) -> bool:
     return urlsplit(origin).netloc.lower() == request.host.lower()
 
 
-def auth_middleware(token: str | None) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    """The bearer token (header) or the page's cookie on every endpoint but the sign-in and the assets."""
+def auth_middleware(token: str | None, open_paths: frozenset[str] = frozenset()
+                    ) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """The bearer token (header) or the page's cookie on every endpoint but the sign-in, the assets and
+    ``open_paths`` (exact paths: the one-line health probes, as in olmocr.endpoints.bearer_middleware)."""
     bearer = f"Bearer {token}".encode() if token else b""
     cookie = session_value(token).encode() if token else b""
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not token or request.path.startswith(_PUBLIC):
+        if not token or request.path.startswith(_PUBLIC) or request.path in open_paths:
             return await handler(request)
         if hmac.compare_digest(request.headers.get("Authorization", "").encode(), bearer):
             return await handler(request)
