@@ -73,7 +73,8 @@ def test_output_schema_spans_order_and_markdown(standin: StandIn, tmp_path: Path
                 assert doc["text"][end - 1] == "\n"
         md = ws / "markdown" / (source.lstrip("/")[: -len(".pdf")] + ".md")
         assert md.read_text() == doc["text"]
-    assert re.search(r"pages \d+/\d+ \| [\d.]+ pages/s", log), log
+    assert re.search(r"workspace (\d+)/\1 pages \(100\.0%\), 0 remaining, .* ETA 0s \| this process \d+ pages, "
+                     r"[\d.]+ pages/s", log), log
     assert "finished in" in log
 
 

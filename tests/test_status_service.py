@@ -97,17 +97,19 @@ def test_kill_9_counts_a_restart_in_metrics_and_is_pushed_over_websocket(deploym
     assert metrics[m("olmocr_server_last_probe_duration_seconds")] > 0
     assert abs(metrics[m("olmocr_server_last_probe_timestamp_seconds")] - time.time()) < 30
 
-    # /status is the status script's JSON.
+    # /status is the status script's JSON, plus the status page's history.
     status = requests.get(f"{dep.status_url}/status", timeout=5)
     assert status.status_code == 200
     script = json.loads(dep.run_status_script().stdout)
     volatile = {"uptime_seconds", "last_health_check", "probe_latency_ms", "description"}
+    history = {"last_exit_signal", "recent_failures", "health_decisions", "probe_history"}
 
-    def steady(part: dict) -> dict:  # the box and each of its servers, without what ticks with the clock
-        return {k: ([steady(e) for e in v] if k == "servers" else v) for k, v in part.items() if k not in volatile}
+    def steady(part: dict, drop: set) -> dict:  # the box and each of its servers, without what ticks
+        return {k: ([steady(e, drop) for e in v] if k == "servers" else v) for k, v in part.items() if k not in drop}
 
-    assert steady(status.json()) == steady(script)
+    assert steady(status.json(), volatile | history) == steady(script, volatile)
     assert [e["name"] for e in script["servers"]] == ["vllm"]
+    assert status.json()["probe_history"] and status.json()["health_decisions"][-1]["decision"] == "healthy"
 
     client = WsClient(f"{dep.status_url}/ws")
     try:

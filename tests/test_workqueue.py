@@ -302,26 +302,26 @@ def test_stats_over_a_workspace(workspace: str) -> None:
     assert "3 total, 2 done" in text and "password-protected PDF" in text and "2 fallback pages" in text
 
 
-def test_a_claim_that_fails_after_taking_the_lease_does_not_strand_the_item(tmp_path) -> None:
-    """The store breaks between taking an item's lease and checking that it is not done (a connection reset
-    under random S3 faults): the claim fails, and the item must not stay "ours" in memory -- no worker of
-    this queue would ever claim it again, and the run would wait forever for it."""
-    storage = open_storage(str(tmp_path / "ws"))
-    now = [1000.0]
-    queue = WorkQueue(storage, lease_seconds=6, clock=lambda: now[0])
-    queue.populate(["a.pdf"], pages_per_group=1, page_count=one_page)
-    real_read = storage.read
+def test_a_failed_done_check_after_leasing_gives_the_lease_back(tmp_path: Path) -> None:
+    """Found under random S3 faults: the read of the done flag failing right after the lease was taken left
+    the item leased by this queue, so none of its workers ever claimed it again."""
+    storage = LocalStorage(tmp_path / "ws")
+    WorkQueue(storage).populate(["only.pdf"], pages_per_group=1, page_count=one_page)
+    failing = {"done": 1}
 
-    def broken_read(key: str) -> bytes | None:
-        if key.startswith("done_flags/"):
-            raise ConnectionResetError(104, "Connection reset by peer")
-        return real_read(key)
+    class Flaky:
+        def __getattr__(self, name):  # type: ignore[no-untyped-def]
+            return getattr(storage, name)
 
-    storage.read = broken_read  # type: ignore[method-assign]
+        def read(self, key: str) -> bytes | None:
+            if key.startswith("done_flags/") and failing["done"]:
+                failing["done"] -= 1
+                raise ConnectionResetError("connection reset by peer")
+            return storage.read(key)
+
+    queue = WorkQueue(Flaky())  # type: ignore[arg-type]
     with pytest.raises(ConnectionResetError):
         queue.claim()
-    storage.read = real_read  # type: ignore[method-assign]
-    assert queue.claim() is None  # its lease is still in the store, and not expired yet
-    now[0] += 7
+    assert storage.list("worker_locks/") == []  # handed back at once, not left to expire
     item = queue.claim()
-    assert item is not None and item.paths == ("a.pdf",)
+    assert item is not None and item.paths == ("only.pdf",)

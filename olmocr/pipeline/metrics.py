@@ -127,6 +127,21 @@ def run_metrics(metrics: PipelineMetrics) -> list[Metric]:
         out.append(GaugeMetricFamily("olmocr_pipeline_work_items_remaining", "Work items not done yet "
                                      "(pending + leased), all workers", value=counts.get("pending", 0)
                                      + counts.get("leased", 0)))
+    totals = p.workspace
+    if totals is not None:  # the whole workspace (olmocr.pipeline.workspace.totals), all pipelines
+        pages = GaugeMetricFamily("olmocr_pipeline_workspace_pages", "Pages of the whole workspace by state: "
+                                  "total queued, done, remaining (all pipelines), read every --progress_interval "
+                                  "seconds", labels=["state"])
+        for state, value in (("total", totals.total), ("done", totals.done), ("remaining", totals.remaining)):
+            pages.add_metric([state], value)
+        out.append(pages)
+        if totals.rate is not None:
+            out.append(GaugeMetricFamily("olmocr_pipeline_workspace_pages_per_second", "Pages per second of the "
+                                         "whole workspace over the last 10 minutes (from the done flags)",
+                                         value=totals.rate))
+        if totals.eta_seconds is not None:
+            out.append(GaugeMetricFamily("olmocr_pipeline_workspace_eta_seconds", "Seconds until every page of "
+                                         "the workspace is done at the current rate", value=totals.eta_seconds))
     out.append(GaugeMetricFamily("olmocr_pipeline_start_time_seconds", "Unix time this pipeline run started",
                                  value=metrics.start_time))
     return out

@@ -1,13 +1,26 @@
-"""Run counters, the periodic progress line and the final summary."""
+"""Run counters, the periodic progress (a live bar on a terminal, the plain line in logs and pipes) and
+the final summary.
+
+The progress shows the whole workspace (olmocr.pipeline.workspace.totals: done/total pages of every
+pipeline, the workspace's rate and an ETA) beside this process's own rate. On a terminal it is a tqdm
+bar, redrawn every second, with the other log lines printed above it; the plain line then still goes
+to the debug log. Piped or redirected, it is the plain line every ``--progress_interval`` seconds.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import os
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import IO
+
+from olmocr.pipeline.workspace.totals import PageTotals, format_duration, format_totals
 
 logger = logging.getLogger("olmocr.pipeline")
 
@@ -30,6 +43,7 @@ class Progress:
     input_tokens: int = 0
     output_tokens: int = 0
     started: float = field(default_factory=time.monotonic)
+    workspace: PageTotals | None = None  # the whole workspace, refreshed every --progress_interval
     _window: deque[tuple[float, int, int]] = field(default_factory=deque)
 
     def add_pages(self, n: int) -> None:
@@ -55,13 +69,28 @@ class Progress:
         return (self.pages_done - p0) / (now - t0), (self.output_tokens - o0) / (now - t0)
 
     def line(self, server_state: str, in_flight: int) -> str:
+        return f"{self.head()} | {self.tail(server_state, in_flight)}"
+
+    def head(self) -> str:
+        """Where the workspace stands: ``workspace 120/500 pages (24.0%), ... ETA 1m 01s``."""
+        if self.workspace is None:
+            return f"pages {self.pages_done}/{self.pages_total} (this process; workspace totals not read yet)"
+        return f"workspace {format_totals(self.workspace)}"
+
+    def tail(self, server_state: str, in_flight: int) -> str:
         pages_s, tokens_s = self._rates()
         return (
-            f"pages {self.pages_done}/{self.pages_total} | {pages_s:.1f} pages/s | {tokens_s:.0f} output tokens/s | "
+            f"this process {self.pages_done} pages, {pages_s:.1f} pages/s, {tokens_s:.0f} output tokens/s | "
             f"fallback pages {self.fallback_pages} | docs done {self.docs_done}, failed {self.docs_failed}"
             f"{self._filtered()} | "
             f"server {server_state}, {in_flight} requests in flight"
         )
+
+    def short(self, server_state: str, in_flight: int) -> str:
+        """The bar's part of :meth:`tail`: this process's rate, fallback pages, the server."""
+        pages_s, _ = self._rates()
+        return (f"this process {pages_s:.1f} pages/s | fallback {self.fallback_pages} | server {server_state}, "
+                f"{in_flight} in flight")
 
     def _filtered(self) -> str:
         return f", skipped by filter {self.docs_filtered}" if self.docs_filtered else ""
@@ -76,9 +105,86 @@ class Progress:
         )
 
 
-async def report_progress(progress: Progress, state: Callable[[], tuple[str, int]], interval: float) -> None:
-    """Log the progress line every ``interval`` seconds until cancelled."""
+def wants_bar(stream: IO[str] | None = None) -> bool:
+    """A live bar only on an interactive terminal (not a pipe, a file, a dumb terminal or CI logs)."""
+    stream = stream or sys.stderr
+    try:
+        return stream.isatty() and os.environ.get("TERM", "") not in ("", "dumb")
+    except (AttributeError, ValueError):
+        return False
+
+
+async def refresh_totals_forever(progress: Progress, read: Callable[[], PageTotals], interval: float) -> None:
+    """Read the workspace's totals in a worker thread (they list storage) every ``interval`` seconds."""
+    while True:
+        await refresh_totals(progress, read)
+        await asyncio.sleep(interval)
+
+
+#: The totals are read on a thread of their own: a slow storage (S3 retrying) never takes one of the
+#: default executor's few threads from the workers' claims, renewals and writes.
+_TOTALS_EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="olmocr-totals")
+
+
+async def refresh_totals(progress: Progress, read: Callable[[], PageTotals], timeout: float | None = None) -> None:
+    """One reading of the totals (kept if it fails or takes over ``timeout`` seconds: display only)."""
+    try:
+        future = asyncio.get_running_loop().run_in_executor(_TOTALS_EXECUTOR, read)
+        progress.workspace = await asyncio.wait_for(future, timeout)
+    except Exception as exc:  # noqa: BLE001 - a storage hiccup: keep the last totals, try again
+        logger.debug("progress: cannot read the workspace totals: %s", exc or type(exc).__name__)
+
+
+async def report_progress(progress: Progress, state: Callable[[], tuple[str, int]], interval: float,
+                          bar: bool | None = None) -> None:
+    """The progress until cancelled: a bar on a terminal, else the line every ``interval`` seconds."""
+    if bar if bar is not None else wants_bar():
+        await _bar_forever(progress, state, interval)
+        return
     while True:
         await asyncio.sleep(interval)
         server_state, in_flight = state()
         logger.info("%s", progress.line(server_state, in_flight))
+
+
+async def _bar_forever(progress: Progress, state: Callable[[], tuple[str, int]], interval: float) -> None:
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    fmt = "{desc} {percentage:5.1f}%|{bar}| {n_fmt}/{total_fmt} pages{postfix}"
+    console = [h for h in logger.handlers if type(h) is logging.StreamHandler]
+    level = console[0].level if console else logging.INFO
+    try:
+        sized = os.get_terminal_size(sys.stderr.fileno()).columns > 0
+    except (OSError, ValueError):
+        sized = False  # a terminal that reports no size (some serial consoles, a bare pty): 120 columns
+    with logging_redirect_tqdm(loggers=[logger]), tqdm(total=0, unit="page", bar_format=fmt, dynamic_ncols=sized,
+                                                        ncols=None if sized else 120, file=sys.stderr,
+                                                        desc="workspace", leave=True) as bar:
+        for handler in logger.handlers:  # tqdm's stand-in for the console handler: keep the console's level
+            if type(handler) is not logging.FileHandler:
+                handler.setLevel(max(handler.level, level))
+
+        def draw() -> str:
+            server_state, in_flight = state()
+            totals = progress.workspace
+            if totals is not None:
+                bar.total, bar.n = totals.total, totals.done
+                rate = "?" if totals.rate is None else f"{totals.rate:.1f}"
+                bar.set_postfix_str(f"ETA {format_duration(totals.eta_seconds)} | workspace {rate} pages/s | "
+                                    f"{progress.short(server_state, in_flight)}", refresh=False)
+            else:
+                bar.set_postfix_str(progress.line(server_state, in_flight), refresh=False)
+            bar.refresh()
+            return progress.line(server_state, in_flight)
+
+        last_line = time.monotonic()
+        try:
+            while True:
+                await asyncio.sleep(min(1.0, interval))
+                line = draw()
+                if time.monotonic() - last_line >= interval:  # the plain line still goes to the debug log
+                    last_line = time.monotonic()
+                    logger.debug("%s", line)
+        finally:
+            draw()  # the state at the end (the runner reads the totals once more before it stops the bar)

@@ -15,7 +15,7 @@ from olmocr.pipeline.pages.documents import DocOutcome, DocumentProcessor, failu
 from olmocr.pipeline.pages.output import dolma_jsonl, markdown_relpath
 from olmocr.pipeline.pages.page import MAX_TOKENS, PageProcessor, PageSettings
 from olmocr.pipeline.pages.render import DEFAULT_RENDER_TIMEOUT_S, Renderer, default_render_processes
-from olmocr.pipeline.progress import Progress, report_progress
+from olmocr.pipeline.progress import Progress, refresh_totals, refresh_totals_forever, report_progress
 from olmocr.pipeline.servers.checks import STRUCTURED_OUTPUTS
 from olmocr.pipeline.servers.discovery import refresh_interval
 from olmocr.pipeline.servers.fleet import LOG_MOVED, SERVER_STATS_DIR, Fleet, run_id, server_stats_record
@@ -282,6 +282,8 @@ class Runner:
             except BaseException:
                 self.renderer.close()
                 raise
+        totals = asyncio.create_task(refresh_totals_forever(self.progress, self.queue.page_totals,
+                                                            self.config.progress_interval))
         reporter = asyncio.create_task(report_progress(
             self.progress, lambda: (self.fleet.describe_state(), self.fleet.in_flight), self.config.progress_interval))
         workers = [asyncio.create_task(self._worker(i)) for i in range(max(1, self.config.workers))]
@@ -303,7 +305,11 @@ class Runner:
             for w in workers:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+            totals.cancel()
+            await asyncio.gather(totals, return_exceptions=True)
+            await refresh_totals(self.progress, self.queue.page_totals, timeout=10)  # final totals: bar, line
             reporter.cancel()
+            await asyncio.gather(reporter, return_exceptions=True)  # the bar is closed before the summary
             self.renderer.close()
             if exporter is not None:
                 await exporter.close()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -41,6 +42,8 @@ API_VERSION = "1.0"
 
 # Transitions into STARTING that supervisord makes on its own after a crash: these are restarts.
 _AUTOMATIC_RESTART_FROM = {ProcessStates.EXITED, ProcessStates.BACKOFF}
+#: How much history the status page shows: failure reasons, health decisions, probe latencies.
+RECENT_FAILURES, RECENT_DECISIONS, PROBE_HISTORY = 10, 10, 90
 
 
 def new_process_stats() -> dict[str, Any]:
@@ -63,7 +66,16 @@ def new_process_stats() -> dict[str, Any]:
         "last_kill_reason": None,
         "gave_up": False,
         "gave_up_reason": None,
+        "last_exit_signal": None,  # e.g. "SIGKILL" when the process was killed by a signal
+        "recent_failures": [],  # [{time, reason}], oldest first, at most RECENT_FAILURES
+        "recent_decisions": [],  # [{time, decision, reason}]: the health check's decisions
+        "probe_history": [],  # [[time, latency_ms, ok]], at most PROBE_HISTORY
     }
+
+
+def _append(ring: list, entry: Any, limit: int) -> None:
+    ring.append(entry)
+    del ring[:-limit]
 
 
 class ProcessStatsStore:
@@ -88,7 +100,7 @@ class ProcessStatsStore:
 
     def on_state_change(self, name: str, from_state: int, to_state: int,
                         exitstatus: int | None = None, expected: bool | None = None,
-                        description: str | None = None) -> None:
+                        description: str | None = None, signal_name: str | None = None) -> None:
         stats = self.stats(name)
         now = self.clock()
         if to_state == ProcessStates.STARTING:
@@ -113,15 +125,24 @@ class ProcessStatsStore:
             stats["last_exit_status"] = exitstatus
             stats["last_exit_expected"] = expected
             stats["last_exit_description"] = description
+            stats["last_exit_signal"] = signal_name
             if to_state != ProcessStates.STOPPED:
                 state = getProcessStateDescription(to_state)
                 reason = f"process exited ({state}, exit status {exitstatus})"
-                if description:
+                if signal_name:
+                    reason = f"process exited ({state}: killed by {signal_name})"
+                elif description:
                     reason = f"process exited ({state}: {description})"
                 killed_at = stats["last_kill_time"]
                 if killed_at and killed_at >= (stats["last_start_time"] or 0):
+                    recent = stats["recent_failures"]
+                    if recent and recent[-1]["reason"] == stats["last_kill_reason"]:
+                        recent.pop()  # the kill's own entry: this one says the same, and how it ended
                     reason = f"killed by the health check: {stats['last_kill_reason']}"
+                    if signal_name:
+                        reason += f" ({signal_name})"
                 self._failure(stats, reason, now)
+                self._decision(stats, now, "exited", reason)
         elif to_state == ProcessStates.FATAL:
             self._failure(stats, "supervisord gave up starting the process (FATAL: exited too quickly "
                                  "startretries times; see `supervisorctl tail vllm`)", now)
@@ -129,6 +150,19 @@ class ProcessStatsStore:
 
     def record_probe(self, name: str, record: dict[str, Any]) -> None:
         stats = self.stats(name)
+        previous = stats["health"] or {}
+        when = record.get("time") or self.clock()
+        if record.get("latency_ms") is not None:
+            _append(stats["probe_history"], [when, record["latency_ms"], bool(record.get("ok"))], PROBE_HISTORY)
+        phase = record.get("phase")
+        if record.get("failed_probe") and phase == "starting":
+            pass  # the port is still closed while the model loads: waiting, not a decision
+        elif record.get("failed_probe") and phase != "unhealthy":
+            failures = record.get("consecutive_failures")
+            self._decision(stats, when, f"probe failed{f' ({failures} in a row)' if failures else ''}",
+                           record.get("reason"))
+        elif phase and phase != previous.get("phase") and phase not in ("exited", "backoff", "stopped", "fatal"):
+            self._decision(stats, when, phase, None if phase == "healthy" else record.get("reason"))
         stats["health"] = dict(record)
         if record.get("healthy"):
             stats["last_healthy_time"] = record.get("time")
@@ -147,6 +181,7 @@ class ProcessStatsStore:
         stats["last_kill_time"] = now
         stats["last_kill_reason"] = reason
         self._failure(stats, reason, now)
+        self._decision(stats, now, "kill", reason)
         self._save()
 
     def record_give_up(self, name: str, reason: str) -> None:
@@ -154,12 +189,23 @@ class ProcessStatsStore:
         stats["gave_up"] = True
         stats["gave_up_reason"] = reason
         self._failure(stats, reason, self.clock())
+        self._decision(stats, self.clock(), "gave up", reason)
         self._save()
 
     @staticmethod
     def _failure(stats: dict[str, Any], reason: str, when: float) -> None:
         stats["last_failure_reason"] = reason
         stats["last_failure_time"] = when
+        recent = stats["recent_failures"]
+        if not (recent and recent[-1]["reason"] == reason and when - recent[-1]["time"] < 60):
+            _append(recent, {"time": when, "reason": reason}, RECENT_FAILURES)  # not twice for one event
+
+    @staticmethod
+    def _decision(stats: dict[str, Any], when: float, decision: str, reason: str | None) -> None:
+        entry = {"time": when, "decision": decision}
+        if reason:
+            entry["reason"] = reason
+        _append(stats["recent_decisions"], entry, RECENT_DECISIONS)
 
     def _load(self) -> None:
         if not self.state_file or not os.path.exists(self.state_file):
@@ -169,7 +215,7 @@ class ProcessStatsStore:
                 data = json.load(handle)
             for name, saved in data.get("processes", {}).items():
                 merged = new_process_stats()
-                merged.update(saved)
+                merged.update({k: v for k, v in saved.items() if v is not None or merged.get(k) is None})
                 if "kills_by_reason" not in saved and merged["kills"]:
                     merged["kills_by_reason"] = {"other": merged["kills"]}  # a file from before the split
                 self.processes[name] = merged
@@ -320,32 +366,46 @@ def _expand_servers(supervisord: Any) -> list[ServerSlot]:
     return slots
 
 
-#: What supervisord decoded from the last wait status it reaped ("terminated by SIGKILL", "exit status 1").
-_last_wait_status: dict[str, str | None] = {"message": None}
+#: The wait status of the process supervisord reaped last (None once an event has used it).
+_last_wait_status: list[int | None] = [None]
 
 
-def _remember_wait_status() -> None:
-    """supervisord knows how a program died (``decode_wait_status``: "terminated by SIGKILL") but keeps only
-    ``exitstatus`` -1 and ``spawnerr`` "Bad exit code -1". It reaps a process, decodes its status and emits the
-    state event in one call on its single thread, so the message remembered here belongs to that event. (No
-    public hook gives the signal; this wraps the one function that sees it, in supervisord's own process.)"""
-    import supervisor.process as supervisor_process
+def _record_wait_statuses() -> None:
+    """Keep the raw wait status of each reaped process, to name the signal that killed it.
 
-    original = supervisor_process.decode_wait_status
-    if getattr(original, "olmocr_wrapped", False):
+    supervisord decodes it in ``Subprocess.finish`` (``decode_wait_status``: exit status -1 and the
+    message "terminated by SIGKILL", which it only logs) and then, in the same call, fires the EXITED or
+    BACKOFF event; neither the event nor ``getProcessInfo`` carries the signal. Wrapping the function
+    ``supervisor.process`` calls is the one place that sees it; supervisord is single-threaded, so the
+    status read by the event handler is the one of the process the event is about.
+    """
+    import supervisor.process
+
+    original = supervisor.process.decode_wait_status
+    if getattr(original, "olmocr_recording", False):
         return
 
-    def decode(sts: int) -> tuple[int, str]:
-        code, message = original(sts)
-        _last_wait_status["message"] = message
-        return code, message
+    def recording(sts: int) -> Any:
+        _last_wait_status[0] = sts
+        return original(sts)
 
-    decode.olmocr_wrapped = True  # type: ignore[attr-defined]
-    supervisor_process.decode_wait_status = decode
+    recording.olmocr_recording = True  # type: ignore[attr-defined]
+    supervisor.process.decode_wait_status = recording
+
+
+def signal_name(wait_status: int | None) -> str | None:
+    """``"SIGKILL"`` for the wait status of a process killed by SIGKILL; None if it exited by itself."""
+    if wait_status is None or not os.WIFSIGNALED(wait_status):
+        return None
+    number = os.WTERMSIG(wait_status)
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _recorder(store: ProcessStatsStore, supervisord: Any) -> Callable[[Any], None]:
-    _remember_wait_status()
+    _record_wait_statuses()
 
     def on_event(event: Any) -> None:
         process = event.process
@@ -355,15 +415,15 @@ def _recorder(store: ProcessStatsStore, supervisord: Any) -> Callable[[Any], Non
             to_state == ProcessStates.EXITED and not event.expected
         ):
             description = process.spawnerr or None
-            died = _last_wait_status["message"] or ""
-            if to_state != ProcessStates.FATAL and died.startswith("terminated by"):
-                description = died  # "terminated by SIGKILL", not "Bad exit code -1"
+        killed_by = None
         if to_state in (ProcessStates.EXITED, ProcessStates.BACKOFF, ProcessStates.STOPPED):
-            _last_wait_status["message"] = None  # consumed by the exit it belongs to
+            killed_by = signal_name(_last_wait_status[0])
+            _last_wait_status[0] = None
         try:
             store.on_state_change(process.config.name, event.from_state, to_state,
                                   exitstatus=process.exitstatus,
-                                  expected=bool(event.expected), description=description)
+                                  expected=bool(event.expected), description=description,
+                                  signal_name=killed_by)
         except Exception as exc:  # never break supervisord's event dispatch
             supervisord.options.logger.warn(f"olmocr rpc extension: cannot record event: {exc!r}")
 

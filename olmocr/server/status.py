@@ -1,11 +1,13 @@
-"""``olmocr-server-status``: the deployment's health as JSON, from supervisord's XML-RPC interface.
+"""``olmocr-server-status``: the deployment's health from supervisord's XML-RPC interface.
 
 A box may run several servers (one per GPU, ``OLMOCR_GPUS``). The top-level fields describe the whole box
 (``healthy`` only when every server is, ``restart_count`` summed, the latest failure named with its
 server); ``servers`` lists each server with the same fields plus ``name``, ``gpus`` and ``url``. With one
 server the top level is that server's entry, as before.
 
-Exit status: 0 every server healthy, 1 any unhealthy (or stopped), 2 supervisord unreachable.
+On a terminal it prints a table (one row per server); piped, redirected or with ``--json`` it prints the
+JSON (fields unchanged, for scripts). Exit status: 0 every server healthy, 1 any unhealthy (or stopped), 2
+supervisord unreachable.
 """
 
 from __future__ import annotations
@@ -102,6 +104,18 @@ def build_box_status(entries: list[dict]) -> dict:
         "description": f"{len(entries) - len(unhealthy)} of {len(entries)} servers healthy"
                        + (f"; not healthy: {', '.join(e['name'] for e in unhealthy)}" if unhealthy else ""),
         "servers": entries,
+    }
+
+
+def history_fields(stats: Mapping[str, Any]) -> dict:
+    """What the status page adds to :func:`build_status` (oldest first): the reasons of the last failures
+    and restarts (a signal named), the health check's last decisions, ``[time, latency_ms, ok]`` of the
+    last probes. The status service sends them; this script's JSON keeps the fields above only."""
+    return {
+        "last_exit_signal": stats.get("last_exit_signal"),
+        "recent_failures": list(stats.get("recent_failures") or []),
+        "health_decisions": list(stats.get("recent_decisions") or []),
+        "probe_history": list(stats.get("probe_history") or []),
     }
 
 
@@ -207,18 +221,88 @@ def connection_from_args(args: argparse.Namespace) -> tuple[str, Any]:
     return url, connect(url, username=args.username, password=password, timeout=args.timeout)
 
 
+def _duration(seconds: float | None) -> str:
+    seconds = int(seconds or 0)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def _phase(status: Mapping[str, Any]) -> str:
+    if status.get("gave_up"):
+        return "gave up"
+    state = str(status.get("state") or "unknown").lower()
+    if state in ("running", "starting"):
+        return str(status.get("health_phase") or "starting")
+    return state
+
+
+COLUMNS = ("SERVER", "HEALTH", "PHASE", "PID", "UPTIME", "RESTARTS", "KILLS", "PROBE", "LAST CHECK (UTC)")
+
+
+def format_table(status: Mapping[str, Any]) -> str:
+    """The status as a table, one row per server (``servers`` when present, else the top level), each
+    server's last failure below it (pure)."""
+    if status.get("error") and "state" not in status and not status.get("servers"):
+        return f"olmocr deployment: UNREACHABLE\n  {status['error']}"
+    servers = status.get("servers") or [status]
+    rows = [COLUMNS]
+    notes: list[str] = []
+    for index, server in enumerate(servers):
+        name = str(server.get("url") or (f"port {server['port']}" if server.get("port") else f"server {index + 1}"))
+        if server.get("gpus") not in (None, "", []):
+            gpus = server["gpus"]
+            name += f" (GPU {','.join(map(str, gpus)) if isinstance(gpus, list) else gpus})"
+        latency = server.get("probe_latency_ms")
+        restarts = f"{server.get('restart_count', 0)}"
+        if server.get("consecutive_restarts"):
+            restarts += f" ({server['consecutive_restarts']} in a row)"
+        rows.append((
+            name,
+            "healthy" if server.get("healthy") else "UNHEALTHY",
+            _phase(server),
+            str(server.get("pid") or "-"),
+            _duration(server.get("uptime_seconds")) if server.get("state") == "RUNNING" else "-",
+            restarts,
+            str(server.get("health_kills", 0)),
+            "-" if latency is None else f"{latency:.0f} ms",
+            (server.get("last_health_check") or "never").replace("T", " ").rstrip("Z"),
+        ))
+        if server.get("last_failure_reason"):
+            when = (server.get("last_failure_time") or "").replace("T", " ").rstrip("Z")
+            notes.append(f"{name}: last failure {when} UTC: {server['last_failure_reason']}")
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    healthy = sum(1 for s in servers if s.get("healthy"))
+    model = status.get("model") or servers[0].get("model") or "?"
+    lines = [f"olmocr deployment: {healthy} of {len(servers)} server{'s' if len(servers) != 1 else ''} healthy "
+             f"(model {model})", ""]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    if notes:
+        lines += [""] + notes
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="olmocr-server-status", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"olmocr-serve {__version__}")
     add_connection_arguments(parser)
     parser.add_argument("--watch", nargs="?", type=float, const=5.0, default=None, metavar="SECONDS",
                         help="refresh every SECONDS (default 5) until interrupted")
+    parser.add_argument("--json", action="store_true",
+                        help="print JSON even on a terminal (it is the default when the output is piped)")
     args = parser.parse_args(argv)
+    table = not args.json and sys.stdout.isatty()
 
     try:
         url, proxy = connection_from_args(args)
     except (OSError, ValueError) as exc:
-        print(json.dumps({"healthy": False, "error": f"{exc}; pass -c CONFIG or --server-url"}))
+        failure = {"healthy": False, "error": f"{exc}; pass -c CONFIG or --server-url"}
+        print(format_table(failure) if table else json.dumps(failure))
         return EXIT_UNREACHABLE
 
     while True:
@@ -228,7 +312,11 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:
             status = unreachable_status(url, exc)
             code = EXIT_UNREACHABLE
-        print(json.dumps(status, indent=None if args.watch else 2), flush=True)
+        if table:
+            clear = "\033[H\033[J" if args.watch else ""  # redraw in place
+            print(clear + format_table(status), flush=True)
+        else:
+            print(json.dumps(status, indent=None if args.watch else 2), flush=True)
         if args.watch is None:
             return code
         try:

@@ -12,6 +12,8 @@ sizes. It serves:
 - ``GET /status``: the JSON of ``olmocr-server-status`` (200 when healthy, else 503);
 - ``GET /ws``: a WebSocket that sends that JSON at once, then whenever it changes (a restart, a
   health transition, a probe result) and at least every ``OLMOCR_STATUS_PUSH_INTERVAL`` seconds;
+- ``GET /``: the status page, live over ``/ws`` (olmocr.server.status_page; its JSON adds the history
+  fields of ``olmocr.server.status.history_fields``);
 - ``GET /livez`` and ``GET /readyz``: probes with Kubernetes semantics (``olmocr.server.pod_probes``):
   200 ``ok`` or 503 with a one-line reason. They are open without the bearer token (as kube-apiserver's
   own ``/livez`` and ``/readyz``): the kubelet cannot read a Secret for its probes, and the answer is
@@ -34,7 +36,7 @@ dead client never stalls the service or the other clients.
 
 Bound beyond loopback (``OLMOCR_STATUS_HOST``) it requires a bearer token on every other endpoint, from
 ``OLMOCR_STATUS_TOKEN`` or the file named by ``OLMOCR_STATUS_TOKEN_FILE``, and refuses to start
-without one.
+without one. A browser signs in once at ``/login`` and then carries a cookie (see status_page).
 """
 
 from __future__ import annotations
@@ -59,12 +61,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from olmocr import __version__, envs
 from olmocr.endpoints import (
     DEFAULT_HOST,
-    bearer_middleware,
     check_exposure,
     metrics_response,
     read_token,
     start_app,
 )
+from olmocr.server import status_page
 from olmocr.server.errors import EndpointConfigError
 from olmocr.server.pod_probes import ProbeAnswer, liveness, readiness, stale_after
 from olmocr.server.rpcclient import connect_from_child_env
@@ -75,6 +77,7 @@ from olmocr.server.status import (
     connection_from_args,
     fetch_box_parts,
     fetch_servers,
+    history_fields,
     unreachable_status,
 )
 
@@ -179,6 +182,11 @@ def read_snapshot(proxy: Any, program: str, url: str, clock: Callable[[], float]
     except Exception as exc:  # noqa: BLE001 - refused, timeout, Fault: all mean "cannot tell"
         return Snapshot(unreachable_status(url, exc), taken_at=clock())
     status = box_status_from_parts(servers, parts, settings)
+    # What the status page draws, per server (and for the box when it is one server).
+    for entry, (_info, stats) in zip(status["servers"], parts, strict=True):
+        entry.update(history_fields(stats))
+    if len(parts) == 1:
+        status.update(history_fields(parts[0][1]))
     readings = tuple(ServerReading(entry["name"], tuple(entry["gpus"]), entry, info, stats)
                      for entry, (info, stats) in zip(status["servers"], parts, strict=True))
     first_info, first_stats = parts[0]
@@ -415,18 +423,14 @@ class StatusService:
 
     # -- HTTP ---------------------------------------------------------------------------------------
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[bearer_middleware(self.settings.token, open_paths=PROBE_PATHS)])
-        app.router.add_get("/", self.index)
+        app = web.Application(middlewares=[status_page.auth_middleware(self.settings.token, open_paths=PROBE_PATHS)])
+        status_page.add_routes(app, self.settings.token)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/status", self.status)
         app.router.add_get("/ws", self.websocket)
         app.router.add_get("/livez", self.livez)
         app.router.add_get("/readyz", self.readyz)
         return app
-
-    async def index(self, _request: web.Request) -> web.Response:
-        return web.Response(text="olmocr status service: /metrics (Prometheus), /status (JSON), /ws (WebSocket), "
-                                 "/livez and /readyz (Kubernetes probes)\n")
 
     def liveness(self) -> ProbeAnswer:
         now = self.clock()

@@ -191,6 +191,33 @@ def test_pipeline_guided_decoding_through_real_vllm(dep: RealDeployment, tmp_pat
     assert " 400 " not in server_log
 
 
+def test_dashboard_vllm_queries_return_data_from_real_vllm(dep: RealDeployment, tmp_path: Path) -> None:
+    """The Grafana dashboard's vLLM panels (KV cache, time to first token... which the stand-in does not play)
+    on a real Prometheus scraping the real vLLM: each returns data."""
+    import yaml
+
+    from tests.grafana_queries import queries, substitute
+    from tests.prometheus_helpers import Prometheus
+    from tests.tiers import require_tool
+
+    binary = require_tool("prometheus", "prometheus", tier="real_vllm")
+    dep.wait_healthy()
+    config = {"global": {"scrape_interval": "1s"}, "scrape_configs": [
+        {"job_name": "olmocr-vllm", "static_configs": [{"targets": [f"127.0.0.1:{dep.port}"]}]}]}
+    prom = Prometheus(binary, tmp_path / "prometheus", yaml.safe_dump(config))
+    try:
+        wait_for(lambda: prom.result('up{job="olmocr-vllm"} == 1'), 30, "vLLM scraped")
+        for _ in range(3):  # requests for the latency histograms, between scrapes
+            assert dep.chat().status_code == 200
+            time.sleep(1.5)
+        vllm = [(title, substitute(expr, "127.0.0.1", ".*")) for title, expr in queries() if "vllm:" in expr]
+        assert len(vllm) >= 5
+        for title, query in vllm:
+            wait_for(lambda q=query: prom.result(q), 20, f"data for {title}: {query}")
+    finally:
+        prom.stop()
+
+
 def test_kill_9_of_the_engine_core_is_restarted_and_counted(dep: RealDeployment) -> None:
     restarts = dep.wait_healthy()["restart_count"]
     tree = dep.tree()

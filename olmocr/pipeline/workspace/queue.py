@@ -34,6 +34,15 @@ import zstandard
 
 from olmocr.pipeline.errors import LeaseLost
 from olmocr.pipeline.workspace.storage import Storage
+from olmocr.pipeline.workspace.totals import (
+    PAGES_KEY,
+    PageTotals,
+    compute_totals,
+    decode_pages,
+    format_totals,
+    load_pages,
+    record_pages,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +199,7 @@ class WorkQueue:
         self._done: set[str] = set()
         self._done_listed_at = float("-inf")
         self._requeued = False
+        self._totals_cache: tuple[tuple[str | None, str | None], dict, dict[str, int]] | None = None
 
     # ---- populating -------------------------------------------------------------------------------
 
@@ -220,8 +230,37 @@ class WorkQueue:
             return {group_hash(g): g for g in group_paths(new_paths, pages_per_group, cached_count)}
 
         added = append_index(self.storage, make_groups)
+        try:
+            self._record_page_counts(wanted, cached_count)
+        except Exception as exc:  # noqa: BLE001 - the totals are for display: never fail the queue for them
+            logger.warning("could not store the page counts of the queued items (%s); progress will estimate "
+                           "the total", exc)
         logger.info("work queue: %d new items (%d retry items)", added, requeued)
         return added + requeued
+
+    def _record_page_counts(self, wanted: list[str], count: Callable[[str], int]) -> None:
+        """Store the page count of every queued item made of ``wanted`` paths that has none yet (the
+        workspace's total; see olmocr.pipeline.workspace.totals). Items another populator added are
+        recorded by it; items of ours counted here were counted already, so this costs no extra reads
+        except for workspaces queued before page counts were kept."""
+        wanted_set = set(wanted)
+        index = load_index(self.storage)
+        have = load_pages(self.storage)
+        missing = {h: paths for h, paths in index.items() if h not in have and paths and set(paths) <= wanted_set}
+        if missing:
+            record_pages(self.storage, {h: sum(max(1, count(p) or 1) for p in paths) for h, paths in missing.items()})
+
+    def page_totals(self, clock: Callable[[], float] | None = None) -> PageTotals:
+        """Pages queued, done and per second for the whole workspace (all pipelines); lists, never reads flags."""
+        found, pages_found = self.storage.read_versioned(INDEX_KEY), self.storage.read_versioned(PAGES_KEY)
+        tags = (found[1] if found else None, pages_found[1] if pages_found else None)
+        if self._totals_cache is None or self._totals_cache[0] != tags:  # decode only what changed
+            self._totals_cache = (tags, decode_index(found[0]) if found else {},
+                                  decode_pages(pages_found[0]) if pages_found else {})
+        _, index, pages = self._totals_cache
+        done_times = {h: t for k, t in self.storage.list_times(f"{DONE_DIR}/").items()
+                      if (h := _hash_from_key(k, "done_", ".flag"))}
+        return compute_totals(index, pages, done_times, (clock or self.clock)())
 
     def requeue_retryable(self) -> int:
         """Add a retry item for each done item's retryable failures not yet re-queued; returns how many."""
@@ -243,7 +282,17 @@ class WorkQueue:
                 retry_groups[retry_hash(original, sources)] = tuple(sources)
         if not retry_groups:
             return 0
-        return append_index(self.storage, lambda current: retry_groups)
+        added = append_index(self.storage, lambda current: retry_groups)
+        if added:
+            from olmocr.pipeline.workspace.inputs import count_pages
+
+            try:
+                have = load_pages(self.storage)
+                record_pages(self.storage, {h: sum(max(1, count_pages(p) or 1) for p in paths)
+                                            for h, paths in retry_groups.items() if h not in have})
+            except Exception as exc:  # noqa: BLE001 - as in populate: display only
+                logger.warning("could not store the page counts of the retry items (%s)", exc)
+        return added
 
     # ---- claiming ---------------------------------------------------------------------------------
 
@@ -323,13 +372,16 @@ class WorkQueue:
             with self._lock:
                 self._leases[item_hash] = lease_id
             try:
-                done_meanwhile = self.is_done(item_hash)
-            except BaseException:
-                # Not ours in memory any more: the lease in the store expires and the item is claimed again
-                # (kept, no worker of this queue would ever claim it and the run would wait for it forever).
-                self._forget(item_hash, lease_id)
+                done = self.is_done(item_hash)
+            except Exception:
+                # Not knowing, we must not keep the lease: held here but never worked on, the item would be
+                # skipped by every worker of this queue ("mine") until the process ends.
+                try:
+                    self.release(WorkItem(item_hash, index[item_hash]))
+                except Exception:  # noqa: BLE001 - forgotten locally; the lock expires by itself
+                    self._forget(item_hash, lease_id)
                 raise
-            if done_meanwhile:  # completed between our listing and our lease
+            if done:  # completed between our listing and our lease
                 self.release(WorkItem(item_hash, index[item_hash]))
                 continue
             return WorkItem(hash=item_hash, paths=index[item_hash], leased_at=leased_at)
@@ -511,6 +563,7 @@ def workspace_stats(storage: Storage, clock: Callable[[], float] = time.time) ->
     return {
         "workspace": storage.url,
         "items": counts,
+        "page_totals": queue.page_totals().as_dict(),
         "queued_documents": queued_docs,
         "documents": documents,
         "pages": pages,
@@ -539,6 +592,7 @@ def format_stats(stats: dict, max_failures: int = 50) -> str:
         + (f", {len(stats.get('filtered_documents', []))} skipped by --apply_filter"
            if stats.get("filtered_documents") else ""),
         f"Pages: {pages} in results, {fallback} fallback pages{share}",
+        *([f"Progress: {format_totals(PageTotals.from_dict(stats['page_totals']))}"] if "page_totals" in stats else []),
         f"Tokens: {stats['input_tokens']} input, {stats['output_tokens']} output",
     ]
     if failed:

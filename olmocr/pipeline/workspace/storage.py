@@ -48,6 +48,10 @@ class Storage(Protocol):
 
     def list(self, prefix: str) -> list[str]: ...
 
+    def list_times(self, prefix: str) -> dict[str, float]:
+        """``{key: modification time (Unix seconds)}`` for the keys of :meth:`list` (one listing, no reads)."""
+        ...
+
 
 def content_tag(data: bytes) -> str:
     """The version tag of ``data`` (MD5 hex, as S3 single-part ETags)."""
@@ -157,6 +161,15 @@ class LocalStorage:
                 if key.startswith(prefix):
                     keys.append(key)
         return sorted(keys)
+
+    def list_times(self, prefix: str) -> dict[str, float]:
+        times: dict[str, float] = {}
+        for key in self.list(prefix):
+            try:
+                times[key] = self._path(key).stat().st_mtime
+            except FileNotFoundError:
+                continue  # deleted since the listing
+        return times
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -307,18 +320,25 @@ class S3Storage:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     def list(self, prefix: str) -> list[str]:
+        return sorted(self._listing(prefix))
+
+    def list_times(self, prefix: str) -> dict[str, float]:
+        return self._listing(prefix)
+
+    def _listing(self, prefix: str) -> dict[str, float]:
         if prefix:
             _check_key(prefix.rstrip("/") or "x")
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
         strip = len(self.prefix) + 1 if self.prefix else 0
-        keys: list[str] = []
+        keys: dict[str, float] = {}
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
             for obj in page.get("Contents", []):
                 key = obj["Key"][strip:]
                 if key and not key.rsplit("/", 1)[-1].startswith("."):
-                    keys.append(key)
-        return sorted(keys)
+                    modified = obj.get("LastModified")
+                    keys[key] = modified.timestamp() if modified is not None else 0.0
+        return keys
 
 
 def open_storage(url: str, profile: str | None = None, **s3_kwargs: Any) -> Storage:

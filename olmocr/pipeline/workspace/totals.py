@@ -1,0 +1,147 @@
+"""The workspace's page totals: how many pages are queued, how many are done, how fast, and when it ends.
+
+The total is known once the inputs are queued: ``populate`` counts each document's pages anyway (to
+group them), and stores each new item's page count in ``work_index_pages.json`` (``{"version": 1,
+"items": {item_hash: pages}}``), added to with compare-and-swap like the index itself, so concurrent
+pipelines on local disk or ``s3://`` never lose an entry. Items queued without a count (by upstream
+olmOCR, or before this file existed) are counted at the mean size of the known ones, and said so.
+
+Done pages are the counts of the items whose done flag exists; the workspace's rate comes from the
+done flags' modification times (one listing, no reads), so every pipeline and ``--stats`` see the same
+rate whoever did the work. The rate is taken over the last :data:`RATE_WINDOW_S`; it is anchored at
+the last item finished before the window (or the first in it, whose pages are then not counted), so
+items that finish in bursts do not inflate it, and it decays when nothing finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from olmocr.pipeline.workspace.storage import Storage
+
+PAGES_KEY = "work_index_pages.json"
+RATE_WINDOW_S = 600.0
+CAS_ATTEMPTS = 100
+
+
+def load_pages(storage: Storage) -> dict[str, int]:
+    data = storage.read(PAGES_KEY)
+    return decode_pages(data) if data else {}
+
+
+def decode_pages(data: bytes) -> dict[str, int]:
+    try:
+        items = json.loads(data).get("items") or {}
+        return {str(h): int(n) for h, n in items.items()}
+    except (ValueError, AttributeError, TypeError):
+        return {}  # damaged: the totals fall back to estimates, the queue itself is unaffected
+
+
+def record_pages(storage: Storage, pages: Mapping[str, int]) -> int:
+    """Add the page counts of items not yet in the file (compare-and-swap); returns how many were added."""
+    for attempt in range(CAS_ATTEMPTS):
+        found = storage.read_versioned(PAGES_KEY)
+        current = decode_pages(found[0]) if found else {}
+        new = {h: int(n) for h, n in pages.items() if h not in current}
+        if not new:
+            return 0
+        data = json.dumps({"version": 1, "items": {**current, **new}}, separators=(",", ":")).encode()
+        ok = storage.create(PAGES_KEY, data) if found is None else storage.replace_if(PAGES_KEY, data, found[1])
+        if ok:
+            return len(new)
+        time.sleep(random.uniform(0.0, min(1.0, 0.01 * 2**attempt)))
+    raise RuntimeError(f"could not update {PAGES_KEY} after {CAS_ATTEMPTS} attempts (heavy contention)")
+
+
+@dataclass(frozen=True)
+class PageTotals:
+    """The whole workspace, all pipelines together."""
+
+    total: int
+    done: int
+    items: int
+    items_done: int
+    unknown_items: int = 0  # items queued without a page count (their pages are estimated)
+    rate: float | None = None  # pages/s of the whole workspace over the last RATE_WINDOW_S
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.total - self.done)
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 1.0
+
+    @property
+    def eta_seconds(self) -> float | None:
+        """Seconds until every page is done at the current rate (0 when done, None when unknown)."""
+        if self.remaining == 0:
+            return 0.0
+        if not self.rate:
+            return None
+        return self.remaining / self.rate
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> PageTotals:
+        rate = data.get("pages_per_second")
+        return cls(total=int(data["pages_total"]), done=int(data["pages_done"]),  # type: ignore[call-overload]
+                   items=int(data["items"]), items_done=int(data["items_done"]),  # type: ignore[call-overload]
+                   unknown_items=int(data.get("items_without_page_count") or 0),  # type: ignore[call-overload]
+                   rate=None if rate is None else float(rate))  # type: ignore[arg-type]
+
+    def as_dict(self) -> dict:
+        return {"pages_total": self.total, "pages_done": self.done, "pages_remaining": self.remaining,
+                "items": self.items, "items_done": self.items_done, "items_without_page_count": self.unknown_items,
+                "pages_per_second": self.rate, "eta_seconds": self.eta_seconds}
+
+
+def compute_totals(index: Mapping[str, object], pages: Mapping[str, int], done_times: Mapping[str, float],
+                   now: float, window: float = RATE_WINDOW_S) -> PageTotals:
+    """Totals of the items in ``index`` given their page counts and done times (pure)."""
+    known = [pages[h] for h in index if h in pages]
+    mean = sum(known) / len(known) if known else 1.0
+    size = {h: float(pages[h]) if h in pages else mean for h in index}
+    done = {h: t for h, t in done_times.items() if h in size}
+    finished = sorted(done.items(), key=lambda item: item[1])
+    recent = [(h, t) for h, t in finished if t >= now - window]
+    earlier = [t for _, t in finished if t < now - window]
+    rate: float | None = None
+    if recent:
+        if earlier:
+            anchor, counted = earlier[-1], recent
+        else:
+            anchor, counted = recent[0][1], recent[1:]
+        if counted and now > anchor:
+            rate = sum(size[h] for h, _ in counted) / (now - anchor)
+    elif finished:
+        rate = 0.0  # nothing finished in the window: stalled (or only stragglers left)
+    return PageTotals(total=round(sum(size.values())), done=round(sum(size[h] for h in done)), items=len(index),
+                      items_done=len(done), unknown_items=len(index) - len(known), rate=rate)
+
+
+def format_duration(seconds: float | None) -> str:
+    """``1h 02m``, ``3m 05s``, ``42s``; ``unknown`` for None."""
+    if seconds is None:
+        return "unknown"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours >= 48:
+        return f"{hours // 24}d {hours % 24:02d}h"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
+def format_totals(totals: PageTotals) -> str:
+    """``1,200/5,000 pages (24.0%), 3,800 remaining, workspace 6.2 pages/s, ETA 10m 13s``."""
+    estimate = f" (~{totals.unknown_items} items of unknown size estimated)" if totals.unknown_items else ""
+    rate = "unknown" if totals.rate is None else f"{totals.rate:.1f} pages/s"
+    return (f"{totals.done:,}/{totals.total:,} pages ({100 * totals.fraction:.1f}%){estimate}, "
+            f"{totals.remaining:,} remaining, workspace {rate}, ETA {format_duration(totals.eta_seconds)}")

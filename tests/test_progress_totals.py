@@ -1,0 +1,186 @@
+"""Progress with a true total: the workspace stores its page counts once inputs are queued (local and a real
+S3 API, concurrent populators), the totals/rate/ETA decisions row by row, the progress line and --stats of a
+real run against the stand-in, and the live bar on a real pseudo-terminal."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import re
+import select
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from olmocr.pipeline.progress import Progress
+from olmocr.pipeline.workspace.queue import WorkQueue, load_index
+from olmocr.pipeline.workspace.storage import open_storage
+from olmocr.pipeline.workspace.totals import PageTotals, compute_totals, format_duration, load_pages
+from tests.pipeline_helpers import launch_standin, pipeline_command, run_pipeline
+from tests.s3_helpers import S3Server, s3_server  # noqa: F401
+from tests.sample_docs import samples
+from tests.standin_helpers import REPO_ROOT, clean_env, stop_process_group
+
+
+@pytest.fixture(params=["local", "s3"])
+def workspace(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "ws")
+    server: S3Server = request.getfixturevalue("s3_server")
+    return server.url("ws")
+
+
+# ------------------------------------------------------------------------------------- pure decisions
+
+INDEX = {"a": (), "b": (), "c": (), "d": ()}
+
+
+@pytest.mark.parametrize(("pages", "done", "now", "expect"), [
+    # nothing done yet: no rate, no ETA
+    ({"a": 10, "b": 20, "c": 30, "d": 40}, {}, 1000.0, (100, 0, None, None)),
+    # the first item done: its own pages are the anchor, not a rate (one finish says nothing of speed)
+    ({"a": 10, "b": 20, "c": 30, "d": 40}, {"a": 900.0}, 1000.0, (100, 10, None, None)),
+    # two in the window: the pages after the first, over the time since the first
+    ({"a": 10, "b": 20, "c": 30, "d": 40}, {"a": 900.0, "b": 950.0}, 1000.0, (100, 30, 0.2, 350.0)),
+    # one finished before the window anchors it: c's pages since a's finish
+    ({"a": 10, "b": 20, "c": 30, "d": 40}, {"a": 0.0, "c": 900.0}, 1000.0, (100, 40, 0.03, 2000.0)),
+    # nothing finished in the last 10 minutes: stalled, rate 0, ETA unknown
+    ({"a": 10, "b": 20, "c": 30, "d": 40}, {"a": 0.0}, 1000.0, (100, 10, 0.0, None)),
+    # all done: ETA 0 whatever the rate
+    ({"a": 10, "b": 20, "c": 30, "d": 40}, {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}, 10_000.0, (100, 100, 0.0, 0.0)),
+    # two items queued without a count (upstream olmOCR): estimated at the mean of the known ones
+    ({"a": 10, "b": 30}, {}, 1000.0, (80, 0, None, None)),
+])
+def test_totals_rate_and_eta(pages, done, now, expect):
+    totals = compute_totals(INDEX, pages, done, now)
+    rate = None if totals.rate is None else round(totals.rate, 4)
+    assert (totals.total, totals.done, rate, totals.eta_seconds) == expect
+    assert totals.remaining == expect[0] - expect[1]
+    assert totals.unknown_items == len(INDEX) - len(pages)
+
+
+def test_durations_and_the_plain_line():
+    assert [format_duration(s) for s in (None, 0, 42, 185, 3720, 200_000)] == \
+        ["unknown", "0s", "42s", "3m 05s", "1h 02m", "2d 07h"]
+    progress = Progress(pages_total=7, pages_done=5)
+    assert progress.line("up", 2).startswith("pages 5/7 (this process; workspace totals not read yet) | ")
+    progress.workspace = PageTotals(total=500, done=120, items=5, items_done=1, rate=2.0)
+    line = progress.line("up", 2)
+    assert line.startswith("workspace 120/500 pages (24.0%), 380 remaining, workspace 2.0 pages/s, ETA 3m 10s | "
+                           "this process 5 pages, "), line
+
+
+# ---------------------------------------------------------------------------------- stored totals
+
+def test_populate_stores_the_total_once_and_concurrent_populators_lose_none(workspace: str) -> None:
+    storage = open_storage(workspace)
+    counts: dict[str, int] = {}
+
+    def page_count(path: str) -> int:
+        counts[path] = counts.get(path, 0) + 1
+        return int(path.split("-")[1].split(".")[0])  # "m0-7.pdf": 7 pages
+
+    batches = [[f"m{j}-{i + 1}.pdf" for i in range(5)] for j in range(4)]
+    threads = [threading.Thread(target=WorkQueue(storage).populate, args=(b,),
+                                kwargs={"pages_per_group": 4, "page_count": page_count}) for b in batches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    index, pages = load_index(storage), load_pages(storage)
+    assert set(pages) == set(index)  # every item has its page count
+    assert WorkQueue(storage).page_totals().total == 4 * (1 + 2 + 3 + 4 + 5)
+    # Queuing the same inputs again counts nothing again and changes nothing.
+    before = dict(counts)
+    WorkQueue(storage).populate(batches[0], pages_per_group=4, page_count=page_count)
+    assert counts == before and load_pages(storage) == pages
+    # Done pages and the rate come from the done flags.
+    queue = WorkQueue(storage)
+    for _ in range(2):
+        item = queue.claim()
+        assert item is not None
+        queue.complete(item, b"", [])
+    totals = queue.page_totals()
+    done_pages = sum(pages[h] for h in index if queue.is_done(h))
+    assert (totals.done, totals.items_done, totals.remaining) == (done_pages, 2, 60 - done_pages)
+
+
+def test_a_workspace_queued_before_page_counts_gets_them_when_its_inputs_are_queued_again(tmp_path: Path) -> None:
+    storage = open_storage(str(tmp_path / "ws"))
+    WorkQueue(storage).populate(["a.pdf", "b.pdf"], pages_per_group=1, page_count=lambda p: 3)
+    storage.delete("work_index_pages.json")  # as upstream olmOCR or an older version leaves it
+    assert WorkQueue(storage).page_totals().unknown_items == 2
+    WorkQueue(storage).populate(["a.pdf", "b.pdf"], pages_per_group=1, page_count=lambda p: 3)
+    totals = WorkQueue(storage).page_totals()
+    assert (totals.total, totals.unknown_items) == (6, 0)
+
+
+# ----------------------------------------------------------------------------------------- real runs
+
+@pytest.mark.integration
+def test_progress_line_and_stats_show_the_true_total_and_an_eta(tmp_path: Path) -> None:
+    docs = samples().resilience  # 8 documents, 23 pages
+    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.15"})
+    ws = tmp_path / "ws"
+    try:
+        rc, log = run_pipeline(ws, standin.url, docs, "--progress_interval", "0.5", "--pages_per_group", "3",
+                               "--max_concurrent_requests", "2", log=tmp_path / "run.log")
+    finally:
+        standin.stop()
+    assert rc == 0, log
+    lines = re.findall(r"workspace (\d+)/(\d+) pages \([\d.]+%\), (\d+) remaining, workspace (\S+) (?:pages/s)?,? ?"
+                       r"ETA (.+?) \| this process (\d+) pages", log)
+    assert len(lines) >= 3, log
+    assert {int(total) for _, total, *_ in lines} == {23}, "the total is the workspace's from the first line"
+    assert all(int(done) + int(remaining) == 23 for done, _, remaining, *_ in lines)
+    assert any(eta not in ("unknown", "0s") for *_, eta, _ in lines), "an ETA while work remained"
+    assert lines[-1][0] == "23" and lines[-1][4] == "0s"
+    stats = subprocess.run([sys.executable, "-m", "olmocr.pipeline", str(ws), "--stats"], capture_output=True,
+                           text=True, timeout=60, cwd=REPO_ROOT, env=clean_env()).stdout
+    assert re.search(r"Progress: 23/23 pages \(100\.0%\), 0 remaining, workspace [\d.]+ pages/s, ETA 0s", stats), stats
+
+
+@pytest.mark.integration
+def test_a_terminal_gets_a_live_bar(tmp_path: Path) -> None:
+    docs = samples().resilience
+    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.15"})
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 200, 0, 0))  # a 200-column terminal
+    proc = subprocess.Popen(pipeline_command(tmp_path / "ws", standin.url, docs, "--progress_interval", "0.5",
+                                             "--pages_per_group", "3", "--max_concurrent_requests", "2"),
+                            stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, cwd=REPO_ROOT,
+                            env=clean_env({"TERM": "xterm"}), start_new_session=True)
+    os.close(slave)
+    out = b""
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # the pipeline closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif proc.poll() is not None:
+                break
+        assert proc.wait(timeout=30) == 0, out.decode(errors="replace")[-3000:]
+    finally:
+        os.close(master)
+        stop_process_group(proc)
+        standin.stop()
+    text = out.decode(errors="replace")
+    bars = re.findall(r"workspace +([\d.]+)%\|[^|]*\| (\d+)/(\d+) pages, ETA \S+ \| workspace", text)
+    assert bars and {total for *_, total in bars} == {"23"}, text[-3000:]
+    assert "\r" in text and "█" in text  # redrawn in place
+    assert bars[-1][0] == "100.0"
+    assert "finished in" in text  # the other log lines still print (above the bar)
