@@ -80,15 +80,16 @@ def test_terminal_gets_a_table_and_a_pipe_gets_the_seed_json(deployments):
     rc, out = run_on_terminal(args, dep.env)
     assert rc == 0, out
     assert out.startswith("olmocr deployment: 1 of 1 server healthy (model allenai/olmOCR-7B-0825-FP8)"), out
-    row = [line for line in out.splitlines() if line.startswith(f"port {dep.port}")]
+    # The box's servers list names each server by its URL (issue 17).
+    row = [line for line in out.splitlines() if line.startswith(f"http://127.0.0.1:{dep.port}")]
     assert row and row[0].split()[2:4] == ["healthy", "healthy"], out
     # Piped: the JSON, fields unchanged.
     piped = dep.run_status_script()
     assert piped.returncode == 0
-    assert list(json.loads(piped.stdout)) == SEED_FIELDS
+    assert list(json.loads(piped.stdout)) == [*SEED_FIELDS, "servers"]  # the seed's, plus the box's servers
     # --json on a terminal too.
     rc, out = run_on_terminal([*args, "--json"], dep.env)
-    assert rc == 0 and list(json.loads(out)) == SEED_FIELDS
+    assert rc == 0 and list(json.loads(out)) == [*SEED_FIELDS, "servers"]
     # Unreachable: one line, exit 2.
     rc, out = run_on_terminal(["--server-url", f"unix://{dep.dir}/nothing.sock"], dep.env)
     assert rc == 2 and out.startswith("olmocr deployment: UNREACHABLE\n  supervisord unreachable at"), out
