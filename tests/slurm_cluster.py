@@ -190,12 +190,41 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         return "\n".join(parts)
 
     def stop(self) -> None:
-        """Stop slurmd, slurmctld and munged (in that order, by pid) and remove the directory."""
+        """Cancel every job, stop slurmd, slurmctld and munged (in that order, by pid), end any job process
+        left (slurmstepd outlives slurmd by design), and remove the directory."""
+        if "slurmctld" in self.pids:
+            self.run("scancel", "--full", "--user", "root", check=False)
+            deadline = time.monotonic() + 45
+            while time.monotonic() < deadline and (self._step_daemons() or self._queue_not_empty()):
+                time.sleep(0.5)
         for name in ("slurmd", "slurmctld", "munged"):
             pid = self.pids.pop(name, None)
             if pid is not None:
                 _stop_pid(pid)
+        for pid in self._step_daemons():  # only if a job did not end in time: its steps and their processes
+            for proc in _tree(pid):
+                _stop_pid(proc, timeout=5)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _queue_not_empty(self) -> bool:
+        result = self.run("squeue", "--noheader", check=False)
+        return result.returncode == 0 and bool(result.stdout.strip())
+
+    def _step_daemons(self) -> list[int]:
+        """Pids of this cluster's slurmstepd processes (found by the SLURM_CONF in their environment)."""
+        marker = f"SLURM_CONF={self.conf}".encode()
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                if Path(f"/proc/{entry}/comm").read_text().strip() != "slurmstepd":
+                    continue
+                if marker in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                    found.append(int(entry))
+            except OSError:
+                continue
+        return found
 
     def __enter__(self) -> SlurmCluster:
         try:
@@ -210,6 +239,24 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
                 "BOOT_FAIL", "DEADLINE"}
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, deepest last (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    order, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        order.append(current)
+        todo.extend(children.get(current, []))
+    return order
 
 
 def _stop_pid(pid: int, timeout: float = 20.0) -> None:

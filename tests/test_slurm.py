@@ -160,8 +160,9 @@ def test_time_limit_warning_stops_and_requeues_then_finalizer_fails_on_unfinishe
              f"the task claimed an item\n{_output(out / 'task.out')}")
     # What --signal=B:USR1@300 sends before the time limit: to the batch script only.
     cluster.run("scancel", "--batch", "--signal=USR1", job)
-    wait_for(lambda: (cluster.job_fields(job) or [{}])[0].get("Restarts") == "1", 90,
-             f"the task requeued itself\n{_output(out / 'task.out')}")
+    wait_for(lambda: [(r.get("Restarts"), r.get("JobState")) for r in cluster.job_fields(job)] == [("1", "PENDING")],
+             90, f"the task requeued itself\n{_output(out / 'task.out')}")
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # not Slurm's 2-minute requeue delay
     text = _output(out / "task.out")
     assert "USR1: stopping gracefully" in text and "requeueing job" in text, text
     unfinished = cluster.sbatch("--cpus-per-task=1", f"--output={out}/unfinished.out", str(FINALIZE), str(ws),
@@ -170,7 +171,10 @@ def test_time_limit_warning_stops_and_requeues_then_finalizer_fails_on_unfinishe
     report = _output(out / "unfinished.out")
     if "UNFINISHED" in report:  # (unless the requeued task already finished everything)
         assert unfinished_record["ExitCode"] == "1:0", report
-    (record,) = cluster.wait_done(job, 150)
+    try:
+        (record,) = cluster.wait_done(job, 150)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{_output(out / 'task.out')}\n{cluster.logs()}") from None
     assert record["JobState"] == "COMPLETED", _output(out / "task.out")
     assert_every_page_once(ws, docs)
     wait_for(lambda: not _marked_processes(mark), 30, "every process of the job gone")
