@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import psutil
 from olmocr.server.rpcclient import connect
 from olmocr.server.status import fetch_status
 from tests.standin_helpers import REPO_ROOT, STANDIN_SHIM, clean_env, free_port
+from tests.waiting import wait_for  # noqa: F401 - re-exported for the tests
 
 FAST_HEALTH = {
     "OLMOCR_HEALTH_INTERVAL": "1",
@@ -30,20 +30,6 @@ FAST_HEALTH = {
     "OLMOCR_HEALTH_KILL_GRACE": "3",
     "OLMOCR_RESTART_DELAY": "0.5",
 }
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as exc:  # the thing we wait for may not exist yet
-            last_error = exc
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last error: {last_error})")
 
 
 class Deployment:

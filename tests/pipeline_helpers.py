@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from tests.standin_helpers import (
     stop_process_group,
     wait_http_ok,
 )
+from tests.waiting import wait_for  # noqa: F401 - re-exported for the tests
 
 #: The generated sample documents (tests/sample_docs.py), built once per test session.
 SAMPLES = samples()
@@ -124,15 +124,6 @@ def run_pipeline(workspace: str | Path, url: str, pdfs: Sequence[str | Path] = (
     finally:
         stop_process_group(proc)
     return rc, log.read_text()
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def read_jsonl_dir(directory: Path) -> list[dict]:

@@ -47,6 +47,22 @@ def test_reaches_healthy_and_reports_status(deployments):
     assert stat.S_IMODE(os.stat(sock).st_mode) == 0o700
 
 
+def test_rpc_faults_as_supervisor_does_and_a_misspelt_name_records_nothing(deployments):
+    import xmlrpc.client
+
+    dep = deployments()
+    dep.wait_status(healthy, 30, "healthy")
+    assert dep.proxy.olmocr.getProcessStats("vllm")["restarts"] == 0
+    for call in (lambda: dep.proxy.olmocr.getProcessStats("vlm"),
+                 lambda: dep.proxy.olmocr.recordKill("vlm", "test")):
+        with pytest.raises(xmlrpc.client.Fault) as fault:
+            call()
+        assert fault.value.faultCode == 10 and "BAD_NAME" in fault.value.faultString  # supervisor's Faults.BAD_NAME
+    assert "vlm" not in dep.proxy.olmocr.getAllProcessStats()
+    state = (dep.dir / "run" / "olmocr-state.json")
+    assert not state.exists() or '"vlm"' not in state.read_text()
+
+
 def test_kill_9_is_restarted_counted_and_orphans_reaped(deployments):
     dep = deployments()
     before = dep.wait_status(healthy, 30, "healthy")

@@ -496,3 +496,78 @@ def test_priority_end_to_end_and_refused_without_priority_scheduling(tmp_path: P
     assert set(seen) == {"-2"} and seen["-2"] >= len(docs) * PAGES_PER_DOC
     assert rc2 == 1
     assert "refused a request with priority -2" in log2 and "--scheduling-policy priority" in log2
+
+
+def test_the_servers_key_file_variable_is_one_key_for_every_server(tmp_path: Path) -> None:
+    """OLMOCR_API_KEY_FILE means to the pipeline what it means to the server: the file is the key. The
+    multi-line KEY / URL KEY format has its own variable, OLMOCR_API_KEYS_FILE."""
+    from olmocr.pipeline.cli import resolve_api_key
+    from olmocr.pipeline.servers.serverlist import server_specs
+
+    key = tmp_path / "key"
+    key.write_text("s3cret key with spaces\n")
+    keys = tmp_path / "keys"
+    keys.write_text("http://127.0.0.1:1 k-one\nk-default\n")
+    urls = [("http://127.0.0.1:1", None), ("http://127.0.0.1:2", None)]
+    env = {"OLMOCR_API_KEY_FILE": str(key)}
+    assert resolve_api_key(None, env) == "s3cret key with spaces"
+    assert [s.api_key for s in server_specs(urls, resolve_api_key(None, env))] == ["s3cret key with spaces"] * 2
+    assert [s.api_key for s in server_specs(urls, resolve_api_key(None, env), str(keys))] == ["k-one", "k-default"]
+    assert resolve_api_key(None, {**env, "OLMOCR_API_KEY": "from-env"}) == "from-env"
+    assert resolve_api_key("from-flag", env) == "from-flag"
+    with pytest.raises(FleetConfigError, match="cannot read API key file"):
+        resolve_api_key(None, {"OLMOCR_API_KEY_FILE": str(tmp_path / "missing")})
+
+
+def test_ejection_after_exactly_three_failures_and_readmission_after_two_good_probes(tmp_path: Path) -> None:
+    """Pins EJECT_AFTER = 3 and READMIT_AFTER = 2 against real stand-ins: two failures in a row leave a
+    server in rotation, the third ejects it; probes that alternate good/bad never re-admit it, two good
+    ones in a row do."""
+    import asyncio
+    import json
+
+    from olmocr.pipeline.servers.balance import ServerState
+    from olmocr.pipeline.servers.fleet import EJECT_AFTER, READMIT_AFTER, Fleet
+    from olmocr.pipeline.servers.serverlist import ServerSpec
+    from tests.pipeline_helpers import launch_standin
+    from tests.standin_helpers import make_png
+
+    assert (EJECT_AFTER, READMIT_AFTER) == (3, 2)
+    flaky, steady = launch_standin(tmp_path), launch_standin(tmp_path)
+    body = json.dumps(chat_payload(make_png(64, 64), max_tokens=50)).encode()
+
+    async def make_body() -> list[bytes]:
+        return [body]
+
+    async def scenario() -> None:
+        fleet = Fleet([ServerSpec(flaky.url, 1.0, None), ServerSpec(steady.url, 1.0, None)], request_timeout=30)
+        await fleet.start(max_wait_s=30)
+        a = next(s for s in fleet.servers if s.url == flaky.url)
+        b = next(s for s in fleet.servers if s.url == steady.url)
+        try:
+            # Every completion on the flaky one fails; requests are sequential, and a server out of rotation
+            # gets none: its error count when it leaves is the number of failures in a row that ejects it.
+            flaky.control(error_rate=1.0, error_status=500)
+            for _ in range(20):
+                await fleet.chat(make_body, "page")  # every page is answered (by the steady one at last)
+                if a.state != ServerState.UP:
+                    break
+            assert a.state == ServerState.DOWN
+            assert a.errors == 3 and b.errors == 0  # the third failure in a row ejects, not the first or second
+            # Probes (1-token completions) now alternate ok / 500: never two good in a row.
+            flaky.control(error_rate=0.5)
+            await asyncio.sleep(8)
+            assert a.state == ServerState.DOWN
+            flaky.control(error_rate=0.0)
+            deadline = time.monotonic() + 30
+            while a.state != ServerState.UP and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            assert a.state == ServerState.UP
+        finally:
+            await fleet.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        flaky.stop()
+        steady.stop()

@@ -9,8 +9,8 @@ import signal
 from collections import deque
 from collections.abc import Callable
 
+from olmocr.server.health import ProbeResult
 from olmocr.server.listener import HealthListener
-from olmocr.server.probe import ProbeResult
 from olmocr.server.settings import ServerSettings
 
 OK = ProbeResult(True, "ok", 0.01)

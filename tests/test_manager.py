@@ -142,3 +142,18 @@ def test_manager_killed_with_sigkill_takes_the_deployment_with_it(manager_run):
     run.proc.kill()
     run.proc.wait(timeout=10)
     wait_for(lambda: not any(live(pid) for pid in pids), 90, "every process the manager started to exit")
+
+
+def test_a_run_dir_too_long_for_a_unix_socket_leaves_no_socket_dir_behind(manager_run, tmp_path):
+    # AF_UNIX paths end near 107 bytes: the socket then goes to a private /tmp directory, which the
+    # manager must remove when it stops (it used to stay forever, one per run).
+    long_dir = tmp_path / ("d" * 60) / ("e" * 60)
+    before = set(Path(tempfile.gettempdir()).glob("olmocr-*"))
+    run = manager_run("--run-dir", str(long_dir))
+    wait_for(lambda: READY_MESSAGE in run.lines, 40, "ready message")
+    config = (long_dir / "supervisord.conf").read_text()
+    made = [d for d in set(Path(tempfile.gettempdir()).glob("olmocr-*")) - before if str(d / "supervisor.sock") in config]
+    assert len(made) == 1 and (made[0] / "supervisor.sock").exists(), made
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.proc.wait(timeout=90) == 0
+    assert not made[0].exists()

@@ -9,8 +9,7 @@ from supervisor.states import ProcessStates as S
 
 from olmocr.server.command import build_vllm_command, build_vllm_env
 from olmocr.server.errors import SettingsError
-from olmocr.server.health import HealthPolicy, apply_probe, process_started
-from olmocr.server.probe import ProbeResult
+from olmocr.server.health import HealthPolicy, ProbeResult, apply_probe, process_started
 from olmocr.server.rpc import ProcessStatsStore
 from olmocr.server.settings import ServerSettings, read_api_key
 from olmocr.server.supervisor_config import render_supervisord_config

@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import sys
+from collections.abc import Mapping
 
 from olmocr.pipeline.errors import FleetConfigError
 from olmocr.pipeline.pages.render import DEFAULT_RENDER_TIMEOUT_S
@@ -15,6 +16,8 @@ from olmocr.pipeline.runner import PipelineConfig, run_pipeline
 from olmocr.pipeline.servers.serverlist import URL_ENV, parse_url_list, server_specs
 from olmocr.pipeline.stopping import DEFAULT_STOP_TIMEOUT_S, StopRequest
 from olmocr.pipeline.upstream_flags import add_upstream_arguments, check_unknown, check_upstream_flags, fail
+from olmocr.server.errors import SettingsError
+from olmocr.server.settings import ServerSettings, read_api_key
 
 logger = logging.getLogger("olmocr.pipeline")
 
@@ -41,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "$VLLM_API_KEY or --api_key_file)")
     server.add_argument("--api_key_file", default=None, metavar="FILE",
                         help="file with a line KEY (every server) and/or lines 'URL KEY' (per server); "
-                             "default $OLMOCR_API_KEY_FILE")
+                             "default $OLMOCR_API_KEYS_FILE ($OLMOCR_API_KEY_FILE, as for the server, is a file "
+                             "holding one key for every server)")
     server.add_argument("--ca_bundle", default=None, metavar="PEM",
                         help="CA certificates trusted for https:// servers instead of the system's; "
                              "default $OLMOCR_CA_BUNDLE")
@@ -107,19 +111,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Loggers whose lines a pipeline run shows: its own, and in internal mode the manager of its server
+#: (without a handler of its own, "supervisord started", "stopped" ... would vanish).
+RUN_LOGGERS = ("olmocr.pipeline", "olmocr.manager")
+
+
 def setup_logging(disk_log: str | None) -> None:
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False
-    if not logger.handlers:
-        console = logging.StreamHandler(sys.stderr)
-        console.setLevel(logging.INFO)
-        console.setFormatter(logging.Formatter(LOG_FORMAT))
-        logger.addHandler(console)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.INFO)
+    console.setFormatter(logging.Formatter(LOG_FORMAT))
+    handlers: list[logging.Handler] = [console]
     if disk_log:
         handler = logging.FileHandler(disk_log, mode="a")
         handler.setLevel(logging.DEBUG)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
-        logger.addHandler(handler)
+        handlers.append(handler)
+    for name in RUN_LOGGERS:
+        run_logger = logging.getLogger(name)
+        run_logger.setLevel(logging.DEBUG)
+        run_logger.propagate = False
+        if not run_logger.handlers:
+            for handler in handlers:
+                run_logger.addHandler(handler)
 
 
 def print_stats(workspace: str, profile: str | None = None) -> int:
@@ -136,17 +149,35 @@ def print_stats(workspace: str, profile: str | None = None) -> int:
     return 0
 
 
+def resolve_api_key(flag: str | None, env: Mapping[str, str]) -> str | None:
+    """The key for every server: ``--api_key``, ``$OLMOCR_API_KEY``, ``$VLLM_API_KEY``, or the whole content
+    of ``$OLMOCR_API_KEY_FILE`` (the server's variable, meaning the same here). Per-server keys come from
+    ``--api_key_file`` / ``$OLMOCR_API_KEYS_FILE`` on top (:func:`server_specs`)."""
+    key = flag or env.get("OLMOCR_API_KEY") or env.get("VLLM_API_KEY")
+    if key:
+        return key
+    if env.get("OLMOCR_API_KEY_FILE"):
+        try:
+            return read_api_key(ServerSettings(api_key_file=env["OLMOCR_API_KEY_FILE"]), env={})
+        except SettingsError as exc:
+            raise FleetConfigError(str(exc)) from None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     internal = not args.server and not os.environ.get(URL_ENV) and not args.stats
     vllm_args = check_unknown(parser, unknown, internal)
     setup_logging(args.disk_logging)
-    api_key = args.api_key or os.environ.get("OLMOCR_API_KEY") or os.environ.get("VLLM_API_KEY") or None
+    try:
+        api_key = resolve_api_key(args.api_key, os.environ)
+    except FleetConfigError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     if args.api_key:
         logger.warning("--api_key on the command line is visible to every user in ps; prefer OLMOCR_API_KEY or "
                        "--api_key_file")
-    key_file = args.api_key_file or os.environ.get("OLMOCR_API_KEY_FILE") or None
+    key_file = args.api_key_file or os.environ.get("OLMOCR_API_KEYS_FILE") or None
     ca_bundle = args.ca_bundle or os.environ.get("OLMOCR_CA_BUNDLE") or None
     pages_per_group = args.pages_per_group or (50 if api_key or key_file else 500)
     for name in ("workers", "max_page_retries", "max_concurrent_requests", "target_longest_image_dim",

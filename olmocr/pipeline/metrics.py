@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from olmocr.endpoints import bearer_middleware, metrics_response, start_app
+from olmocr.pipeline.servers.balance import ServerState
 
 logger = logging.getLogger("olmocr.pipeline")
 
@@ -108,7 +109,7 @@ def run_metrics(metrics: PipelineMetrics) -> list[Metric]:
     for srv in metrics.servers():  # olmocr.pipeline.servers.balance.Server: the fleet's per-server counters
         server = srv.url
         per_server["in_flight"].add_metric([server], srv.in_flight)
-        per_server["healthy"].add_metric([server], float(srv.state == "up"))
+        per_server["healthy"].add_metric([server], float(srv.state == ServerState.UP))
         per_server["ok"].add_metric([server], srv.pages)
         per_server["errors"].add_metric([server, "timeout"], srv.timeouts)
         per_server["errors"].add_metric([server, "transient"], max(0, srv.errors - srv.timeouts))

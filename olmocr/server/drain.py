@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import math
 
+from olmocr import envs
+
 #: Seconds vLLM lets running requests finish on a planned stop (OLMOCR_SHUTDOWN_TIMEOUT).
-DEFAULT_SHUTDOWN_TIMEOUT = 30
+DEFAULT_SHUTDOWN_TIMEOUT = int(envs.default("OLMOCR_SHUTDOWN_TIMEOUT"))  # type: ignore[call-overload]
 #: Seconds after the drain for vLLM to tear its engine down (a 7B model frees GPU memory in a few
 #: seconds; the tiny CPU model in ~2 s). stopwaitsecs = shutdown timeout + this = the config's 60.
 TEARDOWN_S = 30

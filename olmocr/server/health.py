@@ -12,11 +12,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from olmocr.server.probe import ProbeResult
-
 STARTING = "starting"
 HEALTHY = "healthy"
 UNHEALTHY = "unhealthy"
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What one probe of a server found (written by :mod:`olmocr.server.probe`, judged here)."""
+
+    ok: bool
+    reason: str
+    latency: float  # seconds for the whole probe
+    refused: bool = False  # nothing listening on the port (vLLM still loading, or dead)
+    busy: bool = False  # completion timed out but tokens are being generated
+    config_error: bool = False  # restarting cannot fix it (wrong model, API key mismatch)
+    generation_tokens: float | None = None
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ from typing import IO, Any
 
 from olmocr.server import health
 from olmocr.server.errors import SettingsError
-from olmocr.server.probe import ProbeResult, ServerProbe
+from olmocr.server.health import ProbeResult
+from olmocr.server.probe import ServerProbe
 from olmocr.server.settings import PROGRAM_NAME, ServerSettings, read_api_key
 
 log = logging.getLogger("olmocr.listener")

@@ -15,6 +15,7 @@ import json
 import logging
 import logging.handlers
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import psutil
 
+from olmocr import envs
 from olmocr.server.drain import stopwaitsecs_for
 from olmocr.server.errors import SettingsError
 from olmocr.server.lifetime import die_with_parent
@@ -94,6 +96,9 @@ class Manager:
         self.status_interval = status_interval
         self.stop_requested = False
         self.socket_file = socket_path_for(run_dir)
+        # A run directory too long for AF_UNIX puts the socket in a private /tmp directory: ours to remove.
+        self._private_socket_dir = (Path(self.socket_file).parent if Path(self.socket_file).parent != run_dir
+                                    else None)
         self.config_path = run_dir / "supervisord.conf"
         layout = ConfigLayout(run_dir=str(run_dir / "run"), log_dir=str(run_dir / "logs"),
                               python=sys.executable, nodaemon=True, startsecs=startsecs,
@@ -161,6 +166,13 @@ class Manager:
             return None
 
     def shutdown(self) -> None:
+        try:
+            self._stop_supervisord()
+        finally:
+            if self._private_socket_dir is not None:
+                shutil.rmtree(self._private_socket_dir, ignore_errors=True)
+
+    def _stop_supervisord(self) -> None:
         if self.supervisord is None:
             return
         tree = _process_tree(self.supervisord.pid)
@@ -235,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("serving %s as 'olmocr' on %s (health every %g s, at most %d restarts)", settings.model,
              settings.base_url, settings.health_interval, settings.max_restart_attempts)
     log.info("status service: http://%s:%s (/metrics, /status, /ws; docs/observability.md)",
-             os.environ.get("OLMOCR_STATUS_HOST") or "127.0.0.1", os.environ.get("OLMOCR_STATUS_PORT") or 30025)
+             envs.value("OLMOCR_STATUS_HOST"), envs.value("OLMOCR_STATUS_PORT"))
     return manager.run()
 
 

@@ -10,27 +10,13 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict, dataclass
 
 import requests
 
+from olmocr.server.health import ProbeResult
 from olmocr.server.settings import SERVED_MODEL_NAME
 
 _GENERATION_TOKENS = re.compile(r"^vllm:generation_tokens_total(?:\{[^}]*\})?\s+([0-9.eE+-]+)", re.M)
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    ok: bool
-    reason: str
-    latency: float  # seconds for the whole probe
-    refused: bool = False  # nothing listening on the port (vLLM still loading, or dead)
-    busy: bool = False  # completion timed out but tokens are being generated
-    config_error: bool = False  # restarting cannot fix it (wrong model, API key mismatch)
-    generation_tokens: float | None = None
-
-    def to_record(self) -> dict:
-        return asdict(self)
 
 
 class ServerProbe:

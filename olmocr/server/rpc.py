@@ -25,6 +25,7 @@ from typing import Any
 
 from supervisor import events
 from supervisor.states import ProcessStates, getProcessStateDescription
+from supervisor.xmlrpc import Faults, RPCError
 
 from olmocr.server.errors import SettingsError
 from olmocr.server.settings import ServerSettings
@@ -68,6 +69,10 @@ class ProcessStatsStore:
         self.clock = clock
         self.processes: dict[str, dict[str, Any]] = {}
         self._load()
+
+    def peek(self, name: str) -> dict[str, Any]:
+        """The stats of ``name`` without creating a record (a name never seen reads as fresh counts)."""
+        return self.processes.get(name) or new_process_stats()
 
     def stats(self, name: str) -> dict[str, Any]:
         if name not in self.processes:
@@ -192,9 +197,20 @@ class OlmocrNamespaceRPCInterface:
     def getAPIVersion(self) -> str:
         return API_VERSION
 
+    def _check_name(self, name: str) -> None:
+        """A name supervisord does not run is a ``BAD_NAME`` fault, as ``supervisor.getProcessInfo`` answers;
+        a read never creates (and persists) a record for it."""
+        groups = getattr(self.supervisord, "process_groups", None)
+        if groups is None:
+            return
+        known = {pname for group in groups.values() for pname in group.processes} | set(groups)
+        if name not in known and name not in self.store.processes:
+            raise RPCError(Faults.BAD_NAME, name)
+
     def getProcessStats(self, name: str) -> dict[str, Any]:
         """Restart counts, last exit, last health probe and failure reason of program ``name``."""
-        return _xmlrpc_safe(self.store.stats(name))
+        self._check_name(name)
+        return _xmlrpc_safe(self.store.peek(name))
 
     def getAllProcessStats(self) -> dict[str, Any]:
         return {name: _xmlrpc_safe(stats) for name, stats in self.store.processes.items()}
@@ -204,7 +220,7 @@ class OlmocrNamespaceRPCInterface:
         try:
             settings = ServerSettings.from_env()
         except SettingsError as exc:
-            return {"error": str(exc)}
+            raise RPCError(Faults.FAILED, str(exc)) from None
         return _xmlrpc_safe({"model": settings.model, "port": settings.port, "host": settings.host,
                              "base_url": settings.base_url,
                              "max_restart_attempts": settings.max_restart_attempts,
@@ -212,16 +228,19 @@ class OlmocrNamespaceRPCInterface:
 
     def recordProbe(self, name: str, record: dict[str, Any]) -> bool:
         """Called by the health listener after each probe."""
+        self._check_name(name)
         self.store.record_probe(name, record)
         return True
 
     def recordKill(self, name: str, reason: str) -> bool:
         """Called by the health listener when it kills an unhealthy server."""
+        self._check_name(name)
         self.store.record_kill(name, reason)
         return True
 
     def recordGiveUp(self, name: str, reason: str) -> bool:
         """Called by the health listener when it leaves a crash-looping server stopped."""
+        self._check_name(name)
         self.store.record_give_up(name, reason)
         return True
 

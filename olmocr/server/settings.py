@@ -1,6 +1,6 @@
 """Deployment settings shared by the wrapper, the health listener, the RPC extension and the manager.
 
-Everything is read from ``OLMOCR_*`` environment variables so that ``supervisord -c supervisord.conf``
+Everything is read from ``OLMOCR_*`` environment variables (declared in :mod:`olmocr.envs`) so that ``supervisord -c supervisord.conf``
 can be configured without editing the file: supervisord passes its own environment to every program
 and to the RPC extension it loads, so one exported variable reaches all parts.
 """
@@ -12,46 +12,52 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
-from olmocr.server.drain import DEFAULT_SHUTDOWN_TIMEOUT
+from olmocr import envs
 from olmocr.server.errors import SettingsError
 
-DEFAULT_MODEL = "allenai/olmOCR-7B-0825-FP8"
-SERVED_MODEL_NAME = "olmocr"
+DEFAULT_MODEL = envs.DEFAULT_MODEL
+SERVED_MODEL_NAME = envs.SERVED_MODEL_NAME
 PROGRAM_NAME = "vllm"
+
+
+def _d(name: str) -> object:
+    return envs.default(name)
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    model: str = DEFAULT_MODEL
-    port: int = 30024
-    host: str = "127.0.0.1"
-    tensor_parallel_size: int = 1
-    data_parallel_size: int = 1
-    gpu_memory_utilization: float | None = None
-    max_model_len: int = 16384
+    """The server's settings; each field is one ``OLMOCR_*`` variable declared in :mod:`olmocr.envs`."""
+
+    model: str = _d("OLMOCR_MODEL")
+    port: int = _d("OLMOCR_PORT")
+    host: str = _d("OLMOCR_HOST")
+    tensor_parallel_size: int = _d("OLMOCR_TENSOR_PARALLEL_SIZE")
+    data_parallel_size: int = _d("OLMOCR_DATA_PARALLEL_SIZE")
+    gpu_memory_utilization: float | None = _d("OLMOCR_GPU_MEMORY_UTILIZATION")
+    max_model_len: int = _d("OLMOCR_MAX_MODEL_LEN")
     # "priority": vLLM schedules waiting requests by their ``priority`` field (pipeline --priority).
-    scheduling_policy: str = "fcfs"
-    vllm_bin: str = "vllm"
-    extra_vllm_args: tuple[str, ...] = ()
-    api_key_file: str | None = None
-    restart_delay: float = 10.0
-    max_restart_attempts: int = 10
+    scheduling_policy: str = _d("OLMOCR_SCHEDULING_POLICY")
+    vllm_bin: str = _d("OLMOCR_VLLM_BIN")
+    extra_vllm_args: tuple[str, ...] = _d("OLMOCR_VLLM_ARGS")
+    api_key_file: str | None = _d("OLMOCR_API_KEY_FILE")
+    restart_delay: float = _d("OLMOCR_RESTART_DELAY")
+    max_restart_attempts: int = _d("OLMOCR_MAX_RESTART_ATTEMPTS")
     # A run that lasted this long resets the consecutive-restart count (as Kubernetes resets its
     # crash-loop back-off after 10 minutes of running).
-    restart_reset_after: float = 600.0
+    restart_reset_after: float = _d("OLMOCR_RESTART_RESET_AFTER")
     # Health probing (Kubernetes-style): see docs/operations.md, "Health checks".
-    health_interval: float = 10.0
-    health_timeout: float = 5.0
-    completion_timeout: float = 18.0
-    failure_threshold: int = 3
-    success_threshold: int = 1
-    startup_timeout: float = 600.0
-    kill_grace: float = 15.0
+    health_interval: float = _d("OLMOCR_HEALTH_INTERVAL")
+    health_timeout: float = _d("OLMOCR_HEALTH_TIMEOUT")
+    completion_timeout: float = _d("OLMOCR_HEALTH_COMPLETION_TIMEOUT")
+    failure_threshold: int = _d("OLMOCR_HEALTH_FAILURE_THRESHOLD")
+    success_threshold: int = _d("OLMOCR_HEALTH_SUCCESS_THRESHOLD")
+    startup_timeout: float = _d("OLMOCR_HEALTH_STARTUP_TIMEOUT")
+    kill_grace: float = _d("OLMOCR_HEALTH_KILL_GRACE")
     # Planned stops: vLLM drains requests for this long before aborting them (olmocr/server/drain.py).
-    shutdown_timeout: int = DEFAULT_SHUTDOWN_TIMEOUT
+    shutdown_timeout: int = _d("OLMOCR_SHUTDOWN_TIMEOUT")
     # vLLM writes its ZeroMQ sockets and other scratch files into $TMPDIR and leaves them behind: the
     # deployment points it at a directory it owns (supervisord.conf sets <run>/vllm-tmp). Unset: $TMPDIR.
-    vllm_tmpdir: str | None = None
+    vllm_tmpdir: str | None = _d("OLMOCR_VLLM_TMPDIR")
 
     @property
     def base_url(self) -> str:
@@ -108,50 +114,15 @@ class ServerSettings:
             raise SettingsError("max restart attempts and restart delay must not be negative")
 
 
-ENV_NAMES: dict[str, str] = {
-    "model": "OLMOCR_MODEL",
-    "port": "OLMOCR_PORT",
-    "host": "OLMOCR_HOST",
-    "tensor_parallel_size": "OLMOCR_TENSOR_PARALLEL_SIZE",
-    "data_parallel_size": "OLMOCR_DATA_PARALLEL_SIZE",
-    "gpu_memory_utilization": "OLMOCR_GPU_MEMORY_UTILIZATION",
-    "max_model_len": "OLMOCR_MAX_MODEL_LEN",
-    "scheduling_policy": "OLMOCR_SCHEDULING_POLICY",
-    "vllm_bin": "OLMOCR_VLLM_BIN",
-    "extra_vllm_args": "OLMOCR_VLLM_ARGS",
-    "api_key_file": "OLMOCR_API_KEY_FILE",
-    "restart_delay": "OLMOCR_RESTART_DELAY",
-    "max_restart_attempts": "OLMOCR_MAX_RESTART_ATTEMPTS",
-    "restart_reset_after": "OLMOCR_RESTART_RESET_AFTER",
-    "health_interval": "OLMOCR_HEALTH_INTERVAL",
-    "health_timeout": "OLMOCR_HEALTH_TIMEOUT",
-    "completion_timeout": "OLMOCR_HEALTH_COMPLETION_TIMEOUT",
-    "failure_threshold": "OLMOCR_HEALTH_FAILURE_THRESHOLD",
-    "success_threshold": "OLMOCR_HEALTH_SUCCESS_THRESHOLD",
-    "startup_timeout": "OLMOCR_HEALTH_STARTUP_TIMEOUT",
-    "kill_grace": "OLMOCR_HEALTH_KILL_GRACE",
-    "shutdown_timeout": "OLMOCR_SHUTDOWN_TIMEOUT",
-    "vllm_tmpdir": "OLMOCR_VLLM_TMPDIR",
-}
-
-_INT_FIELDS = {"port", "tensor_parallel_size", "data_parallel_size", "max_model_len",
-               "max_restart_attempts", "failure_threshold", "success_threshold", "shutdown_timeout"}
-_FLOAT_FIELDS = {"gpu_memory_utilization", "restart_delay", "restart_reset_after", "health_interval", "health_timeout",
-                 "completion_timeout", "startup_timeout", "kill_grace"}
+#: ``{field: OLMOCR_* variable}``, from the registry.
+ENV_NAMES: dict[str, str] = envs.field_names(envs.SERVER)
 
 
 def _parse(field_name: str, env_name: str, raw: str) -> object:
     try:
-        if field_name in _INT_FIELDS:
-            return int(raw)
-        if field_name in _FLOAT_FIELDS:
-            return float(raw)
-    except ValueError:
-        kind = "an integer" if field_name in _INT_FIELDS else "a number"
-        raise SettingsError(f"{env_name}={raw!r} is not {kind}; fix or unset it") from None
-    if field_name == "extra_vllm_args":
-        return tuple(shlex.split(raw))
-    return raw
+        return envs.parse(envs.get(env_name), raw)
+    except envs.SettingValueError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def read_api_key(settings: ServerSettings, env: Mapping[str, str] | None = None) -> str | None:

@@ -44,6 +44,7 @@ from aiohttp import WSMsgType, web
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from olmocr import envs
 from olmocr.endpoints import (
     DEFAULT_HOST,
     bearer_middleware,
@@ -64,8 +65,10 @@ from olmocr.server.status import (
 
 log = logging.getLogger("olmocr.status_service")
 
-DEFAULT_PORT = 30025
+DEFAULT_PORT = envs.DEFAULT_STATUS_PORT
 TOKEN_VAR, TOKEN_FILE_VAR = "OLMOCR_STATUS_TOKEN", "OLMOCR_STATUS_TOKEN_FILE"
+#: ``{field: OLMOCR_STATUS_* variable}`` (olmocr/envs.py).
+ENV_NAMES = envs.field_names(envs.STATUS)
 #: Health phases reported as ``olmocr_server_health_phase{phase=...}`` (exactly one is 1). The listener
 #: records starting/healthy/unhealthy; a program that is not running reports its supervisord state.
 PHASES = ("starting", "healthy", "unhealthy", "backoff", "exited", "stopping", "stopped", "fatal", "unknown")
@@ -73,12 +76,12 @@ PHASES = ("starting", "healthy", "unhealthy", "backoff", "exited", "stopping", "
 
 @dataclass(frozen=True)
 class ServiceSettings:
-    host: str = DEFAULT_HOST
+    host: str = envs.default("OLMOCR_STATUS_HOST")
     port: int = DEFAULT_PORT
-    poll_interval: float = 1.0
-    push_interval: float = 5.0
-    queue_size: int = 4  # messages waiting per WebSocket client before the oldest is dropped
-    send_timeout: float = 10.0  # a client that takes longer to accept one message is disconnected
+    poll_interval: float = envs.default("OLMOCR_STATUS_POLL_INTERVAL")
+    push_interval: float = envs.default("OLMOCR_STATUS_PUSH_INTERVAL")
+    queue_size: int = envs.default("OLMOCR_STATUS_QUEUE_SIZE")  # per WebSocket client, before the oldest is dropped
+    send_timeout: float = envs.default("OLMOCR_STATUS_SEND_TIMEOUT")  # a slower client is disconnected
     token: str | None = field(default=None, repr=False)
 
     @classmethod
@@ -88,16 +91,14 @@ class ServiceSettings:
         for f in fields(cls):
             if f.name == "token":
                 continue
-            name = f"OLMOCR_STATUS_{f.name.upper()}"
+            name = ENV_NAMES[f.name]
             raw = env.get(name, "")
             if raw == "":
                 continue
-            kind = type(getattr(cls, f.name))
             try:
-                values[f.name] = kind(raw)
-            except ValueError:
-                raise EndpointConfigError(f"{name}={raw!r} is not {'an integer' if kind is int else 'a number'}; "
-                                          "fix or unset it") from None
+                values[f.name] = envs.parse(envs.get(name), raw)
+            except envs.SettingValueError as exc:
+                raise EndpointConfigError(str(exc)) from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values, token=read_token(env, TOKEN_VAR, TOKEN_FILE_VAR, token_file))
         settings.validate()
@@ -108,7 +109,7 @@ class ServiceSettings:
             raise EndpointConfigError(f"status port {self.port} is out of range: use 1-65535 (OLMOCR_STATUS_PORT)")
         for name in ("poll_interval", "push_interval", "send_timeout"):
             if getattr(self, name) <= 0:
-                raise EndpointConfigError(f"OLMOCR_STATUS_{name.upper()} must be positive")
+                raise EndpointConfigError(f"{ENV_NAMES[name]} must be positive")
         if self.queue_size < 1:
             raise EndpointConfigError("OLMOCR_STATUS_QUEUE_SIZE must be at least 1")
         check_exposure("the status service", self.host, self.token, TOKEN_VAR, TOKEN_FILE_VAR)

@@ -131,7 +131,7 @@ class DocumentProcessor:
         pages = [r for r in results if r is not None]
         fallbacks = [p for p in pages if p.is_fallback]
         if fallbacks and len(fallbacks) / page_count > self.max_page_error_rate:
-            model_failures = any("no usable model answer" in (p.fallback_reason or "") for p in fallbacks)
+            model_failures = any(p.fallback_kind is not None and p.fallback_kind.retryable for p in fallbacks)
             self.pages.progress.pages_failed += page_count
             return failure(
                 source,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import enum
 import hashlib
 import json
 import os
@@ -26,6 +27,18 @@ def producer_version_string(version: str = __version__) -> str:
     return f"{OLMOCR_COMPAT_VERSION}+{PRODUCER.replace('-', '')}.{version}"
 
 
+class FallbackKind(enum.Enum):
+    """Why a page used its text layer; decides whether a document over the fallback rate is retried."""
+
+    NO_MODEL_ANSWER = "no usable model answer"  # every attempt failed: a rerun (a healthy server) may do better
+    REFUSED = "the server refuses the request"  # a 4xx no resend can change (context too small, key ...)
+    UNRENDERABLE = "cannot render"  # the page itself cannot be rendered
+
+    @property
+    def retryable(self) -> bool:
+        return self is FallbackKind.NO_MODEL_ANSWER
+
+
 @dataclass(frozen=True)
 class PageResult:
     """One finished page (upstream's ``PageResult``)."""
@@ -37,6 +50,7 @@ class PageResult:
     output_tokens: int
     is_fallback: bool
     fallback_reason: str | None = None
+    fallback_kind: FallbackKind | None = None
 
 
 def build_dolma_document(source: str, pages: list[PageResult]) -> dict | None:

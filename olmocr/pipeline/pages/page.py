@@ -6,8 +6,9 @@ import json
 import logging
 from dataclasses import dataclass
 
+from olmocr.envs import SERVED_MODEL_NAME
 from olmocr.pipeline.errors import FrontMatterError, RenderError, RequestRejected
-from olmocr.pipeline.pages.output import PageResult
+from olmocr.pipeline.pages.output import FallbackKind, PageResult
 from olmocr.pipeline.pages.prompts import GUIDED_REGEX, PROMPT_V4_YAML, PageResponse, parse_page_response
 from olmocr.pipeline.pages.render import Renderer
 from olmocr.pipeline.progress import Progress
@@ -55,7 +56,7 @@ def request_template(temperature: float, guided: bool, priority: int | None = No
     """Bytes before and after the base64 PNG in the request JSON (upstream's request, field for field,
     except that guided decoding uses the field the server understands)."""
     query: dict = {
-        "model": "olmocr",
+        "model": SERVED_MODEL_NAME,
         "messages": [
             {
                 "role": "user",
@@ -147,12 +148,13 @@ class PageProcessor:
         return PageResult(page.source, page.page_num, attempt.response, attempt.input_tokens,
                           attempt.output_tokens, is_fallback=False)
 
-    async def _fallback(self, page: PageSource, reason: str) -> PageResult:
+    async def _fallback(self, page: PageSource, reason: str, kind: FallbackKind) -> PageResult:
         text = await self.renderer.text(page.local_path, page.kind, page.page_num)
         self.progress.page_done(fallback=True)
         response = PageResponse(primary_language=None, is_rotation_valid=True, rotation_correction=0,
                                 is_table=False, is_diagram=False, natural_text=text)
-        return PageResult(page.source, page.page_num, response, 0, 0, is_fallback=True, fallback_reason=reason)
+        return PageResult(page.source, page.page_num, response, 0, 0, is_fallback=True, fallback_reason=reason,
+                          fallback_kind=kind)
 
     async def process(self, page: PageSource) -> PageResult:
         """The page's result: the model's answer, or after ``max_page_retries`` failed attempts its text layer.
@@ -177,12 +179,13 @@ class PageProcessor:
                     logger.info("%s: model says rotation is invalid; retrying rotated %d degrees", page.label, rotation)
         except RenderError as exc:
             logger.warning("%s: cannot render (%s); using the text layer", page.label, exc)
-            return await self._fallback(page, f"page {page.page_num}: {exc}")
+            return await self._fallback(page, f"page {page.page_num}: {exc}", FallbackKind.UNRENDERABLE)
         except RequestRejected as exc:
             logger.warning("%s: the server refuses this request (%s); no retry can change that, using the "
                            "text layer", page.label, exc)
-            return await self._fallback(page, f"page {page.page_num}: {exc}")
+            return await self._fallback(page, f"page {page.page_num}: {exc}", FallbackKind.REFUSED)
         if last is not None and last.valid:
             return self._result(page, last)
         logger.warning("%s: no usable answer after %d attempts; using the text layer", page.label, retries)
-        return await self._fallback(page, f"page {page.page_num}: no usable model answer after {retries} attempts")
+        return await self._fallback(page, f"page {page.page_num}: no usable model answer after {retries} attempts",
+                                    FallbackKind.NO_MODEL_ANSWER)

@@ -334,14 +334,21 @@ class Renderer:
         return [p.pid for p in list(procs.values()) if p.pid]
 
     def kill_now(self) -> None:
-        """SIGKILL every child process (a second Ctrl+C: exit at once, even if a worker is stuck in pdfium).
-        The pipeline's only children are render workers and multiprocessing's helper processes."""
+        """SIGKILL the render workers (a second Ctrl+C: exit at once, even if a worker is stuck in pdfium).
+
+        Only descendants in the pipeline's own session are killed: render workers and multiprocessing's
+        helpers. Internal mode's supervisord runs in a session of its own (``start_new_session``), and
+        SIGKILLing it would orphan vLLM with the GPU and the port; it is told to stop instead (SIGTERM, and
+        ``PR_SET_PDEATHSIG`` once the pipeline is gone), and stops vLLM's process group itself.
+        """
         import psutil
 
+        session = os.getsid(0)
         for child in psutil.Process().children(recursive=True):
             try:
-                child.kill()
-            except psutil.Error:
+                if os.getsid(child.pid) == session:
+                    child.kill()
+            except (psutil.Error, ProcessLookupError, PermissionError):
                 pass
 
     def close(self) -> None:

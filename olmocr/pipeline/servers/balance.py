@@ -9,6 +9,7 @@ Little's law); weights given with the URL (``URL#weight=2``) replace it.
 from __future__ import annotations
 
 import asyncio
+import enum
 import math
 import statistics
 import time
@@ -78,13 +79,25 @@ class RateMeter:
         self._weighted_answers = self._weighted_busy = 0.0
 
 
+class ServerState(str, enum.Enum):
+    """Where a server stands in the fleet's rotation (a ``str`` so that it reads as its value in JSON)."""
+
+    STARTING = "starting"  # not verified yet
+    UP = "up"  # in rotation
+    DOWN = "down"  # out of rotation (ejected, or unreachable at start), probed until it is back
+    EXCLUDED = "excluded"  # misconfigured (wrong model, context too small): never gets work
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(eq=False)
 class Server:
     """A server in the fleet. The counters are plain attributes, read by the progress line and metrics."""
 
     client: ServerClient
     weight: float | None = None
-    state: str = "starting"  # starting | up | down (out of rotation, probed) | excluded (misconfigured)
+    state: ServerState = ServerState.STARTING
     reason: str = ""  # why it is down or excluded
     pages: int = 0  # answers (HTTP 200) received
     in_flight: int = 0  # requests sent and not answered yet
@@ -151,7 +164,7 @@ def choose(servers: Sequence[Server]) -> Server | None:
     best_score = float("inf")
     learned = all(s.weight is None for s in servers)
     for server, capacity in zip(servers, capacities(servers), strict=True):
-        if server.state != "up":
+        if server.state != ServerState.UP:
             continue
         load = server.in_flight + server.reserved
         if learned and server.meter.answers < RATE_MIN_SAMPLES and load >= WARMUP_CAP:
@@ -170,7 +183,7 @@ def plan_steals(servers: Sequence[Server]) -> list[Server]:
     ``STEAL_BATCH`` at a time. Only requests already sent move (never one being rendered); a target's load
     counts both. The newest requests are the ones still waiting in the busy server's queue.
     """
-    up = [s for s in servers if s.state == "up"]
+    up = [s for s in servers if s.state == ServerState.UP]
     if len(up) < 2:
         return []
     caps = dict(zip(servers, capacities(servers), strict=True))

@@ -13,10 +13,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from olmocr.envs import SERVED_MODEL_NAME
 from olmocr.pipeline.errors import ServerMismatch, ServerNotReady
 from olmocr.pipeline.pages.prompts import PROMPT_V4_YAML
 
-MODEL_NAME = "olmocr"
+MODEL_NAME = SERVED_MODEL_NAME
 
 #: vLLM 0.10.2 added ``structured_outputs`` (and deprecated ``guided_*``); later releases removed the
 #: ``guided_*`` fields: 0.32 logs "Request contains the removed guided-decoding field(s)" and ignores them.

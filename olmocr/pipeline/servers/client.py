@@ -19,8 +19,8 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any
 
+from olmocr.envs import SERVED_MODEL_NAME
 from olmocr.pipeline.errors import (
     RequestTimeout,
     ServerAborted,
@@ -33,7 +33,7 @@ from olmocr.pipeline.servers.http import HttpPool, Response
 
 logger = logging.getLogger("olmocr.pipeline")
 
-MODEL_NAME = "olmocr"
+MODEL_NAME = SERVED_MODEL_NAME
 MAX_BACKOFF_S = 60.0
 INITIAL_ATTEMPTS = 10
 PROBE_TIMEOUT_S = 10.0
@@ -41,20 +41,6 @@ PROBE_TIMEOUT_S = 10.0
 #: while it waited -- a hung engine -- so requests merely queued on a busy server are not thrown away. As a
 #: guard against lost connections, no request waits longer than ``HARD_TIMEOUT_FACTOR * request_timeout``.
 HARD_TIMEOUT_FACTOR = 3.0
-
-
-#: 4xx answers that may change when the same request is sent again; any other 4xx (400 context too
-#: small, 401 key, 413, 422 ...) would be refused again: the page stops trying at once. (A 404 for the
-#: model is handled above as a server in the wrong state.)
-RETRYABLE_4XX = frozenset({408, 409, 425})
-
-
-def aborted(data: Any) -> bool:
-    """A 200 whose generation the server aborted (vLLM stopping: ``finish_reason: abort``)."""
-    try:
-        return data["choices"][0].get("finish_reason") == "abort"
-    except (KeyError, IndexError, TypeError, AttributeError):
-        return False
 
 
 def normalize_base_url(url: str) -> str:

@@ -37,15 +37,14 @@ from typing import Any
 from olmocr.pipeline.errors import (
     FleetConfigError,
     RequestRejected,
-    RequestTimeout,
-    ServerAborted,
     ServerMismatch,
     ServerNotReady,
     TransportError,
 )
-from olmocr.pipeline.servers.balance import Server, choose, plan_steals
+from olmocr.pipeline.servers.balance import Server, ServerState, choose, plan_steals
 from olmocr.pipeline.servers.checks import DEFAULT_MAX_TOKENS, STRUCTURED_OUTPUTS, plan_max_tokens
-from olmocr.pipeline.servers.client import MAX_BACKOFF_S, MODEL_NAME, RETRYABLE_4XX, ServerClient, aborted
+from olmocr.pipeline.servers.client import MAX_BACKOFF_S, ServerClient
+from olmocr.pipeline.servers.outcome import Classified, Outcome, Problem, classify
 from olmocr.pipeline.servers.serverlist import ServerSpec
 
 logger = logging.getLogger("olmocr.pipeline")
@@ -159,19 +158,19 @@ class Fleet:
                         self.max_tokens[server] = task.result()
                         self._admit(server, "verified at start-up", quiet=True)
                     elif isinstance(exc, ServerNotReady):
-                        server.state, server.reason = "excluded", str(exc)
+                        server.state, server.reason = ServerState.EXCLUDED, str(exc)
                         if not self.single:
                             logger.error("vLLM server %s left out: %s", server.url, exc)
                     else:
                         raise exc
-                if grace_until is None and any(s.state == "up" for s in self.servers):
+                if grace_until is None and any(s.state == ServerState.UP for s in self.servers):
                     grace_until = time.monotonic() + STARTUP_GRACE_S
                 if not done and grace_until is not None:
                     break
         finally:
             for task in pending:
                 task.cancel()
-        usable = [s for s in self.servers if s.state == "up"]
+        usable = [s for s in self.servers if s.state == ServerState.UP]
         if not usable:
             if self.single:
                 raise ServerNotReady(self.servers[0].reason)
@@ -219,7 +218,7 @@ class Fleet:
                 logger.warning("vLLM server is back after %.0fs; resuming (%s)", down, why)
             else:
                 logger.warning("vLLM server is back: %s re-admitted after %.0fs (%s)", server.url, down, why)
-        server.state, server.reason, server.down_since = "up", "", None
+        server.state, server.reason, server.down_since = ServerState.UP, "", None
         server.failures_in_a_row = 0
         server.meter.reset()
         self._all_down_since = None
@@ -227,16 +226,16 @@ class Fleet:
         self._rebalance(now=True)  # take queued requests off the busiest servers now, not only new ones
 
     def _eject(self, server: Server, reason: str, *, count: bool = True) -> None:
-        if server.state != "up" and server.state != "starting":
+        if server.state != ServerState.UP and server.state != ServerState.STARTING:
             return
-        server.state, server.reason, server.down_since = "down", reason, time.monotonic()
+        server.state, server.reason, server.down_since = ServerState.DOWN, reason, time.monotonic()
         server.ejections += int(count)
         server.abandon_all()  # its in-flight requests are resent elsewhere now
         if count:
             if self.single:
                 logger.warning("vLLM server unavailable (%s); pausing requests until it is healthy again", reason)
             else:
-                others = sum(1 for s in self.servers if s.state == "up")
+                others = sum(1 for s in self.servers if s.state == ServerState.UP)
                 logger.warning("vLLM server unavailable: %s taken out of rotation (%s); %d other server(s) in "
                                "rotation; probing it in the background", server.url, reason, others)
         self._probers[server] = asyncio.create_task(self._probe_until_back(server))
@@ -294,7 +293,7 @@ class Fleet:
             if server is not None:
                 return server
             self._changed.clear()
-            if any(s.state == "up" for s in self.servers):  # all warming up: wait for an answer
+            if any(s.state == ServerState.UP for s in self.servers):  # all warming up: wait for an answer
                 await self._changed.wait()
                 continue
             now = time.monotonic()
@@ -305,7 +304,7 @@ class Fleet:
                 logger.warning("all vLLM servers are out of rotation (down %.0fs: %s); requests wait for one to "
                                "come back", now - self._all_down_since,
                                "; ".join(f"{s.url}: {s.reason}" for s in self.servers))
-            if not any(s.state in ("down", "starting") for s in self.servers):
+            if not any(s.state in (ServerState.DOWN, ServerState.STARTING) for s in self.servers):
                 raise ServerNotReady("no vLLM server left: every one was excluded as misconfigured")
             try:
                 await asyncio.wait_for(self._changed.wait(), ALL_DOWN_LOG_EVERY_S)
@@ -349,24 +348,18 @@ class Fleet:
                         body = await make_body()
                     finally:
                         server.reserved -= 1
-                if server.state != "up":  # it left the rotation during the render
+                if server.state != ServerState.UP:  # it left the rotation during the render
                     server = await self._pick()
                 server.in_flight += 1
                 sent_at = time.monotonic()
                 server.meter.set_busy(True, sent_at)
                 token = next(self._tokens)
                 abandon = server.requests[token] = asyncio.Event()
-                problem: str | None = None
-                resp = None
+                resp, failure = None, None
                 try:
                     resp = await server.client.post_chat(body, abandon)
-                except RequestTimeout as exc:
-                    server.timeouts += 1
-                    problem = f"timeout: {exc}"
-                except ServerAborted:
-                    problem = ABANDONED
-                except TransportError as exc:
-                    problem = f"connection error: {exc}"
+                except TransportError as exc:  # timeouts and ServerAborted included
+                    failure = exc
                 finally:
                     server.requests.pop(token, None)
                     if server.observe_request is not None:
@@ -376,52 +369,47 @@ class Fleet:
                         server.meter.set_busy(False, time.monotonic())
                     self._changed.set()
                     self._rebalance()
-            if resp is not None:
-                if resp.status == 200:
-                    try:
-                        data = json.loads(resp.body)
-                    except ValueError:
-                        server.rejected += 1
-                        raise RequestRejected(200, "answer is not JSON") from None
-                    if aborted(data):
-                        problem = "the server aborted the request (finish_reason abort: it is stopping)"
-                    else:
-                        server.pages += 1
-                        server.failures_in_a_row = 0
-                        now = time.monotonic()
-                        server.meter.answered(now, now - sent_at)
-                        return data
-                elif resp.status == 429 or resp.status >= 500:
-                    problem = f"HTTP {resp.status}"
-                elif resp.status == 404 and b"does not exist" in resp.body:
-                    # A server restarted with the wrong --served-model-name: not the page's fault; it leaves
-                    # the rotation like a failing one (its probes check /v1/models) and the page goes elsewhere.
-                    problem = f"HTTP 404, model {MODEL_NAME!r} not served"
-                else:
-                    server.rejected += 1
-                    raise RequestRejected(resp.status, resp.body[:300].decode("utf-8", "replace"),
-                                          retryable=resp.status in RETRYABLE_4XX)
-            assert problem is not None
-            if problem == ABANDONED:
-                continue  # moved to another server (ejected, or rebalanced): no error, no pause
-            server.errors += 1
-            transient_in_a_row += 1
-            self._note_transient(server, label, problem)
-            is_5xx = resp is not None and (resp.status >= 500 or resp.status == 200)  # 200: aborted
-            errors_5xx_in_a_row = errors_5xx_in_a_row + 1 if is_5xx else 0
-            if server.state == "up" and (resp is None or resp.status != 429):
-                server.failures_in_a_row += 1
-                if problem.startswith("timeout"):
-                    self._eject(server, f"no request finished for {server.client.request_timeout:g}s (hung?)")
-                elif server.failures_in_a_row >= EJECT_AFTER:
-                    self._eject(server, f"{server.failures_in_a_row} failures in a row, last: {problem}")
-            if errors_5xx_in_a_row >= MAX_5XX_IN_A_ROW:
+            result = classify(resp, failure)
+            if result.outcome is Outcome.SUCCESS:
+                server.pages += 1
+                server.failures_in_a_row = 0
+                now = time.monotonic()
+                server.meter.answered(now, now - sent_at)
+                assert result.data is not None
+                return result.data
+            if result.outcome is Outcome.REJECTED:
                 server.rejected += 1
-                raise RequestRejected(resp.status if resp else 500, f"{errors_5xx_in_a_row} server errors in a row")
-            if server.state == "up":
-                # Still in rotation but the request failed (busy, 429, one error): back off a little, with jitter.
-                await asyncio.sleep(min(MAX_BACKOFF_S, 0.25 * 2 ** min(transient_in_a_row, 8))
-                                    * random.uniform(0.5, 1.0))
+                raise RequestRejected(result.status or 0, result.detail, retryable=result.retryable)
+            if result.outcome is Outcome.RESEND:
+                continue  # moved to another server (ejected, or rebalanced): no error, no pause
+            errors_5xx_in_a_row, transient_in_a_row = await self._after_transient(
+                server, label, result, errors_5xx_in_a_row, transient_in_a_row)
+
+    async def _after_transient(self, server: Server, label: str, result: Classified, errors_5xx_in_a_row: int,
+                               transient_in_a_row: int) -> tuple[int, int]:
+        """Book-keeping after a TRANSIENT outcome: count it, eject the server when it keeps failing, give
+        the page one failed attempt after ``MAX_5XX_IN_A_ROW`` server errors, pause before the resend."""
+        problem = result.problem
+        assert problem is not None
+        if problem is Problem.TIMEOUT:
+            server.timeouts += 1
+        server.errors += 1
+        transient_in_a_row += 1
+        self._note_transient(server, label, result.detail)
+        errors_5xx_in_a_row = errors_5xx_in_a_row + 1 if problem.is_server_error else 0
+        if server.state == ServerState.UP and problem.counts_against_server:
+            server.failures_in_a_row += 1
+            if problem.ejects_at_once:
+                self._eject(server, f"no request finished for {server.client.request_timeout:g}s (hung?)")
+            elif server.failures_in_a_row >= EJECT_AFTER:
+                self._eject(server, f"{server.failures_in_a_row} failures in a row, last: {result.detail}")
+        if errors_5xx_in_a_row >= MAX_5XX_IN_A_ROW:
+            server.rejected += 1
+            raise RequestRejected(result.status or 500, f"{errors_5xx_in_a_row} server errors in a row")
+        if server.state == ServerState.UP:
+            # Still in rotation but the request failed (busy, 429, one error): back off a little, with jitter.
+            await asyncio.sleep(min(MAX_BACKOFF_S, 0.25 * 2 ** min(transient_in_a_row, 8)) * random.uniform(0.5, 1.0))
+        return errors_5xx_in_a_row, transient_in_a_row
 
     # ------------------------------------------------------------------ visibility
 
@@ -430,11 +418,8 @@ class Fleet:
         if self.single:
             s = self.servers[0]
             return f"down {time.monotonic() - s.down_since:.0f}s" if s.down_since is not None else s.state
-        up = sum(1 for s in self.servers if s.state == "up")
+        up = sum(1 for s in self.servers if s.state == ServerState.UP)
         return f"{up}/{len(self.servers)} up [" + "; ".join(f"{s.url}: {s.describe()}" for s in self.servers) + "]"
-
-    def snapshot(self) -> list[dict[str, Any]]:
-        return [s.as_dict() for s in self.servers]
 
     async def close(self) -> None:
         for task in self._probers.values():

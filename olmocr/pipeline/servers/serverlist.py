@@ -65,7 +65,7 @@ def read_key_file(path: str) -> tuple[str | None, dict[str, str]]:
             lines = fh.read().splitlines()
     except OSError as exc:
         raise FleetConfigError(f"cannot read the API key file {path}: {exc.strerror}; fix --api_key_file / "
-                               "OLMOCR_API_KEY_FILE or its permissions") from None
+                               "OLMOCR_API_KEYS_FILE or its permissions") from None
     default: str | None = None
     per_server: dict[str, str] = {}
     for number, line in enumerate(lines, 1):

@@ -1,0 +1,271 @@
+"""Every ``OLMOCR_*`` environment variable, declared once: name, type, default and what it does.
+
+vLLM's ``envs.py`` is the model. The settings classes (:class:`olmocr.server.settings.ServerSettings`,
+:class:`olmocr.server.status_service.ServiceSettings`) take their variable names, types and defaults from
+here, the pipeline reads its variables through :func:`value`, and the settings tables in
+``docs/operations.md``, ``docs/observability.md`` and ``docs/pipeline.md`` are generated from it
+(``python -m olmocr.envs --write-docs``; ``tests/test_envs.py`` fails when a table is stale, or when the
+code names an ``OLMOCR_*`` variable that is not declared here).
+
+Why not ``pydantic-settings``: the registry has to be read by processes that supervisord starts on every
+restart (the wrapper, the listener) and it must render the docs tables; pydantic-settings brings pydantic
+(import ~150 ms measured here vs ~1 ms for this module) and would still need the table generator and the
+row-by-row parse errors ("OLMOCR_PORT='x' is not an integer; fix or unset it") written on top. A frozen
+tuple of :class:`Setting` does both in one page.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+#: The served model name every server is started with and every request asks for.
+SERVED_MODEL_NAME = "olmocr"
+DEFAULT_MODEL = "allenai/olmOCR-7B-0825-FP8"
+DEFAULT_PORT = 30024
+DEFAULT_STATUS_PORT = 30025
+DEFAULT_MAX_MODEL_LEN = 16384
+#: Seconds "connection refused" counts as "still loading" (vLLM opens its port only once the model is loaded).
+DEFAULT_STARTUP_TIMEOUT_S = 600.0
+
+#: Where a setting belongs; each gets its own table in the docs.
+SERVER, STATUS, PIPELINE, STANDIN = "server", "status", "pipeline", "standin"
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    type: type  # str, int, float; ``tuple`` = a shell-quoted list of words
+    default: object
+    doc: str
+    component: str
+    #: The attribute of the component's settings class that holds it (None: read where it is used).
+    field: str | None = None
+    #: Shown in the docs instead of the default (e.g. "(vLLM's)" for an omitted flag).
+    shown_default: str | None = None
+    #: A secret: never logged, never shown.
+    secret: bool = False
+
+
+def _s(name: str, type_: type, default: object, doc: str, component: str, field: str | None = None,
+       **kwargs: object) -> Setting:
+    return Setting(name, type_, default, doc, component, field, **kwargs)  # type: ignore[arg-type]
+
+
+REGISTRY: tuple[Setting, ...] = (
+    # ---- the server (wrapper, health listener, RPC extension, manager)
+    _s("OLMOCR_MODEL", str, DEFAULT_MODEL, f"model path or Hugging Face id (served as `{SERVED_MODEL_NAME}`)",
+       SERVER, "model"),
+    _s("OLMOCR_PORT", int, DEFAULT_PORT, "port", SERVER, "port"),
+    _s("OLMOCR_HOST", str, "127.0.0.1", "bind address; set 0.0.0.0 only on purpose, with an API key", SERVER, "host"),
+    _s("OLMOCR_TENSOR_PARALLEL_SIZE", int, 1, "vLLM `--tensor-parallel-size`", SERVER, "tensor_parallel_size"),
+    _s("OLMOCR_DATA_PARALLEL_SIZE", int, 1, "vLLM `--data-parallel-size`", SERVER, "data_parallel_size"),
+    _s("OLMOCR_GPU_MEMORY_UTILIZATION", float, None, "vLLM `--gpu-memory-utilization`; omitted unless set", SERVER,
+       "gpu_memory_utilization", shown_default="(vLLM's)"),
+    _s("OLMOCR_MAX_MODEL_LEN", int, DEFAULT_MAX_MODEL_LEN, "context length (`--max-model-len`)", SERVER,
+       "max_model_len"),
+    _s("OLMOCR_SCHEDULING_POLICY", str, "fcfs", "`fcfs` or `priority` (vLLM orders waiting requests by the "
+       "pipeline's `--priority`)", SERVER, "scheduling_policy"),
+    _s("OLMOCR_VLLM_BIN", str, "vllm", "the executable, invoked as `$BIN serve MODEL ...`", SERVER, "vllm_bin"),
+    _s("OLMOCR_VLLM_ARGS", tuple, (), "extra vLLM flags, shell-quoted; they come last, so they override ours",
+       SERVER, "extra_vllm_args", shown_default=""),
+    _s("OLMOCR_API_KEY_FILE", str, None, "a file whose whole content is the API key for `/v1/*` (mode 0600; or "
+       "`VLLM_API_KEY`); never on a command line. The pipeline reads it too, as the key for every server",
+       SERVER, "api_key_file", shown_default=""),
+    _s("OLMOCR_RESTART_DELAY", float, 10.0, "seconds between a crash and the next start (GPU memory release)",
+       SERVER, "restart_delay"),
+    _s("OLMOCR_MAX_RESTART_ATTEMPTS", int, 10, "restarts in a row before the server is left stopped", SERVER,
+       "max_restart_attempts"),
+    _s("OLMOCR_RESTART_RESET_AFTER", float, 600.0, "a run at least this long starts a new count (as Kubernetes' "
+       "crash-loop back-off)", SERVER, "restart_reset_after"),
+    _s("OLMOCR_HEALTH_INTERVAL", float, 10.0, "seconds between probe starts", SERVER, "health_interval"),
+    _s("OLMOCR_HEALTH_TIMEOUT", float, 5.0, "timeout of `GET /health`, `/v1/models`, `/metrics`", SERVER,
+       "health_timeout"),
+    _s("OLMOCR_HEALTH_COMPLETION_TIMEOUT", float, 18.0, "timeout of the 1-token completion probe (a little under "
+       "a multiple of 5 s: the listener reads results at supervisord's 5 s ticks, which run up to ~1 s late)",
+       SERVER, "completion_timeout"),
+    _s("OLMOCR_HEALTH_FAILURE_THRESHOLD", int, 3, "consecutive failed probes before the server is killed", SERVER,
+       "failure_threshold"),
+    _s("OLMOCR_HEALTH_SUCCESS_THRESHOLD", int, 1, "consecutive good probes to be healthy again", SERVER,
+       "success_threshold"),
+    _s("OLMOCR_HEALTH_STARTUP_TIMEOUT", float, DEFAULT_STARTUP_TIMEOUT_S, "how long \"connection refused\" means "
+       "\"still loading\"", SERVER, "startup_timeout"),
+    _s("OLMOCR_HEALTH_KILL_GRACE", float, 15.0, "SIGTERM → SIGKILL delay when the listener kills a server", SERVER,
+       "kill_grace"),
+    _s("OLMOCR_SHUTDOWN_TIMEOUT", int, 30, "seconds vLLM drains running requests on a planned stop "
+       "(`--shutdown-timeout`; shortened to fit supervisord's `stopwaitsecs`)", SERVER, "shutdown_timeout"),
+    _s("OLMOCR_VLLM_TMPDIR", str, None, "vLLM's `$TMPDIR` (ZeroMQ sockets, scratch files), emptied before each "
+       "start; supervisord.conf sets `run/vllm-tmp`", SERVER, "vllm_tmpdir", shown_default="`$TMPDIR`"),
+    _s("OLMOCR_PYTHON", str, None, "the Python that `scripts/` run (default: the checkout's `.venv`)", SERVER,
+       shown_default="`.venv/bin/python`"),
+    _s("OLMOCR_SUPERVISOR_URL", str, None, "`olmocr-server-status`: supervisord's `unix://` socket or `http://` "
+       "address", SERVER, shown_default="`run/supervisor.sock`"),
+    # ---- the status service
+    _s("OLMOCR_STATUS_HOST", str, "127.0.0.1", "status service address; any other than loopback needs a token",
+       STATUS, "host"),
+    _s("OLMOCR_STATUS_PORT", int, DEFAULT_STATUS_PORT, "status service port (internal mode: the server's port + 1)",
+       STATUS, "port"),
+    _s("OLMOCR_STATUS_POLL_INTERVAL", float, 1.0, "seconds between readings of supervisord", STATUS,
+       "poll_interval"),
+    _s("OLMOCR_STATUS_PUSH_INTERVAL", float, 5.0, "WebSocket heartbeat: the state is pushed at least this often",
+       STATUS, "push_interval"),
+    _s("OLMOCR_STATUS_QUEUE_SIZE", int, 4, "messages waiting per WebSocket client before the oldest is dropped",
+       STATUS, "queue_size"),
+    _s("OLMOCR_STATUS_SEND_TIMEOUT", float, 10.0, "a WebSocket client that takes longer to accept one message is "
+       "disconnected", STATUS, "send_timeout"),
+    _s("OLMOCR_STATUS_TOKEN", str, None, "bearer token the status service requires (beyond loopback)", STATUS,
+       secret=True, shown_default=""),
+    _s("OLMOCR_STATUS_TOKEN_FILE", str, None, "a file holding that token", STATUS, shown_default=""),
+    # ---- the pipeline
+    _s("OLMOCR_VLLM_URL", str, None, "the servers, as `--vllm-url` takes them (comma-separated, `URL#weight=N`); "
+       "set, it means external servers (no internal mode)", PIPELINE, shown_default=""),
+    _s("OLMOCR_API_KEY", str, None, "API key sent to every server (`Authorization: Bearer`)", PIPELINE,
+       secret=True, shown_default=""),
+    _s("OLMOCR_API_KEYS_FILE", str, None, "per-server keys: lines `KEY` (every server) or `URL KEY`", PIPELINE,
+       shown_default=""),
+    _s("OLMOCR_CA_BUNDLE", str, None, "CA certificates for `https://` servers", PIPELINE, shown_default=""),
+    _s("OLMOCR_METRICS_TOKEN", str, None, "bearer token `--metrics_port` requires beyond loopback", PIPELINE,
+       secret=True, shown_default=""),
+    _s("OLMOCR_METRICS_TOKEN_FILE", str, None, "a file holding that token", PIPELINE, shown_default=""),
+    # ---- the stand-in (tests, demo, benchmarks)
+    _s("OLMOCR_STANDIN_CONTROL", str, None, "the stand-in's fault-injection control file (docs/standin.md)",
+       STANDIN, shown_default=""),
+)
+
+#: Names the code builds with a prefix, each declared as a family (the stand-in's per-fault settings).
+PREFIX_FAMILIES: dict[str, str] = {
+    "OLMOCR_STANDIN_": "the stand-in's behaviour settings (docs/standin.md)",
+}
+#: Variables only the test suite and benchmarks read; they are not operator settings.
+TEST_ONLY = frozenset({"OLMOCR_TEST_REAL_VLLM", "OLMOCR_REAL_VLLM_VENV", "OLMOCR_REAL_VLLM_PYTHON",
+                       "OLMOCR_BENCH_CORPUS", "OLMOCR_BENCH_OUT", "OLMOCR_BENCH_PYTHON",
+                       "OLMOCR_TEST_RENDER_FAULT"})
+
+BY_NAME: dict[str, Setting] = {s.name: s for s in REGISTRY}
+
+
+class SettingValueError(ValueError):
+    """A variable's value cannot be parsed; the message names it and says what to do."""
+
+
+def get(name: str) -> Setting:
+    return BY_NAME[name]
+
+
+def default(name: str) -> object:
+    return BY_NAME[name].default
+
+
+def of(component: str) -> tuple[Setting, ...]:
+    return tuple(s for s in REGISTRY if s.component == component)
+
+
+def field_names(component: str) -> dict[str, str]:
+    """``{field: variable}`` of the settings of ``component`` that live in its settings class."""
+    return {s.field: s.name for s in of(component) if s.field}
+
+
+def parse(setting: Setting, raw: str) -> object:
+    """``raw`` as the setting's type; :class:`SettingValueError` with one line when it is not."""
+    import shlex
+
+    try:
+        if setting.type is int:
+            return int(raw)
+        if setting.type is float:
+            return float(raw)
+    except ValueError:
+        kind = "an integer" if setting.type is int else "a number"
+        raise SettingValueError(f"{setting.name}={raw!r} is not {kind}; fix or unset it") from None
+    if setting.type is tuple:
+        try:
+            return tuple(shlex.split(raw))
+        except ValueError as exc:
+            raise SettingValueError(f"{setting.name} is not shell-quoted words ({exc}); fix or unset it") from None
+    return raw
+
+
+def value(name: str, env: Mapping[str, str] | None = None) -> object:
+    """The parsed value of ``name`` from ``env`` (default ``os.environ``); its default when unset or empty."""
+    setting = BY_NAME[name]
+    raw = (os.environ if env is None else env).get(name, "")
+    return setting.default if raw == "" else parse(setting, raw)
+
+
+# ------------------------------------------------------------------------------------- docs tables
+
+_TITLES = {SERVER: "server", STATUS: "status service", PIPELINE: "pipeline", STANDIN: "stand-in"}
+#: Which guide holds which table.
+DOC_TABLES: dict[str, tuple[str, ...]] = {
+    "docs/operations.md": (SERVER,),
+    "docs/observability.md": (STATUS,),
+    "docs/pipeline.md": (PIPELINE,),
+    "docs/standin.md": (STANDIN,),
+}
+
+
+def _shown(setting: Setting) -> str:
+    if setting.shown_default is not None:
+        return setting.shown_default
+    value = setting.default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return f"`{value}`" if isinstance(value, str) else str(value)
+
+
+def markdown_table(component: str) -> str:
+    rows = ["| variable | default | what |", "|---|---|---|"]
+    rows += [f"| `{s.name}` | {_shown(s)} | {s.doc} |" for s in of(component)]
+    return "\n".join(rows)
+
+
+def _marker(component: str) -> tuple[str, str]:
+    return (f"<!-- settings:{component} (generated by python -m olmocr.envs --write-docs) -->",
+            f"<!-- /settings:{component} -->")
+
+
+def render_doc(text: str, component: str) -> str:
+    """``text`` with the table between the component's markers regenerated."""
+    start, end = _marker(component)
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise KeyError(f"no {start} ... {end} block")
+    return pattern.sub(lambda _m: f"{start}\n{markdown_table(component)}\n{end}", text)
+
+
+def write_docs(root: Path) -> list[str]:
+    changed = []
+    for rel, components in DOC_TABLES.items():
+        path = root / rel
+        text = path.read_text(encoding="utf-8")
+        new = text
+        for component in components:
+            new = render_doc(new, component)
+        if new != text:
+            path.write_text(new, encoding="utf-8")
+            changed.append(rel)
+    return changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m olmocr.envs", description=__doc__.splitlines()[0])
+    parser.add_argument("--write-docs", action="store_true", help="regenerate the settings tables in docs/")
+    parser.add_argument("--component", choices=sorted(_TITLES), help="print one table")
+    args = parser.parse_args(argv)
+    if args.write_docs:
+        changed = write_docs(Path(__file__).resolve().parent.parent)
+        print("\n".join(changed) or "docs are up to date")
+        return 0
+    for component in [args.component] if args.component else _TITLES:
+        print(f"## {_TITLES[component]}\n\n{markdown_table(component)}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
