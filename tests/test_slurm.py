@@ -104,6 +104,7 @@ def test_array_cancelled_task_resubmitted_writes_every_page_once_and_finalizer_p
     assert "SIGTERM: stopping gracefully" in cancelled, cancelled
     assert "second SIGTERM" not in cancelled  # the script did not signal it again: its work was handed back
     assert "handed back unfinished" in cancelled, cancelled
+    assert "passing TERM on" not in _output(out / f"task-{array}_1.out")  # scancel's SIGTERM reached it directly
 
     # Several tasks on one node: each had its own block of ports, and they ran at the same time.
     ports = []
@@ -139,7 +140,7 @@ def test_array_cancelled_task_resubmitted_writes_every_page_once_and_finalizer_p
 
 
 @pytest.mark.timeout(240)
-def test_time_limit_warning_stops_and_requeues_then_finalizer_fails_on_unfinished_work(cluster: SlurmCluster) -> None:
+def test_time_limit_warning_stops_the_task_and_requeues_it_while_work_is_left(cluster: SlurmCluster) -> None:
     docs = _docs(cluster.dir / "docs-usr1", 6, 2)
     ws = cluster.dir / "ws-usr1"
     mark = uuid.uuid4().hex
@@ -147,7 +148,7 @@ def test_time_limit_warning_stops_and_requeues_then_finalizer_fails_on_unfinishe
                    OLMOCR_PIPELINE_ARGS="--pages_per_group 2 --workers 1 --render_processes 1 --stop_timeout 10")
     out = cluster.dir / "out-usr1"
     out.mkdir()
-    # An unfinished workspace: the finalizer fails (work items never done).
+    # No workspace: the finalizer says so (exit 2).
     early = cluster.sbatch("--cpus-per-task=1", f"--output={out}/early.out", str(FINALIZE), str(ws / "missing"),
                            env=env)
     (early_record,) = cluster.wait_done(early, 60)
@@ -165,18 +166,43 @@ def test_time_limit_warning_stops_and_requeues_then_finalizer_fails_on_unfinishe
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # not Slurm's 2-minute requeue delay
     text = _output(out / "task.out")
     assert "USR1: stopping gracefully" in text and "requeueing job" in text, text
-    unfinished = cluster.sbatch("--cpus-per-task=1", f"--output={out}/unfinished.out", str(FINALIZE), str(ws),
-                                env=env)
-    (unfinished_record,) = cluster.wait_done(unfinished, 60)
-    report = _output(out / "unfinished.out")
-    if "UNFINISHED" in report:  # (unless the requeued task already finished everything)
-        assert unfinished_record["ExitCode"] == "1:0", report
     try:
         (record,) = cluster.wait_done(job, 150)
     except TimeoutError as exc:
         raise AssertionError(f"{exc}\n{_output(out / 'task.out')}\n{cluster.logs()}") from None
     assert record["JobState"] == "COMPLETED", _output(out / "task.out")
     assert_every_page_once(ws, docs)
+    wait_for(lambda: not _marked_processes(mark), 30, "every process of the job gone")
+
+
+@pytest.mark.timeout(180)
+def test_term_to_the_batch_script_alone_is_passed_on_and_the_finalizer_fails_on_what_is_left(
+        cluster: SlurmCluster) -> None:
+    docs = _docs(cluster.dir / "docs-term", 6, 2)
+    ws = cluster.dir / "ws-term"
+    mark = uuid.uuid4().hex
+    env = _job_env(cluster, mark, OLMOCR_STANDIN_LATENCY="2",
+                   OLMOCR_PIPELINE_ARGS="--pages_per_group 2 --workers 1 --render_processes 1 --stop_timeout 10")
+    out = cluster.dir / "out-term"
+    out.mkdir()
+    job = cluster.sbatch("--cpus-per-task=1", f"--output={out}/task.out", str(SBATCH), str(ws), *map(str, docs),
+                         env=env)
+    task_log = cluster.dir / "tmp" / f"olmocr-task-{job}" / "pipeline.log"
+    wait_for(lambda: task_log.exists() and "claimed work item" in task_log.read_text(), 120,
+             f"the task claimed an item\n{_output(out / 'task.out')}")
+    # What --signal=B:TERM@120 sends: SIGTERM to the batch script only; the pipeline must get it from there.
+    cluster.run("scancel", "--batch", "--signal=TERM", job)
+    (record,) = cluster.wait_done(job, 90)
+    text = _output(out / "task.out")
+    assert (record["JobState"], record["ExitCode"]) == ("COMPLETED", "0:0"), text
+    assert "passing TERM on to the pipeline" in text and "SIGTERM: stopping gracefully" in text, text
+    assert "second SIGTERM" not in text and "handed back unfinished" in text, text
+    assert not [p for p in (ws / "worker_locks").iterdir() if not p.name.startswith(".")]  # leases handed back
+    final = cluster.sbatch("--cpus-per-task=1", f"--output={out}/finalize.out", str(FINALIZE), str(ws), env=env)
+    (final_record,) = cluster.wait_done(final, 60)
+    report = _output(out / "finalize.out")
+    assert (final_record["JobState"], final_record["ExitCode"]) == ("FAILED", "1:0"), report
+    assert "UNFINISHED: " in report and "work items never done" in report, report
     wait_for(lambda: not _marked_processes(mark), 30, "every process of the job gone")
 
 
@@ -239,6 +265,7 @@ def test_server_urls_and_give_up_from_the_status_json() -> None:
     assert server_urls({"healthy": True, "port": 30024}) == ["http://127.0.0.1:30024"]
     several = {"healthy": True, "port": 30024, "servers": [{"port": 30024}, {"port": 30025}]}
     assert server_urls(several) == ["http://127.0.0.1:30024", "http://127.0.0.1:30025"]
+    assert server_urls({"servers": [{"url": "http://127.0.0.1:30030", "port": 30030}]}) == ["http://127.0.0.1:30030"]
     assert given_up({"gave_up": True, "last_failure_reason": "crash loop"}) == "crash loop"
     assert given_up({"servers": [{"state": "RUNNING"}, {"state": "FATAL"}]}) == "a server failed to start"
     assert given_up({"state": "STARTING"}) is None

@@ -3,8 +3,8 @@
 the pipeline's ``--vllm-url``.
 
 Ready means its status service (``GET /status`` on 127.0.0.1:S, the JSON of ``olmocr-server-status``) answers
-200: every server it supervises has passed its health probe. The URLs come from the same JSON: the ``port`` of
-each entry of ``servers`` (one per GPU, when the deployment runs several) or the top-level ``port``.
+200: every server it supervises has passed its health probe. The URLs come from the same JSON: the ``url`` (or
+``port``) of each entry of ``servers`` (one per GPU, when the deployment runs several) or the top-level ``port``.
 
 Exit 0 with the URLs; 1 with one line when the manager exits first, gives up on a server, or the wait exceeds
 ``--timeout``; 3 when a stop signal (SIGTERM, SIGINT, SIGUSR1) arrives while waiting.
@@ -30,11 +30,17 @@ STOPPED_EXIT = 3
 def server_urls(status: Mapping[str, Any], host: str = "127.0.0.1") -> list[str]:
     """The base URLs of the servers a status JSON describes (pure)."""
     entries = status.get("servers")
-    if isinstance(entries, list) and entries:
-        ports = [e.get("port") for e in entries if isinstance(e, Mapping)]
-    else:
-        ports = [status.get("port")]
-    return [f"http://{host}:{int(p)}" for p in ports if p]
+    if not (isinstance(entries, list) and entries):
+        entries = [status]
+    urls = []
+    for entry in entries:
+        if not isinstance(entry, Mapping):
+            continue
+        if isinstance(entry.get("url"), str) and entry["url"].startswith(("http://", "https://")):
+            urls.append(entry["url"].rstrip("/"))
+        elif entry.get("port"):
+            urls.append(f"http://{host}:{int(entry['port'])}")
+    return urls
 
 
 def given_up(status: Mapping[str, Any]) -> str | None:
