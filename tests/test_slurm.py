@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 import uuid
 from collections.abc import Iterator
@@ -203,6 +204,30 @@ def test_term_to_the_batch_script_alone_is_passed_on_and_the_finalizer_fails_on_
     report = _output(out / "finalize.out")
     assert (final_record["JobState"], final_record["ExitCode"]) == ("FAILED", "1:0"), report
     assert "UNFINISHED: " in report and "work items never done" in report, report
+    wait_for(lambda: not _marked_processes(mark), 30, "every process of the job gone")
+
+
+@pytest.mark.timeout(180)
+def test_a_task_whose_server_manager_dies_hands_its_work_back_and_fails(cluster: SlurmCluster) -> None:
+    docs = _docs(cluster.dir / "docs-lost", 6, 2)
+    ws = cluster.dir / "ws-lost"
+    mark = uuid.uuid4().hex
+    env = _job_env(cluster, mark, OLMOCR_STANDIN_LATENCY="2",
+                   OLMOCR_PIPELINE_ARGS="--pages_per_group 2 --workers 1 --render_processes 1 --stop_timeout 10")
+    out = cluster.dir / "out-lost"
+    out.mkdir()
+    job = cluster.sbatch("--cpus-per-task=1", f"--output={out}/task.out", str(SBATCH), str(ws), *map(str, docs),
+                         env=env)
+    task_log = cluster.dir / "tmp" / f"olmocr-task-{job}" / "pipeline.log"
+    wait_for(lambda: task_log.exists() and "claimed work item" in task_log.read_text(), 120,
+             f"the task claimed an item\n{_output(out / 'task.out')}")
+    (manager,) = [int(p.split()[0]) for p in _marked_processes(mark) if "olmocr.vllm_server_manager" in p]
+    os.kill(manager, signal.SIGKILL)  # its supervisord stops the server (PR_SET_PDEATHSIG)
+    (record,) = cluster.wait_done(job, 90)
+    text = _output(out / "task.out")
+    assert (record["JobState"], record["ExitCode"]) == ("FAILED", "1:0"), text
+    assert "the server manager exited: stopping the pipeline" in text and "handed back unfinished" in text, text
+    assert not [p for p in (ws / "worker_locks").iterdir() if not p.name.startswith(".")]
     wait_for(lambda: not _marked_processes(mark), 30, "every process of the job gone")
 
 
