@@ -26,7 +26,7 @@ from bench.common import (
     upstream_available,
 )
 
-SECTIONS = ["render", "throughput", "memory", "recovery", "storm", "statusd", "fleet"]
+SECTIONS = ["render", "throughput", "memory", "recovery", "storm", "statusd", "fleet", "reading"]
 NO_CORPUS = {"statusd"}  # sections that need no PDFs
 
 
@@ -104,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import fleet
 
                 figs, detail = fleet.run(corpus, quick=args.quick)
+            elif section == "reading":
+                from bench import reading
+
+                figs, detail = reading.run(corpus, quick=args.quick)
             else:
                 from bench import recovery
 

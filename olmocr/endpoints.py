@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from olmocr.secret_files import SecretFileError, read_secret_file
 from olmocr.server.errors import EndpointConfigError
 
 DEFAULT_HOST = "127.0.0.1"
@@ -39,11 +40,9 @@ def read_token(env: Mapping[str, str], token_var: str, file_var: str, file_path:
     if not path:
         return None
     try:
-        with open(path, encoding="utf-8") as handle:
-            return handle.read().strip() or None
-    except OSError as exc:
-        raise EndpointConfigError(f"cannot read the token file {path}: {exc.strerror}; fix {file_var} "
-                                  "or the file's permissions") from None
+        return read_secret_file(path, "the token", file_var)
+    except SecretFileError as exc:
+        raise EndpointConfigError(str(exc)) from None
 
 
 def check_exposure(what: str, host: str, token: str | None, token_var: str, file_var: str) -> None:

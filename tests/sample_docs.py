@@ -81,6 +81,85 @@ def write_scanned_pdf(path: Path, pages: int = 1) -> Path:
     return path
 
 
+#: Words the fidelity tests print on pages, each page its own (tests/test_fidelity.py): common English
+#: words that Tesseract reads reliably, none in :data:`MARKER_FILLER`, none a part of another.
+MARKER_WORDS = (
+    "walrus lantern orchid cobalt meadow tractor harbor pepper violin glacier saddle mango crimson "
+    "falcon pebble ladder copper basket thunder velvet canyon pickle marble rocket oyster tunnel "
+    "blanket cactus donkey fossil garlic helmet island jacket kettle lemon magnet napkin parrot "
+    "quartz rabbit salmon tomato umbrella vulture wizard yogurt zipper anchor bridge candle dragon "
+    "engine feather goblet hammer igloo jungle koala lobster mirror noodle"
+).split()
+#: The sentence under a page's words, the same on every page: enough text for Tesseract's orientation
+#: detection (a few words alone are too few characters to orient).
+MARKER_FILLER = ("This sample page was generated for the fidelity tests of the pipeline. Each page "
+                 "shows its own words above, and these same sentences below them, so that there is "
+                 "enough text on every page for the orientation of the page to be found with some "
+                 "confidence, whichever way it was turned when it was drawn or rendered.")
+
+
+def marker_pages(count: int, start: int = 0) -> list[tuple[str, ...]]:
+    """``count`` pages of four marker words each, from word ``4 * start`` on (distinct across calls that
+    use distinct ``start`` ranges)."""
+    words = MARKER_WORDS
+    if 4 * (start + count) > len(words):
+        raise ValueError(f"only {len(words) // 4} pages of marker words")
+    return [tuple(words[4 * (start + i): 4 * (start + i + 1)]) for i in range(count)]
+
+
+def _marker_text(words: Sequence[str]) -> str:
+    return "  ".join(w.capitalize() for w in words) + "\n\n" + MARKER_FILLER
+
+
+def write_marked_pdf(path: Path, pages: Sequence[Sequence[str]], *, rotate: int = 0,
+                     drawn_rotated: dict[int, int] | None = None) -> Path:
+    """Letter pages with a text layer, page n showing ``pages[n-1]``'s words large (22 pt), then the filler.
+
+    ``rotate`` sets ``/Rotate`` on every page; ``drawn_rotated`` maps a 1-based page number to an angle
+    (counter-clockwise degrees) by which that page's content is *drawn* turned, with no ``/Rotate``.
+    """
+    from fpdf import FPDF
+
+    pdf = FPDF(unit="pt", format=(612, 792))
+    pdf.set_auto_page_break(False)
+    pdf.set_margins(56, 56)
+    for number, words in enumerate(pages, start=1):
+        pdf.add_page()
+        pdf.set_font("Helvetica", size=22)
+        angle = (drawn_rotated or {}).get(number, 0)
+        if angle:
+            # A block 480 pt wide centred on the page, turned about the page's centre.
+            with pdf.rotation(angle, x=306, y=396):
+                pdf.set_xy(66, 300)
+                pdf.multi_cell(480, 30, _marker_text(words))
+        else:
+            pdf.multi_cell(0, 30, _marker_text(words))
+    data = bytes(pdf.output())
+    if rotate:
+        data = _rotated(data, rotate)
+    path.write_bytes(data)
+    return path
+
+
+def write_marked_scan(path: Path, pages: Sequence[Sequence[str]]) -> Path:
+    """A scan of marked pages: each page one greyscale image of its words and the filler, no text layer."""
+    from fpdf import FPDF
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=34)
+    pdf = FPDF(unit="pt", format=(612, 792))
+    for words in pages:
+        image = Image.new("L", (850, 1100), 238)  # 100 dpi, a slightly grey "paper"
+        draw = ImageDraw.Draw(image)
+        lines = textwrap.wrap("  ".join(w.capitalize() for w in words), 36) + [""] + textwrap.wrap(MARKER_FILLER, 40)
+        for i, line in enumerate(lines):
+            draw.text((70, 80 + 46 * i), line, fill=25, font=font)
+        pdf.add_page()
+        pdf.image(image, x=0, y=0, w=612, h=792)
+    path.write_bytes(bytes(pdf.output()))
+    return path
+
+
 def _rotated(data: bytes, degrees: int) -> bytes:
     import pypdf
 

@@ -12,7 +12,7 @@ import requests
 
 from olmocr.pipeline.errors import ServerMismatch
 from olmocr.pipeline.servers.checks import (
-    GUIDED_REGEX,
+    GUIDED_REGEX_FIELD,
     MIN_USEFUL_MAX_TOKENS,
     STRUCTURED_OUTPUTS,
     guided_field_for,
@@ -43,7 +43,7 @@ SMALL_CONTEXT = (*VLLM_FLAGS, "--max-model-len", "2048")
 
 @pytest.mark.parametrize("version,field", [
     ("0.32.0", STRUCTURED_OUTPUTS), ("0.32.0+cpu", STRUCTURED_OUTPUTS), ("0.10.2", STRUCTURED_OUTPUTS),
-    ("0.10.1.1", GUIDED_REGEX), ("0.9.2", GUIDED_REGEX), (None, STRUCTURED_OUTPUTS), ("dev", STRUCTURED_OUTPUTS),
+    ("0.10.1.1", GUIDED_REGEX_FIELD), ("0.9.2", GUIDED_REGEX_FIELD), (None, STRUCTURED_OUTPUTS), ("dev", STRUCTURED_OUTPUTS),
 ])
 def test_guided_field_follows_the_server_version(version: str | None, field: str) -> None:
     assert guided_field_for(version) == field

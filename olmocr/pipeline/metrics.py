@@ -174,9 +174,9 @@ async def start_for_runner(runner: Any) -> MetricsExporter:
     """Wire the hooks of a :class:`olmocr.pipeline.runner.Runner` and serve its metrics."""
     config = runner.config
     # One series per server of the fleet (olmocr.pipeline.servers.fleet).
-    metrics = PipelineMetrics(runner.progress, lambda: runner.client.servers)
+    metrics = PipelineMetrics(runner.progress, lambda: runner.fleet.servers)
     runner.renderer.observe_render = metrics.render_seconds.observe
-    for server in runner.client.servers:
+    for server in runner.fleet.servers:
         server.observe_request = metrics.observe_request(server.url)
     return await start_exporter(metrics, runner.queue, config.metrics_host, config.metrics_port,
                                 config.metrics_token, config.progress_interval)

@@ -74,9 +74,9 @@ def populate(queue: WorkQueue, specs: tuple[str, ...], pages_per_group: int) -> 
 
 
 class Runner:
-    """The running pipeline: shared renderer, server client, page slots and counters."""
+    """The running pipeline: shared renderer, server fleet, page slots and counters."""
 
-    def __init__(self, config: PipelineConfig, storage: Storage, queue: WorkQueue, client: Fleet,
+    def __init__(self, config: PipelineConfig, storage: Storage, queue: WorkQueue, fleet: Fleet,
                  stop: StopRequest | None = None, max_tokens: int = MAX_TOKENS,
                  guided_field: str = STRUCTURED_OUTPUTS) -> None:
         self.config = config
@@ -85,14 +85,14 @@ class Runner:
         self.gave_up = 0  # items abandoned because their lease could not be renewed
         self.storage = storage
         self.queue = queue
-        self.client = client
+        self.fleet = fleet
         self.progress = Progress()
         self.renderer = Renderer(config.render_processes, config.render_timeout)
         self.stop.on_hard_exit(self.renderer.kill_now)
         settings = PageSettings(config.target_longest_image_dim, config.max_page_retries, config.max_model_len,
                                 config.guided_decoding, priority=config.priority, max_tokens=max_tokens,
                                 guided_field=guided_field)
-        pages = PageProcessor(self.renderer, client, settings, self.progress)
+        pages = PageProcessor(self.renderer, fleet, settings, self.progress)
         # Pages in flight: enough to keep every request slot busy plus a render lookahead.
         page_slots = asyncio.Semaphore(config.max_concurrent_requests + 4 * self.renderer.processes)
         self.documents = DocumentProcessor(self.renderer, pages, page_slots, config.max_page_error_rate,
@@ -259,7 +259,7 @@ class Runner:
                 self.renderer.close()
                 raise
         reporter = asyncio.create_task(report_progress(
-            self.progress, lambda: (self.client.describe_state(), self.client.in_flight), self.config.progress_interval))
+            self.progress, lambda: (self.fleet.describe_state(), self.fleet.in_flight), self.config.progress_interval))
         workers = [asyncio.create_task(self._worker(i)) for i in range(max(1, self.config.workers))]
         try:
             stop_wait = asyncio.create_task(self.stop.event.wait())
@@ -280,12 +280,12 @@ class Runner:
             if exporter is not None:
                 await exporter.close()
             await self._record_server_stats()
-        logger.info("%s", self.progress.line(self.client.describe_state(), self.client.in_flight))
+        logger.info("%s", self.progress.line(self.fleet.describe_state(), self.fleet.in_flight))
         logger.info("%s", self.progress.summary())
-        if not self.client.single:
-            for server in self.client.servers:
+        if not self.fleet.single:
+            for server in self.fleet.servers:
                 logger.info("server %s: %s, %d ejections", server.url, server.describe(), server.ejections)
-            logger.info("%d requests moved to a less loaded server", self.client.moved)
+            logger.info("%d requests moved to a less loaded server", self.fleet.moved)
         if self.stop.requested:
             logger.warning("stopped on request (%s): %d work items completed, %d handed back unfinished for other "
                            "workers", self.stop.signal_name, self.progress.items_done, self.released)
@@ -294,7 +294,7 @@ class Runner:
         """Per-server counters of this run, kept in the workspace for ``--stats`` (best effort)."""
         try:
             await asyncio.to_thread(self.storage.write, f"{SERVER_STATS_DIR}/{run_id()}.json",
-                                    server_stats_record(self.client))
+                                    server_stats_record(self.fleet))
         except Exception as exc:  # noqa: BLE001 - statistics must never fail a run
             logger.warning("could not record per-server statistics: %s", exc)
 

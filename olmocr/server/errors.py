@@ -4,8 +4,9 @@ Each message is user-facing: one line that says which setting is wrong and what 
 
 ```
 ServerSideError
-└── SettingsError (ValueError) ........ a setting has a value that cannot be used
-    └── EndpointConfigError ........... an HTTP endpoint (status service, metrics) cannot start as configured
+├── SettingsError (ValueError) ........ a setting has a value that cannot be used
+│   └── EndpointConfigError ........... an HTTP endpoint (status service, metrics) cannot start as configured
+└── TesseractMissing (RuntimeError) ... the stand-in's reading mode (olmocr/standin/reading.py) has no Tesseract
 ```
 """
 
@@ -22,3 +23,8 @@ class SettingsError(ServerSideError, ValueError):
 
 class EndpointConfigError(SettingsError):
     """An endpoint cannot start as configured; the message says what to change."""
+
+
+class TesseractMissing(ServerSideError, RuntimeError):
+    """The stand-in's reading mode cannot run: Tesseract or its English/OSD data is not installed (the
+    message names the Debian packages)."""

@@ -13,6 +13,7 @@ import time
 
 import requests
 
+from olmocr.served import parse_models
 from olmocr.server.health import ProbeResult
 from olmocr.server.settings import SERVED_MODEL_NAME
 
@@ -58,9 +59,9 @@ class ServerProbe:
         if models.status_code != 200:
             return result(False, f"GET /v1/models returned {models.status_code}")
         try:
-            served = [m.get("id") for m in models.json().get("data", [])]
+            served = list(parse_models(models.content))
         except ValueError:
-            return result(False, "GET /v1/models did not return JSON")
+            return result(False, "GET /v1/models did not return a model list")
         if self.served_model_name not in served:
             return result(False, f"model {self.served_model_name} not served (server lists {served})",
                           config_error=True)

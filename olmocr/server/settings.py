@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 from olmocr import envs
+from olmocr.secret_files import SecretFileError, read_secret_file
 from olmocr.server.errors import SettingsError
 
 DEFAULT_MODEL = envs.DEFAULT_MODEL
@@ -136,11 +137,7 @@ def read_api_key(settings: ServerSettings, env: Mapping[str, str] | None = None)
         return key.strip()
     if settings.api_key_file:
         try:
-            with open(settings.api_key_file, encoding="utf-8") as handle:
-                return handle.read().strip() or None
-        except OSError as exc:
-            raise SettingsError(
-                f"cannot read API key file {settings.api_key_file}: {exc.strerror}; "
-                "fix OLMOCR_API_KEY_FILE or its permissions"
-            ) from None
+            return read_secret_file(settings.api_key_file, "API key", "OLMOCR_API_KEY_FILE")
+        except SecretFileError as exc:
+            raise SettingsError(str(exc)) from None
     return None

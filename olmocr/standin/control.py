@@ -1,7 +1,7 @@
 """In-memory control of the stand-in server's behaviour (how tests make it misbehave).
 
 Sources, merged in this order (later wins): defaults < environment variables
-``OLMOCR_STANDIN_<KEY>`` < the JSON file named by ``OLMOCR_STANDIN_CONTROL`` (re-read when its mtime
+``OLMOCR_STANDIN_<KEY>`` < the command line (``--answer``) < the JSON file named by ``OLMOCR_STANDIN_CONTROL`` (re-read when its mtime
 changes) < ``POST /admin/control`` overrides.
 """
 
@@ -29,7 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "health_status": 200,
     "served_model_name": None,
     "rotation": "none",
-    "answer": "ok",
+    "answer": "ok",  # or "read": Tesseract reads the image (olmocr/standin/reading.py)
     "output_tokens": 750,
     # The vLLM version the stand-in plays (``/version``, and which guided-decoding fields it honours).
     "vllm_version": "0.32.0",
@@ -57,10 +57,10 @@ def env_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
 class Control:
     """Thread-safe merged view of the control sources."""
 
-    def __init__(self, environ: dict[str, str] | None = None) -> None:
+    def __init__(self, environ: dict[str, str] | None = None, command_line: dict[str, Any] | None = None) -> None:
         environ = dict(os.environ) if environ is None else environ
         self._lock = threading.Lock()
-        self._env = env_overrides(environ)
+        self._env = {**env_overrides(environ), **(command_line or {})}
         self._file_path = environ.get(CONTROL_FILE_ENV) or None
         self._file_mtime: float | None = None
         self._file: dict[str, Any] = {}

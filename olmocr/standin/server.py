@@ -1,7 +1,8 @@
 """A stand-in for ``vllm serve`` (no GPU): same command line, same HTTP surface, controllable faults.
 
 Launched exactly as vLLM is: ``olmocr-standin-vllm serve MODEL --served-model-name olmocr --port P ...``.
-Stdlib only. See docs/standin.md.
+Stdlib only. Answers are canned filler text, or with ``answer: read`` what Tesseract reads on the page
+image (:mod:`olmocr.standin.reading`: Tesseract, not olmOCR). See docs/standin.md.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from olmocr.standin import answer as ans
+from olmocr.standin import reading
 from olmocr.standin.control import Control
 
 VLLM_COMPAT_VERSION = "0.32.0"  # the default of the ``vllm_version`` control
@@ -77,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="priority: waiting requests are served by their 'priority' field (lower first), as vLLM")
     p.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this private key (PEM), as vLLM")
     p.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate chain (PEM), as vLLM")
+    p.add_argument("--answer", default=None, metavar="MODE",
+                   help="the `answer` control's value (beats OLMOCR_STANDIN_ANSWER): ok (canned text, the default), "
+                        "read (OCR of the image by Tesseract, not olmOCR), garbage, length, mixed:K, abort:K")
     for flag in _VALUE_FLAGS:
         p.add_argument(flag, default=None, help=argparse.SUPPRESS)
     return p
@@ -127,6 +132,16 @@ class StandIn:
         self.httpd: ThreadingHTTPServer | None = None
         self.port = args.port
         self.warned_guided = False
+        self.reader: reading.Reader | None = None  # reading mode's Tesseract, found on first use
+        self.reader_lock = threading.Lock()
+
+    def read_image(self, data: bytes) -> reading.Reading:
+        """Reading mode: Tesseract's reading of ``data`` (TesseractMissing when it is not installed)."""
+        with self.reader_lock:
+            if self.reader is None:
+                self.reader = reading.Reader.find()
+                log("INFO", f"reading mode: page images are read by {self.reader.label}")
+        return self.reader.read(data)
 
     def version(self) -> str:
         return str(self.control.get("vllm_version") or VLLM_COMPAT_VERSION)
@@ -269,6 +284,8 @@ class Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     app: StandIn  # set on the subclass made in serve()
     constrained = False  # this request's output is constrained to the front matter
+    image_data: bytes | None = None  # the request's first image (what reading mode reads)
+    fingerprint: str | None = None  # reading mode: who wrote the answer (the completion's system_fingerprint)
 
     # -- plumbing
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence default stderr log
@@ -350,6 +367,8 @@ class Handler(BaseHTTPRequestHandler):
         app = self.app
         app.control.refresh()
         self._body = b""
+        self.image_data = None
+        self.fingerprint = None
         if method == "POST":
             self.read_body()
         if path in ("/v1", "/admin") or path.startswith(("/v1/", "/admin/")):
@@ -400,6 +419,8 @@ class Handler(BaseHTTPRequestHandler):
             "image_requests_served": app.stats.image_requests_served,
             "scheduling_policy": app.args.scheduling_policy, "uptime_s": round(time.monotonic() - app.started, 3),
             "standin": True, "tmpdir": os.environ.get("TMPDIR"),
+            "answers_by": (app.reader.label if app.reader and app.control.get("answer") == "read"
+                           else "canned text (stand-in, not a model)"),
         }
 
     def metrics_text(self) -> str:
@@ -541,6 +562,8 @@ class Handler(BaseHTTPRequestHandler):
                     data = ans.decode_data_url(str(url))
                     if data is not None:
                         images.append(ans.inspect_image(data))
+                        if self.image_data is None:
+                            self.image_data = data
         return text_chars, images
 
     def complete(self, req: dict[str, Any], served: str, images: list[ans.ImageInfo],
@@ -565,7 +588,12 @@ class Handler(BaseHTTPRequestHandler):
         # A hung engine also freezes the requests it was already generating: none of them may finish.
         if not self.wait_while_hung():
             return
-        content, finish = self.answer_text(images[0] if images else None, max_tokens)
+        try:
+            content, finish = self.answer_text(images[0] if images else None, max_tokens)
+        except (reading.TesseractMissing, RuntimeError) as exc:
+            log("ERROR", f"reading mode ({reading.LABEL}): {exc}")
+            self.send_json(500, error_body(f"stand-in reading mode: {exc}", "InternalServerError", 500))
+            return
         completion_tokens = min(max_tokens, ans.count_tokens(content)) if max_tokens > 0 else 0
         with st.lock:
             st.prompt_tokens += prompt_tokens
@@ -576,7 +604,7 @@ class Handler(BaseHTTPRequestHandler):
             st.image_requests_served += int(bool(images))
         self.send_json(200, {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": served,
+            "model": served, "system_fingerprint": self.fingerprint,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "tool_calls": []},
                          "logprobs": None, "finish_reason": finish, "stop_reason": None}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -591,6 +619,8 @@ class Handler(BaseHTTPRequestHandler):
         with st.lock:
             st.answers += 1
             k_th = st.answers
+        if mode == "read" and image is not None and self.image_data is not None and reading.is_image(self.image_data):
+            return self.read_answer(self.image_data, max_tokens)
         garbage = mode == "garbage"
         if mode.startswith(("mixed:", "abort:")):
             try:
@@ -609,10 +639,21 @@ class Handler(BaseHTTPRequestHandler):
         body = ans.page_text(image, output_tokens)
         content = body if garbage else ans.front_matter(rotation_valid=valid, rotation_correction=correction) + body
         finish = "length" if mode == "length" else "stop"
+        return self.cut(content, finish, max_tokens)
+
+    @staticmethod
+    def cut(content: str, finish: str, max_tokens: int) -> tuple[str, str]:
+        """An answer longer than ``max_tokens`` is cut there, with ``finish_reason: length`` (as vLLM)."""
         if ans.count_tokens(content) > max_tokens:
-            content = content[: max(0, max_tokens) * 4]
-            finish = "length"
+            return content[: max(0, max_tokens) * 4], "length"
         return content, finish
+
+    def read_answer(self, data: bytes, max_tokens: int) -> tuple[str, str]:
+        """Reading mode: Tesseract's reading of the page in olmOCR's format (Tesseract, not olmOCR)."""
+        page = self.app.read_image(data)  # TesseractMissing / RuntimeError: a 500 naming the cause
+        assert self.app.reader is not None
+        self.fingerprint = self.app.reader.label
+        return self.cut(page.answer(), "stop", max_tokens)
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -646,8 +687,14 @@ def make_server(app: StandIn) -> ThreadingHTTPServer:
 
 
 def serve(args: argparse.Namespace) -> int:
-    control = Control()
+    control = Control(command_line={"answer": args.answer} if args.answer else None)
     app = StandIn(args, control)
+    if control.get("answer") == "read":
+        try:
+            app.reader = reading.Reader.find()
+        except reading.TesseractMissing as exc:
+            log("ERROR", f"answer=read (Tesseract, not olmOCR) cannot run: {exc}")
+            return 2
 
     def on_signal(signum: int, _frame: Any) -> None:
         app.shutdown.set()
@@ -658,6 +705,9 @@ def serve(args: argparse.Namespace) -> int:
     log("INFO", f"vLLM STAND-IN (not vLLM, no GPU) API server version {app.version()}+standin")
     log("INFO", f"model={args.model!r} served_model_name={args.served_name!r} max_model_len={args.max_model_len}"
                 + (f" (ignored flags: {' '.join(args.ignored)})" if args.ignored else ""))
+    if app.reader is not None:
+        log("INFO", f"reading mode: page images are read by {app.reader.label}: a check of the plumbing, "
+                    "not of OCR quality")
     threading.Thread(target=app.ticker, name="ticker", daemon=True).start()
     app.start_engine()
     # Loading weights: the port stays closed (connection refused) for load_delay seconds.

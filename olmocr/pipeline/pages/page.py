@@ -90,9 +90,9 @@ class Attempt:
 class PageProcessor:
     """Runs pages through the model; shared by all workers."""
 
-    def __init__(self, renderer: Renderer, client: Fleet, settings: PageSettings, progress: Progress) -> None:
+    def __init__(self, renderer: Renderer, fleet: Fleet, settings: PageSettings, progress: Progress) -> None:
         self.renderer = renderer
-        self.client = client
+        self.fleet = fleet
         self.settings = settings
         self.progress = progress
         self._templates: dict[float, tuple[bytes, bytes]] = {}
@@ -117,7 +117,7 @@ class PageProcessor:
             return [b"".join((before, image, after))]
 
         try:
-            data = await self.client.chat(make_body, page.label)
+            data = await self.fleet.chat(make_body, page.label)
         except RequestRejected as exc:
             if not exc.retryable:
                 raise  # the same request would be refused again: no attempts are spent on it

@@ -51,6 +51,8 @@ DEFAULT_RENDER_TIMEOUT_S = 120.0
 #: ``ACTION:NAME:PAGE[,...]`` where ACTION is ``hang`` (sleep forever) or ``crash`` (SIGKILL itself),
 #: NAME a substring of the document's path and PAGE a 1-based page number or ``*``; it applies to
 #: rendering and to the text layer (``hang-render`` / ``crash-render`` apply to rendering only).
+#: Two more spoil the image only, to show that the fidelity tests (tests/test_fidelity.py) catch it:
+#: ``blank`` sends a white image of the page's size, ``wrongpage`` renders the next page (the last: the first).
 TEST_FAULT_ENV = "OLMOCR_TEST_RENDER_FAULT"
 
 _ROTATE_CCW = {90: "ROTATE_90", 180: "ROTATE_180", 270: "ROTATE_270"}
@@ -128,11 +130,12 @@ def _open_image(path: str) -> Any:
     return img
 
 
-def _injected_fault(path: str, page_num: int, job: str) -> None:
-    """The test-only fault of :data:`TEST_FAULT_ENV`, if one matches this job (see there)."""
+def _injected_fault(path: str, page_num: int, job: str) -> str | None:
+    """The test-only fault of :data:`TEST_FAULT_ENV`, if one matches this job (see there): hangs or
+    crashes here, or returns ``blank`` / ``wrongpage`` for the render job to act on."""
     spec = os.environ.get(TEST_FAULT_ENV)
     if not spec:
-        return
+        return None
     for rule in spec.split(","):
         action, _, rest = rule.strip().partition(":")
         name, _, page = rest.rpartition(":")
@@ -146,6 +149,9 @@ def _injected_fault(path: str, page_num: int, job: str) -> None:
                 time.sleep(3600)
         if base == "crash":
             os.kill(os.getpid(), signal.SIGKILL)
+        if base in ("blank", "wrongpage") and job == "render":
+            return base
+    return None
 
 
 def _job_probe(path: str, kind: str) -> DocInfo:
@@ -174,7 +180,7 @@ def _job_render(path: str, kind: str, page_num: int, target_dim: int, rotation: 
     """Render 1-based ``page_num``; rotate the image counter-clockwise by ``rotation`` degrees."""
     if rotation not in (0, 90, 180, 270):
         raise ValueError(f"invalid rotation {rotation}")
-    _injected_fault(path, page_num, "render")
+    fault = _injected_fault(path, page_num, "render")
     if kind in ("png", "jpeg"):
         from PIL import Image
 
@@ -188,7 +194,7 @@ def _job_render(path: str, kind: str, page_num: int, target_dim: int, rotation: 
 
     doc = _open_pdf(path)
     try:
-        page = doc[page_num - 1]
+        page = doc[page_num % len(doc) if fault == "wrongpage" else page_num - 1]
     except Exception as exc:  # noqa: BLE001
         raise RenderError(f"cannot load page {page_num} ({exc})") from None
     try:
@@ -208,6 +214,10 @@ def _job_render(path: str, kind: str, page_num: int, target_dim: int, rotation: 
             img = bitmap.to_pil()
             if img.mode != "RGB":
                 img = img.convert("RGB")
+            if fault == "blank":
+                from PIL import Image
+
+                img = Image.new("RGB", img.size, "white")
             return _encode_png(img, rotation)
         finally:
             bitmap.close()

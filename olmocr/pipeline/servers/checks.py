@@ -1,6 +1,6 @@
 """What the pipeline learns from a vLLM server before it claims any work (pure functions + one probe).
 
-:func:`verify_server` reads ``/v1/models`` (is ``olmocr`` served, with what ``max_model_len``) and
+:func:`read_server_info` reads ``/v1/models`` (is ``olmocr`` served, with what ``max_model_len``) and
 ``/version`` (which request field constrains the output), and :func:`plan_max_tokens` decides the
 ``max_tokens`` every page request may ask for so that the server never has to refuse one (HTTP 400).
 Callable once per server: the result is a small immutable :class:`ServerInfo`.
@@ -16,6 +16,7 @@ from typing import Any
 from olmocr.envs import SERVED_MODEL_NAME
 from olmocr.pipeline.errors import ServerMismatch, ServerNotReady
 from olmocr.pipeline.pages.prompts import PROMPT_V4_YAML
+from olmocr.served import parse_models  # noqa: F401 - part of this module's API
 
 MODEL_NAME = SERVED_MODEL_NAME
 
@@ -23,7 +24,7 @@ MODEL_NAME = SERVED_MODEL_NAME
 #: ``guided_*`` fields: 0.32 logs "Request contains the removed guided-decoding field(s)" and ignores them.
 STRUCTURED_OUTPUTS_SINCE = (0, 10, 2)
 STRUCTURED_OUTPUTS = "structured_outputs"
-GUIDED_REGEX = "guided_regex"
+GUIDED_REGEX_FIELD = "guided_regex"
 
 #: What upstream olmOCR asks for; a page answer is rarely longer.
 DEFAULT_MAX_TOKENS = 8000
@@ -43,7 +44,7 @@ class ServerInfo:
     served_model: str
     max_model_len: int | None  # None: the server did not say (not vLLM, or an old one)
     version: str | None  # None: no /version
-    guided_field: str  # STRUCTURED_OUTPUTS or GUIDED_REGEX
+    guided_field: str  # STRUCTURED_OUTPUTS or GUIDED_REGEX_FIELD
 
 
 def parse_version(text: str | None) -> tuple[int, ...] | None:
@@ -64,28 +65,15 @@ def guided_field_for(version: str | None) -> str:
     """
     parsed = parse_version(version)
     if parsed is not None and parsed < STRUCTURED_OUTPUTS_SINCE:
-        return GUIDED_REGEX
+        return GUIDED_REGEX_FIELD
     return STRUCTURED_OUTPUTS
 
 
 def guided_fields(field: str, regex: str) -> dict[str, Any]:
     """The request's extra fields that ask for output matching ``regex``."""
-    if field == GUIDED_REGEX:
-        return {GUIDED_REGEX: regex}
+    if field == GUIDED_REGEX_FIELD:
+        return {GUIDED_REGEX_FIELD: regex}
     return {STRUCTURED_OUTPUTS: {"regex": regex}}
-
-
-def parse_models(body: bytes) -> dict[str, int | None]:
-    """``/v1/models`` -> {model id: max_model_len or None}; ValueError if it is not a model list."""
-    try:
-        data = json.loads(body)
-        models: dict[str, int | None] = {}
-        for entry in data.get("data", []):
-            length = entry.get("max_model_len")
-            models[str(entry.get("id"))] = int(length) if isinstance(length, int | float) and length > 0 else None
-        return models
-    except (ValueError, AttributeError, TypeError):
-        raise ValueError("/v1/models answered something that is not a model list") from None
 
 
 def parse_version_body(status: int, body: bytes) -> str | None:
@@ -132,7 +120,7 @@ def plan_max_tokens(server_max_model_len: int | None, longest_dim: int,
     return min(wanted, room)
 
 
-async def verify_server(client: Any) -> ServerInfo:
+async def read_server_info(client: Any) -> ServerInfo:
     """Reads ``/v1/models`` and ``/version`` through ``client`` (a :class:`ServerClient`).
 
     Raises the client's ``ServerNotReady`` when ``olmocr`` is not served, and its ``TransportError``

@@ -28,7 +28,7 @@ from olmocr.pipeline.errors import (
     TlsError,
     TransportError,
 )
-from olmocr.pipeline.servers.checks import ServerInfo, parse_models, parse_version_body, verify_server
+from olmocr.pipeline.servers.checks import ServerInfo, parse_models, parse_version_body, read_server_info
 from olmocr.pipeline.servers.http import HttpPool, Response
 
 logger = logging.getLogger("olmocr.pipeline")
@@ -115,7 +115,7 @@ class ServerClient:
 
     async def wait_ready(self, *, attempts: int = INITIAL_ATTEMPTS, max_wait_s: float = 600.0,
                          first_delay_s: float = 1.0) -> ServerInfo:
-        """Initial connection, then the model check (:func:`verify_server`). Raises :class:`ServerNotReady`."""
+        """Initial connection, then the model check (:func:`read_server_info`). Raises :class:`ServerNotReady`."""
         delay = first_delay_s
         start = time.monotonic()
         last = ""
@@ -141,7 +141,7 @@ class ServerClient:
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_BACKOFF_S)
         try:
-            self.info = await verify_server(self)
+            self.info = await read_server_info(self)
         except TransportError as exc:
             raise ServerNotReady(f"The vLLM server at {self.name} stopped answering during the model "
                                  f"check ({exc}); check its log and try again.") from None

@@ -70,7 +70,7 @@ ABANDONED = "abandoned: its server was taken out of rotation or was too far behi
 # ---------------------------------------------------------------------------------------------- verification
 
 
-async def verify_server(client: ServerClient, *, max_wait_s: float, priority: int | None,
+async def admit_for_run(client: ServerClient, *, max_wait_s: float, priority: int | None,
                         longest_dim: int = 1288) -> int:
     """Start-up checks for one server; returns the ``max_tokens`` its context allows for a page rendered
     at ``longest_dim``. Raises :class:`ServerNotReady` with a one-line reason.
@@ -142,7 +142,7 @@ class Fleet:
 
     async def start(self, max_wait_s: float = 600.0) -> None:
         """Verify every server; raises :class:`ServerNotReady` if none is usable (before any work is claimed)."""
-        tasks = {asyncio.create_task(verify_server(s.client, max_wait_s=max_wait_s, priority=self.priority,
+        tasks = {asyncio.create_task(admit_for_run(s.client, max_wait_s=max_wait_s, priority=self.priority,
                                                    longest_dim=self.longest_dim)): s
                  for s in self.servers}
         pending = set(tasks)

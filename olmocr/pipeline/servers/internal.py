@@ -28,6 +28,7 @@ import requests
 
 from olmocr.pipeline.errors import InternalServerError
 from olmocr.pipeline.stopping import StopRequest
+from olmocr.served import parse_models, serves
 from olmocr.server.command import refuse_secrets_in_argv
 from olmocr.server.errors import SettingsError
 from olmocr.server.settings import SERVED_MODEL_NAME, ServerSettings
@@ -77,8 +78,8 @@ def existing_server(base_url: str, api_key: str | None, port: int) -> str | None
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         response = requests.get(f"{base_url}/v1/models", headers=headers, timeout=10)
-        models = [str(m.get("id")) for m in response.json().get("data", [])] if response.ok else []
-    except (requests.RequestException, ValueError, AttributeError):
+        models = list(parse_models(response.content)) if response.ok else []
+    except (requests.RequestException, ValueError):
         return "a program that is not an OpenAI-compatible server"
     if SERVED_MODEL_NAME in models:
         return SERVED_MODEL_NAME
@@ -130,9 +131,9 @@ class InternalServer:
         try:
             response = requests.get(f"{self.settings.base_url}/v1/models", timeout=5,
                                     headers=self._auth_headers())
-            return response.ok and SERVED_MODEL_NAME in [m.get("id") for m in response.json().get("data", [])]
-        except (requests.RequestException, ValueError, AttributeError):
+        except requests.RequestException:
             return False
+        return response.ok and serves(response.content)
 
     def _auth_headers(self) -> dict[str, str]:
         from olmocr.server.settings import read_api_key

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from olmocr.pipeline.errors import FleetConfigError
 from olmocr.pipeline.servers.client import display_url, normalize_base_url
+from olmocr.secret_files import SecretFileError, read_secret_lines
 
 #: Environment variable holding the server list when no ``--vllm-url`` is given.
 URL_ENV = "OLMOCR_VLLM_URL"
@@ -61,11 +62,9 @@ def read_key_file(path: str) -> tuple[str | None, dict[str, str]]:
     Blank lines and lines starting with ``#`` are ignored. Returns (default key, {normalised URL: key}).
     """
     try:
-        with open(path, encoding="utf-8") as fh:
-            lines = fh.read().splitlines()
-    except OSError as exc:
-        raise FleetConfigError(f"cannot read the API key file {path}: {exc.strerror}; fix --api_key_file / "
-                               "OLMOCR_API_KEYS_FILE or its permissions") from None
+        lines = read_secret_lines(path, "the API key", "--api_key_file / OLMOCR_API_KEYS_FILE")
+    except SecretFileError as exc:
+        raise FleetConfigError(str(exc)) from None
     default: str | None = None
     per_server: dict[str, str] = {}
     for number, line in enumerate(lines, 1):
