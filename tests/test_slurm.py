@@ -171,7 +171,11 @@ def test_time_limit_warning_stops_the_task_and_requeues_it_while_work_is_left(cl
         (record,) = cluster.wait_done(job, 150)
     except TimeoutError as exc:
         raise AssertionError(f"{exc}\n{_output(out / 'task.out')}\n{cluster.logs()}") from None
-    assert record["JobState"] == "COMPLETED", _output(out / "task.out")
+    logs = cluster.dir / "olmocr-logs" / f"{job}_0"
+    assert record["JobState"] == "COMPLETED", (
+        f"{record.get('JobState')} {record.get('ExitCode')} {record.get('Reason')}\n"
+        f"{_output(out / 'task.out')[-5000:]}\n{_output(logs / 'manager.log')[-3000:]}\n"
+        f"{_output(logs / 'server' / 'vllm.log')[-2000:]}\n{cluster.logs()}")
     assert_every_page_once(ws, docs)
     wait_for(lambda: not _marked_processes(mark), 30, "every process of the job gone")
 
