@@ -210,6 +210,17 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         result = self.run("squeue", "--noheader", check=False)
         return result.returncode == 0 and bool(result.stdout.strip())
 
+    def job_steps_running(self, job_id: str) -> bool:
+        """Whether a slurmstepd of the job (any step, e.g. ``[8.batch]``) is still there."""
+        for pid in self._step_daemons():
+            try:
+                if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].startswith(
+                        f"slurmstepd: [{job_id}.".encode()):
+                    return True
+            except OSError:
+                continue
+        return False
+
     def _step_daemons(self) -> list[int]:
         """Pids of this cluster's slurmstepd processes (found by the SLURM_CONF in their environment)."""
         marker = f"SLURM_CONF={self.conf}".encode()

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -164,7 +165,11 @@ def test_time_limit_warning_stops_the_task_and_requeues_it_while_work_is_left(cl
     cluster.run("scancel", "--batch", "--signal=USR1", job)
     wait_for(lambda: [(r.get("Restarts"), r.get("JobState")) for r in cluster.job_fields(job)] == [("1", "PENDING")],
              90, f"the task requeued itself\n{_output(out / 'task.out')}")
-    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # not Slurm's 2-minute requeue delay
+    # Slurm holds a requeued job for about 2 minutes so that the old run is gone from the node before the new one
+    # (same job id) starts: wait for exactly that, then let it start.
+    wait_for(lambda: not cluster.job_steps_running(job), 60, "the first run's steps gone")
+    time.sleep(2)
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
     text = _output(out / "task.out")
     assert "USR1: stopping gracefully" in text and "requeueing job" in text, text
     try:
