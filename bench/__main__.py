@@ -26,8 +26,8 @@ from bench.common import (
     upstream_available,
 )
 
-SECTIONS = ["render", "throughput", "memory", "recovery", "storm", "statusd", "fleet", "reading"]
-NO_CORPUS = {"statusd"}  # sections that need no PDFs
+SECTIONS = ["render", "throughput", "memory", "recovery", "storm", "statusd", "fleet", "reading", "probes"]
+NO_CORPUS = {"statusd", "probes"}  # sections that need no PDFs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import statusd
 
                 figs, detail = statusd.run(quick=args.quick, log_dir=OUT_DIR / "logs" / "statusd")
+            elif section == "probes":
+                from bench import probes
+
+                figs, detail = probes.run(quick=args.quick, log_dir=OUT_DIR / "logs" / "probes")
             elif section == "fleet":
                 from bench import fleet
 

@@ -54,14 +54,16 @@ def check_exposure(what: str, host: str, token: str | None, token_var: str, file
             f"or bind 127.0.0.1")
 
 
-def bearer_middleware(token: str | None) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """aiohttp middleware: 401 for any request without ``Authorization: Bearer <token>`` (if a token is set)."""
+def bearer_middleware(token: str | None, open_paths: frozenset[str] = frozenset()
+                      ) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """aiohttp middleware: 401 for any request without ``Authorization: Bearer <token>`` (if a token is set),
+    except for ``open_paths`` (exact paths: health probes that answer one line, for the kubelet)."""
     expected = f"Bearer {token}".encode() if token else None
 
     @web.middleware
     async def check(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                     ) -> web.StreamResponse:
-        if expected is not None:
+        if expected is not None and request.path not in open_paths:
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):
                 return web.json_response({"error": "missing or wrong bearer token"}, status=401,

@@ -125,3 +125,30 @@ def test_second_ctrl_c_exits_at_once(tmp_path: Path) -> None:
     assert "exiting at once" in log.read_text()
     wait_for(lambda: not any(pid_alive(p) for p in workers), 5, "render workers gone")
     assert _locks(ws), "a hard exit leaves its lease to expire, like kill -9"
+
+
+def test_stop_exit_code_tells_a_job_controller_the_run_was_cut_short(tmp_path: Path) -> None:
+    """A Kubernetes Job counts an exit 0 as a completed index: --stop_exit_code 143 makes a drained or
+    preempted pod's index run again (deploy/kubernetes), while the work is still handed back."""
+    docs = _docs(tmp_path, 2, 2)
+    ws = tmp_path / "ws"
+    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "2"})
+    log = tmp_path / "run.log"
+    try:
+        proc = start_pipeline(ws, standin.url, docs, "--pages_per_group", "2", "--stop_timeout", "1",
+                              "--stop_exit_code", "143", log=log)
+        try:
+            wait_for(lambda: "claimed work item" in log.read_text(), 60, "an item claimed")
+            os.kill(proc.pid, signal.SIGTERM)
+            rc = proc.wait(timeout=30)
+        finally:
+            stop_process_group(proc)
+        assert rc == 143, log.read_text()
+        assert _locks(ws) == [], "leases left behind"
+        # The rerun (the Job's next pod for that index) finishes the work and exits 0.
+        rc2, text2 = run_pipeline(ws, standin.url, (), "--stop_exit_code", "143", timeout=120,
+                                  log=tmp_path / "second.log")
+        assert rc2 == 0, text2
+    finally:
+        standin.stop()
+    assert set(docs_by_source(ws)) == {str(p) for p in docs}

@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="on SIGTERM/Ctrl+C, seconds to let work items in progress finish before handing "
                            f"them back to the queue (default {DEFAULT_STOP_TIMEOUT_S:g}); a second signal exits "
                            "at once")
+    work.add_argument("--stop_exit_code", type=int, default=0, metavar="N",
+                      help="exit status after a graceful stop by SIGTERM/Ctrl+C (default 0); a Kubernetes Job "
+                           "sets 143 so that a drained or preempted pod's index is run again instead of "
+                           "counted as completed (docs/kubernetes.md)")
     work.add_argument("--render_processes", type=int, default=None,
                       help="page-rendering processes (default: number of CPU cores)")
     work.add_argument("--render_timeout", type=float, default=DEFAULT_RENDER_TIMEOUT_S,
@@ -187,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name} must be at least 1")
     if args.stop_timeout < 0:
         parser.error("--stop_timeout must be 0 or more")
+    if not 0 <= args.stop_exit_code <= 255:
+        parser.error("--stop_exit_code must be 0-255")
     if args.render_timeout < 0:
         parser.error("--render_timeout must be 0 (no limit) or more")
     if not 0 <= args.max_page_error_rate <= 1:
@@ -267,15 +273,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.stats:
             asyncio.run(_populate_only(config))
             return print_stats(args.workspace, args.workspace_profile)
-        return asyncio.run(_run_with_signals(config, server_settings, args.server_run_dir))
+        return asyncio.run(_run_with_signals(config, server_settings, args.server_run_dir, args.stop_exit_code))
     except KeyboardInterrupt:
         logger.warning("interrupted; unfinished work items are released (or free once their lease expires)")
         return 130
 
 
-async def _run_with_signals(config: PipelineConfig, server_settings=None, server_run_dir=None) -> int:  # noqa: ANN001
+async def _run_with_signals(config: PipelineConfig, server_settings=None, server_run_dir=None,  # noqa: ANN001
+                            stop_exit_code: int = 0) -> int:
     """Run the pipeline (on its own server when ``server_settings`` is given: internal mode); the first
-    SIGTERM/SIGINT stops it gracefully (exit 0), a second exits at once."""
+    SIGTERM/SIGINT stops it gracefully (exit ``stop_exit_code``, default 0), a second exits at once."""
     from olmocr.server.errors import EndpointConfigError
 
     stop = StopRequest()
@@ -288,10 +295,11 @@ async def _run_with_signals(config: PipelineConfig, server_settings=None, server
                                    ready_timeout=config.max_server_ready_timeout,
                                    api_key=config.servers[0].api_key)
     try:
-        return await run_pipeline(config, stop, server)
+        status = await run_pipeline(config, stop, server)
     except EndpointConfigError as exc:  # --metrics_port cannot be served (port in use): before any claim
         logger.error("%s", exc)
         return 2
+    return stop_exit_code if status == 0 and stop.requested else status
 
 
 async def _populate_only(config: PipelineConfig) -> None:

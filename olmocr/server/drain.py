@@ -24,6 +24,9 @@ DEFAULT_SHUTDOWN_TIMEOUT = int(envs.default("OLMOCR_SHUTDOWN_TIMEOUT"))  # type:
 TEARDOWN_S = 30
 #: Less than this between the drain's end and supervisord's SIGKILL and the drain is shortened.
 MIN_TEARDOWN_S = 10
+#: After stopwaitsecs, how long the manager still gives supervisord to stop its other programs and exit
+#: before it kills the process group itself.
+SUPERVISORD_EXIT_S = 30
 
 
 def stopwaitsecs_for(shutdown_timeout: float) -> int:
@@ -36,3 +39,11 @@ def fit_shutdown_timeout(shutdown_timeout: int, stopwaitsecs: int | None) -> int
     if stopwaitsecs is None:
         return shutdown_timeout
     return max(0, min(shutdown_timeout, int(stopwaitsecs) - MIN_TEARDOWN_S))
+
+
+def manager_stop_budget(shutdown_timeout: float) -> int:
+    """Seconds ``python -m olmocr.vllm_server_manager`` may take to stop after SIGTERM: supervisord's
+    ``stopwaitsecs`` plus its own exit. A container runtime's grace period (Kubernetes'
+    ``terminationGracePeriodSeconds``, systemd's ``TimeoutStopSec``) must be at least this."""
+    # The manager never renders a stopwaitsecs below the default one (60 s).
+    return max(stopwaitsecs_for(DEFAULT_SHUTDOWN_TIMEOUT), stopwaitsecs_for(shutdown_timeout)) + SUPERVISORD_EXIT_S

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from olmocr import envs
+
 STARTING = "starting"
 HEALTHY = "healthy"
 UNHEALTHY = "unhealthy"
@@ -32,9 +34,9 @@ class ProbeResult:
 
 @dataclass(frozen=True)
 class HealthPolicy:
-    failure_threshold: int = 3
-    success_threshold: int = 1
-    startup_timeout: float = 600.0
+    failure_threshold: int = envs.default("OLMOCR_HEALTH_FAILURE_THRESHOLD")
+    success_threshold: int = envs.default("OLMOCR_HEALTH_SUCCESS_THRESHOLD")
+    startup_timeout: float = envs.DEFAULT_STARTUP_TIMEOUT_S
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 
 from olmocr import envs
-from olmocr.server.drain import stopwaitsecs_for
+from olmocr.server.drain import manager_stop_budget, stopwaitsecs_for
 from olmocr.server.errors import SettingsError
 from olmocr.server.lifetime import die_with_parent
 from olmocr.server.rpcclient import connect
@@ -100,10 +100,11 @@ class Manager:
         self._private_socket_dir = (Path(self.socket_file).parent if Path(self.socket_file).parent != run_dir
                                     else None)
         self.config_path = run_dir / "supervisord.conf"
+        self.stopwaitsecs = max(ConfigLayout.stopwaitsecs, stopwaitsecs_for(settings.shutdown_timeout))
         layout = ConfigLayout(run_dir=str(run_dir / "run"), log_dir=str(run_dir / "logs"),
                               python=sys.executable, nodaemon=True, startsecs=startsecs,
                               socket_file=self.socket_file,
-                              stopwaitsecs=max(ConfigLayout.stopwaitsecs, stopwaitsecs_for(settings.shutdown_timeout)))
+                              stopwaitsecs=self.stopwaitsecs)
         (run_dir / "run").mkdir(parents=True, exist_ok=True)
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(render_supervisord_config(layout))
@@ -180,11 +181,12 @@ class Manager:
             self.proxy.supervisor.shutdown()
         except Exception:
             self.supervisord.send_signal(signal.SIGTERM)
+        budget = manager_stop_budget(self.settings.shutdown_timeout)  # stopwaitsecs + supervisord's exit
         try:
             # supervisord waits up to stopwaitsecs for vLLM before SIGKILLing its group.
-            self.supervisord.wait(timeout=90)
+            self.supervisord.wait(timeout=budget)
         except subprocess.TimeoutExpired:
-            log.error("supervisord did not exit in 90 s; killing it")
+            log.error("supervisord did not exit in %d s; killing it", budget)
             os.killpg(self.supervisord.pid, signal.SIGKILL)
             self.supervisord.wait(timeout=10)
         tree.update(_process_tree_alive(tree))
@@ -224,7 +226,13 @@ def _process_tree_alive(tree: set[psutil.Process]) -> set[psutil.Process]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, passthrough = parse_args(argv)
-    setup_logging(args.log_file)
+    try:  # the log file may live in the run directory (the container image puts both in /run/olmocr)
+        Path(args.log_file).parent.mkdir(parents=True, exist_ok=True)
+        setup_logging(args.log_file)
+    except OSError as exc:
+        print(f"cannot write the log file {args.log_file}: {exc.strerror}; choose another --log-file",
+              file=sys.stderr)
+        return 2
     try:
         settings = settings_from_args(args)
         overrides = {}

@@ -27,6 +27,7 @@ from supervisor import events
 from supervisor.states import ProcessStates, getProcessStateDescription
 from supervisor.xmlrpc import Faults, RPCError
 
+from olmocr import envs
 from olmocr.server.errors import SettingsError
 from olmocr.server.settings import ServerSettings
 
@@ -63,7 +64,7 @@ class ProcessStatsStore:
     """Counts process-state transitions and keeps health records; persists to a JSON file."""
 
     def __init__(self, state_file: str | None, clock: Callable[[], float] = time.time,
-                 reset_after: float = 600.0) -> None:
+                 reset_after: float = envs.default("OLMOCR_RESTART_RESET_AFTER")) -> None:
         self.state_file = state_file
         self.reset_after = reset_after
         self.clock = clock

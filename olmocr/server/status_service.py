@@ -7,7 +7,11 @@ supervisord runs it as its own program next to vLLM. It serves, on 127.0.0.1:300
   probe duration and time, all with a ``model`` label;
 - ``GET /status``: the JSON of ``olmocr-server-status`` (200 when healthy, else 503);
 - ``GET /ws``: a WebSocket that sends that JSON at once, then whenever it changes (a restart, a
-  health transition, a probe result) and at least every ``OLMOCR_STATUS_PUSH_INTERVAL`` seconds.
+  health transition, a probe result) and at least every ``OLMOCR_STATUS_PUSH_INTERVAL`` seconds;
+- ``GET /livez`` and ``GET /readyz``: probes with Kubernetes semantics (``olmocr.server.pod_probes``):
+  200 ``ok`` or 503 with a one-line reason. They are open without the bearer token (as kube-apiserver's
+  own ``/livez`` and ``/readyz``): the kubelet cannot read a Secret for its probes, and the answer is
+  one line that names no setting.
 
 It reads the state as the status script does (``olmocr.server.status.fetch_parts``: one XML-RPC
 multicall to supervisord and the olmocr RPC extension, in a worker thread, every
@@ -20,7 +24,7 @@ Each WebSocket client has a bounded queue that drops its oldest message (every m
 snapshot, so only the newest matters) and a send timeout after which it is disconnected: a slow or
 dead client never stalls the service or the other clients.
 
-Bound beyond loopback (``OLMOCR_STATUS_HOST``) it requires a bearer token on every endpoint, from
+Bound beyond loopback (``OLMOCR_STATUS_HOST``) it requires a bearer token on every other endpoint, from
 ``OLMOCR_STATUS_TOKEN`` or the file named by ``OLMOCR_STATUS_TOKEN_FILE``, and refuses to start
 without one.
 """
@@ -54,6 +58,7 @@ from olmocr.endpoints import (
     start_app,
 )
 from olmocr.server.errors import EndpointConfigError
+from olmocr.server.pod_probes import ProbeAnswer, liveness, readiness, stale_after
 from olmocr.server.rpcclient import connect_from_child_env
 from olmocr.server.status import (
     add_connection_arguments,
@@ -66,6 +71,8 @@ from olmocr.server.status import (
 log = logging.getLogger("olmocr.status_service")
 
 DEFAULT_PORT = envs.DEFAULT_STATUS_PORT
+#: Paths answered without the bearer token: the kubelet's probes.
+PROBE_PATHS = frozenset({"/livez", "/readyz"})
 TOKEN_VAR, TOKEN_FILE_VAR = "OLMOCR_STATUS_TOKEN", "OLMOCR_STATUS_TOKEN_FILE"
 #: ``{field: OLMOCR_STATUS_* variable}`` (olmocr/envs.py).
 ENV_NAMES = envs.field_names(envs.STATUS)
@@ -285,6 +292,9 @@ class StatusService:
         self.clock = clock
         self.snapshot = Snapshot({"healthy": False, "error": "no reading of supervisord yet"})
         self.last_good: Snapshot | None = None
+        # clock() times of the latest reading and of the latest one that reached supervisord (the
+        # service's start before the first): what /livez judges staleness by.
+        self.read_at = self.good_at = clock()
         self.broadcaster = Broadcaster(settings.queue_size)
         self._last_key: str | None = None
         self._last_push = float("-inf")
@@ -310,8 +320,10 @@ class StatusService:
         elif not snapshot.reachable and self.snapshot.reachable:
             log.warning("%s", snapshot.status.get("error"))
         self.snapshot = snapshot
+        self.read_at = self.clock()
         if snapshot.reachable:
             self.last_good = snapshot
+            self.good_at = self.read_at
         key = change_key(snapshot.status)
         if key != self._last_key or self.clock() - self._last_push >= self.settings.push_interval:
             self._last_key = key
@@ -343,15 +355,32 @@ class StatusService:
 
     # -- HTTP ---------------------------------------------------------------------------------------
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[bearer_middleware(self.settings.token)])
+        app = web.Application(middlewares=[bearer_middleware(self.settings.token, open_paths=PROBE_PATHS)])
         app.router.add_get("/", self.index)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/status", self.status)
         app.router.add_get("/ws", self.websocket)
+        app.router.add_get("/livez", self.livez)
+        app.router.add_get("/readyz", self.readyz)
         return app
 
     async def index(self, _request: web.Request) -> web.Response:
-        return web.Response(text="olmocr status service: /metrics (Prometheus), /status (JSON), /ws (WebSocket)\n")
+        return web.Response(text="olmocr status service: /metrics (Prometheus), /status (JSON), /ws (WebSocket), "
+                                 "/livez and /readyz (Kubernetes probes)\n")
+
+    def liveness(self) -> ProbeAnswer:
+        now = self.clock()
+        return liveness(self.snapshot.status, self.snapshot.reachable, now - self.good_at, now - self.read_at,
+                        stale_after(self.settings.poll_interval))
+
+    def readiness(self) -> ProbeAnswer:
+        return readiness(self.snapshot.status, self.snapshot.reachable)
+
+    async def livez(self, _request: web.Request) -> web.Response:
+        return _probe_response(self.liveness())
+
+    async def readyz(self, _request: web.Request) -> web.Response:
+        return _probe_response(self.readiness())
 
     async def metrics(self, _request: web.Request) -> web.Response:
         return metrics_response(self.registry)
@@ -390,6 +419,11 @@ class StatusService:
                 return
             except (ConnectionError, RuntimeError):
                 return  # closed under us
+
+
+def _probe_response(answer: ProbeAnswer) -> web.Response:
+    # no-store: a probe answer is about this instant only.
+    return web.Response(text=answer.reason + "\n", status=answer.http_status, headers={"Cache-Control": "no-store"})
 
 
 class _SnapshotCollector:

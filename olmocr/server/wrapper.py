@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 
+from olmocr import envs
 from olmocr.server.command import build_vllm_command, build_vllm_env
 from olmocr.server.drain import fit_shutdown_timeout
 from olmocr.server.errors import SettingsError
@@ -38,21 +39,23 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     """The vLLM-facing options shared by the wrapper and ``olmocr.vllm_server_manager``."""
     parser.add_argument("model", nargs="?", default=None,
                         help=f"model path or Hugging Face id (default {DEFAULT_MODEL}, env OLMOCR_MODEL)")
-    parser.add_argument("--port", type=int, default=None, help="HTTP port (default 30024)")
+    parser.add_argument("--port", type=int, default=None, help=f"HTTP port (default {envs.DEFAULT_PORT}, env OLMOCR_PORT)")
     parser.add_argument("--host", default=None,
                         help="bind address (default 127.0.0.1; 0.0.0.0 exposes the API to the network)")
     parser.add_argument("--tensor-parallel-size", type=int, default=None, help="default 1")
     parser.add_argument("--data-parallel-size", type=int, default=None, help="default 1")
     parser.add_argument("--gpu-memory-utilization", type=float, default=None,
                         help="fraction of GPU memory for vLLM (default: vLLM's own)")
-    parser.add_argument("--max-model-len", type=int, default=None, help="default 16384")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help=f"default {envs.DEFAULT_MAX_MODEL_LEN}, env OLMOCR_MAX_MODEL_LEN")
     parser.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default=None,
                         help="priority: serve waiting requests by their priority field (pipeline --priority); "
                              "default fcfs, env OLMOCR_SCHEDULING_POLICY")
     parser.add_argument("--vllm-bin", default=None,
                         help="server executable invoked as vLLM is (default: vllm on PATH, env OLMOCR_VLLM_BIN)")
     parser.add_argument("--restart-delay", type=float, default=None,
-                        help="seconds to wait before restarting a crashed server (default 10)")
+                        help="seconds to wait before restarting a crashed server (default "
+                             f"{envs.default('OLMOCR_RESTART_DELAY'):g}, env OLMOCR_RESTART_DELAY)")
 
 
 def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> ServerSettings:
