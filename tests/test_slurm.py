@@ -4,6 +4,7 @@ blocks, server URLs, the finalizer's verdict) row by row."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -70,6 +71,15 @@ def _docs(folder: Path, count: int, pages: int) -> list[Path]:
     return [write_text_pdf(folder / f"report{i:02d}.pdf", pages) for i in range(count)]
 
 
+def _wait_claimed(pipeline_log: Path, job_output: Path, timeout: float = 120) -> None:
+    """Until the task's pipeline has claimed a work item (its log in the task's scratch directory)."""
+    try:
+        wait_for(lambda: pipeline_log.exists() and "claimed work item" in pipeline_log.read_text(), timeout,
+                 "a claimed work item")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{_output(job_output)[-5000:]}") from None
+
+
 def _output(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else f"({path} not written)"
 
@@ -79,8 +89,11 @@ def test_array_cancelled_task_resubmitted_writes_every_page_once_and_finalizer_p
     docs = _docs(cluster.dir / "docs", 12, 2)
     ws = cluster.dir / "ws"
     mark = uuid.uuid4().hex
-    # Slow answers (2 s a page), so that the cancelled task is in the middle of its work items.
-    env = _job_env(cluster, mark, OLMOCR_STANDIN_LATENCY="2",
+    # Slow answers (8 s a page) until task 1 is cancelled, so that the other tasks cannot finish everything
+    # before task 1 (whose server may start later on a loaded machine) has claimed work; fast afterwards.
+    control = cluster.dir / "standin-control.json"
+    control.write_text(json.dumps({"latency": 8}))
+    env = _job_env(cluster, mark, OLMOCR_STANDIN_CONTROL=str(control),
                    OLMOCR_PIPELINE_ARGS="--pages_per_group 2 --workers 2 --render_processes 1 --stop_timeout 10 "
                                         "--progress_interval 2")
     out = cluster.dir / "out"
@@ -95,9 +108,9 @@ def test_array_cancelled_task_resubmitted_writes_every_page_once_and_finalizer_p
     wait_for(lambda: cluster.task_job_id(array, 1) is not None, 60, "task 1 split off")
     task1 = cluster.task_job_id(array, 1)
     task1_log = cluster.dir / "tmp" / f"olmocr-task-{task1}" / "pipeline.log"
-    wait_for(lambda: task1_log.exists() and "claimed work item" in task1_log.read_text(), 120,
-             f"task 1 claimed an item\n{_output(out / f'task-{array}_1.out')}")
+    _wait_claimed(task1_log, out / f"task-{array}_1.out")
     cluster.run("scancel", f"{array}_1")
+    control.write_text(json.dumps({"latency": 0.5}))
     records = cluster.wait_done(array, 240)
     states = {r["ArrayTaskId"]: r["JobState"] for r in records}
     assert states == {"0": "COMPLETED", "1": "CANCELLED", "2": "COMPLETED"}, (
@@ -159,8 +172,7 @@ def test_time_limit_warning_stops_the_task_and_requeues_it_while_work_is_left(cl
     job = cluster.sbatch("--cpus-per-task=1", f"--output={out}/task.out", str(SBATCH), str(ws), *map(str, docs),
                          env=env)
     task_log = cluster.dir / "tmp" / f"olmocr-task-{job}" / "pipeline.log"
-    wait_for(lambda: task_log.exists() and "claimed work item" in task_log.read_text(), 120,
-             f"the task claimed an item\n{_output(out / 'task.out')}")
+    _wait_claimed(task_log, out / "task.out")
     # What --signal=B:USR1@300 sends before the time limit: to the batch script only.
     cluster.run("scancel", "--batch", "--signal=USR1", job)
     wait_for(lambda: [(r.get("Restarts"), r.get("JobState")) for r in cluster.job_fields(job)] == [("1", "PENDING")],
@@ -198,8 +210,7 @@ def test_term_to_the_batch_script_alone_is_passed_on_and_the_finalizer_fails_on_
     job = cluster.sbatch("--cpus-per-task=1", f"--output={out}/task.out", str(SBATCH), str(ws), *map(str, docs),
                          env=env)
     task_log = cluster.dir / "tmp" / f"olmocr-task-{job}" / "pipeline.log"
-    wait_for(lambda: task_log.exists() and "claimed work item" in task_log.read_text(), 120,
-             f"the task claimed an item\n{_output(out / 'task.out')}")
+    _wait_claimed(task_log, out / "task.out")
     # What --signal=B:TERM@120 sends: SIGTERM to the batch script only; the pipeline must get it from there.
     cluster.run("scancel", "--batch", "--signal=TERM", job)
     (record,) = cluster.wait_done(job, 90)
@@ -228,8 +239,7 @@ def test_a_task_whose_server_manager_dies_hands_its_work_back_and_fails(cluster:
     job = cluster.sbatch("--cpus-per-task=1", f"--output={out}/task.out", str(SBATCH), str(ws), *map(str, docs),
                          env=env)
     task_log = cluster.dir / "tmp" / f"olmocr-task-{job}" / "pipeline.log"
-    wait_for(lambda: task_log.exists() and "claimed work item" in task_log.read_text(), 120,
-             f"the task claimed an item\n{_output(out / 'task.out')}")
+    _wait_claimed(task_log, out / "task.out")
     (manager,) = [int(p.split()[0]) for p in _marked_processes(mark) if "olmocr.vllm_server_manager" in p]
     os.kill(manager, signal.SIGKILL)  # its supervisord stops the server (PR_SET_PDEATHSIG)
     (record,) = cluster.wait_done(job, 90)
