@@ -33,7 +33,7 @@ DEFAULT_MAX_MODEL_LEN = 16384
 DEFAULT_STARTUP_TIMEOUT_S = 600.0
 
 #: Where a setting belongs; each gets its own table in the docs.
-SERVER, STATUS, PIPELINE, STANDIN = "server", "status", "pipeline", "standin"
+SERVER, STATUS, PIPELINE, STANDIN, SLURM = "server", "status", "pipeline", "standin", "slurm"
 
 
 @dataclass(frozen=True)
@@ -148,6 +148,28 @@ REGISTRY: tuple[Setting, ...] = (
     _s("OLMOCR_METRICS_TOKEN", str, None, "bearer token `--metrics_port` requires beyond loopback", PIPELINE,
        secret=True, shown_default=""),
     _s("OLMOCR_METRICS_TOKEN_FILE", str, None, "a file holding that token", PIPELINE, shown_default=""),
+    # ---- the Slurm templates (deploy/slurm/*.sbatch; docs/slurm.md)
+    _s("OLMOCR_PIPELINE_ARGS", tuple, (), "extra pipeline flags for every task, shell words (e.g. `--workers 40 "
+       "--markdown`)", SLURM, shown_default=""),
+    _s("OLMOCR_READY_TIMEOUT", float, 1200.0, "seconds a task waits for its servers to load the model", SLURM),
+    _s("OLMOCR_REQUEUE_ON_TIMEOUT", int, 1, "1: after the time-limit warning (SIGUSR1) a task requeues itself when "
+       "work is left; 0: never", SLURM),
+    _s("OLMOCR_TASK_DIR", str, None, "node-local scratch of a task's servers (socket, vLLM's temp files); removed "
+       "at the end", SLURM, shown_default="`$TMPDIR/olmocr-task-JOBID`"),
+    _s("OLMOCR_LOG_DIR", str, None, "where a task's server, manager and pipeline logs are kept", SLURM,
+       shown_default="`$SLURM_SUBMIT_DIR/olmocr-logs/ARRAYJOB_TASK`"),
+    _s("OLMOCR_METRICS_PORT", int, None, "the task pipeline's `--metrics_port` (with `OLMOCR_PORT` and "
+       "`OLMOCR_STATUS_PORT`: fixed ports instead of a free block chosen from the job id)", SLURM,
+       shown_default="(a free block)"),
+    _s("OLMOCR_FLEET_DIR", str, None, "a shared directory where each task lists its servers and reads the "
+       "others' (a multi-node fleet; needs `OLMOCR_HOST=0.0.0.0` and an API key)", SLURM, shown_default=""),
+    _s("OLMOCR_ADVERTISE_HOST", str, None, "the name other nodes reach this task's servers by", SLURM,
+       shown_default="`hostname -f`"),
+    _s("OLMOCR_MONITOR_INTERVAL", float, 300.0, "seconds between the monitor's `--stats` snapshots", SLURM),
+    _s("OLMOCR_MONITOR_FILE", str, None, "the file the monitor replaces with each snapshot", SLURM,
+       shown_default="`olmocr-stats-JOB.txt`"),
+    _s("OLMOCR_WORKSPACE_PROFILE", str, None, "the finalizer's AWS profile for an `s3://` workspace", SLURM,
+       shown_default=""),
     # ---- the stand-in (tests, demo, benchmarks)
     _s("OLMOCR_STANDIN_CONTROL", str, None, "the stand-in's fault-injection control file (docs/standin.md)",
        STANDIN, shown_default=""),
@@ -217,13 +239,15 @@ def value(name: str, env: Mapping[str, str] | None = None) -> object:
 
 # ------------------------------------------------------------------------------------- docs tables
 
-_TITLES = {SERVER: "server", STATUS: "status service", PIPELINE: "pipeline", STANDIN: "stand-in"}
+_TITLES = {SERVER: "server", STATUS: "status service", PIPELINE: "pipeline", STANDIN: "stand-in",
+           SLURM: "Slurm templates"}
 #: Which guide holds which table.
 DOC_TABLES: dict[str, tuple[str, ...]] = {
     "docs/operations.md": (SERVER,),
     "docs/observability.md": (STATUS,),
     "docs/pipeline.md": (PIPELINE,),
     "docs/standin.md": (STANDIN,),
+    "docs/slurm.md": (SLURM,),
 }
 
 
