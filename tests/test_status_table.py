@@ -82,7 +82,7 @@ def test_terminal_gets_a_table_and_a_pipe_gets_the_seed_json(deployments):
     assert out.startswith("olmocr deployment: 1 of 1 server healthy (model allenai/olmOCR-7B-0825-FP8)"), out
     # The box's servers list names each server by its URL (issue 17).
     row = [line for line in out.splitlines() if line.startswith(f"http://127.0.0.1:{dep.port}")]
-    assert row and row[0].split()[2:4] == ["healthy", "healthy"], out
+    assert row and row[0].split()[1:3] == ["healthy", "healthy"], out
     # Piped: the JSON, fields unchanged.
     piped = dep.run_status_script()
     assert piped.returncode == 0
