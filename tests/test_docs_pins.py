@@ -67,3 +67,16 @@ def test_every_flag_in_the_options_table_exists_with_the_documented_default():
             assert float(default) == float(action.default), f"{flags[0]}: documented {default}, is {action.default}"
         if default == "off":
             assert action.default in (False, None), f"{flags[0]}: documented off, is {action.default}"
+
+
+def test_the_command_line_defaults_are_the_configs():
+    """One home per default: each flag that fills a PipelineConfig field defaults to that field's default."""
+    import dataclasses
+
+    from olmocr.pipeline.runner import PipelineConfig
+
+    config_defaults = {f.name: f.default for f in dataclasses.fields(PipelineConfig)
+                       if f.default is not dataclasses.MISSING}
+    parser_defaults = {a.dest: a.default for a in _options() if a.dest in config_defaults and a.default is not None}
+    assert len(parser_defaults) >= 10
+    assert {k: config_defaults[k] for k in parser_defaults} == parser_defaults

@@ -14,6 +14,7 @@ from typing import NoReturn
 
 from olmocr import __version__
 from olmocr.logformat import LOG_FORMAT
+from olmocr.pipeline import defaults
 from olmocr.pipeline.errors import FleetConfigError, NoInput, WorkspaceError
 from olmocr.pipeline.flags import normalize_spellings, number, whole
 from olmocr.pipeline.pages.render import DEFAULT_RENDER_TIMEOUT_S
@@ -77,32 +78,35 @@ def build_parser() -> argparse.ArgumentParser:
                         help="internal mode: the model to serve (default $OLMOCR_MODEL, then the deployment's); "
                              "with --vllm-url accepted for upstream compatibility: requests always name the "
                              "served model 'olmocr'")
-    server.add_argument("--max_concurrent_requests", type=whole(1), default=1600,
-                        help="cap on requests in flight to the server (default 1600)")
-    server.add_argument("--request_timeout", type=number(0, low_open=True), default=600.0,
+    server.add_argument("--max_concurrent_requests", type=whole(1), default=defaults.MAX_CONCURRENT_REQUESTS,
+                        help=f"cap on requests in flight to the server (default {defaults.MAX_CONCURRENT_REQUESTS})")
+    server.add_argument("--request_timeout", type=number(0, low_open=True), default=defaults.REQUEST_TIMEOUT_S,
                         help="a request is abandoned and resent when the server has finished no request for this "
-                             "many seconds (a hung engine), or after 3x this in any case (default 600)")
-    server.add_argument("--max_server_ready_timeout", type=number(0), default=600.0,
-                        help="longest total wait for the server at start-up, in seconds (default 600; at most "
+                             f"many seconds (a hung engine), or after 3x this in any case (default {defaults.REQUEST_TIMEOUT_S:g})")
+    server.add_argument("--max_server_ready_timeout", type=number(0), default=defaults.SERVER_READY_TIMEOUT_S,
+                        help=f"longest total wait for the server at start-up, in seconds (default {defaults.SERVER_READY_TIMEOUT_S:g}; at most "
                              "10 attempts are made)")
     work = p.add_argument_group("work")
-    work.add_argument("--workers", type=whole(1), default=20, help="work items processed at a time (default 20)")
+    work.add_argument("--workers", type=whole(1), default=defaults.WORKERS,
+                      help=f"work items processed at a time (default {defaults.WORKERS})")
     work.add_argument("--pages_per_group", type=whole(1), default=None,
-                      help="aim for this many pages per work item (default 500, or 50 with an API key)")
-    work.add_argument("--max_page_retries", type=whole(1), default=8, help="model attempts per page (default 8)")
-    work.add_argument("--max_page_error_rate", type=number(0, 1), default=0.004,
+                      help=f"aim for this many pages per work item (default {defaults.PAGES_PER_GROUP}, or "
+                           f"{defaults.PAGES_PER_GROUP_WITH_KEY} with an API key)")
+    work.add_argument("--max_page_retries", type=whole(1), default=defaults.MAX_PAGE_RETRIES,
+                      help=f"model attempts per page (default {defaults.MAX_PAGE_RETRIES})")
+    work.add_argument("--max_page_error_rate", type=number(0, 1), default=defaults.MAX_PAGE_ERROR_RATE,
                       help="largest fraction of a document's pages that may fall back to the text layer "
                            "(default 0.004 = 1/250); above it the document is recorded as failed and retried")
-    work.add_argument("--target_longest_image_dim", type=whole(28, note=" pixels (one image patch)"), default=1288,
-                      help="longest side of rendered page images in pixels (default 1288)")
+    work.add_argument("--target_longest_image_dim", type=whole(28, note=" pixels (one image patch)"), default=defaults.LONGEST_IMAGE_DIM,
+                      help=f"longest side of rendered page images in pixels (default {defaults.LONGEST_IMAGE_DIM})")
     work.add_argument("--target_anchor_text_len", type=int, default=-1, help=argparse.SUPPRESS)
-    work.add_argument("--max_model_len", type=whole(1), default=16384,
+    work.add_argument("--max_model_len", type=whole(1), default=defaults.MAX_MODEL_LEN,
                       help="answers whose total tokens exceed this are rejected; in internal mode also the "
-                           "server's context length (default 16384)")
+                           f"server's context length (default {defaults.MAX_MODEL_LEN})")
     work.add_argument("--guided_decoding", action="store_true", help="ask vLLM to constrain the front matter")
-    work.add_argument("--lease_seconds", type=number(1), default=300.0,
+    work.add_argument("--lease_seconds", type=number(1), default=defaults.LEASE_SECONDS,
                       help="work-item lease; renewed every third of it; a dead worker's item is free "
-                           "after it (default 300)")
+                           f"after it (default {defaults.LEASE_SECONDS:g})")
     work.add_argument("--stop_timeout", type=number(0), default=DEFAULT_STOP_TIMEOUT_S,
                       help="on SIGTERM/Ctrl+C, seconds to let work items in progress finish before handing "
                            f"them back to the queue (default {DEFAULT_STOP_TIMEOUT_S:g}); a second signal exits "
@@ -121,12 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--markdown", action="store_true",
                      help="also write markdown/<source path>.md for each document into the workspace")
     out.add_argument("--stats", action="store_true", help="print a summary of the workspace and exit")
-    out.add_argument("--progress_interval", type=number(0, low_open=True), default=10.0,
-                     help="seconds between progress lines (default 10)")
+    out.add_argument("--progress_interval", type=number(0, low_open=True), default=defaults.PROGRESS_INTERVAL_S,
+                     help=f"seconds between progress lines (default {defaults.PROGRESS_INTERVAL_S:g})")
     out.add_argument("--metrics_port", type=whole(1, 65535), default=None,
                      help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics while running (a different "
                           "port for each pipeline on a machine; docs/observability.md)")
-    out.add_argument("--metrics_host", default="127.0.0.1",
+    out.add_argument("--metrics_host", default=defaults.METRICS_HOST,
                      help="address for --metrics_port (default 127.0.0.1); any other needs a bearer token in "
                           "$OLMOCR_METRICS_TOKEN or a file given by --metrics_token_file / $OLMOCR_METRICS_TOKEN_FILE")
     out.add_argument("--metrics_token_file", default=None, help="file holding the bearer token for /metrics")
@@ -217,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
                        "--api_key_file")
     key_file = args.api_key_file or os.environ.get("OLMOCR_API_KEYS_FILE") or None
     ca_bundle = args.ca_bundle or os.environ.get("OLMOCR_CA_BUNDLE") or None
-    pages_per_group = args.pages_per_group if args.pages_per_group is not None else (50 if api_key or key_file else 500)
+    pages_per_group = args.pages_per_group
+    if pages_per_group is None:
+        pages_per_group = defaults.PAGES_PER_GROUP_WITH_KEY if api_key or key_file else defaults.PAGES_PER_GROUP
     check_upstream_flags(parser, args)
     if args.model and args.model != "olmocr" and args.server:
         logger.info("--model %s is ignored: requests use the served model name 'olmocr'", args.model)

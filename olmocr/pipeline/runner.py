@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from olmocr.pipeline import defaults
 from olmocr.pipeline.errors import LeaseLost, NoInput, ServerNotReady
 from olmocr.pipeline.pages.documents import DocOutcome, DocumentProcessor, failure
 from olmocr.pipeline.pages.output import dolma_jsonl, markdown_relpath
@@ -41,24 +42,24 @@ class PipelineConfig:
     servers: tuple[ServerSpec, ...]
     pdfs: tuple[str, ...] = ()
     dns: tuple[DnsName, ...] = ()  # dns+http://NAME:PORT servers (olmocr.pipeline.servers.discovery)
-    workers: int = 20
-    pages_per_group: int = 500
-    max_page_retries: int = 8
-    max_page_error_rate: float = 0.004
-    max_concurrent_requests: int = 1600
-    target_longest_image_dim: int = 1288
-    max_model_len: int = 16384
+    workers: int = defaults.WORKERS
+    pages_per_group: int = defaults.PAGES_PER_GROUP
+    max_page_retries: int = defaults.MAX_PAGE_RETRIES
+    max_page_error_rate: float = defaults.MAX_PAGE_ERROR_RATE
+    max_concurrent_requests: int = defaults.MAX_CONCURRENT_REQUESTS
+    target_longest_image_dim: int = defaults.LONGEST_IMAGE_DIM
+    max_model_len: int = defaults.MAX_MODEL_LEN
     markdown: bool = False
     guided_decoding: bool = False
-    request_timeout: float = 600.0
-    max_server_ready_timeout: float = 600.0
-    lease_seconds: float = 300.0
-    progress_interval: float = 10.0
+    request_timeout: float = defaults.REQUEST_TIMEOUT_S
+    max_server_ready_timeout: float = defaults.SERVER_READY_TIMEOUT_S
+    lease_seconds: float = defaults.LEASE_SECONDS
+    progress_interval: float = defaults.PROGRESS_INTERVAL_S
     render_processes: int | None = None
     render_timeout: float | None = DEFAULT_RENDER_TIMEOUT_S
     stop_timeout: float = DEFAULT_STOP_TIMEOUT_S
     metrics_port: int | None = None  # --metrics_port: serve /metrics while running (olmocr.pipeline.metrics)
-    metrics_host: str = "127.0.0.1"
+    metrics_host: str = defaults.METRICS_HOST
     metrics_token: str | None = field(default=None, repr=False)
     ca_bundle: str | None = None
     priority: int | None = None

@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 
 from olmocr.envs import SERVED_MODEL_NAME
+from olmocr.pipeline import defaults
 from olmocr.pipeline.errors import FrontMatterError, RenderError, RequestRejected
 from olmocr.pipeline.pages.output import FallbackKind, PageResult
 from olmocr.pipeline.pages.prompts import GUIDED_REGEX, PROMPT_V4_YAML, PageResponse, parse_page_response
@@ -25,9 +26,9 @@ _IMAGE_MARK = "@@OLMOCR_IMAGE@@"
 
 @dataclass(frozen=True)
 class PageSettings:
-    target_longest_image_dim: int = 1288
+    target_longest_image_dim: int = defaults.LONGEST_IMAGE_DIM
     max_page_retries: int = 8
-    max_model_len: int = 16384
+    max_model_len: int = defaults.MAX_MODEL_LEN
     guided_decoding: bool = False
     #: ``max_tokens`` of every request: MAX_TOKENS, or less where the server's context is smaller
     #: (:func:`olmocr.pipeline.servers.checks.plan_max_tokens`).

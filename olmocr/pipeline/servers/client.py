@@ -24,6 +24,7 @@ import ssl
 import time
 
 from olmocr.envs import SERVED_MODEL_NAME
+from olmocr.pipeline import defaults
 from olmocr.pipeline.errors import (
     ConnectionRefused,
     NotHttp,
@@ -100,8 +101,8 @@ class ServerClient:
         base_url: str,
         *,
         api_key: str | None = None,
-        request_timeout: float = 600.0,
-        max_concurrent_requests: int = 1600,
+        request_timeout: float = defaults.REQUEST_TIMEOUT_S,
+        max_concurrent_requests: int = defaults.MAX_CONCURRENT_REQUESTS,
         ca_bundle: str | None = None,
     ) -> None:
         self.base_url = normalize_base_url(base_url)
@@ -153,7 +154,7 @@ class ServerClient:
             return None
         return parse_version_body(status, body)
 
-    async def wait_ready(self, *, attempts: int = INITIAL_ATTEMPTS, max_wait_s: float = 600.0,
+    async def wait_ready(self, *, attempts: int = INITIAL_ATTEMPTS, max_wait_s: float = defaults.SERVER_READY_TIMEOUT_S,
                          first_delay_s: float = 1.0) -> ServerInfo:
         """Initial connection, then the model check (:func:`read_server_info`). Raises :class:`ServerNotReady`.
 

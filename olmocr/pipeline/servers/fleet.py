@@ -37,6 +37,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from olmocr.pipeline import defaults
 from olmocr.pipeline.errors import (
     FleetConfigError,
     RequestRejected,
@@ -96,7 +97,7 @@ LOG_MOVED = "%d requests moved to a less loaded server"  # the run's summary (wo
 
 
 async def admit_for_run(client: ServerClient, *, max_wait_s: float, priority: int | None,
-                        longest_dim: int = 1288) -> int:
+                        longest_dim: int = defaults.LONGEST_IMAGE_DIM) -> int:
     """Start-up checks for one server; returns the ``max_tokens`` its context allows for a page rendered
     at ``longest_dim``. Raises :class:`ServerNotReady` with a one-line reason.
 
@@ -130,9 +131,9 @@ async def admit_for_run(client: ServerClient, *, max_wait_s: float, priority: in
 class Fleet:
     """The servers of one run, one cap on concurrent requests, and the retry policy across them."""
 
-    def __init__(self, specs: Sequence[ServerSpec], *, request_timeout: float = 600.0,
-                 max_concurrent_requests: int = 1600, ca_bundle: str | None = None,
-                 priority: int | None = None, render_lookahead: int = 8, longest_dim: int = 1288,
+    def __init__(self, specs: Sequence[ServerSpec], *, request_timeout: float = defaults.REQUEST_TIMEOUT_S,
+                 max_concurrent_requests: int = defaults.MAX_CONCURRENT_REQUESTS, ca_bundle: str | None = None,
+                 priority: int | None = None, render_lookahead: int = 8, longest_dim: int = defaults.LONGEST_IMAGE_DIM,
                  dns: Sequence[DnsName] = (), resolver: Resolver | None = None,
                  dns_refresh_s: float = DEFAULT_REFRESH_S) -> None:
         if not specs and not dns:
@@ -148,7 +149,7 @@ class Fleet:
         self._joining: dict[Server, asyncio.Task[None]] = {}
         self._draining: dict[Server, asyncio.Task[None]] = {}
         self._discovery: asyncio.Task[None] | None = None
-        self._max_wait_s = 600.0
+        self._max_wait_s = defaults.SERVER_READY_TIMEOUT_S
         self.planned_max_tokens: int | None = None  # fixed by request_plan(); later servers must fit it
         self.retired: list[Server] = []  # servers drained away (kept for the run's per-server stats)
         self.on_new_server: Callable[[Server], None] | None = None  # metrics hooks for discovered servers
@@ -176,7 +177,7 @@ class Fleet:
 
     # ------------------------------------------------------------------ start-up
 
-    async def start(self, max_wait_s: float = 600.0) -> None:
+    async def start(self, max_wait_s: float = defaults.SERVER_READY_TIMEOUT_S) -> None:
         """Verify every server; raises :class:`ServerNotReady` if none is usable (before any work is claimed)."""
         self._max_wait_s = max_wait_s
         if self.dns:
