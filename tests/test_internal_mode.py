@@ -289,7 +289,7 @@ def test_internal_mode_stops_when_the_server_is_given_up_on(internal_run, tmp_pa
 
 
 def test_internal_mode_serves_on_every_gpu_and_sends_work_to_all(internal_run, tmp_path: Path) -> None:
-    from olmocr.pipeline.servers.fleet import SERVER_STATS_DIR, summarize_server_stats
+    from olmocr.pipeline.stats import SERVER_STATS_DIR, summarize_server_stats
 
     pdfs = _docs(tmp_path, 4, 2)
     run = internal_run(pdfs, "--gpus", "0,1", port=free_port_run(2))

@@ -14,7 +14,7 @@ from typing import NoReturn
 
 from olmocr import __version__
 from olmocr.logformat import LOG_FORMAT
-from olmocr.pipeline import defaults
+from olmocr.pipeline import defaults, stats
 from olmocr.pipeline.errors import FleetConfigError, NoInput, WorkspaceError
 from olmocr.pipeline.flags import normalize_spellings, number, whole
 from olmocr.pipeline.pages.render import DEFAULT_RENDER_TIMEOUT_S
@@ -164,24 +164,6 @@ def setup_logging(disk_log: str | None) -> None:
                 run_logger.addHandler(handler)
 
 
-def print_stats(workspace: str, profile: str | None = None) -> int:
-    from olmocr.pipeline.servers.fleet import SERVER_STATS_DIR, format_server_stats, summarize_server_stats
-    from olmocr.pipeline.workspace.queue import format_stats, workspace_stats
-    from olmocr.pipeline.workspace.storage import open_storage
-
-    storage = open_storage(workspace, profile=profile)
-    text = format_stats(workspace_stats(storage))
-    per_server = format_server_stats(summarize_server_stats(
-        storage.read(key) or b"" for key in storage.list(f"{SERVER_STATS_DIR}/")))
-    try:
-        print(text + ("\n" + per_server if per_server else ""), flush=True)
-    except BrokenPipeError:  # `--stats | head`: the reader has what it wanted
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # the exit's flush of stdout must not fail again
-        return STATUS_BROKEN_PIPE
-    return 0
-
-
 def resolve_api_key(flag: str | None, env: Mapping[str, str]) -> str | None:
     """The key for every server: ``--api_key``, ``$OLMOCR_API_KEY``, ``$VLLM_API_KEY``, or the whole content
     of ``$OLMOCR_API_KEY_FILE`` (the server's variable, meaning the same here). Per-server keys come from
@@ -278,7 +260,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, internal: b
           api_key: str | None, key_file: str | None, ca_bundle: str | None, pages_per_group: int,
           metrics_token: str | None) -> int:
     if args.stats and not args.pdfs:
-        return print_stats(args.workspace, args.workspace_profile)
+        return stats.print_stats(args.workspace, args.workspace_profile)
     url_values = args.server or ([os.environ[URL_ENV]] if os.environ.get(URL_ENV) else [])
     try:
         servers = server_specs(parse_url_list(url_values), api_key, key_file)
@@ -338,7 +320,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, internal: b
     try:
         if args.stats:
             asyncio.run(_populate_only(config))
-            return print_stats(args.workspace, args.workspace_profile)
+            return stats.print_stats(args.workspace, args.workspace_profile)
         return asyncio.run(_run_with_signals(config, server_settings, args.server_run_dir, args.stop_exit_code))
     except KeyboardInterrupt:
         logger.warning("interrupted; unfinished work items are released (or free once their lease expires)")

@@ -19,8 +19,9 @@ from olmocr.pipeline.pages.render import DEFAULT_RENDER_TIMEOUT_S, Renderer, def
 from olmocr.pipeline.progress import Progress, refresh_totals, refresh_totals_forever, report_progress
 from olmocr.pipeline.servers.checks import STRUCTURED_OUTPUTS
 from olmocr.pipeline.servers.discovery import refresh_interval
-from olmocr.pipeline.servers.fleet import LOG_MOVED, SERVER_STATS_DIR, Fleet, run_id, server_stats_record
+from olmocr.pipeline.servers.fleet import LOG_MOVED, Fleet
 from olmocr.pipeline.servers.serverlist import DnsName, ServerSpec
+from olmocr.pipeline.stats import SERVER_STATS_DIR, run_id, server_stats_record
 from olmocr.pipeline.stopping import DEFAULT_STOP_TIMEOUT_S, StopRequest
 from olmocr.pipeline.workspace.inputs import expand_inputs, set_input_profile
 from olmocr.pipeline.workspace.queue import WorkItem, WorkQueue, describe_lease_holders

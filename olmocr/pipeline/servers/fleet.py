@@ -28,13 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
-import os
 import random
-import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from olmocr.pipeline import defaults
@@ -560,49 +557,3 @@ class Fleet:
         await asyncio.gather(*tasks, return_exceptions=True)
         for s in self.servers:
             s.client.close()
-
-
-# ---------------------------------------------------------------------------------------------- --stats
-
-SERVER_STATS_DIR = "server_stats"
-
-
-def run_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}-{int(time.time())}"
-
-
-def server_stats_record(fleet: Fleet) -> bytes:
-    """This run's per-server counters, stored in the workspace for ``--stats``."""
-    return json.dumps({"time": time.time(), "servers": [
-        {k: v for k, v in s.as_dict().items() if k in ("url", "pages", "errors", "timeouts", "rejected",
-                                                          "ejections", "state")}
-        for s in [*fleet.servers, *fleet.retired]]}).encode()
-
-
-def summarize_server_stats(records: Iterable[bytes]) -> dict[str, dict[str, int]]:
-    """Sum the runs' per-server counters by URL (pages, errors, timeouts, rejected, ejections)."""
-    totals: dict[str, dict[str, int]] = {}
-    for raw in records:
-        try:
-            record = json.loads(raw)
-            servers = record["servers"]
-        except (ValueError, KeyError, TypeError):
-            continue
-        for s in servers:
-            row = totals.setdefault(str(s.get("url")), {"runs": 0, "pages": 0, "errors": 0, "timeouts": 0,
-                                                        "rejected": 0, "ejections": 0})
-            row["runs"] += 1
-            for key in ("pages", "errors", "timeouts", "rejected", "ejections"):
-                row[key] += int(s.get(key) or 0)
-    return totals
-
-
-def format_server_stats(totals: Mapping[str, Mapping[str, int]]) -> str:
-    if not totals:
-        return ""
-    lines = ["Servers (all runs):"]
-    for url, row in sorted(totals.items()):
-        lines.append(f"  {url}: {row['pages']} pages, {row['errors']} errors ({row['timeouts']} timeouts), "
-                     f"{row['rejected']} rejected, taken out of rotation {row['ejections']} times, "
-                     f"in {row['runs']} runs")
-    return "\n".join(lines)
