@@ -9,7 +9,7 @@ from supervisor.states import ProcessStates as S
 
 from olmocr.server.command import build_vllm_command, build_vllm_env
 from olmocr.server.errors import SettingsError
-from olmocr.server.health import HealthPolicy, ProbeResult, apply_probe, process_started
+from olmocr.server.health import HealthPolicy, KillKind, ProbeResult, apply_probe, process_started
 from olmocr.server.rpc import ProcessStatsStore
 from olmocr.server.settings import ServerSettings, read_api_key
 from olmocr.server.supervisor_config import render_supervisord_config
@@ -176,3 +176,27 @@ def test_checked_in_include_file_is_the_rendered_include():
 
     assert (REPO_ROOT / "deploy" / "olmocr-vllm.conf").read_text() == (
         INCLUDE_HEADER + render_program_sections(INCLUDE_LAYOUT))
+
+
+@pytest.mark.parametrize("result, started_ago, kind", [
+    (ProbeResult(False, "completion probe timed out after 18 s (engine hung?)", 18.0,
+                 kind=KillKind.COMPLETION_TIMEOUT), 700, KillKind.COMPLETION_TIMEOUT),
+    (ProbeResult(False, "GET /health returned 503", 0.1, kind=KillKind.HEALTH_ENDPOINT), 700,
+     KillKind.HEALTH_ENDPOINT),
+    (ProbeResult(False, "connection refused", 0.0, refused=True, kind=KillKind.NOT_LISTENING), 700,
+     KillKind.STARTUP_TIMEOUT),  # never answered within the startup timeout
+])
+def test_a_kill_carries_its_kind_as_a_value(result, started_ago, kind):
+    """The metrics label of a kill comes from the decision, not from matching the text of its reason."""
+
+
+    policy = HealthPolicy(failure_threshold=1, startup_timeout=600)
+    decision = apply_probe(process_started(0.0), result, policy, now=float(started_ago))
+    assert decision.kill and decision.kill_kind is kind
+
+
+def test_the_store_counts_kills_by_the_kind_given_and_reads_old_reasons_by_prefix():
+    store = ProcessStatsStore(None)
+    store.record_kill("vllm", "anything at all", "completion_timeout")
+    store.record_kill("vllm", "GET /v1/models returned 500 (3 consecutive failed probes)")  # an older listener
+    assert store.stats("vllm")["kills_by_reason"] == {"completion_timeout": 1, "models_endpoint": 1}

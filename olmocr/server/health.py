@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, replace
 
 from olmocr import envs
@@ -17,6 +18,23 @@ from olmocr import envs
 STARTING = "starting"
 HEALTHY = "healthy"
 UNHEALTHY = "unhealthy"
+
+
+class KillKind(str, enum.Enum):
+    """Why the health check killed a server: the ``reason`` label of ``olmocr_server_health_kills_total``
+    (a short fixed set; free text would make one time series per message). Set where the failure is
+    found (the probe, or :func:`apply_probe` for the startup timeout) and carried as a value."""
+
+    STARTUP_TIMEOUT = "startup_timeout"
+    COMPLETION_TIMEOUT = "completion_timeout"
+    COMPLETION_ERROR = "completion_error"
+    NOT_LISTENING = "not_listening"
+    HEALTH_ENDPOINT = "health_endpoint"
+    MODELS_ENDPOINT = "models_endpoint"
+    OTHER = "other"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -30,6 +48,7 @@ class ProbeResult:
     busy: bool = False  # completion timed out but tokens are being generated
     config_error: bool = False  # restarting cannot fix it (wrong model, API key mismatch)
     generation_tokens: float | None = None
+    kind: KillKind = KillKind.OTHER  # what failed, if it failed
 
 
 @dataclass(frozen=True)
@@ -54,6 +73,7 @@ class Decision:
     state: HealthState
     kill: bool = False
     kill_reason: str = ""
+    kill_kind: KillKind = KillKind.OTHER
     loading: bool = False  # the port is still closed inside the startup grace: waiting, not failing
 
 
@@ -88,12 +108,12 @@ def apply_probe(state: HealthState, result: ProbeResult, policy: HealthPolicy, n
     failing = replace(failing, phase=UNHEALTHY)
     if result.config_error:
         return Decision(failing)
-    return Decision(failing, kill=True,
-                    kill_reason=f"{reason} ({failures} consecutive failed probes)")
+    return Decision(failing, kill=True, kill_reason=f"{reason} ({failures} consecutive failed probes)",
+                    kill_kind=KillKind.STARTUP_TIMEOUT if loading else result.kind)
 
 
-#: Kill reasons by category, for the ``reason`` label of ``olmocr_server_health_kills_total``. The
-#: reasons are written by this module and olmocr.server.probe; the first matching prefix wins.
+#: Categories of kill reasons recorded by a listener from before :class:`KillKind` (it sent the text
+#: only): read by the RPC extension when no kind comes with the reason; the first matching prefix wins.
 KILL_CATEGORIES: tuple[tuple[str, str], ...] = (
     ("server did not start listening within the startup timeout", "startup_timeout"),
     ("completion probe timed out", "completion_timeout"),

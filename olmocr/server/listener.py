@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
+from supervisor import childutils
+
 from olmocr import __version__
 from olmocr.server import health
 from olmocr.server.errors import SettingsError
@@ -233,15 +235,15 @@ class HealthListener:
                          "busy": result.busy, "consecutive_failures": self.state.consecutive_failures},
                         failure=not result.ok, quiet=decision.loading)
             if decision.kill:
-                self.kill(decision.kill_reason)
+                self.kill(decision.kill_reason, decision.kill_kind)
 
-    def kill(self, reason: str) -> None:
+    def kill(self, reason: str, kind: health.KillKind = health.KillKind.OTHER) -> None:
         pid = self.pid or self.rpc.supervisor.getProcessInfo(self.rpc_name)["pid"]
         if not pid:
             return
         log.error("%s is unhealthy: %s; killing process group %s so supervisord restarts it",
                   self.program, reason, pid)
-        self.rpc.olmocr.recordKill(self.program, reason)
+        self.rpc.olmocr.recordKill(self.program, reason, str(kind))
         self.signal_group(pid, signal.SIGTERM)
         self.pending_kill = (pid, self.clock() + self.settings.kill_grace)
 
@@ -294,21 +296,22 @@ def describe_probe(record: dict[str, Any]) -> str:
 
 def run_protocol(stdin: IO[str], stdout: IO[str], handle: Callable[[str, str], None],
                  max_events: int | None = None) -> None:
+    """supervisord's event-listener protocol, spoken with ``supervisor.childutils.listener`` (READY, the
+    RESULT answer). Its ``wait`` is not used: it fails on the empty line supervisord's shutdown leaves
+    (``get_headers('')`` then ``headers['len']``), where this loop ends quietly."""
     handled = 0
     while max_events is None or handled < max_events:
-        stdout.write("READY\n")
-        stdout.flush()
+        childutils.listener.ready(stdout)
         line = stdin.readline()
         if not line:
             return  # supervisord closed our stdin: it is shutting down
-        headers = parse_fields(line)
+        headers = childutils.get_headers(line)
         payload = stdin.read(int(headers.get("len", "0")))
         try:
             handle(headers.get("eventname", ""), payload)
         except Exception:  # survive our own bugs and RPC hiccups; never leave supervisord waiting
             log.exception("error while handling %s", headers.get("eventname"))
-        stdout.write("RESULT 2\nOK")
-        stdout.flush()
+        childutils.listener.ok(stdout)
         handled += 1
 
 

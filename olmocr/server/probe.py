@@ -14,7 +14,7 @@ import time
 import requests
 
 from olmocr.served import parse_models
-from olmocr.server.health import ProbeResult
+from olmocr.server.health import KillKind, ProbeResult
 from olmocr.server.settings import SERVED_MODEL_NAME
 
 _GENERATION_TOKENS = re.compile(r"^vllm:generation_tokens_total(?:\{[^}]*\})?\s+([0-9.eE+-]+)", re.M)
@@ -41,30 +41,32 @@ class ServerProbe:
             health = requests.get(f"{self.base_url}/health", timeout=self.health_timeout)
         except requests.ConnectionError as exc:
             if _is_refused(exc):
-                return result(False, "connection refused (server not listening)", refused=True)
-            return result(False, f"GET /health failed: {_short(exc)}")
+                return result(False, "connection refused (server not listening)", refused=True,
+                              kind=KillKind.NOT_LISTENING)
+            return result(False, f"GET /health failed: {_short(exc)}", kind=KillKind.HEALTH_ENDPOINT)
         except requests.Timeout:
-            return result(False, f"GET /health timed out after {self.health_timeout:g} s")
+            return result(False, f"GET /health timed out after {self.health_timeout:g} s", kind=KillKind.HEALTH_ENDPOINT)
         if health.status_code != 200:
-            return result(False, f"GET /health returned {health.status_code}")
+            return result(False, f"GET /health returned {health.status_code}", kind=KillKind.HEALTH_ENDPOINT)
 
         try:
             models = requests.get(f"{self.base_url}/v1/models", headers=self._headers,
                                   timeout=self.health_timeout)
         except requests.RequestException as exc:
-            return result(False, f"GET /v1/models failed: {_short(exc)}")
+            return result(False, f"GET /v1/models failed: {_short(exc)}", kind=KillKind.MODELS_ENDPOINT)
         if models.status_code == 401:
             return result(False, "GET /v1/models returned 401: the listener's API key does not match "
-                                 "the server's (VLLM_API_KEY / OLMOCR_API_KEY_FILE)", config_error=True)
+                                 "the server's (VLLM_API_KEY / OLMOCR_API_KEY_FILE)", config_error=True,
+                          kind=KillKind.MODELS_ENDPOINT)
         if models.status_code != 200:
-            return result(False, f"GET /v1/models returned {models.status_code}")
+            return result(False, f"GET /v1/models returned {models.status_code}", kind=KillKind.MODELS_ENDPOINT)
         try:
             served = list(parse_models(models.content))
         except ValueError:
-            return result(False, "GET /v1/models did not return a model list")
+            return result(False, "GET /v1/models did not return a model list", kind=KillKind.MODELS_ENDPOINT)
         if self.served_model_name not in served:
             return result(False, f"model {self.served_model_name} not served (server lists {served})",
-                          config_error=True)
+                          config_error=True, kind=KillKind.MODELS_ENDPOINT)
 
         tokens = self._generation_tokens()
         body = {
@@ -85,12 +87,14 @@ class ServerProbe:
                                     f"{tokens_after - tokens:.0f} tokens meanwhile (busy, not hung)",
                               busy=True, generation_tokens=tokens_after)
             return result(False, f"completion probe timed out after {self.completion_timeout:g} s "
-                                 "(engine hung?)", generation_tokens=tokens_after)
+                                 "(engine hung?)", generation_tokens=tokens_after,
+                          kind=KillKind.COMPLETION_TIMEOUT)
         except requests.RequestException as exc:
-            return result(False, f"completion probe failed: {_short(exc)}", generation_tokens=tokens)
+            return result(False, f"completion probe failed: {_short(exc)}", generation_tokens=tokens,
+                          kind=KillKind.COMPLETION_ERROR)
         if answer.status_code != 200:
             return result(False, f"completion probe returned {answer.status_code}",
-                          generation_tokens=tokens)
+                          generation_tokens=tokens, kind=KillKind.COMPLETION_ERROR)
         return result(True, "ok", generation_tokens=tokens)
 
     def _generation_tokens(self) -> float | None:

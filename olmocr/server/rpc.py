@@ -170,13 +170,13 @@ class ProcessStatsStore:
             self._failure(stats, record.get("reason", "probe failed"), record.get("time") or self.clock())
         self._save()
 
-    def record_kill(self, name: str, reason: str) -> None:
+    def record_kill(self, name: str, reason: str, kind: str = "") -> None:
         stats = self.stats(name)
         now = self.clock()
         stats["kills"] += 1
         from olmocr.server.health import kill_category  # here: supervisord need not import it at start
 
-        category = kill_category(reason)
+        category = kind or kill_category(reason)  # an older listener sends the text only
         stats["kills_by_reason"][category] = stats["kills_by_reason"].get(category, 0) + 1
         stats["last_kill_time"] = now
         stats["last_kill_reason"] = reason
@@ -296,10 +296,10 @@ class OlmocrNamespaceRPCInterface:
         self.store.record_probe(name, record)
         return True
 
-    def recordKill(self, name: str, reason: str) -> bool:
-        """Called by the health listener when it kills an unhealthy server."""
+    def recordKill(self, name: str, reason: str, kind: str = "") -> bool:
+        """Called by the health listener when it kills an unhealthy server; ``kind`` is the KillKind."""
         self._check_name(name)
-        self.store.record_kill(name, reason)
+        self.store.record_kill(name, reason, kind)
         return True
 
     def recordGiveUp(self, name: str, reason: str) -> bool:
