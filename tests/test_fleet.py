@@ -38,8 +38,8 @@ from olmocr.pipeline.servers.fleet import (
 from olmocr.pipeline.servers.serverlist import parse_url_list, server_specs
 from olmocr.server.command import build_vllm_command
 from olmocr.server.errors import SettingsError
+from olmocr.server.server_args import add_server_arguments, settings_from_args
 from olmocr.server.settings import ServerSettings
-from olmocr.server.wrapper import add_server_arguments, settings_from_args
 from tests.metrics_helpers import parse_metrics
 from tests.pipeline_helpers import (
     assert_every_page_once,

@@ -41,15 +41,15 @@ from olmocr.server.errors import SettingsError
 from olmocr.server.gpus import ServerSlot, port_range_url
 from olmocr.server.lifetime import die_with_parent
 from olmocr.server.rpcclient import connect
-from olmocr.server.settings import PROGRAM_NAME, ServerSettings, read_api_key
-from olmocr.server.status import fetch_status
-from olmocr.server.supervisor_config import ConfigLayout, render_supervisord_config
-from olmocr.server.wrapper import (
+from olmocr.server.server_args import (
     add_server_arguments,
     resolve_executable,
     settings_from_args,
     vllm_version_or_refuse,
 )
+from olmocr.server.settings import PROGRAM_NAME, ServerSettings, read_api_key
+from olmocr.server.status import fetch_status
+from olmocr.server.supervisor_config import ConfigLayout, render_supervisord_config
 
 log = logging.getLogger("olmocr.manager")
 

@@ -34,8 +34,8 @@ from olmocr.pipeline.stopping import StopRequest
 from olmocr.served import parse_models, serves
 from olmocr.server.command import plan_vllm_flags, refuse_secrets_in_argv
 from olmocr.server.errors import SettingsError
+from olmocr.server.server_args import resolve_executable, vllm_version_or_refuse
 from olmocr.server.settings import SERVED_MODEL_NAME, ServerSettings
-from olmocr.server.wrapper import resolve_executable, vllm_version_or_refuse
 
 logger = logging.getLogger("olmocr.pipeline")
 
