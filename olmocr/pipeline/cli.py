@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import NoReturn
 
 from olmocr import __version__
+from olmocr.envs import SERVED_MODEL_NAME
 from olmocr.logformat import LOG_FORMAT
 from olmocr.pipeline import defaults, stats
 from olmocr.pipeline.errors import FleetConfigError, NoInput, WorkspaceError
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     if pages_per_group is None:
         pages_per_group = defaults.PAGES_PER_GROUP_WITH_KEY if api_key or key_file else defaults.PAGES_PER_GROUP
     check_upstream_flags(parser, args)
-    if args.model and args.model != "olmocr" and args.server:
+    if args.model and args.model != SERVED_MODEL_NAME and args.server:
         logger.info("--model %s is ignored: requests use the served model name 'olmocr'", args.model)
 
     metrics_token = None
