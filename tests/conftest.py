@@ -98,3 +98,20 @@ def _close_cached_render_docs() -> Iterator[None]:
     if render is not None:
         while render._docs:
             render._docs.popitem()[1].close()
+
+
+@pytest.fixture
+def manager_run():
+    """Start ``python -m olmocr.vllm_server_manager`` runs (``manager_run(*args, control=...)``); all killed after."""
+    from tests.manager_helpers import ManagerRun
+
+    runs: list[ManagerRun] = []
+
+    def make(*args: str, **kwargs) -> ManagerRun:
+        run = ManagerRun(*args, **kwargs)
+        runs.append(run)
+        return run
+
+    yield make
+    for run in runs:
+        run.kill()

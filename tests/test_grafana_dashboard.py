@@ -10,17 +10,10 @@ import re
 import pytest
 import requests
 import yaml
-from prometheus_client import generate_latest
 
-from olmocr.pipeline.metrics import PipelineMetrics
-from olmocr.pipeline.progress import Progress
-from olmocr.pipeline.servers.balance import Server
-from olmocr.pipeline.servers.client import ServerClient
-from olmocr.pipeline.workspace.totals import PageTotals
-from olmocr.server.status_service import ServiceSettings, Snapshot, StatusService
 from tests.deployment_helpers import wait_for
 from tests.grafana_queries import DASHBOARD, GRAFANA, panels, queries, substitute
-from tests.metrics_helpers import parse_metrics
+from tests.metrics_helpers import exported_names as shared_exported_names
 from tests.pipeline_helpers import start_pipeline
 from tests.prometheus_helpers import Prometheus
 from tests.sample_docs import samples
@@ -34,20 +27,8 @@ VLLM_PLAYED = {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:g
 
 
 def exported_names() -> set[str]:
-    stats = {"restarts": 1, "starts": 2, "kills_by_reason": {"completion_timeout": 1}, "last_healthy_time": 1.0,
-             "health": {"time": 1.0, "latency_ms": 5.0, "consecutive_failures": 0}}
-    snapshot = Snapshot({"healthy": True, "state": "RUNNING", "health_phase": "healthy", "uptime_seconds": 1},
-                        info={"statename": "RUNNING"}, stats=stats, settings={"model": "m"})
-    service = StatusService(ServiceSettings(), read=lambda: snapshot)
-    service.update(snapshot)
-    progress = Progress()
-    progress.workspace = PageTotals(total=10, done=5, items=2, items_done=1, rate=1.0)
-    pipeline = PipelineMetrics(progress, lambda: [Server(ServerClient("http://s:1"), state="up")])
-    pipeline.queue_counts = {"pending": 1, "leased": 0, "done": 0}
-    names = {"up"}
-    for registry in (service.registry, pipeline.registry):
-        names |= {key.split("{")[0] for key in parse_metrics(generate_latest(registry).decode())}
-    return names
+    """What the panels may query: this project's series, and Prometheus' own ``up``."""
+    return shared_exported_names() | {"up"}
 
 
 def test_dashboard_is_provisioning_ready_and_uses_only_exported_metrics():

@@ -12,36 +12,13 @@ import subprocess
 import pytest
 import requests
 import yaml
-from prometheus_client import generate_latest
 
-from olmocr.pipeline.metrics import PipelineMetrics
-from olmocr.pipeline.progress import Progress
-from olmocr.pipeline.servers.balance import Server
-from olmocr.pipeline.servers.client import ServerClient
-from olmocr.server.status_service import ServiceSettings, Snapshot, StatusService
 from tests.deployment_helpers import Deployment, wait_for
-from tests.metrics_helpers import parse_metrics
+from tests.metrics_helpers import exported_names
 from tests.standin_helpers import REPO_ROOT, free_port
 from tests.tiers import require_tool
 
 PROM_DIR = REPO_ROOT / "deploy" / "prometheus"
-
-
-def exported_names() -> set[str]:
-    """Sample names the status service and the pipeline export, with every optional series present."""
-    stats = {"restarts": 1, "starts": 2, "kills_by_reason": {"completion_timeout": 1}, "last_healthy_time": 1.0,
-             "health": {"time": 1.0, "latency_ms": 5.0, "consecutive_failures": 0}}
-    snapshot = Snapshot({"healthy": True, "state": "RUNNING", "health_phase": "healthy", "uptime_seconds": 1},
-                        info={"statename": "RUNNING"}, stats=stats, settings={"model": "m"})
-    service = StatusService(ServiceSettings(), read=lambda: snapshot)
-    service.update(snapshot)
-    server = Server(ServerClient("http://s:1"), state="up")
-    pipeline = PipelineMetrics(Progress(), lambda: [server])
-    pipeline.queue_counts = {"pending": 1, "leased": 0, "done": 0}
-    names = set()
-    for registry in (service.registry, pipeline.registry):
-        names |= {key.split("{")[0] for key in parse_metrics(generate_latest(registry).decode())}
-    return names
 
 
 def test_rules_are_well_formed_and_use_only_exported_metrics():

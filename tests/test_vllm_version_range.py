@@ -20,7 +20,6 @@ from tests.deployment_helpers import wait_for
 from tests.pipeline_helpers import assert_every_page_once
 from tests.standin_helpers import STANDIN_SHIM, chat_payload, clean_env, free_port, make_png
 from tests.test_internal_mode import InternalRun, _docs
-from tests.test_manager import ManagerRun
 
 pytestmark = pytest.mark.integration
 
@@ -74,20 +73,6 @@ def test_deployment_starts_clean_and_stops_as_the_release_can(deployments, versi
     else:
         assert "status" not in result, result  # vLLM 0.11.2 aborts it
     assert dep.status()["restart_count"] == 0
-
-
-@pytest.fixture
-def manager_run():
-    runs: list[ManagerRun] = []
-
-    def make(*args: str, **kwargs) -> ManagerRun:
-        run = ManagerRun(*args, **kwargs)
-        runs.append(run)
-        return run
-
-    yield make
-    for run in runs:
-        run.kill()
 
 
 @pytest.mark.parametrize("version", [OLDEST, NEWEST, "0.34.0"])
