@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import subprocess
 import time
+from dataclasses import dataclass
 
 from bench.common import Corpus, Figure, log
 
@@ -87,23 +88,39 @@ def _pool_init(which: str) -> None:
     _worker_fn = _ours_impl() if which == "ours" else pdftoppm_render
 
 
-def _pool_job(job: tuple[str, int]) -> int:
+def _pool_job(job: tuple[str, int]) -> tuple[int, float]:
+    """(bytes of the page's base64 image, 0 for a failed page; CPU seconds this job took in this worker)."""
     assert _worker_fn is not None
+    c0 = time.process_time()
     try:
-        return len(_worker_fn(job[0], job[1]))
+        size = len(_worker_fn(job[0], job[1]))
     except Exception:  # noqa: BLE001 - count a failed page as 0 bytes
-        return 0
+        size = 0
+    return size, time.process_time() - c0
+
+
+@dataclass(frozen=True)
+class PoolRun:
+    pages_per_s: float  # wall time, warm workers, results sent back as sizes only
+    failures: int
+    cpu_per_page: float  # CPU seconds of the jobs themselves (workers' process time), per page
 
 
 def _pool_rate(which: str, jobs: list[tuple[str, int]], procs: int) -> tuple[float, int]:
+    run = _pool_run(which, jobs, procs)
+    return run.pages_per_s, run.failures
+
+
+def _pool_run(which: str, jobs: list[tuple[str, int]], procs: int) -> PoolRun:
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(procs, initializer=_pool_init, initargs=(which,)) as pool:
         # Warm the workers (imports) before timing.
         list(pool.imap_unordered(_pool_job, jobs[:procs], chunksize=1))
         t0 = time.perf_counter()
-        sizes = list(pool.imap_unordered(_pool_job, jobs, chunksize=1))
+        results = list(pool.imap_unordered(_pool_job, jobs, chunksize=1))
         dt = time.perf_counter() - t0
-    return len(jobs) / dt, sum(1 for s in sizes if s == 0)
+    return PoolRun(len(jobs) / dt, sum(1 for size, _ in results if size == 0),
+                   sum(cpu for _, cpu in results) / max(1, len(jobs)))
 
 
 # --------------------------------------------------------------------------- the section
@@ -179,17 +196,118 @@ def run(corpus: Corpus, quick: bool = False) -> tuple[list[Figure], dict]:
     return figs, detail
 
 
-def client_limit(corpus: Corpus, quick: bool = False) -> float:
-    """Our render + PNG + base64 in two processes over the corpus (pages/s): what an end-to-end run
-    against an instant server is compared with."""
+def client_limit(corpus: Corpus, quick: bool = False) -> PoolRun:
+    """Our render + PNG + base64 in two warm processes over the corpus, in corpus order, results not sent
+    back: the steady-state render limit (pages/s, and the jobs' CPU per page on both cores at once)."""
     jobs = [(str(p), i + 1) for p, i in corpus.page_list()]
     if quick:
         jobs = jobs[::3]
-    rate, _ = _pool_rate("ours", jobs, min(2, os.cpu_count() or 2))
-    return rate
+    return _pool_run("ours", jobs, min(2, os.cpu_count() or 2))
+
+
+@dataclass(frozen=True)
+class ColdLimit:
+    pages: int
+    failures: int
+    wall_s: float  # the whole command: interpreter, imports, page counts, pool start, every page
+    cpu_s: float  # the command and its pool workers (wait4), start-up included
+    job_cpu_s: float  # of that, the jobs themselves (render, PNG, base64; the request too with a server)
+
+    @property
+    def pages_per_s(self) -> float:
+        return self.pages / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def cpu_per_page(self) -> float:
+        return self.cpu_s / max(1, self.pages)
+
+
+def render_limit_command(corpus: Corpus, url: str | None = None, timeout: float = 600) -> ColdLimit:
+    """The render limit as a whole command, like a pipeline run: ``python -m bench.render limit PDF...`` counts
+    the pages, starts two render processes and renders every page (render + PNG + base64, our job) in corpus
+    order, sending back only sizes. With ``url`` each render process also POSTs every page it renders to that
+    server (the pipeline's request) and reads the answer: the least a client could do against that server,
+    which shares the cores. A pipeline run (also a whole command) is compared with it."""
+    import json
+    import sys
+
+    from bench.common import REPO, our_env, wait_with_rusage
+
+    argv = [sys.executable, "-m", "bench.render", "limit", *(["--url", url] if url else []), *map(str, corpus.pdfs)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=REPO, env=our_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    out = proc.stdout.read()  # one line at the end: reading it waits for the command's work
+    rc, cpu = wait_with_rusage(proc, timeout)
+    wall = time.perf_counter() - t0
+    if rc != 0 or cpu is None:
+        raise RuntimeError(f"render limit command failed (rc {rc})")
+    got = json.loads(out)
+    return ColdLimit(got["pages"], got["failures"], wall, cpu, got["job_cpu_s"])
+
+
+_sender: tuple | None = None
+
+
+def _pool_init_send(url: str) -> None:
+    """A render process that also sends each page to the server itself (the least a client can do)."""
+    global _sender
+    import http.client
+    import urllib.parse
+
+    from olmocr.pipeline.pages.page import request_template
+
+    _pool_init("ours")
+    before, after = request_template(0.1, False)
+    parts = urllib.parse.urlsplit(url)
+    _sender = (http.client.HTTPConnection(parts.hostname, parts.port, timeout=120), before, after)
+
+
+def _pool_job_send(job: tuple[str, int]) -> tuple[int, float]:
+    """Render the page, POST it with the pipeline's request to /v1/chat/completions, read the answer."""
+    assert _worker_fn is not None and _sender is not None
+    c0 = time.process_time()
+    conn, before, after = _sender
+    try:
+        image = _worker_fn(job[0], job[1])
+        conn.request("POST", "/v1/chat/completions", b"".join((before, image, after)),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        size = len(image) if resp.status == 200 else 0
+    except Exception:  # noqa: BLE001 - count a failed page as 0 bytes
+        size = 0
+    return size, time.process_time() - c0
+
+
+def _limit_main(argv: list[str]) -> None:
+    import json
+
+    import pypdfium2
+
+    url = None
+    if argv[:1] == ["--url"]:
+        url, argv = argv[1], argv[2:]
+    jobs = []
+    for path in argv:
+        doc = pypdfium2.PdfDocument(path)
+        jobs += [(path, i + 1) for i in range(len(doc))]
+        doc.close()
+    ctx = multiprocessing.get_context("spawn")
+    init, initargs, job = (_pool_init_send, (url,), _pool_job_send) if url else (_pool_init, ("ours",), _pool_job)
+    with ctx.Pool(min(2, os.cpu_count() or 2), initializer=init, initargs=initargs) as pool:
+        results = list(pool.imap_unordered(job, jobs, chunksize=1))
+    print(json.dumps({"pages": len(jobs), "failures": sum(1 for size, _ in results if size == 0),
+                      "job_cpu_s": sum(cpu for _, cpu in results)}))
 
 
 if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    if sys.argv[1:2] == ["limit"]:
+        _limit_main(sys.argv[2:])
+        raise SystemExit(0)
     from bench.common import load_corpus
 
     figs, det = run(load_corpus(quick=True), quick=True)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import random
 import struct
 from dataclasses import dataclass
+
+import pybase64
 
 _WORDS = (
     "the of and to in a is that for it as was with be by on not he this are or his from at which but "
@@ -61,7 +62,8 @@ def decode_data_url(url: str) -> bytes | None:
     if not header.endswith(";base64"):
         return None
     try:
-        return base64.b64decode(payload, validate=False)
+        # As vLLM decodes a data URL (vllm/multimodal/media/image.py): pybase64, validated.
+        return pybase64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         return None
 
