@@ -23,7 +23,7 @@ Figures:
 The pipeline run and the render job alone alternate for ``OLMOCR_BENCH_ROUNDS`` rounds (default 3); the
 figures are those of the median round (by efficiency), and every round is kept in the raw results.
 
-``OLMOCR_BENCH_PYSPY=1`` also records a py-spy profile of the main process (``bench/out/logs/cpu-main.txt``,
+``OLMOCR_BENCH_PYSPY=1`` also records a py-spy profile of the main process (``bench/out/logs/cpu-instant-r1-main.txt``,
 py-spy's raw collapsed stacks; ``python -m bench.cpu top FILE`` prints the hottest functions).
 """
 
