@@ -99,19 +99,7 @@ def _pool_job(job: tuple[str, int]) -> tuple[int, float]:
     return size, time.process_time() - c0
 
 
-@dataclass(frozen=True)
-class PoolRun:
-    pages_per_s: float  # wall time, warm workers, results sent back as sizes only
-    failures: int
-    cpu_per_page: float  # CPU seconds of the jobs themselves (workers' process time), per page
-
-
 def _pool_rate(which: str, jobs: list[tuple[str, int]], procs: int) -> tuple[float, int]:
-    run = _pool_run(which, jobs, procs)
-    return run.pages_per_s, run.failures
-
-
-def _pool_run(which: str, jobs: list[tuple[str, int]], procs: int) -> PoolRun:
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(procs, initializer=_pool_init, initargs=(which,)) as pool:
         # Warm the workers (imports) before timing.
@@ -119,8 +107,7 @@ def _pool_run(which: str, jobs: list[tuple[str, int]], procs: int) -> PoolRun:
         t0 = time.perf_counter()
         results = list(pool.imap_unordered(_pool_job, jobs, chunksize=1))
         dt = time.perf_counter() - t0
-    return PoolRun(len(jobs) / dt, sum(1 for size, _ in results if size == 0),
-                   sum(cpu for _, cpu in results) / max(1, len(jobs)))
+    return len(jobs) / dt, sum(1 for size, _ in results if size == 0)
 
 
 # --------------------------------------------------------------------------- the section
@@ -194,15 +181,6 @@ def run(corpus: Corpus, quick: bool = False) -> tuple[list[Figure], dict]:
                           "ours_failed_pages": ours2_fail, "pdftoppm_failed_pages": ppm2_fail},
     }
     return figs, detail
-
-
-def client_limit(corpus: Corpus, quick: bool = False) -> PoolRun:
-    """Our render + PNG + base64 in two warm processes over the corpus, in corpus order, results not sent
-    back: the steady-state render limit (pages/s, and the jobs' CPU per page on both cores at once)."""
-    jobs = [(str(p), i + 1) for p, i in corpus.page_list()]
-    if quick:
-        jobs = jobs[::3]
-    return _pool_run("ours", jobs, min(2, os.cpu_count() or 2))
 
 
 @dataclass(frozen=True)
