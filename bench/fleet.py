@@ -55,6 +55,18 @@ WIDE_IMAGE_DIM = "256"
 PRIORITY_SERVER = (2.0, 16)
 
 
+def _run_parts(section: str, parts: tuple, pdfs: dict[Path, int], log_dir: Path, tmp: Path,
+               figs: list[Figure], detail: dict) -> None:
+    """Run each ``(name, fn)`` part over ``pdfs``, adding its figures to ``figs`` and its details under its name."""
+    for name, fn in parts:
+        log(f"{section} [{name}]")
+        f, d = fn(pdfs, log_dir, tmp)
+        figs += f
+        detail[name] = d
+        for fig in f:
+            log(f"  {fig.name}: {fig.value} {fig.unit} (ratio {fig.ratio}) {fig.context}")
+
+
 def _replicate(corpus: Corpus, copies: int, into: Path) -> dict[Path, int]:
     """``copies`` of every corpus PDF under distinct names (hard links where possible): {path: pages}."""
     out: dict[Path, int] = {}
@@ -336,13 +348,7 @@ def run(corpus: Corpus, quick: bool = False) -> tuple[list[Figure], dict]:
         pdfs = _replicate(corpus, copies, tmp / "in")
         detail["pages"] = sum(pdfs.values())
         log(f"fleet: {len(pdfs)} PDFs, {detail['pages']} pages ({copies} copies of the corpus)")
-        for name, fn in (("capacity", run_capacity), ("outage", run_outage)):
-            log(f"fleet [{name}]")
-            f, d = fn(pdfs, log_dir, tmp)
-            figs += f
-            detail[name] = d
-            for fig in f:
-                log(f"  {fig.name}: {fig.value} {fig.unit} (ratio {fig.ratio}) {fig.context}")
+        _run_parts("fleet", (("capacity", run_capacity), ("outage", run_outage)), pdfs, log_dir, tmp, figs, detail)
         # Priority: the urgent set is ~25 s of the server's capacity; the bulk set is everything else.
         ordered = sorted(pdfs, key=lambda p: (p.parent.name, p.name))
         solo: dict[Path, int] = {}

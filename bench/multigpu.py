@@ -45,7 +45,7 @@ from bench.common import (
     our_pipeline_argv,
     wait_until,
 )
-from bench.fleet import IMAGE_DIM, _integrity, _replicate
+from bench.fleet import IMAGE_DIM, _integrity, _replicate, _run_parts
 
 SERVERS = 4
 LATENCY = 2.0
@@ -63,33 +63,13 @@ HEALTH_ENV = {"OLMOCR_HEALTH_INTERVAL": "2", "OLMOCR_HEALTH_COMPLETION_TIMEOUT":
               "OLMOCR_HEALTH_KILL_GRACE": "3", "OLMOCR_RESTART_DELAY": "0.5"}
 
 
-def _free_run(count: int) -> int:
-    import socket
-
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        socks = []
-        try:
-            for port in range(base, base + count + 1):  # + the status service
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError("no free port run")
-
-
 class Box:
     """The manager with four stand-in GPUs."""
 
     def __init__(self, log_dir: Path, tmp: Path, tag: str) -> None:
-        self.port = _free_run(SERVERS)
+        from tests.standin_helpers import free_port_run
+
+        self.port = free_port_run(SERVERS + 1)  # + the status service
         self.status_port = self.port + SERVERS
         env = dict(os.environ)
         env.update(HEALTH_ENV)
@@ -264,13 +244,7 @@ def run(corpus: Corpus, quick: bool = False) -> tuple[list[Figure], dict]:
         pdfs = _replicate(corpus, copies, tmp / "in")
         detail["pages"] = sum(pdfs.values())
         log(f"multigpu: {len(pdfs)} PDFs, {detail['pages']} pages")
-        for name, fn in (("capacity", run_capacity), ("hung", run_hung)):
-            log(f"multigpu [{name}]")
-            f, d = fn(pdfs, log_dir, tmp)
-            figs += f
-            detail[name] = d
-            for fig in f:
-                log(f"  {fig.name}: {fig.value} {fig.unit} (ratio {fig.ratio}) {fig.context}")
+        _run_parts("multigpu", (("capacity", run_capacity), ("hung", run_hung)), pdfs, log_dir, tmp, figs, detail)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return figs, detail

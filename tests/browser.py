@@ -14,7 +14,6 @@ import itertools
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+from tests.standin_helpers import stop_process_group
 
 #: Flags known to work here (no sandbox as root, no background connections: the network is closed).
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -149,15 +150,6 @@ class Browser:
         if self.session is not None:
             self.loop.run_until_complete(self.session.close())
         self.loop.close()
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-        try:  # its helpers (zygote, renderers) are in its process group and go with it
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        # Its helpers (zygote, renderers) are in its process group and go with it.
+        stop_process_group(self.process, timeout=10)
         shutil.rmtree(self.tmp_dir, ignore_errors=True)

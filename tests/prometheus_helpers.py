@@ -3,8 +3,6 @@ configuration and data directory under the test's tmp dir, stopped by its proces
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,7 +10,7 @@ from typing import Any
 import requests
 
 from tests.deployment_helpers import wait_for
-from tests.standin_helpers import free_port
+from tests.standin_helpers import free_port, stop_process_group
 
 
 class Prometheus:
@@ -44,10 +42,4 @@ class Prometheus:
         return {t["labels"]["job"]: t["health"] for t in active}
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
+        stop_process_group(self.process, timeout=20)
