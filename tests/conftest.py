@@ -2,7 +2,7 @@
 
 The sample documents every test reads are built here, never read from outside the repo. Fixtures:
 ``deployments`` (supervised stand-in deployments), ``standin`` (one stand-in vLLM server), ``s3_server``
-(moto in server mode), and the autouse clean-up of pypdfium2 documents left by in-process render jobs.
+(moto in server mode), ``workspace`` (each test twice: a local workspace path and an ``s3://`` one), and the autouse clean-up of pypdfium2 documents left by in-process render jobs.
 Helpers are imported inside the fixtures: ``tests.pipeline_helpers`` builds the sample documents when it is
 imported, which must wait for :func:`pytest_configure`. Tests that run pipelines use
 ``tests.pipeline_helpers.running_pipeline``."""
@@ -64,6 +64,15 @@ def standin(tmp_path: Path) -> Iterator[StandIn]:
         yield s
     finally:
         s.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def workspace(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A workspace that does not exist yet: a local directory, then a prefix in a fresh moto bucket."""
+    if request.param == "local":
+        return str(tmp_path / "ws")
+    server: S3Server = request.getfixturevalue("s3_server")
+    return server.url("ws")
 
 
 @pytest.fixture

@@ -82,7 +82,3 @@ def start_s3_server() -> tuple[str, Callable[[], None]]:
         thread.join(timeout=10)
 
     return f"http://{host}:{port}", stop
-
-
-# The fixture lives in tests/conftest.py; the name stays importable for test modules that import it.
-from tests.conftest import s3_server  # noqa: E402, F401

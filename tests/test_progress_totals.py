@@ -24,18 +24,8 @@ from olmocr.pipeline.workspace.queue import WorkQueue, load_index
 from olmocr.pipeline.workspace.storage import open_storage
 from olmocr.pipeline.workspace.totals import PageTotals, compute_totals, format_duration, load_pages
 from tests.pipeline_helpers import launch_standin, pipeline_command, run_pipeline
-from tests.s3_helpers import S3Server, s3_server  # noqa: F401
 from tests.sample_docs import samples
 from tests.standin_helpers import REPO_ROOT, clean_env, stop_process_group
-
-
-@pytest.fixture(params=["local", "s3"])
-def workspace(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "local":
-        return str(tmp_path / "ws")
-    server: S3Server = request.getfixturevalue("s3_server")
-    return server.url("ws")
-
 
 # ------------------------------------------------------------------------------------- pure decisions
 

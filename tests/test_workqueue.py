@@ -20,19 +20,10 @@ from olmocr.pipeline.workspace.queue import (
     workspace_stats,
 )
 from olmocr.pipeline.workspace.storage import LocalStorage, Storage, open_storage
-from tests.s3_helpers import S3Server
 
 
 def one_page(path: str) -> int:
     return 1
-
-
-@pytest.fixture(params=["local", "s3"])
-def workspace(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "local":
-        return str(tmp_path / "ws")
-    server: S3Server = request.getfixturevalue("s3_server")
-    return server.url("ws")
 
 
 class Clock:
