@@ -657,3 +657,16 @@ def process_cpu_seconds(pid: int) -> float | None:
     except psutil.Error:
         return None
     return t.user + t.system
+
+
+def rounds_wanted(quick: bool) -> int:
+    """``OLMOCR_BENCH_ROUNDS`` (default 3, 1 with ``--quick``): the client-bound rounds of the cpu and throughput
+    sections, each a limit and our pipeline back to back; their figure is the median round."""
+    raw = os.environ.get("OLMOCR_BENCH_ROUNDS")
+    return max(1, int(raw)) if raw else (1 if quick else 3)
+
+
+def median_round(rounds: list[dict], key: str) -> dict:
+    """The round whose ``key`` is the median (the lower middle one for an even count)."""
+    ordered = sorted(rounds, key=lambda r: r[key])
+    return ordered[(len(ordered) - 1) // 2]

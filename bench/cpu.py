@@ -45,9 +45,11 @@ from bench.common import (
     count_output,
     log,
     make_tmpdir,
+    median_round,
     our_env,
     our_pipeline_argv,
     process_cpu_seconds,
+    rounds_wanted,
     wait_with_rusage,
 )
 
@@ -100,7 +102,6 @@ def measure(corpus: Corpus, url: str, log_dir: Path, tag: str, extra: tuple[str,
 
 def run(corpus: Corpus, quick: bool = False) -> tuple[list[Figure], dict]:
     from bench import render as render_bench
-    from bench.throughput import median_round, rounds_wanted
 
     log_dir = OUT_DIR / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -124,6 +125,7 @@ def run(corpus: Corpus, quick: bool = False) -> tuple[list[Figure], dict]:
                            "standin_cpu_ms_per_page": round(1000 * standin_cpu / pages, 3),
                            "other_cpu_ms_per_page": round(1000 * other, 3),
                            "render_alone_cpu_ms_per_page": round(1000 * alone, 3),
+                           "render_alone_job_cpu_ms_per_page": round(1000 * limit.job_cpu_s / max(1, limit.pages), 3),
                            # Every process of the pipeline (multiprocessing's resource tracker too, as in the
                            # limit's figure).
                            "efficiency": alone / (main + rend + other) if main + rend + other > 0 else 0.0})

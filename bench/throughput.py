@@ -37,8 +37,10 @@ from bench.common import (
     count_output,
     log,
     make_tmpdir,
+    median_round,
     our_env,
     our_pipeline_argv,
+    rounds_wanted,
     upstream_available,
     upstream_env,
     upstream_pipeline_argv,
@@ -112,21 +114,6 @@ def _integrity(r: dict, corpus: Corpus) -> str:
             f"fallback {o['fallback_pages']}")
 
 
-def rounds_wanted(quick: bool) -> int:
-    """``OLMOCR_BENCH_ROUNDS`` (default 3, 1 with ``--quick``): client-bound rounds, each the render limit
-    then our pipeline, back to back; the figure is the median round."""
-    import os
-
-    raw = os.environ.get("OLMOCR_BENCH_ROUNDS")
-    return max(1, int(raw)) if raw else (1 if quick else 3)
-
-
-def median_round(rounds: list[dict], key: str) -> dict:
-    """The round whose ``key`` is the median (the lower middle one for an even count)."""
-    ordered = sorted(rounds, key=lambda r: r[key])
-    return ordered[(len(ordered) - 1) // 2]
-
-
 def run(corpus: Corpus, quick: bool = False, with_upstream: bool = True) -> tuple[list[Figure], dict]:
     import os
 
@@ -160,7 +147,8 @@ def run(corpus: Corpus, quick: bool = False, with_upstream: bool = True) -> tupl
                     ours = run_pipeline("ours", standin.base_url, corpus, log_dir, budget, f"{tag}-r{i + 1}")
                     rounds.append({"round": i + 1, "limit_pages_per_s": limit.pages_per_s,
                                    "limit_wall_s": limit.wall_s, "limit_failures": limit.failures,
-                                   "limit_cpu_ms_per_page": 1000 * limit.cpu_per_page, "ours": ours,
+                                   "limit_cpu_ms_per_page": 1000 * limit.cpu_per_page,
+                                   "limit_job_cpu_ms_per_page": 1000 * limit.job_cpu_s / max(1, limit.pages), "ours": ours,
                                    "ratio": ours["pages_per_s"] / limit.pages_per_s})
                     log(f"  round {i + 1}: render limit {limit.pages_per_s:.1f} pages/s, ours "
                         f"{ours['pages_per_s']:.2f} pages/s ({rounds[-1]['ratio']:.3f}), {_integrity(ours, corpus)}")
