@@ -8,11 +8,8 @@ from pathlib import Path
 import pytest
 
 from olmocr.pipeline.workspace.inputs import count_pages, expand_inputs, read_input, sniff_kind
-from tests import s3_helpers
 from tests.s3_helpers import S3Server
 from tests.sample_docs import samples
-
-s3_server = s3_helpers.s3_server  # the loopback S3 fixture
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 32
 JPEG = b"\xff\xd8\xff\xe0" + b"\0" * 32
