@@ -16,7 +16,7 @@ from tests.grafana_queries import DASHBOARD, GRAFANA, panels, queries, substitut
 from tests.metrics_helpers import exported_names as shared_exported_names
 from tests.pipeline_helpers import start_pipeline
 from tests.prometheus_helpers import Prometheus
-from tests.sample_docs import samples
+from tests.sample_docs import write_text_pdf
 from tests.standin_helpers import free_port, stop_process_group
 from tests.tiers import require_tool
 
@@ -66,11 +66,15 @@ def test_dashboard_is_provisioning_ready_and_uses_only_exported_metrics():
 @pytest.mark.integration
 def test_every_panel_query_runs_on_a_real_prometheus_scraping_a_deployment_and_a_pipeline(deployments, tmp_path):
     binary = require_tool("prometheus", "prometheus")
-    # A slow stand-in (1 s a page, one at a time) keeps the pipeline running while Prometheus scrapes it.
+    # A slow stand-in (1 s a page, one at a time) and far more pages (120, ~2 minutes) than the test needs keep the
+    # pipeline running while Prometheus scrapes it; the test stops it. (With the 23 pages of the resilience samples
+    # it once finished during the health kill and restart, under load, before the ETA was scraped.)
     dep = deployments(control={"latency": 1.0}, env={"OLMOCR_HEALTH_COMPLETION_TIMEOUT": "5"})
     dep.wait_status(lambda s: s["healthy"], 30, "healthy")
     metrics_port = free_port()
-    pipeline = start_pipeline(tmp_path / "ws", dep.base_url, samples().resilience, "--metrics_port", str(metrics_port),
+    (tmp_path / "docs").mkdir()
+    docs = [write_text_pdf(tmp_path / "docs" / f"report{i:02d}.pdf", 3) for i in range(40)]
+    pipeline = start_pipeline(tmp_path / "ws", dep.base_url, docs, "--metrics_port", str(metrics_port),
                               "--progress_interval", "1", "--max_concurrent_requests", "1", "--pages_per_group", "3",
                               log=tmp_path / "pipeline.log")
     config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "scrape_configs": [
@@ -90,7 +94,7 @@ def test_every_panel_query_runs_on_a_real_prometheus_scraping_a_deployment_and_a
                  "healthy again after the restart")
         # The workspace rate (hence the ETA) needs items done within its window after the restart: slow under load.
         wait_for(lambda: prom.result("olmocr_pipeline_workspace_eta_seconds"), 90, "an ETA")
-        assert pipeline.poll() is None, "the pipeline ended before the queries ran: slow the stand-in down"
+        assert pipeline.poll() is None, "the pipeline ended before the queries ran: give it more pages"
 
         server = prom.result("olmocr_pipeline_requests_completed_total")[0]["metric"]["server"]
         assert server == dep.base_url
