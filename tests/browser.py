@@ -58,7 +58,8 @@ class Browser:
         self.session: aiohttp.ClientSession | None = None
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         try:
-            port = self._devtools_port(profile_dir / "DevToolsActivePort", timeout=30)
+            # 60 s: once, with the suite's other processes on both cores, 30 s was not enough (its log was not kept).
+            port = self._devtools_port(profile_dir / "DevToolsActivePort", timeout=60)
             self.loop.run_until_complete(self._attach(port))
             self.call("Page.enable")
             self.call("Runtime.enable")
@@ -76,7 +77,8 @@ class Browser:
             if path.exists() and path.read_text().strip():
                 return int(path.read_text().split()[0])
             time.sleep(0.05)
-        raise RuntimeError(f"chromium did not open its DevTools port within {timeout} s")
+        raise RuntimeError(f"chromium did not open its DevTools port within {timeout} s; its log: "
+                           f"{self.log_path.read_text(errors='replace')[-2000:]}")
 
     async def _attach(self, port: int) -> None:
         self.session = aiohttp.ClientSession()
