@@ -60,3 +60,14 @@ def test_png_writer_round_trips_any_rgb_image() -> None:
     assert (back.mode, back.size, back.tobytes()) == ("RGB", (37, 23), img.tobytes())
     with pytest.raises(ValueError):
         png_rgb(37, 22, img.tobytes())
+
+
+def test_png_writer_skips_the_padding_of_padded_rows() -> None:
+    img = Image.effect_noise((37, 23), 80).convert("RGB")
+    data = img.tobytes()
+    padded = b"".join(data[i : i + 111] + b"\xff" for i in range(0, len(data), 111))  # 112-byte rows, as pdfium's
+    back = Image.open(io.BytesIO(png_rgb(37, 23, padded, stride=112)))
+    back.load()
+    assert back.tobytes() == data
+    with pytest.raises(ValueError):
+        png_rgb(37, 24, padded, stride=112)
