@@ -607,7 +607,10 @@ class CpuMeter:
         for p in procs:
             with contextlib.suppress(psutil.Error):
                 t = p.cpu_times()
-                label = self.last[p.pid][0] if p.pid in self.last else _proc_label(p, self.pid)
+                # "other" is looked at again: a spawned worker has its parent's command line until it execs,
+                # and a first sample in between once filed a renderer under "other" for the whole run.
+                known = self.last.get(p.pid, ("other", 0.0))[0]
+                label = known if known != "other" else _proc_label(p, self.pid)
                 self.last[p.pid] = (label, t.user + t.system)
 
     def _run(self) -> None:
