@@ -125,7 +125,7 @@ def run(corpus: Corpus, quick: bool = False) -> tuple[list[Figure], dict]:
                            "standin_cpu_ms_per_page": round(1000 * standin_cpu / pages, 3),
                            "other_cpu_ms_per_page": round(1000 * other, 3),
                            "render_alone_cpu_ms_per_page": round(1000 * alone, 3),
-                           "render_alone_job_cpu_ms_per_page": round(1000 * limit.job_cpu_s / max(1, limit.pages), 3),
+                           "render_alone_job_cpu_ms_per_page": round(1000 * limit.job_cpu_per_page, 3),
                            # Every process of the pipeline (multiprocessing's resource tracker too, as in the
                            # limit's figure).
                            "efficiency": alone / (main + rend + other) if main + rend + other > 0 else 0.0})

@@ -199,6 +199,10 @@ class ColdLimit:
     def cpu_per_page(self) -> float:
         return self.cpu_s / max(1, self.pages)
 
+    @property
+    def job_cpu_per_page(self) -> float:
+        return self.job_cpu_s / max(1, self.pages)
+
 
 def render_limit_command(corpus: Corpus, url: str | None = None, timeout: float = 600) -> ColdLimit:
     """The render limit as a whole command, like a pipeline run: ``python -m bench.render limit PDF...`` counts

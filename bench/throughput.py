@@ -148,7 +148,7 @@ def run(corpus: Corpus, quick: bool = False, with_upstream: bool = True) -> tupl
                     rounds.append({"round": i + 1, "limit_pages_per_s": limit.pages_per_s,
                                    "limit_wall_s": limit.wall_s, "limit_failures": limit.failures,
                                    "limit_cpu_ms_per_page": 1000 * limit.cpu_per_page,
-                                   "limit_job_cpu_ms_per_page": 1000 * limit.job_cpu_s / max(1, limit.pages), "ours": ours,
+                                   "limit_job_cpu_ms_per_page": 1000 * limit.job_cpu_per_page, "ours": ours,
                                    "ratio": ours["pages_per_s"] / limit.pages_per_s})
                     log(f"  round {i + 1}: render limit {limit.pages_per_s:.1f} pages/s, ours "
                         f"{ours['pages_per_s']:.2f} pages/s ({rounds[-1]['ratio']:.3f}), {_integrity(ours, corpus)}")
