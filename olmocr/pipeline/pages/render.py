@@ -262,9 +262,7 @@ def _job_render_png(path: str, kind: str, page_num: int, target_dim: int, rotati
         try:
             if not rotation and fault != "blank" and bitmap.mode == "RGB":
                 return png_rgb(bitmap.width, bitmap.height, bitmap.buffer, bitmap.stride)
-            img = bitmap.to_pil()
-            if img.mode != "RGB":
-                img = img.convert("RGB")
+            img = bitmap.to_pil()  # _encode_png converts it to RGB if need be
             if fault == "blank":
                 from PIL import Image
 
