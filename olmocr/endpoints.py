@@ -90,7 +90,7 @@ async def start_app(app: web.Application, host: str, port: int) -> web.AppRunner
         await web.TCPSite(runner, host, port, reuse_address=True).start()
     except OSError as exc:
         await runner.cleanup()
-        from olmocr.ports import port_owner
+        from olmocr.port_owner import port_owner
 
         owner = port_owner(port) if exc.errno == errno.EADDRINUSE else None
         raise EndpointConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from olmocr.cluster.ports import BLOCK, choose_block, slot_starts
+from olmocr.cluster.port_block import BLOCK, choose_block, slot_starts
 from olmocr.cluster.ready import given_up, server_urls
 from olmocr.pipeline.finalize import FINISHED, UNFINISHED, verdict
 from tests.pipeline_helpers import assert_every_page_once, launch_standin, page_count, wait_for

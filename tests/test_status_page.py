@@ -140,7 +140,7 @@ def test_sign_in_exchanges_the_token_for_a_cookie_that_opens_every_endpoint():
             assert page.status == 401 and "<form" in await page.text()
             assert (await client.get("/status")).status == 401
             assert (await client.get("/assets/status.js")).status == 200  # no secret in the assets
-            for probe in ("/livez", "/readyz"):  # the kubelet's probes stay open (olmocr.server.pod_probes)
+            for probe in ("/livez", "/readyz"):  # the kubelet's probes stay open (olmocr.server.livez_readyz)
                 assert (await client.get(probe)).status in (200, 503), probe
             # A wrong token: refused, no cookie.
             wrong = await client.post("/login", data={"token": "nope"}, allow_redirects=False)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from olmocr.server.errors import SettingsError
-from olmocr.server.vllm_probe import learn_vllm_version
+from olmocr.server.vllm_executable import learn_vllm_version
 from olmocr.server.vllm_versions import (
     ARCHITECTURE,
     FEATURES,

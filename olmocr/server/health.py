@@ -39,7 +39,7 @@ class KillKind(str, enum.Enum):
 
 @dataclass(frozen=True)
 class ProbeResult:
-    """What one probe of a server found (written by :mod:`olmocr.server.probe`, judged here)."""
+    """What one probe of a server found (written by :mod:`olmocr.server.health_probe`, judged here)."""
 
     ok: bool
     reason: str

@@ -36,7 +36,7 @@ from olmocr import __version__
 from olmocr.server import health
 from olmocr.server.errors import SettingsError
 from olmocr.server.health import ProbeResult
-from olmocr.server.probe import ServerProbe
+from olmocr.server.health_probe import ServerProbe
 from olmocr.server.settings import PROGRAM_NAME, ServerSettings, read_api_key
 
 log = logging.getLogger("olmocr.listener")
@@ -199,7 +199,7 @@ class HealthListener:
         user cannot tell. Only for the real probe: a test's stand-in probe never touches the port."""
         import psutil
 
-        from olmocr.ports import describe_pid, listening_pids
+        from olmocr.port_owner import describe_pid, listening_pids
 
         supervisord = os.getppid()
         pids = listening_pids(self.settings.port)

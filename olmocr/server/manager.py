@@ -34,7 +34,7 @@ import psutil
 
 from olmocr import __version__, envs
 from olmocr.logformat import formatter
-from olmocr.ports import port_problem
+from olmocr.port_owner import port_problem
 from olmocr.server.command import plan_vllm_flags
 from olmocr.server.drain import manager_stop_budget, stopwaitsecs_for
 from olmocr.server.errors import SettingsError

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from olmocr import envs
 from olmocr.server.errors import SettingsError
 from olmocr.server.settings import DEFAULT_MODEL, ServerSettings
-from olmocr.server.vllm_probe import learn_vllm_version
+from olmocr.server.vllm_executable import learn_vllm_version
 from olmocr.server.vllm_versions import Version, judge_version, parse_version
 
 log = logging.getLogger("olmocr.wrapper")

@@ -14,7 +14,7 @@ sizes. It serves:
   health transition, a probe result) and at least every ``OLMOCR_STATUS_PUSH_INTERVAL`` seconds;
 - ``GET /``: the status page, live over ``/ws`` (olmocr.server.status_page; its JSON adds the history
   fields of ``olmocr.server.status.history_fields``);
-- ``GET /livez`` and ``GET /readyz``: probes with Kubernetes semantics (``olmocr.server.pod_probes``):
+- ``GET /livez`` and ``GET /readyz``: probes with Kubernetes semantics (``olmocr.server.livez_readyz``):
   200 ``ok`` or 503 with a one-line reason. They are open without the bearer token (as kube-apiserver's
   own ``/livez`` and ``/readyz``): the kubelet cannot read a Secret for its probes, and the answer is
   one line that names no setting.
@@ -68,7 +68,7 @@ from olmocr.endpoints import (
 )
 from olmocr.server import status_page
 from olmocr.server.errors import EndpointConfigError
-from olmocr.server.pod_probes import ProbeAnswer, liveness, readiness, stale_after
+from olmocr.server.livez_readyz import ProbeAnswer, liveness, readiness, stale_after
 from olmocr.server.rpcclient import connect_from_child_env
 from olmocr.server.settings import PROGRAM_NAME
 from olmocr.server.status import (

@@ -104,7 +104,7 @@ stdout_logfile = {logs}/vllm.log
 stdout_logfile_maxbytes = {layout.log_maxbytes}
 stdout_logfile_backups = {layout.log_backups}
 ; vLLM's sockets and scratch files stay in the deployment's run directory, not the system temp dir;
-; the version the wrapper learnt from the vLLM executable (olmocr/server/vllm_probe.py) is cached beside.
+; the version the wrapper learnt from the vLLM executable (olmocr/server/vllm_executable.py) is cached beside.
 environment = OLMOCR_VLLM_TMPDIR="{layout.run_dir}/vllm-tmp",OLMOCR_VLLM_VERSION_CACHE="{layout.run_dir}/vllm-version.json"
 
 [eventlistener:vllm-health]

@@ -9,7 +9,7 @@ X define the same flags: checked for 0.10.0-0.18.0.)
 
 The decisions are pure functions: :func:`judge_version` (refuse / warn / accept a release) and
 :func:`plan_server_flags` (the flags olmocr-serve passes to a release, and a line for every one it leaves
-out or changes). The wrapper (olmocr/server/wrapper.py) learns the version (olmocr/server/vllm_probe.py)
+out or changes). The wrapper (olmocr/server/wrapper.py) learns the version (olmocr/server/vllm_executable.py)
 and applies them; the operator's own flags (``OLMOCR_VLLM_ARGS``, pass-through) are never touched.
 """
 

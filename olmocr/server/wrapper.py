@@ -14,7 +14,7 @@ vLLM's scratch files (ZeroMQ sockets, ``vllm_dist_*``; it leaves them after ever
 system temp directory. ``--shutdown-timeout`` is shortened if supervisord's ``stopwaitsecs`` would kill
 vLLM inside its drain (olmocr/server/drain.py).
 
-It passes only the flags the vLLM it starts accepts: it learns the version (olmocr/server/vllm_probe.py),
+It passes only the flags the vLLM it starts accepts: it learns the version (olmocr/server/vllm_executable.py),
 refuses in one line a release that cannot serve olmOCR, warns on one outside the tested range, and logs
 each flag it leaves out with what that costs (the table: olmocr/server/vllm_versions.py).
 """
@@ -124,7 +124,7 @@ PORT_WAIT_S = 10.0
 
 def wait_for_port(host: str, port: int, wait_s: float = PORT_WAIT_S) -> str | None:
     """None once ``host:port`` is free; after ``wait_s`` the one line naming who holds it."""
-    from olmocr.ports import port_problem
+    from olmocr.port_owner import port_problem
 
     deadline = time.monotonic() + wait_s
     while True:

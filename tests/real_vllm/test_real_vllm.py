@@ -25,7 +25,7 @@ import requests
 
 from olmocr.server.command import build_vllm_command
 from olmocr.server.settings import ServerSettings
-from olmocr.server.vllm_probe import learn_vllm_version
+from olmocr.server.vllm_executable import learn_vllm_version
 from olmocr.server.vllm_versions import FEATURES, FLAG, NEWEST_TESTED, OLDEST_TESTED, parse_version, show
 from tests.deployment_helpers import Deployment, live, wait_for
 from tests.pipeline_helpers import docs_by_source, failures, page_count, run_pipeline

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from olmocr.envs import SERVED_MODEL_NAME
+from olmocr.model_list import parse_models  # noqa: F401 - part of this module's API
 from olmocr.pipeline.errors import ServerMismatch, ServerNotReady
 from olmocr.pipeline.pages.prompts import PROMPT_V4_YAML
-from olmocr.served import parse_models  # noqa: F401 - part of this module's API
 from olmocr.server import vllm_versions
 
 MODEL_NAME = SERVED_MODEL_NAME

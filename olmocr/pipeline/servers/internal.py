@@ -29,9 +29,9 @@ from typing import Any
 
 import requests
 
+from olmocr.model_list import parse_models, serves
 from olmocr.pipeline.errors import InternalServerError
 from olmocr.pipeline.stopping import StopRequest
-from olmocr.served import parse_models, serves
 from olmocr.server.command import plan_vllm_flags, refuse_secrets_in_argv
 from olmocr.server.errors import SettingsError
 from olmocr.server.server_args import resolve_executable, vllm_version_or_refuse
@@ -241,7 +241,7 @@ async def run_with_internal_server(run: Callable[[], Awaitable[int]], stop: Stop
                     settings.base_url, SERVED_MODEL_NAME)
         return await run()
     if found is not None:
-        from olmocr.ports import port_owner
+        from olmocr.port_owner import port_owner
 
         owner = port_owner(settings.port)
         logger.error("port %d is taken by %s%s; stop it or choose another port with --port", settings.port, found,

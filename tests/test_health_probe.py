@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from olmocr.server.probe import ServerProbe
+from olmocr.server.health_probe import ServerProbe
 from tests.standin_helpers import (
     chat_payload,
     free_port,

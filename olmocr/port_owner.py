@@ -77,8 +77,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m olmocr.ports pick DEFAULT`` prints DEFAULT if it is free, else a free port;
-    ``python -m olmocr.ports check PORT WHAT FIX`` prints PORT if it is free, else the one line (exit 2)."""
+    """``python -m olmocr.port_owner pick DEFAULT`` prints DEFAULT if it is free, else a free port;
+    ``python -m olmocr.port_owner check PORT WHAT FIX`` prints PORT if it is free, else the one line (exit 2)."""
     import sys
 
     args = sys.argv[1:] if argv is None else argv
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(port)
         return 0
-    print("usage: python -m olmocr.ports pick DEFAULT | check PORT WHAT FIX", file=sys.stderr)
+    print("usage: python -m olmocr.port_owner pick DEFAULT | check PORT WHAT FIX", file=sys.stderr)
     return 2
 
 

@@ -1,10 +1,10 @@
-"""/livez and /readyz decisions (olmocr.server.pod_probes), row by row, and the status service's clocks."""
+"""/livez and /readyz decisions (olmocr.server.livez_readyz), row by row, and the status service's clocks."""
 
 from __future__ import annotations
 
 import pytest
 
-from olmocr.server.pod_probes import liveness, readiness, stale_after
+from olmocr.server.livez_readyz import liveness, readiness, stale_after
 from olmocr.server.status_service import ServiceSettings, Snapshot, StatusService
 
 HEALTHY = {"healthy": True, "state": "RUNNING", "health_phase": "healthy", "restart_count": 0}

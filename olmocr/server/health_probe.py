@@ -13,7 +13,7 @@ import time
 
 import requests
 
-from olmocr.served import parse_models
+from olmocr.model_list import parse_models
 from olmocr.server.health import KillKind, ProbeResult
 from olmocr.server.settings import SERVED_MODEL_NAME
 

@@ -1,4 +1,4 @@
-"""``python -m olmocr.cluster.ports``: the ports of one scheduler task, as shell assignments.
+"""``python -m olmocr.cluster.port_block``: the ports of one scheduler task, as shell assignments.
 
 Several tasks of one array (or of several jobs) can land on the same node, and each runs its own vLLM
 server(s), status service and pipeline metrics endpoint: they must never ask for the same port. A task takes a
@@ -74,7 +74,7 @@ def default_seed(env: dict[str, str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m olmocr.cluster.ports",
+    parser = argparse.ArgumentParser(prog="python -m olmocr.cluster.port_block",
                                      description="Choose free ports for one task's servers, status service "
                                                  "and pipeline metrics; prints shell assignments.")
     parser.add_argument("--servers", type=int, default=1, help="servers (one per GPU) that need a port (default 1)")
@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seed = default_seed(dict(os.environ)) if args.seed is None else args.seed
     start = choose_block(seed, args.servers, port_is_free)
     if start is None:
-        print(f"olmocr.cluster.ports: no free block of {BLOCK} ports in {FLOOR}-{CEILING} on this node; "
+        print(f"olmocr.cluster.port_block: no free block of {BLOCK} ports in {FLOOR}-{CEILING} on this node; "
               "stop what holds them or set OLMOCR_PORT, OLMOCR_STATUS_PORT and OLMOCR_METRICS_PORT", file=sys.stderr)
         return 1
     print(f"OLMOCR_PORT={start} OLMOCR_STATUS_PORT={start + BLOCK - 1} OLMOCR_METRICS_PORT={start + BLOCK - 2}")
