@@ -23,6 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from olmocr.errors import OlmocrError
+
 #: The served model name every server is started with and every request asks for.
 SERVED_MODEL_NAME = "olmocr"
 DEFAULT_MODEL = "allenai/olmOCR-7B-0825-FP8"
@@ -189,7 +191,7 @@ TEST_ONLY = frozenset({"OLMOCR_TEST_REAL_VLLM", "OLMOCR_REAL_VLLM_VENV", "OLMOCR
 BY_NAME: dict[str, Setting] = {s.name: s for s in REGISTRY}
 
 
-class SettingValueError(ValueError):
+class SettingValueError(OlmocrError, ValueError):
     """A variable's value cannot be parsed; the message names it and says what to do."""
 
 

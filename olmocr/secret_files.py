@@ -8,8 +8,10 @@ The pipeline's per-server key file (``KEY`` / ``URL KEY`` lines) is parsed on to
 
 from __future__ import annotations
 
+from olmocr.errors import OlmocrError
 
-class SecretFileError(OSError):
+
+class SecretFileError(OlmocrError, OSError):
     """The file cannot be read; the message names it and what to fix (never its content)."""
 
 

@@ -1,4 +1,5 @@
 """Every exception the pipeline raises on purpose, in one place (httpx's ``_exceptions.py`` is the model).
+Its root, :class:`PipelineError`, is an :class:`olmocr.errors.OlmocrError`.
 
 Each message is user-facing: one line that says what is wrong and what to do.
 
@@ -7,7 +8,8 @@ PipelineError
 ├── ConfigError (ValueError) .............. a setting or input the run cannot use
 │   ├── FleetConfigError .................. a server list, weight or key file
 │   ├── WorkspaceError .................... a workspace that cannot be used (path, permissions, credentials, bucket)
-│   ├── NoInput ........................... --pdfs gave nothing to queue and the workspace has nothing to do
+│   └── NoInput ........................... --pdfs gave nothing to queue and the workspace has nothing to do
+├── ModelAnswerError ...................... an answer that came back whole but is not a usable olmOCR page
 │   └── FrontMatterError .................. a model answer without valid olmOCR front matter
 ├── FilterUnavailable (RuntimeError) ...... --apply_filter without its optional dependencies
 ├── ServerError ........................... a server cannot take this run's work
@@ -28,8 +30,10 @@ PipelineError
 
 from __future__ import annotations
 
+from olmocr.errors import OlmocrError
 
-class PipelineError(Exception):
+
+class PipelineError(OlmocrError):
     """Base of every exception the pipeline raises on purpose."""
 
 
@@ -49,7 +53,11 @@ class NoInput(ConfigError):
     """No input could be queued and the workspace has nothing to do; the message sums up why."""
 
 
-class FrontMatterError(ConfigError):
+class ModelAnswerError(PipelineError, ValueError):
+    """An answer that came back whole but is not a usable olmOCR page (a failed page attempt, not a setting)."""
+
+
+class FrontMatterError(ModelAnswerError):
     """The answer does not carry a valid olmOCR front matter."""
 
 

@@ -1,4 +1,5 @@
 """Every exception the server half raises on purpose, in one place (httpx's ``_exceptions.py`` is the model).
+Its root, :class:`ServerSideError`, is an :class:`olmocr.errors.OlmocrError`.
 
 Each message is user-facing: one line that says which setting is wrong and what to do.
 
@@ -12,8 +13,10 @@ ServerSideError
 
 from __future__ import annotations
 
+from olmocr.errors import OlmocrError
 
-class ServerSideError(Exception):
+
+class ServerSideError(OlmocrError):
     """Base of every exception the server half raises on purpose."""
 
 

@@ -30,7 +30,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
-from olmocr.pipeline.errors import FleetConfigError
+from olmocr.pipeline.errors import FleetConfigError, PipelineError
 from olmocr.pipeline.servers.serverlist import DnsName
 
 HOSTS_FILE_ENV = "OLMOCR_HOSTS_FILE"
@@ -45,7 +45,7 @@ DRAIN_GRACE_S = 120.0
 Resolver = Callable[[str], Awaitable[list[str]]]
 
 
-class LookupFailed(Exception):
+class LookupFailed(PipelineError):
     """The resolver could not answer (not: the name has no address)."""
 
 
