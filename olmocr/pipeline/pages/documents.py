@@ -89,7 +89,7 @@ class DocumentProcessor:
             if kind is None:
                 if not head:
                     return failure(source, "empty file (0 bytes)", retryable=False)
-                return failure(source, f"not a PDF, PNG or JPEG (starts with {head[:8]!r})", retryable=False)
+                return failure(source, f"not a PDF, PNG, JPEG or TIFF (starts with {head[:8]!r})", retryable=False)
             try:
                 info = await self.renderer.probe(fetched.path, kind)
             except RenderError as exc:
