@@ -54,6 +54,8 @@ class FallbackKind(enum.Enum):
 
 _FALLBACK_CODES = {FallbackKind.NO_MODEL_ANSWER: "model", FallbackKind.REFUSED: "refused",
                    FallbackKind.UNRENDERABLE: "render", FallbackKind.RENDER_TIME_LIMIT: "time_limit"}
+#: Every ``fallback_kind`` of a per-page record (``/metrics`` reports each, 0 included).
+FALLBACK_REASONS = tuple(_FALLBACK_CODES.values())
 #: ``produced_by`` of a per-page record.
 BY_MODEL, BY_FALLBACK, BLANK = "model", "fallback", "blank"
 #: The attribute holding the per-page records (beside upstream's attributes, which are kept as they are).

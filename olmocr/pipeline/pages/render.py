@@ -62,6 +62,10 @@ TEST_FAULT_ENV = "OLMOCR_TEST_RENDER_FAULT"
 _ROTATE_CCW = {90: "ROTATE_90", 180: "ROTATE_180", 270: "ROTATE_270"}
 
 
+class RenderTimeLimit(RenderError):
+    """A job ran past the render time limit (``--render_timeout``); its worker was killed and replaced."""
+
+
 @dataclass(frozen=True)
 class DocInfo:
     page_count: int
@@ -429,7 +433,7 @@ class Renderer:
             except FutureTimeoutError:
                 # Deterministic for this page: no second try. pebble has killed and replaced the worker.
                 self.timed_out += 1
-                raise RenderError(f"{what} took longer than the {self.timeout:g} s render time limit "
+                raise RenderTimeLimit(f"{what} took longer than the {self.timeout:g} s render time limit "
                                   "(the render worker was killed and replaced)") from None
             except ProcessExpired as exc:
                 # A segfault may be this document's fault, an OOM kill the machine's: try once more.
