@@ -93,9 +93,10 @@ class ExportSummary:
 
 def queued_sources(storage: Storage) -> set[str]:
     """Every input the workspace's queue names (names then stay the same as more documents finish)."""
+    from olmocr.pipeline.pages.page_retry import is_ticket
     from olmocr.pipeline.workspace.queue import load_index
 
-    return {path for paths in load_index(storage).values() for path in paths}
+    return {path for paths in load_index(storage).values() for path in paths if not is_ticket(path)}
 
 
 def export_workspace(storage: Storage, out: Storage, formats: tuple[str, ...] = FORMATS,

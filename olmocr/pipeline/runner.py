@@ -105,7 +105,7 @@ class Runner:
         # Pages in flight: enough to keep every request slot busy plus a render lookahead.
         page_slots = asyncio.Semaphore(config.max_concurrent_requests + 4 * self.renderer.processes)
         self.documents = DocumentProcessor(self.renderer, pages, page_slots, config.max_page_error_rate,
-                                           config.apply_filter)
+                                           config.apply_filter, storage=storage)
         self.active: set[str] = set()
         self.item_finished = asyncio.Event()
 

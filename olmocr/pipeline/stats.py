@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from olmocr.pipeline.pages.output import PAGE_RECORDS, source_of
+from olmocr.pipeline.pages.page_retry import is_ticket
 from olmocr.pipeline.workspace.storage import Storage
 from olmocr.pipeline.workspace.totals import PageTotals
 
@@ -145,7 +146,8 @@ def true_page_totals(index: Mapping[str, tuple[str, ...]], pages: Mapping[str, i
                      rate: float | None) -> PageTotals:
     """The workspace's pages with each document counted once.
 
-    A retry item (its documents all queued by an earlier item) re-does pages already in the total: it adds
+    A retry item (its documents all queued by an earlier item), like a ``--retry_fallback_pages`` ticket,
+    re-does pages already in the total: it adds
     nothing to it, and while it is not done its pages are not done either. Only the last item of a chain of
     retries can be not done (a retry item is made from a done item), so the pages not done are those of the
     items not done, whatever they are. Items without a stored count are estimated at the mean size.
@@ -156,7 +158,7 @@ def true_page_totals(index: Mapping[str, tuple[str, ...]], pages: Mapping[str, i
     total = remaining = 0.0
     for item, paths in index.items():  # in the order they were queued
         size = float(pages[item]) if item in pages else mean
-        if not set(paths) <= seen:
+        if not set(paths) <= seen and not all(map(is_ticket, paths)):  # a page retry re-does queued pages
             total += size
         seen.update(paths)
         if item not in done:
@@ -177,9 +179,11 @@ def workspace_summary(storage: Storage) -> tuple[dict, ResultTotals]:
     done = {k.rsplit("/", 1)[-1][len("done_"):-len(".flag")] for k in storage.list(f"{DONE_DIR}/")
             if k.endswith(".flag") and k.rsplit("/", 1)[-1].startswith("done_")}
     rate = stats.get("page_totals", {}).get("pages_per_second")
-    stats.update(documents=totals.documents, pages=totals.pages, fallback_pages=len(totals.fallback),
+    index = load_index(storage)
+    stats.update(queued_documents=len({p for paths in index.values() for p in paths if not is_ticket(p)}),
+                 documents=totals.documents, pages=totals.pages, fallback_pages=len(totals.fallback),
                  input_tokens=totals.input_tokens, output_tokens=totals.output_tokens,
-                 page_totals=true_page_totals(load_index(storage), load_pages(storage), done, rate).as_dict())
+                 page_totals=true_page_totals(index, load_pages(storage), done, rate).as_dict())
     return stats, totals
 
 
