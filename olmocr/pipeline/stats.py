@@ -16,7 +16,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -107,39 +107,49 @@ def _int(value: object) -> int:
         return 0
 
 
-def result_totals(docs: Iterable[dict]) -> ResultTotals:
-    """Totals of Dolma documents (ours or upstream's); a source seen twice counts once (its last document)."""
-    latest: dict[str, dict] = {}
-    for doc in docs:
-        latest[source_of(doc)] = doc
-    out = ResultTotals()
-    for source, doc in sorted(latest.items()):
-        meta = doc.get("metadata") or {}
-        out.documents += 1
-        out.pages += _int(meta.get("pdf-total-pages"))
-        out.input_tokens += _int(meta.get("total-input-tokens"))
-        out.output_tokens += _int(meta.get("total-output-tokens"))
-        records = (doc.get("attributes") or {}).get(PAGE_RECORDS)
-        if isinstance(records, list) and all(isinstance(r, dict) for r in records):
-            out.spent_input_tokens += sum(_int(r.get("input_tokens")) for r in records)
-            out.spent_output_tokens += sum(_int(r.get("output_tokens")) for r in records)
-            out.fallback += [FallbackPage(source, _int(r.get("page")), r.get("fallback_kind"), r.get("fallback_reason"))
-                             for r in records if r.get("produced_by") == "fallback"]
-        else:
-            out.spent_input_tokens += _int(meta.get("total-input-tokens"))
-            out.spent_output_tokens += _int(meta.get("total-output-tokens"))
-            out.fallback += [FallbackPage(source, None, None, None)] * _int(meta.get("total-fallback-pages"))
+def _doc_totals(source: str, doc: dict) -> ResultTotals:
+    meta = doc.get("metadata") or {}
+    out = ResultTotals(documents=1, pages=_int(meta.get("pdf-total-pages")),
+                       input_tokens=_int(meta.get("total-input-tokens")),
+                       output_tokens=_int(meta.get("total-output-tokens")))
+    records = (doc.get("attributes") or {}).get(PAGE_RECORDS)
+    if isinstance(records, list) and all(isinstance(r, dict) for r in records):
+        out.spent_input_tokens = sum(_int(r.get("input_tokens")) for r in records)
+        out.spent_output_tokens = sum(_int(r.get("output_tokens")) for r in records)
+        out.fallback = [FallbackPage(source, _int(r.get("page")), r.get("fallback_kind"), r.get("fallback_reason"))
+                        for r in records if r.get("produced_by") == "fallback"]
+    else:  # upstream's: how many pages fell back, not which; its tokens are the answers used
+        out.spent_input_tokens, out.spent_output_tokens = out.input_tokens, out.output_tokens
+        out.fallback = [FallbackPage(source, None, None, None)] * _int(meta.get("total-fallback-pages"))
     return out
 
 
-def read_results(storage: Storage) -> list[dict]:
+def result_totals(docs: Iterable[dict]) -> ResultTotals:
+    """Totals of Dolma documents (ours or upstream's); a source seen twice counts once (its last document).
+    Only each document's totals are kept while reading, never the documents."""
+    per_source: dict[str, ResultTotals] = {}
+    for doc in docs:
+        source = source_of(doc)
+        per_source[source] = _doc_totals(source, doc)
+    out = ResultTotals()
+    for _, one in sorted(per_source.items()):
+        out.documents += one.documents
+        out.pages += one.pages
+        out.input_tokens += one.input_tokens
+        out.output_tokens += one.output_tokens
+        out.spent_input_tokens += one.spent_input_tokens
+        out.spent_output_tokens += one.spent_output_tokens
+        out.fallback += one.fallback
+    return out
+
+
+def read_results(storage: Storage) -> Iterator[dict]:
+    """Every document of ``results/``, one file at a time."""
     from olmocr.pipeline.export import parse_results
 
-    docs: list[dict] = []
     for key in storage.list("results/"):
         if key.endswith(".jsonl"):
-            docs += parse_results(storage.read(key) or b"")[0]
-    return docs
+            yield from parse_results(storage.read(key) or b"")[0]
 
 
 def true_page_totals(index: Mapping[str, tuple[str, ...]], pages: Mapping[str, int], done: set[str],
