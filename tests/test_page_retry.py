@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,22 @@ def test_replace_pages_keeps_upstream_joining_in_every_position() -> None:
     assert [r["retried"] for i, r in enumerate(new["attributes"]["page_records"]) if i != 1] == [1, 1, 1]
     assert new["attributes"]["page_records"][2]["attempts"] == 2  # 1 before, 1 now
     assert new["attributes"]["is_table"] == [False, False, True, False]
+
+
+def test_retry_on_an_s3_workspace(s3_server, standin, tmp_path: Path) -> None:
+    pdf = write_four_ways_pdf(tmp_path / "four.pdf")
+    ws = s3_server.url("ws")
+    rc, log = run_pipeline(ws, standin.url, [pdf], "--max_page_retries", "1", "--max_page_error_rate", "1",
+                           "--max_model_len", "2800", log=tmp_path / "run1.log")
+    assert rc == 0, log
+    rc, log = run_pipeline(ws, standin.url, [], "--retry_fallback_pages", "model", log=tmp_path / "run2.log")
+    assert rc == 0 and "1 pages of 1 documents queued" in log, log
+    client = s3_server.client()
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_server.bucket, Prefix="ws/results/")["Contents"]]
+    lines = [line for k in keys for line in client.get_object(Bucket=s3_server.bucket, Key=k)["Body"].read()
+             .decode().splitlines() if line.strip()]
+    assert len(lines) == 1  # the document once; the ticket's results file is empty
+    doc = json.loads(lines[0])
+    assert [r["produced_by"] for r in doc["attributes"]["page_records"]] == ["model", "fallback", "model", "model"]
+    assert document_pages(doc)[2].text.startswith(f"Stand-in OCR of image {_sha16(pdf, 3)}")
+    _check_spans(doc)
