@@ -153,3 +153,18 @@ def test_retry_on_an_s3_workspace(s3_server, standin, tmp_path: Path) -> None:
     assert [r["produced_by"] for r in doc["attributes"]["page_records"]] == ["model", "fallback", "model", "model"]
     assert document_pages(doc)[2].text.startswith(f"Stand-in OCR of image {_sha16(pdf, 3)}")
     _check_spans(doc)
+
+
+def test_unknown_reason_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.standin_helpers import REPO_ROOT, clean_env
+
+    ws = tmp_path / "ws"
+    done = subprocess.run([sys.executable, "-m", "olmocr.pipeline", str(ws), "--vllm-url", "http://127.0.0.1:9",
+                           "--retry_fallback_pages", "modle"], cwd=str(REPO_ROOT), env=clean_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--retry_fallback_pages 'modle': reasons are model, refused, render, time_limit" in done.stderr
+    assert not ws.exists()
