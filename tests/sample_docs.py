@@ -196,7 +196,7 @@ def bad_inputs(good_pdf: Path) -> dict[str, tuple[bytes, str]]:
         "truncated.pdf": (data[: len(data) // 2], "truncated PDF"),
         "locked.pdf": (blank_pdf_bytes(612, 792, password="secret"), "password-protected"),
         "empty-pages.pdf": (blank_pdf_bytes(612, 792, pages=0), "zero pages"),
-        "notes.pdf": (b"just some text, not a PDF at all\n" * 10, "not a PDF, PNG or JPEG"),
+        "notes.pdf": (b"just some text, not a PDF at all\n" * 10, "not a PDF, PNG, JPEG or TIFF"),
         "huge.pdf": (blank_pdf_bytes(30000, 30000), "enormous page"),
     }
 

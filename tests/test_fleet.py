@@ -287,7 +287,7 @@ def test_pages_follow_capacity_and_each_server_is_visible(tmp_path: Path, pdfs: 
 
     out = subprocess.run([sys.executable, "-m", "olmocr.pipeline", str(ws), "--stats"], capture_output=True,
                          text=True, timeout=60, check=True).stdout
-    assert f"{fast.url}: {served[0]} pages" in out and f"{slow.url}: {served[1]} pages" in out
+    assert f"{fast.url}: {served[0]} answers" in out and f"{slow.url}: {served[1]} answers" in out
 
 
 def test_misconfigured_servers_are_left_out_with_a_reason(tmp_path: Path, pdfs: list[Path]) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from olmocr.pipeline.pages.output import markdown_text
 from olmocr.pipeline.pages.render import _job_render
 from tests.pipeline_helpers import (
     SAMPLES,
@@ -72,7 +73,9 @@ def test_output_schema_spans_order_and_markdown(standin: StandIn, tmp_path: Path
             if page < n:
                 assert doc["text"][end - 1] == "\n"
         md = ws / "markdown" / (source.lstrip("/")[: -len(".pdf")] + ".md")
-        assert md.read_text() == doc["text"]
+        # The markdown keeps the page breaks (olmocr/pipeline/pages/output.py): the Dolma text, pages apart.
+        assert md.read_text() == markdown_text(doc)
+        assert md.read_text().replace("\n\n<!-- page ", "\n<!-- page ").count("<!-- page ") == n - 1
     assert re.search(r"workspace (\d+)/\1 pages \(100\.0%\), 0 remaining, .* ETA 0s \| this process \d+ pages, "
                      r"[\d.]+ pages/s", log), log
     assert "finished in" in log

@@ -133,7 +133,7 @@ def test_dolma_document_spans_and_fields() -> None:
         ("/a/../../b/./c.pdf", "markdown/a/b/c.md"),
         ("s3://bucket/../../up.pdf", "markdown/up.md"),
         ("/x/archive.tar.gz::inner/d.pdf", "markdown/archive/inner/d.md"),
-        ("plain.png", "markdown/plain.md"),
+        ("plain.png", "markdown/plain.png.md"),  # not a PDF: the full name (no clash with plain.jpg)
     ],
 )
 def test_markdown_path_guard(source: str, expected: str) -> None:

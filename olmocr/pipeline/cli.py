@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="time limit in seconds for rendering one page (or reading its text layer); a page "
                            "over it fails, its render process is killed and replaced (default "
                            f"{DEFAULT_RENDER_TIMEOUT_S:g}; 0 = no limit)")
+    # --- --retry_fallback_pages (issue #30; olmocr/pipeline/pages/page_retry.py)
+    work.add_argument("--retry_fallback_pages", nargs="?", const="all", default=None, metavar="REASONS",
+                      help="first queue the fallback pages of written documents for another try (their documents "
+                           "are rewritten in place when the model answers); REASONS: comma-separated of model, "
+                           "refused, render, time_limit (default all)")
+    # --- end --retry_fallback_pages
     out = p.add_argument_group("output")
     out.add_argument("--markdown", action="store_true",
                      help="also write markdown/<source path>.md for each document into the workspace")
@@ -318,6 +324,8 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, internal: b
         workspace_profile=args.workspace_profile,
         pdf_profile=args.pdf_profile,
     )
+    if args.retry_fallback_pages is not None:  # --- issue #30
+        _queue_fallback_pages(parser, args)
     try:
         if args.stats:
             asyncio.run(_populate_only(config))
@@ -349,6 +357,20 @@ async def _run_with_signals(config: PipelineConfig, server_settings=None, server
         logger.error("%s", exc)
         return 2
     return stop_exit_code if status == 0 and stop.requested else status
+
+
+def _queue_fallback_pages(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--retry_fallback_pages``: queue the pages (olmocr/pipeline/pages/page_retry.py) before the run."""
+    from olmocr.pipeline.pages.page_retry import parse_reasons, queue_fallback_pages
+    from olmocr.pipeline.workspace.storage import open_storage
+
+    try:
+        reasons = parse_reasons(args.retry_fallback_pages)
+    except ValueError as exc:
+        parser.error(str(exc))
+    documents, pages = queue_fallback_pages(open_storage(args.workspace, profile=args.workspace_profile), reasons)
+    logger.info("--retry_fallback_pages %s: %d pages of %d documents queued for another try",
+                ",".join(reasons), pages, documents)
 
 
 async def _populate_only(config: PipelineConfig) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from olmocr.endpoints import bearer_middleware, metrics_response, start_app
+from olmocr.pipeline.pages.output import FALLBACK_REASONS
 from olmocr.pipeline.servers.balance import ServerState
 
 logger = logging.getLogger("olmocr.pipeline")
@@ -43,6 +44,7 @@ class PipelineMetrics:
         self.progress = progress
         self.servers = servers
         self.queue_counts: dict[str, int] | None = None
+        self.fallback_by_reason: Mapping[str, int] = {}  # PageProcessor.fallback_by_reason (issue #30)
         self.start_time = time.time()
         self.registry = CollectorRegistry()
         self.render_seconds = Histogram(
@@ -142,6 +144,14 @@ def run_metrics(metrics: PipelineMetrics) -> list[Metric]:
         if totals.eta_seconds is not None:
             out.append(GaugeMetricFamily("olmocr_pipeline_workspace_eta_seconds", "Seconds until every page of "
                                          "the workspace is done at the current rate", value=totals.eta_seconds))
+    # --- fallback pages by reason (issue #30; olmocr/pipeline/pages/page.py counts them)
+    by_reason = CounterMetricFamily("olmocr_pipeline_pages_fallback_by_reason", "Fallback pages by reason: model "
+                                    "(no usable answer), refused (4xx), render (cannot render), time_limit "
+                                    "(--render_timeout)", labels=["reason"])
+    for reason in FALLBACK_REASONS:
+        by_reason.add_metric([reason], metrics.fallback_by_reason.get(reason, 0))
+    out.append(by_reason)
+    # --- end fallback pages by reason
     out.append(GaugeMetricFamily("olmocr_pipeline_start_time_seconds", "Unix time this pipeline run started",
                                  value=metrics.start_time))
     return out
@@ -190,6 +200,7 @@ async def start_for_runner(runner: Any) -> MetricsExporter:
     config = runner.config
     # One series per server of the fleet (olmocr.pipeline.servers.fleet).
     metrics = PipelineMetrics(runner.progress, lambda: runner.fleet.servers)
+    metrics.fallback_by_reason = runner.documents.pages.fallback_by_reason  # issue #30
     runner.renderer.observe_render = metrics.render_seconds.observe
     for server in runner.fleet.servers:
         server.observe_request = metrics.observe_request(server.url)

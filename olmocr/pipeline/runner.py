@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from olmocr.pipeline import defaults
 from olmocr.pipeline.errors import LeaseLost, NoInput, ServerNotReady
 from olmocr.pipeline.pages.documents import DocOutcome, DocumentProcessor, failure
-from olmocr.pipeline.pages.output import dolma_jsonl, markdown_relpath
+from olmocr.pipeline.pages.output import dolma_jsonl, markdown_files
 from olmocr.pipeline.pages.page import MAX_TOKENS, PageProcessor, PageSettings
 from olmocr.pipeline.pages.render import DEFAULT_RENDER_TIMEOUT_S, Renderer, default_render_processes
 from olmocr.pipeline.progress import Progress, refresh_totals, refresh_totals_forever, report_progress
@@ -105,7 +105,7 @@ class Runner:
         # Pages in flight: enough to keep every request slot busy plus a render lookahead.
         page_slots = asyncio.Semaphore(config.max_concurrent_requests + 4 * self.renderer.processes)
         self.documents = DocumentProcessor(self.renderer, pages, page_slots, config.max_page_error_rate,
-                                           config.apply_filter)
+                                           config.apply_filter, storage=storage)
         self.active: set[str] = set()
         self.item_finished = asyncio.Event()
 
@@ -123,9 +123,8 @@ class Runner:
         docs = [o.doc for o in outcomes if o.doc is not None]
         failed = [o.failure for o in outcomes if o.failure is not None]
         if self.config.markdown:
-            for doc in docs:
-                key = markdown_relpath(doc["metadata"]["Source-File"])
-                await asyncio.to_thread(self.storage.write, key, doc["text"].encode("utf-8"))
+            for key, data in markdown_files(docs):  # as python -m olmocr.pipeline.export writes them
+                await asyncio.to_thread(self.storage.write, key, data)
         await asyncio.to_thread(self.queue.complete, item, dolma_jsonl(docs), failed)
         self.progress.docs_done += len(docs)
         skipped = sum(1 for f in failed if f.get("filtered"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import tempfile
@@ -11,8 +12,10 @@ from dataclasses import dataclass
 from olmocr.pipeline.errors import RenderError
 from olmocr.pipeline.pages.output import PageResult, build_dolma_document
 from olmocr.pipeline.pages.page import PageProcessor, PageSource
+from olmocr.pipeline.pages.page_retry import TICKET_MAGIC, retry_pages
 from olmocr.pipeline.pages.render import Renderer, pdf_has_eof_marker
 from olmocr.pipeline.workspace.inputs import read_input, sniff_kind
+from olmocr.pipeline.workspace.storage import Storage
 
 logger = logging.getLogger("olmocr.pipeline")
 
@@ -21,7 +24,8 @@ SNIFF_BYTES = 1024
 
 @dataclass(frozen=True)
 class DocOutcome:
-    """Exactly one of ``doc`` (a Dolma document) and ``failure`` (a failed-document record) is set."""
+    """Exactly one of ``doc`` (a Dolma document) and ``failure`` (a failed-document record) is set, except for a
+    page-retry ticket (olmocr/pipeline/pages/page_retry.py): it rewrites a written document and sets neither."""
 
     source: str
     doc: dict | None = None
@@ -37,6 +41,11 @@ def filtered(source: str, reason: str) -> DocOutcome:
     """A document skipped by ``--apply_filter``: recorded with its reason (final, never retried)."""
     logger.info("document skipped: %s: %s", source, reason)
     return DocOutcome(source, failure={"source": source, "reason": reason, "retryable": False, "filtered": True})
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
 
 
 class _Fetched:
@@ -69,8 +78,9 @@ class _Fetched:
 
 class DocumentProcessor:
     def __init__(self, renderer: Renderer, pages: PageProcessor, page_slots: asyncio.Semaphore,
-                 max_page_error_rate: float, apply_filter: bool = False) -> None:
+                 max_page_error_rate: float, apply_filter: bool = False, storage: Storage | None = None) -> None:
         self.renderer = renderer
+        self.storage = storage  # the workspace: page-retry tickets rewrite its results
         self.apply_filter = apply_filter
         self.pages = pages
         self.page_slots = page_slots
@@ -85,11 +95,13 @@ class DocumentProcessor:
                 return failure(source, "file not found", retryable=True)
             except Exception as exc:  # noqa: BLE001 - S3/OS errors: may work next time
                 return failure(source, f"cannot read input ({type(exc).__name__}: {exc})", retryable=True)
+            if head.startswith(TICKET_MAGIC) and self.storage is not None:
+                return await self._retry_pages(source, fetched.path)
             kind = sniff_kind(head)
             if kind is None:
                 if not head:
                     return failure(source, "empty file (0 bytes)", retryable=False)
-                return failure(source, f"not a PDF, PNG or JPEG (starts with {head[:8]!r})", retryable=False)
+                return failure(source, f"not a PDF, PNG, JPEG or TIFF (starts with {head[:8]!r})", retryable=False)
             try:
                 info = await self.renderer.probe(fetched.path, kind)
             except RenderError as exc:
@@ -103,6 +115,37 @@ class DocumentProcessor:
                 if reason is not None:
                     return filtered(source, reason)
             return await self._run_pages(source, fetched.path, kind, info.page_count)
+        finally:
+            fetched.cleanup()
+
+    async def _retry_pages(self, ticket_source: str, ticket_path: str) -> DocOutcome:
+        """Run the pages a ``--retry_fallback_pages`` ticket names and rewrite their document in place."""
+        data = await asyncio.to_thread(_read, ticket_path)
+        ticket = json.loads(data)
+        source = str(ticket["source"])
+        fetched = _Fetched(source)
+        try:
+            try:
+                head = await asyncio.to_thread(fetched.fetch)
+            except Exception as exc:  # noqa: BLE001 - the input moved or S3 failed: the pages stay as they are
+                return failure(ticket_source, f"cannot retry the pages of {source}: cannot read it "
+                               f"({type(exc).__name__}: {exc})", retryable=False)
+            kind = sniff_kind(head)
+            if kind is None:
+                return failure(ticket_source, f"cannot retry the pages of {source}: it is no longer a PDF or "
+                               "an image", retryable=False)
+            self.pages.progress.add_pages(len(ticket["pages"]))
+
+            async def run(page_num: int) -> PageResult:
+                await self.page_slots.acquire()
+                try:
+                    return await self.pages.process(PageSource(source, fetched.path, kind, page_num))
+                finally:
+                    self.page_slots.release()
+
+            assert self.storage is not None
+            await retry_pages(data, self.storage, run)
+            return DocOutcome(ticket_source)
         finally:
             fetched.cleanup()
 

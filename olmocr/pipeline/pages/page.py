@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass
 
 from olmocr.envs import SERVED_MODEL_NAME
@@ -11,7 +12,7 @@ from olmocr.pipeline import defaults
 from olmocr.pipeline.errors import FrontMatterError, RenderError, RequestRejected
 from olmocr.pipeline.pages.output import FallbackKind, PageResult
 from olmocr.pipeline.pages.prompts import GUIDED_REGEX, PROMPT_V4_YAML, PageResponse, parse_page_response
-from olmocr.pipeline.pages.render import Renderer
+from olmocr.pipeline.pages.render import Renderer, RenderTimeLimit
 from olmocr.pipeline.progress import Progress
 from olmocr.pipeline.servers.checks import DEFAULT_MAX_TOKENS, STRUCTURED_OUTPUTS, guided_fields
 from olmocr.pipeline.servers.fleet import Fleet
@@ -80,12 +81,30 @@ def request_template(temperature: float, guided: bool, priority: int | None = No
 
 @dataclass(frozen=True)
 class Attempt:
-    """Outcome of one model call that got an answer."""
+    """Outcome of one model call: ``response`` is None when the answer could not be used at all."""
 
-    response: PageResponse
+    response: PageResponse | None
     input_tokens: int
     output_tokens: int
     valid: bool  # finish_reason == "stop" and total tokens within max_model_len
+    problem: str | None = None  # why it cannot be used as it is (the reason a fallback page reports)
+
+
+@dataclass
+class _PageTally:
+    """What one page's attempts cost, for its per-page record."""
+
+    attempts: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    last_problem: str | None = None
+
+    def add(self, attempt: Attempt) -> None:
+        self.attempts += 1
+        self.input_tokens += attempt.input_tokens
+        self.output_tokens += attempt.output_tokens
+        if attempt.problem is not None:
+            self.last_problem = attempt.problem
 
 
 class PageProcessor:
@@ -97,6 +116,8 @@ class PageProcessor:
         self.settings = settings
         self.progress = progress
         self._templates: dict[float, tuple[bytes, bytes]] = {}
+        #: Fallback pages of this run by FallbackKind.code (``/metrics``: olmocr_pipeline_pages_fallback_by_reason).
+        self.fallback_by_reason: Counter[str] = Counter()
 
     def _template(self, temperature: float) -> tuple[bytes, bytes]:
         found = self._templates.get(temperature)
@@ -106,8 +127,8 @@ class PageProcessor:
                 max_tokens=self.settings.max_tokens, guided_field=self.settings.guided_field)
         return found
 
-    async def _try_once(self, page: PageSource, attempt: int, rotation: int) -> Attempt | None:
-        """One attempt; None if it failed (bad answer). RenderError propagates (deterministic)."""
+    async def _try_once(self, page: PageSource, attempt: int, rotation: int) -> Attempt:
+        """One attempt. RenderError propagates (deterministic), as does a refusal no resend can change."""
         temperature = TEMPERATURE_BY_ATTEMPT[min(attempt, len(TEMPERATURE_BY_ATTEMPT) - 1)]
         before, after = self._template(temperature)
 
@@ -124,7 +145,8 @@ class PageProcessor:
             if not exc.retryable:
                 raise  # the same request would be refused again: no attempts are spent on it
             logger.warning("%s attempt %d: %s", page.label, attempt, exc)
-            return None
+            return Attempt(None, 0, 0, False, f"the server refused the request ({exc})")
+        input_tokens = output_tokens = 0
         try:
             usage = data.get("usage") or {}
             input_tokens = int(usage.get("prompt_tokens", 0) or 0)
@@ -136,27 +158,36 @@ class PageProcessor:
             response = parse_page_response(choice["message"]["content"] or "")
         except FrontMatterError as exc:
             logger.info("%s attempt %d: unusable answer (%s)", page.label, attempt, exc)
-            return None
+            return Attempt(None, input_tokens, output_tokens, False, f"unusable answer: {exc}")
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
             logger.warning("%s attempt %d: malformed completion (%s: %s)", page.label, attempt, type(exc).__name__, exc)
-            return None
+            return Attempt(None, input_tokens, output_tokens, False,
+                           f"malformed completion ({type(exc).__name__}: {exc})")
         if not valid:
             logger.info("%s attempt %d: finish_reason=%s, %d tokens", page.label, attempt,
                         choice.get("finish_reason"), total)
-        return Attempt(response, input_tokens, output_tokens, valid)
+            return Attempt(response, input_tokens, output_tokens, False,
+                           f"finish_reason={choice.get('finish_reason')}, {total} tokens "
+                           f"(--max_model_len {self.settings.max_model_len})")
+        return Attempt(response, input_tokens, output_tokens, True)
 
-    def _result(self, page: PageSource, attempt: Attempt) -> PageResult:
+    def _result(self, page: PageSource, attempt: Attempt, tally: _PageTally, rotation: int) -> PageResult:
+        assert attempt.response is not None
         self.progress.page_done(fallback=False)
         return PageResult(page.source, page.page_num, attempt.response, attempt.input_tokens,
-                          attempt.output_tokens, is_fallback=False)
+                          attempt.output_tokens, is_fallback=False, attempts=tally.attempts,
+                          spent_input_tokens=tally.input_tokens, spent_output_tokens=tally.output_tokens,
+                          rotation_applied=rotation)
 
-    async def _fallback(self, page: PageSource, reason: str, kind: FallbackKind) -> PageResult:
+    async def _fallback(self, page: PageSource, reason: str, kind: FallbackKind, tally: _PageTally) -> PageResult:
         text = await self.renderer.text(page.local_path, page.kind, page.page_num)
         self.progress.page_done(fallback=True)
+        self.fallback_by_reason[kind.code] += 1
         response = PageResponse(primary_language=None, is_rotation_valid=True, rotation_correction=0,
                                 is_table=False, is_diagram=False, natural_text=text)
         return PageResult(page.source, page.page_num, response, 0, 0, is_fallback=True, fallback_reason=reason,
-                          fallback_kind=kind)
+                          fallback_kind=kind, attempts=tally.attempts, spent_input_tokens=tally.input_tokens,
+                          spent_output_tokens=tally.output_tokens)
 
     async def process(self, page: PageSource) -> PageResult:
         """The page's result: the model's answer, or after ``max_page_retries`` failed attempts its text layer.
@@ -167,27 +198,35 @@ class PageProcessor:
         """
         retries = max(1, self.settings.max_page_retries)
         rotation = 0
+        tally = _PageTally()
         last: Attempt | None = None
+        last_rotation = 0
         try:
             for attempt in range(retries):
-                last = await self._try_once(page, attempt, rotation)
-                if last is None:
+                last, last_rotation = await self._try_once(page, attempt, rotation), rotation
+                tally.add(last)
+                if last.response is None:
                     self.progress.attempts_failed += 1
                     continue
                 if last.valid and last.response.is_rotation_valid:
-                    return self._result(page, last)
+                    return self._result(page, last, tally, rotation)
                 if not last.response.is_rotation_valid:
                     rotation = (rotation + last.response.rotation_correction) % 360
+                    if last.valid:
+                        tally.last_problem = f"the model kept asking to turn the page (last: {rotation} degrees)"
                     logger.info("%s: model says rotation is invalid; retrying rotated %d degrees", page.label, rotation)
         except RenderError as exc:
+            kind = FallbackKind.RENDER_TIME_LIMIT if isinstance(exc, RenderTimeLimit) else FallbackKind.UNRENDERABLE
             logger.warning("%s: cannot render (%s); using the text layer", page.label, exc)
-            return await self._fallback(page, f"page {page.page_num}: {exc}", FallbackKind.UNRENDERABLE)
+            return await self._fallback(page, f"page {page.page_num}: {exc}", kind, tally)
         except RequestRejected as exc:
+            tally.attempts += 1
             logger.warning("%s: the server refuses this request (%s); no retry can change that, using the "
                            "text layer", page.label, exc)
-            return await self._fallback(page, f"page {page.page_num}: {exc}", FallbackKind.REFUSED)
-        if last is not None and last.valid:
-            return self._result(page, last)
+            return await self._fallback(page, f"page {page.page_num}: {exc}", FallbackKind.REFUSED, tally)
+        if last is not None and last.valid and last.response is not None:
+            return self._result(page, last, tally, last_rotation)
         logger.warning("%s: no usable answer after %d attempts; using the text layer", page.label, retries)
-        return await self._fallback(page, f"page {page.page_num}: no usable model answer after {retries} attempts",
-                                    FallbackKind.NO_MODEL_ANSWER)
+        problem = f" (last: {tally.last_problem})" if tally.last_problem else ""
+        return await self._fallback(page, f"page {page.page_num}: no usable model answer after {retries} attempts"
+                                    f"{problem}", FallbackKind.NO_MODEL_ANSWER, tally)

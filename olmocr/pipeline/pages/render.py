@@ -6,7 +6,8 @@ spin (or a worker that dies: segfault, OOM kill) costs only that page -- pebble'
 stuck worker, starts a fresh one, and the job fails with :class:`RenderError` saying why, while the
 other workers carry on (concurrent.futures' pool cannot stop one task, and one dead worker breaks it all). PDF pages are rendered so that their longest side is
 ``target_longest_image_dim`` pixels, honouring the page's ``/Rotate``; PNG and JPEG inputs are treated as
-one-page documents scaled the same way. Results are base64-encoded PNG bytes, ready to go into a data URL.
+one-page documents scaled the same way, and a TIFF as one page per frame (through Pillow; a frame that
+cannot be decoded fails that page only). Results are base64-encoded PNG bytes, ready to go into a data URL.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ DEFAULT_RENDER_TIMEOUT_S = 120.0
 TEST_FAULT_ENV = "OLMOCR_TEST_RENDER_FAULT"
 
 _ROTATE_CCW = {90: "ROTATE_90", 180: "ROTATE_180", 270: "ROTATE_270"}
+
+
+class RenderTimeLimit(RenderError):
+    """A job ran past the render time limit (``--render_timeout``); its worker was killed and replaced."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,51 @@ def _open_image(path: str) -> Any:
     return img
 
 
+def _open_tiff(path: str) -> Any:
+    """A TIFF opened with Pillow (frames are read one at a time: :func:`_tiff_frame`)."""
+    from PIL import Image
+
+    try:
+        img = Image.open(path)
+        img.n_frames  # noqa: B018 - walks the chain of frames: a broken chain fails here, for the whole file
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
+        raise RenderError(f"corrupt or unreadable TIFF ({type(exc).__name__}: {exc})") from None
+    return img
+
+
+def tiff_frame_count(source: str | bytes) -> int:
+    """How many frames (pages) a TIFF file (a path, or its bytes) has."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+        return int(getattr(img, "n_frames", 1))
+
+
+def _tiff_frame(path: str, page_num: int) -> Any:
+    """Frame ``page_num`` (1-based) of a TIFF as an RGB image (EXIF orientation applied); RenderError when
+    it is not there or cannot be decoded."""
+    from PIL import ImageOps
+
+    img = _open_tiff(path)
+    frames = int(getattr(img, "n_frames", 1))
+    if not 1 <= page_num <= frames:
+        raise RenderError(f"TIFF has {frames} frames, no page {page_num}")
+    try:
+        img.seek(page_num - 1)
+        w, h = img.size
+        if w * h > MAX_IMAGE_PIXELS:
+            raise RenderError(f"enormous TIFF frame {page_num} ({w}x{h} pixels, limit {MAX_IMAGE_PIXELS:,})")
+        img.load()
+        frame = ImageOps.exif_transpose(img)
+        return frame if frame.mode == "RGB" else frame.convert("RGB")
+    except RenderError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise RenderError(f"cannot decode TIFF frame {page_num} ({type(exc).__name__}: {exc})") from None
+
+
 def _injected_fault(path: str, page_num: int, job: str) -> str | None:
     """The test-only fault of :data:`TEST_FAULT_ENV`, if one matches this job (see there): hangs or
     crashes here, or returns ``blank`` / ``wrongpage`` for the render job to act on."""
@@ -161,6 +211,8 @@ def _job_probe(path: str, kind: str) -> DocInfo:
     if kind in ("png", "jpeg"):
         _open_image(path)
         return DocInfo(page_count=1)
+    if kind == "tiff":
+        return DocInfo(page_count=int(getattr(_open_tiff(path), "n_frames", 1)))
     doc = _open_pdf(path)
     try:
         count = len(doc)
@@ -228,10 +280,10 @@ def _job_render_png(path: str, kind: str, page_num: int, target_dim: int, rotati
     if rotation not in (0, 90, 180, 270):
         raise ValueError(f"invalid rotation {rotation}")
     fault = _injected_fault(path, page_num, "render")
-    if kind in ("png", "jpeg"):
+    if kind in ("png", "jpeg", "tiff"):
         from PIL import Image
 
-        img = _open_image(path)
+        img = _tiff_frame(path, page_num) if kind == "tiff" else _open_image(path)
         w, h = img.size
         scale = target_dim / max(w, h)
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
@@ -281,7 +333,7 @@ def _job_render_png(path: str, kind: str, page_num: int, target_dim: int, rotati
 def _job_text(path: str, kind: str, page_num: int) -> str:
     """The page's text layer (what a text-layer fallback uses); empty for images."""
     _injected_fault(path, page_num, "text")
-    if kind in ("png", "jpeg"):
+    if kind in ("png", "jpeg", "tiff"):
         return ""
     doc = _open_pdf(path)
     page = doc[page_num - 1]
@@ -381,7 +433,7 @@ class Renderer:
             except FutureTimeoutError:
                 # Deterministic for this page: no second try. pebble has killed and replaced the worker.
                 self.timed_out += 1
-                raise RenderError(f"{what} took longer than the {self.timeout:g} s render time limit "
+                raise RenderTimeLimit(f"{what} took longer than the {self.timeout:g} s render time limit "
                                   "(the render worker was killed and replaced)") from None
             except ProcessExpired as exc:
                 # A segfault may be this document's fault, an OOM kill the machine's: try once more.

@@ -46,7 +46,7 @@ class InputProblem:
 
 
 def sniff_kind(data: bytes) -> str | None:
-    """``"pdf"`` (``%PDF`` in the first 1024 bytes), ``"png"``, ``"jpeg"`` or None."""
+    """``"pdf"`` (``%PDF`` in the first 1024 bytes), ``"png"``, ``"jpeg"``, ``"tiff"`` or None."""
     head = data[:SNIFF_BYTES]
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return "png"
@@ -54,6 +54,10 @@ def sniff_kind(data: bytes) -> str | None:
         return "jpeg"
     if b"%PDF" in head:
         return "pdf"
+    # --- TIFF (issue #30; rendered in olmocr/pipeline/pages/render.py): classic or BigTIFF, either byte order
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    # --- end TIFF
     return None
 
 
@@ -120,6 +124,12 @@ def count_pages(path: str) -> int:
         else:
             data = path
             kind = sniff_kind(read_head(path))
+        # --- TIFF (issue #30): one page per frame
+        if kind == "tiff":
+            from olmocr.pipeline.pages.render import tiff_frame_count
+
+            return max(1, tiff_frame_count(data if isinstance(data, bytes) else path))
+        # --- end TIFF
         if kind != "pdf":
             return 1
         import pypdfium2
