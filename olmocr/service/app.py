@@ -220,16 +220,20 @@ class Service:
             docs.append(Document(name=name, key=key, kind=kind, pages=pages))
         record = await asyncio.to_thread(self.store.submit, job_id, docs, token, source)
         self._submitted[job_id] = time.time()
-        if self.config.wake is not None:  # idle embedded workers claim it now
-            self.config.wake.set()
-            self.config.wake.clear()
         logger.info("job %s: %d documents, %d pages queued (%s)", job_id, len(docs),
                     sum(d.pages for d in docs), source)
         return record
 
+    def _wake_workers(self) -> None:
+        """Idle embedded workers claim the new item now instead of at their next poll."""
+        if self.config.wake is not None:
+            self.config.wake.set()
+            self.config.wake.clear()
+
     async def post_job(self, request: web.Request) -> web.Response:
         record = await self._submit(request)
-        status = await asyncio.to_thread(self.store.status, record)
+        status = await asyncio.to_thread(self.store.status, record)  # before any worker can claim it: queued
+        self._wake_workers()
         return web.json_response(status, status=202, headers={"Location": f"/v1/jobs/{record['id']}"})
 
     async def convert(self, request: web.Request) -> web.StreamResponse:
@@ -237,6 +241,7 @@ class Service:
         timeout = self._number(request, "timeout", self.config.limits.convert_timeout_s)
         timeout = min(timeout, self.config.limits.convert_timeout_s)
         record = await self._submit(request)
+        self._wake_workers()
         deadline = time.monotonic() + timeout
         pause = 0.05
         while True:

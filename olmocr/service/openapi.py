@@ -88,8 +88,8 @@ _SCHEMAS = {
 
 _RESULT_CONTENT = {
     "application/json": {"schema": _ref("Result")},
-    "application/x-ndjson": {"schema": {"type": "string"}, "description": "format=dolma: Dolma JSON lines"},
-    "text/markdown": {"schema": {"type": "string"}, "description": "format=markdown with Accept: text/markdown"},
+    "application/x-ndjson": {"schema": {"type": "string", "description": "format=dolma: Dolma JSON lines"}},
+    "text/markdown": {"schema": {"type": "string", "description": "format=markdown with Accept: text/markdown"}},
 }
 
 
