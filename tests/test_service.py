@@ -156,23 +156,28 @@ def test_round_trip_every_route_and_format(workspace: str, standin: StandIn, tmp
         r = svc.submit(SAMPLES.earnings, path="/v1/convert?format=markdown")
         assert r.status_code == 200, r.text
         assert r.json()["state"] == "done" and r.json()["documents"][0]["markdown"].startswith("Stand-in OCR")
+        # Idle embedded workers are woken by a new job: no wait for their next poll of the queue (10 s).
+        for _ in range(2):
+            started = time.monotonic()
+            assert svc.submit(SAMPLES.earnings, path="/v1/convert").status_code == 200
+            assert time.monotonic() - started < 5
 
         listing = svc.get("/v1/jobs?limit=2").json()
         assert len(listing["jobs"]) == 2 and listing["next"]
-        rest = svc.get(f"/v1/jobs?limit=2&before={listing['next']}").json()
+        rest = svc.get(f"/v1/jobs?limit=3&before={listing['next']}").json()
         ids = [j["id"] for j in listing["jobs"] + rest["jobs"]]
-        assert job["id"] in ids and ids == sorted(ids, reverse=True) and len(set(ids)) == 3
+        assert job["id"] in ids and ids == sorted(ids, reverse=True) and len(set(ids)) == 5 and rest["next"] is None
 
         assert svc.get("/healthz").text == "ok\n" and svc.get("/readyz").status_code == 200
         assert svc.get("/openapi.json").json()["openapi"].startswith("3.")
 
         def metrics_caught_up() -> str | None:
             text = svc.get("/metrics").text
-            return text if 'olmocr_service_jobs{state="done"} 3.0' in text else None
+            return text if 'olmocr_service_jobs{state="done"} 5.0' in text else None
 
-        text = wait_for(metrics_caught_up, 20, "3 done jobs in /metrics")
-        assert "olmocr_service_job_seconds_count 3.0" in text
-        assert 'olmocr_service_queue_items{state="done"} 3.0' in text
+        text = wait_for(metrics_caught_up, 20, "5 done jobs in /metrics")
+        assert "olmocr_service_job_seconds_count 5.0" in text
+        assert 'olmocr_service_queue_items{state="done"} 5.0' in text
 
 
 def test_openapi_document_is_valid_and_names_every_route(tmp_path: Path) -> None:
@@ -269,6 +274,9 @@ def test_cancel_drops_work_not_started(tmp_path: Path, standin: StandIn) -> None
         plog = tmp_path / "pipeline.log"
         follower = start_pipeline(ws, standin.url, (), "--follow", "--workers", "2", log=plog)
         try:
+            wait_for(lambda: "is ready and serves" in plog.read_text(), 60, "the --follow pipeline ready")
+            time.sleep(2)  # its workers found nothing to claim: they wait for new items
+            assert follower.poll() is None, plog.read_text()
             later = svc.submit(SAMPLES.guide).json()
             svc.wait_state(later["id"], timeout=60)
             assert svc.get(f"/v1/jobs/{job['id']}").json()["state"] == "cancelled"

@@ -93,7 +93,7 @@ def test_every_limit_and_malformed_input_has_its_own_answer(tmp_path: Path) -> N
         refused(paths(f"{root}/../secret.pdf"), 403, "path_not_allowed", "'..'")
         refused(paths(str(secret)), 403, "path_not_allowed", "outside the configured roots")
         refused(paths(str(root / "link.pdf")), 403, "path_not_allowed", "symbolic links")
-        refused(paths(f"file://{root}/inside.pdf"), 403, "path_not_allowed", "file://")
+        refused(paths(f"file://{root}/inside.pdf"), 403, "path_not_allowed", "file:// URLs are not accepted")
         refused(paths("s3://elsewhere/doc.pdf"), 403, "path_not_allowed", "not under a configured root")
         refused(paths("http://example.com/doc.pdf"), 403, "path_not_allowed")
         refused(paths(str(root / "missing.pdf")), 404, "not_found")

@@ -254,6 +254,8 @@ class Service:
             status["message"] = (f"not finished within {timeout:g} s; the job goes on: poll "
                                  f"/v1/jobs/{record['id']}")
             return web.json_response(status, status=202, headers={"Location": f"/v1/jobs/{record['id']}"})
+        if record["id"] in self._submitted:  # the histogram sees it now, not at the watcher's next round
+            self.job_seconds.observe(max(0.0, time.time() - self._submitted.pop(record["id"])))
         if status["state"] == "failed":
             reasons = "; ".join(f"{d['name']}: {d.get('reason', '')}" for d in status["documents"])
             raise ServiceError(422, "conversion_failed", f"job {record['id']} failed: {reasons}")
