@@ -24,6 +24,7 @@ from olmocr.service.intake import (
     check_document_count,
     confine,
     inspect,
+    page_image,
     read_named,
     too_large,
 )
@@ -32,7 +33,7 @@ from olmocr.service.jobs import FINISHED, STATES, Document, JobStore, new_job_id
 logger = logging.getLogger("olmocr.service")
 
 #: Answered without the token (the kubelet's probes).
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})  # "/": the page itself holds no data
 FORMATS = ("markdown", "dolma", "pages")
 #: Seconds a 429 asks the client to wait.
 RETRY_AFTER_S = 5
@@ -132,8 +133,10 @@ class Service:
             web.get("/v1/jobs/{id}", self.get_job),
             web.delete("/v1/jobs/{id}", self.delete_job),
             web.get("/v1/jobs/{id}/result", self.get_result),
+            web.get("/v1/jobs/{id}/documents/{doc}/pages/{page}/image", self.get_page_image),
             web.post("/v1/convert", self.convert),
             web.get("/openapi.json", self.openapi),
+            web.get("/", self.page),
             web.get("/healthz", self.healthz),
             web.get("/readyz", self.readyz),
             web.get("/metrics", self.metrics),
@@ -360,7 +363,26 @@ class Service:
         return web.json_response({"id": record["id"], "state": status["state"], "format": fmt,
                                   "documents": documents})
 
+    async def get_page_image(self, request: web.Request) -> web.Response:
+        record = await asyncio.to_thread(self._record, request)
+        try:
+            doc, page = int(request.match_info["doc"]), int(request.match_info["page"])
+            entry = record["documents"][doc]
+        except (ValueError, IndexError):
+            raise ServiceError(404, "not_found", f"job {record['id']} has no document "
+                               f"{request.match_info['doc']!r} or page {request.match_info['page']!r}") from None
+        data = await asyncio.to_thread(self.storage.read, entry["key"])
+        if data is None:
+            raise ServiceError(404, "not_found", f"the upload of {entry['name']} is gone from the workspace")
+        image, ctype = await asyncio.to_thread(page_image, data, entry["kind"], page)
+        return web.Response(body=image, content_type=ctype, headers={"Cache-Control": "private, max-age=3600"})
+
     # ---- the rest -----------------------------------------------------------------------------------
+
+    async def page(self, request: web.Request) -> web.Response:
+        from olmocr.service.page import PAGE
+
+        return web.Response(text=PAGE, content_type="text/html")
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response(openapi.document())

@@ -8,10 +8,15 @@ root, ``s3://`` paths to start with a configured prefix, ``..`` components and `
 
 from __future__ import annotations
 
+import io
 import os
+import threading
 from dataclasses import dataclass, field
 
 from olmocr.pipeline.workspace.inputs import read_input, sniff_kind
+
+#: pdfium is not thread-safe; the service opens documents from request threads, one at a time.
+PDFIUM_LOCK = threading.Lock()
 
 
 class ServiceError(Exception):
@@ -78,15 +83,16 @@ def inspect(name: str, data: bytes, limits: Limits) -> tuple[str, int]:
         return kind, 1
     import pypdfium2
 
-    try:
-        doc = pypdfium2.PdfDocument(data)
-    except Exception as exc:  # noqa: BLE001 - pdfium's error says why (damaged, password ...)
-        raise ServiceError(422, "bad_pdf", f"{name} cannot be opened as a PDF ({exc}): send an intact, "
-                           "unencrypted file") from None
-    try:
-        pages = len(doc)
-    finally:
-        doc.close()
+    with PDFIUM_LOCK:
+        try:
+            doc = pypdfium2.PdfDocument(data)
+        except Exception as exc:  # noqa: BLE001 - pdfium's error says why (damaged, password ...)
+            raise ServiceError(422, "bad_pdf", f"{name} cannot be opened as a PDF ({exc}): send an intact, "
+                               "unencrypted file") from None
+        try:
+            pages = len(doc)
+        finally:
+            doc.close()
     if pages == 0:
         raise ServiceError(422, "bad_pdf", f"{name} is a PDF with no pages: nothing to convert")
     if pages > limits.max_pages:
@@ -150,3 +156,28 @@ def read_named(name: str, path: str, limits: Limits) -> bytes:
     if len(data) > limits.max_upload_bytes:
         raise too_large(limits)
     return data
+
+
+def page_image(data: bytes, kind: str, page: int, longest: int = 1000) -> tuple[bytes, str]:
+    """``(image, content type)`` of one page (1-based) for the upload page: a PNG of a PDF page whose longest
+    side is ``longest`` pixels, or an image document as it was uploaded."""
+    if kind != "pdf":
+        if page != 1:
+            raise ServiceError(404, "not_found", f"an image has one page, not page {page}")
+        return data, "image/png" if kind == "png" else "image/jpeg"
+    import pypdfium2
+
+    with PDFIUM_LOCK:
+        doc = pypdfium2.PdfDocument(data)
+        try:
+            if not 1 <= page <= len(doc):
+                raise ServiceError(404, "not_found", f"no page {page} (the document has {len(doc)})")
+            pdf_page = doc[page - 1]
+            width, height = pdf_page.get_size()
+            image = pdf_page.render(scale=longest / max(width, height, 1)).to_pil()
+            pdf_page.close()
+        finally:
+            doc.close()
+    out = io.BytesIO()
+    image.convert("RGB").save(out, format="PNG")
+    return out.getvalue(), "image/png"

@@ -131,6 +131,19 @@ def document() -> dict:
                                       "400": _error("unknown format"), "404": _error("no such job"),
                                       "409": _error("the job is not finished (code not_finished)")}},
             },
+            "/v1/jobs/{id}/documents/{doc}/pages/{page}/image": {
+                "get": {"summary": "a page's image (the upload page shows it beside the Markdown)",
+                        "operationId": "getPageImage",
+                        "parameters": [_JOB_ID,
+                                       {"name": "doc", "in": "path", "required": True,
+                                        "schema": {"type": "integer", "minimum": 0},
+                                        "description": "the document's index in the job"},
+                                       {"name": "page", "in": "path", "required": True,
+                                        "schema": {"type": "integer", "minimum": 1}}],
+                        "responses": {"200": {"description": "PNG (a PDF page) or the uploaded image",
+                                              "content": {"image/png": {}, "image/jpeg": {}}},
+                                      "404": _error("no such job, document or page")}},
+            },
             "/v1/convert": {
                 "post": {"summary": "submit and wait (bounded) for the result", "operationId": "convert",
                          "parameters": [_FORMAT, {"name": "timeout", "in": "query",
@@ -142,6 +155,8 @@ def document() -> dict:
                                        "422": _error("refused at submit (see POST /v1/jobs), or every document "
                                                      "failed (code conversion_failed)")}},
             },
+            "/": {"get": {"summary": "the upload page", "operationId": "page", "security": [],
+                          "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}}}},
             "/openapi.json": {"get": {"summary": "this document", "operationId": "openapi",
                                       "responses": {"200": {"description": "OpenAPI 3.1",
                                                             "content": {"application/json": {}}}}}},
