@@ -285,3 +285,43 @@ def test_cancel_drops_work_not_started(tmp_path: Path, standin: StandIn) -> None
         finally:
             stop_process_group(follower)
         assert requests.delete(f"{svc.url}/v1/jobs/{later['id']}", timeout=30).json()["error"]["code"] == "job_finished"
+
+
+# ---- failures -------------------------------------------------------------------------------------------
+
+
+def test_a_failed_document_reports_its_reason(standin: StandIn, tmp_path: Path) -> None:
+    """A document the pipeline cannot convert: the job is failed with the document's reason; convert says
+    so with 422; a good document beside it is done."""
+    from tests.sample_docs import bad_inputs
+
+    huge = tmp_path / "huge.pdf"
+    huge.write_bytes(bad_inputs(SAMPLES.letter)["huge.pdf"][0])
+    with running_service(tmp_path / "ws", standin, tmp_path / "service.log") as svc:
+        r = svc.submit(huge, path="/v1/convert")
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["code"] == "conversion_failed" and "enormous page" in r.json()["error"]["message"]
+        job = svc.submit(huge, SAMPLES.letter).json()
+        done = svc.wait_state(job["id"], ("done", "failed"))
+        assert done["state"] == "done"  # one of its documents is
+        outcomes = {d["name"]: (d["outcome"], d.get("reason", "")) for d in done["documents"]}
+        assert outcomes["letter.pdf"] == ("done", "")
+        assert outcomes["huge.pdf"][0] == "failed" and "enormous page" in outcomes["huge.pdf"][1]
+        result = svc.get(f"/v1/jobs/{job['id']}/result").json()["documents"]
+        assert result[0]["markdown"] is None and "enormous page" in result[0]["reason"]
+        assert result[1]["markdown"].startswith("Stand-in OCR")
+
+
+def test_a_retryable_failure_is_retried_and_the_job_finishes(standin: StandIn, tmp_path: Path) -> None:
+    """The server answers garbage: the document fails (retryable); the job stays running, follows the
+    queue's retry item, and is done once the server answers well."""
+    standin.control(answer="garbage")
+    ws = tmp_path / "ws"
+    with running_service(ws, standin, tmp_path / "service.log") as svc:
+        job = svc.submit(SAMPLES.letter).json()
+        wait_for(lambda: list((ws / "failed").glob("failed_*.jsonl")), 120, "the first attempt's failure record")
+        assert svc.get(f"/v1/jobs/{job['id']}").json()["state"] == "running"
+        standin.control(answer="ok")
+        done = svc.wait_state(job["id"], timeout=120)
+        assert [d["outcome"] for d in done["documents"]] == ["done"]
+        assert svc.get(f"/v1/jobs/{job['id']}/result").json()["documents"][0]["markdown"].startswith("Stand-in")
