@@ -185,6 +185,11 @@ class JobStore:
                     return chain, True, False
             chain.append(nxt)
 
+    def item_done(self, record: dict) -> bool:
+        """Whether the job's own item is done or the job cancelled: one or two reads (for polling)."""
+        return (self.queue.is_done(record["item"])
+                or self.storage.read(f"{CANCELLED}{record['id']}.json") is not None)
+
     def _leased(self, item: str) -> bool:
         lease = _read_json(self.storage, lock_key(item))
         try:
