@@ -8,20 +8,15 @@ import asyncio
 import logging
 import os
 import sys
-from typing import NoReturn
 
 from olmocr import __version__, envs
 from olmocr.logformat import LOG_FORMAT
+from olmocr.pipeline.cli import OneLineParser  # errors on one line, exit status 2
 
 logger = logging.getLogger("olmocr.service")
 
 TOKEN_VAR, TOKEN_FILE_VAR = "OLMOCR_SERVICE_TOKEN", "OLMOCR_SERVICE_TOKEN_FILE"
 STATUS_USAGE = 2
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # type: ignore[override]
-        self.exit(STATUS_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
