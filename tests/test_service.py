@@ -246,9 +246,9 @@ def test_killed_mid_job_then_restarted_the_job_finishes(workspace: str, standin:
         assert [p["page"] for p in pages["documents"][0]["pages"]] == [1, 2, 3, 4, 5, 6]
 
 
-def test_two_replicas_share_one_workspace(standin: StandIn, tmp_path: Path) -> None:
+def test_two_replicas_share_one_workspace(workspace: str, standin: StandIn, tmp_path: Path) -> None:
     """A job submitted to one replica is seen, listed, done and fetched through the other."""
-    ws = tmp_path / "ws"
+    ws = workspace
     with running_service(ws, standin, tmp_path / "a.log") as a, running_service(ws, None, tmp_path / "b.log") as b:
         job = b.submit(SAMPLES.guide).json()
         assert job["id"] in [j["id"] for j in a.get("/v1/jobs").json()["jobs"]]
