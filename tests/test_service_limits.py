@@ -24,6 +24,14 @@ LIMITS = {"OLMOCR_SERVICE_MAX_UPLOAD_MB": "0.25", "OLMOCR_SERVICE_MAX_PAGES": "3
           "OLMOCR_SERVICE_MAX_DOCUMENTS": "2", "OLMOCR_SERVICE_MAX_JOBS_IN_FLIGHT": "1"}
 
 
+def peak_rss(pid: int) -> int:
+    """The process's peak resident memory (VmHWM), bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for pid {pid}")
+
+
 def refused(r: requests.Response, status: int, code: str, words: str = "") -> dict:
     """The answer is ``status`` with a JSON error of ``code`` whose one-line message holds ``words``."""
     assert r.status_code == status, f"{r.status_code} {r.text}"
@@ -79,6 +87,13 @@ def test_every_limit_and_malformed_input_has_its_own_answer(tmp_path: Path) -> N
         chunked = requests.post(f"{url}/v1/jobs", headers={**auth, "Content-Type": ctype}, timeout=60,
                                 data=(body[i:i + 65536] for i in range(0, len(body), 65536)))  # no Content-Length
         refused(chunked, 413, "upload_too_large")
+        # A huge streamed body is refused as it arrives: the service never holds it (its peak memory stays).
+        peak = peak_rss(svc.proc.pid)
+        block = b"%" + b"x" * 65535
+        huge = requests.post(f"{url}/v1/jobs", headers={**auth, "Content-Type": ctype}, timeout=120,
+                             data=(body[:512] if i == 0 else block for i in range(3200)))  # 200 MiB
+        refused(huge, 413, "upload_too_large")
+        assert peak_rss(svc.proc.pid) - peak < 64 * 2**20, "the service read the whole body into memory"
 
         # The request itself: wrong content type, bad JSON, no documents.
         refused(requests.post(f"{url}/v1/jobs", headers={**auth, "Content-Type": "text/plain"}, data=b"hello",
