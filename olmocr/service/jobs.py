@@ -293,16 +293,15 @@ class JobStore:
                                 [{"source": p, "reason": CANCEL_REASON, "retryable": False} for p in paths])
 
     def in_flight(self, token: str) -> list[str]:
-        """The token's unfinished jobs (markers of finished ones are removed on the way)."""
+        """The token's unfinished jobs (markers of finished ones are removed on the way). A job counts until
+        its own item is done or it is cancelled (two or three reads each, on every submit): its retries, if
+        any, are not counted."""
         live = []
-        index = None
         for key in self.storage.list(f"{INFLIGHT}{token}/"):
             job_id = key.rsplit("/", 1)[-1]
             record = self.record(job_id)
-            if record is not None:
-                index = load_index(self.storage) if index is None else index
-                if self.status(record, index)["state"] not in FINISHED:
-                    live.append(job_id)
-                    continue
+            if record is not None and not self.item_done(record):
+                live.append(job_id)
+                continue
             self.storage.delete(key)
         return live
