@@ -30,12 +30,15 @@ SERVED_MODEL_NAME = "olmocr"
 DEFAULT_MODEL = "allenai/olmOCR-7B-0825-FP8"
 DEFAULT_PORT = 30024
 DEFAULT_STATUS_PORT = 30025
+#: olmocr-service (documents over HTTP): clear of the servers' 30024+ block and the status port after it.
+DEFAULT_SERVICE_PORT = 30090
 DEFAULT_MAX_MODEL_LEN = 16384
 #: Seconds "connection refused" counts as "still loading" (vLLM opens its port only once the model is loaded).
 DEFAULT_STARTUP_TIMEOUT_S = 600.0
 
 #: Where a setting belongs; each gets its own table in the docs.
 SERVER, STATUS, PIPELINE, STANDIN, SLURM = "server", "status", "pipeline", "standin", "slurm"
+SERVICE = "service"
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,26 @@ REGISTRY: tuple[Setting, ...] = (
     _s("OLMOCR_METRICS_TOKEN", str, None, "bearer token `--metrics_port` requires beyond loopback", PIPELINE,
        secret=True, shown_default=""),
     _s("OLMOCR_METRICS_TOKEN_FILE", str, None, "a file holding that token", PIPELINE, shown_default=""),
+    # ---- olmocr-service (docs/service.md)
+    _s("OLMOCR_SERVICE_HOST", str, "127.0.0.1", "olmocr-service address (`--host`); any other than loopback "
+       "needs a token", SERVICE),
+    _s("OLMOCR_SERVICE_PORT", int, DEFAULT_SERVICE_PORT, "olmocr-service port (`--port`)", SERVICE),
+    _s("OLMOCR_SERVICE_TOKEN", str, None, "bearer token olmocr-service requires (beyond loopback: always)",
+       SERVICE, secret=True, shown_default=""),
+    _s("OLMOCR_SERVICE_TOKEN_FILE", str, None, "a file holding that token (`--token-file`)", SERVICE,
+       shown_default=""),
+    _s("OLMOCR_SERVICE_ROOTS", tuple, (), "local directories and `s3://` prefixes whose files clients may "
+       "name by path, shell words (`--root`, repeatable); none: uploads only", SERVICE, shown_default=""),
+    _s("OLMOCR_SERVICE_WORKERS", int, 4, "embedded pipeline workers (`--workers`; 0: none, `--follow` "
+       "pipelines elsewhere do the work)", SERVICE),
+    _s("OLMOCR_SERVICE_MAX_UPLOAD_MB", float, 100.0, "largest request body (all of a job's documents), MiB; "
+       "above it: 413", SERVICE),
+    _s("OLMOCR_SERVICE_MAX_PAGES", int, 2000, "most pages per document; above it: 422", SERVICE),
+    _s("OLMOCR_SERVICE_MAX_DOCUMENTS", int, 100, "most documents per job; above it: 422", SERVICE),
+    _s("OLMOCR_SERVICE_MAX_JOBS_IN_FLIGHT", int, 20, "unfinished jobs per token; above it: 429 with "
+       "`Retry-After`", SERVICE),
+    _s("OLMOCR_SERVICE_CONVERT_TIMEOUT", float, 300.0, "longest wait of `POST /v1/convert`, seconds; then it "
+       "answers 202 with the job to poll", SERVICE),
     # ---- the Slurm templates (deploy/slurm/*.sbatch; docs/slurm.md)
     _s("OLMOCR_PIPELINE_ARGS", tuple, (), "extra pipeline flags for every task, shell words (e.g. `--workers 40 "
        "--markdown`)", SLURM, shown_default=""),
@@ -242,7 +265,7 @@ def value(name: str, env: Mapping[str, str] | None = None) -> object:
 # ------------------------------------------------------------------------------------- docs tables
 
 _TITLES = {SERVER: "server", STATUS: "status service", PIPELINE: "pipeline", STANDIN: "stand-in",
-           SLURM: "Slurm templates"}
+           SLURM: "Slurm templates", SERVICE: "olmocr-service"}
 #: Which guide holds which table.
 DOC_TABLES: dict[str, tuple[str, ...]] = {
     "docs/operations.md": (SERVER,),
@@ -250,6 +273,7 @@ DOC_TABLES: dict[str, tuple[str, ...]] = {
     "docs/pipeline.md": (PIPELINE,),
     "docs/standin.md": (STANDIN,),
     "docs/slurm.md": (SLURM,),
+    "docs/service.md": (SERVICE,),
 }
 
 

@@ -109,6 +109,25 @@ def test_waiting_on_a_slow_server(tmp_path: Path) -> None:
         standin.stop()
 
 
+def test_follow_waits_for_new_items(tmp_path: Path) -> None:
+    """``--follow``: the queue done, the pipeline keeps running at about zero CPU and takes the next item."""
+    standin = launch_standin(tmp_path)
+    ws = tmp_path / "ws"
+    log = tmp_path / "pipeline.log"
+    proc = start_pipeline(ws, standin.url, SMALL_DOCS[:1], "--follow", "--workers", "20", log=log)
+    try:
+        wait_for_log(log, "done: 1 documents written", 60)
+        time.sleep(3)
+        assert_idle(cpu_over_window(proc, log), "following an empty queue", log)
+        WorkQueue(LocalStorage(str(ws))).populate([str(SMALL_DOCS[1])])  # as olmocr-service adds a job
+        wait_for_log(log, "claimed work item", 60)
+        wait_for(lambda: log.read_text().count("done: 1 documents written") == 2, 60, "the new item done")
+        assert proc.poll() is None, log.read_text()[-3000:]
+    finally:
+        stop_process_group(proc)
+        standin.stop()
+
+
 def standin_info(url: str) -> dict:
     import requests
 

@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="exit status after a graceful stop by SIGTERM/Ctrl+C (default 0); a Kubernetes Job "
                            "sets 143 so that a drained or preempted pod's index is run again instead of "
                            "counted as completed (docs/kubernetes.md)")
+    work.add_argument("--follow", action="store_true",  # --follow (olmocr.service)
+                      help="keep running when the queue is empty and take new work items as they arrive "
+                           "(e.g. from olmocr-service); idle, it polls the queue every few seconds")
     work.add_argument("--render_processes", type=whole(1), default=None,
                       help="page-rendering processes (default: number of CPU cores)")
     work.add_argument("--render_timeout", type=number(0, note=" (0 = no limit)"), default=DEFAULT_RENDER_TIMEOUT_S,
@@ -323,6 +326,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, internal: b
         apply_filter=args.apply_filter,
         workspace_profile=args.workspace_profile,
         pdf_profile=args.pdf_profile,
+        follow=args.follow,
     )
     if args.retry_fallback_pages is not None:  # --- issue #30
         _queue_fallback_pages(parser, args)

@@ -67,6 +67,11 @@ class PipelineConfig:
     apply_filter: bool = False
     workspace_profile: str | None = None
     pdf_profile: str | None = None
+    # ---- --follow (olmocr.service): keep running and take new items as they arrive
+    follow: bool = False
+    #: Set (then cleared) by whoever adds items in this process: idle workers claim at once instead of polling.
+    follow_wake: asyncio.Event | None = field(default=None, compare=False, repr=False)
+    # ---- end --follow
 
 
 def populate(queue: WorkQueue, specs: tuple[str, ...], pages_per_group: int) -> int:
@@ -179,7 +184,7 @@ class Runner:
             return item
         counts = await asyncio.to_thread(self.queue.counts)
         others = counts.get("leased", 0) - len(self.active)
-        if counts.get("pending", 0) <= 0 and others <= 0:
+        if counts.get("pending", 0) <= 0 and others <= 0 and not self.config.follow:  # --follow: wait for more
             return False
         return None
 
@@ -189,6 +194,8 @@ class Runner:
         if wake_on_item:
             self.item_finished.clear()
             waits.append(asyncio.ensure_future(self.item_finished.wait()))
+            if self.config.follow_wake is not None:  # --follow: new items in this process
+                waits.append(asyncio.ensure_future(self.config.follow_wake.wait()))
         try:
             await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -374,7 +381,7 @@ async def run_pipeline(config: PipelineConfig, stop: StopRequest | None = None,
     else:
         await asyncio.to_thread(queue.requeue_retryable)
     counts = await asyncio.to_thread(queue.counts)
-    if counts.get("pending", 0) == 0 and counts.get("leased", 0) == 0:
+    if counts.get("pending", 0) == 0 and counts.get("leased", 0) == 0 and not config.follow:  # --follow: wait
         if found == 0:  # every --pdfs spec was a mistake: `pipeline && next-step` must not carry on
             raise NoInput(
                 f"nothing to do: no document could be queued from --pdfs ({len(config.pdfs)} given; see the "

@@ -1,0 +1,3 @@
+from olmocr.service.cli import main
+
+raise SystemExit(main())

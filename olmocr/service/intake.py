@@ -1,0 +1,183 @@
+"""What a client may send: errors with their own status and code, the limits, and the paths it may name.
+
+Every refusal is a :class:`ServiceError`, answered as ``{"error": {"code", "message"}}`` with its status.
+Types are judged by content (``sniff_kind``), never by name or Content-Type. Paths a client names are
+confined to the configured roots: local paths resolved (symlinks followed) and checked to stay inside a
+root, ``s3://`` paths to start with a configured prefix, ``..`` components and ``file://`` refused.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from dataclasses import dataclass, field
+
+from olmocr.pipeline.workspace.inputs import read_input, sniff_kind
+
+#: pdfium is not thread-safe; the service opens documents from request threads, one at a time.
+PDFIUM_LOCK = threading.Lock()
+
+
+class ServiceError(Exception):
+    """A request the service refuses: HTTP status, a stable code, and one line saying what to do."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_upload_bytes: int = 100 * 2**20  # per request
+    max_pages: int = 2000  # per document
+    max_documents: int = 100  # per job
+    max_jobs_in_flight: int = 20  # per token
+    convert_timeout_s: float = 300.0  # the longest wait of POST /v1/convert
+
+
+@dataclass(frozen=True)
+class Roots:
+    """Where client-named paths may point: local directories and ``s3://`` prefixes."""
+
+    local: tuple[str, ...] = ()
+    s3: tuple[str, ...] = field(default=())
+
+    @classmethod
+    def parse(cls, values: list[str] | tuple[str, ...]) -> Roots:
+        local = tuple(os.path.realpath(os.path.expanduser(v)) for v in values if not v.startswith("s3://"))
+        s3 = tuple(v.rstrip("/") + "/" for v in values if v.startswith("s3://"))
+        return cls(local, s3)
+
+
+def too_large(limits: Limits) -> ServiceError:
+    return ServiceError(413, "upload_too_large", f"the request is larger than the limit of "
+                        f"{limits.max_upload_bytes} bytes (OLMOCR_SERVICE_MAX_UPLOAD_MB): send fewer or "
+                        "smaller documents per job")
+
+
+def check_document_count(count: int, limits: Limits) -> None:
+    if count == 0:
+        raise ServiceError(422, "no_documents", "the request names no document: send multipart field 'file' "
+                           "(repeat it for several) or JSON {\"paths\": [...]}")
+    if count > limits.max_documents:
+        raise ServiceError(422, "too_many_documents", f"{count} documents in one job, more than the limit of "
+                           f"{limits.max_documents} (OLMOCR_SERVICE_MAX_DOCUMENTS): split them into several jobs")
+
+
+def inspect(name: str, data: bytes, limits: Limits) -> tuple[str, int]:
+    """``(kind, pages)`` of a document, or the :class:`ServiceError` that refuses it."""
+    if not data:
+        raise ServiceError(422, "empty_file", f"{name} is empty (0 bytes): send the document's content")
+    kind = sniff_kind(data)
+    if kind is None:
+        raise ServiceError(415, "unsupported_type", f"{name} is not a PDF, PNG or JPEG (judged by its content, "
+                           "not its name or Content-Type): convert it to one of those first")
+    if kind != "pdf":
+        return kind, 1
+    import pypdfium2
+
+    with PDFIUM_LOCK:
+        try:
+            doc = pypdfium2.PdfDocument(data)
+        except Exception as exc:  # noqa: BLE001 - pdfium's error says why (damaged, password ...)
+            raise ServiceError(422, "bad_pdf", f"{name} cannot be opened as a PDF ({exc}): send an intact, "
+                               "unencrypted file") from None
+        try:
+            pages = len(doc)
+        finally:
+            doc.close()
+    if pages == 0:
+        raise ServiceError(422, "bad_pdf", f"{name} is a PDF with no pages: nothing to convert")
+    if pages > limits.max_pages:
+        raise ServiceError(422, "too_many_pages", f"{name} has {pages} pages, more than the limit of "
+                           f"{limits.max_pages} per document (OLMOCR_SERVICE_MAX_PAGES): split it, or run it "
+                           "through the batch pipeline")
+    return kind, pages
+
+
+def _refuse(path: str, why: str) -> ServiceError:
+    return ServiceError(403, "path_not_allowed", f"{path!r}: {why}")
+
+
+def confine(path: object, roots: Roots) -> str:
+    """The path to read for a client-named ``path``, or a 403 when it may not be read."""
+    if not isinstance(path, str) or not path.strip():
+        raise ServiceError(400, "bad_request", "each path must be a non-empty string")
+    path = path.strip()
+    if "\x00" in path:
+        raise _refuse(path, "contains a NUL character")
+    if path.lower().startswith("file:"):
+        raise _refuse(path, "file:// URLs are not accepted; name a path under a configured root")
+    if path.startswith("s3://"):
+        key = path[len("s3://"):]
+        if any(part in ("..", ".") for part in key.split("/")):
+            raise _refuse(path, "'..' and '.' are not allowed in a path")
+        if not any(path.startswith(prefix) for prefix in roots.s3):
+            raise _refuse(path, "not under a configured root (--root s3://...): ask the operator, or upload "
+                          "the file instead")
+        return path
+    if "://" in path:
+        raise _refuse(path, "only s3:// and local paths are accepted; upload the file instead")
+    if any(part == ".." for part in path.replace("\\", "/").split("/")):
+        raise _refuse(path, "'..' is not allowed in a path")
+    if not roots.local:
+        raise _refuse(path, "this service reads no local paths (no --root configured): upload the file instead")
+    candidates = [path] if os.path.isabs(path) else [os.path.join(root, path) for root in roots.local]
+    for candidate in candidates:
+        real = os.path.realpath(candidate)
+        for root in roots.local:
+            if os.path.commonpath([real, root]) == root:
+                return real
+    raise _refuse(path, "resolves outside the configured roots (symbolic links are followed)")
+
+
+def read_named(name: str, path: str, limits: Limits) -> bytes:
+    """The content of a confined path, or 404/413/403 errors."""
+    if not path.startswith("s3://"):
+        if not os.path.isfile(path):
+            raise ServiceError(404, "not_found", f"{name}: no such file under the configured roots")
+        if os.path.getsize(path) > limits.max_upload_bytes:
+            raise too_large(limits)
+    try:
+        data = read_input(path)
+    except FileNotFoundError:
+        raise ServiceError(404, "not_found", f"{name}: no such file or object") from None
+    except OSError as exc:
+        raise ServiceError(403, "path_not_allowed", f"{name}: cannot be read ({exc.strerror or exc})") from None
+    except Exception as exc:  # noqa: BLE001 - S3 errors (access denied ...)
+        raise ServiceError(403, "path_not_allowed", f"{name}: cannot be read ({type(exc).__name__})") from None
+    if len(data) > limits.max_upload_bytes:
+        raise too_large(limits)
+    return data
+
+
+def page_image(data: bytes, kind: str, page: int, longest: int = 1000) -> tuple[bytes, str]:
+    """``(image, content type)`` of one page (1-based) for the upload page: a PNG of a PDF page whose longest
+    side is ``longest`` pixels, or an image document as it was uploaded."""
+    if kind != "pdf":
+        if page != 1:
+            raise ServiceError(404, "not_found", f"an image has one page, not page {page}")
+        return data, "image/png" if kind == "png" else "image/jpeg"
+    import pypdfium2
+
+    with PDFIUM_LOCK:
+        doc = pypdfium2.PdfDocument(data)
+        try:
+            if not 1 <= page <= len(doc):
+                raise ServiceError(404, "not_found", f"no page {page} (the document has {len(doc)})")
+            pdf_page = doc[page - 1]
+            width, height = pdf_page.get_size()
+            image = pdf_page.render(scale=longest / max(width, height, 1)).to_pil()
+            pdf_page.close()
+        finally:
+            doc.close()
+    out = io.BytesIO()
+    image.convert("RGB").save(out, format="PNG")
+    return out.getvalue(), "image/png"

@@ -1,0 +1,307 @@
+"""Jobs: records in the workspace, one work item of the shared queue each, states derived from the queue.
+
+Workspace layout (beside the queue's own files, docs/service.md):
+
+* ``service/uploads/<job>/<n>-<name>`` -- the job's documents: uploads, and copies of the paths a client
+  named (a snapshot: what was checked at submit time is what is converted). Written first.
+* ``service/jobs/<job>.json`` -- the job record (documents, their page counts, the work item's hash, who
+  submitted it). Written second, with create-if-absent.
+* the work item ``sha1(the document paths)`` in the queue's index -- written third (``WorkQueue.populate``
+  with every document in one group). A record whose item is missing (the service died between the two
+  writes) is queued again the next time anyone reads it.
+* ``service/cancelled/<job>.json`` -- written by ``DELETE``; the job is ``cancelled`` from then on.
+* ``service/inflight/<token>/<job>`` -- one empty marker per unfinished job of a token (the 429 limit);
+  removed once the job is seen finished.
+
+Nothing else is kept: a job's state comes from the queue (done flag, live lease), its results and failure
+records, and the cancel record, so any number of replicas (and a restarted one) agree.
+
+The queue's layout helpers used here (``results_key``, ``failed_key``, ``lock_key``, ``retry_hash``) are the
+whole of this module's knowledge of the queue beyond ``WorkQueue``'s methods.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from olmocr.pipeline.workspace.queue import (
+    WorkItem,
+    WorkQueue,
+    done_key,
+    failed_key,
+    group_hash,
+    load_index,
+    lock_key,
+    results_key,
+    retry_hash,
+)
+from olmocr.pipeline.workspace.storage import Storage
+
+PREFIX = "service"
+JOBS = f"{PREFIX}/jobs/"
+UPLOADS = f"{PREFIX}/uploads/"
+CANCELLED = f"{PREFIX}/cancelled/"
+INFLIGHT = f"{PREFIX}/inflight/"
+#: A job's whole work item: every document in one group, whatever its pages.
+ONE_GROUP = 10**12
+#: Retry items (of retryable failures) a job follows before it reports the failure as final.
+MAX_RETRY_ROUNDS = 2
+CANCEL_REASON = "cancelled before it started"
+STATES = ("queued", "running", "done", "failed", "cancelled")
+FINISHED = frozenset({"done", "failed", "cancelled"})
+_ID = re.compile(r"^[0-9a-f]{24}$")
+
+
+def new_job_id(clock: float | None = None) -> str:
+    """24 hex digits: milliseconds since 1970 (12), then 12 random: ids sort by submission time."""
+    millis = int((time.time() if clock is None else clock) * 1000)
+    return f"{millis:012x}{secrets.token_hex(6)}"
+
+
+def valid_job_id(job_id: str) -> bool:
+    return bool(_ID.match(job_id))
+
+
+def token_key(token: str | None) -> str:
+    """Who submitted: a short hash of the bearer token (never the token), or ``anonymous``."""
+    return hashlib.sha256(token.encode()).hexdigest()[:16] if token else "anonymous"
+
+
+def safe_name(name: str) -> str:
+    """A file name for the workspace: the base name, characters outside ``[A-Za-z0-9._-]`` replaced."""
+    base = os.path.basename(name.replace("\\", "/")) or "document"
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", base).lstrip(".") or "document"
+    return cleaned[:100]
+
+
+def workspace_path(storage: Storage, key: str) -> str:
+    """The path the pipeline reads ``key`` of the workspace by (``s3://...`` or a local path)."""
+    url = str(getattr(storage, "url", ""))
+    return f"{url.rstrip('/')}/{key}" if url.startswith("s3://") else os.path.join(url, key)
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str  # what the client called it (file name or path)
+    key: str  # its copy in the workspace
+    kind: str  # pdf, png, jpeg
+    pages: int
+
+
+def _read_json(storage: Storage, key: str) -> Any:
+    data = storage.read(key)
+    if data is None:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
+
+
+def _jsonl(data: bytes | None) -> list[dict]:
+    out = []
+    for line in (data or b"").decode("utf-8", errors="replace").splitlines():
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            out.append(value)
+    return out
+
+
+class JobStore:
+    """Submit, read, list and cancel jobs in one workspace (thread-safe: storage calls only)."""
+
+    def __init__(self, storage: Storage, queue: WorkQueue, clock: Any = time.time) -> None:
+        self.storage = storage
+        self.queue = queue
+        self.clock = clock
+
+    # ---- submitting ---------------------------------------------------------------------------------
+
+    def upload_key(self, job_id: str, index: int, name: str) -> str:
+        return f"{UPLOADS}{job_id}/{index}-{safe_name(name)}"
+
+    def submit(self, job_id: str, documents: list[Document], token: str, source: str) -> dict:
+        """Write the record, then queue the item (the uploads are written by the caller, before)."""
+        paths = [workspace_path(self.storage, d.key) for d in documents]
+        record = {
+            "id": job_id,
+            "created": self.clock(),
+            "token": token,
+            "source": source,
+            "item": group_hash(paths),
+            "documents": [{"name": d.name, "key": d.key, "path": p, "kind": d.kind, "pages": d.pages}
+                          for d, p in zip(documents, paths, strict=True)],
+        }
+        if not self.storage.create(f"{JOBS}{job_id}.json", json.dumps(record).encode()):
+            raise RuntimeError(f"job {job_id} exists already")
+        self.storage.write(f"{INFLIGHT}{token}/{job_id}", b"")
+        self._queue(record)
+        return record
+
+    def _queue(self, record: dict) -> None:
+        pages = {d["path"]: int(d["pages"]) for d in record["documents"]}
+        self.queue.populate(list(pages), ONE_GROUP, lambda p: pages.get(p, 1))
+
+    def record(self, job_id: str) -> dict | None:
+        if not valid_job_id(job_id):
+            return None
+        value = _read_json(self.storage, f"{JOBS}{job_id}.json")
+        return value if isinstance(value, dict) else None
+
+    # ---- reading ------------------------------------------------------------------------------------
+
+    def _chain(self, record: dict, index: dict[str, tuple[str, ...]] | None) -> tuple[list[str], bool, bool]:
+        """The job's items (its own, then retry items it follows), whether the last is done, and whether
+        it is leased now. Re-queues the job when its item is missing from the index."""
+        index = load_index(self.storage) if index is None else index
+        item = record["item"]
+        if item not in index:
+            self._queue(record)  # the service died between the record and the queue
+            return [item], False, False
+        chain = [item]
+        while True:
+            current = chain[-1]
+            if not self.queue.is_done(current):
+                return chain, False, self._leased(current)
+            retry = [str(f["source"]) for f in _jsonl(self.storage.read(failed_key(current)))
+                     if f.get("retryable") and f.get("source")]
+            if not retry or len(chain) > MAX_RETRY_ROUNDS:
+                return chain, True, False
+            nxt = retry_hash(current, sorted(set(retry)))
+            if nxt not in index:
+                self.queue.requeue_retryable()
+                index = load_index(self.storage)
+                if nxt not in index:  # re-queued elsewhere under another rule: report what we have
+                    return chain, True, False
+            chain.append(nxt)
+
+    def item_done(self, record: dict) -> bool:
+        """Whether the job's own item is done or the job cancelled: one or two reads (for polling)."""
+        return (self.queue.is_done(record["item"])
+                or self.storage.read(f"{CANCELLED}{record['id']}.json") is not None)
+
+    def _leased(self, item: str) -> bool:
+        lease = _read_json(self.storage, lock_key(item))
+        try:
+            return float(lease["expires_at"]) > self.clock()
+        except (TypeError, KeyError, ValueError):
+            return False
+
+    def status(self, record: dict, index: dict[str, tuple[str, ...]] | None = None,
+               rate: float | None = None) -> dict:
+        """The job as ``GET /v1/jobs/{id}`` answers it."""
+        job_id = record["id"]
+        cancel = _read_json(self.storage, f"{CANCELLED}{job_id}.json")
+        chain, done, leased = self._chain(record, index)
+        outcomes = self._outcomes(record, chain)
+        docs = []
+        pages_done = 0
+        for d in record["documents"]:
+            outcome = outcomes.get(d["path"])
+            entry = {"name": d["name"], "kind": d["kind"], "pages": d["pages"]}
+            if outcome is None:
+                entry["outcome"] = "cancelled" if cancel is not None and done else "pending"
+            elif outcome.get("doc") is not None:
+                entry["outcome"] = "done"
+                pages_done += d["pages"]
+            else:
+                failure = outcome["failure"]
+                cancelled = failure.get("reason") == CANCEL_REASON
+                entry["outcome"] = "cancelled" if cancelled else "failed"
+                entry["reason"] = str(failure.get("reason", ""))
+                if not cancelled:
+                    pages_done += d["pages"]
+            docs.append(entry)
+        pages_total = sum(int(d["pages"]) for d in record["documents"])
+        if cancel is not None:
+            state = "cancelled"
+        elif done:
+            state = "done" if any(e["outcome"] == "done" for e in docs) else "failed"
+        else:
+            state = "running" if leased or len(chain) > 1 else "queued"
+        remaining = 0 if state in FINISHED else pages_total - pages_done
+        eta = None if state not in FINISHED and not rate else (remaining / rate if rate else 0.0)
+        finished_at = None
+        if state in FINISHED:
+            finished_at = (cancel or {}).get("time") or self._done_time(chain[-1])
+        return {
+            "id": job_id,
+            "state": state,
+            "created": record["created"],
+            "finished": finished_at,
+            "pages_done": pages_done,
+            "pages_total": pages_total,
+            "eta_seconds": eta,
+            "documents": docs,
+        }
+
+    def _done_time(self, item: str) -> float | None:
+        flag = _read_json(self.storage, done_key(item))  # written by WorkQueue.complete
+        try:
+            return float(flag["time"])
+        except (TypeError, KeyError, ValueError):
+            return None
+
+    def _outcomes(self, record: dict, chain: list[str]) -> dict[str, dict]:
+        """Per document path: ``{"doc": dolma}`` or ``{"failure": record}``, the latest item's word first."""
+        out: dict[str, dict] = {}
+        for item in chain:
+            for doc in _jsonl(self.storage.read(results_key(item))):
+                source = str((doc.get("metadata") or {}).get("Source-File", ""))
+                out[source] = {"doc": doc}
+            for failure in _jsonl(self.storage.read(failed_key(item))):
+                source = str(failure.get("source", ""))
+                if source and "doc" not in out.get(source, {}):
+                    out[source] = {"failure": failure}
+        return out
+
+    def results(self, record: dict) -> list[tuple[dict, dict | None]]:
+        """``(document entry, Dolma document or None)`` per document, in submission order."""
+        chain, _, _ = self._chain(record, None)
+        outcomes = self._outcomes(record, chain)
+        return [(d, (outcomes.get(d["path"]) or {}).get("doc")) for d in record["documents"]]
+
+    # ---- listing, cancelling ------------------------------------------------------------------------
+
+    def list_ids(self, limit: int, before: str | None = None) -> list[str]:
+        """Newest first; ``before`` pages on (ids sort by submission time)."""
+        ids = sorted((k[len(JOBS):-5] for k in self.storage.list(JOBS) if k.endswith(".json")), reverse=True)
+        if before:
+            ids = [i for i in ids if i < before]
+        return ids[:limit]
+
+    def cancel(self, record: dict) -> None:
+        """Record the cancel; an item no worker holds yet is completed at once with every document
+        ``cancelled`` (work not started is dropped); one in progress finishes (its pages are in flight)."""
+        job_id = record["id"]
+        self.storage.create(f"{CANCELLED}{job_id}.json", json.dumps({"time": self.clock()}).encode())
+        chain, done, leased = self._chain(record, None)
+        if not done and not leased:
+            item = chain[-1]
+            paths = load_index(self.storage).get(item) or tuple(d["path"] for d in record["documents"])
+            self.queue.complete(WorkItem(item, tuple(paths)), b"",
+                                [{"source": p, "reason": CANCEL_REASON, "retryable": False} for p in paths])
+
+    def in_flight(self, token: str) -> list[str]:
+        """The token's unfinished jobs (markers of finished ones are removed on the way). A job counts until
+        its own item is done or it is cancelled (two or three reads each, on every submit): its retries, if
+        any, are not counted."""
+        live = []
+        for key in self.storage.list(f"{INFLIGHT}{token}/"):
+            job_id = key.rsplit("/", 1)[-1]
+            record = self.record(job_id)
+            if record is not None and not self.item_done(record):
+                live.append(job_id)
+                continue
+            self.storage.delete(key)
+        return live
