@@ -75,6 +75,15 @@ def answer(*responses: bytes, keep_open: bool = True) -> Handler:
     return handle
 
 
+async def get_in_turn(server: Server, count: int, timeout: float = 5) -> list[tuple[int, bytes]]:
+    """``count`` GET requests, one after the other, through one pool: each answer's status and body."""
+    pool = HttpPool(f"http://127.0.0.1:{server.port}")
+    try:
+        return [((r := await pool.request("GET", f"/{i}", timeout=timeout)).status, r.body) for i in range(count)]
+    finally:
+        pool.close()
+
+
 def run(scenario: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(asyncio.wait_for(scenario(), 30))
 
@@ -91,13 +100,8 @@ def test_a_chunked_body_is_joined_and_the_connection_reused():
 
     async def scenario() -> None:
         async with Server(answer(chunked, OK_2)) as server:
-            pool = HttpPool(f"http://127.0.0.1:{server.port}")
-            first = await pool.request("GET", "/a", timeout=5)
-            assert (first.status, first.body) == (200, b"Wikipedia in\r\n\r\nchunks.")
-            second = await pool.request("GET", "/b", timeout=5)
-            assert (second.status, second.body) == (200, b"{}")
+            assert await get_in_turn(server, 2) == [(200, b"Wikipedia in\r\n\r\nchunks."), (200, b"{}")]
             assert server.connections == 1
-            pool.close()
 
     run(scenario)
 
@@ -112,11 +116,9 @@ def test_content_length_edges():
 
     async def scenario() -> None:
         async with Server(answer(*answers, OK_2)) as server:
-            pool = HttpPool(f"http://127.0.0.1:{server.port}")
-            got = [await pool.request("GET", f"/{i}", timeout=3) for i in range(4)]
-            assert [(r.status, r.body) for r in got] == [(200, b""), (200, b"hello"), (204, b""), (200, b"{}")]
+            got = await get_in_turn(server, 4, timeout=3)
+            assert got == [(200, b""), (200, b"hello"), (204, b""), (200, b"{}")]
             assert server.connections == 1
-            pool.close()
 
         async def until_close(_head: bytes, _body: bytes, writer: asyncio.StreamWriter) -> bool:
             writer.write(b"HTTP/1.1 200 OK\r\n\r\nall of ")
@@ -125,12 +127,8 @@ def test_content_length_edges():
             return False  # the server closes: the end of the body
 
         async with Server(until_close) as server:
-            pool = HttpPool(f"http://127.0.0.1:{server.port}")
-            for _ in range(2):
-                response = await pool.request("GET", "/", timeout=3)
-                assert (response.status, response.body) == (200, b"all of it")
+            assert await get_in_turn(server, 2, timeout=3) == [(200, b"all of it")] * 2
             assert server.connections == 2
-            pool.close()
 
     run(scenario)
 
@@ -191,11 +189,8 @@ def test_connection_close_is_honoured_and_a_hung_server_times_out():
 
     async def scenario() -> None:
         async with Server(answer(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}")) as server:
-            pool = HttpPool(f"http://127.0.0.1:{server.port}")
-            for _ in range(2):
-                assert (await pool.request("GET", "/", timeout=5)).body == b"{}"
+            assert await get_in_turn(server, 2) == [(200, b"{}")] * 2
             assert server.connections == 2
-            pool.close()
         async with Server(hang) as server:
             pool = HttpPool(f"http://127.0.0.1:{server.port}")
             with pytest.raises(RequestTimeout, match="no response within 0.3s"):
@@ -207,31 +202,33 @@ def test_connection_close_is_honoured_and_a_hung_server_times_out():
 
 # ------------------------------------------------------------------------------------------ who answers
 
-async def _raw_server(reply: bytes) -> asyncio.Server:
-    """A server that answers whatever arrives first with ``reply`` and closes."""
+def _first_request_raises(scheme: str, reply: bytes, error: type[Exception], match: str) -> None:
+    """A request with ``scheme`` to a server that answers whatever arrives first with ``reply`` and closes
+    raises ``error`` with a message matching ``match``."""
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(1024)
         writer.write(reply)
         await writer.drain()
         writer.close()
 
-    return await asyncio.start_server(handle, "127.0.0.1", 0)
-
-
-def test_plain_http_to_a_tls_port_says_use_https():
-    """A TLS server that answers plain HTTP with a fatal alert record (protocol_version), as some do.
-    (OpenSSL 3 servers, Python's and so uvicorn's, reset the connection instead: that is a TransportError.)"""
     async def scenario() -> None:
-        server = await _raw_server(b"\x15\x03\x03\x00\x02\x02\x46")
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
         try:
             port = server.sockets[0].getsockname()[1]
-            with pytest.raises(NotHttp, match=r"answered with TLS \(it speaks https\): use https://"):
-                await HttpPool(f"http://127.0.0.1:{port}").request("GET", "/", timeout=5)
+            with pytest.raises(error, match=match):
+                await HttpPool(f"{scheme}://127.0.0.1:{port}").request("GET", "/", timeout=5)
         finally:
             server.close()
             await server.wait_closed()
 
     run(scenario)
+
+
+def test_plain_http_to_a_tls_port_says_use_https():
+    """A TLS server that answers plain HTTP with a fatal alert record (protocol_version), as some do.
+    (OpenSSL 3 servers, Python's and so uvicorn's, reset the connection instead: that is a TransportError.)"""
+    _first_request_raises("http", b"\x15\x03\x03\x00\x02\x02\x46", NotHttp,
+                          r"answered with TLS \(it speaks https\): use https://")
 
 
 def test_https_with_a_private_ca_and_an_untrusted_certificate(tmp_path: Path):
@@ -256,17 +253,8 @@ def test_https_with_a_private_ca_and_an_untrusted_certificate(tmp_path: Path):
 
 def test_https_to_a_plain_http_port_says_try_http():
     """A plain HTTP server answers a TLS ClientHello with a 400, as uvicorn does."""
-    async def scenario() -> None:
-        server = await _raw_server(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-        try:
-            port = server.sockets[0].getsockname()[1]
-            with pytest.raises(TlsError, match=r"the server may not speak https: try http://"):
-                await HttpPool(f"https://127.0.0.1:{port}").request("GET", "/", timeout=5)
-        finally:
-            server.close()
-            await server.wait_closed()
-
-    run(scenario)
+    _first_request_raises("https", b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                          TlsError, r"the server may not speak https: try http://")
 
 
 def test_a_server_that_does_not_speak_http_is_named():
