@@ -48,6 +48,11 @@ def test_page_shows_health_a_kill_9_restart_live_and_a_lost_connection(deploymen
         assert "allenai/olmOCR-7B-0825-FP8" in browser.text(".server")
         browser.wait_for("document.querySelectorAll('svg.spark polyline').length === 1", 20, "a latency sparkline")
         browser.evaluate("window.sameDocument = true")  # gone if the page reloads
+        # Everything the live page loaded or links to is the service's own (clusters have no internet).
+        urls = browser.evaluate("[...performance.getEntriesByType('resource').map(e => e.name), "
+                                "...[...document.querySelectorAll('[src], [href]')].map(e => e.src || e.href)]")
+        assert f"{dep.status_url}/assets/status.js" in urls
+        assert [u for u in urls if not u.startswith((f"{dep.status_url}/", "data:"))] == []
 
         pid = dep.status()["pid"]
         os.kill(pid, signal.SIGKILL)
