@@ -8,6 +8,7 @@ are checked for syntax by Prometheus' parser. The health-kill panel shows 0 befo
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import pytest
@@ -159,13 +160,19 @@ def test_every_panel_query_runs_on_a_real_prometheus_scraping_a_deployment_and_a
             proms[name] = prom = Prometheus(binary, tmp_path / f"prometheus-{name}", yaml.safe_dump(config))
             wait_for(lambda p=prom: [h for _, h in p.targets()] == ["up"] * 3, 30, f"three targets up ({name})")
             assert {job for job, _ in prom.targets()} == jobs[name]
-        # Before the first kill: every kill reason at 0, and the panel shows 0 (not "No data").
+        # Before the first kill: every kill reason at 0, and the panel shows 0 (not "No data"); so does every
+        # other panel over one of our counters (errors, ejections, restarts, fallback pages...).
+        counters = [(title, substitute(expr, "127.0.0.1", dep.base_url)) for title, expr in queries()
+                    if re.search(r"olmocr_[a-z_]+_total", expr)]
         for name, prom in proms.items():
             wait_for(lambda p=prom: p.result("olmocr_pipeline_pages_done_total > 0"), 40, f"pages done ({name})")
             kills = {r["metric"]["reason"]: r["value"][1] for r in prom.result("olmocr_server_health_kills_total")}
             assert kills == {kind.value: "0" for kind in KillKind}, (name, kills)
             shown = wait_for(lambda p=prom: p.result(kills_panel), 10, f"the kills panel before a kill ({name})")
             assert {r["metric"]["reason"]: float(r["value"][1]) for r in shown} == {k.value: 0.0 for k in KillKind}
+            with contextlib.suppress(AssertionError):  # (the rates need two scrapes)
+                wait_for(lambda p=prom: all(p.result(q) for _, q in counters), 10, "every counter panel")
+            assert [(title, q) for title, q in counters if not prom.result(q)] == [], name
         assert dep.status()["health_kills"] == 0
         # A health kill (the server's /health fails: killed, restarted) while the pipeline runs.
         dep.set_control({"latency": 1.0, "health_status": 503})
