@@ -20,5 +20,7 @@ def queries() -> list[tuple[str, str]]:
 
 
 def substitute(expr: str, instance: str, server: str) -> str:
-    """What Grafana sends for one selected value of each variable (rate interval: 5 scrapes at 1 s)."""
-    return expr.replace("$__rate_interval", "5s").replace("$instance", instance).replace("$server", server)
+    """What Grafana sends for one selected value of each variable (rate interval: 5 scrapes at 1 s; the
+    dashboard's time range, ``$__range``: its default hour)."""
+    return (expr.replace("$__rate_interval", "5s").replace("$__range", "1h").replace("$instance", instance)
+            .replace("$server", server))

@@ -36,10 +36,10 @@ class Prometheus:
         assert answer["status"] == "success", (expr, answer)
         return answer["data"]["result"]
 
-    def targets(self) -> dict[str, str]:
-        """``{job: health}`` of the active targets."""
+    def targets(self) -> list[tuple[str, str]]:
+        """``(job, health)`` of each active target (several targets may share a job)."""
         active = requests.get(f"{self.api}/targets", timeout=5).json()["data"]["activeTargets"]
-        return {t["labels"]["job"]: t["health"] for t in active}
+        return sorted((t["labels"]["job"], t["health"]) for t in active)
 
     def stop(self) -> None:
         stop_process_group(self.process, timeout=20)

@@ -24,9 +24,10 @@ from olmocr.pipeline.servers.discovery import (
     server_urls,
     system_resolve,
 )
+from olmocr.pipeline.servers.fleet import LOG_LEFT_OUT
 from olmocr.pipeline.servers.serverlist import DnsName, expand_port_range, parse_dns_names, parse_url_list
 from tests.metrics_helpers import parse_metrics
-from tests.pipeline_helpers import assert_every_page_once, start_pipeline, wait_for
+from tests.pipeline_helpers import assert_every_page_once, logged, start_pipeline, wait_for
 from tests.sample_docs import write_text_pdf
 from tests.standin_helpers import (
     VLLM_FLAGS,
@@ -116,15 +117,23 @@ def test_which_lookup_errors_empty_a_name(errno: int, empty: bool) -> None:
 # ------------------------------------------------------------------------------------- a real run
 
 
-def _standin_on(address: str, port: int, tmp_path: Path, env: dict[str, str]):  # noqa: ANN202
-    proc = start_standin(port, env=env, extra_args=(*VLLM_FLAGS, "--host", address),
-                         log_path=tmp_path / f"standin-{address}-{port}.log")
+def _standin_on(address: str, port: int, tmp_path: Path, env: dict[str, str], *,  # noqa: ANN202
+                served_model_name: str = "olmocr"):
+    # The access log on (one line per request): a test can count what reached this address.
+    proc = start_standin(port, env=env, extra_args=(*VLLM_FLAGS, "--host", address, "--uvicorn-log-level", "info"),
+                         served_model_name=served_model_name, log_path=tmp_path / f"standin-{address}-{port}.log")
     wait_http_ok(f"http://{address}:{port}/health", timeout=30, proc=proc)
     return proc
 
 
 def _served(address: str, port: int) -> int:
     return int(requests.get(f"http://{address}:{port}/admin/info", timeout=5).json()["completions_seen"])
+
+
+def _chat_requests(address: str, port: int, tmp_path: Path) -> int:
+    """Chat requests that reached the stand-in at ``address``, answered or not (from its access log)."""
+    log = (tmp_path / f"standin-{address}-{port}.log").read_text()
+    return log.count('"POST /v1/chat/completions"')
 
 
 def _loopback_alias_works() -> bool:
@@ -162,6 +171,9 @@ def test_dns_name_servers_added_and_removed_mid_run_every_page_once(tmp_path: Pa
     port = free_port()
     env = {"OLMOCR_STANDIN_LATENCY": "0.25", "OLMOCR_STANDIN_CONCURRENCY": "2"}
     procs = {a: _standin_on(a, port, tmp_path, env) for a in ("127.0.0.2", "127.0.0.3", "127.0.0.4")}
+    # An address that joins the name but serves another model: verification must leave it out before any
+    # page goes to it (it would answer each page 404).
+    procs["127.0.0.5"] = _standin_on("127.0.0.5", port, tmp_path, env, served_model_name="some-other-model")
     hosts = tmp_path / "hosts"
 
     def publish(*addresses: str) -> None:
@@ -183,7 +195,7 @@ def test_dns_name_servers_added_and_removed_mid_run_every_page_once(tmp_path: Pa
                 assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(0.1)
             assert _served("127.0.0.4", port) == 0  # not in the name yet: no work
-            publish("127.0.0.3", "127.0.0.4")  # .4 joins, .2 leaves
+            publish("127.0.0.3", "127.0.0.4", "127.0.0.5")  # .4 and .5 join, .2 leaves
             removed_at = time.monotonic()
             while _served("127.0.0.4", port) == 0:
                 assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
@@ -205,6 +217,10 @@ def test_dns_name_servers_added_and_removed_mid_run_every_page_once(tmp_path: Pa
         assert _served("127.0.0.2", port) == drained_count  # drained: no request after it left the name
         assert _served("127.0.0.3", port) > 0 and _served("127.0.0.4", port) > 0
         assert f"new server http://127.0.0.4:{port}; verifying it" in out
+        # The wrong-model address was verified, left out, and sent no page.
+        assert _chat_requests("127.0.0.5", port, tmp_path) == 0
+        assert logged(out, LOG_LEFT_OUT, f"http://127.0.0.5:{port}"), out[-3000:]
+        assert _chat_requests("127.0.0.4", port, tmp_path) > 0  # (the count sees the pages a server gets)
         assert f"http://127.0.0.2:{port}: its address left dns+http://olmocr-vllm.test:{port}; draining" in out
     finally:
         for p in procs.values():

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pypdfium2 as pdfium
 import pytest
+import requests
 
 from olmocr.pipeline.pages.render import TEST_FAULT_ENV
 from olmocr.standin import reading
@@ -120,6 +121,11 @@ def reader(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandIn]:
         standin.stop()
 
 
+def _page_requests(standin: StandIn) -> int:
+    """Completions with a page image the stand-in has answered (the pipeline's verification sends none)."""
+    return int(requests.get(f"{standin.url}/admin/info", timeout=5).json()["image_requests_served"])
+
+
 def _expect(paths_and_pages: Sequence[tuple[Path, Sequence[Sequence[str]]]]) -> dict[str, Sequence[Sequence[str]]]:
     return {str(path): pages for path, pages in paths_and_pages}
 
@@ -185,14 +191,19 @@ def test_turned_pages_come_back_upright(reader: StandIn, tmp_path: Path) -> None
     drawn = write_marked_pdf(docs / "drawn.pdf", pages[1:3], drawn_rotated={1: 90, 2: 180})
     expected = _expect([(rotate90, pages[0:1]), (drawn, pages[1:3])])
     ws = tmp_path / "ws"
+    before = _page_requests(reader)
     rc, out = run_pipeline(ws, reader.url, [rotate90, drawn], *FAST, log=tmp_path / "pipeline.log", timeout=180)
     assert rc == 0, out[-3000:]
+    # Exactly two attempts a page: the turned image, then the image turned back. A page turned the wrong way
+    # on the retry (clockwise) is still wrong and needs a third; --max_page_retries 4 would let it pass.
+    assert _page_requests(reader) - before == 2 * 3
     assert_every_page_once(ws, [rotate90, drawn])
     found = docs_by_source(ws)
     assert fidelity_problems(found, expected) == []
     # Each page was sent turned the way its answer asked (counter-clockwise), then read upright.
     for source, page, degrees in ((rotate90, 1, 90), (drawn, 1, 270), (drawn, 2, 180)):
-        assert f"{source}-{page}: model says rotation is invalid; retrying rotated {degrees} degrees" in out
+        retries = [line for line in out.splitlines() if f"{source}-{page}: model says rotation is invalid" in line]
+        assert len(retries) == 1 and retries[0].endswith(f"retrying rotated {degrees} degrees"), retries
     for doc in found.values():
         assert reading.TURNED_NOTE not in doc["text"]
         assert all(doc["attributes"]["is_rotation_valid"])

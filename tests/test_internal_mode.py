@@ -185,6 +185,16 @@ def test_internal_mode_rides_out_a_crash_and_a_hang(internal_run, tmp_path: Path
     run.assert_nothing_left(5)
 
 
+def _in_flight(run: InternalRun) -> int:
+    """Completions the run's server is working on (0 when it does not answer)."""
+    try:
+        metrics = requests.get(f"{run.url}/metrics", timeout=2).text
+    except requests.RequestException:
+        return 0
+    return int(sum(float(line.split()[-1]) for line in metrics.splitlines()
+                   if line.startswith("vllm:num_requests_running")))
+
+
 def _pid_or_none(run: InternalRun) -> int | None:
     try:
         return run.server_pid()
@@ -201,14 +211,22 @@ def test_internal_mode_stopped_leaves_no_process(internal_run, tmp_path: Path, h
         wait_for(lambda: any("olmocr.standin" in p for p in run.leftovers()), 30, "the server process")
     else:
         # Pages take 30 s: a graceful stop waits --stop_timeout (1 s) for them, then hands the items back.
-        run = internal_run(pdfs, "--stop_timeout", "1", control={"latency": 30})
+        # Twice: the first stop waits 60 s for the pages, so the second signal comes while vLLM still serves
+        # and only the second signal's own stop can end it. (With 1 s, supervisord was often already stopping
+        # vLLM when the second came, which then stopped by itself: a second signal that SIGKILLed supervisord,
+        # orphaning vLLM, passed.)
+        stop_timeout = "60" if how == "ctrl-c-twice" else "1"
+        run = internal_run(pdfs, "--stop_timeout", stop_timeout, control={"latency": 30})
         run.wait_output("claimed work item", 60)
+        wait_for(lambda: _in_flight(run) > 0, 30, "a page at the server")
     assert run.leftovers(), "no server process seen"
     if how.startswith("ctrl-c"):
         os.killpg(run.proc.pid, signal.SIGINT)  # what a terminal's Ctrl+C does: the foreground group
         if how == "ctrl-c-twice":
             run.wait_output("stopping gracefully", 10)
             time.sleep(BURST_S)  # sooner, it would be the same Ctrl+C delivered twice
+            assert _in_flight(run) > 0, "the server is no longer working on a page: the test would prove nothing"
+            assert "stopping the vLLM server of this run" not in run.output()
             os.killpg(run.proc.pid, signal.SIGINT)  # the impatient second one: exit at once
     elif how == "sigterm":
         os.kill(run.proc.pid, signal.SIGTERM)
@@ -220,6 +238,8 @@ def test_internal_mode_stopped_leaves_no_process(internal_run, tmp_path: Path, h
     run.assert_nothing_left(30 if how in ("sigkill", "ctrl-c-twice") else 5)
     if how in ("ctrl-c", "sigterm", "ctrl-c-while-loading"):
         assert "stopping the vLLM server of this run" in run.output()
+    if how == "ctrl-c-twice":  # vLLM was stopped by its supervisord (SIGTERM), not orphaned and killed later
+        assert "Shutting down" in (run.run_dir / "logs" / "vllm.log").read_text()
     if how == "ctrl-c-while-loading":
         assert "while the server was starting; no work was claimed" in run.output()
     elif how in ("ctrl-c", "sigterm"):

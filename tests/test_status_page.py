@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
+import re
 import signal
 import threading
 from pathlib import Path
@@ -48,6 +48,11 @@ def test_page_shows_health_a_kill_9_restart_live_and_a_lost_connection(deploymen
         assert "allenai/olmOCR-7B-0825-FP8" in browser.text(".server")
         browser.wait_for("document.querySelectorAll('svg.spark polyline').length === 1", 20, "a latency sparkline")
         browser.evaluate("window.sameDocument = true")  # gone if the page reloads
+        # Everything the live page loaded or links to is the service's own (clusters have no internet).
+        urls = browser.evaluate("[...performance.getEntriesByType('resource').map(e => e.name), "
+                                "...[...document.querySelectorAll('[src], [href]')].map(e => e.src || e.href)]")
+        assert f"{dep.status_url}/assets/status.js" in urls
+        assert [u for u in urls if not u.startswith((f"{dep.status_url}/", "data:"))] == []
 
         pid = dep.status()["pid"]
         os.kill(pid, signal.SIGKILL)
@@ -189,11 +194,23 @@ def test_without_a_token_the_page_needs_no_sign_in():
 def test_the_page_loads_nothing_from_outside_the_service():
     """Clusters have no internet: every URL the page names is the service's own (relative)."""
     page_dir = Path(__file__).resolve().parents[1] / "olmocr" / "server" / "page"
-    for path in page_dir.iterdir():
-        text = path.read_text()
-        assert "http://" not in text.replace("http://www.w3.org/2000/svg", "") and "https://" not in text, path
-        assert "//cdn" not in text and "@import" not in text, path
-    assert shutil.which  # (the browser test above fetches only from the service: Chromium runs offline)
+    files = {path.name: path.read_text() for path in page_dir.iterdir()}
+    assert {"index.html", "status.js", "status.css"} <= files.keys()  # what the page is made of, all checked
+    for name, text in files.items():
+        assert "http://" not in text.replace("http://www.w3.org/2000/svg", "") and "https://" not in text, name
+        assert "//cdn" not in text and "@import" not in text, name
+    # Every address in the markup and the style sheet is relative (or inline data), never another host's,
+    # with or without a scheme ("//host/x.css" has none).
+    urls = re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)["']""", files["index.html"])
+    urls += re.findall(r"""url\(\s*["']?([^"')]*)""", files["status.css"])
+    assert "assets/status.js" in urls and "assets/status.css" in urls
+    outside = [url for url in urls if re.match(r"[a-z][a-z0-9+.-]*:|//", url, re.I) and not url.startswith("data:")]
+    assert outside == []
+    # The script's own requests: the WebSocket's address is made relative to the page's, and no string in it
+    # names another host.
+    script = files["status.js"]
+    assert re.findall(r"new URL\(([^)]*)\)", script) == ['"ws", location.href']
+    assert not re.findall(r"""["'`]//""", script)
 
 
 # ------------------------------------------------------------------------- the history the page shows

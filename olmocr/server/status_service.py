@@ -68,6 +68,7 @@ from olmocr.endpoints import (
 )
 from olmocr.server import status_page
 from olmocr.server.errors import EndpointConfigError
+from olmocr.server.health import KillKind
 from olmocr.server.livez_readyz import ProbeAnswer, liveness, readiness, stale_after
 from olmocr.server.rpcclient import connect_from_child_env
 from olmocr.server.settings import PROGRAM_NAME
@@ -268,7 +269,10 @@ def server_metrics(current: Snapshot, last_good: Snapshot | None) -> list[Metric
     kills = CounterMetricFamily("olmocr_server_health_kills", "vLLM processes killed by the health check, by "
                                 "reason", labels=["model", "server", "gpu", "reason"])
     for row_labels, was, _now in rows:
-        for reason, count in sorted((was.stats.get("kills_by_reason") or {}).items()):
+        # Every known reason from the start, at 0: a dashboard shows 0 before the first kill (not "No
+        # data"), and increase() sees the first kill (a series born at 1 has no increase).
+        by_reason = {kind.value: 0 for kind in KillKind} | (was.stats.get("kills_by_reason") or {})
+        for reason, count in sorted(by_reason.items()):
             kills.add_metric([*row_labels, reason], float(count))
     out += [
         counter("olmocr_server_restarts", "Automatic restarts of the vLLM program after it exited or failed to "
