@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO
@@ -25,6 +25,54 @@ from olmocr.pipeline.workspace.totals import PageTotals, format_duration, format
 logger = logging.getLogger("olmocr.pipeline")
 
 RATE_WINDOW_S = 30.0
+
+
+@dataclass
+class FailFast:
+    """Stop a run that fails nearly every page the same way (a wrong model behind the name ``olmocr`` would
+    otherwise burn every page's attempts over the whole input, and "succeed").
+
+    Of the first ``pages`` page verdicts (a page answered, or failed for good), when ``share`` of ``pages`` or
+    more failed for the same reason the run is doomed: :meth:`verdict` returns the one line saying so. It is
+    decided as soon as that many have failed, before all ``pages`` verdicts are in. Later pages never count:
+    a run that started well is not stopped. ``pages`` 0 turns it off (``OLMOCR_FAIL_FAST_PAGES``).
+    """
+
+    pages: int = 50
+    share: float = 0.95
+    seen: int = 0
+    failures: Counter[str] = field(default_factory=Counter)
+    tripped: str | None = None
+
+    def record(self, failure: str | None) -> str | None:
+        """One page's verdict (``failure`` None: answered); the one-line reason once the run should stop."""
+        if self.tripped is not None or self.pages <= 0 or self.seen >= self.pages:
+            return self.tripped
+        self.seen += 1
+        if failure is None:
+            return None
+        self.failures[failure] += 1
+        reason, count = self.failures.most_common(1)[0]
+        if count >= self.share * self.pages - 1e-9:
+            self.tripped = (
+                f"stopping the run: {count} of the first {self.seen} pages failed the same way ({reason}); "
+                "the server answers, but not as olmOCR does: check that the model behind the name 'olmocr' is an "
+                "olmOCR model (see the page attempt lines above) or fix the server, then run again (the work "
+                "items were handed back; OLMOCR_FAIL_FAST_PAGES=0 turns this check off)")
+        return self.tripped
+
+    @classmethod
+    def from_env(cls) -> FailFast:
+        from olmocr import envs
+
+        pages = int(envs.value("OLMOCR_FAIL_FAST_PAGES"))  # type: ignore[arg-type]
+        share = float(envs.value("OLMOCR_FAIL_FAST_SHARE"))  # type: ignore[arg-type]
+        if pages < 0:
+            raise envs.SettingValueError(f"OLMOCR_FAIL_FAST_PAGES={pages} must be 0 (off) or more; fix or unset it")
+        if not 0 < share <= 1:
+            raise envs.SettingValueError(f"OLMOCR_FAIL_FAST_SHARE={share:g} must be above 0 and at most 1; fix or "
+                                         "unset it")
+        return cls(pages, share)
 
 
 @dataclass
@@ -44,14 +92,23 @@ class Progress:
     output_tokens: int = 0
     started: float = field(default_factory=time.monotonic)
     workspace: PageTotals | None = None  # the whole workspace, refreshed every --progress_interval
+    fail_fast: FailFast = field(default_factory=lambda: FailFast(pages=0))  # the runner sets it from the env
+    on_fail_fast: Callable[[str], None] | None = None  # called once when fail_fast trips
     _window: deque[tuple[float, int, int]] = field(default_factory=deque)
 
     def add_pages(self, n: int) -> None:
         self.pages_total += n
 
-    def page_done(self, *, fallback: bool) -> None:
+    def page_done(self, *, fallback: bool, failure: str | None = None) -> None:
+        """A page finished: answered, or fell back to its text layer (``failure``: why, when the server's
+        answers are to blame; None for a page that cannot be rendered)."""
         self.pages_done += 1
         self.fallback_pages += int(fallback)
+        was = self.fail_fast.tripped
+        if not fallback or failure is not None:
+            reason = self.fail_fast.record(failure)
+            if reason is not None and was is None and self.on_fail_fast is not None:
+                self.on_fail_fast(reason)
 
     def add_tokens(self, input_tokens: int, output_tokens: int) -> None:
         self.input_tokens += input_tokens

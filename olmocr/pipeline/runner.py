@@ -16,8 +16,8 @@ from olmocr.pipeline.pages.documents import DocOutcome, DocumentProcessor, failu
 from olmocr.pipeline.pages.output import dolma_jsonl, markdown_relpath
 from olmocr.pipeline.pages.page import MAX_TOKENS, PageProcessor, PageSettings
 from olmocr.pipeline.pages.render import DEFAULT_RENDER_TIMEOUT_S, Renderer, default_render_processes
-from olmocr.pipeline.progress import Progress, refresh_totals, refresh_totals_forever, report_progress
-from olmocr.pipeline.servers.checks import STRUCTURED_OUTPUTS
+from olmocr.pipeline.progress import FailFast, Progress, refresh_totals, refresh_totals_forever, report_progress
+from olmocr.pipeline.servers.checks import DEFAULT_READY_WAIT_S, STRUCTURED_OUTPUTS, unresolvable_hosts
 from olmocr.pipeline.servers.discovery import refresh_interval
 from olmocr.pipeline.servers.fleet import LOG_MOVED, Fleet
 from olmocr.pipeline.servers.serverlist import DnsName, ServerSpec
@@ -53,7 +53,7 @@ class PipelineConfig:
     markdown: bool = False
     guided_decoding: bool = False
     request_timeout: float = defaults.REQUEST_TIMEOUT_S
-    max_server_ready_timeout: float = defaults.SERVER_READY_TIMEOUT_S
+    max_server_ready_timeout: float | None = None  # None: the default wait (checks.ready_delays)
     lease_seconds: float = defaults.LEASE_SECONDS
     progress_interval: float = defaults.PROGRESS_INTERVAL_S
     render_processes: int | None = None
@@ -95,7 +95,9 @@ class Runner:
         self.storage = storage
         self.queue = queue
         self.fleet = fleet
-        self.progress = Progress()
+        self.progress = Progress(fail_fast=FailFast.from_env(), on_fail_fast=self._fail_fast)
+        self.failing = asyncio.Event()  # set when nearly every early page failed the same way (FailFast)
+        self.failure: str | None = None  # why the run failed (exit 1), one line
         self.renderer = Renderer(config.render_processes, config.render_timeout)
         self.stop.on_hard_exit(self.renderer.kill_now)
         settings = PageSettings(config.target_longest_image_dim, config.max_page_retries, config.max_model_len,
@@ -108,6 +110,10 @@ class Runner:
                                            config.apply_filter)
         self.active: set[str] = set()
         self.item_finished = asyncio.Event()
+
+    def _fail_fast(self, reason: str) -> None:
+        self.failure = reason
+        self.failing.set()
 
     async def _process_doc(self, source: str) -> DocOutcome:
         try:
@@ -274,7 +280,8 @@ class Runner:
         except Exception as exc:  # noqa: BLE001
             logger.warning("could not release work item %s: %s", item.hash, exc)
 
-    async def run(self) -> None:
+    async def run(self) -> int:
+        """Run the workers until the queue is done or a stop; 1 when the run failed (:attr:`failure`), else 0."""
         exporter = None
         if self.config.metrics_port:
             from olmocr.pipeline.metrics import start_for_runner
@@ -291,14 +298,18 @@ class Runner:
         workers = [asyncio.create_task(self._worker(i)) for i in range(max(1, self.config.workers))]
         try:
             stop_wait = asyncio.create_task(self.stop.event.wait())
+            fail_wait = asyncio.create_task(self.failing.wait())
             running = set(workers)
-            while running and not stop_wait.done():
+            while running and not stop_wait.done() and not fail_wait.done():
                 # Only the workers still running: a finished one in the set would make every wait return at
                 # once (a busy loop for the rest of the run).
-                _, running = await asyncio.wait([*running, stop_wait], return_when=asyncio.FIRST_COMPLETED)
-                running.discard(stop_wait)
+                _, running = await asyncio.wait([*running, stop_wait, fail_wait],
+                                                return_when=asyncio.FIRST_COMPLETED)
+                running -= {stop_wait, fail_wait}
             stop_wait.cancel()
-            if self.stop.requested:
+            fail_wait.cancel()
+            # Doomed (FailFast): no graceful wait; the finally below hands every item in progress back at once.
+            if self.stop.requested and not self.failing.is_set():
                 await self._stop_gracefully(workers)
             for w in workers:
                 if w.done() and not w.cancelled() and w.exception() is not None:
@@ -325,6 +336,14 @@ class Runner:
         if self.stop.requested:
             logger.warning("stopped on request (%s): %d work items completed, %d handed back unfinished for other "
                            "workers", self.stop.signal_name, self.progress.items_done, self.released)
+        elif self.failure is None and self.progress.docs_done == 0 and self.progress.docs_failed > 0:
+            self.failure = (f"nothing written: all {self.progress.docs_failed} documents this run finished failed "
+                            "(their reasons are in the workspace's failed/ and in --stats); fix the cause and run "
+                            "again: the retryable ones are retried")
+        if self.failure is not None:
+            logger.error("%s", self.failure)
+            return 1
+        return 0
 
     async def _record_server_stats(self) -> None:
         """Per-server counters of this run, kept in the workspace for ``--stats`` (best effort)."""
@@ -381,12 +400,27 @@ async def run_pipeline(config: PipelineConfig, stop: StopRequest | None = None,
                 f"nothing to do: no document could be queued from --pdfs ({len(config.pdfs)} given; see the "
                 f"errors above) and the workspace has no work left ({counts.get('done', 0)} of "
                 f"{counts.get('total', 0)} work items done); check the paths, globs and credentials")
+        if not config.pdfs and counts.get("total", 0) == 0:  # as `--stats` on a missing workspace answers
+            raise NoInput(f"workspace {config.workspace}: no work items (nothing has been queued there yet); give "
+                          "the documents with --pdfs PATH/GLOB/LIST.txt")
         logger.info("no work to do: %d of %d work items are done", counts.get("done", 0), counts.get("total", 0))
         return 0
     logger.info("work items: %s", ", ".join(f"{n} {state}" for state, n in counts.items()))
     if server is not None:
         return await server(lambda: _run_on(config, storage, queue, stop), stop)
     return await _run_on(config, storage, queue, stop)
+
+
+async def _start_fleet(fleet: Fleet, config: PipelineConfig, max_wait_s: float) -> None:
+    """A host name that does not resolve is a definite answer (a typo): fail in seconds, not after the wait.
+    Then verify the servers (:meth:`Fleet.start`)."""
+    bad = await asyncio.to_thread(unresolvable_hosts, [s.url for s in config.servers])
+    if bad:
+        raise ServerNotReady(
+            f"the vLLM server host name {', '.join(repr(h) for h in bad)} does not resolve: check --vllm-url "
+            "(a name that appears only once its servers run, such as a Kubernetes headless Service, goes in as "
+            "dns+http://NAME:PORT)")
+    await fleet.start(max_wait_s=max_wait_s)
 
 
 async def _run_on(config: PipelineConfig, storage: Storage, queue: WorkQueue, stop: StopRequest) -> int:
@@ -396,7 +430,8 @@ async def _run_on(config: PipelineConfig, storage: Storage, queue: WorkQueue, st
                   longest_dim=config.target_longest_image_dim, dns=config.dns,
                   dns_refresh_s=refresh_interval(os.environ))
     try:
-        ready = asyncio.create_task(fleet.start(max_wait_s=config.max_server_ready_timeout))
+        wait = DEFAULT_READY_WAIT_S if config.max_server_ready_timeout is None else config.max_server_ready_timeout
+        ready = asyncio.create_task(_start_fleet(fleet, config, wait))
         stopped = asyncio.create_task(stop.event.wait())
         await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
@@ -416,7 +451,6 @@ async def _run_on(config: PipelineConfig, storage: Storage, queue: WorkQueue, st
         if config.guided_decoding:
             logger.info("guided decoding: constraining the front matter with the %r request field (vLLM %s)",
                         guided_field, ", ".join(fleet.versions()) or "version unknown")
-        await Runner(config, storage, queue, fleet, stop, max_tokens, guided_field).run()
+        return await Runner(config, storage, queue, fleet, stop, max_tokens, guided_field).run()
     finally:
         await fleet.close()
-    return 0

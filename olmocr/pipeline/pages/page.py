@@ -152,7 +152,8 @@ class PageProcessor:
 
     async def _fallback(self, page: PageSource, reason: str, kind: FallbackKind) -> PageResult:
         text = await self.renderer.text(page.local_path, page.kind, page.page_num)
-        self.progress.page_done(fallback=True)
+        # The server's verdicts count toward the early stop (progress.FailFast); an unrenderable page does not.
+        self.progress.page_done(fallback=True, failure=None if kind is FallbackKind.UNRENDERABLE else kind.value)
         response = PageResponse(primary_language=None, is_rotation_valid=True, rotation_correction=0,
                                 is_table=False, is_diagram=False, natural_text=text)
         return PageResult(page.source, page.page_num, response, 0, 0, is_fallback=True, fallback_reason=reason,
