@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
+import dataclasses
 import logging
 import os
 import sys
@@ -20,11 +22,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO
 
-from olmocr.pipeline.workspace.totals import PageTotals, format_duration, format_totals
+from olmocr.pipeline.workspace.totals import PageTotals, format_duration
 
 logger = logging.getLogger("olmocr.pipeline")
 
 RATE_WINDOW_S = 30.0
+
+#: The pages answered so far for the work item this task works on (set by :meth:`Progress.open_item`; the
+#: page tasks of an item inherit it): they count in the workspace's progress before the item is done.
+_ITEM_PAGES: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("olmocr_item_pages", default=None)
 
 
 @dataclass
@@ -94,7 +100,43 @@ class Progress:
     workspace: PageTotals | None = None  # the whole workspace, refreshed every --progress_interval
     fail_fast: FailFast = field(default_factory=lambda: FailFast(pages=0))  # the runner sets it from the env
     on_fail_fast: Callable[[str], None] | None = None  # called once when fail_fast trips
+    workspace_read_at: float = float("-inf")  # when the last reading of ``workspace`` began
     _window: deque[tuple[float, int, int]] = field(default_factory=deque)
+    _open_items: list[list[int]] = field(default_factory=list)  # pages answered in items not done yet
+    _closed_items: list[tuple[float, int]] = field(default_factory=list)  # (done at, pages) since that reading
+
+    def open_item(self) -> list[int]:
+        """Count the pages answered from here on (this task and the tasks it starts) for one work item."""
+        counter = [0]
+        self._open_items.append(counter)
+        _ITEM_PAGES.set(counter)
+        return counter
+
+    def close_item(self, counter: list[int], *, done: bool) -> None:
+        """The item is marked done (its pages are in the workspace's totals from their next reading) or was
+        handed back (``done`` False: its pages will be done again)."""
+        if counter in self._open_items:
+            self._open_items.remove(counter)
+        if done:
+            self._closed_items.append((time.monotonic(), counter[0]))
+
+    def answered_not_flagged(self) -> int:
+        """Pages this process answered that the last reading of the workspace's totals does not hold yet."""
+        self._closed_items = [(at, n) for at, n in self._closed_items if at >= self.workspace_read_at]
+        return sum(c[0] for c in self._open_items) + sum(n for _, n in self._closed_items)
+
+    def live_totals(self) -> PageTotals | None:
+        """The workspace's totals with the pages this process answered in items not done yet, and, while the
+        workspace has no rate (no item finished in its window), this process's rate."""
+        totals = self.workspace
+        if totals is None:
+            return None
+        done = min(totals.total, totals.done + self.answered_not_flagged())
+        rate = totals.rate
+        if not rate:
+            own, _ = self._rates()
+            rate = own if own > 0 else rate
+        return dataclasses.replace(totals, done=done, rate=rate)
 
     def add_pages(self, n: int) -> None:
         self.pages_total += n
@@ -104,6 +146,9 @@ class Progress:
         answers are to blame; None for a page that cannot be rendered)."""
         self.pages_done += 1
         self.fallback_pages += int(fallback)
+        item = _ITEM_PAGES.get()
+        if item is not None:
+            item[0] += 1
         was = self.fail_fast.tripped
         if not fallback or failure is not None:
             reason = self.fail_fast.record(failure)
@@ -129,18 +174,27 @@ class Progress:
         return f"{self.head()} | {self.tail(server_state, in_flight)}"
 
     def head(self) -> str:
-        """Where the workspace stands: ``workspace 120/500 pages (24.0%), ... ETA 1m 01s``."""
-        if self.workspace is None:
+        """Where the workspace stands: ``workspace 120/500 pages (24.0%), 380 remaining, 2.0 pages/s, ETA 3m 10s``
+        (pages count as they are answered; the rate is the workspace's, or this process's until an item
+        finishes)."""
+        totals = self.live_totals()
+        if totals is None:
             return f"pages {self.pages_done}/{self.pages_total} (this process; workspace totals not read yet)"
-        return f"workspace {format_totals(self.workspace)}"
+        estimate = f" (~{totals.unknown_items} items of unknown size estimated)" if totals.unknown_items else ""
+        if totals.rate is None:
+            rate = "rate unknown"
+        else:
+            own = "" if self.workspace is not None and self.workspace.rate else " (this process)"
+            rate = f"{totals.rate:.1f} pages/s{own}"
+        return (f"workspace {totals.done:,}/{totals.total:,} pages ({100 * totals.fraction:.1f}%){estimate}, "
+                f"{totals.remaining:,} remaining, {rate}, ETA {format_duration(totals.eta_seconds)}")
 
     def tail(self, server_state: str, in_flight: int) -> str:
         pages_s, tokens_s = self._rates()
         return (
             f"this process {self.pages_done} pages, {pages_s:.1f} pages/s, {tokens_s:.0f} output tokens/s | "
             f"fallback pages {self.fallback_pages} | docs done {self.docs_done}, failed {self.docs_failed}"
-            f"{self._filtered()} | "
-            f"server {server_state}, {in_flight} requests in flight"
+            f"{self._filtered()} | server {server_state}, {in_flight} requests in flight"
         )
 
     def short(self, server_state: str, in_flight: int) -> str:
@@ -186,25 +240,40 @@ _TOTALS_EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_n
 async def refresh_totals(progress: Progress, read: Callable[[], PageTotals], timeout: float | None = None) -> None:
     """One reading of the totals (kept if it fails or takes over ``timeout`` seconds: display only)."""
     try:
+        started = time.monotonic()
         future = asyncio.get_running_loop().run_in_executor(_TOTALS_EXECUTOR, read)
         progress.workspace = await asyncio.wait_for(future, timeout)
+        progress.workspace_read_at = started
     except Exception as exc:  # noqa: BLE001 - a storage hiccup: keep the last totals, try again
         logger.debug("progress: cannot read the workspace totals: %s", exc or type(exc).__name__)
 
 
 async def report_progress(progress: Progress, state: Callable[[], tuple[str, int]], interval: float,
-                          bar: bool | None = None) -> None:
-    """The progress until cancelled: a bar on a terminal, else the line every ``interval`` seconds."""
+                          bar: bool | None = None,
+                          detail: Callable[[], tuple[str, bool] | None] | None = None) -> None:
+    """The progress until cancelled: a bar on a terminal, else the line every ``interval`` seconds.
+
+    ``detail`` (several servers): each server's counters, on a line of its own after the progress line --
+    shown when it matters (a server is not up), else only in the debug log: the progress line stays short."""
     if bar if bar is not None else wants_bar():
-        await _bar_forever(progress, state, interval)
+        await _bar_forever(progress, state, interval, detail)
         return
     while True:
         await asyncio.sleep(interval)
         server_state, in_flight = state()
         logger.info("%s", progress.line(server_state, in_flight))
+        _log_detail(detail)
 
 
-async def _bar_forever(progress: Progress, state: Callable[[], tuple[str, int]], interval: float) -> None:
+def _log_detail(detail: Callable[[], tuple[str, bool] | None] | None) -> None:
+    found = detail() if detail is not None else None
+    if found is not None:
+        text, matters = found
+        logger.log(logging.INFO if matters else logging.DEBUG, "%s", text)
+
+
+async def _bar_forever(progress: Progress, state: Callable[[], tuple[str, int]], interval: float,
+                       detail: Callable[[], tuple[str, bool] | None] | None = None) -> None:
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -224,7 +293,7 @@ async def _bar_forever(progress: Progress, state: Callable[[], tuple[str, int]],
 
         def draw() -> str:
             server_state, in_flight = state()
-            totals = progress.workspace
+            totals = progress.live_totals()
             if totals is not None:
                 bar.total, bar.n = totals.total, totals.done
                 rate = "?" if totals.rate is None else f"{totals.rate:.1f}"
@@ -243,5 +312,6 @@ async def _bar_forever(progress: Progress, state: Callable[[], tuple[str, int]],
                 if time.monotonic() - last_line >= interval:  # the plain line still goes to the debug log
                     last_line = time.monotonic()
                     logger.debug("%s", line)
+                    _log_detail(detail)
         finally:
             draw()  # the state at the end (the runner reads the totals once more before it stops the bar)

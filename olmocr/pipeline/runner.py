@@ -17,6 +17,7 @@ from olmocr.pipeline.pages.output import dolma_jsonl, markdown_relpath
 from olmocr.pipeline.pages.page import MAX_TOKENS, PageProcessor, PageSettings
 from olmocr.pipeline.pages.render import DEFAULT_RENDER_TIMEOUT_S, Renderer, default_render_processes
 from olmocr.pipeline.progress import FailFast, Progress, refresh_totals, refresh_totals_forever, report_progress
+from olmocr.pipeline.servers.balance import ServerState
 from olmocr.pipeline.servers.checks import DEFAULT_READY_WAIT_S, STRUCTURED_OUTPUTS, unresolvable_hosts
 from olmocr.pipeline.servers.discovery import refresh_interval
 from olmocr.pipeline.servers.fleet import LOG_MOVED, Fleet
@@ -125,6 +126,15 @@ class Runner:
             return failure(source, f"internal error: {type(exc).__name__}: {exc}", retryable=True)
 
     async def _process_item(self, item: WorkItem) -> None:
+        pages = self.progress.open_item()  # its pages count in the progress as they are answered
+        done = False
+        try:
+            await self._do_item(item)
+            done = True
+        finally:
+            self.progress.close_item(pages, done=done)
+
+    async def _do_item(self, item: WorkItem) -> None:
         outcomes = await asyncio.gather(*(self._process_doc(path) for path in item.paths))
         docs = [o.doc for o in outcomes if o.doc is not None]
         failed = [o.failure for o in outcomes if o.failure is not None]
@@ -294,7 +304,8 @@ class Runner:
         totals = asyncio.create_task(refresh_totals_forever(self.progress, self.queue.page_totals,
                                                             self.config.progress_interval))
         reporter = asyncio.create_task(report_progress(
-            self.progress, lambda: (self.fleet.describe_state(), self.fleet.in_flight), self.config.progress_interval))
+            self.progress, lambda: (self._server_state(), self.fleet.in_flight), self.config.progress_interval,
+            detail=self._server_detail))
         workers = [asyncio.create_task(self._worker(i)) for i in range(max(1, self.config.workers))]
         try:
             stop_wait = asyncio.create_task(self.stop.event.wait())
@@ -327,7 +338,7 @@ class Runner:
             if exporter is not None:
                 await exporter.close()
             await self._record_server_stats()
-        logger.info("%s", self.progress.line(self.fleet.describe_state(), self.fleet.in_flight))
+        logger.info("%s", self.progress.line(self._server_state(), self.fleet.in_flight))
         logger.info("%s", self.progress.summary())
         if not self.fleet.single:
             for server in self.fleet.servers:
@@ -344,6 +355,21 @@ class Runner:
             logger.error("%s", self.failure)
             return 1
         return 0
+
+    def _server_state(self) -> str:
+        """For the progress line, short whatever the number of servers: the server's state, or ``7/8 up``."""
+        if self.fleet.single:
+            return self.fleet.describe_state()
+        up = sum(1 for s in self.fleet.servers if s.state == ServerState.UP)
+        return f"{up}/{len(self.fleet.servers)} up"
+
+    def _server_detail(self) -> tuple[str, bool] | None:
+        """Each server's counters, a line of its own after the progress line (None with one server), and
+        whether it matters now (a server is not up: shown; else only in the --disk_logging file)."""
+        if self.fleet.single:
+            return None
+        detail = "servers: " + "; ".join(f"{s.url}: {s.describe()}" for s in self.fleet.servers)
+        return detail, any(s.state != ServerState.UP for s in self.fleet.servers)
 
     async def _record_server_stats(self) -> None:
         """Per-server counters of this run, kept in the workspace for ``--stats`` (best effort)."""
