@@ -14,7 +14,7 @@ import pytest
 from olmocr.pipeline.progress import FailFast
 from olmocr.pipeline.servers.checks import DEFAULT_READY_WAIT_S, ready_delays
 from olmocr.pipeline.workspace.queue import DONE_DIR, FAILED_DIR, INDEX_KEY, LOCKS_DIR, RESULTS_DIR
-from tests.pipeline_helpers import RESILIENCE_DOCS, SMALL_DOCS, launch_standin, run_pipeline
+from tests.pipeline_helpers import RESILIENCE_DOCS, SMALL_DOCS, launch_standin, run_pipeline, running_pipeline
 from tests.standin_helpers import free_port, start_standin, stop_process_group
 from tests.test_mistakes import assert_one_line, run_cli
 
@@ -150,3 +150,23 @@ def test_a_fresh_workspace_without_pdfs_is_one_line_exit_2_and_leaves_no_directo
     assert rc == 2, out
     assert_one_line(out, f"workspace {ws}", "nothing has been queued there yet", "--pdfs")
     assert "0 of 0" not in out and not (tmp_path / "new").exists() and took < 20
+
+
+def test_a_dns_name_without_an_address_yet_is_waited_for(tmp_path: Path) -> None:
+    """A headless Service has no address until its first server pod is ready (the Kubernetes Job's case)."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("")  # no server ready yet
+    standin = launch_standin(tmp_path)
+    try:
+        with running_pipeline(tmp_path / "ws", f"dns+http://olmocr-server:{standin.port}", SMALL_DOCS[:1],
+                              "--max_server_ready_timeout", "1200", log=tmp_path / "run.log",
+                              env={"OLMOCR_HOSTS_FILE": str(hosts), "OLMOCR_READY_WAIT_SCALE": SCALE}) as run:
+            run.wait_log("waiting for a vLLM server behind dns+http://olmocr-server", 30)
+            time.sleep(1.5)
+            hosts.write_text("127.0.0.1 olmocr-server\n")  # the first pod is ready
+            rc = run.wait(90)
+            log = run.output()
+    finally:
+        standin.stop()
+    assert rc == 0, log[-3000:]
+    assert_one_line(log, "waiting for a vLLM server behind", "attempts over 12s", "--max_server_ready_timeout")

@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from olmocr.pipeline import defaults
 from olmocr.pipeline.errors import LeaseLost, NoInput, ServerNotReady
@@ -18,8 +19,8 @@ from olmocr.pipeline.pages.page import MAX_TOKENS, PageProcessor, PageSettings
 from olmocr.pipeline.pages.render import DEFAULT_RENDER_TIMEOUT_S, Renderer, default_render_processes
 from olmocr.pipeline.progress import FailFast, Progress, refresh_totals, refresh_totals_forever, report_progress
 from olmocr.pipeline.servers.balance import ServerState
-from olmocr.pipeline.servers.checks import DEFAULT_READY_WAIT_S, STRUCTURED_OUTPUTS, unresolvable_hosts
-from olmocr.pipeline.servers.discovery import refresh_interval
+from olmocr.pipeline.servers.checks import DEFAULT_READY_WAIT_S, STRUCTURED_OUTPUTS, start_up_delays
+from olmocr.pipeline.servers.discovery import LookupFailed, default_resolver, refresh_interval, system_resolve
 from olmocr.pipeline.servers.fleet import LOG_MOVED, Fleet
 from olmocr.pipeline.servers.serverlist import DnsName, ServerSpec
 from olmocr.pipeline.stats import SERVER_STATS_DIR, run_id, server_stats_record
@@ -437,15 +438,52 @@ async def run_pipeline(config: PipelineConfig, stop: StopRequest | None = None,
     return await _run_on(config, storage, queue, stop)
 
 
+async def _unresolvable(urls: list[str]) -> list[str]:
+    """The host names among ``urls`` the resolver says do not exist (a typo such as ``locahlost``). A resolver
+    that cannot answer now is not definite: those are left to the start-up wait."""
+    bad: list[str] = []
+    for host in dict.fromkeys(urlsplit(url).hostname for url in urls):
+        try:
+            if host and not await system_resolve(host):
+                bad.append(host)
+        except LookupFailed:
+            continue
+    return bad
+
+
+async def _wait_for_addresses(config: PipelineConfig, max_wait_s: float) -> None:
+    """With only ``dns+`` servers: wait (the start-up schedule) until a name has an address. A headless
+    Service has none until its first server pod is ready, i.e. has loaded its model."""
+    if config.servers or not config.dns:
+        return
+    resolve = default_resolver()
+    delays = start_up_delays(max_wait_s)
+    for attempt in range(1, len(delays) + 2):
+        for name in config.dns:
+            try:
+                if await resolve(name.host):
+                    return
+            except LookupFailed:
+                pass
+        if attempt > len(delays):
+            return  # Fleet.start says which name has no address
+        if attempt == 1:
+            logger.warning("waiting for a vLLM server behind %s (no address yet: no server is ready, or they still "
+                           "load their model); up to %d attempts over %.0fs (--max_server_ready_timeout to change it)",
+                           ", ".join(n.label for n in config.dns), len(delays) + 1, sum(delays))
+        await asyncio.sleep(delays[attempt - 1])
+
+
 async def _start_fleet(fleet: Fleet, config: PipelineConfig, max_wait_s: float) -> None:
     """A host name that does not resolve is a definite answer (a typo): fail in seconds, not after the wait.
     Then verify the servers (:meth:`Fleet.start`)."""
-    bad = await asyncio.to_thread(unresolvable_hosts, [s.url for s in config.servers])
+    bad = await _unresolvable([s.url for s in config.servers])
     if bad:
         raise ServerNotReady(
             f"the vLLM server host name {', '.join(repr(h) for h in bad)} does not resolve: check --vllm-url "
             "(a name that appears only once its servers run, such as a Kubernetes headless Service, goes in as "
             "dns+http://NAME:PORT)")
+    await _wait_for_addresses(config, max_wait_s)
     await fleet.start(max_wait_s=max_wait_s)
 
 

@@ -9,10 +9,8 @@ Callable once per server: the result is a small immutable :class:`ServerInfo`.
 from __future__ import annotations
 
 import json
-import socket
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from olmocr import envs
 from olmocr.envs import SERVED_MODEL_NAME
@@ -78,26 +76,6 @@ def start_up_delays(max_wait_s: float | None) -> list[float]:
     if not scale > 0:
         raise envs.SettingValueError(f"OLMOCR_READY_WAIT_SCALE={scale:g} must be above 0; fix or unset it")
     return [d * scale for d in ready_delays(max_wait_s)]
-
-
-def unresolvable_hosts(urls: list[str]) -> list[str]:
-    """The host names among ``urls`` that definitely do not resolve (the resolver says the name does not
-    exist: a typo such as ``locahlost``). A resolver that cannot answer now (``EAI_AGAIN``) is not definite:
-    those are left to the start-up wait. Blocking (``getaddrinfo``): call it in a thread."""
-    definite = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
-    bad: list[str] = []
-    for url in urls:
-        host = urlsplit(url if "://" in url else "http://" + url).hostname
-        if not host or host in bad:
-            continue
-        try:
-            socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-        except socket.gaierror as exc:
-            if exc.errno in definite:
-                bad.append(host)
-        except (OSError, UnicodeError):
-            continue
-    return bad
 
 
 @dataclass(frozen=True)
