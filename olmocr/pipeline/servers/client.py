@@ -166,6 +166,7 @@ class ServerClient:
         delays = start_up_delays(max_wait_s)
         attempts = len(delays) + 1
         start = time.monotonic()
+        deadline = start + sum(delays)  # attempts that take time themselves (timeouts) do not stretch the wait
         last = ""
         for attempt in range(1, attempts + 1):
             try:
@@ -187,7 +188,7 @@ class ServerClient:
                     if tls_hint:
                         raise ServerNotReady(f"{self.name} is not a vLLM server over http: {tls_hint}; "
                                              "check --vllm-url.") from None
-            if attempt == attempts:
+            if attempt == attempts or time.monotonic() >= deadline:
                 raise ServerNotReady(
                     f"Cannot reach the vLLM server at {self.name} after {attempt} attempts over "
                     f"{time.monotonic() - start:.0f}s (last error: {last}). Check that it is running "
@@ -203,7 +204,7 @@ class ServerClient:
             else:
                 logger.info("vLLM server at %s not reachable yet (%s); attempt %d/%d, retrying in %.0fs",
                             self.name, last, attempt, attempts, delay)
-            await asyncio.sleep(delay)
+            await asyncio.sleep(max(0.0, min(delay, deadline - time.monotonic())))
         try:
             self.info = await read_server_info(self)
         except TransportError as exc:
