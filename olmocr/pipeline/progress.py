@@ -62,9 +62,10 @@ class FailFast:
         if count >= self.share * self.pages - 1e-9:
             self.tripped = (
                 f"stopping the run: {count} of the first {self.seen} pages failed the same way ({reason}); "
-                "the server answers, but not as olmOCR does: check that the model behind the name 'olmocr' is an "
-                "olmOCR model (see the page attempt lines above) or fix the server, then run again (the work "
-                "items were handed back; OLMOCR_FAIL_FAST_PAGES=0 turns this check off)")
+                "the server answers, but no page gets a usable answer: check that the model behind the name "
+                "'olmocr' is an olmOCR model and that the server takes this run's requests (see the page lines "
+                "above), then run again (the work items were handed back; OLMOCR_FAIL_FAST_PAGES=0 turns this "
+                "check off)")
         return self.tripped
 
     @classmethod
