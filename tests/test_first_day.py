@@ -86,6 +86,19 @@ def test_a_run_that_wrote_nothing_exits_1_even_without_the_early_stop(tmp_path: 
     assert "stopping the run" not in log
 
 
+def test_a_run_given_only_broken_files_exits_0_they_failed_for_good(tmp_path: Path) -> None:
+    broken = [tmp_path / "a.pdf", tmp_path / "b.pdf"]
+    for path in broken:
+        path.write_bytes(b"this is not a PDF at all\n" * 20)
+    standin = launch_standin(tmp_path)
+    try:
+        rc, log = run_pipeline(tmp_path / "ws", standin.url, broken, log=tmp_path / "run.log")
+    finally:
+        standin.stop()
+    assert rc == 0, log[-3000:]
+    assert "0 documents written, 2 failed" in log and "nothing written" not in log, log[-3000:]
+
+
 def test_a_healthy_run_is_not_stopped(tmp_path: Path) -> None:
     standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_ANSWER": "mixed:3"})  # every 3rd answer garbage
     try:

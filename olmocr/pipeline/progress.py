@@ -93,6 +93,7 @@ class Progress:
     attempts_failed: int = 0  # model attempts without a usable answer
     docs_done: int = 0
     docs_failed: int = 0
+    docs_retryable: int = 0  # of those, failed for a reason a rerun may fix (server, timeouts, unreadable input)
     docs_filtered: int = 0  # skipped by --apply_filter (recorded, not failures)
     items_done: int = 0
     input_tokens: int = 0

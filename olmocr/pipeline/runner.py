@@ -148,6 +148,7 @@ class Runner:
         skipped = sum(1 for f in failed if f.get("filtered"))
         self.progress.docs_filtered += skipped
         self.progress.docs_failed += len(failed) - skipped
+        self.progress.docs_retryable += sum(1 for f in failed if f.get("retryable"))
         self.progress.items_done += 1
         logger.info("work item %s done: %d documents written, %d failed%s", item.hash, len(docs),
                     len(failed) - skipped, f", {skipped} skipped by the filter" if skipped else "")
@@ -348,10 +349,11 @@ class Runner:
         if self.stop.requested:
             logger.warning("stopped on request (%s): %d work items completed, %d handed back unfinished for other "
                            "workers", self.stop.signal_name, self.progress.items_done, self.released)
-        elif self.failure is None and self.progress.docs_done == 0 and self.progress.docs_failed > 0:
-            self.failure = (f"nothing written: all {self.progress.docs_failed} documents this run finished failed "
-                            "(their reasons are in the workspace's failed/ and in --stats); fix the cause and run "
-                            "again: the retryable ones are retried")
+        elif self.failure is None and self.progress.docs_done == 0 and self.progress.docs_retryable > 0:
+            # Only failures a fix can change: a run given nothing but corrupt files did what it could.
+            self.failure = (f"nothing written: all {self.progress.docs_failed} documents this run finished failed, "
+                            f"{self.progress.docs_retryable} for a reason a rerun may fix (their reasons are in the "
+                            "workspace's failed/ and in --stats); fix the cause and run again: those are retried")
         if self.failure is not None:
             logger.error("%s", self.failure)
             return 1
