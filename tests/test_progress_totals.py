@@ -98,6 +98,11 @@ def test_pages_count_in_the_workspace_progress_as_they_are_answered_not_when_the
     assert progress.head().startswith("workspace 5/27 pages"), "counted once when the totals hold it"
     asyncio.run(one_item(3, done=False, shown=8))
     assert progress.head().startswith("workspace 5/27 pages"), "an item handed back: its pages are not done"
+    first, second = progress.open_item(), progress.open_item()  # two items, equal counts so far
+    progress.close_item(second, done=False)
+    first[0] += 2  # the open one goes on
+    assert progress.head().startswith("workspace 7/27 pages"), "the item closed is the one given"
+    progress.close_item(first, done=False)
 
 
 def test_the_progress_line_stays_short_with_8_servers_and_their_detail_has_a_line_of_its_own() -> None:

@@ -117,8 +117,7 @@ class Progress:
     def close_item(self, counter: list[int], *, done: bool) -> None:
         """The item is marked done (its pages are in the workspace's totals from their next reading) or was
         handed back (``done`` False: its pages will be done again)."""
-        if counter in self._open_items:
-            self._open_items.remove(counter)
+        self._open_items = [c for c in self._open_items if c is not counter]  # by identity: counts may be equal
         if done:
             self._closed_items.append((time.monotonic(), counter[0]))
 
