@@ -142,6 +142,12 @@ REGISTRY: tuple[Setting, ...] = (
        "set, it means external servers (no internal mode)", PIPELINE, shown_default=""),
     _s("OLMOCR_DNS_REFRESH_S", float, 10.0, "how often `dns+http://NAME:PORT` servers are re-resolved "
        "(0 < s <= 30; docs/fleet.md)", PIPELINE),
+    _s("OLMOCR_READY_WAIT_SCALE", float, 1.0, "multiplies the start-up wait for servers (its pauses and "
+       "`--max_server_ready_timeout`); for tests: 0.01 makes a 1200 s wait 12 s", PIPELINE),
+    _s("OLMOCR_FAIL_FAST_PAGES", int, 50, "the run stops (exit 1) when, of the first this many pages with a "
+       "verdict, `OLMOCR_FAIL_FAST_SHARE` or more failed every attempt for the same reason (a wrong model behind "
+       "the name `olmocr`); 0 turns the check off", PIPELINE),
+    _s("OLMOCR_FAIL_FAST_SHARE", float, 0.95, "the share of those pages (0 < share <= 1)", PIPELINE),
     _s("OLMOCR_HOSTS_FILE", str, None, "resolve `dns+` names from this hosts-format file instead of the system "
        "resolver (for tests: several 127.0.0.x behind one name without editing `/etc/hosts`)", PIPELINE,
        shown_default=""),

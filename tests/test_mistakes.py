@@ -192,9 +192,9 @@ def test_a_server_not_up_yet_is_waited_for_and_the_first_line_says_how_long(tmp_
                              "--max_server_ready_timeout", "2"])
     assert rc == 1, out
     first = assert_one_line(out, "waiting for the vLLM server", "--max_server_ready_timeout")
-    assert "at most 2s" in first and "connection refused" in first, first
+    assert "over 2s" in first and "connection refused" in first, first
     assert_one_line(out, "Cannot reach the vLLM server")
-    assert ready_wait_bound(10, 600) == 1 + 2 + 4 + 8 + 16 + 32 + 60 + 60 + 60  # what the default line says
+    assert ready_wait_bound() == 1 + 2 + 4 + 8 + 16 + 32 + 60 + 60 + 60  # what the default line says
 
 
 # ---------------------------------------------------------------------------------------------- workspaces

@@ -125,7 +125,7 @@ def test_document_over_error_rate_is_failed_then_retried(tmp_path: Path) -> None
     s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_ANSWER": "garbage"})
     try:
         rc, log = run_pipeline(ws, s.url, pdfs, "--max_page_retries", "2", log=tmp_path / "run1.log")
-        assert rc == 0, log
+        assert rc == 1 and "nothing written: all 2 documents this run finished failed" in log, log  # (#28)
         assert results(ws) == []
         failed = failures(ws)
         assert sorted(f["source"] for f in failed) == sorted(map(str, pdfs))
@@ -217,7 +217,8 @@ def test_unreachable_server_gives_a_clear_error(tmp_path: Path) -> None:
     rc, log = run_pipeline(tmp_path / "ws", url, [SAMPLES.letter], "--max_server_ready_timeout", "3",
                            timeout=60, log=tmp_path / "run.log")
     assert rc == 1
-    assert "Cannot reach the vLLM server" in log and "up to 10 attempts" in log  # said at the first attempt
+    # Said at the first attempt: a 3 s wait is 3 attempts (1 s, then 2 s apart), not the default 10 over 243 s.
+    assert "Cannot reach the vLLM server" in log and "up to 3 attempts over 3s" in log, log
     locks = tmp_path / "ws" / "worker_locks"
     assert not locks.exists() or not any(locks.iterdir())
 

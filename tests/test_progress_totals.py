@@ -4,6 +4,7 @@ real run against the stand-in, and the live bar on a real pseudo-terminal."""
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import pty
@@ -20,6 +21,9 @@ from pathlib import Path
 import pytest
 
 from olmocr.pipeline.progress import Progress
+from olmocr.pipeline.runner import Runner
+from olmocr.pipeline.servers.fleet import Fleet
+from olmocr.pipeline.servers.serverlist import ServerSpec
 from olmocr.pipeline.workspace.queue import WorkQueue, load_index
 from olmocr.pipeline.workspace.storage import open_storage
 from olmocr.pipeline.workspace.totals import PageTotals, compute_totals, format_duration, load_pages
@@ -63,8 +67,54 @@ def test_durations_and_the_plain_line():
     assert progress.line("up", 2).startswith("pages 5/7 (this process; workspace totals not read yet) | ")
     progress.workspace = PageTotals(total=500, done=120, items=5, items_done=1, rate=2.0)
     line = progress.line("up", 2)
-    assert line.startswith("workspace 120/500 pages (24.0%), 380 remaining, workspace 2.0 pages/s, ETA 3m 10s | "
+    assert line.startswith("workspace 120/500 pages (24.0%), 380 remaining, 2.0 pages/s, ETA 3m 10s | "
                            "this process 5 pages, "), line
+    progress.workspace = PageTotals(total=500, done=0, items=5, items_done=0, rate=None)
+    assert "0/500 pages (0.0%), 500 remaining, rate unknown, ETA unknown | " in progress.line("up", 2)
+
+
+def test_pages_count_in_the_workspace_progress_as_they_are_answered_not_when_their_item_is_done() -> None:
+    progress = Progress()
+    progress.workspace = PageTotals(total=27, done=0, items=1, items_done=0, rate=None)
+    progress.workspace_read_at = time.monotonic()
+    assert progress.head() == "workspace 0/27 pages (0.0%), 27 remaining, rate unknown, ETA unknown"
+
+    async def one_item(pages: int, done: bool, shown: int) -> None:
+        counter = progress.open_item()
+
+        async def page() -> None:  # a page task of the item (they inherit its counter)
+            await asyncio.sleep(0)
+            progress.page_done(fallback=False)
+
+        await asyncio.gather(*(page() for _ in range(pages)))
+        assert progress.head().startswith(f"workspace {shown}/27 pages"), progress.head()
+        progress.close_item(counter, done=done)
+
+    asyncio.run(one_item(5, done=True, shown=5))
+    assert progress.head().startswith("workspace 5/27 pages"), "done, not yet in a reading of the totals"
+    assert "pages/s (this process), ETA" in progress.head(), "no workspace rate yet: this process's"
+    progress.workspace = PageTotals(total=27, done=5, items=1, items_done=1, rate=None)
+    progress.workspace_read_at = time.monotonic()
+    assert progress.head().startswith("workspace 5/27 pages"), "counted once when the totals hold it"
+    asyncio.run(one_item(3, done=False, shown=8))
+    assert progress.head().startswith("workspace 5/27 pages"), "an item handed back: its pages are not done"
+    first, second = progress.open_item(), progress.open_item()  # two items, equal counts so far
+    progress.close_item(second, done=False)
+    first[0] += 2  # the open one goes on
+    assert progress.head().startswith("workspace 7/27 pages"), "the item closed is the one given"
+    progress.close_item(first, done=False)
+
+
+def test_the_progress_line_stays_short_with_8_servers_and_their_detail_has_a_line_of_its_own() -> None:
+    fleet = Fleet([ServerSpec(f"http://127.0.0.1:{30024 + i}") for i in range(8)])
+    runner = Runner.__new__(Runner)  # only its fleet: what the progress line says of the servers
+    runner.fleet = fleet
+    progress = Progress(pages_total=7, pages_done=5)
+    progress.workspace = PageTotals(total=2_000_000, done=1_234_567, items=4000, items_done=2469, rate=61.0)
+    line = progress.line(runner._server_state(), 1600)
+    assert len(line) <= 250 and "server 0/8 up, 1600 requests in flight" in line, (len(line), line)
+    detail, matters = runner._server_detail()
+    assert matters and detail.startswith("servers: ") and all(f":{30024 + i}" in detail for i in range(8))
 
 
 # ---------------------------------------------------------------------------------- stored totals
@@ -125,8 +175,8 @@ def test_progress_line_and_stats_show_the_true_total_and_an_eta(tmp_path: Path) 
     finally:
         standin.stop()
     assert rc == 0, log
-    lines = re.findall(r"workspace (\d+)/(\d+) pages \([\d.]+%\), (\d+) remaining, workspace (\S+) (?:pages/s)?,? ?"
-                       r"ETA (.+?) \| this process (\d+) pages", log)
+    lines = re.findall(r"workspace (\d+)/(\d+) pages \([\d.]+%\), (\d+) remaining, (?:rate )?(\S+) (?:pages/s)?"
+                       r"(?: \(this process\))?,? ?ETA (.+?) \| this process (\d+) pages", log)
     assert len(lines) >= 3, log
     assert {int(total) for _, total, *_ in lines} == {23}, "the total is the workspace's from the first line"
     assert all(int(done) + int(remaining) == 23 for done, _, remaining, *_ in lines)
@@ -135,6 +185,22 @@ def test_progress_line_and_stats_show_the_true_total_and_an_eta(tmp_path: Path) 
     stats = subprocess.run([sys.executable, "-m", "olmocr.pipeline", str(ws), "--stats"], capture_output=True,
                            text=True, timeout=60, cwd=REPO_ROOT, env=clean_env()).stdout
     assert re.search(r"Progress: 23/23 pages \(100\.0%\), 0 remaining, workspace [\d.]+ pages/s, ETA 0s", stats), stats
+
+
+def test_a_run_of_one_big_item_shows_its_pages_as_they_are_answered(tmp_path: Path) -> None:
+    docs = samples().resilience  # 23 pages, all in one work item: no item finishes before the end
+    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.15"})
+    try:
+        rc, log = run_pipeline(tmp_path / "ws", standin.url, docs, "--progress_interval", "0.5",
+                               "--max_concurrent_requests", "2", log=tmp_path / "run.log")
+    finally:
+        standin.stop()
+    assert rc == 0, log
+    assert "1 new work items added" in log, log[-2000:]
+    done = [int(n) for n in re.findall(r"workspace (\d+)/23 pages", log)]
+    assert any(0 < n < 23 for n in done), done  # before its item was done
+    assert done == sorted(done) and done[-1] == 23, done
+    assert "workspace unknown" not in log
 
 
 @pytest.mark.integration

@@ -13,13 +13,15 @@ from collections.abc import Mapping
 from typing import NoReturn
 
 from olmocr import __version__
-from olmocr.envs import SERVED_MODEL_NAME
+from olmocr.envs import SERVED_MODEL_NAME, SettingValueError
 from olmocr.logformat import LOG_FORMAT
 from olmocr.pipeline import defaults, stats
 from olmocr.pipeline.errors import FleetConfigError, NoInput, WorkspaceError
 from olmocr.pipeline.flags import normalize_spellings, number, whole
 from olmocr.pipeline.pages.render import DEFAULT_RENDER_TIMEOUT_S
+from olmocr.pipeline.progress import FailFast
 from olmocr.pipeline.runner import PipelineConfig, run_pipeline
+from olmocr.pipeline.servers.checks import DEFAULT_READY_WAIT_S, start_up_delays
 from olmocr.pipeline.servers.discovery import refresh_interval
 from olmocr.pipeline.servers.serverlist import (
     URL_ENV,
@@ -84,9 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--request_timeout", type=number(0, low_open=True), default=defaults.REQUEST_TIMEOUT_S,
                         help="a request is abandoned and resent when the server has finished no request for this "
                              f"many seconds (a hung engine), or after 3x this in any case (default {defaults.REQUEST_TIMEOUT_S:g})")
-    server.add_argument("--max_server_ready_timeout", type=number(0), default=defaults.SERVER_READY_TIMEOUT_S,
-                        help=f"longest total wait for the server at start-up, in seconds (default {defaults.SERVER_READY_TIMEOUT_S:g}; at most "
-                             "10 attempts are made)")
+    server.add_argument("--max_server_ready_timeout", type=number(0), default=None,
+                        help="longest total wait for the servers at start-up, in seconds (default: 10 attempts at "
+                             f"most 60 s apart, {DEFAULT_READY_WAIT_S:g} s; a larger value adds attempts 60 s apart; "
+                             f"internal mode: {defaults.SERVER_READY_TIMEOUT_S:g} s for its server to load)")
     work = p.add_argument_group("work")
     work.add_argument("--workers", type=whole(1), default=defaults.WORKERS,
                       help=f"work items processed at a time (default {defaults.WORKERS})")
@@ -217,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     if pages_per_group is None:
         pages_per_group = defaults.PAGES_PER_GROUP_WITH_KEY if api_key or key_file else defaults.PAGES_PER_GROUP
     check_upstream_flags(parser, args)
+    try:  # the run's settings, read now: a bad value is one line before anything starts
+        FailFast.from_env()
+        start_up_delays(args.max_server_ready_timeout)
+    except SettingValueError as exc:
+        parser.exit(STATUS_USAGE, f"{parser.prog}: error: {exc}\n")
     if args.model and args.model != SERVED_MODEL_NAME and args.server:
         logger.info("--model %s is ignored: requests use the served model name 'olmocr'", args.model)
 
@@ -353,7 +361,9 @@ async def _run_with_signals(config: PipelineConfig, server_settings=None, server
         from olmocr.pipeline.servers.internal import run_with_internal_server
 
         server = functools.partial(run_with_internal_server, settings=server_settings, run_dir=server_run_dir,
-                                   ready_timeout=config.max_server_ready_timeout,
+                                   ready_timeout=(defaults.SERVER_READY_TIMEOUT_S
+                                                  if config.max_server_ready_timeout is None
+                                                  else config.max_server_ready_timeout),
                                    api_key=config.servers[0].api_key)
     try:
         status = await run_pipeline(config, stop, server)

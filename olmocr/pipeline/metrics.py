@@ -129,7 +129,7 @@ def run_metrics(metrics: PipelineMetrics) -> list[Metric]:
         out.append(GaugeMetricFamily("olmocr_pipeline_work_items_remaining", "Work items not done yet "
                                      "(pending + leased), all workers", value=counts.get("pending", 0)
                                      + counts.get("leased", 0)))
-    totals = p.workspace
+    totals = p.live_totals()  # pages count as this process answers them, not only when their item is done
     if totals is not None:  # the whole workspace (olmocr.pipeline.workspace.totals), all pipelines
         pages = GaugeMetricFamily("olmocr_pipeline_workspace_pages", "Pages of the whole workspace by state: "
                                   "total queued, done, remaining (all pipelines), read every --progress_interval "
@@ -139,7 +139,8 @@ def run_metrics(metrics: PipelineMetrics) -> list[Metric]:
         out.append(pages)
         if totals.rate is not None:
             out.append(GaugeMetricFamily("olmocr_pipeline_workspace_pages_per_second", "Pages per second of the "
-                                         "whole workspace over the last 10 minutes (from the done flags)",
+                                         "whole workspace over the last 10 minutes (from the done flags; until a work item finishes, this "
+                                         "process's rate)",
                                          value=totals.rate))
         if totals.eta_seconds is not None:
             out.append(GaugeMetricFamily("olmocr_pipeline_workspace_eta_seconds", "Seconds until every page of "

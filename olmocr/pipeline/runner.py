@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from olmocr.pipeline import defaults
 from olmocr.pipeline.errors import LeaseLost, NoInput, ServerNotReady
@@ -16,9 +17,10 @@ from olmocr.pipeline.pages.documents import DocOutcome, DocumentProcessor, failu
 from olmocr.pipeline.pages.output import dolma_jsonl, markdown_files
 from olmocr.pipeline.pages.page import MAX_TOKENS, PageProcessor, PageSettings
 from olmocr.pipeline.pages.render import DEFAULT_RENDER_TIMEOUT_S, Renderer, default_render_processes
-from olmocr.pipeline.progress import Progress, refresh_totals, refresh_totals_forever, report_progress
-from olmocr.pipeline.servers.checks import STRUCTURED_OUTPUTS
-from olmocr.pipeline.servers.discovery import refresh_interval
+from olmocr.pipeline.progress import FailFast, Progress, refresh_totals, refresh_totals_forever, report_progress
+from olmocr.pipeline.servers.balance import ServerState
+from olmocr.pipeline.servers.checks import DEFAULT_READY_WAIT_S, STRUCTURED_OUTPUTS, start_up_delays
+from olmocr.pipeline.servers.discovery import LookupFailed, default_resolver, refresh_interval, system_resolve
 from olmocr.pipeline.servers.fleet import LOG_MOVED, Fleet
 from olmocr.pipeline.servers.serverlist import DnsName, ServerSpec
 from olmocr.pipeline.stats import SERVER_STATS_DIR, run_id, server_stats_record
@@ -53,7 +55,7 @@ class PipelineConfig:
     markdown: bool = False
     guided_decoding: bool = False
     request_timeout: float = defaults.REQUEST_TIMEOUT_S
-    max_server_ready_timeout: float = defaults.SERVER_READY_TIMEOUT_S
+    max_server_ready_timeout: float | None = None  # None: the default wait (checks.ready_delays)
     lease_seconds: float = defaults.LEASE_SECONDS
     progress_interval: float = defaults.PROGRESS_INTERVAL_S
     render_processes: int | None = None
@@ -100,7 +102,9 @@ class Runner:
         self.storage = storage
         self.queue = queue
         self.fleet = fleet
-        self.progress = Progress()
+        self.progress = Progress(fail_fast=FailFast.from_env(), on_fail_fast=self._fail_fast)
+        self.failing = asyncio.Event()  # set when nearly every early page failed the same way (FailFast)
+        self.failure: str | None = None  # why the run failed (exit 1), one line
         self.renderer = Renderer(config.render_processes, config.render_timeout)
         self.stop.on_hard_exit(self.renderer.kill_now)
         settings = PageSettings(config.target_longest_image_dim, config.max_page_retries, config.max_model_len,
@@ -114,6 +118,10 @@ class Runner:
         self.active: set[str] = set()
         self.item_finished = asyncio.Event()
 
+    def _fail_fast(self, reason: str) -> None:
+        self.failure = reason
+        self.failing.set()
+
     async def _process_doc(self, source: str) -> DocOutcome:
         try:
             return await self.documents.process(source)
@@ -124,6 +132,15 @@ class Runner:
             return failure(source, f"internal error: {type(exc).__name__}: {exc}", retryable=True)
 
     async def _process_item(self, item: WorkItem) -> None:
+        pages = self.progress.open_item()  # its pages count in the progress as they are answered
+        done = False
+        try:
+            await self._do_item(item)
+            done = True
+        finally:
+            self.progress.close_item(pages, done=done)
+
+    async def _do_item(self, item: WorkItem) -> None:
         outcomes = await asyncio.gather(*(self._process_doc(path) for path in item.paths))
         docs = [o.doc for o in outcomes if o.doc is not None]
         failed = [o.failure for o in outcomes if o.failure is not None]
@@ -135,6 +152,7 @@ class Runner:
         skipped = sum(1 for f in failed if f.get("filtered"))
         self.progress.docs_filtered += skipped
         self.progress.docs_failed += len(failed) - skipped
+        self.progress.docs_retryable += sum(1 for f in failed if f.get("retryable"))
         self.progress.items_done += 1
         logger.info("work item %s done: %d documents written, %d failed%s", item.hash, len(docs),
                     len(failed) - skipped, f", {skipped} skipped by the filter" if skipped else "")
@@ -280,7 +298,8 @@ class Runner:
         except Exception as exc:  # noqa: BLE001
             logger.warning("could not release work item %s: %s", item.hash, exc)
 
-    async def run(self) -> None:
+    async def run(self) -> int:
+        """Run the workers until the queue is done or a stop; 1 when the run failed (:attr:`failure`), else 0."""
         exporter = None
         if self.config.metrics_port:
             from olmocr.pipeline.metrics import start_for_runner
@@ -293,18 +312,23 @@ class Runner:
         totals = asyncio.create_task(refresh_totals_forever(self.progress, self.queue.page_totals,
                                                             self.config.progress_interval))
         reporter = asyncio.create_task(report_progress(
-            self.progress, lambda: (self.fleet.describe_state(), self.fleet.in_flight), self.config.progress_interval))
+            self.progress, lambda: (self._server_state(), self.fleet.in_flight), self.config.progress_interval,
+            detail=self._server_detail))
         workers = [asyncio.create_task(self._worker(i)) for i in range(max(1, self.config.workers))]
         try:
             stop_wait = asyncio.create_task(self.stop.event.wait())
+            fail_wait = asyncio.create_task(self.failing.wait())
             running = set(workers)
-            while running and not stop_wait.done():
+            while running and not stop_wait.done() and not fail_wait.done():
                 # Only the workers still running: a finished one in the set would make every wait return at
                 # once (a busy loop for the rest of the run).
-                _, running = await asyncio.wait([*running, stop_wait], return_when=asyncio.FIRST_COMPLETED)
-                running.discard(stop_wait)
+                _, running = await asyncio.wait([*running, stop_wait, fail_wait],
+                                                return_when=asyncio.FIRST_COMPLETED)
+                running -= {stop_wait, fail_wait}
             stop_wait.cancel()
-            if self.stop.requested:
+            fail_wait.cancel()
+            # Doomed (FailFast): no graceful wait; the finally below hands every item in progress back at once.
+            if self.stop.requested and not self.failing.is_set():
                 await self._stop_gracefully(workers)
             for w in workers:
                 if w.done() and not w.cancelled() and w.exception() is not None:
@@ -322,7 +346,7 @@ class Runner:
             if exporter is not None:
                 await exporter.close()
             await self._record_server_stats()
-        logger.info("%s", self.progress.line(self.fleet.describe_state(), self.fleet.in_flight))
+        logger.info("%s", self.progress.line(self._server_state(), self.fleet.in_flight))
         logger.info("%s", self.progress.summary())
         if not self.fleet.single:
             for server in self.fleet.servers:
@@ -331,6 +355,30 @@ class Runner:
         if self.stop.requested:
             logger.warning("stopped on request (%s): %d work items completed, %d handed back unfinished for other "
                            "workers", self.stop.signal_name, self.progress.items_done, self.released)
+        elif self.failure is None and self.progress.docs_done == 0 and self.progress.docs_retryable > 0:
+            # Only failures a fix can change: a run given nothing but corrupt files did what it could.
+            self.failure = (f"nothing written: all {self.progress.docs_failed} documents this run finished failed, "
+                            f"{self.progress.docs_retryable} for a reason a rerun may fix (their reasons are in the "
+                            "workspace's failed/ and in --stats); fix the cause and run again: those are retried")
+        if self.failure is not None:
+            logger.error("%s", self.failure)
+            return 1
+        return 0
+
+    def _server_state(self) -> str:
+        """For the progress line, short whatever the number of servers: the server's state, or ``7/8 up``."""
+        if self.fleet.single:
+            return self.fleet.describe_state()
+        up = sum(1 for s in self.fleet.servers if s.state == ServerState.UP)
+        return f"{up}/{len(self.fleet.servers)} up"
+
+    def _server_detail(self) -> tuple[str, bool] | None:
+        """Each server's counters, a line of its own after the progress line (None with one server), and
+        whether it matters now (a server is not up: shown; else only in the --disk_logging file)."""
+        if self.fleet.single:
+            return None
+        detail = "servers: " + "; ".join(f"{s.url}: {s.describe()}" for s in self.fleet.servers)
+        return detail, any(s.state != ServerState.UP for s in self.fleet.servers)
 
     async def _record_server_stats(self) -> None:
         """Per-server counters of this run, kept in the workspace for ``--stats`` (best effort)."""
@@ -387,12 +435,64 @@ async def run_pipeline(config: PipelineConfig, stop: StopRequest | None = None,
                 f"nothing to do: no document could be queued from --pdfs ({len(config.pdfs)} given; see the "
                 f"errors above) and the workspace has no work left ({counts.get('done', 0)} of "
                 f"{counts.get('total', 0)} work items done); check the paths, globs and credentials")
+        if not config.pdfs and counts.get("total", 0) == 0:  # as `--stats` on a missing workspace answers
+            raise NoInput(f"workspace {config.workspace}: no work items (nothing has been queued there yet); give "
+                          "the documents with --pdfs PATH/GLOB/LIST.txt")
         logger.info("no work to do: %d of %d work items are done", counts.get("done", 0), counts.get("total", 0))
         return 0
     logger.info("work items: %s", ", ".join(f"{n} {state}" for state, n in counts.items()))
     if server is not None:
         return await server(lambda: _run_on(config, storage, queue, stop), stop)
     return await _run_on(config, storage, queue, stop)
+
+
+async def _unresolvable(urls: list[str]) -> list[str]:
+    """The host names among ``urls`` the resolver says do not exist (a typo such as ``locahlost``). A resolver
+    that cannot answer now is not definite: those are left to the start-up wait."""
+    bad: list[str] = []
+    for host in dict.fromkeys(urlsplit(url).hostname for url in urls):
+        try:
+            if host and not await system_resolve(host):
+                bad.append(host)
+        except LookupFailed:
+            continue
+    return bad
+
+
+async def _wait_for_addresses(config: PipelineConfig, max_wait_s: float) -> None:
+    """With only ``dns+`` servers: wait (the start-up schedule) until a name has an address. A headless
+    Service has none until its first server pod is ready, i.e. has loaded its model."""
+    if config.servers or not config.dns:
+        return
+    resolve = default_resolver()
+    delays = start_up_delays(max_wait_s)
+    for attempt in range(1, len(delays) + 2):
+        for name in config.dns:
+            try:
+                if await resolve(name.host):
+                    return
+            except LookupFailed:
+                pass
+        if attempt > len(delays):
+            return  # Fleet.start says which name has no address
+        if attempt == 1:
+            logger.warning("waiting for a vLLM server behind %s (no address yet: no server is ready, or they still "
+                           "load their model); up to %d attempts over %.0fs (--max_server_ready_timeout to change it)",
+                           ", ".join(n.label for n in config.dns), len(delays) + 1, sum(delays))
+        await asyncio.sleep(delays[attempt - 1])
+
+
+async def _start_fleet(fleet: Fleet, config: PipelineConfig, max_wait_s: float) -> None:
+    """A host name that does not resolve is a definite answer (a typo): fail in seconds, not after the wait.
+    Then verify the servers (:meth:`Fleet.start`)."""
+    bad = await _unresolvable([s.url for s in config.servers])
+    if bad:
+        raise ServerNotReady(
+            f"the vLLM server host name {', '.join(repr(h) for h in bad)} does not resolve: check --vllm-url "
+            "(a name that appears only once its servers run, such as a Kubernetes headless Service, goes in as "
+            "dns+http://NAME:PORT)")
+    await _wait_for_addresses(config, max_wait_s)
+    await fleet.start(max_wait_s=max_wait_s)
 
 
 async def _run_on(config: PipelineConfig, storage: Storage, queue: WorkQueue, stop: StopRequest) -> int:
@@ -402,7 +502,8 @@ async def _run_on(config: PipelineConfig, storage: Storage, queue: WorkQueue, st
                   longest_dim=config.target_longest_image_dim, dns=config.dns,
                   dns_refresh_s=refresh_interval(os.environ))
     try:
-        ready = asyncio.create_task(fleet.start(max_wait_s=config.max_server_ready_timeout))
+        wait = DEFAULT_READY_WAIT_S if config.max_server_ready_timeout is None else config.max_server_ready_timeout
+        ready = asyncio.create_task(_start_fleet(fleet, config, wait))
         stopped = asyncio.create_task(stop.event.wait())
         await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
@@ -422,7 +523,6 @@ async def _run_on(config: PipelineConfig, storage: Storage, queue: WorkQueue, st
         if config.guided_decoding:
             logger.info("guided decoding: constraining the front matter with the %r request field (vLLM %s)",
                         guided_field, ", ".join(fleet.versions()) or "version unknown")
-        await Runner(config, storage, queue, fleet, stop, max_tokens, guided_field).run()
+        return await Runner(config, storage, queue, fleet, stop, max_tokens, guided_field).run()
     finally:
         await fleet.close()
-    return 0

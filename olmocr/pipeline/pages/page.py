@@ -181,7 +181,10 @@ class PageProcessor:
 
     async def _fallback(self, page: PageSource, reason: str, kind: FallbackKind, tally: _PageTally) -> PageResult:
         text = await self.renderer.text(page.local_path, page.kind, page.page_num)
-        self.progress.page_done(fallback=True)
+        # The server's verdicts count toward the early stop (progress.FailFast); a page that cannot be rendered
+        # (or not in time) does not.
+        rendering = kind in (FallbackKind.UNRENDERABLE, FallbackKind.RENDER_TIME_LIMIT)
+        self.progress.page_done(fallback=True, failure=None if rendering else kind.value)
         self.fallback_by_reason[kind.code] += 1
         response = PageResponse(primary_language=None, is_rotation_valid=True, rotation_correction=0,
                                 is_table=False, is_diagram=False, natural_text=text)

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from olmocr import envs
 from olmocr.envs import SERVED_MODEL_NAME
 from olmocr.model_list import parse_models  # noqa: F401 - part of this module's API
 from olmocr.pipeline.errors import ServerMismatch, ServerNotReady
@@ -35,6 +36,46 @@ MIN_USEFUL_MAX_TOKENS = 512
 IMAGE_PATCH_PX = 28
 #: The chat template around the prompt: role headers, the system line, vision start/end, generation prompt.
 TEMPLATE_TOKENS = 64
+
+
+#: The start-up wait for a server (the original server-manager design): 10 attempts, each pause twice the
+#: last, at most 60 s apart -- 1+2+4+8+16+32+60+60+60 = 243 s in all. ``--max_server_ready_timeout`` cuts it
+#: short or, larger, extends it with attempts 60 s apart.
+READY_ATTEMPTS = 10
+READY_FIRST_DELAY_S = 1.0
+READY_MAX_DELAY_S = 60.0
+
+
+def ready_delays(max_wait_s: float | None = None, *, attempts: int = READY_ATTEMPTS,
+                 first_delay_s: float = READY_FIRST_DELAY_S, max_delay_s: float = READY_MAX_DELAY_S) -> list[float]:
+    """The pauses between start-up attempts (one fewer than the attempts), adding up to the whole wait.
+
+    ``max_wait_s`` None: the default schedule (``attempts`` attempts). Smaller than its sum: the schedule cut
+    so the pauses add up to ``max_wait_s``. Larger: extended with pauses ``max_delay_s`` apart until they do.
+    """
+    delays: list[float] = []
+    total, delay = 0.0, first_delay_s
+    while len(delays) < attempts - 1 or (max_wait_s is not None and total < max_wait_s):
+        if max_wait_s is not None and total + delay > max_wait_s:
+            delay = max_wait_s - total  # the last pause ends where the wait asked for ends
+            if delay <= 1e-9:
+                break
+        delays.append(delay)
+        total += delay
+        delay = min(delay * 2, max_delay_s)
+    return delays
+
+
+#: The default wait, in seconds (243).
+DEFAULT_READY_WAIT_S = sum(ready_delays())
+
+
+def start_up_delays(max_wait_s: float | None) -> list[float]:
+    """:func:`ready_delays` in real seconds: times ``OLMOCR_READY_WAIT_SCALE`` (1; tests make it small)."""
+    scale = float(envs.value("OLMOCR_READY_WAIT_SCALE"))  # type: ignore[arg-type]
+    if not scale > 0:
+        raise envs.SettingValueError(f"OLMOCR_READY_WAIT_SCALE={scale:g} must be above 0; fix or unset it")
+    return [d * scale for d in ready_delays(max_wait_s)]
 
 
 @dataclass(frozen=True)

@@ -34,14 +34,19 @@ from olmocr.pipeline.errors import (
     TlsError,
     TransportError,
 )
-from olmocr.pipeline.servers.checks import ServerInfo, parse_models, parse_version_body, read_server_info
+from olmocr.pipeline.servers.checks import (
+    ServerInfo,
+    parse_models,
+    parse_version_body,
+    read_server_info,
+    start_up_delays,
+)
 from olmocr.pipeline.servers.http import HttpPool, Response
 
 logger = logging.getLogger("olmocr.pipeline")
 
 MODEL_NAME = SERVED_MODEL_NAME
 MAX_BACKOFF_S = 60.0
-INITIAL_ATTEMPTS = 10
 PROBE_TIMEOUT_S = 10.0
 #: A request is abandoned (and resent) when the server finished *no* request for ``request_timeout`` seconds
 #: while it waited -- a hung engine -- so requests merely queued on a busy server are not thrown away. As a
@@ -49,14 +54,9 @@ PROBE_TIMEOUT_S = 10.0
 HARD_TIMEOUT_FACTOR = 3.0
 
 
-def ready_wait_bound(attempts: int, max_wait_s: float, first_delay_s: float = 1.0) -> float:
-    """The longest :meth:`ServerClient.wait_ready` waits for a server that is not up: its backoff schedule,
-    capped by ``max_wait_s``."""
-    total, delay = 0.0, first_delay_s
-    for _ in range(attempts - 1):
-        total += delay
-        delay = min(delay * 2, MAX_BACKOFF_S)
-    return min(total, max_wait_s)
+def ready_wait_bound(max_wait_s: float | None = None) -> float:
+    """The longest :meth:`ServerClient.wait_ready` waits for a server that is not up (its pauses' sum)."""
+    return sum(start_up_delays(max_wait_s))
 
 
 def url_problem(url: str) -> str | None:
@@ -154,17 +154,19 @@ class ServerClient:
             return None
         return parse_version_body(status, body)
 
-    async def wait_ready(self, *, attempts: int = INITIAL_ATTEMPTS, max_wait_s: float = defaults.SERVER_READY_TIMEOUT_S,
-                         first_delay_s: float = 1.0) -> ServerInfo:
+    async def wait_ready(self, *, max_wait_s: float | None = None) -> ServerInfo:
         """Initial connection, then the model check (:func:`read_server_info`). Raises :class:`ServerNotReady`.
 
         Only an answer that may change is waited for: nothing listening yet (connection refused), a reset or
         a timeout (a server still loading), a 5xx (a proxy before a starting server). A definite answer --
         not HTTP, not vLLM's API (``/v1/models`` 404, not a model list), TLS that cannot work, a rejected
-        key -- fails at once: no retry can change it.
+        key -- fails at once: no retry can change it. The wait's schedule is :func:`start_up_delays`
+        (``max_wait_s`` None: 10 attempts over 243 s; larger, extended; smaller, cut).
         """
-        delay = first_delay_s
+        delays = start_up_delays(max_wait_s)
+        attempts = len(delays) + 1
         start = time.monotonic()
+        deadline = start + sum(delays)  # attempts that take time themselves (timeouts) do not stretch the wait
         last = ""
         for attempt in range(1, attempts + 1):
             try:
@@ -186,22 +188,23 @@ class ServerClient:
                     if tls_hint:
                         raise ServerNotReady(f"{self.name} is not a vLLM server over http: {tls_hint}; "
                                              "check --vllm-url.") from None
-            if attempt == attempts or time.monotonic() - start + delay > max_wait_s:
+            if attempt == attempts or time.monotonic() >= deadline:
                 raise ServerNotReady(
                     f"Cannot reach the vLLM server at {self.name} after {attempt} attempts over "
                     f"{time.monotonic() - start:.0f}s (last error: {last}). Check that it is running "
-                    "(`supervisorctl status` / its log), that --vllm-url is right, and try again."
+                    "(`supervisorctl status` / its log), that --vllm-url is right, and try again "
+                    "(--max_server_ready_timeout to wait longer)."
                 )
+            delay = delays[attempt - 1]
             if attempt == 1:
                 logger.warning(
-                    "waiting for the vLLM server at %s (%s): it may still be loading its model; up to %d "
-                    "attempts over at most %.0fs (--max_server_ready_timeout to change it)", self.name, last,
-                    attempts, ready_wait_bound(attempts, max_wait_s, first_delay_s))
+                    "waiting for the vLLM server at %s (%s): it may still be loading its model (vLLM refuses "
+                    "connections until it is loaded); up to %d attempts over %.0fs (--max_server_ready_timeout "
+                    "to change it)", self.name, last, attempts, sum(delays))
             else:
                 logger.info("vLLM server at %s not reachable yet (%s); attempt %d/%d, retrying in %.0fs",
                             self.name, last, attempt, attempts, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, MAX_BACKOFF_S)
+            await asyncio.sleep(max(0.0, min(delay, deadline - time.monotonic())))
         try:
             self.info = await read_server_info(self)
         except TransportError as exc:

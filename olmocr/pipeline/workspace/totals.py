@@ -142,6 +142,6 @@ def format_duration(seconds: float | None) -> str:
 def format_totals(totals: PageTotals) -> str:
     """``1,200/5,000 pages (24.0%), 3,800 remaining, workspace 6.2 pages/s, ETA 10m 13s``."""
     estimate = f" (~{totals.unknown_items} items of unknown size estimated)" if totals.unknown_items else ""
-    rate = "unknown" if totals.rate is None else f"{totals.rate:.1f} pages/s"
+    rate = "rate unknown" if totals.rate is None else f"{totals.rate:.1f} pages/s"
     return (f"{totals.done:,}/{totals.total:,} pages ({100 * totals.fraction:.1f}%){estimate}, "
             f"{totals.remaining:,} remaining, workspace {rate}, ETA {format_duration(totals.eta_seconds)}")
