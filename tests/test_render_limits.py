@@ -72,7 +72,9 @@ def test_worker_that_dies_costs_only_its_page(tmp_path: Path, monkeypatch: pytes
         out = _render_all(renderer, path, 3)
         assert isinstance(out[2], RenderError) and "crashed" in str(out[2]) and "SIGKILL" in str(out[2])
         assert isinstance(out[0], bytes) and isinstance(out[1], bytes)
-        assert renderer.crashed == 2  # tried once more in a fresh worker
+        # Tried once more in a fresh worker: two deaths, or (seen under load) pebble reports the first death as a
+        # broken pool, which is retried without being counted as a crash.
+        assert renderer.crashed in (1, 2)
         wait_for(lambda: len(renderer.worker_pids()) == 2, 10, "replacement workers")
         assert isinstance(asyncio.run(renderer.render(path, "pdf", 1, 200)), bytes)
     finally:
