@@ -1,0 +1,87 @@
+"""The stand-in as a hosted provider (control keys; docs/standin.md, "Playing a provider").
+
+A provider serves the OpenAI API under a path (``path_prefix``: ``/v1/openai`` is DeepInfra's form), has no
+``/health``, may have no ``/v1/models`` (``models_missing``), serves the model under its own name
+(``--served-model-name``), refuses what goes over its quota with 429 and ``Retry-After`` (``rpm_quota`` over
+``quota_window_s``; ``throttle_next`` answers the next N requests so, in ``retry_after_form`` seconds or
+date, with ``throttle_status`` 429 or 503), and may silently answer with another model (``answer_model``).
+
+:class:`Gate` is the quota and the Retry-After bookkeeping: it also counts requests that arrived before a
+Retry-After it gave had passed (``early``), which the tests and the benchmark read from ``/admin/info``.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from email.utils import formatdate
+from typing import Any
+
+
+def api_path(path: str, prefix: str | None) -> str | None:
+    """The vLLM path a request path means under a provider's ``prefix``: ``/v1/openai/models`` ->
+    ``/v1/models``. Without a prefix the path itself; None when it is not under the prefix (404)."""
+    if not prefix:
+        return path
+    prefix = "/" + prefix.strip("/")
+    if path == prefix or path.startswith(prefix + "/"):
+        return "/v1" + path[len(prefix):]
+    return None
+
+
+def retry_after_header(seconds: float, form: str, now: float | None = None) -> tuple[str, float]:
+    """(``Retry-After`` value, the epoch time it names). ``form`` "seconds": whole seconds, rounded up;
+    "date": an HTTP date (one-second resolution, rounded up)."""
+    now = time.time() if now is None else now
+    whole = max(1, math.ceil(seconds))
+    if form == "date":
+        when = math.ceil(now + seconds)
+        return formatdate(when, usegmt=True), float(when)
+    return str(whole), now + whole
+
+
+class Gate:
+    """A sliding-window quota of chat requests and the Retry-After promises made."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.accepted: deque[float] = deque()  # epoch times of requests let through, within the window
+        self.not_before = 0.0  # epoch: the latest Retry-After given
+        self.throttled = 0  # answers 429/503 with Retry-After
+        self.early = 0  # requests that arrived before a Retry-After given had passed
+        self.admitted = 0
+
+    def check(self, control: Any, now: float | None = None) -> tuple[int, str] | None:
+        """None to serve the request, else (status, Retry-After value) to refuse it with."""
+        now = time.time() if now is None else now
+        form = str(control.get("retry_after_form") or "seconds")
+        with self.lock:
+            if now < self.not_before:
+                self.early += 1
+            pending = int(control.get("throttle_next") or 0)
+            if pending > 0:
+                control.update({"throttle_next": pending - 1})
+                wait = float(control.get("throttle_retry_after") or 1.0)
+                return self._refuse(int(control.get("throttle_status") or 429), wait, form, now)
+            quota = control.get("rpm_quota")
+            if quota:
+                window = float(control.get("quota_window_s") or 60.0)
+                while self.accepted and self.accepted[0] <= now - window:
+                    self.accepted.popleft()
+                if len(self.accepted) >= int(quota):
+                    return self._refuse(429, self.accepted[0] + window - now, form, now)
+                self.accepted.append(now)
+            self.admitted += 1
+            return None
+
+    def _refuse(self, status: int, wait: float, form: str, now: float) -> tuple[int, str]:
+        value, until = retry_after_header(wait, form, now)
+        self.not_before = max(self.not_before, until)
+        self.throttled += 1
+        return status, value
+
+    def info(self) -> dict[str, int]:
+        with self.lock:
+            return {"throttled": self.throttled, "early_requests": self.early, "admitted": self.admitted}
