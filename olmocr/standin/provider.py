@@ -42,6 +42,11 @@ def retry_after_header(seconds: float, form: str, now: float | None = None) -> t
     return str(whole), now + whole
 
 
+#: A request arriving this soon after a refusal was sent before the client could have read it (requests
+#: already on their way): it does not count as early.
+IN_FLIGHT_GRACE_S = 0.2
+
+
 class Gate:
     """A sliding-window quota of chat requests and the Retry-After promises made."""
 
@@ -49,6 +54,7 @@ class Gate:
         self.lock = threading.Lock()
         self.accepted: deque[float] = deque()  # epoch times of requests let through, within the window
         self.not_before = 0.0  # epoch: the latest Retry-After given
+        self.refused_at = 0.0  # epoch: when it was given
         self.throttled = 0  # answers 429/503 with Retry-After
         self.early = 0  # requests that arrived before a Retry-After given had passed
         self.admitted = 0
@@ -58,7 +64,7 @@ class Gate:
         now = time.time() if now is None else now
         form = str(control.get("retry_after_form") or "seconds")
         with self.lock:
-            if now < self.not_before:
+            if self.refused_at + IN_FLIGHT_GRACE_S < now < self.not_before:
                 self.early += 1
             pending = int(control.get("throttle_next") or 0)
             if pending > 0:
@@ -78,7 +84,8 @@ class Gate:
 
     def _refuse(self, status: int, wait: float, form: str, now: float) -> tuple[int, str]:
         value, until = retry_after_header(wait, form, now)
-        self.not_before = max(self.not_before, until)
+        if until > self.not_before:
+            self.not_before, self.refused_at = until, now
         self.throttled += 1
         return status, value
 

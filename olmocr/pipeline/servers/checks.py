@@ -132,10 +132,12 @@ async def read_server_info(client: Any) -> ServerInfo:
         logger.warning("%s: %s; going on because the model %r was named explicitly (every answer's model field "
                        "is checked)", client.name, exc, model)
         models = {model: None}
+        client.model_unlisted = True
     if not models and getattr(client, "model_explicit", False):
         logger.warning("%s: the model list is empty; going on because the model %r was named explicitly "
                        "(every answer's model field is checked)", client.name, model)
         models = {model: None}
+        client.model_unlisted = True
     if model not in models and MODEL_NAME in models and client.model_cards.get(MODEL_NAME, {}).get("root") == model:
         # ``--model allenai/olmOCR-...`` against an olmocr-serve server: the weights it serves as 'olmocr'.
         logger.info("%s serves %r as '%s'; requests use that name", client.name, model, MODEL_NAME)

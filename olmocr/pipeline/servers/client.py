@@ -160,6 +160,8 @@ class ServerClient:
         #: is accepted (some gateways have none); every answer is still checked.
         self.model_explicit = model_explicit
         self.model_cards: dict[str, dict[str, Any]] = {}
+        #: Accepted without the model in a model list: admission then asks for one tiny completion.
+        self.model_unlisted = False
         self.use_model(model)
         self.request_timeout = request_timeout
         self._pool = HttpPool(self.base_url, max_idle=max(8, min(max_concurrent_requests, 2048)), ca_bundle=ca_bundle)

@@ -44,7 +44,7 @@ from olmocr.pipeline.errors import (
 )
 from olmocr.pipeline.servers.balance import Server, ServerState, choose, plan_steals
 from olmocr.pipeline.servers.checks import DEFAULT_MAX_TOKENS, STRUCTURED_OUTPUTS, plan_max_tokens
-from olmocr.pipeline.servers.client import MAX_BACKOFF_S, MODEL_NAME, ServerClient
+from olmocr.pipeline.servers.client import MAX_BACKOFF_S, MODEL_NAME, ServerClient, answering_model
 from olmocr.pipeline.servers.discovery import (
     DEFAULT_REFRESH_S,
     DRAIN_GRACE_S,
@@ -115,6 +115,8 @@ async def admit_for_run(client: ServerClient, *, max_wait_s: float, priority: in
         max_tokens = plan_max_tokens(info.max_model_len, longest_dim)
     except ServerMismatch as exc:
         raise ServerNotReady(f"{exc} ({client.name})") from None
+    if client.model_unlisted:
+        await check_unlisted_model(client)
     if priority is not None:
         try:
             resp = await client.completion_probe(priority, timeout=max(10.0, client.request_timeout))
@@ -128,6 +130,22 @@ async def admit_for_run(client: ServerClient, *, max_wait_s: float, priority: in
                 "--scheduling-policy priority or OLMOCR_SCHEDULING_POLICY=priority), or drop --priority."
             )
     return max_tokens
+
+
+async def check_unlisted_model(client: ServerClient) -> None:
+    """A model accepted without a model list must answer one tiny completion under its name: the only proof
+    that the URL (and its path) reaches a server of that model. Raises :class:`ServerNotReady`."""
+    try:
+        resp = await client.completion_probe(timeout=max(10.0, client.request_timeout))
+    except TransportError as exc:
+        raise ServerNotReady(f"{client.name} did not answer a test request: {exc}") from None
+    if resp.status != 200:
+        raise ServerNotReady(
+            f"{client.name} answered HTTP {resp.status} on {client.api}/chat/completions (and has no model list): "
+            "check the URL's path (a provider's API root, e.g. https://host/v1/openai) and --model")
+    answered = answering_model(resp.body)
+    if answered is not None and answered != client.model:
+        raise ServerNotReady(f"{client.name} answered a test request with model {answered!r}, not {client.model!r}")
 
 
 # ---------------------------------------------------------------------------------------------- the fleet

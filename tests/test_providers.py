@@ -1,0 +1,237 @@
+"""Hosted providers (#31): the stand-in plays one (a path prefix, another served name, a key, 429 with
+Retry-After, a quota, a silent model switch, no model list), started the way vLLM is, and the pipeline
+runs against it as a user would (upstream's README command line)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from olmocr.pipeline.servers.fleet import LOG_NO_RIGHT_MODEL, LOG_OTHER_MODEL, STATUS_BUDGET
+from tests.pdf_builders import text_pdf
+from tests.pipeline_helpers import docs_by_source, launch_standin, log_line, running_pipeline, wait_for
+from tests.provider_helpers import PROVIDER_MODEL, PROVIDER_PREFIX, control, info, launch_provider
+
+pytestmark = pytest.mark.timeout(180)
+
+KEY = "sk-provider-secret-4711"
+
+
+def make_docs(tmp_path: Path, count: int = 3, pages: int = 2) -> list[Path]:
+    docs = []
+    for i in range(count):
+        path = tmp_path / f"doc{i}.pdf"
+        path.write_bytes(text_pdf([f"doc {i} page {p}" for p in range(pages)]))
+        docs.append(path)
+    return docs
+
+
+def all_written(workspace: Path, docs: list[Path]) -> None:
+    found = docs_by_source(workspace)
+    assert set(found) == set(map(str, docs))
+    assert all(d["metadata"]["total-fallback-pages"] == 0 for d in found.values())
+
+
+def workspace_files(workspace: Path, sub: str) -> list[Path]:
+    return sorted((workspace / sub).glob("*")) if (workspace / sub).exists() else []
+
+
+@pytest.mark.parametrize("key_from", ["flag", "environment"])
+def test_upstream_readme_example_runs_unchanged(tmp_path: Path, key_from: str) -> None:
+    """``--server URL/v1/openai --model NAME --api_key KEY`` (upstream's README for DeepInfra), and the same
+    with the key from the environment; the key is in no log line and no record of the run."""
+    docs = make_docs(tmp_path)
+    provider = launch_provider(tmp_path, {"VLLM_API_KEY": KEY})
+    key_args = ("--api_key", KEY) if key_from == "flag" else ()
+    env = {"OLMOCR_API_KEY": KEY} if key_from == "environment" else None
+    log = tmp_path / "run.log"
+    with running_pipeline(tmp_path / "ws", provider.url + PROVIDER_PREFIX, docs, "--model", PROVIDER_MODEL,
+                          *key_args, env=env, log=log, stop=[provider]) as run:
+        rc = run.wait(120)
+    text = log.read_text()
+    assert rc == 0, text
+    all_written(tmp_path / "ws", docs)
+    assert f"serves '{PROVIDER_MODEL}'" in text
+    assert ("visible to every user in ps" in text) == (key_from == "flag")
+    assert KEY not in text
+    for path in (tmp_path / "ws").rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), path
+    record = json.loads(workspace_files(tmp_path / "ws", "server_stats")[0].read_text())
+    server = record["servers"][0] if "servers" in record else record[0]
+    assert server["model"] == PROVIDER_MODEL
+    assert server["model_card"] == {"root": "allenai/olmOCR-2-7B-1025-FP8", "max_model_len": 16384,
+                                    "owned_by": "vllm"} or server["model_card"]["max_model_len"] == 16384
+
+
+def test_without_model_name_says_what_it_serves(tmp_path: Path) -> None:
+    """The default name 'olmocr' against a provider: one line naming what it serves and the flag to use."""
+    docs = make_docs(tmp_path, 1, 1)
+    provider = launch_provider(tmp_path)
+    log = tmp_path / "run.log"
+    with running_pipeline(tmp_path / "ws", provider.url + PROVIDER_PREFIX, docs, log=log, stop=[provider]) as run:
+        rc = run.wait(60)
+    text = log.read_text()
+    assert rc == 1, text
+    assert PROVIDER_MODEL in text and "--model NAME" in text
+    assert "Traceback" not in text
+
+
+def test_path_is_kept_and_not_dropped(tmp_path: Path) -> None:
+    """The URL without its path reaches the provider's root, where there is no API: one line, exit 1."""
+    docs = make_docs(tmp_path, 1, 1)
+    provider = launch_provider(tmp_path)
+    log = tmp_path / "run.log"
+    with running_pipeline(tmp_path / "ws", provider.url, docs, "--model", PROVIDER_MODEL, log=log,
+                          stop=[provider]) as run:
+        rc = run.wait(60)
+    text = log.read_text()
+    assert rc == 1, text
+    assert "answered HTTP 404 on /v1/chat/completions (and has no model list): check the URL's path" in text
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+def test_model_list_missing(tmp_path: Path, explicit: bool) -> None:
+    """No /v1/models (some gateways): said, and the run goes on only when the model was named."""
+    docs = make_docs(tmp_path, 2, 1)
+    provider = launch_provider(tmp_path, {"OLMOCR_STANDIN_MODELS_MISSING": "true"},
+                               served_model_name=PROVIDER_MODEL if explicit else "olmocr")
+    log = tmp_path / "run.log"
+    extra = ("--model", PROVIDER_MODEL) if explicit else ()
+    with running_pipeline(tmp_path / "ws", provider.url + PROVIDER_PREFIX, docs, *extra, log=log,
+                          stop=[provider]) as run:
+        rc = run.wait(60)
+    text = log.read_text()
+    if explicit:
+        assert rc == 0, text
+        assert "going on because the model" in text
+        all_written(tmp_path / "ws", docs)
+    else:
+        assert rc == 1, text
+        assert "answered HTTP 404 on /v1/openai/models" in text
+
+
+def test_silent_model_switch_writes_nothing_and_stops(tmp_path: Path) -> None:
+    """The provider answers with another model (upstream #460): no page of it is written, the server
+    leaves the rotation naming the model, and with no other server the run stops with exit 1."""
+    docs = make_docs(tmp_path)
+    provider = launch_provider(tmp_path, {"OLMOCR_STANDIN_ANSWER_MODEL": "someone/other-model"})
+    log = tmp_path / "run.log"
+    with running_pipeline(tmp_path / "ws", provider.url + PROVIDER_PREFIX, docs, "--model", PROVIDER_MODEL,
+                          "--stop_timeout", "2", log=log, stop=[provider]) as run:
+        rc = run.wait(90)
+    text = log.read_text()
+    assert rc == 1, text
+    assert log_line(LOG_OTHER_MODEL, provider.url + PROVIDER_PREFIX).search(text), text
+    assert "'someone/other-model'" in text
+    assert log_line(LOG_NO_RIGHT_MODEL).search(text), text
+    assert docs_by_source(tmp_path / "ws") == {}
+    assert workspace_files(tmp_path / "ws", "failed") == []  # nothing given up: the work stays queued
+
+
+def test_mixed_fleet_switch_mid_run_and_cost(tmp_path: Path) -> None:
+    """A local server ('olmocr') and a provider-style one (another name, a key from the key file, a price):
+    every page written once; the provider switches model mid-run and leaves the rotation; the cost is
+    the provider's tokens times its prices."""
+    docs = make_docs(tmp_path, 6, 3)
+    local = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.3"})
+    provider = launch_provider(tmp_path, {"VLLM_API_KEY": KEY, "OLMOCR_STANDIN_LATENCY": "0.3"})
+    provider_url = provider.url + PROVIDER_PREFIX
+    keys = tmp_path / "keys"
+    keys.write_text(f"{provider_url} {KEY}\n")
+    keys.chmod(0o600)
+    log = tmp_path / "run.log"
+    url = f"{provider_url}#model={PROVIDER_MODEL}&price_in=0.09&price_out=0.19"
+    with running_pipeline(tmp_path / "ws", local.url, docs, "--vllm-url", url, "--api_key_file", str(keys),
+                          "--max_page_retries", "1", log=log, stop=[local, provider]) as run:
+        wait_for(lambda: info(provider)["image_requests_served"] >= 2, 60, "the provider answered pages")
+        control(provider, answer_model="someone/other-model")
+        rc = run.wait(120)
+        stats = info(provider)
+    text = log.read_text()
+    assert rc == 0, text
+    all_written(tmp_path / "ws", docs)
+    record = json.loads(workspace_files(tmp_path / "ws", "server_stats")[0].read_text())
+    servers = {s["url"]: s for s in (record["servers"] if "servers" in record else record)}
+    mine = servers[provider_url]
+    assert mine["model"] == PROVIDER_MODEL
+    assert mine["input_tokens"] > 0, (mine, text[-4000:])
+    assert mine["cost"] == pytest.approx((mine["input_tokens"] * 0.09 + mine["output_tokens"] * 0.19) / 1e6, rel=1e-3)
+    assert servers[local.url]["cost"] is None
+    assert stats["requests_served"] >= mine["pages"]
+    assert KEY not in text
+    assert "cost $" in text
+    assert log_line(LOG_OTHER_MODEL, provider_url).search(text), text
+
+
+@pytest.mark.parametrize(("form", "status"), [("seconds", 429), ("date", 429), ("seconds", 503)])
+def test_retry_after_waited_out_without_attempts(tmp_path: Path, form: str, status: int) -> None:
+    """429/503 with Retry-After: no page attempt used (one attempt per page, none falls back), and no
+    request reaches the provider before the time it named."""
+    docs = make_docs(tmp_path, 2, 2)
+    provider = launch_provider(tmp_path, {"OLMOCR_STANDIN_THROTTLE_NEXT": "3", "OLMOCR_STANDIN_THROTTLE_RETRY_AFTER": "2",
+                                          "OLMOCR_STANDIN_RETRY_AFTER_FORM": form,
+                                          "OLMOCR_STANDIN_THROTTLE_STATUS": str(status)})
+    log = tmp_path / "run.log"
+    with running_pipeline(tmp_path / "ws", provider.url + PROVIDER_PREFIX, docs, "--model", PROVIDER_MODEL,
+                          "--max_page_retries", "1", log=log) as run:
+        rc = run.wait(90)
+        stats = info(provider)
+    provider.stop()
+    text = log.read_text()
+    assert rc == 0, text
+    all_written(tmp_path / "ws", docs)
+    assert stats["throttled"] == 3
+    assert stats["early_requests"] == 0, {k: stats[k] for k in ("throttled", "early_requests", "admitted")}
+    assert "Retry-After" in text
+
+
+def test_paced_under_quota_gets_no_429(tmp_path: Path) -> None:
+    """A quota of 3 requests per 6 s (30 a minute): with #rpm=30 the pipeline is never refused."""
+    docs = make_docs(tmp_path, 2, 2)
+    provider = launch_provider(tmp_path, {"OLMOCR_STANDIN_RPM_QUOTA": "3", "OLMOCR_STANDIN_QUOTA_WINDOW_S": "6"})
+    log = tmp_path / "run.log"
+    url = f"{provider.url}{PROVIDER_PREFIX}#model={PROVIDER_MODEL}&rpm=30"
+    with running_pipeline(tmp_path / "ws", url, docs, log=log) as run:
+        rc = run.wait(90)
+        stats = info(provider)
+    provider.stop()
+    assert rc == 0, log.read_text()
+    all_written(tmp_path / "ws", docs)
+    assert stats["throttled"] == 0, stats
+
+
+def test_unpaced_over_quota_loses_nothing(tmp_path: Path) -> None:
+    """The same quota without a configured limit: refused requests wait out Retry-After, no page lost."""
+    docs = make_docs(tmp_path, 2, 2)
+    provider = launch_provider(tmp_path, {"OLMOCR_STANDIN_RPM_QUOTA": "2", "OLMOCR_STANDIN_QUOTA_WINDOW_S": "2"})
+    log = tmp_path / "run.log"
+    with running_pipeline(tmp_path / "ws", provider.url + PROVIDER_PREFIX, docs, "--model", PROVIDER_MODEL,
+                          "--max_page_retries", "1", log=log) as run:
+        rc = run.wait(90)
+        stats = info(provider)
+    provider.stop()
+    assert rc == 0, log.read_text()
+    all_written(tmp_path / "ws", docs)
+    assert stats["throttled"] > 0
+    assert stats["early_requests"] == 0, {k: stats[k] for k in ("throttled", "early_requests", "admitted")}
+
+
+def test_max_cost_stops_gracefully(tmp_path: Path) -> None:
+    """--max_cost: the run stops once the budget would be exceeded, the rest stays queued, exit status 3."""
+    docs = make_docs(tmp_path, 8, 2)
+    provider = launch_provider(tmp_path, {"OLMOCR_STANDIN_LATENCY": "0.2"})
+    log = tmp_path / "run.log"
+    # About 1,800 input and 780 output tokens a page: $0.0003 a page at $0.09/$0.19; $0.001 is ~3 pages.
+    with running_pipeline(tmp_path / "ws", provider.url + PROVIDER_PREFIX, docs, "--model", PROVIDER_MODEL,
+                          "--price_in", "0.09", "--price_out", "0.19", "--max_cost", "0.001",
+                          "--pages_per_group", "2", "--workers", "1", log=log, stop=[provider]) as run:
+        rc = run.wait(90)
+    text = log.read_text()
+    assert rc == STATUS_BUDGET, text
+    assert "cost budget --max_cost $0.00" in text
+    written = docs_by_source(tmp_path / "ws")
+    assert 0 < len(written) < len(docs)
+    assert workspace_files(tmp_path / "ws", "failed") == []
