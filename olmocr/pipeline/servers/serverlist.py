@@ -112,7 +112,10 @@ def parse_fragment(raw: str, fragment: str) -> tuple[float | None, Options]:
     values: dict[str, Any] = {}
     for part in filter(None, fragment.split("&")):
         key, sep, value = part.partition("=")
-        if key == "model" and value:
+        if key == "model":
+            if not value:
+                raise FleetConfigError(f"{display_url(raw)}: '#model=NAME' needs the name the server serves the "
+                                       "model under")
             values["model"] = value
             continue
         try:
