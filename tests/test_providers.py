@@ -5,14 +5,18 @@ runs against it as a user would (upstream's README command line)."""
 from __future__ import annotations
 
 import json
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from olmocr.pipeline.servers.fleet import LOG_NO_RIGHT_MODEL, LOG_OTHER_MODEL, STATUS_BUDGET
+from tests.metrics_helpers import parse_metrics
 from tests.pdf_builders import text_pdf
 from tests.pipeline_helpers import docs_by_source, launch_standin, log_line, running_pipeline, wait_for
 from tests.provider_helpers import PROVIDER_MODEL, PROVIDER_PREFIX, control, info, launch_provider
+from tests.standin_helpers import free_port
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -235,3 +239,37 @@ def test_max_cost_stops_gracefully(tmp_path: Path) -> None:
     written = docs_by_source(tmp_path / "ws")
     assert 0 < len(written) < len(docs)
     assert workspace_files(tmp_path / "ws", "failed") == []
+
+
+def scrape(port: int) -> dict[str, float] | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+            return parse_metrics(resp.read().decode())
+    except OSError:
+        return None
+
+
+def test_metrics_report_tokens_and_cost(tmp_path: Path) -> None:
+    """/metrics: each server's tokens and cost so far; the cost is the tokens times the prices."""
+    docs = make_docs(tmp_path, 4, 2)
+    provider = launch_provider(tmp_path, {"OLMOCR_STANDIN_LATENCY": "0.3", "OLMOCR_STANDIN_CONCURRENCY": "2"})
+    port = free_port()
+    url = provider.url + PROVIDER_PREFIX
+    server = f"server={url}"
+    scrapes: list[dict[str, float]] = []
+    with running_pipeline(tmp_path / "ws", f"{url}#model={PROVIDER_MODEL}&price_in=0.09&price_out=0.19", docs,
+                          "--metrics_port", str(port), "--max_concurrent_requests", "2",
+                          log=tmp_path / "run.log", stop=[provider]) as run:
+        deadline = time.monotonic() + 90
+        while run.poll() is None and time.monotonic() < deadline:
+            got = scrape(port)
+            if got is not None and f"olmocr_pipeline_server_cost_dollars_total{{{server}}}" in got:
+                scrapes.append(got)
+            time.sleep(0.2)
+        assert run.wait(5) == 0, run.output()[-3000:]
+    costs = [s[f"olmocr_pipeline_server_cost_dollars_total{{{server}}}"] for s in scrapes]
+    assert costs == sorted(costs) and costs[-1] > 0, costs
+    last = scrapes[-1]
+    tokens_in = last[f"olmocr_pipeline_server_tokens_total{{kind=input,{server}}}"]
+    tokens_out = last[f"olmocr_pipeline_server_tokens_total{{kind=output,{server}}}"]
+    assert costs[-1] == pytest.approx((tokens_in * 0.09 + tokens_out * 0.19) / 1e6)
