@@ -143,7 +143,8 @@ def test_standin_quota_and_early_requests():
     assert gate.check(control, now=2.0 + IN_FLIGHT_GRACE_S / 2) == (429, "8")  # already on its way: not early
     assert gate.info()["early_requests"] == 0
     assert gate.check(control, now=5.0) is not None  # sent after the refusal, before its Retry-After
-    assert gate.info() == {"throttled": 3, "early_requests": 1, "admitted": 2}
+    assert gate.info() == {"throttled": 3, "early_requests": 1, "admitted": 2, "first_admitted": 0.0,
+                           "last_admitted": 1.0}
     assert gate.check(control, now=10.5) is None
 
 

@@ -58,6 +58,8 @@ class Gate:
         self.throttled = 0  # answers 429/503 with Retry-After
         self.early = 0  # requests that arrived before a Retry-After given had passed
         self.admitted = 0
+        self.first_admitted: float | None = None  # epoch times of the first and last request let through
+        self.last_admitted: float | None = None
 
     def check(self, control: Any, now: float | None = None) -> tuple[int, str] | None:
         """None to serve the request, else (status, Retry-After value) to refuse it with."""
@@ -80,6 +82,9 @@ class Gate:
                     return self._refuse(429, self.accepted[0] + window - now, form, now)
                 self.accepted.append(now)
             self.admitted += 1
+            if self.first_admitted is None:
+                self.first_admitted = now
+            self.last_admitted = now
             return None
 
     def _refuse(self, status: int, wait: float, form: str, now: float) -> tuple[int, str]:
@@ -89,6 +94,7 @@ class Gate:
         self.throttled += 1
         return status, value
 
-    def info(self) -> dict[str, int]:
+    def info(self) -> dict[str, Any]:
         with self.lock:
-            return {"throttled": self.throttled, "early_requests": self.early, "admitted": self.admitted}
+            return {"throttled": self.throttled, "early_requests": self.early, "admitted": self.admitted,
+                    "first_admitted": self.first_admitted, "last_admitted": self.last_admitted}
