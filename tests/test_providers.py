@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from olmocr.pipeline.servers.fleet import LOG_NO_RIGHT_MODEL, LOG_OTHER_MODEL, STATUS_BUDGET
+from olmocr.pipeline.servers.fleet import STATUS_BUDGET
 from tests.metrics_helpers import parse_metrics
 from tests.pdf_builders import text_pdf
-from tests.pipeline_helpers import docs_by_source, launch_standin, log_line, running_pipeline, wait_for
-from tests.provider_helpers import PROVIDER_MODEL, PROVIDER_PREFIX, control, info, launch_provider
+from tests.pipeline_helpers import docs_by_source, running_pipeline
+from tests.provider_helpers import PROVIDER_MODEL, PROVIDER_PREFIX, info, launch_provider
 from tests.standin_helpers import free_port
 
 pytestmark = pytest.mark.timeout(180)
@@ -64,10 +64,10 @@ def test_upstream_readme_example_runs_unchanged(tmp_path: Path, key_from: str) -
         if path.is_file():
             assert KEY.encode() not in path.read_bytes(), path
     record = json.loads(workspace_files(tmp_path / "ws", "server_stats")[0].read_text())
-    server = record["servers"][0] if "servers" in record else record[0]
+    [server] = record["servers"]
     assert server["model"] == PROVIDER_MODEL
-    assert server["model_card"] == {"root": "allenai/olmOCR-2-7B-1025-FP8", "max_model_len": 16384,
-                                    "owned_by": "vllm"} or server["model_card"]["max_model_len"] == 16384
+    # which weights answered, from /v1/models (the stand-in's root is the model of its command line)
+    assert server["model_card"] == {"root": "allenai/olmOCR-7B-0825-FP8", "max_model_len": 16384, "owned_by": "vllm"}
 
 
 def test_without_model_name_says_what_it_serves(tmp_path: Path) -> None:
@@ -115,59 +115,6 @@ def test_model_list_missing(tmp_path: Path, explicit: bool) -> None:
     else:
         assert rc == 1, text
         assert "answered HTTP 404 on /v1/openai/models" in text
-
-
-def test_silent_model_switch_writes_nothing_and_stops(tmp_path: Path) -> None:
-    """The provider answers with another model (upstream #460): no page of it is written, the server
-    leaves the rotation naming the model, and with no other server the run stops with exit 1."""
-    docs = make_docs(tmp_path)
-    provider = launch_provider(tmp_path, {"OLMOCR_STANDIN_ANSWER_MODEL": "someone/other-model"})
-    log = tmp_path / "run.log"
-    with running_pipeline(tmp_path / "ws", provider.url + PROVIDER_PREFIX, docs, "--model", PROVIDER_MODEL,
-                          "--stop_timeout", "2", log=log, stop=[provider]) as run:
-        rc = run.wait(90)
-    text = log.read_text()
-    assert rc == 1, text
-    assert log_line(LOG_OTHER_MODEL, provider.url + PROVIDER_PREFIX).search(text), text
-    assert "'someone/other-model'" in text
-    assert log_line(LOG_NO_RIGHT_MODEL).search(text), text
-    assert docs_by_source(tmp_path / "ws") == {}
-    assert workspace_files(tmp_path / "ws", "failed") == []  # nothing given up: the work stays queued
-
-
-def test_mixed_fleet_switch_mid_run_and_cost(tmp_path: Path) -> None:
-    """A local server ('olmocr') and a provider-style one (another name, a key from the key file, a price):
-    every page written once; the provider switches model mid-run and leaves the rotation; the cost is
-    the provider's tokens times its prices."""
-    docs = make_docs(tmp_path, 6, 3)
-    local = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.3"})
-    provider = launch_provider(tmp_path, {"VLLM_API_KEY": KEY, "OLMOCR_STANDIN_LATENCY": "0.3"})
-    provider_url = provider.url + PROVIDER_PREFIX
-    keys = tmp_path / "keys"
-    keys.write_text(f"{provider_url} {KEY}\n")
-    keys.chmod(0o600)
-    log = tmp_path / "run.log"
-    url = f"{provider_url}#model={PROVIDER_MODEL}&price_in=0.09&price_out=0.19"
-    with running_pipeline(tmp_path / "ws", local.url, docs, "--vllm-url", url, "--api_key_file", str(keys),
-                          "--max_page_retries", "1", log=log, stop=[local, provider]) as run:
-        wait_for(lambda: info(provider)["image_requests_served"] >= 2, 60, "the provider answered pages")
-        control(provider, answer_model="someone/other-model")
-        rc = run.wait(120)
-        stats = info(provider)
-    text = log.read_text()
-    assert rc == 0, text
-    all_written(tmp_path / "ws", docs)
-    record = json.loads(workspace_files(tmp_path / "ws", "server_stats")[0].read_text())
-    servers = {s["url"]: s for s in (record["servers"] if "servers" in record else record)}
-    mine = servers[provider_url]
-    assert mine["model"] == PROVIDER_MODEL
-    assert mine["input_tokens"] > 0, (mine, text[-4000:])
-    assert mine["cost"] == pytest.approx((mine["input_tokens"] * 0.09 + mine["output_tokens"] * 0.19) / 1e6, rel=1e-3)
-    assert servers[local.url]["cost"] is None
-    assert stats["requests_served"] >= mine["pages"]
-    assert KEY not in text
-    assert "cost $" in text
-    assert log_line(LOG_OTHER_MODEL, provider_url).search(text), text
 
 
 @pytest.mark.parametrize(("form", "status"), [("seconds", 429), ("date", 429), ("seconds", 503)])

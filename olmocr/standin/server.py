@@ -714,6 +714,8 @@ class Handler(BaseHTTPRequestHandler):
         if image is not None and str(ctl.get("rotation")) == "landscape" and image.width > image.height:
             valid, correction = False, 90
         body = ans.page_text(image, output_tokens)
+        if ctl.get("answer_model"):  # a silent switch: its text says so, so tests can tell it was never written
+            body = f"Written by {ctl.get('answer_model')}. " + body
         content = body if garbage else ans.front_matter(rotation_valid=valid, rotation_correction=correction) + body
         finish = "length" if mode == "length" else "stop"
         return self.cut(content, finish, max_tokens)

@@ -637,7 +637,7 @@ class Fleet:
         if not usable and self.fatal is None:
             self.fatal = LOG_NO_RIGHT_MODEL % "; ".join(f"{s.url}: {s.reason}" for s in self.servers)
             if self.on_fatal is not None:
-                self.on_fatal(self.fatal)
+                self.on_fatal("no server answers with the right model")  # the full line ends the run
         self._changed.set()
 
     def _count_usage(self, server: Server, data: dict[str, Any]) -> None:
