@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from olmocr.pipeline.servers.fleet import LOG_NO_RIGHT_MODEL, LOG_OTHER_MODEL
 from tests.pdf_builders import text_pdf
 from tests.pipeline_helpers import docs_by_source, launch_standin, log_line, running_pipeline, wait_for
 from tests.provider_helpers import PROVIDER_MODEL, PROVIDER_PREFIX, control, info, launch_provider
+from tests.standin_helpers import REPO_ROOT, clean_env
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -121,3 +124,8 @@ def test_mixed_fleet_switch_mid_run_and_cost(tmp_path: Path) -> None:
     assert KEY not in text
     assert "cost $" in text
     assert log_line(LOG_OTHER_MODEL, provider_url).search(text), text
+    # --stats sums each server's tokens and cost over the runs
+    stats_out = subprocess.run([sys.executable, "-m", "olmocr.pipeline", str(tmp_path / "ws"), "--stats"],
+                               capture_output=True, text=True, env=clean_env(), cwd=str(REPO_ROOT), timeout=60)
+    line = next(x for x in stats_out.stdout.splitlines() if provider_url in x)
+    assert f"tokens {mine['input_tokens']} in / {mine['output_tokens']} out, cost ${mine['cost']:.4f}" in line, line
