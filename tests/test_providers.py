@@ -11,25 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from olmocr.pipeline.servers.fleet import STATUS_BUDGET
 from tests.metrics_helpers import parse_metrics
-from tests.pdf_builders import text_pdf
 from tests.pipeline_helpers import docs_by_source, running_pipeline
-from tests.provider_helpers import PROVIDER_MODEL, PROVIDER_PREFIX, info, launch_provider
+from tests.provider_helpers import PROVIDER_MODEL, PROVIDER_PREFIX, info, launch_provider, make_docs
 from tests.standin_helpers import free_port
 
 pytestmark = pytest.mark.timeout(180)
 
 KEY = "sk-provider-secret-4711"
-
-
-def make_docs(tmp_path: Path, count: int = 3, pages: int = 2) -> list[Path]:
-    docs = []
-    for i in range(count):
-        path = tmp_path / f"doc{i}.pdf"
-        path.write_bytes(text_pdf([f"doc {i} page {p}" for p in range(pages)]))
-        docs.append(path)
-    return docs
 
 
 def all_written(workspace: Path, docs: list[Path]) -> None:
@@ -117,75 +106,43 @@ def test_model_list_missing(tmp_path: Path, explicit: bool) -> None:
         assert "answered HTTP 404 on /v1/openai/models" in text
 
 
+def run_with_quota(tmp_path: Path, env: dict[str, str], url_options: str = "") -> dict:
+    """One run of 4 pages (one attempt each) against the provider with ``env``; every page written.
+    Returns the provider's ``/admin/info`` and the run's log as ``log``."""
+    docs = make_docs(tmp_path, 2, 2)
+    provider = launch_provider(tmp_path, env)
+    log = tmp_path / "run.log"
+    url = f"{provider.url}{PROVIDER_PREFIX}#model={PROVIDER_MODEL}{url_options}"
+    with running_pipeline(tmp_path / "ws", url, docs, "--max_page_retries", "1", log=log, stop=[provider]) as run:
+        rc = run.wait(90)
+        stats = info(provider)
+    text = log.read_text()
+    assert rc == 0, text
+    all_written(tmp_path / "ws", docs)
+    return {**{k: stats[k] for k in ("throttled", "early_requests", "admitted")}, "log": text}
+
+
 @pytest.mark.parametrize(("form", "status"), [("seconds", 429), ("date", 429), ("seconds", 503)])
 def test_retry_after_waited_out_without_attempts(tmp_path: Path, form: str, status: int) -> None:
     """429/503 with Retry-After: no page attempt used (one attempt per page, none falls back), and no
     request reaches the provider before the time it named."""
-    docs = make_docs(tmp_path, 2, 2)
-    provider = launch_provider(tmp_path, {"OLMOCR_STANDIN_THROTTLE_NEXT": "3", "OLMOCR_STANDIN_THROTTLE_RETRY_AFTER": "2",
-                                          "OLMOCR_STANDIN_RETRY_AFTER_FORM": form,
-                                          "OLMOCR_STANDIN_THROTTLE_STATUS": str(status)})
-    log = tmp_path / "run.log"
-    with running_pipeline(tmp_path / "ws", provider.url + PROVIDER_PREFIX, docs, "--model", PROVIDER_MODEL,
-                          "--max_page_retries", "1", log=log) as run:
-        rc = run.wait(90)
-        stats = info(provider)
-    provider.stop()
-    text = log.read_text()
-    assert rc == 0, text
-    all_written(tmp_path / "ws", docs)
-    assert stats["throttled"] == 3
-    assert stats["early_requests"] == 0, {k: stats[k] for k in ("throttled", "early_requests", "admitted")}
-    assert "Retry-After" in text
+    stats = run_with_quota(tmp_path, {"OLMOCR_STANDIN_THROTTLE_NEXT": "3", "OLMOCR_STANDIN_THROTTLE_RETRY_AFTER": "2",
+                                      "OLMOCR_STANDIN_RETRY_AFTER_FORM": form,
+                                      "OLMOCR_STANDIN_THROTTLE_STATUS": str(status)})
+    assert (stats["throttled"], stats["early_requests"]) == (3, 0), stats
+    assert "Retry-After" in stats["log"]
 
 
 def test_paced_under_quota_gets_no_429(tmp_path: Path) -> None:
     """A quota of 3 requests per 6 s (30 a minute): with #rpm=30 the pipeline is never refused."""
-    docs = make_docs(tmp_path, 2, 2)
-    provider = launch_provider(tmp_path, {"OLMOCR_STANDIN_RPM_QUOTA": "3", "OLMOCR_STANDIN_QUOTA_WINDOW_S": "6"})
-    log = tmp_path / "run.log"
-    url = f"{provider.url}{PROVIDER_PREFIX}#model={PROVIDER_MODEL}&rpm=30"
-    with running_pipeline(tmp_path / "ws", url, docs, log=log) as run:
-        rc = run.wait(90)
-        stats = info(provider)
-    provider.stop()
-    assert rc == 0, log.read_text()
-    all_written(tmp_path / "ws", docs)
+    stats = run_with_quota(tmp_path, {"OLMOCR_STANDIN_RPM_QUOTA": "3", "OLMOCR_STANDIN_QUOTA_WINDOW_S": "6"}, "&rpm=30")
     assert stats["throttled"] == 0, stats
 
 
 def test_unpaced_over_quota_loses_nothing(tmp_path: Path) -> None:
-    """The same quota without a configured limit: refused requests wait out Retry-After, no page lost."""
-    docs = make_docs(tmp_path, 2, 2)
-    provider = launch_provider(tmp_path, {"OLMOCR_STANDIN_RPM_QUOTA": "2", "OLMOCR_STANDIN_QUOTA_WINDOW_S": "2"})
-    log = tmp_path / "run.log"
-    with running_pipeline(tmp_path / "ws", provider.url + PROVIDER_PREFIX, docs, "--model", PROVIDER_MODEL,
-                          "--max_page_retries", "1", log=log) as run:
-        rc = run.wait(90)
-        stats = info(provider)
-    provider.stop()
-    assert rc == 0, log.read_text()
-    all_written(tmp_path / "ws", docs)
-    assert stats["throttled"] > 0
-    assert stats["early_requests"] == 0, {k: stats[k] for k in ("throttled", "early_requests", "admitted")}
-
-
-def test_max_cost_stops_gracefully(tmp_path: Path) -> None:
-    """--max_cost: the run stops once the budget would be exceeded, the rest stays queued, exit status 3."""
-    docs = make_docs(tmp_path, 8, 2)
-    provider = launch_provider(tmp_path, {"OLMOCR_STANDIN_LATENCY": "0.2"})
-    log = tmp_path / "run.log"
-    # About 1,800 input and 780 output tokens a page: $0.0003 a page at $0.09/$0.19; $0.001 is ~3 pages.
-    with running_pipeline(tmp_path / "ws", provider.url + PROVIDER_PREFIX, docs, "--model", PROVIDER_MODEL,
-                          "--price_in", "0.09", "--price_out", "0.19", "--max_cost", "0.001",
-                          "--pages_per_group", "2", "--workers", "1", log=log, stop=[provider]) as run:
-        rc = run.wait(90)
-    text = log.read_text()
-    assert rc == STATUS_BUDGET, text
-    assert "cost budget --max_cost $0.00" in text
-    written = docs_by_source(tmp_path / "ws")
-    assert 0 < len(written) < len(docs)
-    assert workspace_files(tmp_path / "ws", "failed") == []
+    """The same kind of quota without a configured limit: refused requests wait out Retry-After, no page lost."""
+    stats = run_with_quota(tmp_path, {"OLMOCR_STANDIN_RPM_QUOTA": "2", "OLMOCR_STANDIN_QUOTA_WINDOW_S": "2"})
+    assert stats["throttled"] > 0 and stats["early_requests"] == 0, stats
 
 
 def scrape(port: int) -> dict[str, float] | None:

@@ -17,24 +17,14 @@ from pathlib import Path
 import pytest
 
 from olmocr.pipeline.servers.fleet import LOG_NO_RIGHT_MODEL, LOG_OTHER_MODEL
-from tests.pdf_builders import text_pdf
 from tests.pipeline_helpers import docs_by_source, launch_standin, log_line, running_pipeline, wait_for
-from tests.provider_helpers import PROVIDER_MODEL, PROVIDER_PREFIX, control, info, launch_provider
+from tests.provider_helpers import PROVIDER_MODEL, PROVIDER_PREFIX, control, info, launch_provider, make_docs
 from tests.standin_helpers import REPO_ROOT, clean_env
 
 pytestmark = pytest.mark.timeout(180)
 
 OTHER = "someone/other-model"
 KEY = "sk-provider-secret-4711"
-
-
-def make_docs(tmp_path: Path, count: int = 3, pages: int = 3) -> list[Path]:
-    docs = []
-    for i in range(count):
-        path = tmp_path / f"doc{i}.pdf"
-        path.write_bytes(text_pdf([f"doc {i} page {p}" for p in range(pages)]))
-        docs.append(path)
-    return docs
 
 
 def written_by_other(workspace: Path) -> list[str]:
