@@ -156,3 +156,11 @@ def test_bad_fragment_on_the_command_line_is_one_line(tmp_path: Path):
     lines = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(lines) == 1 and "'#rpm=N' needs a number N > 0" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_budget_without_prices_is_one_line(tmp_path: Path):
+    proc = subprocess.run([sys.executable, "-m", "olmocr.pipeline", str(tmp_path / "ws"), "--server",
+                           "http://127.0.0.1:9", "--max_cost", "5", "--pdfs", str(tmp_path / "none.pdf")],
+                          capture_output=True, text=True, env=clean_env(), cwd=str(REPO_ROOT), timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "--max_cost needs prices" in proc.stderr and "Traceback" not in proc.stderr

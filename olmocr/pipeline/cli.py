@@ -23,6 +23,7 @@ from olmocr.pipeline.servers.discovery import refresh_interval
 from olmocr.pipeline.servers.serverlist import (  # providers (#31)
     URL_ENV,
     add_provider_arguments,
+    check_budget,
     dns_with_keys,
     parse_dns_names,
     parse_url_list,
@@ -269,6 +270,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, internal: b
         servers = server_specs(parse_url_list(url_values), api_key, key_file, options=parse_url_options(url_values),
                                defaults=run_defaults)
         dns = dns_with_keys(parse_dns_names(url_values), api_key, key_file, run_defaults)
+        check_budget(args.max_cost, servers, dns)
         refresh_interval(os.environ)  # a bad OLMOCR_DNS_REFRESH_S fails now, with one line
     except FleetConfigError as exc:
         parser.error(str(exc))

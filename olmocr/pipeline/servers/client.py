@@ -283,8 +283,10 @@ class ServerClient:
         except TransportError as exc:
             raise ServerNotReady(f"The vLLM server at {self.name} stopped answering during the model "
                                  f"check ({exc}); check its log and try again.") from None
-        logger.info("vLLM server at %s is ready and serves '%s' (vLLM %s, max_model_len %s)", self.name,
-                    self.model, self.info.version or "version unknown", self.info.max_model_len or "not reported")
+        root = self.model_card.get("root")
+        logger.info("vLLM server at %s is ready and serves '%s' (vLLM %s, max_model_len %s)%s", self.name,
+                    self.model, self.info.version or "version unknown", self.info.max_model_len or "not reported",
+                    f"; weights: {root}" if root and root != self.model else "")
         return self.info
 
     async def _tls_answer(self) -> str | None:

@@ -286,3 +286,13 @@ def run_options(args: Any, internal: bool) -> Options:
     given with ``--vllm-url`` (in internal mode it is the model to serve, under the name ``olmocr``)."""
     return Options(model=None if internal else (args.model or None), price_in=args.price_in,
                    price_out=args.price_out, rpm=args.rpm, tpm=args.tpm)
+
+
+def check_budget(max_cost: float | None, specs: Sequence[ServerSpec], dns: Sequence[DnsName]) -> None:
+    """``--max_cost`` needs a price on some server: without one the cost stays 0 and the budget means nothing."""
+    if max_cost is None:
+        return
+    options = [s.options for s in specs] + [n.options for n in dns]
+    if not any(o.price_in or o.price_out for o in options):
+        raise FleetConfigError("--max_cost needs prices: give --price_in/--price_out, or URL#price_in=D&price_out=D "
+                               "for the servers that cost money")
