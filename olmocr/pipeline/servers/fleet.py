@@ -525,7 +525,10 @@ class Fleet:
                         server.reserved -= 1
                 if server.state != ServerState.UP:  # it left the rotation during the render
                     server = await self._pick()
-                await self._wait_turn(server)
+                await self._wait_turn(server)  # its Retry-After and pace (rate-limited providers)
+                while server.state != ServerState.UP:  # it left the rotation while the request waited
+                    server = await self._pick()
+                    await self._wait_turn(server)
                 server.in_flight += 1
                 sent_at = time.monotonic()
                 server.meter.set_busy(True, sent_at)
