@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from olmocr.pipeline.servers.fleet import LOG_PAUSED, LOG_RESUMED, STATUS_BUDGET
 from tests.metrics_helpers import parse_metrics
-from tests.pipeline_helpers import docs_by_source, running_pipeline
-from tests.provider_helpers import PROVIDER_MODEL, PROVIDER_PREFIX, info, launch_provider, make_docs
+from tests.pipeline_helpers import docs_by_source, log_line, running_pipeline
+from tests.provider_helpers import PROVIDER_MODEL, PROVIDER_PREFIX, control, info, launch_provider, make_docs
 from tests.standin_helpers import free_port
 
 pytestmark = pytest.mark.timeout(180)
@@ -145,6 +146,25 @@ def test_unpaced_over_quota_loses_nothing(tmp_path: Path) -> None:
     assert stats["throttled"] > 0 and stats["early_requests"] == 0, stats
 
 
+def test_max_cost_stops_gracefully(tmp_path: Path) -> None:
+    """--max_cost: the run stops once the budget would be exceeded, the rest stays queued, exit status 3."""
+    docs = make_docs(tmp_path, 8, 2)
+    provider = launch_provider(tmp_path, {"OLMOCR_STANDIN_LATENCY": "0.2"})
+    log = tmp_path / "run.log"
+    # About 1,800 input and 780 output tokens a page: $0.0003 a page at $0.09/$0.19; $0.001 is ~3 pages.
+    with running_pipeline(tmp_path / "ws", provider.url + PROVIDER_PREFIX, docs, "--model", PROVIDER_MODEL,
+                          "--price_in", "0.09", "--price_out", "0.19", "--max_cost", "0.001",
+                          "--pages_per_group", "2", "--workers", "1", log=log, stop=[provider]) as run:
+        rc = run.wait(90)
+    text = log.read_text()
+    assert rc == STATUS_BUDGET, text
+    assert "cost budget --max_cost $0.00" in text
+    written = docs_by_source(tmp_path / "ws")
+    assert 0 < len(written) < len(docs)
+    assert workspace_files(tmp_path / "ws", "failed") == []
+
+
+
 def scrape(port: int) -> dict[str, float] | None:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
@@ -177,3 +197,20 @@ def test_metrics_report_tokens_and_cost(tmp_path: Path) -> None:
     tokens_in = last[f"olmocr_pipeline_server_tokens_total{{kind=input,{server}}}"]
     tokens_out = last[f"olmocr_pipeline_server_tokens_total{{kind=output,{server}}}"]
     assert costs[-1] == pytest.approx((tokens_in * 0.09 + tokens_out * 0.19) / 1e6)
+
+
+def test_a_provider_without_health_comes_back_after_an_outage(tmp_path: Path) -> None:
+    """A provider has no /health (404): after 5xx take it out of rotation, its probes (model list and a
+    test completion) bring it back, and every page is written."""
+    docs = make_docs(tmp_path, 3, 2)
+    provider = launch_provider(tmp_path, {"OLMOCR_STANDIN_LATENCY": "0.2", "OLMOCR_STANDIN_ERROR_RATE": "1.0"})
+    log = tmp_path / "run.log"
+    with running_pipeline(tmp_path / "ws", provider.url + PROVIDER_PREFIX, docs, "--model", PROVIDER_MODEL,
+                          log=log, stop=[provider]) as run:
+        run.wait_log(log_line(LOG_PAUSED), 60, "the provider taken out of rotation")
+        control(provider, error_rate=0.0)
+        rc = run.wait(90)
+    text = log.read_text()
+    assert rc == 0, text
+    assert log_line(LOG_RESUMED).search(text), text
+    all_written(tmp_path / "ws", docs)
