@@ -92,6 +92,8 @@ LOG_MOVED = "%d requests moved to a less loaded server"  # the run's summary (wo
 LOG_OTHER_MODEL = "vLLM server %s taken out of rotation for good: %s (its answers are not written)"
 LOG_NO_RIGHT_MODEL = "no server answers with the right model: %s; stopping (the pages left stay queued)"
 LOG_RATE_LIMITED = "%s rate-limited the pipeline (%s): no request to it for %.1fs"
+#: While every server in rotation is rate-limited or paced, how often the wait for one looks again at least.
+PACED_RECHECK_S = 0.05
 #: Exit status of a run stopped by ``--max_cost`` (its work left queued for a later run).
 STATUS_BUDGET = 3
 LOG_BUDGET = ("the cost budget --max_cost $%.2f is reached ($%.4f spent, $%.4f more in flight); stopping: work in "
@@ -466,9 +468,11 @@ class Fleet:
                 await asyncio.Event().wait()  # no server may be used: the run is stopping (cancelled then)
             up = [s for s in self.servers if s.state == ServerState.UP]
             if up:  # all warming up, rate-limited or paced: wait for an answer or for the first to be ready
-                ready = min(s.ready_at() for s in up) - time.monotonic()
+                soonest = min(s.ready_at() for s in up)
+                # A limited server (ready_at > 0) may have become ready since choose() ran: look again soon.
+                timeout = max(soonest - time.monotonic(), PACED_RECHECK_S) if soonest > 0 else None
                 try:
-                    await asyncio.wait_for(self._changed.wait(), ready if ready > 0 else None)
+                    await asyncio.wait_for(self._changed.wait(), timeout)
                 except TimeoutError:
                     pass
                 continue
