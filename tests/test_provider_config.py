@@ -164,3 +164,14 @@ def test_a_budget_without_prices_is_one_line(tmp_path: Path):
                           capture_output=True, text=True, env=clean_env(), cwd=str(REPO_ROOT), timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert "--max_cost needs prices" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_standin_token_quota():
+    control = Control(environ={"OLMOCR_STANDIN_TPM_QUOTA": "5000", "OLMOCR_STANDIN_QUOTA_WINDOW_S": "10"})
+    gate = Gate()
+    assert gate.check(control, now=0.0) is None
+    gate.spend(2600, now=0.5)
+    assert gate.check(control, now=1.0) is None  # 2,600 of 5,000 spent
+    gate.spend(2600, now=1.5)
+    assert gate.check(control, now=2.0) == (429, "9")  # spent: until the first answer leaves the window at 10.5
+    assert gate.check(control, now=10.6) is None

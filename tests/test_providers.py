@@ -107,19 +107,20 @@ def test_model_list_missing(tmp_path: Path, explicit: bool) -> None:
         assert "answered HTTP 404 on /v1/openai/models" in text
 
 
-def run_with_quota(tmp_path: Path, env: dict[str, str], url_options: str = "") -> dict:
-    """One run of 4 pages (one attempt each) against the provider with ``env``; every page written.
-    Returns the provider's ``/admin/info`` and the run's log as ``log``."""
-    docs = make_docs(tmp_path, 2, 2)
+def run_with_quota(tmp_path: Path, env: dict[str, str], url_options: str = "", *extra: str, docs: int = 2) -> dict:
+    """One run of ``docs`` 2-page documents (one attempt a page) against the provider with ``env``; every
+    page written. Returns the provider's ``/admin/info`` and the run's log as ``log``."""
+    pdfs = make_docs(tmp_path, docs, 2)
     provider = launch_provider(tmp_path, env)
     log = tmp_path / "run.log"
     url = f"{provider.url}{PROVIDER_PREFIX}#model={PROVIDER_MODEL}{url_options}"
-    with running_pipeline(tmp_path / "ws", url, docs, "--max_page_retries", "1", log=log, stop=[provider]) as run:
+    with running_pipeline(tmp_path / "ws", url, pdfs, "--max_page_retries", "1", *extra, log=log,
+                          stop=[provider]) as run:
         rc = run.wait(90)
         stats = info(provider)
     text = log.read_text()
     assert rc == 0, text
-    all_written(tmp_path / "ws", docs)
+    all_written(tmp_path / "ws", pdfs)
     return {**{k: stats[k] for k in ("throttled", "early_requests", "admitted")}, "log": text}
 
 
@@ -138,6 +139,17 @@ def test_paced_under_quota_gets_no_429(tmp_path: Path) -> None:
     """A quota of 3 requests per 6 s (30 a minute): with #rpm=30 the pipeline is never refused."""
     stats = run_with_quota(tmp_path, {"OLMOCR_STANDIN_RPM_QUOTA": "3", "OLMOCR_STANDIN_QUOTA_WINDOW_S": "6"}, "&rpm=30")
     assert stats["throttled"] == 0, stats
+
+
+@pytest.mark.parametrize("paced", [True, False])
+def test_token_quota(tmp_path: Path, paced: bool) -> None:
+    """A token quota of 8,000 per 3 s (160,000 a minute; a page costs about 2,600 tokens, counted when
+    answered). With #tpm=160000 the pipeline spaces its requests by the tokens its answers report and is
+    never refused; without, even one request at a time is refused, and no page is lost."""
+    env = {"OLMOCR_STANDIN_TPM_QUOTA": "8000", "OLMOCR_STANDIN_QUOTA_WINDOW_S": "3"}
+    stats = run_with_quota(tmp_path, env, "&tpm=160000" if paced else "", "--max_concurrent_requests", "1", docs=5)
+    assert (stats["throttled"] == 0) == paced, stats
+    assert stats["early_requests"] == 0, stats
 
 
 def test_unpaced_over_quota_loses_nothing(tmp_path: Path) -> None:

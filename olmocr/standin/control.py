@@ -38,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "models_missing": False,  # the model list answers 404
     "answer_model": None,  # answers name this model (a silent switch); requests still use the served name
     "rpm_quota": None,  # chat requests allowed per quota_window_s; the excess gets 429 + Retry-After
+    "tpm_quota": None,  # tokens (prompt + answer) per quota_window_s; once spent, 429 + Retry-After
     "quota_window_s": 60.0,
     "throttle_next": 0,  # the next N chat requests get throttle_status + Retry-After throttle_retry_after s
     "throttle_status": 429,

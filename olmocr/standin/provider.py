@@ -3,7 +3,7 @@
 A provider serves the OpenAI API under a path (``path_prefix``: ``/v1/openai`` is DeepInfra's form), has no
 ``/health``, may have no ``/v1/models`` (``models_missing``), serves the model under its own name
 (``--served-model-name``), refuses what goes over its quota with 429 and ``Retry-After`` (``rpm_quota`` over
-``quota_window_s``; ``throttle_next`` answers the next N requests so, in ``retry_after_form`` seconds or
+``quota_window_s``, and ``tpm_quota`` tokens answered per window likewise; ``throttle_next`` answers the next N requests so, in ``retry_after_form`` seconds or
 date, with ``throttle_status`` 429 or 503), and may silently answer with another model (``answer_model``).
 
 :class:`Gate` is the quota and the Retry-After bookkeeping: it also counts requests that arrived before a
@@ -53,6 +53,7 @@ class Gate:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.accepted: deque[float] = deque()  # epoch times of requests let through, within the window
+        self.spent: deque[tuple[float, int]] = deque()  # (epoch, tokens) of answers, within the window
         self.not_before = 0.0  # epoch: the latest Retry-After given
         self.refused_at = 0.0  # epoch: when it was given
         self.throttled = 0  # answers 429/503 with Retry-After
@@ -73,19 +74,28 @@ class Gate:
                 control.update({"throttle_next": pending - 1})
                 wait = float(control.get("throttle_retry_after") or 1.0)
                 return self._refuse(int(control.get("throttle_status") or 429), wait, form, now)
+            window = float(control.get("quota_window_s") or 60.0)
+            while self.accepted and self.accepted[0] <= now - window:
+                self.accepted.popleft()
+            while self.spent and self.spent[0][0] <= now - window:
+                self.spent.popleft()
             quota = control.get("rpm_quota")
-            if quota:
-                window = float(control.get("quota_window_s") or 60.0)
-                while self.accepted and self.accepted[0] <= now - window:
-                    self.accepted.popleft()
-                if len(self.accepted) >= int(quota):
-                    return self._refuse(429, self.accepted[0] + window - now, form, now)
-                self.accepted.append(now)
+            if quota and len(self.accepted) >= int(quota):
+                return self._refuse(429, self.accepted[0] + window - now, form, now)
+            tokens = control.get("tpm_quota")
+            if tokens and sum(n for _, n in self.spent) >= int(tokens):
+                return self._refuse(429, self.spent[0][0] + window - now, form, now)
+            self.accepted.append(now)
             self.admitted += 1
             if self.first_admitted is None:
                 self.first_admitted = now
             self.last_admitted = now
             return None
+
+    def spend(self, tokens: int, now: float | None = None) -> None:
+        """An answer's tokens, counted against ``tpm_quota`` for the window."""
+        with self.lock:
+            self.spent.append((time.time() if now is None else now, tokens))
 
     def _refuse(self, status: int, wait: float, form: str, now: float) -> tuple[int, str]:
         value, until = retry_after_header(wait, form, now)

@@ -672,6 +672,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(500, error_body(f"stand-in reading mode: {exc}", "InternalServerError", 500))
             return
         completion_tokens = min(max_tokens, ans.count_tokens(content)) if max_tokens > 0 else 0
+        st.gate.spend(prompt_tokens + completion_tokens)
         with st.lock:
             st.prompt_tokens += prompt_tokens
             st.generation_tokens += completion_tokens
