@@ -30,7 +30,7 @@ from bench.common import (
 )
 
 SECTIONS = ["cpu", "render", "throughput", "memory", "recovery", "storm", "statusd", "fleet", "fleet16", "reading",
-            "probes", "multigpu"]
+            "probes", "multigpu", "providers"]
 NO_CORPUS = {"statusd", "probes"}  # sections that need no PDFs
 
 
@@ -130,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import reading
 
                 figs, detail = reading.run(corpus, quick=args.quick)
+            elif section == "providers":
+                from bench import providers
+
+                figs, detail = providers.run(corpus, quick=args.quick)
             elif section == "multigpu":
                 from bench import multigpu
 

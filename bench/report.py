@@ -34,6 +34,7 @@ TITLES = {
     "reading": "Reading stand-in (issue 23): Tesseract, not olmOCR",
     "probes": "Kubernetes probes (issue 21)",
     "multigpu": "One box, many GPUs (issue 17)",
+    "providers": "Hosted providers (issue 31): a quota paced and not",
 }
 
 HOW_TO_READ = """\

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import NoReturn
 
 from olmocr import __version__
-from olmocr.envs import SERVED_MODEL_NAME, SettingValueError
+from olmocr.envs import SettingValueError
 from olmocr.logformat import LOG_FORMAT
 from olmocr.pipeline import defaults, stats
 from olmocr.pipeline.errors import FleetConfigError, NoInput, WorkspaceError
@@ -23,11 +23,15 @@ from olmocr.pipeline.progress import FailFast
 from olmocr.pipeline.runner import PipelineConfig, run_pipeline
 from olmocr.pipeline.servers.checks import DEFAULT_READY_WAIT_S, start_up_delays
 from olmocr.pipeline.servers.discovery import refresh_interval
-from olmocr.pipeline.servers.serverlist import (
+from olmocr.pipeline.servers.serverlist import (  # providers (#31)
     URL_ENV,
+    add_provider_arguments,
+    check_budget,
     dns_with_keys,
     parse_dns_names,
     parse_url_list,
+    parse_url_options,
+    run_options,
     server_specs,
 )
 from olmocr.pipeline.stopping import DEFAULT_STOP_TIMEOUT_S, StopRequest
@@ -79,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "run with --scheduling-policy priority")
     server.add_argument("--model", default=None,
                         help="internal mode: the model to serve (default $OLMOCR_MODEL, then the deployment's); "
-                             "with --vllm-url accepted for upstream compatibility: requests always name the "
-                             "served model 'olmocr'")
+                             "with --vllm-url the name the servers serve the model under (default 'olmocr'; "
+                             "URL#model=NAME for one server), used in requests and checked on every answer")
+    add_provider_arguments(server)  # providers (#31): --price_in/--price_out/--rpm/--tpm/--max_cost
     server.add_argument("--max_concurrent_requests", type=whole(1), default=defaults.MAX_CONCURRENT_REQUESTS,
                         help=f"cap on requests in flight to the server (default {defaults.MAX_CONCURRENT_REQUESTS})")
     server.add_argument("--request_timeout", type=number(0, low_open=True), default=defaults.REQUEST_TIMEOUT_S,
@@ -225,8 +230,6 @@ def main(argv: list[str] | None = None) -> int:
         start_up_delays(args.max_server_ready_timeout)
     except SettingValueError as exc:
         parser.exit(STATUS_USAGE, f"{parser.prog}: error: {exc}\n")
-    if args.model and args.model != SERVED_MODEL_NAME and args.server:
-        logger.info("--model %s is ignored: requests use the served model name 'olmocr'", args.model)
 
     metrics_token = None
     if args.metrics_port is not None:
@@ -281,8 +284,11 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, internal: b
         return stats.print_stats(args.workspace, args.workspace_profile)
     url_values = args.server or ([os.environ[URL_ENV]] if os.environ.get(URL_ENV) else [])
     try:
-        servers = server_specs(parse_url_list(url_values), api_key, key_file)
-        dns = dns_with_keys(parse_dns_names(url_values), api_key, key_file)
+        run_defaults = run_options(args, internal)  # providers (#31)
+        servers = server_specs(parse_url_list(url_values), api_key, key_file, options=parse_url_options(url_values),
+                               defaults=run_defaults)
+        dns = dns_with_keys(parse_dns_names(url_values), api_key, key_file, run_defaults)
+        check_budget(args.max_cost, servers, dns)
         refresh_interval(os.environ)  # a bad OLMOCR_DNS_REFRESH_S fails now, with one line
     except FleetConfigError as exc:
         parser.error(str(exc))
@@ -310,6 +316,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, internal: b
         servers=tuple(servers),
         dns=tuple(dns) if not internal else (),
         ca_bundle=ca_bundle,
+        max_cost=args.max_cost,
         priority=args.priority,
         pdfs=tuple(args.pdfs or ()),
         workers=args.workers,

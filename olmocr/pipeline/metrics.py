@@ -107,6 +107,13 @@ def run_metrics(metrics: PipelineMetrics) -> list[Metric]:
         "outages": CounterMetricFamily("olmocr_pipeline_server_outages", "Times the server was taken out of "
                                        "rotation (refusals, 5xx or a hang); its requests went to the others or "
                                        "waited until it was healthy again", labels=["server"]),
+        # providers (#31): usage and cost by server, and the rate limits met
+        "tokens": CounterMetricFamily("olmocr_pipeline_server_tokens", "Tokens the server's answers reported, "
+                                      "by kind: input (prompt) and output (completion)", labels=["server", "kind"]),
+        "cost": CounterMetricFamily("olmocr_pipeline_server_cost_dollars", "Dollars spent on the server's answers "
+                                    "(tokens times its prices per million; 0 without prices)", labels=["server"]),
+        "throttled": CounterMetricFamily("olmocr_pipeline_server_rate_limited", "Answers 429/503 with Retry-After: "
+                                         "the server got no request until it had passed", labels=["server"]),
     }
     for srv in metrics.servers():  # olmocr.pipeline.servers.balance.Server: the fleet's per-server counters
         server = srv.url
@@ -118,6 +125,11 @@ def run_metrics(metrics: PipelineMetrics) -> list[Metric]:
         per_server["errors"].add_metric([server, "rejected"], srv.rejected)
         per_server["retries"].add_metric([server], srv.errors)
         per_server["outages"].add_metric([server], srv.ejections)
+        # read with defaults: a stand-in object without usage counters (a test's) reports zero
+        per_server["tokens"].add_metric([server, "input"], getattr(srv, "input_tokens", 0))
+        per_server["tokens"].add_metric([server, "output"], getattr(srv, "output_tokens", 0))
+        per_server["cost"].add_metric([server], getattr(srv, "cost", 0.0))
+        per_server["throttled"].add_metric([server], getattr(srv, "throttled", 0))
     out += per_server.values()
     counts = metrics.queue_counts
     if counts is not None:

@@ -21,7 +21,7 @@ from olmocr.pipeline.progress import FailFast, Progress, refresh_totals, refresh
 from olmocr.pipeline.servers.balance import ServerState
 from olmocr.pipeline.servers.checks import DEFAULT_READY_WAIT_S, STRUCTURED_OUTPUTS, start_up_delays
 from olmocr.pipeline.servers.discovery import LookupFailed, default_resolver, refresh_interval, system_resolve
-from olmocr.pipeline.servers.fleet import LOG_MOVED, Fleet
+from olmocr.pipeline.servers.fleet import LOG_MOVED, STATUS_BUDGET, Fleet
 from olmocr.pipeline.servers.serverlist import DnsName, ServerSpec
 from olmocr.pipeline.stats import SERVER_STATS_DIR, run_id, server_stats_record
 from olmocr.pipeline.stopping import DEFAULT_STOP_TIMEOUT_S, StopRequest
@@ -65,6 +65,7 @@ class PipelineConfig:
     metrics_host: str = defaults.METRICS_HOST
     metrics_token: str | None = field(default=None, repr=False)
     ca_bundle: str | None = None
+    max_cost: float | None = None  # dollars (--max_cost): the run stops gracefully once it would be exceeded
     priority: int | None = None
     apply_filter: bool = False
     workspace_profile: str | None = None
@@ -500,7 +501,9 @@ async def _run_on(config: PipelineConfig, storage: Storage, queue: WorkQueue, st
                   max_concurrent_requests=config.max_concurrent_requests, ca_bundle=config.ca_bundle,
                   priority=config.priority, render_lookahead=4 * (config.render_processes or default_render_processes()),
                   longest_dim=config.target_longest_image_dim, dns=config.dns,
-                  dns_refresh_s=refresh_interval(os.environ))
+                  dns_refresh_s=refresh_interval(os.environ), max_cost=config.max_cost)
+    # providers (#31): no server with the right model, or the cost budget, stops the run gracefully
+    fleet.on_fatal = fleet.on_budget = stop.request
     try:
         wait = DEFAULT_READY_WAIT_S if config.max_server_ready_timeout is None else config.max_server_ready_timeout
         ready = asyncio.create_task(_start_fleet(fleet, config, wait))
@@ -523,6 +526,12 @@ async def _run_on(config: PipelineConfig, storage: Storage, queue: WorkQueue, st
         if config.guided_decoding:
             logger.info("guided decoding: constraining the front matter with the %r request field (vLLM %s)",
                         guided_field, ", ".join(fleet.versions()) or "version unknown")
-        return await Runner(config, storage, queue, fleet, stop, max_tokens, guided_field).run()
+        status = await Runner(config, storage, queue, fleet, stop, max_tokens, guided_field).run()
+        if fleet.fatal is not None:  # providers (#31)
+            logger.error("%s", fleet.fatal)
+            return 1
+        if fleet.budget_reached:
+            return STATUS_BUDGET
+        return status
     finally:
         await fleet.close()

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from olmocr.pipeline.servers.fleet import Fleet
 
 SERVER_STATS_DIR = "server_stats"
+#: What a run records of each server's model and usage (#31): the model name asked for, its /v1/models
+#: entry (root: which weights; max_model_len), tokens, 429s, and cost where the server has prices. No key.
+PROVIDER_FIELDS = ("model", "model_card", "input_tokens", "output_tokens", "throttled", "cost")
 
 
 def run_id() -> str:
@@ -39,7 +42,7 @@ def server_stats_record(fleet: Fleet) -> bytes:
     """This run's per-server counters, stored in the workspace for ``--stats``."""
     return json.dumps({"time": time.time(), "servers": [
         {k: v for k, v in s.as_dict().items() if k in ("url", "pages", "errors", "timeouts", "rejected",
-                                                          "ejections", "state")}
+                                                          "ejections", "state", *PROVIDER_FIELDS)}
         for s in [*fleet.servers, *fleet.retired]]}).encode()
 
 
@@ -56,8 +59,10 @@ def summarize_server_stats(records: Iterable[bytes]) -> dict[str, dict[str, int]
             row = totals.setdefault(str(s.get("url")), {"runs": 0, "pages": 0, "errors": 0, "timeouts": 0,
                                                         "rejected": 0, "ejections": 0})
             row["runs"] += 1
-            for key in ("pages", "errors", "timeouts", "rejected", "ejections"):
-                row[key] += int(s.get(key) or 0)
+            for key in ("pages", "errors", "timeouts", "rejected", "ejections", "input_tokens", "output_tokens"):
+                row[key] = row.get(key, 0) + int(s.get(key) or 0)
+            if s.get("cost") is not None:
+                row["cost"] = row.get("cost", 0) + float(s["cost"])
     return totals
 
 
@@ -68,7 +73,11 @@ def format_server_stats(totals: Mapping[str, Mapping[str, int]]) -> str:
     for url, row in sorted(totals.items()):
         lines.append(f"  {url}: {row['pages']} answers, {row['errors']} errors ({row['timeouts']} timeouts), "
                      f"{row['rejected']} rejected, taken out of rotation {row['ejections']} times, "
-                     f"in {row['runs']} runs")
+                     f"in {row['runs']} runs"
+                     + (f", tokens {row['input_tokens']} in / {row['output_tokens']} out"
+                        if row.get("input_tokens") or row.get("output_tokens") else "")
+                     + (f", cost ${row['cost']:.4f} (${row['cost'] / row['pages'] * 1e6:,.0f} per million pages)"
+                        if "cost" in row and row["pages"] else ""))
     return "\n".join(lines)
 
 

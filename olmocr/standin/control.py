@@ -33,6 +33,17 @@ DEFAULTS: dict[str, Any] = {
     "output_tokens": 750,
     # The vLLM version the stand-in plays (``/version``, and which guided-decoding fields it honours).
     "vllm_version": "0.32.0",
+    # Playing a hosted provider (olmocr/standin/provider.py).
+    "path_prefix": None,  # e.g. "/v1/openai": the API lives there; /v1/* and /health answer 404
+    "models_missing": False,  # the model list answers 404
+    "answer_model": None,  # answers name this model (a silent switch); requests still use the served name
+    "rpm_quota": None,  # chat requests allowed per quota_window_s; the excess gets 429 + Retry-After
+    "tpm_quota": None,  # tokens (prompt + answer) per quota_window_s; once spent, 429 + Retry-After
+    "quota_window_s": 60.0,
+    "throttle_next": 0,  # the next N chat requests get throttle_status + Retry-After throttle_retry_after s
+    "throttle_status": 429,
+    "throttle_retry_after": 1.0,
+    "retry_after_form": "seconds",  # or "date" (an HTTP date)
 }
 
 

@@ -27,6 +27,7 @@ from olmocr.server import vllm_versions
 from olmocr.standin import answer as ans
 from olmocr.standin import reading
 from olmocr.standin.control import Control
+from olmocr.standin.provider import Gate, api_path
 
 VLLM_COMPAT_VERSION = "0.32.0"  # the default of the ``vllm_version`` control
 #: The usage line vLLM's argparse prints before an error.
@@ -157,6 +158,7 @@ class Stats:
         self.image_requests_served = 0  # completions with an image (pages, not probes)
         self.arrivals = 0
         self.answers = 0  # answers produced (for answer=mixed:k)
+        self.gate = Gate()  # a provider's quota and Retry-After promises
 
 
 class StandIn:
@@ -408,6 +410,13 @@ class Handler(BaseHTTPRequestHandler):
         self.fingerprint = None
         if method == "POST":
             self.read_body()
+        if not path.startswith("/admin"):
+            prefix = app.control.get("path_prefix")
+            mapped = api_path(path, prefix)
+            if mapped is None:  # a provider: only its API path exists (no /health, /metrics, /v1)
+                self.send_json(404, {"detail": "Not Found"})
+                return
+            path = mapped
         if path in ("/v1", "/admin") or path.startswith(("/v1/", "/admin/")):
             if not self.authorized():
                 self.send_json(401, {"error": "Unauthorized"})
@@ -421,7 +430,10 @@ class Handler(BaseHTTPRequestHandler):
             elif path == "/metrics":
                 self.send_bytes(200, self.metrics_text().encode(), "text/plain; version=0.0.4; charset=utf-8")
             elif path == "/v1/models":
-                self.send_json(200, self.models_body())
+                if app.control.get("models_missing"):
+                    self.send_json(404, {"detail": "Not Found"})
+                else:
+                    self.send_json(200, self.models_body())
             elif path == "/admin/control":
                 self.send_json(200, app.control.snapshot())
             elif path == "/admin/info":
@@ -460,6 +472,7 @@ class Handler(BaseHTTPRequestHandler):
                            else "canned text (stand-in, not a model)"),
             # Where a deployment placed this server (one per GPU: olmocr/server/expansion.py).
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            **app.stats.gate.info(),  # a provider's 429s and requests that came before their Retry-After
         }
 
     def metrics_text(self) -> str:
@@ -509,6 +522,18 @@ class Handler(BaseHTTPRequestHandler):
         app = self.app
         if app.draining.is_set():  # vLLM during --shutdown-timeout: new requests fail at once
             self.send_json(500, error_body("The server is shutting down.", "InternalServerError", 500))
+            return
+        refused = app.stats.gate.check(app.control)
+        if refused is not None:
+            status, retry_after = refused
+            body = json.dumps(error_body("Rate limit exceeded (stand-in quota)", "RateLimitError", status)).encode()
+            self._status = status
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Retry-After", retry_after)
+            self.end_headers()
+            self.wfile.write(body)
             return
         with app.stats.lock:
             app.stats.inflight.add(self)
@@ -647,6 +672,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(500, error_body(f"stand-in reading mode: {exc}", "InternalServerError", 500))
             return
         completion_tokens = min(max_tokens, ans.count_tokens(content)) if max_tokens > 0 else 0
+        st.gate.spend(prompt_tokens + completion_tokens)
         with st.lock:
             st.prompt_tokens += prompt_tokens
             st.generation_tokens += completion_tokens
@@ -656,7 +682,7 @@ class Handler(BaseHTTPRequestHandler):
             st.image_requests_served += int(bool(images))
         self.send_json(200, {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": served, "system_fingerprint": self.fingerprint,
+            "model": ctl.get("answer_model") or served, "system_fingerprint": self.fingerprint,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "tool_calls": []},
                          "logprobs": None, "finish_reason": finish, "stop_reason": None}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -689,6 +715,8 @@ class Handler(BaseHTTPRequestHandler):
         if image is not None and str(ctl.get("rotation")) == "landscape" and image.width > image.height:
             valid, correction = False, 90
         body = ans.page_text(image, output_tokens)
+        if ctl.get("answer_model"):  # a silent switch: its text says so, so tests can tell it was never written
+            body = f"Written by {ctl.get('answer_model')}. " + body
         content = body if garbage else ans.front_matter(rotation_valid=valid, rotation_correction=correction) + body
         finish = "length" if mode == "length" else "stop"
         return self.cut(content, finish, max_tokens)

@@ -113,6 +113,27 @@ class Server:
     observe_request: Callable[[float], None] | None = None  # request-latency hook (metrics)
     # Requests out to this server, oldest first; setting one's event abandons it (it is resent elsewhere).
     requests: dict[int, asyncio.Event] = field(default_factory=dict)
+    # Rate limits (olmocr.pipeline.servers.pacing): no request before ``retry_until`` (a Retry-After), and
+    # requests spaced by the configured requests/tokens per minute (``pacer``).
+    retry_until: float = 0.0
+    throttled: int = 0  # answers 429/503 with Retry-After
+    pacer: Any = None
+    # Usage and cost (answers' ``usage``; prices per million tokens from the server's options).
+    input_tokens: int = 0
+    output_tokens: int = 0
+    price_in: float | None = None
+    price_out: float | None = None
+
+    @property
+    def cost(self) -> float:
+        """Dollars spent on this server's answers so far (0 without prices)."""
+        return (self.input_tokens * (self.price_in or 0.0) + self.output_tokens * (self.price_out or 0.0)) / 1e6
+
+    def ready_at(self) -> float:
+        """When (monotonic) this server may be given another request: after any Retry-After, and when its
+        pacer has no request already waiting for its turn."""
+        paced = self.pacer.ready_at() if self.pacer is not None else 0.0
+        return max(self.retry_until, paced)
 
     def abandon_all(self) -> None:
         for event in self.requests.values():
@@ -132,13 +153,20 @@ class Server:
             state = f"down {time.monotonic() - self.down_since:.0f}s"
         rate = self.meter.rate()
         learned = f", ~{rate:.1f} pages/s" if rate is not None else ""
-        return f"{state}, {self.pages} pages, {self.in_flight} in flight, {self.errors} errors{learned}"
+        tokens = f", {self.input_tokens + self.output_tokens} tokens" if self.input_tokens or self.output_tokens else ""
+        cost = f", ${self.cost:.4f}" if self.price_in or self.price_out else ""
+        throttled = f", {self.throttled} rate-limited" if self.throttled else ""
+        return (f"{state}, {self.pages} pages, {self.in_flight} in flight, {self.errors} errors{throttled}{learned}"
+                f"{tokens}{cost}")
 
     def as_dict(self) -> dict[str, Any]:
         return {"url": self.url, "state": self.state, "reason": self.reason, "pages": self.pages,
                 "in_flight": self.in_flight, "errors": self.errors, "timeouts": self.timeouts,
                 "rejected": self.rejected, "ejections": self.ejections, "weight": self.weight,
-                "capacity": self.meter.rate()}
+                "capacity": self.meter.rate(), "throttled": self.throttled,
+                "model": self.client.model, "model_card": self.client.model_card,
+                "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
+                "cost": round(self.cost, 6) if self.price_in or self.price_out else None}
 
 
 def capacities(servers: Sequence[Server]) -> list[float]:
@@ -163,9 +191,10 @@ def choose(servers: Sequence[Server]) -> Server | None:
     """
     best: Server | None = None
     best_score = float("inf")
+    now = time.monotonic()
     learned = all(s.weight is None for s in servers)
     for server, capacity in zip(servers, capacities(servers), strict=True):
-        if server.state != ServerState.UP:
+        if server.state != ServerState.UP or server.ready_at() > now:
             continue
         load = server.in_flight + server.reserved
         if learned and server.meter.answers < RATE_MIN_SAMPLES and load >= WARMUP_CAP:

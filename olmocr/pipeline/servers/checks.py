@@ -9,6 +9,7 @@ Callable once per server: the result is a small immutable :class:`ServerInfo`.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from olmocr.pipeline.pages.prompts import PROMPT_V4_YAML
 from olmocr.server import vllm_versions
 
 MODEL_NAME = SERVED_MODEL_NAME
+logger = logging.getLogger("olmocr.pipeline")
 
 #: The request fields that constrain output. Which one a server honours is in the vLLM release table
 #: (olmocr/server/vllm_versions.py, checked against the releases' sources): ``structured_outputs`` since
@@ -157,17 +159,42 @@ def plan_max_tokens(server_max_model_len: int | None, longest_dim: int,
 async def read_server_info(client: Any) -> ServerInfo:
     """Reads ``/v1/models`` and ``/version`` through ``client`` (a :class:`ServerClient`).
 
-    Raises the client's ``ServerNotReady`` when ``olmocr`` is not served, and its ``TransportError``
-    when the server does not answer.
+    Raises the client's ``ServerNotReady`` when its model (``client.model``, default ``olmocr``) is not
+    served, and its ``TransportError`` when the server does not answer. A model named explicitly
+    (``client.model_explicit``) is accepted, with a warning, where ``/v1/models`` is missing or lists
+    nothing (some gateways): every answer's ``model`` field is checked anyway.
     """
+    from olmocr.pipeline.servers.client import ModelListMissing
 
-    models = await client.model_lengths()
-    if MODEL_NAME not in models:
+    model = getattr(client, "model", MODEL_NAME)
+    try:
+        models = await client.model_lengths()
+    except ModelListMissing as exc:
+        logger.warning("%s: %s; going on because the model %r was named explicitly (every answer's model field "
+                       "is checked)", client.name, exc, model)
+        models = {model: None}
+        client.model_unlisted = True
+    if not models and getattr(client, "model_explicit", False):
+        logger.warning("%s: the model list is empty; going on because the model %r was named explicitly "
+                       "(every answer's model field is checked)", client.name, model)
+        models = {model: None}
+        client.model_unlisted = True
+    if model not in models and MODEL_NAME in models and client.model_cards.get(MODEL_NAME, {}).get("root") == model:
+        # ``--model allenai/olmOCR-...`` against an olmocr-serve server: the weights it serves as 'olmocr'.
+        logger.info("%s serves %r as '%s'; requests use that name", client.name, model, MODEL_NAME)
+        client.use_model(model := MODEL_NAME)
+    if model not in models:
+        if model == MODEL_NAME:
+            raise ServerNotReady(
+                f"External vLLM server is running but doesn't have the '{MODEL_NAME}' model "
+                f"(it serves: {', '.join(models) or 'nothing'}). Start vLLM with "
+                f"`--served-model-name {MODEL_NAME}` (the olmocr-serve server does this), point "
+                "--vllm-url at the olmOCR server, or name the model it serves with --model NAME "
+                "(or URL#model=NAME)."
+            )
         raise ServerNotReady(
-            f"External vLLM server is running but doesn't have the '{MODEL_NAME}' model "
-            f"(it serves: {', '.join(models) or 'nothing'}). Start vLLM with "
-            f"`--served-model-name {MODEL_NAME}` (the olmocr-serve server does this), or point "
-            "--vllm-url at the olmOCR server."
+            f"the server does not serve the model '{model}' (it serves: {', '.join(sorted(models)[:10]) or 'nothing'}"
+            f"{' ...' if len(models) > 10 else ''}); check --model / URL#model=NAME"
         )
     version = await client.server_version()
-    return ServerInfo(client.base_url, MODEL_NAME, models[MODEL_NAME], version, guided_field_for(version))
+    return ServerInfo(client.base_url, model, models[model], version, guided_field_for(version))

@@ -22,6 +22,7 @@ import json
 import logging
 import ssl
 import time
+from typing import Any
 
 from olmocr.envs import SERVED_MODEL_NAME
 from olmocr.pipeline import defaults
@@ -52,6 +53,35 @@ PROBE_TIMEOUT_S = 10.0
 #: while it waited -- a hung engine -- so requests merely queued on a busy server are not thrown away. As a
 #: guard against lost connections, no request waits longer than ``HARD_TIMEOUT_FACTOR * request_timeout``.
 HARD_TIMEOUT_FACTOR = 3.0
+#: How a page request (built by olmocr.pipeline.pages.page.request_template) begins.
+_DEFAULT_MODEL_PREFIX = json.dumps({"model": MODEL_NAME})[:-1].encode()
+
+
+class ModelListMissing(ServerNotReady):
+    """``/v1/models`` is missing or unreadable on a server whose model was named explicitly (a gateway)."""
+
+
+def model_cards(body: bytes | str) -> dict[str, dict[str, Any]]:
+    """Each ``/v1/models`` entry reduced to what tells a reader which weights answer under that name
+    (``root``, ``max_model_len``, ``owned_by``). ValueError if ``body`` is not a model list."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise ValueError("not a model list") from None
+    if not isinstance(data, dict) or not isinstance(data.get("data", []), list):
+        raise ValueError("not a model list")
+    return {str(e.get("id")): {k: e[k] for k in ("root", "max_model_len", "owned_by") if e.get(k) is not None}
+            for e in data.get("data", []) if isinstance(e, dict)}
+
+
+def answering_model(body: bytes) -> str | None:
+    """The ``model`` field of a chat-completion answer, None when there is none to read."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    model = data.get("model") if isinstance(data, dict) else None
+    return str(model) if model is not None else None
 
 
 def ready_wait_bound(max_wait_s: float | None = None) -> float:
@@ -77,13 +107,27 @@ def url_problem(url: str) -> str | None:
 
 
 def normalize_base_url(url: str) -> str:
-    """``http://h:p``, ``http://h:p/``, ``http://h:p/v1`` and ``http://h:p/v1/`` all give ``http://h:p``."""
+    """The server's base URL as the fleet names it: no trailing ``/``, ``http://`` added to a bare
+    ``host:port``, and a path of exactly ``/v1`` dropped (``http://h:p/v1`` is ``http://h:p``). Any other
+    path is kept: ``https://host/v1/openai`` is a provider's API root (upstream's ``--server`` convention)."""
     url = url.strip().rstrip("/")
-    if url.endswith("/v1"):
-        url = url[: -len("/v1")]
     if "://" not in url:
         url = "http://" + url
+    scheme, sep, rest = url.partition("://")
+    host, slash, path = rest.partition("/")
+    if slash and path == "v1":
+        url = scheme + sep + host
     return url
+
+
+def api_root(base_url: str) -> str:
+    """Where the OpenAI API of a normalised base URL lives: its path, or ``/v1`` when it has none.
+
+    ``http://h:30024`` -> ``/v1`` (``/v1/models``, ``/v1/chat/completions``); ``https://host/v1/openai`` ->
+    ``/v1/openai`` (``/v1/openai/models``, ``/v1/openai/chat/completions``)."""
+    rest = base_url.partition("://")[2]
+    _, slash, path = rest.partition("/")
+    return "/" + path.split("#", 1)[0] if slash and path else "/v1"
 
 
 def display_url(url: str) -> str:
@@ -104,14 +148,35 @@ class ServerClient:
         request_timeout: float = defaults.REQUEST_TIMEOUT_S,
         max_concurrent_requests: int = defaults.MAX_CONCURRENT_REQUESTS,
         ca_bundle: str | None = None,
+        model: str = MODEL_NAME,
+        model_explicit: bool = False,
     ) -> None:
         self.base_url = normalize_base_url(base_url)
         self.name = display_url(self.base_url)
+        self.api = api_root(self.base_url)
+        #: The name requests use and every answer's ``model`` field must carry (default ``olmocr``).
+        self.model = model
+        #: The user named the model (``--model`` / ``#model=``): a server without a usable ``/v1/models``
+        #: is accepted (some gateways have none); every answer is still checked.
+        self.model_explicit = model_explicit
+        self.model_cards: dict[str, dict[str, Any]] = {}
+        #: Accepted without the model in a model list: admission then asks for one tiny completion.
+        self.model_unlisted = False
+        self.use_model(model)
         self.request_timeout = request_timeout
         self._pool = HttpPool(self.base_url, max_idle=max(8, min(max_concurrent_requests, 2048)), ca_bundle=ca_bundle)
         self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._last_success = float("-inf")
         self.info: ServerInfo | None = None
+
+    def use_model(self, model: str) -> None:
+        self.model = model
+        self._model_prefix = json.dumps({"model": model})[:-1].encode()
+
+    @property
+    def model_card(self) -> dict[str, Any]:
+        """``/v1/models``' entry for :attr:`model` (``root``, ``max_model_len`` ...): the run's provenance."""
+        return self.model_cards.get(self.model, {})
 
     # ------------------------------------------------------------------ probes
 
@@ -124,26 +189,35 @@ class ServerClient:
         return list(await self.model_lengths())
 
     async def model_lengths(self) -> dict[str, int | None]:
-        """``/v1/models`` as {model id: max_model_len or None}; TransportError / ServerNotReady on a bad answer."""
-        status, body = await self._get("/v1/models", auth=True)
+        """``/v1/models`` as {model id: max_model_len or None}; TransportError / ServerNotReady on a bad answer.
+
+        With a model named explicitly, a missing or unreadable list is :class:`ModelListMissing` (the caller
+        may go on without it); otherwise it means the URL is not an OpenAI-compatible server."""
+        status, body = await self._get(f"{self.api}/models", auth=True)
         if status in (401, 403):
             raise ServerNotReady(
-                f"The vLLM server at {self.name} rejected the API key (HTTP {status}) on /v1/models. "
+                f"The vLLM server at {self.name} rejected the API key (HTTP {status}) on {self.api}/models. "
                 "Give the server's key in OLMOCR_API_KEY / VLLM_API_KEY or a --api_key_file."
             )
         if status >= 500:  # a proxy in front of a server that is still starting, or an engine restarting
-            raise TransportError(f"/v1/models answered HTTP {status}")
+            raise TransportError(f"{self.api}/models answered HTTP {status}")
         if status != 200:
+            if self.model_explicit:
+                raise ModelListMissing(f"{self.api}/models answered HTTP {status}")
             raise ServerNotReady(
-                f"{self.name} answered HTTP {status} on /v1/models: it is not an OpenAI-compatible vLLM server. "
-                "Check the host and port in --vllm-url (vLLM's own default port is 8000, olmocr-serve's 30024)."
+                f"{self.name} answered HTTP {status} on {self.api}/models: it is not an OpenAI-compatible vLLM "
+                "server. Check the host, port and path in --vllm-url (vLLM's own default port is 8000, "
+                "olmocr-serve's 30024; a provider's URL ends in its API root, e.g. https://host/v1/openai)."
             )
         try:
+            self.model_cards = model_cards(body)
             return parse_models(body)
         except ValueError:
+            if self.model_explicit:
+                raise ModelListMissing(f"{self.api}/models answered something that is not a model list") from None
             raise ServerNotReady(
-                f"{self.name} answered /v1/models with something that is not a model list: it is not an "
-                "OpenAI-compatible vLLM server. Check the host and port in --vllm-url."
+                f"{self.name} answered {self.api}/models with something that is not a model list: it is not an "
+                "OpenAI-compatible vLLM server. Check the host, port and path in --vllm-url."
             ) from None
 
     async def server_version(self) -> str | None:
@@ -172,6 +246,8 @@ class ServerClient:
             try:
                 await self.list_models()
                 break
+            except ModelListMissing:
+                break  # reachable; read_server_info says what is missing
             except TlsError as exc:
                 untrusted = "not trusted" in str(exc)
                 raise ServerNotReady(
@@ -210,8 +286,10 @@ class ServerClient:
         except TransportError as exc:
             raise ServerNotReady(f"The vLLM server at {self.name} stopped answering during the model "
                                  f"check ({exc}); check its log and try again.") from None
-        logger.info("vLLM server at %s is ready and serves '%s' (vLLM %s, max_model_len %s)", self.name,
-                    MODEL_NAME, self.info.version or "version unknown", self.info.max_model_len or "not reported")
+        root = self.model_card.get("root")
+        logger.info("vLLM server at %s is ready and serves '%s' (vLLM %s, max_model_len %s)%s", self.name,
+                    self.model, self.info.version or "version unknown", self.info.max_model_len or "not reported",
+                    f"; weights: {root}" if root and root != self.model else "")
         return self.info
 
     async def _tls_answer(self) -> str | None:
@@ -232,24 +310,31 @@ class ServerClient:
 
     async def completion_probe(self, priority: int | None = None, timeout: float = PROBE_TIMEOUT_S) -> Response:
         """One tiny text completion (``max_tokens`` 1): the only proof that the engine makes progress."""
-        body: dict = {"model": MODEL_NAME, "max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]}
+        body: dict = {"model": self.model, "max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]}
         if priority is not None:
             body["priority"] = priority
-        return await self._pool.request("POST", "/v1/chat/completions", body=[json.dumps(body).encode()],
+        return await self._pool.request("POST", f"{self.api}/chat/completions", body=[json.dumps(body).encode()],
                                         headers=self._auth, timeout=timeout)
 
     async def probe(self, *, completion: bool, priority: int | None = None) -> str | None:
         """Re-admission check; None when healthy, else a one-line reason."""
         try:
             status, _ = await self._get("/health", auth=False)
-            if status != 200:
+            # A provider has no /health (404 at its root): the model list and the completion decide.
+            if status != 200 and not (status == 404 and self.api != "/v1"):
                 return f"/health answered HTTP {status}"
-            if MODEL_NAME not in await self.list_models():
-                return f"/v1/models does not list '{MODEL_NAME}'"
+            try:
+                if self.model not in await self.list_models():
+                    return f"{self.api}/models does not list '{self.model}'"
+            except ModelListMissing:
+                pass  # named explicitly: accepted without a list at admission, likewise here
             if completion:
                 resp = await self.completion_probe(priority, timeout=max(PROBE_TIMEOUT_S, self.request_timeout))
                 if resp.status != 200:
                     return f"a test completion answered HTTP {resp.status}"
+                answered = answering_model(resp.body)
+                if answered is not None and answered != self.model:
+                    return f"a test completion was answered by model {answered!r}, not {self.model!r}"
                 self._last_success = time.monotonic()
         except (TransportError, ServerNotReady) as exc:
             return str(exc)
@@ -265,8 +350,11 @@ class ServerClient:
         """
         started = time.monotonic()
         hard = self.request_timeout * HARD_TIMEOUT_FACTOR
+        if self.model != MODEL_NAME and body and body[0].startswith(_DEFAULT_MODEL_PREFIX):
+            # Page requests are built once for the fleet naming ``olmocr``; this server serves another name.
+            body[0] = self._model_prefix + body[0][len(_DEFAULT_MODEL_PREFIX):]
         task = asyncio.ensure_future(
-            self._pool.request("POST", "/v1/chat/completions", body=body, headers=self._auth, timeout=hard)
+            self._pool.request("POST", f"{self.api}/chat/completions", body=body, headers=self._auth, timeout=hard)
         )
         aborted = asyncio.ensure_future(abort.wait()) if abort is not None else None
         try:

@@ -130,7 +130,7 @@ def server_urls(name: DnsName, addresses: Sequence[str]) -> list[str]:
     out = []
     for address in addresses:
         host = f"[{address}]" if ":" in address else address
-        out += [f"{name.scheme}://{host}:{port}" for port in name.ports]
+        out += [f"{name.scheme}://{host}:{port}{name.path}" for port in name.ports]
     return out
 
 

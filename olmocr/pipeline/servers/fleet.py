@@ -44,7 +44,7 @@ from olmocr.pipeline.errors import (
 )
 from olmocr.pipeline.servers.balance import Server, ServerState, choose, plan_steals
 from olmocr.pipeline.servers.checks import DEFAULT_MAX_TOKENS, STRUCTURED_OUTPUTS, plan_max_tokens
-from olmocr.pipeline.servers.client import MAX_BACKOFF_S, ServerClient
+from olmocr.pipeline.servers.client import MAX_BACKOFF_S, MODEL_NAME, ServerClient, answering_model
 from olmocr.pipeline.servers.discovery import (
     DEFAULT_REFRESH_S,
     DRAIN_GRACE_S,
@@ -55,7 +55,8 @@ from olmocr.pipeline.servers.discovery import (
     server_urls,
 )
 from olmocr.pipeline.servers.outcome import Classified, Outcome, Problem, classify
-from olmocr.pipeline.servers.serverlist import DnsName, ServerSpec
+from olmocr.pipeline.servers.pacing import make_pacer
+from olmocr.pipeline.servers.serverlist import DnsName, Options, ServerSpec
 
 logger = logging.getLogger("olmocr.pipeline")
 
@@ -88,6 +89,15 @@ LOG_PAUSED = "vLLM server unavailable (%s); pausing requests until it is healthy
 LOG_RESUMED = "vLLM server is back after %.0fs; resuming (%s)"  # the only server
 LOG_ALL_DOWN = "all vLLM servers are out of rotation (down %.0fs: %s); requests wait for one to come back"
 LOG_MOVED = "%d requests moved to a less loaded server"  # the run's summary (work stealing)
+LOG_OTHER_MODEL = "vLLM server %s taken out of rotation for good: %s (its answers are not written)"
+LOG_NO_RIGHT_MODEL = "no server answers with the right model: %s; stopping (the pages left stay queued)"
+LOG_RATE_LIMITED = "%s rate-limited the pipeline (%s): no request to it for %.1fs"
+#: While every server in rotation is rate-limited or paced, how often the wait for one looks again at least.
+PACED_RECHECK_S = 0.05
+#: Exit status of a run stopped by ``--max_cost`` (its work left queued for a later run).
+STATUS_BUDGET = 3
+LOG_BUDGET = ("the cost budget --max_cost $%.2f is reached ($%.4f spent, $%.4f more in flight); stopping: work in "
+              "progress finishes, the rest stays queued")
 
 
 # ---------------------------------------------------------------------------------------------- verification
@@ -107,6 +117,8 @@ async def admit_for_run(client: ServerClient, *, max_wait_s: float, priority: in
         max_tokens = plan_max_tokens(info.max_model_len, longest_dim)
     except ServerMismatch as exc:
         raise ServerNotReady(f"{exc} ({client.name})") from None
+    if client.model_unlisted:
+        await check_unlisted_model(client)
     if priority is not None:
         try:
             resp = await client.completion_probe(priority, timeout=max(10.0, client.request_timeout))
@@ -122,6 +134,22 @@ async def admit_for_run(client: ServerClient, *, max_wait_s: float, priority: in
     return max_tokens
 
 
+async def check_unlisted_model(client: ServerClient) -> None:
+    """A model accepted without a model list must answer one tiny completion under its name: the only proof
+    that the URL (and its path) reaches a server of that model. Raises :class:`ServerNotReady`."""
+    try:
+        resp = await client.completion_probe(timeout=max(10.0, client.request_timeout))
+    except TransportError as exc:
+        raise ServerNotReady(f"{client.name} did not answer a test request: {exc}") from None
+    if resp.status != 200:
+        raise ServerNotReady(
+            f"{client.name} answered HTTP {resp.status} on {client.api}/chat/completions (and has no model list): "
+            "check the URL's path (a provider's API root, e.g. https://host/v1/openai) and --model")
+    answered = answering_model(resp.body)
+    if answered is not None and answered != client.model:
+        raise ServerNotReady(f"{client.name} answered a test request with model {answered!r}, not {client.model!r}")
+
+
 # ---------------------------------------------------------------------------------------------- the fleet
 
 
@@ -132,13 +160,28 @@ class Fleet:
                  max_concurrent_requests: int = defaults.MAX_CONCURRENT_REQUESTS, ca_bundle: str | None = None,
                  priority: int | None = None, render_lookahead: int = 8, longest_dim: int = defaults.LONGEST_IMAGE_DIM,
                  dns: Sequence[DnsName] = (), resolver: Resolver | None = None,
-                 dns_refresh_s: float = DEFAULT_REFRESH_S) -> None:
+                 dns_refresh_s: float = DEFAULT_REFRESH_S, max_cost: float | None = None) -> None:
         if not specs and not dns:
             raise FleetConfigError("no vLLM server given: pass --vllm-url (or set OLMOCR_VLLM_URL)")
         per_pool = max(8, min(max_concurrent_requests, 2048))
-        self._new_client = lambda url, key: ServerClient(url, api_key=key, request_timeout=request_timeout,
-                                                         max_concurrent_requests=per_pool, ca_bundle=ca_bundle)
-        self.servers = [Server(self._new_client(s.url, s.api_key), weight=s.weight) for s in specs]
+
+        def new_server(url: str, key: str | None, weight: float | None, options: Options) -> Server:
+            client = ServerClient(url, api_key=key, request_timeout=request_timeout, max_concurrent_requests=per_pool,
+                                  ca_bundle=ca_bundle, model=options.model or MODEL_NAME,
+                                  model_explicit=options.model is not None)
+            return Server(client, weight=weight, pacer=make_pacer(options.rpm, options.tpm),
+                          price_in=options.price_in, price_out=options.price_out)
+
+        self._new_server = new_server
+        self.servers = [new_server(s.url, s.api_key, s.weight, s.options) for s in specs]
+        #: Dollars after which no new page request is sent (``--max_cost``): the run stops gracefully.
+        self.max_cost = max_cost
+        self.budget_reached = False
+        #: Set when no server can answer with the right model (every one answered with another): the run
+        #: stops with this one line and exit status 1. ``on_fatal`` / ``on_budget`` are the runner's hooks.
+        self.fatal: str | None = None
+        self.on_fatal: Callable[[str], None] | None = None
+        self.on_budget: Callable[[str], None] | None = None
         self.dns = tuple(dns)
         self.resolver = resolver or default_resolver()
         self.dns_refresh_s = dns_refresh_s
@@ -333,7 +376,7 @@ class Fleet:
                     self._draining.pop(revived).cancel()
                     server = revived
                 else:
-                    server = Server(self._new_client(url, name.api_key), weight=name.weight)
+                    server = self._new_server(url, name.api_key, name.weight, name.options)
                     self.servers.append(server)
                     if self.on_new_server is not None:
                         self.on_new_server(server)
@@ -421,8 +464,17 @@ class Fleet:
             if server is not None:
                 return server
             self._changed.clear()
-            if any(s.state == ServerState.UP for s in self.servers):  # all warming up: wait for an answer
-                await self._changed.wait()
+            if self.fatal is not None:
+                await asyncio.Event().wait()  # no server may be used: the run is stopping (cancelled then)
+            up = [s for s in self.servers if s.state == ServerState.UP]
+            if up:  # all warming up, rate-limited or paced: wait for an answer or for the first to be ready
+                soonest = min(s.ready_at() for s in up)
+                # A limited server (ready_at > 0) may have become ready since choose() ran: look again soon.
+                timeout = max(soonest - time.monotonic(), PACED_RECHECK_S) if soonest > 0 else None
+                try:
+                    await asyncio.wait_for(self._changed.wait(), timeout)
+                except TimeoutError:
+                    pass
                 continue
             now = time.monotonic()
             if self._all_down_since is None:
@@ -477,6 +529,10 @@ class Fleet:
                         server.reserved -= 1
                 if server.state != ServerState.UP:  # it left the rotation during the render
                     server = await self._pick()
+                await self._wait_turn(server)  # its Retry-After and pace (rate-limited providers)
+                while server.state != ServerState.UP:  # it left the rotation while the request waited
+                    server = await self._pick()
+                    await self._wait_turn(server)
                 server.in_flight += 1
                 sent_at = time.monotonic()
                 server.meter.set_busy(True, sent_at)
@@ -496,13 +552,14 @@ class Fleet:
                         server.meter.set_busy(False, time.monotonic())
                     self._changed.set()
                     self._rebalance()
-            result = classify(resp, failure)
+            result = classify(resp, failure, model=server.client.model)
             if result.outcome is Outcome.SUCCESS:
                 server.pages += 1
                 server.failures_in_a_row = 0
                 now = time.monotonic()
                 server.meter.answered(now, now - sent_at)
                 assert result.data is not None
+                self._count_usage(server, result.data)
                 return result.data
             if result.outcome is Outcome.REJECTED:
                 server.rejected += 1
@@ -518,6 +575,14 @@ class Fleet:
         the page one failed attempt after ``MAX_5XX_IN_A_ROW`` server errors, pause before the resend."""
         problem = result.problem
         assert problem is not None
+        if problem is Problem.RATE_LIMITED:
+            assert result.retry_after is not None
+            self._hold(server, result.retry_after, result.detail)
+            return errors_5xx_in_a_row, transient_in_a_row  # the server's pace decides; no attempt, no error
+        if problem is Problem.OTHER_MODEL:
+            server.errors += 1
+            self._exclude_for_model(server, result.detail)
+            return errors_5xx_in_a_row, transient_in_a_row
         if problem is Problem.TIMEOUT:
             server.timeouts += 1
         server.errors += 1
@@ -538,15 +603,109 @@ class Fleet:
             await asyncio.sleep(min(MAX_BACKOFF_S, 0.25 * 2 ** min(transient_in_a_row, 8)) * random.uniform(0.5, 1.0))
         return errors_5xx_in_a_row, transient_in_a_row
 
+    # ------------------------------------------------------------------ rate limits, identity, cost
+
+    async def _wait_turn(self, server: Server) -> None:
+        """Wait out the server's Retry-After and its pace (requests/tokens per minute) before sending."""
+        now = time.monotonic()
+        turn = server.pacer.take(now) if server.pacer is not None else now
+        turn = max(turn, server.retry_until)
+        while turn > time.monotonic():
+            await asyncio.sleep(turn - time.monotonic())
+            turn = max(turn, server.retry_until)  # a Retry-After that came while we waited
+
+    def _hold(self, server: Server, seconds: float, detail: str) -> None:
+        """A 429/503 with Retry-After: no request to ``server`` before it has passed."""
+        server.throttled += 1
+        until = time.monotonic() + seconds
+        if until > server.retry_until:
+            server.retry_until = until
+            if server.pacer is not None:
+                server.pacer.hold(until)
+            now = time.monotonic()
+            if now - self._last_transient_log >= TRANSIENT_LOG_EVERY_S:
+                self._last_transient_log = now
+                logger.warning(LOG_RATE_LIMITED, server.url, detail, seconds)
+
+    def _exclude_for_model(self, server: Server, detail: str) -> None:
+        """An answer from another model: the server leaves the rotation for good (never probed back: a
+        provider that silently serves another model does not say when it stops); with none left, the
+        run stops (:attr:`fatal`)."""
+        if server.state == ServerState.EXCLUDED:
+            return
+        server.state, server.reason, server.down_since = ServerState.EXCLUDED, detail, None
+        server.ejections += 1
+        server.abandon_all()
+        prober = self._probers.pop(server, None)
+        if prober is not None:
+            prober.cancel()
+        logger.error(LOG_OTHER_MODEL, server.url, detail)
+        usable = [s for s in self.servers if s.state != ServerState.EXCLUDED]
+        if not usable and self.fatal is None:
+            self.fatal = LOG_NO_RIGHT_MODEL % "; ".join(f"{s.url}: {s.reason}" for s in self.servers)
+            if self.on_fatal is not None:
+                self.on_fatal("no server answers with the right model")  # the full line ends the run
+        self._changed.set()
+
+    def _count_usage(self, server: Server, data: dict[str, Any]) -> None:
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        try:
+            prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+        except (TypeError, ValueError):
+            prompt = completion = 0
+        server.input_tokens += prompt
+        server.output_tokens += completion
+        if server.pacer is not None:
+            server.pacer.answered(prompt + completion)
+        if self.max_cost is not None and not self.budget_reached:
+            spent = self.cost()
+            in_flight = sum(s.in_flight * self._cost_per_request(s) for s in self.servers)
+            if spent + in_flight + self._cost_per_request(server) > self.max_cost:
+                self.budget_reached = True
+                logger.warning(LOG_BUDGET, self.max_cost, spent, in_flight)
+                if self.on_budget is not None:
+                    self.on_budget("cost budget reached")
+
+    @staticmethod
+    def _cost_per_request(server: Server) -> float:
+        return server.cost / server.pages if server.pages else 0.0
+
+    def all_servers(self) -> list[Server]:
+        return [*self.servers, *self.retired]
+
+    def cost(self) -> float:
+        """Dollars spent so far over every server (0 when no server has a price)."""
+        return sum(s.cost for s in self.all_servers())
+
+    def tokens(self) -> tuple[int, int]:
+        """(input, output) tokens of the answers so far."""
+        servers = self.all_servers()
+        return sum(s.input_tokens for s in servers), sum(s.output_tokens for s in servers)
+
+    def priced(self) -> bool:
+        return any(s.price_in or s.price_out for s in self.all_servers())
+
+    def usage_line(self) -> str:
+        """Tokens and cost so far, and cost per million pages, for the progress line and the final line."""
+        tokens_in, tokens_out = self.tokens()
+        pages = sum(s.pages for s in self.all_servers())
+        line = f"tokens {tokens_in} in / {tokens_out} out"
+        if self.priced():
+            per_million = self.cost() / pages * 1e6 if pages else 0.0
+            line += f", cost ${self.cost():.4f} (${per_million:,.0f} per million pages)"
+        return line
+
     # ------------------------------------------------------------------ visibility
 
     def describe_state(self) -> str:
         """For the progress line: the server's state (one server), or each server's counters."""
+        usage = f"; {self.usage_line()}" if self.priced() else ""  # providers: tokens and cost so far
         if self.single:
             s = self.servers[0]
-            return f"down {time.monotonic() - s.down_since:.0f}s" if s.down_since is not None else s.state
+            return (f"down {time.monotonic() - s.down_since:.0f}s" if s.down_since is not None else str(s.state)) + usage
         up = sum(1 for s in self.servers if s.state == ServerState.UP)
-        return f"{up}/{len(self.servers)} up [" + "; ".join(f"{s.url}: {s.describe()}" for s in self.servers) + "]"
+        return (f"{up}/{len(self.servers)} up [" + "; ".join(f"{s.url}: {s.describe()}" for s in self.servers) + "]"
+                + usage)
 
     async def close(self) -> None:
         tasks = [*self._probers.values(), *self._joining.values(), *self._draining.values()]

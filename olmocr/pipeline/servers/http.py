@@ -24,6 +24,8 @@ IDLE_REUSE_S = 4.0
 class Response:
     status: int
     body: bytes
+    #: The ``Retry-After`` header as sent (seconds or an HTTP date), None without one.
+    retry_after: str | None = None
 
 
 class _Conn:
@@ -189,7 +191,7 @@ class HttpPool:
         else:
             body = await reader.read()
             keep = False
-        return Response(status, body), keep
+        return Response(status, body, hdrs.get("retry-after")), keep
 
     def close(self) -> None:
         while self._idle:
