@@ -81,7 +81,7 @@ def test_mixed_fleet_switch_mid_run_and_cost(tmp_path: Path) -> None:
     """A local server ('olmocr') and a provider-style one (another name, a key from the key file, a price):
     every page written once; the provider switches model mid-run and leaves the rotation; the cost is
     the provider's tokens times its prices."""
-    docs = make_docs(tmp_path, 6, 3)
+    docs = make_docs(tmp_path, 8, 3)
     local = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.3"})
     provider = launch_provider(tmp_path, {"VLLM_API_KEY": KEY, "OLMOCR_STANDIN_LATENCY": "0.3"})
     provider_url = provider.url + PROVIDER_PREFIX
@@ -91,7 +91,9 @@ def test_mixed_fleet_switch_mid_run_and_cost(tmp_path: Path) -> None:
     log = tmp_path / "run.log"
     url = f"{provider_url}#model={PROVIDER_MODEL}&price_in=0.09&price_out=0.19"
     with running_pipeline(tmp_path / "ws", local.url, docs, "--vllm-url", url, "--api_key_file", str(keys),
-                          "--max_page_retries", "1", log=log, stop=[local, provider]) as run:
+                          "--max_page_retries", "1",
+                          # A few requests out at a time, so that pages are still being sent after the switch.
+                          "--max_concurrent_requests", "4", log=log, stop=[local, provider]) as run:
         wait_for(lambda: info(provider)["image_requests_served"] >= 2, 60, "the provider answered pages")
         control(provider, answer_model=OTHER)
         rc = run.wait(120)

@@ -368,10 +368,7 @@ class Runner:
 
     def _server_state(self) -> str:
         """For the progress line, short whatever the number of servers: the server's state, or ``7/8 up``."""
-        if self.fleet.single:
-            return self.fleet.describe_state()
-        up = sum(1 for s in self.fleet.servers if s.state == ServerState.UP)
-        return f"{up}/{len(self.fleet.servers)} up"
+        return self.fleet.describe_state()
 
     def _server_detail(self) -> tuple[str, bool] | None:
         """Each server's counters, a line of its own after the progress line (None with one server), and

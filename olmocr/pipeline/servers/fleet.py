@@ -698,14 +698,14 @@ class Fleet:
     # ------------------------------------------------------------------ visibility
 
     def describe_state(self) -> str:
-        """For the progress line: the server's state (one server), or each server's counters."""
+        """For the progress line: the server's state (one server) or how many are up, and the cost when priced."""
         usage = f"; {self.usage_line()}" if self.priced() else ""  # providers: tokens and cost so far
         if self.single:
             s = self.servers[0]
             return (f"down {time.monotonic() - s.down_since:.0f}s" if s.down_since is not None else str(s.state)) + usage
+        # Short whatever the number of servers: each server's counters go on a line of their own (runner).
         up = sum(1 for s in self.servers if s.state == ServerState.UP)
-        return (f"{up}/{len(self.servers)} up [" + "; ".join(f"{s.url}: {s.describe()}" for s in self.servers) + "]"
-                + usage)
+        return f"{up}/{len(self.servers)} up{usage}"
 
     async def close(self) -> None:
         tasks = [*self._probers.values(), *self._joining.values(), *self._draining.values()]
