@@ -32,9 +32,10 @@ from pathlib import Path
 
 import psutil
 
-from olmocr import __version__, envs
+from olmocr import __version__
 from olmocr.logformat import formatter
 from olmocr.port_owner import port_problem
+from olmocr.server.box_ports import status_port_problem, status_url
 from olmocr.server.command import plan_vllm_flags
 from olmocr.server.drain import manager_stop_budget, stopwaitsecs_for
 from olmocr.server.errors import SettingsError
@@ -47,7 +48,7 @@ from olmocr.server.server_args import (
     settings_from_args,
     vllm_version_or_refuse,
 )
-from olmocr.server.settings import PROGRAM_NAME, ServerSettings, read_api_key
+from olmocr.server.settings import PROGRAM_NAME, ServerSettings, exposure_note, read_api_key
 from olmocr.server.status import fetch_status
 from olmocr.server.supervisor_config import ConfigLayout, render_supervisord_config
 
@@ -302,33 +303,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings.validate()
         slots = settings.server_slots()
         # A taken port is a definite answer: said at once, before anything is written to the run dir.
-        status_port = int(os.environ.get("OLMOCR_STATUS_PORT") or slots[-1].port + 1)
         fix_server = "stop that program or choose another port with --port (OLMOCR_PORT)"
-        checks = [(settings.host, slot.port, "the vLLM server" if len(slots) == 1 else f"vLLM server {i}", fix_server)
-                  for i, slot in enumerate(slots)]
-        checks.append((envs.value("OLMOCR_STATUS_HOST"), status_port, "the status service",
-                       "stop that program or choose another port with OLMOCR_STATUS_PORT"))
-        for host, port, what, fix in checks:
-            if (problem := port_problem(host, port, what, fix)) is not None:
-                log.error("%s", problem)
-                return 2
+        problems = (port_problem(settings.host, slot.port, "the vLLM server" if len(slots) == 1 else f"vLLM server {i}",
+                                 fix_server) for i, slot in enumerate(slots))
+        if (problem := next((p for p in problems if p), None) or status_port_problem(slots)) is not None:
+            log.error("%s", problem)
+            return 2
         # A vLLM that cannot serve olmOCR is refused here, in one line, not in supervisord's retry loop;
         # the answer is cached where the wrapper looks for it (supervisord.conf: <run>/vllm-version.json).
         version = vllm_version_or_refuse(settings.vllm_bin, Path(args.run_dir).resolve() / "run" / "vllm-version.json",
                                          warn=False)
         plan_vllm_flags(settings, version)  # a setting the release cannot honour stops here too
-        read_api_key(settings)  # fail now, not in a restart loop, when the key file is unreadable
+        # fail now, not in a restart loop, when the key file is unreadable or vLLM would be exposed without it
+        exposure = exposure_note(settings, read_api_key(settings))
     except (SettingsError, ValueError) as exc:
         log.error("%s", exc)
         return 2
+    if exposure:
+        log.warning("%s", exposure)
     manager = Manager(settings, Path(args.run_dir).resolve(), args.status_interval, args.startsecs, slots=slots)
     signal.signal(signal.SIGINT, manager.request_stop)
     signal.signal(signal.SIGTERM, manager.request_stop)
     log.info("serving %s as 'olmocr' on %s (health every %g s, at most %d restarts)", settings.model,
              manager.vllm_url, settings.health_interval, settings.max_restart_attempts)
     manager.announce_servers()
-    log.info("status service: http://%s:%s (/metrics, /status, /ws; docs/observability.md)",
-             envs.value("OLMOCR_STATUS_HOST"), status_port)
+    log.info("status service: %s (/metrics, /status, /ws; docs/observability.md)", status_url())
     return manager.run()
 
 

@@ -33,10 +33,11 @@ from supervisor.states import ProcessStates, getProcessStateDescription
 from supervisor.xmlrpc import Faults, RPCError
 
 from olmocr import envs
+from olmocr.server.box_ports import status_port_problem, status_url
 from olmocr.server.errors import SettingsError
 from olmocr.server.expansion import expand_in_supervisord
-from olmocr.server.gpus import ServerSlot, plan_servers
-from olmocr.server.settings import PROGRAM_NAME, ServerSettings
+from olmocr.server.gpus import ServerSlot, plan_servers, port_range_url
+from olmocr.server.settings import PROGRAM_NAME, STATUS_PROGRAM, ServerSettings
 
 API_VERSION = "1.0"
 
@@ -285,8 +286,14 @@ class OlmocrNamespaceRPCInterface:
             settings = ServerSettings.from_env()
         except SettingsError as exc:
             raise RPCError(Faults.FAILED, str(exc)) from None
+        try:
+            status = status_url()
+        except SettingsError:
+            status = None
         return _xmlrpc_safe({"model": settings.model, "port": settings.port, "host": settings.host,
                              "base_url": settings.base_url,
+                             "vllm_url": port_range_url(settings.client_host, self.slots),
+                             "status_url": status,
                              "max_restart_attempts": settings.max_restart_attempts,
                              "health_interval": settings.health_interval})
 
@@ -343,17 +350,29 @@ def make_rpcinterface(supervisord: Any, **config: str) -> OlmocrNamespaceRPCInte
     return OlmocrNamespaceRPCInterface(supervisord, store, slots)
 
 
+def _refuse(supervisord: Any, problem: str) -> ValueError:
+    """supervisord's answer to a ValueError from a factory: ``Error: <line>`` on stderr and exit 2, before it
+    daemonizes or starts any program (``Options.openhttpservers``); the line goes to its log too."""
+    supervisord.options.logger.critical(f"olmocr: {problem}")
+    return ValueError(f"olmocr: {problem}")
+
+
 def _expand_servers(supervisord: Any) -> list[ServerSlot]:
     """One process per server of OLMOCR_GPUS, before supervisord starts any (olmocr/server/expansion.py).
 
-    Bad settings leave the one unexpanded program: its wrapper then exits with the one-line reason,
-    which ``supervisorctl tail vllm`` and the status show."""
+    Settings the box cannot serve (``OLMOCR_GPUS=4`` with fewer GPUs, a status port inside the servers'
+    range or taken) refuse the start in one line, as the foreground manager does: supervisord exits 2
+    before it starts anything, rather than serving something else than was asked."""
     logger = supervisord.options.logger
     try:
         slots = ServerSettings.from_env().server_slots()
+        if getattr(supervisord.options, "first", True) and _runs_status_service(supervisord):
+            # Only on the first start: after a reload (SIGHUP) the stopped status service may still be
+            # releasing its port, and supervisord's restart loop reports a later failure (FATAL).
+            if (problem := status_port_problem(slots)) is not None:
+                raise _refuse(supervisord, problem)
     except SettingsError as exc:
-        logger.error(f"olmocr: {exc}; running one server, which will refuse to start")
-        return plan_servers((), 1, ServerSettings.port)
+        raise _refuse(supervisord, str(exc)) from None
     if not any(getattr(g, "name", None) == PROGRAM_NAME for g in supervisord.options.process_group_configs):
         return slots  # no [program:vllm] here (an include for another layout): nothing to expand
     try:
@@ -364,6 +383,10 @@ def _expand_servers(supervisord: Any) -> list[ServerSlot]:
     except ValueError as exc:
         logger.error(f"olmocr: {exc}")
     return slots
+
+
+def _runs_status_service(supervisord: Any) -> bool:
+    return any(getattr(g, "name", None) == STATUS_PROGRAM for g in supervisord.options.process_group_configs)
 
 
 #: The wait status of the process supervisord reaped last (None once an event has used it).
