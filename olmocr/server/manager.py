@@ -122,6 +122,7 @@ class Manager:
         self.run_dir = run_dir
         self.status_interval = status_interval
         self.stop_requested = False
+        self._status_service_down = False
         self.socket_file = socket_path_for(run_dir)
         # A run directory too long for AF_UNIX puts the socket in a private /tmp directory: ours to remove.
         self._private_socket_dir = (Path(self.socket_file).parent if Path(self.socket_file).parent != run_dir
@@ -184,6 +185,7 @@ class Manager:
                     return 1
                 status = self.poll_status()
                 if status is not None:
+                    self.report_status_service(status.get("status_service") or {})
                     servers = status.get("servers") or []
                     if status["healthy"] and not ready_announced:
                         if len(servers) > 1:
@@ -214,6 +216,20 @@ class Manager:
         finally:
             self.shutdown()
         return exit_code
+
+    def report_status_service(self, service: dict) -> None:
+        """One line when the status service stops running (its port taken since the start, a bad token
+        file...): the URL announced would not answer. Its own last log line names the cause (and the port's
+        owner)."""
+        state = service.get("state")
+        if state not in ("BACKOFF", "EXITED", "FATAL"):
+            self._status_service_down = False
+            return
+        if self._status_service_down:
+            return
+        self._status_service_down = True
+        log.error("the status service (%s) is not running (%s): %s", service.get("url"), state,
+                  last_line(self.run_dir / "logs" / "olmocr-status.log") or "no output")
 
     def poll_status(self) -> dict | None:
         try:
@@ -254,6 +270,17 @@ class Manager:
             except psutil.NoSuchProcess:
                 pass
         log.info("stopped")
+
+
+def last_line(path: Path) -> str | None:
+    """The last non-empty line of a log file (None when it has none)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - 4096))
+            lines = [line.strip() for line in handle.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return None
+    return lines[-1] if lines else None
 
 
 def _terminate_when_parent_dies(parent_pid: int):  # noqa: ANN202 - a preexec_fn

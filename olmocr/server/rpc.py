@@ -23,10 +23,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from supervisor import events
 from supervisor.states import ProcessStates, getProcessStateDescription
@@ -350,11 +351,15 @@ def make_rpcinterface(supervisord: Any, **config: str) -> OlmocrNamespaceRPCInte
     return OlmocrNamespaceRPCInterface(supervisord, store, slots)
 
 
-def _refuse(supervisord: Any, problem: str) -> ValueError:
-    """supervisord's answer to a ValueError from a factory: ``Error: <line>`` on stderr and exit 2, before it
-    daemonizes or starts any program (``Options.openhttpservers``); the line goes to its log too."""
-    supervisord.options.logger.critical(f"olmocr: {problem}")
-    return ValueError(f"olmocr: {problem}")
+def _refuse(supervisord: Any, problem: str) -> NoReturn:
+    """Stop supervisord before it daemonizes or starts any program: ``Error: olmocr: <line>`` on stderr and in
+    its log, exit 2. Not by raising: supervisord turns any exception from a factory into a traceback in its log
+    and "Could not make olmocr rpc interface" on the console, which hides the line."""
+    line = f"olmocr: {problem}"
+    supervisord.options.logger.critical(line)
+    sys.stderr.write(f"Error: {line}\n")
+    sys.stderr.flush()
+    os._exit(2)
 
 
 def _expand_servers(supervisord: Any) -> list[ServerSlot]:
@@ -370,9 +375,9 @@ def _expand_servers(supervisord: Any) -> list[ServerSlot]:
             # Only on the first start: after a reload (SIGHUP) the stopped status service may still be
             # releasing its port, and supervisord's restart loop reports a later failure (FATAL).
             if (problem := status_port_problem(slots)) is not None:
-                raise _refuse(supervisord, problem)
+                _refuse(supervisord, problem)
     except SettingsError as exc:
-        raise _refuse(supervisord, str(exc)) from None
+        _refuse(supervisord, str(exc))
     if not any(getattr(g, "name", None) == PROGRAM_NAME for g in supervisord.options.process_group_configs):
         return slots  # no [program:vllm] here (an include for another layout): nothing to expand
     try:

@@ -181,6 +181,7 @@ def read_snapshot(proxy: Any, program: str, url: str, clock: Callable[[], float]
     except Exception as exc:  # noqa: BLE001 - refused, timeout, Fault: all mean "cannot tell"
         return Snapshot(unreachable_status(url, exc), taken_at=clock())
     status = box_status_from_parts(servers, parts, settings)
+    status["status_service"]["answering"] = True  # it is this service, answering
     # What the status page draws, per server (and for the box when it is one server).
     for entry, (_info, stats) in zip(status["servers"], parts, strict=True):
         entry.update(history_fields(stats))
