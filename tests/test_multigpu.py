@@ -5,14 +5,17 @@ its own, with one status service for the box."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
 import stat
 import subprocess
 import sys
+import time
 
 import aiohttp
+import psutil
 import pytest
 import requests
 
@@ -145,9 +148,29 @@ def test_all_uses_every_gpu_nvidia_smi_lists_in_tensor_parallel_pairs(tmp_path):
 
 
 def run_supervisord(dep: Deployment, *flags: str) -> subprocess.CompletedProcess:
-    """``supervisord -c supervisord.conf`` as a user runs it (daemonizing unless ``-n``), to its exit."""
-    return subprocess.run([sys.executable, "-m", "supervisor.supervisord", *flags, "-c", str(dep.config)],
-                          env=dep.env, cwd=str(dep.dir), capture_output=True, text=True, timeout=60)
+    """``supervisord -c supervisord.conf`` as a user runs it (daemonizing unless ``-n``), to its exit. A
+    supervisord that starts instead (the code under test broken) is stopped with everything it started."""
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", *flags, "-c", str(dep.config)],
+                            env=dep.env, cwd=str(dep.dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        kill_supervisord(dep)
+        out, err = proc.communicate()
+    if proc.returncode == 0:  # it daemonized
+        time.sleep(2)
+        kill_supervisord(dep)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def kill_supervisord(dep: Deployment) -> None:
+    """Every supervisord of ``dep``'s config and what it started: frozen first, so it starts nothing more."""
+    for daemon in [d for d in psutil.process_iter(["cmdline"]) if str(dep.config) in (d.info["cmdline"] or [])]:
+        with contextlib.suppress(psutil.Error):
+            daemon.suspend()
+            for process in [*daemon.children(recursive=True), daemon]:
+                process.kill()
 
 
 @pytest.mark.parametrize("flags", [(), ("-n",)], ids=["daemon", "foreground"])

@@ -328,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["vllm_bin"] = resolve_executable(settings.vllm_bin)
         settings = dataclasses.replace(settings, **overrides)
         settings.validate()
+        # fail now, not in a restart loop, when the key file is unreadable or vLLM would be exposed without it
+        exposure = exposure_note(settings, read_api_key(settings))
         slots = settings.server_slots()
         # A taken port is a definite answer: said at once, before anything is written to the run dir.
         fix_server = "stop that program or choose another port with --port (OLMOCR_PORT)"
@@ -341,8 +343,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         version = vllm_version_or_refuse(settings.vllm_bin, Path(args.run_dir).resolve() / "run" / "vllm-version.json",
                                          warn=False)
         plan_vllm_flags(settings, version)  # a setting the release cannot honour stops here too
-        # fail now, not in a restart loop, when the key file is unreadable or vLLM would be exposed without it
-        exposure = exposure_note(settings, read_api_key(settings))
     except (SettingsError, ValueError) as exc:
         log.error("%s", exc)
         return 2
