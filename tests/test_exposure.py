@@ -61,14 +61,12 @@ def test_the_wrapper_refuses_all_interfaces_without_a_key_in_one_line():
     assert "OLMOCR_TRUSTED_NETWORK=1" in lines[0]
 
 
-def test_the_manager_refuses_all_interfaces_without_a_key_in_one_line(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "olmocr.vllm_server_manager", "--vllm-bin", str(STANDIN_SHIM),
-                           "--host", "0.0.0.0", "--port", str(free_port())],
-                          capture_output=True, text=True, timeout=60, cwd=tmp_path, env=clean_env({}))
-    assert done.returncode == 2
-    errors = [line for line in done.stdout.splitlines() if "ERROR" in line]
-    assert len(errors) == 1 and REFUSAL.format(host="0.0.0.0") in errors[0], done.stdout
-    assert not (tmp_path / "olmocr-server-run").exists()  # refused before anything was written
+def test_the_manager_refuses_all_interfaces_without_a_key_in_one_line(manager_run):
+    run = manager_run("--host", "0.0.0.0")
+    assert run.proc.wait(timeout=60) == 2
+    errors = [line for line in run.output().splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and REFUSAL.format(host="0.0.0.0") in errors[0], run.output()
+    assert not (run.dir / "olmocr-server-run").exists()  # refused before anything was written
 
 
 @pytest.mark.integration
