@@ -25,3 +25,17 @@ def test_a_closed_pipe_ends_it_quietly(tmp_path):
     assert done.returncode == 0
     assert json.loads(done.stdout)["healthy"] is False
     assert done.stderr == "", done.stderr
+
+
+def test_the_table_names_the_vllm_url_and_a_status_service_that_does_not_answer():
+    from olmocr.server.status import format_table, status_service_entry
+
+    service = status_service_entry({"status_url": "http://127.0.0.1:29999",
+                                    "status_service_info": {"statename": "FATAL", "spawnerr": "Exited too quickly",
+                                                            "stdout_logfile": "/srv/logs/olmocr-status.log"}})
+    table = format_table({"healthy": True, "model": "m", "vllm_url": "http://127.0.0.1:30024-30025",
+                          "status_service": service, "servers": [{"healthy": True, "url": "http://127.0.0.1:30024"}]})
+    lines = table.splitlines()
+    assert lines[1] == "pipeline: --vllm-url http://127.0.0.1:30024-30025"
+    assert lines[2] == ("status service: http://127.0.0.1:29999  NOT ANSWERING: the status service is FATAL "
+                        "(Exited too quickly): see /srv/logs/olmocr-status.log")
