@@ -148,3 +148,20 @@ def _bind(sock: socket.socket, port: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_a_taken_status_port_stops_the_manager_in_one_line_with_its_owner(manager_run, monkeypatch):
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    monkeypatch.setenv("OLMOCR_STATUS_PORT", str(port))  # the manager's environment (tests/manager_helpers.py)
+    try:
+        run = manager_run()
+        assert run.proc.wait(timeout=60) == 2
+        errors = [line for line in run.lines if "ERROR" in line]
+        assert len(errors) == 1, run.output()
+        assert (f"port {port} on 127.0.0.1 (the status service) is already in use by pid {os.getpid()} ("
+                in errors[0]) and errors[0].endswith("choose another port with OLMOCR_STATUS_PORT"), errors[0]
+    finally:
+        holder.close()
