@@ -37,11 +37,11 @@ ENV HOME=/home/olmocr \
 USER 10001:10001
 WORKDIR /home/olmocr
 VOLUME ["/models"]
-EXPOSE 30024 30025
+EXPOSE 30024 29999
 
 # vLLM's own /health stays 200 on a hung engine: the image's health check is the status service's probe.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30m --retries=3 \
-    CMD ["python3", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:30025/livez', timeout=8).status != 200)"]
+    CMD ["python3", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:29999/livez', timeout=8).status != 200)"]
 
 ENTRYPOINT ["tini", "--", "python3", "-m", "olmocr.vllm_server_manager", "--run-dir=/run/olmocr", "--log-file=/run/olmocr/manager.log"]
 CMD []

@@ -76,7 +76,7 @@ class Box:
         env.update({"OLMOCR_STANDIN_LATENCY": str(LATENCY), "OLMOCR_STANDIN_CONCURRENCY": str(CONCURRENCY),
                     "OLMOCR_STANDIN_OUTPUT_TOKENS": "750", "OLMOCR_PYTHON": sys.executable,
                     "CUDA_VISIBLE_DEVICES": ""})
-        env.pop("OLMOCR_STATUS_PORT", None)  # the default: the first port after the servers
+        env["OLMOCR_STATUS_PORT"] = str(self.status_port)  # beside the servers (the default is one fixed port)
         run_dir = tmp / f"box-{tag}"
         run_dir.mkdir(parents=True)
         self.proc = ProcGroup([sys.executable, "-m", "olmocr.vllm_server_manager", "--gpus",

@@ -29,9 +29,14 @@ from olmocr.errors import OlmocrError
 SERVED_MODEL_NAME = "olmocr"
 DEFAULT_MODEL = "allenai/olmOCR-7B-0825-FP8"
 DEFAULT_PORT = 30024
-DEFAULT_STATUS_PORT = 30025
-#: olmocr-service (documents over HTTP): clear of the servers' 30024+ block and the status port after it.
-DEFAULT_SERVICE_PORT = 30090
+#: The status service's one port on every box, whatever its GPU count. Below ``DEFAULT_PORT``, so no server
+#: range (``OLMOCR_PORT + i``, upwards) from the default port can reach it; not 30000 (SGLang's default, which
+#: upstream olmOCR once used); below Linux's ephemeral range (32768+), so no outgoing connection takes it.
+#: The Dockerfile, deploy/ and the docs name it; tests/test_status_port.py holds them to it.
+DEFAULT_STATUS_PORT = 29999
+#: olmocr-service (documents over HTTP): below the servers' block like the status port, so no server range
+#: reaches it either.
+DEFAULT_SERVICE_PORT = 29998
 DEFAULT_MAX_MODEL_LEN = 16384
 #: Seconds "connection refused" counts as "still loading" (vLLM opens its port only once the model is loaded).
 DEFAULT_STARTUP_TIMEOUT_S = 600.0
@@ -70,7 +75,11 @@ REGISTRY: tuple[Setting, ...] = (
        "without GPU), a count `N`, or a list `0,1,3` (manager and internal mode: `--gpus`)", SERVER, "gpus"),
     _s("OLMOCR_PORT", int, DEFAULT_PORT, "port of the (first) server; server i of a box listens on "
        "`OLMOCR_PORT + i`", SERVER, "port"),
-    _s("OLMOCR_HOST", str, "127.0.0.1", "bind address; set 0.0.0.0 only on purpose, with an API key", SERVER, "host"),
+    _s("OLMOCR_HOST", str, "127.0.0.1", "bind address; any other than loopback needs an API key "
+       "(`OLMOCR_API_KEY_FILE` or `VLLM_API_KEY`) or `OLMOCR_TRUSTED_NETWORK=1`", SERVER, "host"),
+    _s("OLMOCR_TRUSTED_NETWORK", int, 0, "1: the network beyond loopback is firewalled, so vLLM may listen there "
+       "without an API key (said in one line at every start); 0: such a server refuses to start", SERVER,
+       "trusted_network"),
     _s("OLMOCR_TENSOR_PARALLEL_SIZE", int, 1, "vLLM `--tensor-parallel-size`", SERVER, "tensor_parallel_size"),
     _s("OLMOCR_DATA_PARALLEL_SIZE", int, 1, "vLLM `--data-parallel-size`", SERVER, "data_parallel_size"),
     _s("OLMOCR_GPU_MEMORY_UTILIZATION", float, None, "vLLM `--gpu-memory-utilization`; omitted unless set", SERVER,
@@ -122,9 +131,9 @@ REGISTRY: tuple[Setting, ...] = (
     # ---- the status service
     _s("OLMOCR_STATUS_HOST", str, "127.0.0.1", "status service address; any other than loopback needs a token",
        STATUS, "host"),
-    _s("OLMOCR_STATUS_PORT", int, DEFAULT_STATUS_PORT, "status service port; unset, the port after the box's "
-       "servers (`OLMOCR_PORT` + number of servers: 30025 with one server on 30024). Pin it when Prometheus "
-       "scrapes boxes with different GPU counts", STATUS, "port", shown_default="`OLMOCR_PORT` + servers"),
+    _s("OLMOCR_STATUS_PORT", int, DEFAULT_STATUS_PORT, "status service port, the same on every box however many "
+       "servers it runs (below the servers' `OLMOCR_PORT + i`); a port inside the servers' range is refused",
+       STATUS, "port"),
     _s("OLMOCR_STATUS_POLL_INTERVAL", float, 1.0, "seconds between readings of supervisord", STATUS,
        "poll_interval"),
     _s("OLMOCR_STATUS_PUSH_INTERVAL", float, 5.0, "WebSocket heartbeat: the state is pushed at least this often",

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import socket
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
+from olmocr.port_owner import listening_pids
 from olmocr.server.manager import READY_MESSAGE
 from tests.deployment_helpers import live, wait_for
 
@@ -102,3 +108,60 @@ def test_a_run_dir_too_long_for_a_unix_socket_leaves_no_socket_dir_behind(manage
     run.proc.send_signal(signal.SIGTERM)
     assert run.proc.wait(timeout=90) == 0
     assert not made[0].exists()
+
+
+def test_a_status_service_that_cannot_listen_is_named_with_the_owner_of_its_port(manager_run):
+    """Its port taken after the start (the start itself refuses a taken port): the manager says so in one line
+    with the port's owner, and olmocr-server-status says the service is not answering."""
+    run = manager_run()
+    wait_for(lambda: READY_MESSAGE in run.lines, 40, "ready message")
+    url = wait_for(lambda: run.status_lines(), 15, "a status line")[-1]["status_service"]["url"]
+    port = int(url.rsplit(":", 1)[1])
+    holder = socket.socket()
+    try:
+        (service,) = listening_pids(port)
+        os.kill(service, signal.SIGKILL)
+        wait_for(lambda: _bind(holder, port), 5, "the status port, before supervisord restarts the service")
+        holder.listen()
+        line = wait_for(lambda: [x for x in run.lines if "the status service" in x and "is not running" in x],
+                        60, "the manager's line")[0]
+        assert f"({url})" in line and f"cannot listen on 127.0.0.1:{port}" in line, line
+        assert f"held by pid {os.getpid()} (" in line, line
+        config = run.dir / "olmocr-server-run" / "supervisord.conf"
+
+        def service() -> dict:
+            script = subprocess.run([sys.executable, "-m", "olmocr.server.status", "-c", str(config)],
+                                    capture_output=True, text=True, timeout=30)
+            return json.loads(script.stdout)["status_service"]
+
+        status = wait_for(lambda: (lambda s: s if s["state"] == "FATAL" else None)(service()), 60,
+                          "supervisord to give the status service up")
+        assert status["url"] == url and status["answering"] is False, status
+        assert status["error"].startswith("the status service is FATAL"), status
+    finally:
+        holder.close()
+
+
+def _bind(sock: socket.socket, port: int) -> bool:
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        return False
+    return True
+
+
+def test_a_taken_status_port_stops_the_manager_in_one_line_with_its_owner(manager_run, monkeypatch):
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    monkeypatch.setenv("OLMOCR_STATUS_PORT", str(port))  # the manager's environment (tests/manager_helpers.py)
+    try:
+        run = manager_run()
+        assert run.proc.wait(timeout=60) == 2
+        errors = [line for line in run.lines if "ERROR" in line]
+        assert len(errors) == 1, run.output()
+        assert (f"port {port} on 127.0.0.1 (the status service) is already in use by pid {os.getpid()} ("
+                in errors[0]) and errors[0].endswith("choose another port with OLMOCR_STATUS_PORT"), errors[0]
+    finally:
+        holder.close()

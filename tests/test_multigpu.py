@@ -5,14 +5,21 @@ its own, with one status service for the box."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import socket
 import stat
+import subprocess
+import sys
+import time
 
 import aiohttp
+import psutil
 import pytest
 import requests
 
+from olmocr.port_owner import port_taken
 from tests.deployment_helpers import Deployment, wait_for
 from tests.metrics_helpers import parse_metrics
 from tests.standin_helpers import free_port_run
@@ -140,11 +147,80 @@ def test_all_uses_every_gpu_nvidia_smi_lists_in_tensor_parallel_pairs(tmp_path):
         dep.cleanup()
 
 
-def test_a_bad_gpu_list_is_one_line_in_the_server_log():
-    dep = Deployment(env={"OLMOCR_GPUS": "0,0"})
+def run_supervisord(dep: Deployment, *flags: str) -> subprocess.CompletedProcess:
+    """``supervisord -c supervisord.conf`` as a user runs it (daemonizing unless ``-n``), to its exit. A
+    supervisord that starts instead (the code under test broken) is stopped with everything it started."""
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", *flags, "-c", str(dep.config)],
+                            env=dep.env, cwd=str(dep.dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     try:
-        dep.start()
-        wait_for(lambda: "lists GPU 0 twice" in dep.log_text("vllm"), 30, "the reason in the log")
-        assert "Traceback" not in dep.log_text("vllm")
+        out, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        kill_supervisord(dep)
+        out, err = proc.communicate()
+    if proc.returncode == 0:  # it daemonized
+        time.sleep(2)
+        kill_supervisord(dep)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def kill_supervisord(dep: Deployment) -> None:
+    """Every supervisord of ``dep``'s config and what it started: frozen first, so it starts nothing more."""
+    for daemon in [d for d in psutil.process_iter(["cmdline"]) if str(dep.config) in (d.info["cmdline"] or [])]:
+        with contextlib.suppress(psutil.Error):
+            daemon.suspend()
+            for process in [*daemon.children(recursive=True), daemon]:
+                process.kill()
+
+
+@pytest.mark.parametrize("flags", [(), ("-n",)], ids=["daemon", "foreground"])
+@pytest.mark.parametrize("gpus, visible, reason", [
+    ("4", "0", "OLMOCR_GPUS=4 but only 1 GPU(s) are visible (0): lower it or use 'all'"),
+    ("0,0", "", "OLMOCR_GPUS='0,0' lists GPU 0 twice"),
+])
+def test_supervisord_refuses_what_the_box_cannot_serve_in_one_line(flags, gpus, visible, reason):
+    """As the foreground manager does: one line, exit 2, nothing started (it used to start one server on the
+    default port while the listener and status service watched another)."""
+    dep = Deployment(env={"OLMOCR_GPUS": gpus, "CUDA_VISIBLE_DEVICES": visible})
+    try:
+        done = run_supervisord(dep, *flags)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert done.stderr.strip() == f"Error: olmocr: {reason}", done.stderr
+        assert "Traceback" not in dep.log_text("supervisord")
+        assert not (dep.dir / "run" / "supervisord.pid").exists()
+        assert not list((dep.dir / "logs").glob("vllm*")) and not list((dep.dir / "logs").glob("olmocr-status*"))
+        assert not port_taken("127.0.0.1", dep.port)
+    finally:
+        dep.cleanup()
+
+
+def test_supervisord_names_a_taken_status_port_and_its_owner():
+    dep = Deployment()
+    holder = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", dep.status_port))
+        holder.listen()
+        done = run_supervisord(dep)
+        assert done.returncode == 2, done.stdout + done.stderr
+        line = done.stderr.strip()
+        assert "\n" not in line and line.startswith(f"Error: olmocr: port {dep.status_port} on 127.0.0.1 (the status "
+                                                    f"service) is already in use by pid {os.getpid()} ("), line
+        assert line.endswith("stop that program or choose another port with OLMOCR_STATUS_PORT"), line
+        assert not port_taken("127.0.0.1", dep.port)  # no server was started
+    finally:
+        holder.close()
+        dep.cleanup()
+
+
+def test_the_status_port_inside_the_servers_range_is_refused():
+    base = free_port_run(2)
+    dep = Deployment(env={"CUDA_VISIBLE_DEVICES": "0,1", "OLMOCR_PORT": str(base),
+                          "OLMOCR_STATUS_PORT": str(base + 1)})
+    try:
+        done = run_supervisord(dep)
+        assert done.returncode == 2
+        assert done.stderr.strip() == (f"Error: olmocr: OLMOCR_STATUS_PORT={base + 1} is a vLLM server's port (the "
+                                       f"servers use {base}-{base + 1}): unset it (default 29999) or choose a port "
+                                       "outside the servers' range"), done.stderr
     finally:
         dep.cleanup()

@@ -13,6 +13,7 @@ import pytest
 import requests
 import yaml
 
+from olmocr import envs
 from tests.deployment_helpers import Deployment, wait_for
 from tests.metrics_helpers import exported_names
 from tests.standin_helpers import REPO_ROOT, free_port
@@ -35,7 +36,7 @@ def test_rules_are_well_formed_and_use_only_exported_metrics():
     config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
     assert config["rule_files"] == ["olmocr-alerts.yml"]
     jobs = {job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]}
-    assert jobs["olmocr-status"] == ["127.0.0.1:30025"]  # the status service's default address
+    assert jobs["olmocr-status"] == [f"127.0.0.1:{envs.DEFAULT_STATUS_PORT}"]  # the status service's one port
 
 
 def test_promtool_accepts_the_config_and_the_rules():
@@ -60,7 +61,7 @@ def test_real_prometheus_scrapes_the_status_service_and_a_kill_fires_the_restart
     dep = Deployment().start()
     prom_port = free_port()
     config = (PROM_DIR / "prometheus.yml").read_text()
-    config = config.replace('"127.0.0.1:30025"', f'"127.0.0.1:{dep.status_port}"')
+    config = config.replace(f'"127.0.0.1:{envs.DEFAULT_STATUS_PORT}"', f'"127.0.0.1:{dep.status_port}"')
     config = config.replace("scrape_interval: 15s", "scrape_interval: 1s").replace("evaluation_interval: 15s",
                                                                                    "evaluation_interval: 1s")
     (tmp_path / "prometheus.yml").write_text(config)

@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 import requests
 
+from olmocr import envs
 from olmocr.endpoints import check_exposure, is_loopback
 from olmocr.server.errors import EndpointConfigError
 from olmocr.server.health import kill_category
@@ -338,7 +339,7 @@ def test_kills_are_counted_by_reason_and_persisted(tmp_path):
 
 
 def test_settings_from_environment_with_clear_errors(tmp_path):
-    assert ServiceSettings.from_env({}).port == 30025
+    assert ServiceSettings.from_env({}).port == envs.DEFAULT_STATUS_PORT == 29999
     assert ServiceSettings.from_env({"OLMOCR_STATUS_PORT": "31000"}).port == 31000
     with pytest.raises(EndpointConfigError, match="OLMOCR_STATUS_PORT='x' is not an integer"):
         ServiceSettings.from_env({"OLMOCR_STATUS_PORT": "x"})

@@ -86,10 +86,11 @@ def test_terminal_gets_a_table_and_a_pipe_gets_the_seed_json(deployments):
     # Piped: the JSON, fields unchanged.
     piped = dep.run_status_script()
     assert piped.returncode == 0
-    assert list(json.loads(piped.stdout)) == [*SEED_FIELDS, "servers"]  # the seed's, plus the box's servers
+    # the seed's, plus the box's servers, its one --vllm-url and its status service
+    assert list(json.loads(piped.stdout)) == [*SEED_FIELDS, "servers", "vllm_url", "status_service"]
     # --json on a terminal too.
     rc, out = run_on_terminal([*args, "--json"], dep.env)
-    assert rc == 0 and list(json.loads(out)) == [*SEED_FIELDS, "servers"]
+    assert rc == 0 and list(json.loads(out)) == [*SEED_FIELDS, "servers", "vllm_url", "status_service"]
     # Unreachable: one line, exit 2.
     rc, out = run_on_terminal(["--server-url", f"unix://{dep.dir}/nothing.sock"], dep.env)
     assert rc == 2 and out.startswith("olmocr deployment: UNREACHABLE\n  supervisord unreachable at"), out

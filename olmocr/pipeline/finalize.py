@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from olmocr import __version__
+
 FINISHED = 0
 UNFINISHED = 1
 UNREADABLE = 2
@@ -60,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m olmocr.pipeline.finalize",
                                      description="Report a workspace's final state; exit 0 only when all work "
                                                  "is done and nothing failed that a rerun could fix.")
+    parser.add_argument("--version", action="version", version=f"olmocr-serve {__version__}")
     parser.add_argument("workspace", help="local directory or s3://bucket/prefix")
     parser.add_argument("--workspace_profile", default=None, help="AWS profile for an s3:// workspace")
     parser.add_argument("--json", action="store_true", help="print the stats as JSON instead of the summary")

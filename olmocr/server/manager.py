@@ -32,9 +32,10 @@ from pathlib import Path
 
 import psutil
 
-from olmocr import __version__, envs
+from olmocr import __version__
 from olmocr.logformat import formatter
 from olmocr.port_owner import port_problem
+from olmocr.server.box_ports import status_port_problem, status_url
 from olmocr.server.command import plan_vllm_flags
 from olmocr.server.drain import manager_stop_budget, stopwaitsecs_for
 from olmocr.server.errors import SettingsError
@@ -47,7 +48,7 @@ from olmocr.server.server_args import (
     settings_from_args,
     vllm_version_or_refuse,
 )
-from olmocr.server.settings import PROGRAM_NAME, ServerSettings, read_api_key
+from olmocr.server.settings import PROGRAM_NAME, ServerSettings, exposure_note, read_api_key
 from olmocr.server.status import fetch_status
 from olmocr.server.supervisor_config import ConfigLayout, render_supervisord_config
 
@@ -121,6 +122,7 @@ class Manager:
         self.run_dir = run_dir
         self.status_interval = status_interval
         self.stop_requested = False
+        self._status_service_down = False
         self.socket_file = socket_path_for(run_dir)
         # A run directory too long for AF_UNIX puts the socket in a private /tmp directory: ours to remove.
         self._private_socket_dir = (Path(self.socket_file).parent if Path(self.socket_file).parent != run_dir
@@ -183,6 +185,7 @@ class Manager:
                     return 1
                 status = self.poll_status()
                 if status is not None:
+                    self.report_status_service(status.get("status_service") or {})
                     servers = status.get("servers") or []
                     if status["healthy"] and not ready_announced:
                         if len(servers) > 1:
@@ -213,6 +216,20 @@ class Manager:
         finally:
             self.shutdown()
         return exit_code
+
+    def report_status_service(self, service: dict) -> None:
+        """One line when the status service stops running (its port taken since the start, a bad token
+        file...): the URL announced would not answer. Its own last log line names the cause (and the port's
+        owner)."""
+        state = service.get("state")
+        if state not in ("BACKOFF", "EXITED", "FATAL"):
+            self._status_service_down = False
+            return
+        if self._status_service_down:
+            return
+        self._status_service_down = True
+        log.error("the status service (%s) is not running (%s): %s", service.get("url"), state,
+                  last_line(self.run_dir / "logs" / "olmocr-status.log") or "no output")
 
     def poll_status(self) -> dict | None:
         try:
@@ -253,6 +270,17 @@ class Manager:
             except psutil.NoSuchProcess:
                 pass
         log.info("stopped")
+
+
+def last_line(path: Path) -> str | None:
+    """The last non-empty line of a log file (None when it has none)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - 4096))
+            lines = [line.strip() for line in handle.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return None
+    return lines[-1] if lines else None
 
 
 def _terminate_when_parent_dies(parent_pid: int):  # noqa: ANN202 - a preexec_fn
@@ -300,35 +328,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["vllm_bin"] = resolve_executable(settings.vllm_bin)
         settings = dataclasses.replace(settings, **overrides)
         settings.validate()
+        # fail now, not in a restart loop, when the key file is unreadable or vLLM would be exposed without it
+        exposure = exposure_note(settings, read_api_key(settings))
         slots = settings.server_slots()
         # A taken port is a definite answer: said at once, before anything is written to the run dir.
-        status_port = int(os.environ.get("OLMOCR_STATUS_PORT") or slots[-1].port + 1)
         fix_server = "stop that program or choose another port with --port (OLMOCR_PORT)"
-        checks = [(settings.host, slot.port, "the vLLM server" if len(slots) == 1 else f"vLLM server {i}", fix_server)
-                  for i, slot in enumerate(slots)]
-        checks.append((envs.value("OLMOCR_STATUS_HOST"), status_port, "the status service",
-                       "stop that program or choose another port with OLMOCR_STATUS_PORT"))
-        for host, port, what, fix in checks:
-            if (problem := port_problem(host, port, what, fix)) is not None:
-                log.error("%s", problem)
-                return 2
+        problems = (port_problem(settings.host, slot.port, "the vLLM server" if len(slots) == 1 else f"vLLM server {i}",
+                                 fix_server) for i, slot in enumerate(slots))
+        if (problem := next((p for p in problems if p), None) or status_port_problem(slots)) is not None:
+            log.error("%s", problem)
+            return 2
         # A vLLM that cannot serve olmOCR is refused here, in one line, not in supervisord's retry loop;
         # the answer is cached where the wrapper looks for it (supervisord.conf: <run>/vllm-version.json).
         version = vllm_version_or_refuse(settings.vllm_bin, Path(args.run_dir).resolve() / "run" / "vllm-version.json",
                                          warn=False)
         plan_vllm_flags(settings, version)  # a setting the release cannot honour stops here too
-        read_api_key(settings)  # fail now, not in a restart loop, when the key file is unreadable
     except (SettingsError, ValueError) as exc:
         log.error("%s", exc)
         return 2
+    if exposure:
+        log.warning("%s", exposure)
     manager = Manager(settings, Path(args.run_dir).resolve(), args.status_interval, args.startsecs, slots=slots)
     signal.signal(signal.SIGINT, manager.request_stop)
     signal.signal(signal.SIGTERM, manager.request_stop)
     log.info("serving %s as 'olmocr' on %s (health every %g s, at most %d restarts)", settings.model,
              manager.vllm_url, settings.health_interval, settings.max_restart_attempts)
     manager.announce_servers()
-    log.info("status service: http://%s:%s (/metrics, /status, /ws; docs/observability.md)",
-             envs.value("OLMOCR_STATUS_HOST"), status_port)
+    log.info("status service: %s (/metrics, /status, /ws; docs/observability.md)", status_url())
     return manager.run()
 
 

@@ -23,20 +23,22 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from supervisor import events
 from supervisor.states import ProcessStates, getProcessStateDescription
 from supervisor.xmlrpc import Faults, RPCError
 
 from olmocr import envs
+from olmocr.server.box_ports import status_port_problem, status_url
 from olmocr.server.errors import SettingsError
 from olmocr.server.expansion import expand_in_supervisord
-from olmocr.server.gpus import ServerSlot, plan_servers
-from olmocr.server.settings import PROGRAM_NAME, ServerSettings
+from olmocr.server.gpus import ServerSlot, plan_servers, port_range_url
+from olmocr.server.settings import PROGRAM_NAME, STATUS_PROGRAM, ServerSettings
 
 API_VERSION = "1.0"
 
@@ -285,8 +287,14 @@ class OlmocrNamespaceRPCInterface:
             settings = ServerSettings.from_env()
         except SettingsError as exc:
             raise RPCError(Faults.FAILED, str(exc)) from None
+        try:
+            status = status_url()
+        except SettingsError:
+            status = None
         return _xmlrpc_safe({"model": settings.model, "port": settings.port, "host": settings.host,
                              "base_url": settings.base_url,
+                             "vllm_url": port_range_url(settings.client_host, self.slots),
+                             "status_url": status,
                              "max_restart_attempts": settings.max_restart_attempts,
                              "health_interval": settings.health_interval})
 
@@ -343,17 +351,33 @@ def make_rpcinterface(supervisord: Any, **config: str) -> OlmocrNamespaceRPCInte
     return OlmocrNamespaceRPCInterface(supervisord, store, slots)
 
 
+def _refuse(supervisord: Any, problem: str) -> NoReturn:
+    """Stop supervisord before it daemonizes or starts any program: ``Error: olmocr: <line>`` on stderr and in
+    its log, exit 2. Not by raising: supervisord turns any exception from a factory into a traceback in its log
+    and "Could not make olmocr rpc interface" on the console, which hides the line."""
+    line = f"olmocr: {problem}"
+    supervisord.options.logger.critical(line)
+    sys.stderr.write(f"Error: {line}\n")
+    sys.stderr.flush()
+    os._exit(2)
+
+
 def _expand_servers(supervisord: Any) -> list[ServerSlot]:
     """One process per server of OLMOCR_GPUS, before supervisord starts any (olmocr/server/expansion.py).
 
-    Bad settings leave the one unexpanded program: its wrapper then exits with the one-line reason,
-    which ``supervisorctl tail vllm`` and the status show."""
+    Settings the box cannot serve (``OLMOCR_GPUS=4`` with fewer GPUs, a status port inside the servers'
+    range or taken) refuse the start in one line, as the foreground manager does: supervisord exits 2
+    before it starts anything, rather than serving something else than was asked."""
     logger = supervisord.options.logger
     try:
         slots = ServerSettings.from_env().server_slots()
+        if getattr(supervisord.options, "first", True) and _runs_status_service(supervisord):
+            # Only on the first start: after a reload (SIGHUP) the stopped status service may still be
+            # releasing its port, and supervisord's restart loop reports a later failure (FATAL).
+            if (problem := status_port_problem(slots)) is not None:
+                _refuse(supervisord, problem)
     except SettingsError as exc:
-        logger.error(f"olmocr: {exc}; running one server, which will refuse to start")
-        return plan_servers((), 1, ServerSettings.port)
+        _refuse(supervisord, str(exc))
     if not any(getattr(g, "name", None) == PROGRAM_NAME for g in supervisord.options.process_group_configs):
         return slots  # no [program:vllm] here (an include for another layout): nothing to expand
     try:
@@ -364,6 +388,10 @@ def _expand_servers(supervisord: Any) -> list[ServerSlot]:
     except ValueError as exc:
         logger.error(f"olmocr: {exc}")
     return slots
+
+
+def _runs_status_service(supervisord: Any) -> bool:
+    return any(getattr(g, "name", None) == STATUS_PROGRAM for g in supervisord.options.process_group_configs)
 
 
 #: The wait status of the process supervisord reaped last (None once an event has used it).

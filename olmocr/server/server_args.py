@@ -29,7 +29,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"model path or Hugging Face id (default {DEFAULT_MODEL}, env OLMOCR_MODEL)")
     parser.add_argument("--port", type=int, default=None, help=f"HTTP port (default {envs.DEFAULT_PORT}, env OLMOCR_PORT)")
     parser.add_argument("--host", default=None,
-                        help="bind address (default 127.0.0.1; 0.0.0.0 exposes the API to the network)")
+                        help="bind address (default 127.0.0.1, env OLMOCR_HOST); any other needs an API key "
+                             "(OLMOCR_API_KEY_FILE or VLLM_API_KEY) or OLMOCR_TRUSTED_NETWORK=1")
     parser.add_argument("--tensor-parallel-size", type=int, default=None, help="default 1")
     parser.add_argument("--data-parallel-size", type=int, default=None, help="default 1")
     parser.add_argument("--gpu-memory-utilization", type=float, default=None,

@@ -20,6 +20,8 @@ from olmocr.server.gpus import ServerSlot, detect_gpus, parse_gpus, plan_servers
 DEFAULT_MODEL = envs.DEFAULT_MODEL
 SERVED_MODEL_NAME = envs.SERVED_MODEL_NAME
 PROGRAM_NAME = "vllm"
+#: supervisord's program name of the status service (supervisor_config.py).
+STATUS_PROGRAM = "olmocr-status"
 
 
 def _d(name: str) -> object:
@@ -63,6 +65,8 @@ class ServerSettings:
     # Which GPUs the box serves on: "all", a count or a list (olmocr/server/gpus.py); one server per
     # tensor_parallel_size x data_parallel_size of them, on consecutive ports from ``port``.
     gpus: str = _d("OLMOCR_GPUS")
+    # 1: vLLM may listen beyond loopback without an API key (a firewalled network; olmocr/endpoints.py).
+    trusted_network: int = _d("OLMOCR_TRUSTED_NETWORK")
 
     @property
     def client_host(self) -> str:
@@ -126,6 +130,8 @@ class ServerSettings:
             raise SettingsError(f"scheduling policy {self.scheduling_policy!r} is not fcfs or priority "
                                 "(OLMOCR_SCHEDULING_POLICY / --scheduling-policy)")
         parse_gpus(self.gpus)
+        if self.trusted_network not in (0, 1):
+            raise SettingsError(f"OLMOCR_TRUSTED_NETWORK={self.trusted_network} must be 0 or 1")
         if self.max_restart_attempts < 0 or self.restart_delay < 0:
             raise SettingsError("max restart attempts and restart delay must not be negative")
 
@@ -139,6 +145,14 @@ def _parse(field_name: str, env_name: str, raw: str) -> object:
         return envs.parse(envs.get(env_name), raw)
     except envs.SettingValueError as exc:
         raise SettingsError(str(exc)) from None
+
+
+def exposure_note(settings: ServerSettings, api_key: str | None) -> str | None:
+    """The exposure policy (olmocr/endpoints.py) for this server and key: :class:`SettingsError` when it
+    would listen beyond loopback without a key, the one line to log on a trusted network, else None."""
+    from olmocr.endpoints import check_vllm_exposure
+
+    return check_vllm_exposure(settings.host, bool(api_key), bool(settings.trusted_network))
 
 
 def read_api_key(settings: ServerSettings, env: Mapping[str, str] | None = None) -> str | None:

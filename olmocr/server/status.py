@@ -24,7 +24,7 @@ from typing import Any
 
 from olmocr import __version__
 from olmocr.server.rpcclient import connect
-from olmocr.server.settings import PROGRAM_NAME
+from olmocr.server.settings import PROGRAM_NAME, STATUS_PROGRAM
 
 EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_UNREACHABLE = 0, 1, 2
 
@@ -161,11 +161,14 @@ def fetch_box_parts(proxy: Any, program: str = PROGRAM_NAME) -> tuple[list[dict]
     for server in servers:
         calls += [{"methodName": "supervisor.getProcessInfo", "params": [server["rpc_name"]]},
                   {"methodName": "olmocr.getProcessStats", "params": [server["name"]]}]
-    results = proxy.system.multicall(calls)
+    calls.append({"methodName": "supervisor.getProcessInfo", "params": [STATUS_PROGRAM]})
+    *results, service = proxy.system.multicall(calls)
     for result in results:
         if isinstance(result, dict) and "faultCode" in result and "faultString" in result:
             raise xmlrpc.client.Fault(result["faultCode"], result["faultString"])
-    settings = results[0]
+    settings = dict(results[0])
+    if not (isinstance(service, dict) and "faultCode" in service):  # a layout without the status service
+        settings["status_service_info"] = service
     parts = [(results[1 + 2 * i], results[2 + 2 * i]) for i in range(len(servers))]
     for server in servers:
         server.setdefault("port", settings.get("port"))
@@ -174,8 +177,43 @@ def fetch_box_parts(proxy: Any, program: str = PROGRAM_NAME) -> tuple[list[dict]
 
 
 def box_status_from_parts(servers: list[dict], parts: list[tuple[dict, dict]], settings: dict) -> dict:
-    return build_box_status([server_entry(server, info, stats, settings)
-                             for server, (info, stats) in zip(servers, parts, strict=True)])
+    status = build_box_status([server_entry(server, info, stats, settings)
+                               for server, (info, stats) in zip(servers, parts, strict=True)])
+    status["vllm_url"] = settings.get("vllm_url")
+    status["status_service"] = status_service_entry(settings)
+    return status
+
+
+def status_service_entry(settings: Mapping[str, Any]) -> dict:
+    """The status service's address and supervisord state (pure): ``FATAL`` when it could not start."""
+    info = settings.get("status_service_info") or {}
+    entry = {"url": settings.get("status_url"), "state": info.get("statename")}
+    if info.get("statename") not in (None, "RUNNING", "STARTING"):
+        entry["error"] = (f"the status service is {info['statename']}"
+                          + (f" ({info['spawnerr']})" if info.get("spawnerr") else "")
+                          + f": see {info.get('stdout_logfile') or 'logs/olmocr-status.log'}")
+    return entry
+
+
+def check_status_service(entry: dict, timeout: float = 2.0) -> dict:
+    """``entry`` with ``answering``: whether ``GET /livez`` answers at its URL (any HTTP status counts: a
+    503 is the service answering), and ``error`` when it does not."""
+    import urllib.error
+    import urllib.request
+
+    if not entry.get("url"):
+        return entry
+    try:
+        with urllib.request.urlopen(f"{entry['url']}/livez", timeout=timeout):
+            pass
+        entry["answering"] = True
+    except urllib.error.HTTPError:
+        entry["answering"] = True
+    except (OSError, ValueError) as exc:
+        entry["answering"] = False
+        reason = getattr(exc, "reason", exc)
+        entry.setdefault("error", f"the status service does not answer at {entry['url']} ({reason})")
+    return entry
 
 
 def fetch_status(proxy: Any, program: str = PROGRAM_NAME) -> dict:
@@ -200,7 +238,8 @@ def server_url_from_config(path: str) -> str:
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     """How to reach supervisord: shared by this script and the status service."""
     parser.add_argument("-c", "--configuration", default=None,
-                        help="supervisord.conf to find the socket in (default ./supervisord.conf)")
+                        help="supervisord.conf to find the socket in (default ./supervisord.conf, else the "
+                             "checkout's)")
     parser.add_argument("-s", "--server-url", default=os.environ.get("OLMOCR_SUPERVISOR_URL"),
                         help="unix:///path/to/supervisor.sock or http://127.0.0.1:9001 (env OLMOCR_SUPERVISOR_URL)")
     parser.add_argument("-u", "--username", default=os.environ.get("SUPERVISOR_USERNAME", ""))
@@ -211,13 +250,25 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=10.0)
 
 
+#: The checkout's supervisord.conf (this file is olmocr/server/status.py in a checkout or an editable install).
+CHECKOUT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                               "supervisord.conf")
+
+
+def default_configuration() -> str:
+    """``./supervisord.conf`` when there is one, else the checkout's: the script works from any directory."""
+    if os.path.exists("supervisord.conf") or not os.path.exists(CHECKOUT_CONFIG):
+        return "supervisord.conf"
+    return CHECKOUT_CONFIG
+
+
 def connection_from_args(args: argparse.Namespace) -> tuple[str, Any]:
     """(URL, proxy) for the parsed connection arguments; raises OSError/ValueError if no URL is found."""
     password = os.environ.get("SUPERVISOR_PASSWORD", "")
     if args.password_file:
         with open(args.password_file, encoding="utf-8") as handle:
             password = handle.read().strip()
-    url = args.server_url or server_url_from_config(args.configuration or "supervisord.conf")
+    url = args.server_url or server_url_from_config(args.configuration or default_configuration())
     return url, connect(url, username=args.username, password=password, timeout=args.timeout)
 
 
@@ -280,7 +331,14 @@ def format_table(status: Mapping[str, Any]) -> str:
     healthy = sum(1 for s in servers if s.get("healthy"))
     model = status.get("model") or servers[0].get("model") or "?"
     lines = [f"olmocr deployment: {healthy} of {len(servers)} server{'s' if len(servers) != 1 else ''} healthy "
-             f"(model {model})", ""]
+             f"(model {model})"]
+    if status.get("vllm_url"):
+        lines.append(f"pipeline: --vllm-url {status['vllm_url']}")
+    service = status.get("status_service") or {}
+    if service.get("url"):
+        lines.append(f"status service: {service['url']}" + (f"  NOT ANSWERING: {service['error']}"
+                                                           if service.get("error") else ""))
+    lines.append("")
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
     if notes:
         lines += [""] + notes
@@ -288,6 +346,15 @@ def format_table(status: Mapping[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `olmocr-server-status | head`: the reader has gone, which is not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit must not fail again
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="olmocr-server-status", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"olmocr-serve {__version__}")
     add_connection_arguments(parser)
@@ -308,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     while True:
         try:
             status = fetch_status(proxy, args.program)
+            check_status_service(status["status_service"])
             code = EXIT_HEALTHY if status["healthy"] else EXIT_UNHEALTHY
         except Exception as exc:
             status = unreachable_status(url, exc)

@@ -1,10 +1,10 @@
 """``olmocr-status-service``: the deployment's state over HTTP for Prometheus, dashboards and scripts.
 
 supervisord runs it as its own program next to vLLM, one for the whole box however many servers it runs.
-It listens on 127.0.0.1, port ``OLMOCR_STATUS_PORT``; by default the first port after the box's servers
-(``OLMOCR_PORT`` + number of servers: 30025 with one server on 30024, as before; 30032 with eight), so
-it never collides with a server. Pin ``OLMOCR_STATUS_PORT`` when Prometheus scrapes boxes of different
-sizes. It serves:
+It listens on 127.0.0.1, port ``OLMOCR_STATUS_PORT``: one fixed default (``envs.DEFAULT_STATUS_PORT``,
+29999), below the servers' ``OLMOCR_PORT + i``, the same on a box of one GPU or eight, so Prometheus, the
+container's health check and the probes always find the status service there (olmocr/server/box_ports.py).
+It serves:
 
 - ``GET /metrics``: Prometheus text format (written by ``prometheus_client``): up, healthy, health
   phase, restarts, health kills by reason, consecutive failures, crash-loop give-up, uptime, last
@@ -51,7 +51,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -77,7 +77,6 @@ from olmocr.server.status import (
     box_status_from_parts,
     connection_from_args,
     fetch_box_parts,
-    fetch_servers,
     history_fields,
     unreachable_status,
 )
@@ -183,6 +182,7 @@ def read_snapshot(proxy: Any, program: str, url: str, clock: Callable[[], float]
     except Exception as exc:  # noqa: BLE001 - refused, timeout, Fault: all mean "cannot tell"
         return Snapshot(unreachable_status(url, exc), taken_at=clock())
     status = box_status_from_parts(servers, parts, settings)
+    status["status_service"]["answering"] = True  # it is this service, answering
     # What the status page draws, per server (and for the box when it is one server).
     for entry, (_info, stats) in zip(status["servers"], parts, strict=True):
         entry.update(history_fields(stats))
@@ -528,11 +528,6 @@ async def serve(service: StatusService, stop: asyncio.Event | None = None) -> No
     log.info("stopped")
 
 
-def default_status_port(servers: list[Mapping[str, Any]]) -> int:
-    """The first port after the box's servers (PORT + N), so that it never takes a server's port."""
-    return max(int(s["port"]) for s in servers) + 1
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="olmocr-status-service", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"olmocr-serve {__version__}")
@@ -541,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"address to listen on (default {DEFAULT_HOST}, env OLMOCR_STATUS_HOST); any other "
                              f"than loopback needs {TOKEN_VAR} or {TOKEN_FILE_VAR}")
     parser.add_argument("--port", type=int, default=None,
-                        help="port (default: OLMOCR_PORT + number of servers, 30025 for one; env OLMOCR_STATUS_PORT)")
+                        help=f"port (default {DEFAULT_PORT}, whatever the number of servers; env OLMOCR_STATUS_PORT)")
     parser.add_argument("--token-file", default=None, help=f"file holding the bearer token (or {TOKEN_FILE_VAR})")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
@@ -563,13 +558,6 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         log.error("%s; pass -c supervisord.conf or --server-url", exc)
         return 2
-    if args.port is None and not os.environ.get("OLMOCR_STATUS_PORT"):
-        try:
-            servers = fetch_servers(proxy, args.program)
-            settings = replace(settings, port=default_status_port(
-                [s for s in servers if s.get("port")] or [{"port": DEFAULT_PORT - 1}]))
-        except Exception as exc:  # noqa: BLE001 - supervisord not answering: keep the default
-            log.warning("could not list the servers (%s); using port %d", exc, settings.port)
     service = StatusService(settings, lambda: read_snapshot(proxy, args.program, url))
     try:
         asyncio.run(serve(service))

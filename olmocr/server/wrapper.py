@@ -39,7 +39,7 @@ from olmocr.server.server_args import (
     settings_from_args,
     vllm_version_or_refuse,
 )
-from olmocr.server.settings import read_api_key
+from olmocr.server.settings import exposure_note, read_api_key
 
 log = logging.getLogger("olmocr.wrapper")
 
@@ -154,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         settings.shutdown_timeout, fitted, settings.shutdown_timeout)
             settings = dataclasses.replace(settings, shutdown_timeout=fitted)
         api_key = read_api_key(settings)
+        exposure = exposure_note(settings, api_key)  # refuses beyond loopback without a key
         settings = dataclasses.replace(settings, vllm_bin=resolve_executable(settings.vllm_bin))
         version = vllm_version_or_refuse(settings.vllm_bin)
         for note in plan_vllm_flags(settings, version).notes:
@@ -169,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("server exited recently; waiting %.1f s (restart delay) before starting it again", delay)
         time.sleep(delay)
 
+    if exposure:
+        log.warning("%s", exposure)
     if (problem := wait_for_port(settings.host, settings.port)) is not None:
         log.error("%s", problem)  # one line in vllm.log; supervisord's status shows the exit
         return 2
