@@ -393,7 +393,7 @@ class Fleet:
                                              longest_dim=self.longest_dim)
         except ServerNotReady as exc:
             server.state, server.reason = ServerState.EXCLUDED, str(exc)
-            logger.error("vLLM server %s left out: %s", server.url, exc)
+            logger.error(LOG_LEFT_OUT, server.url, exc)
             return
         finally:
             self._joining.pop(server, None)
@@ -401,7 +401,7 @@ class Fleet:
             server.state = ServerState.EXCLUDED
             server.reason = (f"its context allows max_tokens {max_tokens}, less than this run's "
                              f"{self.planned_max_tokens}")
-            logger.error("vLLM server %s left out: %s", server.url, server.reason)
+            logger.error(LOG_LEFT_OUT, server.url, server.reason)
             return
         self.max_tokens[server] = max_tokens
         self._admit(server, "verified", quiet=True)
