@@ -277,6 +277,25 @@ def value(name: str, env: Mapping[str, str] | None = None) -> object:
     return setting.default if raw == "" else parse(setting, raw)
 
 
+def is_set(name: str, env: Mapping[str, str] | None = None) -> bool:
+    """Whether ``name`` is set to something (an empty value counts as unset, as in :func:`value`)."""
+    BY_NAME[name]  # an undeclared name is a bug: KeyError
+    return (os.environ if env is None else env).get(name, "") != ""
+
+
+def text(name: str, env: Mapping[str, str] | None = None) -> str | None:
+    """A string setting's value (None when unset and without a default): paths, URLs, keys."""
+    got = value(name, env)
+    return None if got is None else str(got)
+
+
+def __getattr__(name: str) -> object:
+    """``envs.<NAME>`` is the parsed value of the declared setting NAME, read now (vLLM's ``envs.VLLM_*`` style)."""
+    if name in BY_NAME:
+        return value(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # ------------------------------------------------------------------------------------- docs tables
 
 _TITLES = {SERVER: "server", STATUS: "status service", PIPELINE: "pipeline", STANDIN: "stand-in",

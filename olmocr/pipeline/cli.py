@@ -12,7 +12,7 @@ import sys
 from collections.abc import Mapping
 from typing import NoReturn
 
-from olmocr import __version__
+from olmocr import __version__, envs
 from olmocr.envs import SettingValueError
 from olmocr.logformat import LOG_FORMAT
 from olmocr.pipeline import defaults, stats
@@ -186,12 +186,13 @@ def resolve_api_key(flag: str | None, env: Mapping[str, str]) -> str | None:
     """The key for every server: ``--api_key``, ``$OLMOCR_API_KEY``, ``$VLLM_API_KEY``, or the whole content
     of ``$OLMOCR_API_KEY_FILE`` (the server's variable, meaning the same here). Per-server keys come from
     ``--api_key_file`` / ``$OLMOCR_API_KEYS_FILE`` on top (:func:`server_specs`)."""
-    key = flag or env.get("OLMOCR_API_KEY") or env.get("VLLM_API_KEY")
+    key = flag or envs.text("OLMOCR_API_KEY", env) or env.get("VLLM_API_KEY")
     if key:
         return key
-    if env.get("OLMOCR_API_KEY_FILE"):
+    key_file = envs.text("OLMOCR_API_KEY_FILE", env)
+    if key_file:
         try:
-            return read_api_key(ServerSettings(api_key_file=env["OLMOCR_API_KEY_FILE"]), env={})
+            return read_api_key(ServerSettings(api_key_file=key_file), env={})
         except SettingsError as exc:
             raise FleetConfigError(str(exc)) from None
     return None
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = normalize_spellings(parser, sys.argv[1:] if argv is None else argv)
     args, unknown = parser.parse_known_args(argv)
-    internal = not args.server and not os.environ.get(URL_ENV) and not args.stats
+    internal = not args.server and not envs.is_set(URL_ENV) and not args.stats
     vllm_args = check_unknown(parser, unknown, internal)
     setup_logging(args.disk_logging)
     try:
@@ -219,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.api_key:
         logger.warning("--api_key on the command line is visible to every user in ps; prefer OLMOCR_API_KEY or "
                        "--api_key_file")
-    key_file = args.api_key_file or os.environ.get("OLMOCR_API_KEYS_FILE") or None
-    ca_bundle = args.ca_bundle or os.environ.get("OLMOCR_CA_BUNDLE") or None
+    key_file = args.api_key_file or envs.text("OLMOCR_API_KEYS_FILE")
+    ca_bundle = args.ca_bundle or envs.text("OLMOCR_CA_BUNDLE")
     pages_per_group = args.pages_per_group
     if pages_per_group is None:
         pages_per_group = defaults.PAGES_PER_GROUP_WITH_KEY if api_key or key_file else defaults.PAGES_PER_GROUP
@@ -282,7 +283,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, internal: b
           metrics_token: str | None) -> int:
     if args.stats and not args.pdfs:
         return stats.print_stats(args.workspace, args.workspace_profile)
-    url_values = args.server or ([os.environ[URL_ENV]] if os.environ.get(URL_ENV) else [])
+    url_values = args.server or ([str(envs.text(URL_ENV))] if envs.is_set(URL_ENV) else [])
     try:
         run_defaults = run_options(args, internal)  # providers (#31)
         servers = server_specs(parse_url_list(url_values), api_key, key_file, options=parse_url_options(url_values),

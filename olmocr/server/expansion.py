@@ -31,6 +31,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from olmocr import envs
 from olmocr.server.gpus import ServerSlot
 
 ENV_SERVER_INDEX = "OLMOCR_SERVER_INDEX"
@@ -53,7 +54,7 @@ def server_environment(template: dict[str, str] | None, slot: ServerSlot) -> dic
     env[ENV_SERVER_INDEX] = str(slot.index)
     if slot.cuda_visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = slot.cuda_visible_devices
-    tmpdir = env.get("OLMOCR_VLLM_TMPDIR")
+    tmpdir = envs.text("OLMOCR_VLLM_TMPDIR", env)
     if tmpdir and slot.name != slot.group:
         env["OLMOCR_VLLM_TMPDIR"] = f"{tmpdir}-{slot.index}"
     return env
@@ -85,7 +86,7 @@ def expand_group_configs(group_configs: Sequence[Any], slots: Sequence[ServerSlo
             continue
         names = [c.name for c in group.process_configs]
         if names == [s.name for s in slots] and all(
-                c.environment and c.environment.get(ENV_SERVER_INDEX) == str(s.index)
+                c.environment and envs.text(ENV_SERVER_INDEX, c.environment) == str(s.index)
                 for c, s in zip(group.process_configs, slots, strict=True)):
             out.append(group)
             continue

@@ -22,7 +22,7 @@ import xmlrpc.client
 from collections.abc import Mapping
 from typing import Any
 
-from olmocr import __version__
+from olmocr import __version__, envs
 from olmocr.server.rpcclient import connect
 from olmocr.server.settings import PROGRAM_NAME, STATUS_PROGRAM
 
@@ -240,7 +240,7 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--configuration", default=None,
                         help="supervisord.conf to find the socket in (default ./supervisord.conf, else the "
                              "checkout's)")
-    parser.add_argument("-s", "--server-url", default=os.environ.get("OLMOCR_SUPERVISOR_URL"),
+    parser.add_argument("-s", "--server-url", default=envs.text("OLMOCR_SUPERVISOR_URL"),
                         help="unix:///path/to/supervisor.sock or http://127.0.0.1:9001 (env OLMOCR_SUPERVISOR_URL)")
     parser.add_argument("-u", "--username", default=os.environ.get("SUPERVISOR_USERNAME", ""))
     parser.add_argument("--password-file", default=None,

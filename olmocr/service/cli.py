@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if workers < 0:
         parser.error(f"--workers {workers}: give 0 or more")
-    url_values = args.server or ([os.environ["OLMOCR_VLLM_URL"]] if os.environ.get("OLMOCR_VLLM_URL") else [])
+    url_values = args.server or ([str(envs.text("OLMOCR_VLLM_URL"))] if envs.is_set("OLMOCR_VLLM_URL") else [])
     if workers and not url_values:
         parser.error("the embedded workers need --vllm-url (or $OLMOCR_VLLM_URL); or run with --workers 0 and "
                      "'python -m olmocr.pipeline WORKSPACE --follow' elsewhere")
@@ -114,7 +114,7 @@ def _pipeline_config(parser: argparse.ArgumentParser, args: argparse.Namespace, 
 
     try:
         api_key = resolve_api_key(None, os.environ)
-        key_file = os.environ.get("OLMOCR_API_KEYS_FILE") or None
+        key_file = envs.text("OLMOCR_API_KEYS_FILE")
         servers = server_specs(parse_url_list(url_values), api_key, key_file)
         dns = dns_with_keys(parse_dns_names(url_values), api_key, key_file)
     except FleetConfigError as exc:

@@ -13,6 +13,8 @@ import sys
 import threading
 from typing import Any
 
+from olmocr import envs
+
 CONTROL_FILE_ENV = "OLMOCR_STANDIN_CONTROL"
 ENV_PREFIX = "OLMOCR_STANDIN_"
 
@@ -72,7 +74,7 @@ class Control:
         environ = dict(os.environ) if environ is None else environ
         self._lock = threading.Lock()
         self._env = {**env_overrides(environ), **(command_line or {})}
-        self._file_path = environ.get(CONTROL_FILE_ENV) or None
+        self._file_path = envs.text(CONTROL_FILE_ENV, environ)
         self._file_mtime: float | None = None
         self._file: dict[str, Any] = {}
         self._admin: dict[str, Any] = {}

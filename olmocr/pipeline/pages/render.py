@@ -186,7 +186,7 @@ def _tiff_frame(path: str, page_num: int) -> Any:
 def _injected_fault(path: str, page_num: int, job: str) -> str | None:
     """The test-only fault of :data:`TEST_FAULT_ENV`, if one matches this job (see there): hangs or
     crashes here, or returns ``blank`` / ``wrongpage`` for the render job to act on."""
-    spec = os.environ.get(TEST_FAULT_ENV)
+    spec = os.environ.get(TEST_FAULT_ENV)  # test-only (envs.TEST_ONLY): not a setting
     if not spec:
         return None
     for rule in spec.split(","):

@@ -30,12 +30,13 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
+from olmocr import envs
 from olmocr.pipeline.errors import FleetConfigError, PipelineError
 from olmocr.pipeline.servers.serverlist import DnsName
 
 HOSTS_FILE_ENV = "OLMOCR_HOSTS_FILE"
 REFRESH_ENV = "OLMOCR_DNS_REFRESH_S"
-DEFAULT_REFRESH_S = 10.0
+DEFAULT_REFRESH_S = float(envs.default(REFRESH_ENV))  # type: ignore[arg-type]
 MAX_REFRESH_S = 30.0
 #: How long a drained server's in-flight requests may take before they are resent to the others.
 DRAIN_GRACE_S = 120.0
@@ -49,16 +50,14 @@ class LookupFailed(PipelineError):
     """The resolver could not answer (not: the name has no address)."""
 
 
-def refresh_interval(env: Mapping[str, str]) -> float:
-    raw = env.get(REFRESH_ENV, "")
-    if not raw:
-        return DEFAULT_REFRESH_S
+def refresh_interval(env: Mapping[str, str] | None = None) -> float:
+    """``OLMOCR_DNS_REFRESH_S`` from the registry (its one default and parser), within (0, MAX_REFRESH_S]."""
     try:
-        value = float(raw)
-    except ValueError:
-        raise FleetConfigError(f"{REFRESH_ENV}={raw!r} is not a number of seconds") from None
+        value = float(envs.value(REFRESH_ENV, env))  # type: ignore[arg-type]
+    except envs.SettingValueError as exc:
+        raise FleetConfigError(str(exc)) from None
     if not 0 < value <= MAX_REFRESH_S:
-        raise FleetConfigError(f"{REFRESH_ENV}={raw!r}: DNS names are re-resolved every 0 < s <= {MAX_REFRESH_S:g} s")
+        raise FleetConfigError(f"{REFRESH_ENV}={value:g}: DNS names are re-resolved every 0 < s <= {MAX_REFRESH_S:g} s")
     return value
 
 
@@ -121,7 +120,7 @@ async def system_resolve(host: str) -> list[str]:
 
 def default_resolver(env: Mapping[str, str] | None = None) -> Resolver:
     env = os.environ if env is None else env
-    path = env.get(HOSTS_FILE_ENV)
+    path = envs.text(HOSTS_FILE_ENV, env)
     return hosts_file_resolver(path) if path else system_resolve
 
 

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import shutil
 import signal
 import socket
@@ -29,6 +28,7 @@ from typing import Any
 
 import requests
 
+from olmocr import envs
 from olmocr.model_list import parse_models, serves
 from olmocr.pipeline.errors import InternalServerError
 from olmocr.pipeline.stopping import StopRequest
@@ -123,7 +123,8 @@ class InternalServer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # The deployment's status service (/status, /metrics) listens after the servers: --port + number of
         # servers unless OLMOCR_STATUS_PORT says otherwise, so that runs on other ports do not collide.
-        self.status_port = int(os.environ.get("OLMOCR_STATUS_PORT") or self.slots[-1].port + 1)
+        configured = envs.value("OLMOCR_STATUS_PORT") if envs.is_set("OLMOCR_STATUS_PORT") else None
+        self.status_port = int(configured) if configured is not None else self.slots[-1].port + 1
         self.manager = Manager(settings, self.run_dir, status_interval=float("inf"), startsecs=STARTSECS,
                                extra_env={"OLMOCR_STATUS_PORT": str(self.status_port)}, slots=self.slots)
         self.failed = False
