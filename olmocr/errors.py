@@ -8,6 +8,7 @@ OlmocrError
 ├── SettingValueError (ValueError) ........ olmocr/envs.py: an OLMOCR_* variable that does not parse
 ├── SecretFileError (OSError) ............. olmocr/secret_files.py: a key or token file that cannot be used
 ├── ServerSideError ....................... olmocr/server/errors.py: the server half (settings, endpoints, stand-in)
+├── ServiceError .......................... olmocr/service/intake.py: a request olmocr-service refuses (HTTP status, code)
 └── PipelineError ......................... olmocr/pipeline/errors.py: the pipeline half
     └── ... ConfigError, ModelAnswerError, ServerError, TransportError, ... (tree in that module)
         └── LookupFailed .................. olmocr/pipeline/servers/discovery.py: a dns+ name that does not resolve

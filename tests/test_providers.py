@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from olmocr.pipeline.servers.fleet import LOG_PAUSED, LOG_RESUMED, STATUS_BUDGET
+from olmocr.exit_codes import STATUS_BUDGET
+from olmocr.pipeline.servers.fleet import LOG_PAUSED, LOG_RESUMED
 from tests.metrics_helpers import parse_metrics
 from tests.pipeline_helpers import docs_by_source, log_line, running_pipeline
 from tests.provider_helpers import PROVIDER_MODEL, PROVIDER_PREFIX, control, info, launch_provider, make_docs

@@ -14,6 +14,7 @@ from typing import NoReturn
 
 from olmocr import __version__, envs
 from olmocr.envs import SettingValueError
+from olmocr.exit_codes import STATUS_FAILED, STATUS_INTERRUPTED, STATUS_USAGE
 from olmocr.logformat import LOG_FORMAT
 from olmocr.pipeline import defaults, stats
 from olmocr.pipeline.errors import FleetConfigError, NoInput, WorkspaceError
@@ -198,14 +199,6 @@ def resolve_api_key(flag: str | None, env: Mapping[str, str]) -> str | None:
     return None
 
 
-#: Exit statuses: 0 done (or nothing left to do), 1 the run failed (server, storage), 2 a mistake in the
-#: command line or its inputs (argparse's own status), 130 stopped at once by a second signal, 141 the reader
-#: of --stats went away (as a program killed by SIGPIPE: ``seq 9 | head -1``).
-STATUS_FAILED = 1
-STATUS_USAGE = 2
-STATUS_BROKEN_PIPE = 141
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = normalize_spellings(parser, sys.argv[1:] if argv is None else argv)
@@ -353,7 +346,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, internal: b
         return asyncio.run(_run_with_signals(config, server_settings, args.server_run_dir, args.stop_exit_code))
     except KeyboardInterrupt:
         logger.warning("interrupted; unfinished work items are released (or free once their lease expires)")
-        return 130
+        return STATUS_INTERRUPTED
 
 
 async def _run_with_signals(config: PipelineConfig, server_settings=None, server_run_dir=None,  # noqa: ANN001

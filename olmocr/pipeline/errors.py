@@ -14,6 +14,7 @@ PipelineError
 ├── FilterUnavailable (RuntimeError) ...... --apply_filter without its optional dependencies
 ├── ServerError ........................... a server cannot take this run's work
 │   ├── ServerNotReady .................... never answered, or does not serve the olmocr model
+│   │   └── ModelListMissing .............. (servers/client.py) no usable /v1/models on a server named explicitly
 │   ├── ServerMismatch .................... answers, but cannot serve the run as configured
 │   └── InternalServerError ............... internal mode: the run's own server could not start or was given up
 ├── TransportError ........................ no complete HTTP response (refused, reset, malformed)
@@ -24,6 +25,7 @@ PipelineError
 │   └── ServerAborted ..................... the server left rotation; the request is resent elsewhere
 ├── RequestRejected ....................... a 4xx or unusable answer: a failed page attempt (``retryable``)
 ├── RenderError ........................... a document or page cannot be opened or rendered
+│   └── RenderTimeLimit ................... (pages/render.py) a page ran past --render_timeout
 └── LeaseLost ............................. another worker owns this work item now
 ```
 """

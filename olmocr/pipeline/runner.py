@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from olmocr.exit_codes import STATUS_BUDGET
 from olmocr.pipeline import defaults
 from olmocr.pipeline.errors import LeaseLost, NoInput, ServerNotReady
 from olmocr.pipeline.pages.documents import DocOutcome, DocumentProcessor, failure
@@ -21,7 +22,7 @@ from olmocr.pipeline.progress import FailFast, Progress, refresh_totals, refresh
 from olmocr.pipeline.servers.balance import ServerState
 from olmocr.pipeline.servers.checks import DEFAULT_READY_WAIT_S, STRUCTURED_OUTPUTS, start_up_delays
 from olmocr.pipeline.servers.discovery import LookupFailed, default_resolver, refresh_interval, system_resolve
-from olmocr.pipeline.servers.fleet import LOG_MOVED, STATUS_BUDGET, Fleet
+from olmocr.pipeline.servers.fleet import LOG_MOVED, Fleet
 from olmocr.pipeline.servers.serverlist import DnsName, ServerSpec
 from olmocr.pipeline.stats import SERVER_STATS_DIR, run_id, server_stats_record
 from olmocr.pipeline.stopping import DEFAULT_STOP_TIMEOUT_S, StopRequest

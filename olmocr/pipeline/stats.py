@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from olmocr.exit_codes import STATUS_BROKEN_PIPE
 from olmocr.pipeline.pages.output import PAGE_RECORDS, source_of
 from olmocr.pipeline.pages.page_retry import is_ticket
 from olmocr.pipeline.workspace.storage import Storage
@@ -229,7 +230,6 @@ def format_fallback_pages(totals: ResultTotals, listed: int = FALLBACK_PAGES_LIS
 
 def print_stats(workspace: str, profile: str | None = None) -> int:
     """``--stats``: the workspace's summary and every server's counters over all runs (exit status)."""
-    from olmocr.pipeline.cli import STATUS_BROKEN_PIPE
     from olmocr.pipeline.workspace.queue import format_stats
     from olmocr.pipeline.workspace.storage import open_storage
 

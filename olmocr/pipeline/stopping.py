@@ -23,13 +23,15 @@ import signal
 import time
 from collections.abc import Callable
 
+from olmocr.exit_codes import STATUS_INTERRUPTED
+
 logger = logging.getLogger("olmocr.pipeline")
 
 #: Default seconds a graceful stop waits for work items in progress before abandoning them. Below the
 #: usual process managers' kill timeouts (Kubernetes 30 s, systemd 90 s, supervisord stopwaitsecs).
 DEFAULT_STOP_TIMEOUT_S = 25.0
 
-HARD_EXIT_STATUS = 130
+HARD_EXIT_STATUS = STATUS_INTERRUPTED
 #: The same signal again within this many seconds of the first is one stop delivered twice (see above).
 BURST_S = 1.0
 

@@ -10,13 +10,13 @@ import os
 import sys
 
 from olmocr import __version__, envs
+from olmocr.exit_codes import STATUS_USAGE
 from olmocr.logformat import LOG_FORMAT
 from olmocr.pipeline.cli import OneLineParser  # errors on one line, exit status 2
 
 logger = logging.getLogger("olmocr.service")
 
 TOKEN_VAR, TOKEN_FILE_VAR = "OLMOCR_SERVICE_TOKEN", "OLMOCR_SERVICE_TOKEN_FILE"
-STATUS_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:

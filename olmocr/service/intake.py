@@ -13,13 +13,14 @@ import os
 import threading
 from dataclasses import dataclass, field
 
+from olmocr.errors import OlmocrError
 from olmocr.pipeline.workspace.inputs import read_input, sniff_kind
 
 #: pdfium is not thread-safe; the service opens documents from request threads, one at a time.
 PDFIUM_LOCK = threading.Lock()
 
 
-class ServiceError(Exception):
+class ServiceError(OlmocrError):
     """A request the service refuses: HTTP status, a stable code, and one line saying what to do."""
 
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:

@@ -94,8 +94,6 @@ LOG_NO_RIGHT_MODEL = "no server answers with the right model: %s; stopping (the 
 LOG_RATE_LIMITED = "%s rate-limited the pipeline (%s): no request to it for %.1fs"
 #: While every server in rotation is rate-limited or paced, how often the wait for one looks again at least.
 PACED_RECHECK_S = 0.05
-#: Exit status of a run stopped by ``--max_cost`` (its work left queued for a later run).
-STATUS_BUDGET = 3
 LOG_BUDGET = ("the cost budget --max_cost $%.2f is reached ($%.4f spent, $%.4f more in flight); stopping: work in "
               "progress finishes, the rest stays queued")
 
