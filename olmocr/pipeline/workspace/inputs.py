@@ -45,6 +45,14 @@ class InputProblem:
         return self.reason
 
 
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def is_archive(path: str) -> bool:
+    """A tarball of documents (by name, as upstream): one work item, its members processed as documents."""
+    return path.lower().endswith(ARCHIVE_SUFFIXES)
+
+
 def sniff_kind(data: bytes) -> str | None:
     """``"pdf"`` (``%PDF`` in the first 1024 bytes), ``"png"``, ``"jpeg"`` or None."""
     head = data[:SNIFF_BYTES]
