@@ -118,8 +118,16 @@ class Runner:
             logger.exception("unexpected error on %s", source)
             return failure(source, f"internal error: {type(exc).__name__}: {exc}", retryable=True)
 
-    async def _process_item(self, item: WorkItem) -> None:
-        outcomes = await asyncio.gather(*(self._process_doc(path) for path in item.paths))
+    async def _process_item(self, item: WorkItem, finished: dict[str, DocOutcome] | None = None) -> None:
+        # --- queue-scale (#29): ``finished`` collects each document's outcome as it ends (kept on a stop) ---
+        finished = {} if finished is None else finished
+
+        async def one(path: str) -> DocOutcome:
+            finished[path] = outcome = await self._process_doc(path)
+            return outcome
+
+        outcomes = await asyncio.gather(*(one(path) for path in item.paths))
+        # --- end queue-scale ---
         docs = [o.doc for o in outcomes if o.doc is not None]
         failed = [o.failure for o in outcomes if o.failure is not None]
         if self.config.markdown:
@@ -247,14 +255,15 @@ class Runner:
 
     async def _run_item(self, worker_id: int, item: WorkItem) -> None:
         logger.info("worker %d claimed work item %s (%d documents)", worker_id, item.hash, len(item.paths))
-        work = asyncio.create_task(self._process_item(item))
+        finished: dict[str, DocOutcome] = {}
+        work = asyncio.create_task(self._process_item(item, finished))
         renewer = asyncio.create_task(self._renew_until_done(item, work))
         try:
             await asyncio.wait({work})
         except asyncio.CancelledError:
-            # Stop: hand the item back so another worker can take it at once.
+            # Stop: keep the finished documents, hand the rest back so another worker can take it at once.
             work.cancel()
-            await asyncio.to_thread(self._release_quietly, item)
+            await asyncio.to_thread(self._hand_back, item, dict(finished))  # queue-scale (#29)
             raise
         finally:
             renewer.cancel()
@@ -266,6 +275,28 @@ class Runner:
                          type(exc).__name__, exc)
             await asyncio.to_thread(self._release_quietly, item)
             await self._pause(ERROR_PAUSE_S)
+
+    # --- queue-scale (#29): a stop keeps the item's finished documents ---
+    def _hand_back(self, item: WorkItem, finished: dict[str, DocOutcome]) -> None:
+        """Write the finished documents of ``item`` as its results and queue the rest as a new item
+        (WorkQueue.complete_partial); with nothing finished, or without the lease, just release it."""
+        try:
+            if not finished or not self.queue.holds(item):
+                self._release_quietly(item)
+                return
+            docs = [o.doc for o in finished.values() if o.doc is not None]
+            failed = [o.failure for o in finished.values() if o.failure is not None]
+            if self.config.markdown:
+                for doc in docs:
+                    self.storage.write(markdown_relpath(doc["metadata"]["Source-File"]), doc["text"].encode("utf-8"))
+            self.queue.complete_partial(item, dolma_jsonl(docs), failed,
+                                        [p for p in item.paths if p not in finished])
+            self.progress.docs_done += len(docs)
+            self.released += 1
+        except Exception as exc:  # noqa: BLE001 - the lease expires by itself; the item is then redone
+            logger.warning("could not hand back the finished documents of work item %s: %s", item.hash, exc)
+            self._release_quietly(item)
+    # --- end queue-scale ---
 
     def _release_quietly(self, item: WorkItem) -> None:
         try:

@@ -455,15 +455,13 @@ class WorkQueue:
                 continue  # an item not yet done may still rewrite its failure records
             with self._lock:
                 self._done.add(original)
-            sources = sorted(
-                {
-                    str(r["source"])
-                    for r in _parse_jsonl(self.storage.read(key))
-                    if r.get("retryable") and r.get("source")
-                }
-            )
-            if sources:
-                retry_groups[retry_hash(original, sources)] = tuple(sources)
+            records = [r for r in _parse_jsonl(self.storage.read(key)) if r.get("retryable") and r.get("source")]
+            # Documents a stop handed back were queued at once under this same hash (complete_partial); the
+            # retryable failures form their own retry item.
+            for unfinished in (True, False):
+                sources = sorted({str(r["source"]) for r in records if bool(r.get("unfinished")) == unfinished})
+                if sources:
+                    retry_groups[retry_hash(original, sources)] = tuple(sources)
         if not retry_groups:
             return 0
         return append_index(self.storage, lambda current: retry_groups, self.index)
@@ -496,7 +494,9 @@ class WorkQueue:
         with self._lock:
             self._done.add(item_hash)
             self._done_hits += 1
-            relist = self._done_hits > max(MIN_DONE_HITS, self._listing_pages)
+            # Before the first listing its size is unknown: at most one request per 1,000 items of the index.
+            pages = self._listing_pages if self._done_listed_at > float("-inf") else len(self.index.spans) // 1000 + 1
+            relist = self._done_hits > max(MIN_DONE_HITS, pages)
         if relist:
             self._list_done()
 

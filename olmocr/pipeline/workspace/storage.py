@@ -331,13 +331,14 @@ def _store_age(response: dict) -> float:
     from email.utils import parsedate_to_datetime
 
     modified = response.get("LastModified")
-    date = (response.get("ResponseMetadata", {}).get("HTTPHeaders") or {}).get("date")
-    if modified is None or not date:
+    if modified is None:
         return 0.0  # unknown: count the object as fresh (a lease is then never taken early)
+    date = (response.get("ResponseMetadata", {}).get("HTTPHeaders") or {}).get("date")
     try:
-        return max(0.0, parsedate_to_datetime(date).timestamp() - modified.timestamp())
+        now = parsedate_to_datetime(date).timestamp() if date else time.time()
     except (TypeError, ValueError):
-        return 0.0
+        now = time.time()  # no usable Date (a proxy dropped it): this machine's clock, the best left
+    return max(0.0, now - modified.timestamp())
 _PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 
 
@@ -467,15 +468,15 @@ class S3Storage:
         for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
             date = (page.get("ResponseMetadata", {}).get("HTTPHeaders") or {}).get("date")
             try:
-                store_now = parsedate_to_datetime(date).timestamp() if date else None
+                store_now = parsedate_to_datetime(date).timestamp() if date else time.time()
             except (TypeError, ValueError):
-                store_now = None
+                store_now = time.time()
             for obj in page.get("Contents", []):
                 key = obj["Key"][strip:]
                 if key and not key.rsplit("/", 1)[-1].startswith("."):
                     modified = obj.get("LastModified")
                     when = modified.timestamp() if modified is not None else 0.0
-                    yield key, when, max(0.0, store_now - when) if store_now is not None and when else 0.0
+                    yield key, when, max(0.0, store_now - when) if when else 0.0
 
 
 def open_storage(url: str, profile: str | None = None, **s3_kwargs: Any) -> Storage:
