@@ -55,6 +55,7 @@ class MemoryStore:
         self.live_lease_takeovers = 0
         #: Writes per key of results/ and done_flags/ (each must be written once).
         self.writes: Counter[str] = Counter()
+        self._written_at: dict[str, float] = {}  # lock key -> exact time of its last write
 
     def _now(self) -> float:
         return float(int(self.clock()))  # whole seconds, as S3's LastModified and Date
@@ -63,13 +64,16 @@ class MemoryStore:
         if key not in self._objects:
             bisect.insort(self._keys, key)
         old = self._objects.get(key)
-        if old is not None and key.startswith("worker_locks/"):
-            self._check_takeover(old, data)
+        if key.startswith("worker_locks/"):
+            if old is not None:
+                self._check_takeover(key, old, data)
+            self._written_at[key] = self.clock()
         self._objects[key] = (data, _tag(data), self._now())
         if key.startswith(("results/", "done_flags/")):
             self.writes[key] += 1
 
-    def _check_takeover(self, old: tuple[bytes, str, float], new: bytes) -> None:
+    def _check_takeover(self, key: str, old: tuple[bytes, str, float], new: bytes) -> None:
+        """Count a new holder's write over a lease still live by the exact time of its last write."""
         import json
 
         try:
@@ -78,8 +82,7 @@ class MemoryStore:
             return
         if before.get("lease_id") == after.get("lease_id"):
             return  # a renewal
-        age = self._now() - old[2]
-        if age < float(before.get("lease_seconds", 0)) and before.get("host") != after.get("host"):
+        if self.clock() - self._written_at.get(key, float("-inf")) < float(before.get("lease_seconds", 0)):
             self.live_lease_takeovers += 1
 
     # ---- the Storage protocol ----------------------------------------------------------------------

@@ -48,6 +48,7 @@ from olmocr.pipeline.workspace.totals import (
     compute_totals,
     decode_pages_file,
     format_totals,
+    load_pages,
     record_pages,
 )
 
@@ -69,8 +70,12 @@ AGE_RESOLUTION_S = 1.0
 MIN_DONE_HITS = 3
 #: The reason recorded for a document handed back unfinished by a stop (re-queued at once).
 UNFINISHED_REASON = "not processed: its worker stopped before reaching it (queued again)"
-#: Pages per document assumed when the sample counts none (images, unreadable samples).
+#: Documents whose pages are counted to size every document of a big queue (as upstream).
 SAMPLE_SIZE = 100
+#: ``page_totals`` reads the workspace again after this long (or when this queue finished an item) ...
+TOTALS_MIN_SECONDS = 60.0
+#: ... or this many seconds per request its listing of the done flags takes, if longer.
+TOTALS_SECONDS_PER_LISTING_PAGE = 20.0
 
 
 @dataclass(frozen=True)
@@ -386,17 +391,19 @@ class WorkQueue:
         self.index = IndexCache(storage)
         self._exact_pages: dict[str, int] = {}  # exact counts learnt here, not yet in PAGES_KEY
         self._totals_cache: tuple[tuple[str | None, str | None], dict, set[str]] | None = None
+        self._totals_last: tuple[float, int, PageTotals] | None = None  # (when, listing requests, totals)
 
     # ---- populating -------------------------------------------------------------------------------
 
     def populate(
-        self, paths: Iterable[str], pages_per_group: int = 500, page_count: Callable[[str], int] | None = None
+        self, paths: Iterable[str], pages_per_group: int = 500, page_count: Callable[[str], int] | None = None,
+        sample_count: Callable[[str], int] | None = None,
     ) -> int:
         """Add items for paths not already in the index; returns the number of new items.
 
         ``page_count``: exact pages of each path. Without it (the pipeline) no document is read except a
-        sample of :data:`SAMPLE_SIZE`, whose mean sizes every document; the items' totals are then marked
-        estimated until workers count them. Archives (``.tar``, ``.tar.gz``, ``.tgz``) are an item each.
+        sample of :data:`SAMPLE_SIZE` (counted by ``sample_count``, default: open it), whose mean sizes every
+        document; the items' totals are then marked estimated until workers count them. Archives (``.tar``, ``.tar.gz``, ``.tgz``) are an item each.
         Also re-queues the retryable failures of earlier runs (see :meth:`requeue_retryable`).
         """
         from olmocr.pipeline.workspace.inputs import is_archive
@@ -405,13 +412,19 @@ class WorkQueue:
         wanted = sorted(set(paths))
         estimated = page_count is None
         if page_count is None:
-            from olmocr.pipeline.workspace.inputs import count_pages
+            from olmocr.pipeline.workspace.inputs import count_pages as counter
 
+            count_pages = sample_count or counter
             docs = [p for p in wanted if not is_archive(p)]
-            mean = sampled_page_count(docs, count_pages)
-            logger.info("work queue: %.1f pages per document on average in a sample of %d of %d documents",
-                        mean, min(SAMPLE_SIZE, len(docs)), len(docs))
-            page_count = lambda path: max(1, round(mean))  # noqa: E731
+            if len(docs) <= SAMPLE_SIZE:  # the sample would be all of them: count them, exactly
+                exact = {p: count_pages(p) for p in docs}
+                page_count, estimated = (lambda path: exact.get(path, 1)), False
+            else:
+                mean = sampled_page_count(docs, count_pages)
+                logger.info("work queue: %.1f pages per document on average in a sample of %d of %d documents "
+                            "(the workspace total is an estimate until workers count them)", mean, SAMPLE_SIZE,
+                            len(docs))
+                page_count = lambda path: max(1, round(mean))  # noqa: E731
         count = page_count
 
         def make_groups(current: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
@@ -431,11 +444,18 @@ class WorkQueue:
             return groups
 
         added = append_index(self.storage, remember, self.index)
-        if new_items:
-            try:
+        try:
+            if not new_items:  # nothing new: fill in the counts of our items queued without them (old workspaces)
+                have = load_pages(self.storage)
+                wanted_set = set(wanted)
+                self.index.refresh(INDEX_CHECK_SECONDS)
+                for h in self.index.spans:
+                    if h not in have and set(paths := self.index.paths(h)) <= wanted_set:
+                        new_items[h] = paths
+            if new_items:
                 record_pages(self.storage, {h: sum(max(1, count(p) or 1) for p in g) for h, g in new_items.items()},
                              estimated=estimated)
-            except Exception as exc:  # noqa: BLE001 - the totals are for display: never fail the queue for them
+        except Exception as exc:  # noqa: BLE001 - the totals are for display: never fail the queue for them
                 logger.warning("could not store the page counts of the queued items (%s); progress will estimate "
                                "the total", exc)
         logger.info("work queue: %d new items (%d retry items)", added, requeued)
@@ -659,7 +679,8 @@ class WorkQueue:
         added. Retryable failures are re-queued by the next run; the others are final. The exact page count
         of the item's documents (from the results) goes into the done flag and, later, the totals.
         """
-        if not self.holds(item):
+        held = self.holds(item)
+        if not held:
             logger.warning(
                 "work item %s: completing without a live lease (it may be redone elsewhere)", item.hash
             )
@@ -681,7 +702,11 @@ class WorkQueue:
         with self._lock:
             self._done.add(item.hash)
             self._exact_pages[item.hash] = pages
-        self.release(item)
+            lease_id = self._leases.pop(item.hash, None) if held else None
+        if lease_id is not None:
+            self.storage.delete(lock_key(item.hash))  # ours, checked above: no second read
+        else:
+            self.release(item)
 
     def complete_partial(self, item: WorkItem, results: bytes, failed: list[dict], unfinished: Iterable[str]) -> str | None:
         """A stop: keep what is finished, hand the rest back. The item is completed with its finished
@@ -777,7 +802,19 @@ class WorkQueue:
 
     def page_totals(self, clock: Callable[[], float] | None = None) -> PageTotals:
         """Pages queued, done and per second for the whole workspace (all pipelines); lists, never reads
-        flags. Also stores the exact counts this queue learnt since the last call."""
+        flags. Also stores the exact counts this queue learnt since the last call.
+
+        The listing of the done flags costs one request per 1,000 items: the totals are read again when this
+        queue finished an item since the last time, else at most every :data:`TOTALS_MIN_SECONDS`, or
+        :data:`TOTALS_SECONDS_PER_LISTING_PAGE` per listing request in a big workspace (a million documents
+        in 20,000 items: every 7 min); the last ones are returned in between."""
+        now = time.monotonic()
+        last = self._totals_last
+        with self._lock:
+            finished_here = bool(self._exact_pages)
+        if last is not None and not finished_here and now - last[0] < max(
+                TOTALS_MIN_SECONDS, TOTALS_SECONDS_PER_LISTING_PAGE * last[1]):
+            return last[2]
         try:
             self.flush_page_counts()
         except Exception as exc:  # noqa: BLE001 - display only; kept for the next call
@@ -793,9 +830,11 @@ class WorkQueue:
             data, pages_tag = pages_found  # type: ignore[misc]
             pages, estimated = decode_pages_file(data)
         self._totals_cache = ((self.index.tag, pages_tag), pages, estimated)
-        done_times = {h: t for k, t in self.storage.list_times(f"{DONE_DIR}/").items()
-                      if (h := _hash_from_key(k, "done_", ".flag"))}
-        return compute_totals(self.index.spans, pages, done_times, (clock or self.clock)(), estimated=estimated)
+        listed = self.storage.list_times(f"{DONE_DIR}/")
+        done_times = {h: t for k, t in listed.items() if (h := _hash_from_key(k, "done_", ".flag"))}
+        totals = compute_totals(self.index.spans, pages, done_times, (clock or self.clock)(), estimated=estimated)
+        self._totals_last = (now, len(listed) // 1000 + 1, totals)
+        return totals
 
 
 def _result_pages(results: bytes) -> int:
