@@ -34,6 +34,7 @@ TITLES = {
     "reading": "Reading stand-in (issue 23): Tesseract, not olmOCR",
     "probes": "Kubernetes probes (issue 21)",
     "multigpu": "One box, many GPUs (issue 17)",
+    "scale": "A million documents, a thousand workers (issue 29): the work queue on an in-process object store",
 }
 
 HOW_TO_READ = """\

@@ -23,7 +23,7 @@ from olmocr.pipeline.servers.fleet import LOG_MOVED, Fleet
 from olmocr.pipeline.servers.serverlist import DnsName, ServerSpec
 from olmocr.pipeline.stats import SERVER_STATS_DIR, run_id, server_stats_record
 from olmocr.pipeline.stopping import DEFAULT_STOP_TIMEOUT_S, StopRequest
-from olmocr.pipeline.workspace.inputs import expand_inputs, set_input_profile
+from olmocr.pipeline.workspace.inputs import expand_inputs, is_archive, set_input_profile
 from olmocr.pipeline.workspace.queue import WorkItem, WorkQueue, describe_lease_holders
 from olmocr.pipeline.workspace.storage import Storage, open_storage
 
@@ -118,15 +118,25 @@ class Runner:
             logger.exception("unexpected error on %s", source)
             return failure(source, f"internal error: {type(exc).__name__}: {exc}", retryable=True)
 
-    async def _process_item(self, item: WorkItem, finished: dict[str, DocOutcome] | None = None) -> None:
+    async def _process_archive(self, source: str) -> list[DocOutcome]:  # queue-scale (#29): tarballs
+        try:
+            return await self.documents.process_archive(source)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one bad archive must not take the item down
+            logger.exception("unexpected error on %s", source)
+            return [failure(source, f"internal error: {type(exc).__name__}: {exc}", retryable=True)]
+
+    async def _process_item(self, item: WorkItem, finished: dict[str, list[DocOutcome]] | None = None) -> None:
         # --- queue-scale (#29): ``finished`` collects each document's outcome as it ends (kept on a stop) ---
         finished = {} if finished is None else finished
 
-        async def one(path: str) -> DocOutcome:
-            finished[path] = outcome = await self._process_doc(path)
-            return outcome
+        async def one(path: str) -> list[DocOutcome]:
+            finished[path] = outcomes = (await self._process_archive(path) if is_archive(path)
+                                         else [await self._process_doc(path)])
+            return outcomes
 
-        outcomes = await asyncio.gather(*(one(path) for path in item.paths))
+        outcomes = [o for outs in await asyncio.gather(*(one(path) for path in item.paths)) for o in outs]
         # --- end queue-scale ---
         docs = [o.doc for o in outcomes if o.doc is not None]
         failed = [o.failure for o in outcomes if o.failure is not None]
@@ -255,7 +265,7 @@ class Runner:
 
     async def _run_item(self, worker_id: int, item: WorkItem) -> None:
         logger.info("worker %d claimed work item %s (%d documents)", worker_id, item.hash, len(item.paths))
-        finished: dict[str, DocOutcome] = {}
+        finished: dict[str, list[DocOutcome]] = {}
         work = asyncio.create_task(self._process_item(item, finished))
         renewer = asyncio.create_task(self._renew_until_done(item, work))
         try:
@@ -277,15 +287,16 @@ class Runner:
             await self._pause(ERROR_PAUSE_S)
 
     # --- queue-scale (#29): a stop keeps the item's finished documents ---
-    def _hand_back(self, item: WorkItem, finished: dict[str, DocOutcome]) -> None:
+    def _hand_back(self, item: WorkItem, finished: dict[str, list[DocOutcome]]) -> None:
         """Write the finished documents of ``item`` as its results and queue the rest as a new item
         (WorkQueue.complete_partial); with nothing finished, or without the lease, just release it."""
         try:
             if not finished or not self.queue.holds(item):
                 self._release_quietly(item)
                 return
-            docs = [o.doc for o in finished.values() if o.doc is not None]
-            failed = [o.failure for o in finished.values() if o.failure is not None]
+            outcomes = [o for outs in finished.values() for o in outs]
+            docs = [o.doc for o in outcomes if o.doc is not None]
+            failed = [o.failure for o in outcomes if o.failure is not None]
             if self.config.markdown:
                 for doc in docs:
                     self.storage.write(markdown_relpath(doc["metadata"]["Source-File"]), doc["text"].encode("utf-8"))

@@ -42,15 +42,16 @@ def filtered(source: str, reason: str) -> DocOutcome:
 class _Fetched:
     """A local file for the renderer: the input itself when local, else a temporary copy."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, local: str | None = None) -> None:
         self.source = source
-        self.path = source
+        self.path = local or source
+        self.local = local is not None
         self.temp: str | None = None
 
     def fetch(self) -> bytes:
         """Make the document available locally; return its first bytes (for sniffing)."""
-        if not self.source.startswith("s3://"):
-            with open(self.source, "rb") as fh:
+        if self.local or not self.source.startswith("s3://"):
+            with open(self.path, "rb") as fh:
                 return fh.read(SNIFF_BYTES)
         data = read_input(self.source)
         fd, self.temp = tempfile.mkstemp(prefix="olmocr-", suffix=".input")
@@ -76,8 +77,9 @@ class DocumentProcessor:
         self.page_slots = page_slots
         self.max_page_error_rate = max_page_error_rate
 
-    async def process(self, source: str) -> DocOutcome:
-        fetched = _Fetched(source)
+    async def process(self, source: str, local: str | None = None) -> DocOutcome:
+        """``source`` (its name in the results); ``local``: a local copy to read instead (archive members)."""
+        fetched = _Fetched(source, local)
         try:
             try:
                 head = await asyncio.to_thread(fetched.fetch)
@@ -105,6 +107,34 @@ class DocumentProcessor:
             return await self._run_pages(source, fetched.path, kind, info.page_count)
         finally:
             fetched.cleanup()
+
+    # --- queue-scale (#29): tarball inputs ---
+    async def process_archive(self, source: str) -> list[DocOutcome]:
+        """Every PDF/PNG/JPEG member of the tarball ``source`` as a document named ``source::member`` (as
+        upstream). A corrupt or truncated archive is a failed document (``source``) with its reason; the
+        members read before the damage still come through."""
+        from olmocr.pipeline.workspace.archives import extract_members
+
+        fetched = _Fetched(source)
+        temp_dir = tempfile.mkdtemp(prefix="olmocr-archive-")
+        try:
+            try:
+                await asyncio.to_thread(fetched.fetch)
+            except FileNotFoundError:
+                return [failure(source, "file not found", retryable=True)]
+            except Exception as exc:  # noqa: BLE001 - S3/OS errors: may work next time
+                return [failure(source, f"cannot read input ({type(exc).__name__}: {exc})", retryable=True)]
+            members, problem = await asyncio.to_thread(extract_members, fetched.path, temp_dir)
+            outcomes = list(await asyncio.gather(*(self.process(f"{source}::{name}", path) for name, path in members)))
+            if problem is not None:
+                outcomes.append(failure(source, problem, retryable=False))
+            return outcomes
+        finally:
+            fetched.cleanup()
+            import shutil
+
+            shutil.rmtree(temp_dir, ignore_errors=True)
+    # --- end queue-scale ---
 
     async def _filter_reason(self, path: str, page_count: int) -> str | None:
         from olmocr.pipeline.pages.filters import PAGES_TO_READ, filter_reason

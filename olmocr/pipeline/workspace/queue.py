@@ -804,22 +804,22 @@ class WorkQueue:
         """Pages queued, done and per second for the whole workspace (all pipelines); lists, never reads
         flags. Also stores the exact counts this queue learnt since the last call.
 
-        The listing of the done flags costs one request per 1,000 items: the totals are read again when this
-        queue finished an item since the last time, else at most every :data:`TOTALS_MIN_SECONDS`, or
-        :data:`TOTALS_SECONDS_PER_LISTING_PAGE` per listing request in a big workspace (a million documents
-        in 20,000 items: every 7 min); the last ones are returned in between."""
+        The listing of the done flags costs one request per 1,000 items: the totals are read again at most
+        every :data:`TOTALS_MIN_SECONDS`, or :data:`TOTALS_SECONDS_PER_LISTING_PAGE` per listing request in
+        a big workspace (a million documents in 20,000 items: every 7 min), and in a small one (one listing
+        request) also when this queue finished an item; the last ones are returned in between."""
         now = time.monotonic()
         last = self._totals_last
         with self._lock:
             finished_here = bool(self._exact_pages)
-        if last is not None and not finished_here and now - last[0] < max(
-                TOTALS_MIN_SECONDS, TOTALS_SECONDS_PER_LISTING_PAGE * last[1]):
-            return last[2]
         try:
             self.flush_page_counts()
         except Exception as exc:  # noqa: BLE001 - display only; kept for the next call
             logger.debug("could not store exact page counts: %s", exc)
-        self.index.refresh()
+        if last is not None and now - last[0] < max(TOTALS_MIN_SECONDS, TOTALS_SECONDS_PER_LISTING_PAGE * last[1]):
+            if not (finished_here and last[1] <= 1):  # a small workspace shows each item of ours at once
+                return last[2]
+        self.index.refresh(TOTALS_MIN_SECONDS)
         pages_found = self.storage.read_if_changed(PAGES_KEY, self._totals_cache[0][1] if self._totals_cache else None)
         if pages_found is NOT_MODIFIED and self._totals_cache is not None:
             pages_tag = self._totals_cache[0][1]
