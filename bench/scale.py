@@ -281,7 +281,7 @@ def fleet(n: int = 100_000, workers: int = 1000, skew_s: float = 120.0, slowdown
                 queue.complete(item, b'{"id": "x"}\n', [])
                 with lock:
                     completed.append(item.hash)
-            except SlowDown as exc:
+            except (SlowDown, LeaseLost) as exc:
                 with lock:
                     problems.append(f"complete: {exc}")
 

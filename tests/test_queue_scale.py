@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from bench.scale_store import CountingStore, MemoryStore, Retrying, SlowDown
+from olmocr.pipeline.errors import LeaseLost
 from olmocr.pipeline.workspace.queue import (
     INDEX_KEY,
     UNFINISHED_REASON,
@@ -255,3 +256,30 @@ def test_a_stop_keeps_finished_documents_and_hands_back_the_rest(tmp_path: Path)
     assert sorted(queued) == sorted(item.paths[24:])  # each unfinished or failed document queued once
     stats = workspace_stats(storage)
     assert UNFINISHED_REASON not in json.dumps(stats["failed_documents"])  # handed back is not failed
+
+
+def test_a_worker_whose_lease_ran_out_writes_no_done_flag() -> None:
+    """A slow worker (its renewals throttled, say) finishing after its lease ended must not complete the
+    item another worker took over: complete() checks the lease is good for a third of its length, renewing
+    it when it is not, before the results and again before the done flag."""
+    store = MemoryStore()
+    slow = WorkQueue(store, worker_id="slow", lease_seconds=2)
+    other = WorkQueue(store, worker_id="other", lease_seconds=2)
+    slow.populate(["a.pdf", "b.pdf"], pages_per_group=1, page_count=lambda p: 1)
+    first = slow.claim()
+    second = slow.claim()
+    assert first is not None and second is not None
+    time.sleep(2 + 1 + 1.2)  # both leases over by the store's clock
+    taken = other.claim()
+    assert taken is not None
+    late = first if taken == first else second
+    with pytest.raises(LeaseLost):
+        slow.complete(late, b'{"id": "late"}\n', [])
+    assert store.read(done_key(late.hash)) is None
+    assert store.writes.get(f"results/output_{late.hash}.jsonl", 0) == 0  # nothing written at all
+    # The other one, not taken by anybody: its lease is renewed, then it completes.
+    kept = second if late == first else first
+    slow.complete(kept, b'{"id": "kept"}\n', [])
+    assert store.read(done_key(kept.hash)) is not None
+    other.complete(taken, b'{"id": "taken"}\n', [])
+    assert store.live_lease_takeovers == 0 and max(store.writes.values()) == 1

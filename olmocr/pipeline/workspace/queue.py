@@ -60,7 +60,7 @@ DONE_DIR = "done_flags"
 RESULTS_DIR = "results"
 FAILED_DIR = "failed"
 CAS_ATTEMPTS = 100
-#: ``counts()`` lists the done flags again when its last listing is older than this.
+#: ``counts()`` lists the done flags again when its last listing is older than this, per listing request.
 DONE_CACHE_SECONDS = 30.0
 #: A claim checks the index's ETag at most this often (new items of other populators show up this late).
 INDEX_CHECK_SECONDS = 2.0
@@ -382,6 +382,7 @@ class WorkQueue:
         self.clock = clock
         self._lock = threading.Lock()
         self._leases: dict[str, str] = {}  # item hash -> lease_id we hold
+        self._lease_sent: dict[str, float] = {}  # item hash -> monotonic time our last lease write was sent
         self._done: set[str] = set()
         self._done_listed_at = float("-inf")
         self._done_hits = 0  # probes that found a done item since the last listing of the done flags
@@ -504,7 +505,9 @@ class WorkQueue:
             self._listing_pages = listed // 1000 + 1
 
     def _done_hashes(self, refresh: bool = False) -> set[str]:
-        if refresh or time.monotonic() - self._done_listed_at > DONE_CACHE_SECONDS:
+        """The done items known; listed again when the last listing is older than DONE_CACHE_SECONDS per
+        request it took (a million documents: every 10 min; probes keep the set current in between)."""
+        if refresh or time.monotonic() - self._done_listed_at > DONE_CACHE_SECONDS * self._listing_pages:
             self._list_done()
         with self._lock:
             return set(self._done)
@@ -617,6 +620,7 @@ class WorkQueue:
             item = WorkItem(hash=item_hash, paths=self.index.paths(item_hash), leased_at=leased_at)
             with self._lock:
                 self._leases[item_hash] = lease_id
+                self._lease_sent[item_hash] = leased_at
             try:
                 done = self.is_done(item_hash)
             except Exception:
@@ -641,6 +645,7 @@ class WorkQueue:
         if lease_id is None:
             raise LeaseLost(f"work item {item.hash}: not leased by this worker")
         key = lock_key(item.hash)
+        started = time.monotonic()  # the new LastModified is later than this: the lease runs from here
         found = self.storage.read_versioned(key)
         current = _parse_jsonl(found[0]) if found else []
         if not current or current[0].get("lease_id") != lease_id:
@@ -654,6 +659,22 @@ class WorkQueue:
         ):
             self._forget(item.hash, lease_id)
             raise LeaseLost(f"work item {item.hash}: lease changed while renewing")
+        with self._lock:
+            if self._leases.get(item.hash) == lease_id:
+                self._lease_sent[item.hash] = max(self._lease_sent.get(item.hash, 0.0), started)
+
+    def _hold_for(self, item: WorkItem, seconds: float) -> bool:
+        """Make sure our lease on ``item`` lasts ``seconds`` more, renewing it if it would not (LeaseLost if
+        another worker has it). False if this queue never held it. No request while the lease is fresh:
+        nobody may take a lease before it ends."""
+        with self._lock:
+            sent = self._lease_sent.get(item.hash) if item.hash in self._leases else None
+        if sent is None:
+            return False
+        margin = min(5.0, self.lease_seconds / 10) + AGE_RESOLUTION_S
+        if sent + self.lease_seconds - margin - time.monotonic() < seconds:
+            self.renew(item)
+        return True
 
     def holds(self, item: WorkItem) -> bool:
         """Whether this queue currently holds the lease (according to the stored lock)."""
@@ -669,6 +690,7 @@ class WorkQueue:
         with self._lock:
             if self._leases.get(item_hash) == lease_id:
                 del self._leases[item_hash]
+                self._lease_sent.pop(item_hash, None)
 
     # ---- finishing --------------------------------------------------------------------------------
 
@@ -679,7 +701,10 @@ class WorkQueue:
         added. Retryable failures are re-queued by the next run; the others are final. The exact page count
         of the item's documents (from the results) goes into the done flag and, later, the totals.
         """
-        held = self.holds(item)
+        # The lease must outlast the writes: a worker whose lease may have ended writes nothing (LeaseLost),
+        # and the done flag, the commit point, is written only inside a lease checked again just before it.
+        budget = self.lease_seconds / 3
+        held = self._hold_for(item, budget)
         if not held:
             logger.warning(
                 "work item %s: completing without a live lease (it may be redone elsewhere)", item.hash
@@ -696,6 +721,8 @@ class WorkQueue:
             self.storage.write(failed_key(item.hash), ("\n".join(lines) + "\n").encode())
         else:
             self.storage.delete(failed_key(item.hash))  # stale records of an earlier, interrupted attempt
+        if held:
+            self._hold_for(item, budget)
         pages = _result_pages(results) + sum(1 for r in failed if not r.get("unfinished"))
         done = {"time": self.clock(), "worker_id": self.worker_id, "documents_failed": len(failed), "pages": pages}
         self.storage.write(done_key(item.hash), json.dumps(done).encode())
@@ -703,6 +730,7 @@ class WorkQueue:
             self._done.add(item.hash)
             self._exact_pages[item.hash] = pages
             lease_id = self._leases.pop(item.hash, None) if held else None
+            self._lease_sent.pop(item.hash, None)
         if lease_id is not None:
             self.storage.delete(lock_key(item.hash))  # ours, checked above: no second read
         else:
@@ -733,6 +761,7 @@ class WorkQueue:
         The lease is forgotten locally first: if the storage fails here, the lock expires by itself."""
         with self._lock:
             lease_id = self._leases.pop(item.hash, None)
+            self._lease_sent.pop(item.hash, None)
         if lease_id is None:
             return False
         key = lock_key(item.hash)
