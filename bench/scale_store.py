@@ -263,26 +263,19 @@ class CountingStore:
         self._request("DELETE")
         self.inner.delete(key)
 
-    def list_ages(self, prefix: str) -> Iterator[tuple[str, float]]:
-        after = ""
-        while True:
-            self._request("LIST")
-            page = self.inner.list_page(prefix, after)
-            self._got(sum(len(k) + 120 for k, _ in page))  # ~ the XML of each <Contents> entry
-            yield from page
-            if len(page) < LIST_PAGE:
-                return
-            after = page[-1][0]
+    def list_page(self, prefix: str, after: str = "") -> list[tuple[str, float]]:
+        self._request("LIST")
+        page = self.inner.list_page(prefix, after)
+        self._got(sum(len(k) + 120 for k, _ in page))  # ~ the XML of each <Contents> entry
+        return page
 
-    def iter_list(self, prefix: str) -> Iterator[str]:
-        return (key for key, _ in self.list_ages(prefix))
+    def _now(self) -> float:
+        return self.inner._now()
 
-    def list(self, prefix: str) -> list[str]:
-        return list(self.iter_list(prefix))
-
-    def list_times(self, prefix: str) -> dict[str, float]:
-        now = self.inner._now()
-        return {key: now - age for key, age in self.list_ages(prefix)}
+    list_ages = MemoryStore.list_ages
+    iter_list = MemoryStore.iter_list
+    list = MemoryStore.list
+    list_times = MemoryStore.list_times
 
 
 class Retrying:
@@ -327,5 +320,5 @@ class Retrying:
             return iter([k for k, _ in result])
         if name == "list":
             return [k for k, _ in result]
-        now = self.inner.inner._now()
+        now = self.inner._now()
         return {k: now - age for k, age in result}

@@ -109,21 +109,15 @@ class Runner:
         self.active: set[str] = set()
         self.item_finished = asyncio.Event()
 
-    async def _process_doc(self, source: str) -> DocOutcome:
+    async def _process_doc(self, source: str) -> list[DocOutcome]:
+        """One input's outcomes: one document, or each member of a tarball (queue-scale, #29)."""
         try:
-            return await self.documents.process(source)
+            if is_archive(source):
+                return await self.documents.process_archive(source)
+            return [await self.documents.process(source)]
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - one bad document must not take the item down
-            logger.exception("unexpected error on %s", source)
-            return failure(source, f"internal error: {type(exc).__name__}: {exc}", retryable=True)
-
-    async def _process_archive(self, source: str) -> list[DocOutcome]:  # queue-scale (#29): tarballs
-        try:
-            return await self.documents.process_archive(source)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - one bad archive must not take the item down
             logger.exception("unexpected error on %s", source)
             return [failure(source, f"internal error: {type(exc).__name__}: {exc}", retryable=True)]
 
@@ -132,8 +126,7 @@ class Runner:
         finished = {} if finished is None else finished
 
         async def one(path: str) -> list[DocOutcome]:
-            finished[path] = outcomes = (await self._process_archive(path) if is_archive(path)
-                                         else [await self._process_doc(path)])
+            finished[path] = outcomes = await self._process_doc(path)
             return outcomes
 
         outcomes = [o for outs in await asyncio.gather(*(one(path) for path in item.paths)) for o in outs]

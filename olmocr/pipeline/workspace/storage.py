@@ -355,15 +355,8 @@ class S3Storage:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def read_versioned(self, key: str) -> tuple[bytes, str] | None:
-        from botocore.exceptions import ClientError
-
-        try:
-            data, response = get_object_bytes(self.client, Bucket=self.bucket, Key=self._key(key))
-        except ClientError as exc:
-            if _error_code(exc) in _MISSING:
-                return None
-            raise
-        return data, str(response["ETag"]).strip('"')
+        found = self.read_aged(key)
+        return None if found is None else (found[0], found[1])
 
     def read(self, key: str) -> bytes | None:
         found = self.read_versioned(key)
