@@ -65,7 +65,8 @@ def test_claim_costs_do_not_grow_with_the_index() -> None:
     small = _claim_costs(100)
     big = _claim_costs(100_000)
     # Half the items are done: a claim probes ~2 items (HEAD of the done flag, create of the lock, HEAD again).
-    assert big[0] <= 10 and small[0] <= 10, (small, big)
+    # ~4 on average: a probe that finds a done item costs 1 request, a claim 3 (+ an index check every 2 s).
+    assert big[0] <= 5 and small[0] <= 5 and big[1] <= 10, (small, big)
     assert big[0] <= small[0] * 1.5 + 1, (small, big)  # the same at 100 and at 100,000 items
     assert big[2] <= 64 * 1024, big  # no index download, no listing of 50,000 done flags per claim
 

@@ -72,6 +72,8 @@ MIN_DONE_HITS = 3
 UNFINISHED_REASON = "not processed: its worker stopped before reaching it (queued again)"
 #: Documents whose pages are counted to size every document of a big queue (as upstream).
 SAMPLE_SIZE = 100
+#: ``--stats`` reads this many results/failure files at once.
+STATS_READERS = 32
 #: ``page_totals`` reads the workspace again after this long (or when this queue finished an item) ...
 TOTALS_MIN_SECONDS = 60.0
 #: ... or this many seconds per request its listing of the done flags takes, if longer.
@@ -905,10 +907,17 @@ def workspace_stats(storage: Storage, clock: Callable[[], float] = time.time) ->
     index = load_index(storage)
     documents = pages = fallback_pages = input_tokens = output_tokens = 0
     succeeded: set[str] = set()
-    for key in storage.list(f"{RESULTS_DIR}/"):
-        if not key.endswith(".jsonl"):
-            continue
-        for doc in _parse_jsonl(storage.read(key)):
+    # One GET per results file: STATS_READERS at a time (a million documents in 20,000 items at 20 ms a
+    # request: ~13 s instead of 400 s one after another).
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=STATS_READERS, thread_name_prefix="olmocr-stats")
+
+    def read_all(prefix: str) -> Iterable[bytes | None]:
+        return pool.map(storage.read, (k for k in storage.iter_list(prefix) if k.endswith(".jsonl")))
+
+    for data in read_all(f"{RESULTS_DIR}/"):
+        for doc in _parse_jsonl(data):
             meta = doc.get("metadata") or {}
             documents += 1
             pages += int(meta.get("pdf-total-pages") or 0)
@@ -917,8 +926,8 @@ def workspace_stats(storage: Storage, clock: Callable[[], float] = time.time) ->
             output_tokens += int(meta.get("total-output-tokens") or 0)
             succeeded.add(str(meta.get("Source-File") or doc.get("source") or ""))
     latest: dict[str, dict] = {}
-    for key in storage.list(f"{FAILED_DIR}/"):
-        for record in _parse_jsonl(storage.read(key)):
+    for data in read_all(f"{FAILED_DIR}/"):
+        for record in _parse_jsonl(data):
             source = str(record.get("source", ""))
             if source in succeeded or record.get("unfinished"):
                 continue  # a later retry succeeded; handed back by a stop (queued again, not a failure)
@@ -930,6 +939,7 @@ def workspace_stats(storage: Storage, clock: Callable[[], float] = time.time) ->
         if not r.get("filtered")
     ]
     # Skipped by --apply_filter: not failures (nothing went wrong), final.
+    pool.shutdown()
     filtered = [{"source": s, "reason": str(r.get("reason", ""))} for s, r in sorted(latest.items()) if r.get("filtered")]
     queued_docs = len({p for paths in index.values() for p in paths})
     return {
