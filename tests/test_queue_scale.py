@@ -284,3 +284,15 @@ def test_a_worker_whose_lease_ran_out_writes_no_done_flag() -> None:
     assert store.read(done_key(kept.hash)) is not None
     other.complete(taken, b'{"id": "taken"}\n', [])
     assert store.live_lease_takeovers == 0 and max(store.writes.values()) == 1
+
+
+def test_a_nearly_finished_workspace_is_listed_not_probed_item_by_item() -> None:
+    """3,000 items, 99% done: a new process claims the last 30 with a few listings of the done flags, not
+    a HEAD per done item (probing is the cheaper way only while most items are not done)."""
+    store = CountingStore(_workspace(3000, done_share=0.99))
+    queue = WorkQueue(store)
+    claimed = 0
+    while queue.claim() is not None:
+        claimed += 1
+    assert claimed == 30
+    assert store.requests["LIST"] >= 3 and store.total < 400, dict(store.requests)

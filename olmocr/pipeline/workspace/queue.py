@@ -388,6 +388,7 @@ class WorkQueue:
         self._done: set[str] = set()
         self._done_listed_at = float("-inf")
         self._done_hits = 0  # probes that found a done item since the last listing of the done flags
+        self._probes = 0  # probes since the last listing
         self._listing_pages = 1  # requests one listing of the done flags took last time
         self._busy: dict[str, float] = {}  # item hash -> monotonic time its live lease may end
         self._requeued = False
@@ -503,7 +504,7 @@ class WorkQueue:
         with self._lock:
             self._done |= found
             self._done_listed_at = time.monotonic()
-            self._done_hits = 0
+            self._done_hits = self._probes = 0
             self._listing_pages = listed // 1000 + 1
 
     def _done_hashes(self, refresh: bool = False) -> set[str]:
@@ -514,14 +515,23 @@ class WorkQueue:
         with self._lock:
             return set(self._done)
 
-    def _found_done(self, item_hash: str) -> None:
-        """A probe found ``item_hash`` done: list the done flags again once probing cost more than that."""
+    def _probed(self, item_hash: str, done: bool) -> None:
+        """Count a probe; one that found ``item_hash`` done may trigger a listing of the done flags: when
+        most probes lately found done items (a mostly finished workspace, where probing is the dearer way to
+        learn) and they cost more requests than the listing, at most every DONE_CACHE_SECONDS per listing
+        request. In a half-done workspace a probe finds a done item every other time, at one HEAD each:
+        cheaper than listings, whose answers are ~200 KB per 1,000 keys."""
         with self._lock:
+            self._probes += 1
+            if not done:
+                return
             self._done.add(item_hash)
             self._done_hits += 1
             # Before the first listing its size is unknown: at most one request per 1,000 items of the index.
-            pages = self._listing_pages if self._done_listed_at > float("-inf") else len(self.index.spans) // 1000 + 1
-            relist = self._done_hits > max(MIN_DONE_HITS, pages)
+            listed = self._done_listed_at > float("-inf")
+            pages = self._listing_pages if listed else len(self.index.spans) // 1000 + 1
+            relist = (self._done_hits > max(MIN_DONE_HITS, pages) and self._done_hits >= 0.8 * self._probes
+                      and time.monotonic() - self._done_listed_at > DONE_CACHE_SECONDS * pages)
         if relist:
             self._list_done()
 
@@ -612,8 +622,9 @@ class WorkQueue:
             with self._lock:
                 if item_hash in self._done or item_hash in self._leases:
                     continue
-            if self.storage.stat(done_key(item_hash)) is not None:
-                self._found_done(item_hash)
+            found = self.storage.stat(done_key(item_hash)) is not None
+            self._probed(item_hash, found)
+            if found:
                 continue
             leased_at = time.monotonic()
             lease_id = self._try_lease(item_hash)
