@@ -68,6 +68,9 @@ INDEX_CHECK_SECONDS = 2.0
 AGE_RESOLUTION_S = 1.0
 #: Probes that found a done item before the done flags are listed again: max(this, pages of a listing).
 MIN_DONE_HITS = 3
+#: How long upstream olmOCR 0.4.27's (empty, never renewed) lock holds its item for us: not at all (upstream
+#: itself counts it stale after 30 min; a killed upstream would otherwise block its items that long).
+UPSTREAM_LOCK_SECONDS = 0.0
 #: The reason recorded for a document handed back unfinished by a stop (re-queued at once).
 UNFINISHED_REASON = "not processed: its worker stopped before reaching it (queued again)"
 #: Documents whose pages are counted to size every document of a big queue (as upstream).
@@ -360,7 +363,10 @@ def lease_length(record: dict, default: float) -> float:
     try:
         return float(record["expires_at"]) - float(record.get("renewed_at", record["claimed_at"]))
     except (KeyError, TypeError, ValueError):
-        return default  # upstream's lock, or unreadable: our own lease length
+        pass
+    # Upstream 0.4.27 writes an empty lock and never renews it: a live holder and a killed one look the same.
+    # As before this change, such a lock does not hold its item against us (see docs/workspace.md).
+    return UPSTREAM_LOCK_SECONDS if not record else default
 
 
 class WorkQueue:
