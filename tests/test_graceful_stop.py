@@ -174,3 +174,25 @@ def test_sigterm_in_a_40_document_item_keeps_its_finished_documents(tmp_path: Pa
         standin.stop()
     assert set(docs_by_source(ws)) == {str(p) for p in docs}  # each exactly once
     assert [f for f in failures(ws) if not f.get("unfinished")] == []  # handed back, not failed
+
+
+def test_a_pipeline_killed_with_9_is_resumed_at_once_by_a_rerun_on_the_same_host(tmp_path: Path) -> None:
+    """Issue 29: the lease of a dead process on this host is free at once (its pid is gone), not after the
+    300 s lease: a re-run after kill -9 starts work at once."""
+    docs = _docs(tmp_path, 2, 2)
+    ws = tmp_path / "ws"
+    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "1"})
+    try:
+        with running_pipeline(ws, standin.url, docs, "--pages_per_group", "2", log=tmp_path / "first.log") as run:
+            run.wait_log("claimed work item", 60, "an item claimed")
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait(10)
+        assert _locks(ws), "kill -9 leaves its leases behind"
+        t0 = time.monotonic()
+        rc, text = run_pipeline(ws, standin.url, (), timeout=120, log=tmp_path / "second.log")
+        assert rc == 0, text
+        assert time.monotonic() - t0 < 60  # not after the 300 s lease
+        assert "is gone" in text, text  # took the dead process's lease over
+    finally:
+        standin.stop()
+    assert set(docs_by_source(ws)) == {str(p) for p in docs}
