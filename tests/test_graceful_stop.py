@@ -196,3 +196,33 @@ def test_a_pipeline_killed_with_9_is_resumed_at_once_by_a_rerun_on_the_same_host
     finally:
         standin.stop()
     assert set(docs_by_source(ws)) == {str(p) for p in docs}
+
+
+def test_sigterm_in_a_300_page_document_keeps_its_finished_pages(tmp_path: Path) -> None:
+    """Issue 29: a stop in the middle of a long document keeps the pages already answered
+    (partial_pages/); the next run asks only for the others, and the document is written once, whole."""
+    docs = _docs(tmp_path, 1, 300)
+    ws = tmp_path / "ws"
+    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.1"})
+    in_flight = 4
+    try:
+        with running_pipeline(ws, standin.url, docs, "--max_concurrent_requests", str(in_flight),
+                              "--stop_timeout", "1", log=tmp_path / "first.log") as run:
+            run.wait_log("claimed work item", 60, "the item claimed")
+            wait_for(lambda: _pages_answered(standin.url) >= 60, 120, "60 pages answered")
+            os.kill(run.pid, signal.SIGTERM)
+            rc = run.wait(30)
+        text = (tmp_path / "first.log").read_text()
+        assert rc == 0, text
+        assert "finished pages of documents in flight kept" in text, text
+        first = _pages_answered(standin.url)
+        assert docs_by_source(ws) == {}  # nothing written yet: the document is not finished
+        rc2, text2 = run_pipeline(ws, standin.url, (), timeout=170, log=tmp_path / "second.log")
+        assert rc2 == 0, text2
+        total = _pages_answered(standin.url)
+    finally:
+        standin.stop()
+    assert total <= 300 + in_flight + 1, (first, total)  # redone: at most the pages in flight at the stop
+    (doc,) = docs_by_source(ws).values()
+    assert doc["metadata"]["pdf-total-pages"] == 300
+    assert [span[2] for span in doc["attributes"]["pdf_page_numbers"]] == list(range(1, 301))

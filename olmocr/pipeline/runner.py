@@ -23,8 +23,9 @@ from olmocr.pipeline.servers.fleet import LOG_MOVED, Fleet
 from olmocr.pipeline.servers.serverlist import DnsName, ServerSpec
 from olmocr.pipeline.stats import SERVER_STATS_DIR, run_id, server_stats_record
 from olmocr.pipeline.stopping import DEFAULT_STOP_TIMEOUT_S, StopRequest
+from olmocr.pipeline.workspace import page_cache
 from olmocr.pipeline.workspace.inputs import expand_inputs, is_archive, set_input_profile
-from olmocr.pipeline.workspace.queue import WorkItem, WorkQueue, describe_lease_holders
+from olmocr.pipeline.workspace.queue import WorkItem, WorkQueue, describe_lease_holders, retry_hash
 from olmocr.pipeline.workspace.storage import Storage, open_storage
 
 logger = logging.getLogger("olmocr.pipeline")
@@ -124,12 +125,15 @@ class Runner:
     async def _process_item(self, item: WorkItem, finished: dict[str, list[DocOutcome]] | None = None) -> None:
         # --- queue-scale (#29): ``finished`` collects each document's outcome as it ends (kept on a stop) ---
         finished = {} if finished is None else finished
+        self.documents.cached.update(await asyncio.to_thread(page_cache.load, self.storage, item.hash))
 
         async def one(path: str) -> list[DocOutcome]:
             finished[path] = outcomes = await self._process_doc(path)
             return outcomes
 
         outcomes = [o for outs in await asyncio.gather(*(one(path) for path in item.paths)) for o in outs]
+        for path in item.paths:
+            self.documents.cached.pop(path, None)
         # --- end queue-scale ---
         docs = [o.doc for o in outcomes if o.doc is not None]
         failed = [o.failure for o in outcomes if o.failure is not None]
@@ -284,17 +288,25 @@ class Runner:
         """Write the finished documents of ``item`` as its results and queue the rest as a new item
         (WorkQueue.complete_partial); with nothing finished, or without the lease, just release it."""
         try:
-            if not finished or not self.queue.holds(item):
+            in_flight = any(r is not None for p in item.paths for r in self.documents.partial.get(p) or [])
+            if not (finished or in_flight) or not self.queue.holds(item):
                 self._release_quietly(item)
                 return
             outcomes = [o for outs in finished.values() for o in outs]
             docs = [o.doc for o in outcomes if o.doc is not None]
             failed = [o.failure for o in outcomes if o.failure is not None]
+            unfinished = [p for p in item.paths if p not in finished]
+            # The finished pages of documents in flight, for whoever does them next (before they are queued).
+            partial, cached = self.documents.partial, self.documents.cached
+            pages = {p: [r for r in partial[p] if r is not None] if p in partial else list(cached.get(p, {}).values())
+                     for p in unfinished}
+            kept = page_cache.save(self.storage, retry_hash(item.hash, unfinished), pages) if unfinished else 0
             if self.config.markdown:
                 for doc in docs:
                     self.storage.write(markdown_relpath(doc["metadata"]["Source-File"]), doc["text"].encode("utf-8"))
-            self.queue.complete_partial(item, dolma_jsonl(docs), failed,
-                                        [p for p in item.paths if p not in finished])
+            self.queue.complete_partial(item, dolma_jsonl(docs), failed, unfinished)
+            if kept:
+                logger.info("work item %s: %d finished pages of documents in flight kept", item.hash, kept)
             self.progress.docs_done += len(docs)
             self.released += 1
         except Exception as exc:  # noqa: BLE001 - the lease expires by itself; the item is then redone

@@ -76,6 +76,12 @@ class DocumentProcessor:
         self.pages = pages
         self.page_slots = page_slots
         self.max_page_error_rate = max_page_error_rate
+        # --- queue-scale (#29): finished pages survive a stop ---
+        #: Pages of each document in progress, filled as they finish (read by the runner on a stop).
+        self.partial: dict[str, list[PageResult | None]] = {}
+        #: Pages kept from an earlier, stopped run: ``{source: {page number: page}}`` (set by the runner).
+        self.cached: dict[str, dict[int, PageResult]] = {}
+        # --- end queue-scale ---
 
     async def process(self, source: str, local: str | None = None) -> DocOutcome:
         """``source`` (its name in the results); ``local``: a local copy to read instead (archive members)."""
@@ -145,6 +151,11 @@ class DocumentProcessor:
     async def _run_pages(self, source: str, path: str, kind: str, page_count: int) -> DocOutcome:
         self.pages.progress.add_pages(page_count)
         results: list[PageResult | None] = [None] * page_count
+        kept = self.cached.get(source, {})  # queue-scale (#29): pages a stopped run finished
+        for number, page in kept.items():
+            if 1 <= number <= page_count:
+                results[number - 1] = page
+        self.partial[source] = results
 
         async def run(index: int) -> None:
             try:
@@ -155,8 +166,11 @@ class DocumentProcessor:
         # Pages start as slots free up, so a 1,000-page PDF is never in flight all at once.
         async with asyncio.TaskGroup() as group:
             for index in range(page_count):
+                if results[index] is not None:
+                    continue
                 await self.page_slots.acquire()
                 group.create_task(run(index))
+        self.partial.pop(source, None)
 
         pages = [r for r in results if r is not None]
         fallbacks = [p for p in pages if p.is_fallback]
