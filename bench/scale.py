@@ -39,6 +39,7 @@ from typing import Any
 from bench.common import REPO, Figure, log
 from bench.scale_store import CountingStore, MemoryStore, Retrying, SlowDown
 from olmocr.pipeline.errors import LeaseLost
+from olmocr.pipeline.workspace import page_cache
 from olmocr.pipeline.workspace.queue import (
     INDEX_KEY,
     TOTALS_MIN_SECONDS,
@@ -128,7 +129,7 @@ def claiming(n: int, claims: int = 60) -> dict[str, Any]:
 
 def whole_run(workspace_docs: int, items: int = 200, processes: int = 20) -> dict[str, Any]:
     """Requests per page of ``items`` items processed in a workspace of ``workspace_docs`` documents, half
-    of them done: each item claimed, renewed every lease/3 of its simulated processing time (500 pages at
+    of them done: each item claimed, its kept pages looked for (partial_pages/), renewed every lease/3 of its simulated processing time (500 pages at
     4.53 pages/s), completed; plus each process's totals refreshes over the time that takes."""
     inner, _ = _half_done(workspace_docs)
     store = CountingStore(inner)
@@ -147,6 +148,7 @@ def whole_run(workspace_docs: int, items: int = 200, processes: int = 20) -> dic
                 taken += 1
             item = queue.claim()
             assert item is not None
+            store.read(page_cache.cache_key(item.hash))  # the pipeline looks for pages a stop kept
             seconds = len(item.paths) * PAGES_PER_DOC / H100_PAGES_PER_S
             for _ in range(int(seconds // (lease / 3))):
                 queue.renew(item)
