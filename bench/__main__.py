@@ -30,8 +30,8 @@ from bench.common import (
 )
 
 SECTIONS = ["cpu", "render", "throughput", "memory", "recovery", "storm", "statusd", "fleet", "fleet16", "reading",
-            "probes", "multigpu", "providers"]
-NO_CORPUS = {"statusd", "probes"}  # sections that need no PDFs
+            "probes", "multigpu", "providers", "scale"]
+NO_CORPUS = {"statusd", "probes", "scale"}  # sections that need no PDFs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import providers
 
                 figs, detail = providers.run(corpus, quick=args.quick)
+            elif section == "scale":
+                from bench import scale
+
+                figs, detail = scale.run(quick=args.quick)
             elif section == "multigpu":
                 from bench import multigpu
 

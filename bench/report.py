@@ -35,6 +35,7 @@ TITLES = {
     "probes": "Kubernetes probes (issue 21)",
     "multigpu": "One box, many GPUs (issue 17)",
     "providers": "Hosted providers (issue 31): a quota paced and not",
+    "scale": "A million documents, a thousand workers (issue 29): the work queue on an in-process object store",
 }
 
 HOW_TO_READ = """\

@@ -136,3 +136,93 @@ def test_stop_exit_code_tells_a_job_controller_the_run_was_cut_short(tmp_path: P
     finally:
         standin.stop()
     assert set(docs_by_source(ws)) == {str(p) for p in docs}
+
+
+def _pages_answered(url: str) -> int:
+    import requests
+
+    return int(requests.get(f"{url}/admin/info", timeout=5).json()["image_requests_served"])
+
+
+def test_sigterm_in_a_40_document_item_keeps_its_finished_documents(tmp_path: Path) -> None:
+    """Issue 29: the stop writes the item's finished documents and queues only the rest; the next run
+    answers no more pages again than were in flight, and every document is written once."""
+    docs = _docs(tmp_path, 40, 1)
+    ws = tmp_path / "ws"
+    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.4"})
+    log = tmp_path / "first.log"
+    in_flight = 2
+    try:
+        with running_pipeline(ws, standin.url, docs, "--pages_per_group", "100", "--workers", "1",
+                              "--max_concurrent_requests", str(in_flight), "--stop_timeout", "1", log=log) as run:
+            run.wait_log("claimed work item", 60, "the item claimed")
+            wait_for(lambda: _pages_answered(standin.url) >= 12, 60, "a dozen pages answered")
+            os.kill(run.pid, signal.SIGTERM)
+            rc = run.wait(30)
+        text = log.read_text()
+        assert rc == 0, text
+        kept = docs_by_source(ws)
+        assert 10 <= len(kept) < 40, text
+        assert _locks(ws) == [], "leases left behind"
+        first_answers = _pages_answered(standin.url)
+        rc2, text2 = run_pipeline(ws, standin.url, (), "--workers", "1", timeout=120, log=tmp_path / "second.log")
+        assert rc2 == 0, text2
+        redone = _pages_answered(standin.url) - first_answers - (40 - len(kept))
+        assert redone <= 0, (redone, len(kept))  # the first run's answered-but-unwritten pages are not asked again
+        assert first_answers - len(kept) <= in_flight + 1  # wasted: the pages in flight when it stopped
+    finally:
+        standin.stop()
+    assert set(docs_by_source(ws)) == {str(p) for p in docs}  # each exactly once
+    assert [f for f in failures(ws) if not f.get("unfinished")] == []  # handed back, not failed
+
+
+def test_a_pipeline_killed_with_9_is_resumed_at_once_by_a_rerun_on_the_same_host(tmp_path: Path) -> None:
+    """Issue 29: the lease of a dead process on this host is free at once (its pid is gone), not after the
+    300 s lease: a re-run after kill -9 starts work at once."""
+    docs = _docs(tmp_path, 2, 2)
+    ws = tmp_path / "ws"
+    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "1"})
+    try:
+        with running_pipeline(ws, standin.url, docs, "--pages_per_group", "2", log=tmp_path / "first.log") as run:
+            run.wait_log("claimed work item", 60, "an item claimed")
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait(10)
+        assert _locks(ws), "kill -9 leaves its leases behind"
+        t0 = time.monotonic()
+        rc, text = run_pipeline(ws, standin.url, (), timeout=120, log=tmp_path / "second.log")
+        assert rc == 0, text
+        assert time.monotonic() - t0 < 60  # not after the 300 s lease
+        assert "is gone" in text, text  # took the dead process's lease over
+    finally:
+        standin.stop()
+    assert set(docs_by_source(ws)) == {str(p) for p in docs}
+
+
+def test_sigterm_in_a_300_page_document_keeps_its_finished_pages(tmp_path: Path) -> None:
+    """Issue 29: a stop in the middle of a long document keeps the pages already answered
+    (partial_pages/); the next run asks only for the others, and the document is written once, whole."""
+    docs = _docs(tmp_path, 1, 300)
+    ws = tmp_path / "ws"
+    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.1"})
+    in_flight = 4
+    try:
+        with running_pipeline(ws, standin.url, docs, "--max_concurrent_requests", str(in_flight),
+                              "--stop_timeout", "1", log=tmp_path / "first.log") as run:
+            run.wait_log("claimed work item", 60, "the item claimed")
+            wait_for(lambda: _pages_answered(standin.url) >= 60, 120, "60 pages answered")
+            os.kill(run.pid, signal.SIGTERM)
+            rc = run.wait(30)
+        text = (tmp_path / "first.log").read_text()
+        assert rc == 0, text
+        assert "finished pages of documents in flight kept" in text, text
+        first = _pages_answered(standin.url)
+        assert docs_by_source(ws) == {}  # nothing written yet: the document is not finished
+        rc2, text2 = run_pipeline(ws, standin.url, (), timeout=170, log=tmp_path / "second.log")
+        assert rc2 == 0, text2
+        total = _pages_answered(standin.url)
+    finally:
+        standin.stop()
+    assert total <= 300 + in_flight + 1, (first, total)  # redone: at most the pages in flight at the stop
+    (doc,) = docs_by_source(ws).values()
+    assert doc["metadata"]["pdf-total-pages"] == 300
+    assert [span[2] for span in doc["attributes"]["pdf_page_numbers"]] == list(range(1, 301))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -28,6 +29,11 @@ def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+def rel(paths: list[str]) -> list[str]:
+    """Local paths relative to the current directory (they are stored absolute), s3:// kept."""
+    return [p if p.startswith("s3://") else os.path.relpath(p) for p in paths]
+
+
 def test_sniff_kind() -> None:
     assert sniff_kind(b"%PDF-1.7\n") == "pdf"
     assert sniff_kind(b"\r\n" * 100 + b"%PDF-1.4") == "pdf"  # junk before the header
@@ -38,20 +44,20 @@ def test_sniff_kind() -> None:
 
 def test_plain_paths_and_missing(tree: Path) -> None:
     docs, problems = expand_inputs(["docs/edgar.pdf", "./docs/edgar.pdf", "docs/missing.pdf"])
-    assert docs == ["docs/edgar.pdf"]
+    assert docs == [str(tree / "docs" / "edgar.pdf")]  # stored absolute: a retry run works from anywhere
     assert [p.reason for p in problems] == ["no such file: docs/missing.pdf"]
     assert problems[0].path is None
 
 
 def test_globs_recursive_and_content_sniffing(tree: Path) -> None:
     docs, problems = expand_inputs(["docs/*"])
-    assert docs == sorted(
+    assert rel(docs) == sorted(
         ["docs/edgar.pdf", "docs/fake.pdf", "docs/photo.jpg", "docs/renamed.dat", "docs/scan.png"]
     )
     (bad,) = problems
-    assert bad.path == "docs/fake.pdf" and "not a PDF or image" in bad.reason
+    assert rel([bad.path or ""]) == ["docs/fake.pdf"] and "not a PDF or image" in bad.reason
     docs, problems = expand_inputs(["docs/**/*.pdf"])
-    assert docs == ["docs/edgar.pdf", "docs/fake.pdf", "docs/sub/olmo.pdf"]
+    assert rel(docs) == ["docs/edgar.pdf", "docs/fake.pdf", "docs/sub/olmo.pdf"]
     docs, problems = expand_inputs(["nowhere/*.pdf"])
     assert docs == [] and [p.reason for p in problems] == ["glob matched no files: nowhere/*.pdf"]
 
@@ -59,12 +65,33 @@ def test_globs_recursive_and_content_sniffing(tree: Path) -> None:
 def test_directory_is_explained(tree: Path) -> None:
     docs, problems = expand_inputs(["docs"])
     assert docs == [] and "is a directory" in problems[0].reason
+    assert "'docs/**/*'" in problems[0].reason  # PDFs and images: a pattern that matches them all
+
+
+def test_folder_of_images_gets_a_pattern_that_matches_them(tree: Path) -> None:
+    (tree / "images" / "more").mkdir(parents=True)
+    for i in range(3):
+        (tree / "images" / f"scan{i}.png").write_bytes(PNG)
+    (tree / "images" / "more" / "scan9.png").write_bytes(PNG)
+    (tree / "images" / "README").write_text("scans of the archive")
+    _, problems = expand_inputs(["images/"])
+    (problem,) = problems
+    assert "'images/**/*.png'" in problem.reason, problem.reason
+    suggested = problem.reason.split("'")[1]
+    docs, problems = expand_inputs([suggested])
+    assert len(docs) == 4 and problems == []  # the suggestion works as given
+
+
+def test_relative_paths_are_stored_absolute(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    docs, _ = expand_inputs(["docs/edgar.pdf", "docs/sub/*.pdf"])
+    monkeypatch.chdir("/")
+    assert all(os.path.isabs(d) and os.path.exists(d) for d in docs)
 
 
 def test_txt_list(tree: Path) -> None:
     (tree / "list.txt").write_text("# my documents\ndocs/edgar.pdf\n\ndocs/sub/*.pdf\ndocs/gone.pdf\n")
     docs, problems = expand_inputs(["list.txt", "docs/scan.png"])
-    assert docs == ["docs/edgar.pdf", "docs/scan.png", "docs/sub/olmo.pdf"]
+    assert rel(docs) == ["docs/edgar.pdf", "docs/scan.png", "docs/sub/olmo.pdf"]
     assert [p.reason for p in problems] == ["no such file: docs/gone.pdf"]
 
 
@@ -94,7 +121,7 @@ def test_s3_globs_and_lists(s3_server: S3Server, tree: Path) -> None:
         f"{base}/in/nested/b.pdf",
         f"{base}/in/notes.pdf",
     ]  # upstream: * crosses /
-    assert [p.path for p in problems] == [f"{base}/in/notes.pdf"]
+    assert problems == []  # queueing reads no S3 document: notes.pdf fails when a worker opens it
     docs, problems = expand_inputs([f"{base}/**/*.pdf"])
     assert f"{base}/other/c.pdf" in docs and len(docs) == 4
     docs, problems = expand_inputs([f"{base}/in/renamed.bin", f"{base}/in/missing.pdf", f"{base}/none/*.pdf"])
@@ -105,7 +132,7 @@ def test_s3_globs_and_lists(s3_server: S3Server, tree: Path) -> None:
     ]
     client.put_object(Bucket=bucket, Key="lists/l.txt", Body=f"{base}/other/c.pdf\ndocs/edgar.pdf\n".encode())
     docs, problems = expand_inputs([f"{base}/lists/l.txt"])
-    assert docs == ["docs/edgar.pdf", f"{base}/other/c.pdf"] and problems == []
+    assert rel(docs) == ["docs/edgar.pdf", f"{base}/other/c.pdf"] and problems == []
     assert read_input(f"{base}/other/c.pdf") == pdf
     assert count_pages(f"{base}/other/c.pdf") == count_pages("docs/edgar.pdf")
     with pytest.raises(FileNotFoundError):

@@ -72,3 +72,31 @@ def test_replace_if_is_compare_and_swap_under_contention(storage: Storage) -> No
     won = _race(8, lambda i: storage.replace_if("counter", f"v{i}".encode(), tag))
     assert sum(won) == 1
     assert storage.read("counter") == f"v{won.index(True)}".encode()
+
+
+def test_conditional_reads_and_ages(storage: Storage) -> None:
+    """Issue 29: a conditional GET costs no body when nothing changed; ages come from the store's clock."""
+    import time
+
+    from olmocr.pipeline.workspace.storage import NOT_MODIFIED
+
+    assert storage.read_if_changed("idx", None) is None
+    assert storage.stat("idx") is None and storage.read_aged("idx") is None
+    storage.write("idx", b"version one")
+    found = storage.read_if_changed("idx", None)
+    assert isinstance(found, tuple) and found[0] == b"version one"
+    tag = found[1]
+    assert storage.read_if_changed("idx", tag) is NOT_MODIFIED
+    storage.write("idx", b"version two")
+    again = storage.read_if_changed("idx", tag)
+    assert isinstance(again, tuple) and again[0] == b"version two" and again[1] != tag
+    stat = storage.stat("idx")
+    aged = storage.read_aged("idx")
+    assert stat is not None and aged is not None and stat[0] == again[1] == aged[1]
+    assert 0 <= stat[1] < 3 and aged[0] == b"version two"
+    time.sleep(2.2)
+    later = storage.stat("idx")
+    assert later is not None and 1 <= later[1] < 5  # it aged by the store's clock (whole seconds on S3)
+    ages = dict(storage.list_ages(""))
+    assert set(ages) == {"idx"} and 1 <= ages["idx"] < 5
+    assert list(storage.iter_list("")) == ["idx"]

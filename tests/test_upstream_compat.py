@@ -148,3 +148,25 @@ def test_flag_list_matches_upstream_help(upstream_python: Path, tmp_path: Path) 
                            capture_output=True, text=True, timeout=120, check=True).stdout
     upstream = set(re.findall(r"(?:^|[\s,\[])(--?[a-z][-\w]*)", shown)) - {"-h", "--help"}
     assert upstream == set(UPSTREAM_FLAGS) | set(UPSTREAM_REJECTED)
+
+
+def test_upstream_finishes_a_tarball_item_we_queued(upstream_python: Path, standin, tmp_path: Path) -> None:
+    """Issue 29: a tarball is one item in our index, and upstream processes it as its own: the same
+    ``ARCHIVE::MEMBER`` names our pipeline gives (tests/test_archives.py)."""
+    import tarfile
+
+    from olmocr.pipeline.workspace.inputs import expand_inputs
+    from olmocr.pipeline.workspace.queue import WorkQueue
+    from olmocr.pipeline.workspace.storage import open_storage
+
+    pdfs = _docs(tmp_path)
+    archive = tmp_path / "batch.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for pdf in pdfs[:2]:
+            tar.add(pdf, arcname=f"inner/{pdf.name}")
+    ws = tmp_path / "ws"
+    paths, problems = expand_inputs([str(archive)])
+    assert problems == [] and WorkQueue(open_storage(str(ws))).populate(paths) == 1  # what --pdfs does
+    upstream = _start_upstream(upstream_python, ws, standin.url, "--workers", "1", log=tmp_path / "upstream.log")
+    _finish(upstream, tmp_path / "upstream.log")
+    assert set(docs_by_source(ws)) == {f"{archive}::inner/{pdf.name}" for pdf in pdfs[:2]}

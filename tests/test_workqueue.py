@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import multiprocessing
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from olmocr.pipeline.errors import LeaseLost
 from olmocr.pipeline.workspace.queue import (
+    AGE_RESOLUTION_S,
     INDEX_KEY,
     WorkQueue,
     decode_index,
@@ -105,20 +107,23 @@ def test_claim_under_process_contention(workspace: str, tmp_path: Path) -> None:
 
 
 def test_lease_expiry_takeover_and_renew(workspace: str) -> None:
+    """Leases run by the store's clock (the lock's age): the workers' own clocks are far apart here and
+    never matter."""
     storage = open_storage(workspace)
-    clock = Clock()
-    first = WorkQueue(storage, worker_id="first", lease_seconds=60, clock=clock)
-    second = WorkQueue(storage, worker_id="second", lease_seconds=60, clock=clock)
+    ahead, behind = Clock(), Clock()
+    ahead.now += 120  # two minutes ahead of the other worker: written into the records, never compared
+    first = WorkQueue(storage, worker_id="first", lease_seconds=2, clock=ahead)
+    second = WorkQueue(storage, worker_id="second", lease_seconds=2, clock=behind)
     first.populate(["only.pdf"], page_count=one_page)
     item = first.claim()
     assert item is not None and item.paths == ("only.pdf",)
     assert second.claim() is None  # live lease
-    clock.now += 50
-    first.renew(item)  # extends to now + 60
-    clock.now += 50
-    assert second.claim() is None  # renewed lease still live
+    time.sleep(1.5)
+    first.renew(item)  # the lock is rewritten: its age starts again
+    time.sleep(1.5)
+    assert second.claim() is None  # renewed lease still live (3 s after the claim, 1.5 s after the renewal)
     assert second.counts()["leased"] == 1
-    clock.now += 61  # first crashed / stalled: lease expired
+    time.sleep(2 + AGE_RESOLUTION_S + 0.6)  # first crashed / stalled: lease over
     taken = second.claim()
     assert taken == item
     with pytest.raises(LeaseLost):
@@ -126,8 +131,7 @@ def test_lease_expiry_takeover_and_renew(workspace: str) -> None:
     second.renew(taken)
     second.complete(taken, b"{}\n", [])
     assert second.claim() is None
-    clock.now += 1000
-    assert WorkQueue(storage, clock=clock).claim() is None  # done items are never claimable
+    assert WorkQueue(storage).claim() is None  # done items are never claimable
 
 
 def test_release_makes_item_claimable(workspace: str) -> None:
@@ -168,7 +172,7 @@ def test_complete_writes_results_then_failures_then_done(tmp_path: Path) -> None
 def test_restart_does_only_what_is_not_done(workspace: str) -> None:
     storage = open_storage(workspace)
     paths = [f"r{i}.pdf" for i in range(6)]
-    first = WorkQueue(storage, lease_seconds=3600)
+    first = WorkQueue(storage, lease_seconds=1)
     first.populate(paths, pages_per_group=1, page_count=one_page)
     done_first: list[str] = []
     for _ in range(2):
@@ -178,9 +182,8 @@ def test_restart_does_only_what_is_not_done(workspace: str) -> None:
         done_first.append(item.hash)
     crashed = first.claim()  # held when the process "crashes": never released
     assert crashed is not None
-    clock = Clock()
-    clock.now = 10**12  # the crashed worker's lease has long expired
-    restarted = WorkQueue(storage, clock=clock)
+    time.sleep(1 + AGE_RESOLUTION_S + 0.6)  # the crashed worker's lease is over
+    restarted = WorkQueue(storage)
     assert restarted.populate(paths, pages_per_group=1, page_count=one_page) == 0
     seen: list[str] = []
     _drain(restarted, seen)
@@ -298,17 +301,18 @@ def test_a_failed_done_check_after_leasing_gives_the_lease_back(tmp_path: Path) 
     the item leased by this queue, so none of its workers ever claimed it again."""
     storage = LocalStorage(tmp_path / "ws")
     WorkQueue(storage).populate(["only.pdf"], pages_per_group=1, page_count=one_page)
-    failing = {"done": 1}
+    calls = {"done": 0}
 
     class Flaky:
         def __getattr__(self, name):  # type: ignore[no-untyped-def]
             return getattr(storage, name)
 
-        def read(self, key: str) -> bytes | None:
-            if key.startswith("done_flags/") and failing["done"]:
-                failing["done"] -= 1
-                raise ConnectionResetError("connection reset by peer")
-            return storage.read(key)
+        def stat(self, key: str) -> tuple[str, float] | None:
+            if key.startswith("done_flags/"):
+                calls["done"] += 1
+                if calls["done"] == 2:  # the probe before the lease passes; the check after it fails
+                    raise ConnectionResetError("connection reset by peer")
+            return storage.stat(key)
 
     queue = WorkQueue(Flaky())  # type: ignore[arg-type]
     with pytest.raises(ConnectionResetError):

@@ -149,6 +149,9 @@ def run_metrics(metrics: PipelineMetrics) -> list[Metric]:
         for state, value in (("total", totals.total), ("done", totals.done), ("remaining", totals.remaining)):
             pages.add_metric([state], value)
         out.append(pages)
+        out.append(GaugeMetricFamily("olmocr_pipeline_workspace_pages_estimated", "1 while the workspace's page "
+                                     "total is an estimate (queued from a sample; exact once workers counted every "
+                                     "item), else 0", value=1 if totals.estimated else 0))
         if totals.rate is not None:
             out.append(GaugeMetricFamily("olmocr_pipeline_workspace_pages_per_second", "Pages per second of the "
                                          "whole workspace over the last 10 minutes (from the done flags; until a work item finishes, this "

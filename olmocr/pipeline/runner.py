@@ -26,8 +26,9 @@ from olmocr.pipeline.servers.fleet import LOG_MOVED, Fleet
 from olmocr.pipeline.servers.serverlist import DnsName, ServerSpec
 from olmocr.pipeline.stats import SERVER_STATS_DIR, run_id, server_stats_record
 from olmocr.pipeline.stopping import DEFAULT_STOP_TIMEOUT_S, StopRequest
-from olmocr.pipeline.workspace.inputs import expand_inputs, set_input_profile
-from olmocr.pipeline.workspace.queue import WorkItem, WorkQueue, describe_lease_holders
+from olmocr.pipeline.workspace import page_cache
+from olmocr.pipeline.workspace.inputs import expand_inputs, is_archive, set_input_profile
+from olmocr.pipeline.workspace.queue import WorkItem, WorkQueue, describe_lease_holders, retry_hash
 from olmocr.pipeline.workspace.storage import Storage, open_storage
 
 logger = logging.getLogger("olmocr.pipeline")
@@ -124,26 +125,39 @@ class Runner:
         self.failure = reason
         self.failing.set()
 
-    async def _process_doc(self, source: str) -> DocOutcome:
+    async def _process_doc(self, source: str) -> list[DocOutcome]:
+        """One input's outcomes: one document, or each member of a tarball (queue-scale, #29)."""
         try:
-            return await self.documents.process(source)
+            if is_archive(source):
+                return await self.documents.process_archive(source)
+            return [await self.documents.process(source)]
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - one bad document must not take the item down
             logger.exception("unexpected error on %s", source)
-            return failure(source, f"internal error: {type(exc).__name__}: {exc}", retryable=True)
+            return [failure(source, f"internal error: {type(exc).__name__}: {exc}", retryable=True)]
 
-    async def _process_item(self, item: WorkItem) -> None:
+    async def _process_item(self, item: WorkItem, finished: dict[str, list[DocOutcome]] | None = None) -> None:
         pages = self.progress.open_item()  # its pages count in the progress as they are answered
         done = False
         try:
-            await self._do_item(item)
+            await self._do_item(item, {} if finished is None else finished)
             done = True
         finally:
             self.progress.close_item(pages, done=done)
 
-    async def _do_item(self, item: WorkItem) -> None:
-        outcomes = await asyncio.gather(*(self._process_doc(path) for path in item.paths))
+    async def _do_item(self, item: WorkItem, finished: dict[str, list[DocOutcome]]) -> None:
+        # --- queue-scale (#29): ``finished`` collects each document's outcome as it ends (kept on a stop) ---
+        self.documents.cached.update(await asyncio.to_thread(page_cache.load, self.storage, item.hash))
+
+        async def one(path: str) -> list[DocOutcome]:
+            finished[path] = outcomes = await self._process_doc(path)
+            return outcomes
+
+        outcomes = [o for outs in await asyncio.gather(*(one(path) for path in item.paths)) for o in outs]
+        for path in item.paths:
+            self.documents.cached.pop(path, None)
+        # --- end queue-scale ---
         docs = [o.doc for o in outcomes if o.doc is not None]
         failed = [o.failure for o in outcomes if o.failure is not None]
         if self.config.markdown:
@@ -273,14 +287,15 @@ class Runner:
 
     async def _run_item(self, worker_id: int, item: WorkItem) -> None:
         logger.info("worker %d claimed work item %s (%d documents)", worker_id, item.hash, len(item.paths))
-        work = asyncio.create_task(self._process_item(item))
+        finished: dict[str, list[DocOutcome]] = {}
+        work = asyncio.create_task(self._process_item(item, finished))
         renewer = asyncio.create_task(self._renew_until_done(item, work))
         try:
             await asyncio.wait({work})
         except asyncio.CancelledError:
-            # Stop: hand the item back so another worker can take it at once.
+            # Stop: keep the finished documents, hand the rest back so another worker can take it at once.
             work.cancel()
-            await asyncio.to_thread(self._release_quietly, item)
+            await asyncio.to_thread(self._hand_back, item, dict(finished))  # queue-scale (#29)
             raise
         finally:
             renewer.cancel()
@@ -292,6 +307,37 @@ class Runner:
                          type(exc).__name__, exc)
             await asyncio.to_thread(self._release_quietly, item)
             await self._pause(ERROR_PAUSE_S)
+
+    # --- queue-scale (#29): a stop keeps the item's finished documents ---
+    def _hand_back(self, item: WorkItem, finished: dict[str, list[DocOutcome]]) -> None:
+        """Write the finished documents of ``item`` as its results and queue the rest as a new item
+        (WorkQueue.complete_partial); with nothing finished, or without the lease, just release it."""
+        try:
+            in_flight = any(r is not None for p in item.paths for r in self.documents.partial.get(p) or [])
+            if not (finished or in_flight) or not self.queue.holds(item):
+                self._release_quietly(item)
+                return
+            outcomes = [o for outs in finished.values() for o in outs]
+            docs = [o.doc for o in outcomes if o.doc is not None]
+            failed = [o.failure for o in outcomes if o.failure is not None]
+            unfinished = [p for p in item.paths if p not in finished]
+            # The finished pages of documents in flight, for whoever does them next (before they are queued).
+            partial, cached = self.documents.partial, self.documents.cached
+            pages = {p: [r for r in partial[p] if r is not None] if p in partial else list(cached.get(p, {}).values())
+                     for p in unfinished}
+            kept = page_cache.save(self.storage, retry_hash(item.hash, unfinished), pages) if unfinished else 0
+            if self.config.markdown:
+                for key, data in markdown_files(docs):  # as python -m olmocr.pipeline.export writes them
+                    self.storage.write(key, data)
+            self.queue.complete_partial(item, dolma_jsonl(docs), failed, unfinished)
+            if kept:
+                logger.info("work item %s: %d finished pages of documents in flight kept", item.hash, kept)
+            self.progress.docs_done += len(docs)
+            self.released += 1
+        except Exception as exc:  # noqa: BLE001 - the lease expires by itself; the item is then redone
+            logger.warning("could not hand back the finished documents of work item %s: %s", item.hash, exc)
+            self._release_quietly(item)
+    # --- end queue-scale ---
 
     def _release_quietly(self, item: WorkItem) -> None:
         try:

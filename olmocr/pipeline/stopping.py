@@ -8,8 +8,10 @@ within :data:`BURST_S` of the first is that same stop, not the impatient second 
 ignore such group signals: see ``olmocr.pipeline.pages.render``; the pipeline stops them itself.)
 
 A graceful stop (see ``Runner.run``): no new work items are claimed; items in progress get
-``--stop_timeout`` seconds to finish, then are abandoned and their leases deleted so that another
-pipeline takes them at once; the process exits 0 with a summary. The second signal kills the render
+``--stop_timeout`` seconds to finish. Then each keeps what is finished: its finished documents are written
+as its results, the answered pages of documents in flight go to ``partial_pages/``, and only the rest goes
+back to the queue as a new item that another pipeline takes at once (``WorkQueue.complete_partial``,
+docs/workspace.md); the process exits 0 with a summary. The second signal kills the render
 workers and exits 130 without releasing anything: the leases expire by themselves, as after ``kill -9``.
 """
 

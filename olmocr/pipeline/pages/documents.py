@@ -51,15 +51,16 @@ def _read(path: str) -> bytes:
 class _Fetched:
     """A local file for the renderer: the input itself when local, else a temporary copy."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, local: str | None = None) -> None:
         self.source = source
-        self.path = source
+        self.path = local or source
+        self.local = local is not None
         self.temp: str | None = None
 
     def fetch(self) -> bytes:
         """Make the document available locally; return its first bytes (for sniffing)."""
-        if not self.source.startswith("s3://"):
-            with open(self.source, "rb") as fh:
+        if self.local or not self.source.startswith("s3://"):
+            with open(self.path, "rb") as fh:
                 return fh.read(SNIFF_BYTES)
         data = read_input(self.source)
         fd, self.temp = tempfile.mkstemp(prefix="olmocr-", suffix=".input")
@@ -85,9 +86,16 @@ class DocumentProcessor:
         self.pages = pages
         self.page_slots = page_slots
         self.max_page_error_rate = max_page_error_rate
+        # --- queue-scale (#29): finished pages survive a stop ---
+        #: Pages of each document in progress, filled as they finish (read by the runner on a stop).
+        self.partial: dict[str, list[PageResult | None]] = {}
+        #: Pages kept from an earlier, stopped run: ``{source: {page number: page}}`` (set by the runner).
+        self.cached: dict[str, dict[int, PageResult]] = {}
+        # --- end queue-scale ---
 
-    async def process(self, source: str) -> DocOutcome:
-        fetched = _Fetched(source)
+    async def process(self, source: str, local: str | None = None) -> DocOutcome:
+        """``source`` (its name in the results); ``local``: a local copy to read instead (archive members)."""
+        fetched = _Fetched(source, local)
         try:
             try:
                 head = await asyncio.to_thread(fetched.fetch)
@@ -149,6 +157,34 @@ class DocumentProcessor:
         finally:
             fetched.cleanup()
 
+    # --- queue-scale (#29): tarball inputs ---
+    async def process_archive(self, source: str) -> list[DocOutcome]:
+        """Every PDF/PNG/JPEG member of the tarball ``source`` as a document named ``source::member`` (as
+        upstream). A corrupt or truncated archive is a failed document (``source``) with its reason; the
+        members read before the damage still come through."""
+        from olmocr.pipeline.workspace.archives import extract_members
+
+        fetched = _Fetched(source)
+        temp_dir = tempfile.mkdtemp(prefix="olmocr-archive-")
+        try:
+            try:
+                await asyncio.to_thread(fetched.fetch)
+            except FileNotFoundError:
+                return [failure(source, "file not found", retryable=True)]
+            except Exception as exc:  # noqa: BLE001 - S3/OS errors: may work next time
+                return [failure(source, f"cannot read input ({type(exc).__name__}: {exc})", retryable=True)]
+            members, problem = await asyncio.to_thread(extract_members, fetched.path, temp_dir)
+            outcomes = list(await asyncio.gather(*(self.process(f"{source}::{name}", path) for name, path in members)))
+            if problem is not None:
+                outcomes.append(failure(source, problem, retryable=False))
+            return outcomes
+        finally:
+            fetched.cleanup()
+            import shutil
+
+            shutil.rmtree(temp_dir, ignore_errors=True)
+    # --- end queue-scale ---
+
     async def _filter_reason(self, path: str, page_count: int) -> str | None:
         from olmocr.pipeline.pages.filters import PAGES_TO_READ, filter_reason
 
@@ -158,6 +194,11 @@ class DocumentProcessor:
     async def _run_pages(self, source: str, path: str, kind: str, page_count: int) -> DocOutcome:
         self.pages.progress.add_pages(page_count)
         results: list[PageResult | None] = [None] * page_count
+        kept = self.cached.get(source, {})  # queue-scale (#29): pages a stopped run finished
+        for number, page in kept.items():
+            if 1 <= number <= page_count:
+                results[number - 1] = page
+        self.partial[source] = results
 
         async def run(index: int) -> None:
             try:
@@ -168,8 +209,11 @@ class DocumentProcessor:
         # Pages start as slots free up, so a 1,000-page PDF is never in flight all at once.
         async with asyncio.TaskGroup() as group:
             for index in range(page_count):
+                if results[index] is not None:
+                    continue
                 await self.page_slots.acquire()
                 group.create_task(run(index))
+        self.partial.pop(source, None)
 
         pages = [r for r in results if r is not None]
         fallbacks = [p for p in pages if p.is_fallback]

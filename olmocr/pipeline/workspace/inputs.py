@@ -9,7 +9,10 @@ Accepted specs:
 * a ``.txt`` file (by name, and not itself a PDF/image by content) listing one spec per line (local paths,
   globs or ``s3://`` paths; blank lines and lines starting with ``#`` are ignored).
 
-Local paths are kept as given (normalised), as upstream does, so run later passes from the same directory.
+Local paths are stored absolute, so a later run (a retry) works from any directory. Queueing reads no
+``s3://`` document: what a file is, is learnt when a worker opens it (a non-document becomes a failed
+document then); only explicit ``.txt`` lists are read. Archives (``.tar``, ``.tar.gz``, ``.tgz``, by name)
+are one work item each (olmocr.pipeline.workspace.archives).
 """
 
 from __future__ import annotations
@@ -43,6 +46,14 @@ class InputProblem:
 
     def __str__(self) -> str:
         return self.reason
+
+
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def is_archive(path: str) -> bool:
+    """A tarball of documents (by name, as upstream): one work item, its members processed as documents."""
+    return path.lower().endswith(ARCHIVE_SUFFIXES)
 
 
 def sniff_kind(data: bytes) -> str | None:
@@ -199,15 +210,42 @@ def _expand_s3(spec: str) -> tuple[list[str], str | None]:
 
 def _expand_local(spec: str) -> tuple[list[str], str | None]:
     if _GLOB_CHARS.search(spec):
-        found = [os.path.normpath(p) for p in glob.glob(os.path.expanduser(spec), recursive=True)]
+        found = [os.path.abspath(p) for p in glob.iglob(os.path.expanduser(spec), recursive=True)]
         found = [p for p in found if os.path.isfile(p)]
         return found, None if found else f"glob matched no files: {spec}"
     path = os.path.normpath(os.path.expanduser(spec))
     if os.path.isdir(path):
-        return [], f"{spec} is a directory; use a glob such as '{path}/**/*.pdf'"
+        return [], f"{spec} is a directory; use a glob such as '{suggest_pattern(path)}'"
     if not os.path.exists(path):
         return [], f"no such file: {spec}"
-    return [path], None
+    return [os.path.abspath(path)], None
+
+
+#: Extensions a folder's documents usually have, in the order a suggestion prefers them.
+_DOC_EXTENSIONS = (".pdf", ".png", ".jpg", ".jpeg", ".tar.gz", ".tgz", ".tar")
+
+
+def suggest_pattern(folder: str, look_at: int = 2000) -> str:
+    """A glob for the documents in ``folder``: ``folder/**/*.pdf``, or the extension most of its files
+    have (``folder/**/*.png`` for a folder of scans), ``folder/**/*`` when they are mixed."""
+    seen: dict[str, int] = {}
+    looked = 0
+    for _dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            lower = name.lower()
+            ext = next((e for e in _DOC_EXTENSIONS if lower.endswith(e)), None)
+            if ext is not None:
+                seen[ext] = seen.get(ext, 0) + 1
+            looked += 1
+        if looked >= look_at:
+            break
+    folder = folder.rstrip("/")
+    if not seen or ".pdf" in seen and len(seen) == 1:
+        return f"{folder}/**/*.pdf"
+    if len(seen) == 1:
+        return f"{folder}/**/*{next(iter(seen))}"
+    return f"{folder}/**/*"
 
 
 def expand_inputs(specs: list[str], _depth: int = 0) -> tuple[list[str], list[InputProblem]]:
@@ -241,8 +279,15 @@ def expand_inputs(specs: list[str], _depth: int = 0) -> tuple[list[str], list[In
             return path, None, f"cannot read {path}: {type(exc).__name__}: {exc}"
 
     docs: set[str] = set()
+    # Queueing reads no S3 document (a request each): only local files and explicit lists are sniffed.
+    to_sniff = []
+    for path in candidates:
+        if is_archive(path) or (path.startswith("s3://") and not (path in explicit and path.lower().endswith(".txt"))):
+            docs.add(path)
+        else:
+            to_sniff.append(path)
     with ThreadPoolExecutor(max_workers=16) as pool:
-        heads = list(pool.map(sniff, sorted(candidates)))
+        heads = list(pool.map(sniff, sorted(to_sniff)))
     for path, head, error in heads:
         spec = candidates[path]
         if head is None:

@@ -1,17 +1,25 @@
 """The workspace as a work queue shared by any number of pipeline processes on any number of machines.
 
-Layout (upstream olmOCR 0.4.27's where compatible; see docs/workspace.md):
+Layout (upstream olmOCR 0.4.27's where compatible; see docs/workspace.md, "Queue design"):
 
 * ``work_index_list.csv.zstd`` -- zstd-compressed CSV lines ``hash,path1,path2,...``; appended to with
-  compare-and-swap so concurrent populators never lose items.
-* ``worker_locks/worker_<hash>.lock`` -- JSON lease ``{worker_id, lease_id, claimed_at, expires_at, ...}``;
-  taken with create-if-absent, renewed and taken over (once expired) with compare-and-swap.
+  compare-and-swap so concurrent populators never lose items. A process reads it once, then only when its
+  ETag changed (a conditional GET: one request, no body).
+* ``worker_locks/worker_<hash>.lock`` -- JSON lease ``{worker_id, lease_id, host, pid, lease_seconds, ...}``;
+  taken with create-if-absent, renewed and taken over with compare-and-swap. A lease is live while the
+  lock's age *by the store's clock* (``LastModified``) is under its ``lease_seconds``: no two machines'
+  clocks are ever compared. A lock whose holder ran on this host and whose process is gone is free at once.
 * ``results/output_<hash>.jsonl`` -- Dolma documents of the item, written first.
 * ``failed/failed_<hash>.jsonl`` -- one JSON failure record per failed document, written second.
 * ``done_flags/done_<hash>.flag`` -- written last: the item is done.
 
+Claiming probes random candidate items (a HEAD of the done flag, a create of the lock) instead of listing
+whole prefixes; the done flags are listed again only when probing found enough finished items to cost
+more than a listing would.
+
 Retryable failures (``"retryable": true``) of a done item ``H`` are re-queued by the next run as a new
-item whose hash is ``sha1("retry:" + H + paths)`` -- deterministic, so concurrent runs add it once.
+item whose hash is ``sha1("retry:" + H + paths)`` -- deterministic, so concurrent runs add it once. A
+stopped worker hands back the unfinished documents of its item the same way, at once (``complete_partial``).
 """
 
 from __future__ import annotations
@@ -33,12 +41,12 @@ from dataclasses import dataclass, field
 import zstandard
 
 from olmocr.pipeline.errors import LeaseLost
-from olmocr.pipeline.workspace.storage import Storage
+from olmocr.pipeline.workspace.storage import NOT_MODIFIED, Storage, content_tag
 from olmocr.pipeline.workspace.totals import (
     PAGES_KEY,
     PageTotals,
     compute_totals,
-    decode_pages,
+    decode_pages_file,
     format_totals,
     load_pages,
     record_pages,
@@ -52,7 +60,27 @@ DONE_DIR = "done_flags"
 RESULTS_DIR = "results"
 FAILED_DIR = "failed"
 CAS_ATTEMPTS = 100
+#: ``counts()`` lists the done flags again when its last listing is older than this, per listing request.
 DONE_CACHE_SECONDS = 30.0
+#: A claim checks the index's ETag at most this often (new items of other populators show up this late).
+INDEX_CHECK_SECONDS = 2.0
+#: Ages from the store are whole seconds (``Date``, ``LastModified``): a lease is over only this much later.
+AGE_RESOLUTION_S = 1.0
+#: Probes that found a done item before the done flags are listed again: max(this, pages of a listing).
+MIN_DONE_HITS = 3
+#: How long upstream olmOCR 0.4.27's (empty, never renewed) lock holds its item for us: not at all (upstream
+#: itself counts it stale after 30 min; a killed upstream would otherwise block its items that long).
+UPSTREAM_LOCK_SECONDS = 0.0
+#: The reason recorded for a document handed back unfinished by a stop (re-queued at once).
+UNFINISHED_REASON = "not processed: its worker stopped before reaching it (queued again)"
+#: Documents whose pages are counted to size every document of a big queue (as upstream).
+SAMPLE_SIZE = 100
+#: ``--stats`` reads this many results/failure files at once.
+STATS_READERS = 32
+#: ``page_totals`` reads the workspace again after this long (or when this queue finished an item) ...
+TOTALS_MIN_SECONDS = 60.0
+#: ... or this many seconds per request its listing of the done flags takes, if longer.
+TOTALS_SECONDS_PER_LISTING_PAGE = 20.0
 
 
 @dataclass(frozen=True)
@@ -101,19 +129,22 @@ def _hash_from_key(key: str, prefix: str, suffix: str) -> str | None:
     return None
 
 
-def encode_index(groups: dict[str, tuple[str, ...]]) -> bytes:
+def _csv_line(row: list[str]) -> str:
     out = io.StringIO()
-    lines = []
-    for item_hash, paths in groups.items():
-        out.seek(0)
-        out.truncate()
-        csv.writer(out, quoting=csv.QUOTE_MINIMAL).writerow([item_hash, *paths])
-        lines.append(out.getvalue().strip())
-    return zstandard.ZstdCompressor().compress("\n".join(lines).encode("utf-8"))
+    csv.writer(out, quoting=csv.QUOTE_MINIMAL).writerow(row)
+    return out.getvalue().strip()
+
+
+def encode_index(groups: dict[str, tuple[str, ...]]) -> bytes:
+    return zstandard.ZstdCompressor().compress("\n".join(_csv_line([h, *p]) for h, p in groups.items()).encode("utf-8"))
+
+
+def _decompress(data: bytes) -> bytes:
+    return zstandard.ZstdDecompressor().decompressobj().decompress(data) if data else b""
 
 
 def decode_index(data: bytes) -> dict[str, tuple[str, ...]]:
-    text = zstandard.ZstdDecompressor().decompressobj().decompress(data).decode("utf-8")
+    text = _decompress(data).decode("utf-8")
     groups: dict[str, tuple[str, ...]] = {}
     for row in csv.reader(line for line in text.splitlines() if line.strip()):
         if row:
@@ -126,8 +157,68 @@ def load_index(storage: Storage) -> dict[str, tuple[str, ...]]:
     return decode_index(data) if data else {}
 
 
+class IndexCache:
+    """The index as one process holds it: the decompressed text and, per item, where its line is.
+
+    Read once, then re-read only when its ETag changed (a conditional GET). Paths are parsed only for the
+    item claimed, so a million-document index costs its text (tens of MB), not a dict of tuples (~128 MB).
+    """
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.tag: str | None = None
+        self.text = b""
+        self.spans: dict[str, tuple[int, int]] = {}
+        self.checked_at = float("-inf")
+        self._lock = threading.Lock()
+
+    def refresh(self, max_age: float = 0.0) -> None:
+        with self._lock:
+            if time.monotonic() - self.checked_at < max_age:
+                return
+            found = self.storage.read_if_changed(INDEX_KEY, self.tag)
+            self.checked_at = time.monotonic()
+            if found is NOT_MODIFIED:
+                return
+            if found is None:
+                self.tag, self.text, self.spans = None, b"", {}
+                return
+            data, tag = found  # type: ignore[misc]
+            self._load(data, tag)
+
+    def seen(self, data: bytes) -> None:
+        """We just wrote ``data`` as the index: hold it without reading it back."""
+        with self._lock:
+            self._load(data, content_tag(data))
+            self.checked_at = time.monotonic()
+
+    def _load(self, data: bytes, tag: str) -> None:
+        text = _decompress(data)
+        spans: dict[str, tuple[int, int]] = {}
+        pos, size = 0, len(text)
+        while pos < size:
+            end = text.find(b"\n", pos)
+            if end < 0:
+                end = size
+            comma = text.find(b",", pos, end)
+            item_hash = text[pos : comma if comma >= 0 else end].strip().strip(b'"').decode("utf-8", "replace")
+            if item_hash:
+                spans[item_hash] = (pos, end)
+            pos = end + 1
+        self.tag, self.text, self.spans = tag, text, spans
+
+    def paths(self, item_hash: str) -> tuple[str, ...]:
+        start, end = self.spans[item_hash]
+        row = next(csv.reader([self.text[start:end].decode("utf-8")]), [])
+        return tuple(row[1:])
+
+    def hashes(self) -> list[str]:
+        return list(self.spans)
+
+
 def append_index(
-    storage: Storage, make_groups: Callable[[dict[str, tuple[str, ...]]], dict[str, tuple[str, ...]]]
+    storage: Storage, make_groups: Callable[[dict[str, tuple[str, ...]]], dict[str, tuple[str, ...]]],
+    cache: IndexCache | None = None,
 ) -> int:
     """Add ``make_groups(current_index)`` to the index with compare-and-swap; returns how many were added."""
     for attempt in range(CAS_ATTEMPTS):
@@ -137,11 +228,14 @@ def append_index(
         if not new:
             return 0
         data = encode_index({**current, **new})
+        del current
         if found is None:
             ok = storage.create(INDEX_KEY, data)
         else:
             ok = storage.replace_if(INDEX_KEY, data, found[1])
         if ok:
+            if cache is not None:
+                cache.seen(data)
             return len(new)
         time.sleep(random.uniform(0.0, min(1.0, 0.01 * 2**attempt)))
     raise RuntimeError(f"could not update {INDEX_KEY} after {CAS_ATTEMPTS} attempts (heavy contention)")
@@ -179,8 +273,108 @@ def group_paths(
     return groups
 
 
+def sampled_page_count(paths: list[str], count: Callable[[str], int], size: int = SAMPLE_SIZE,
+                       seed: int = 0) -> float:
+    """Mean pages per document of a random sample of ``size`` paths (as upstream: it samples 100)."""
+    if not paths:
+        return 1.0
+    rng = random.Random(seed or len(paths))
+    sample = rng.sample(paths, min(size, len(paths)))
+    counts = [max(1, count(p) or 1) for p in sample]
+    return sum(counts) / len(counts)
+
+
+# ---- who holds a lease ------------------------------------------------------------------------------
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except OSError:
+        return None
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+#: This machine as a lease names it: the host name, the boot, the pid namespace (containers sharing a host
+#: name but not their processes never count as "this host").
+HOST = socket.gethostname()
+BOOT_ID = _read_text("/proc/sys/kernel/random/boot_id")
+PID_NS = _pid_namespace()
+
+
+def process_start_time(pid: int) -> float | None:
+    """The start time of process ``pid`` (None if there is no such process)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc.create_time()
+    except psutil.NoSuchProcess:
+        return None
+    except psutil.Error:
+        return float("nan")  # exists, but we may not look: alive
+
+
+def holder_is_dead(record: dict) -> bool:
+    """True when the lock's holder ran on this machine (same host, boot and pid namespace) and its
+    process is gone: no such pid, or a pid reused by a process started at another time."""
+    if not record or record.get("host") != HOST or BOOT_ID is None or record.get("boot_id") != BOOT_ID:
+        return False
+    if record.get("pid_ns") != PID_NS:
+        return False
+    try:
+        pid = int(record["pid"])
+        started = float(record["pid_start"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False
+    now_started = process_start_time(pid)
+    if now_started is None:
+        return True
+    return now_started == now_started and abs(now_started - started) > 1.0  # (nan: cannot tell -> alive)
+
+
+_OWN_START: float | None = None
+
+
+def _own_start_time() -> float | None:
+    global _OWN_START
+    if _OWN_START is None:
+        _OWN_START = process_start_time(os.getpid())
+    return _OWN_START
+
+
+def lease_length(record: dict, default: float) -> float:
+    """How long the lease in ``record`` lasts after its last write."""
+    try:
+        return float(record["lease_seconds"])
+    except (KeyError, TypeError, ValueError):
+        pass
+    try:
+        return float(record["expires_at"]) - float(record.get("renewed_at", record["claimed_at"]))
+    except (KeyError, TypeError, ValueError):
+        pass
+    # Upstream 0.4.27 writes an empty lock and never renews it: a live holder and a killed one look the same.
+    # As before this change, such a lock does not hold its item against us (see docs/workspace.md).
+    return UPSTREAM_LOCK_SECONDS if not record else default
+
+
 class WorkQueue:
-    """Claim/renew/complete work items stored in a workspace (see module docstring). Thread-safe."""
+    """Claim/renew/complete work items stored in a workspace (see module docstring). Thread-safe.
+
+    ``clock`` is this worker's wall clock: it only stamps records (``claimed_at``, failure ``time``) and the
+    totals' rate. Whether a lease is live is judged by the lock's age in the store's clock.
+    """
 
     def __init__(
         self,
@@ -196,118 +390,159 @@ class WorkQueue:
         self.clock = clock
         self._lock = threading.Lock()
         self._leases: dict[str, str] = {}  # item hash -> lease_id we hold
+        self._lease_sent: dict[str, float] = {}  # item hash -> monotonic time our last lease write was sent
         self._done: set[str] = set()
         self._done_listed_at = float("-inf")
+        self._done_hits = 0  # probes that found a done item since the last listing of the done flags
+        self._probes = 0  # probes since the last listing
+        self._listing_pages = 1  # requests one listing of the done flags took last time
+        self._busy: dict[str, float] = {}  # item hash -> monotonic time its live lease may end
         self._requeued = False
-        self._totals_cache: tuple[tuple[str | None, str | None], dict, dict[str, int]] | None = None
+        self.index = IndexCache(storage)
+        self._exact_pages: dict[str, int] = {}  # exact counts learnt here, not yet in PAGES_KEY
+        self._totals_cache: tuple[tuple[str | None, str | None], dict, set[str]] | None = None
+        self._totals_last: tuple[float, int, PageTotals] | None = None  # (when, listing requests, totals)
 
     # ---- populating -------------------------------------------------------------------------------
 
     def populate(
-        self, paths: list[str], pages_per_group: int = 500, page_count: Callable[[str], int] | None = None
+        self, paths: Iterable[str], pages_per_group: int = 500, page_count: Callable[[str], int] | None = None,
+        sample_count: Callable[[str], int] | None = None,
     ) -> int:
         """Add items for paths not already in the index; returns the number of new items.
 
+        ``page_count``: exact pages of each path. Without it (the pipeline) no document is read except a
+        sample of :data:`SAMPLE_SIZE` (counted by ``sample_count``, default: open it), whose mean sizes every
+        document; the items' totals are then marked estimated until workers count them. Archives (``.tar``, ``.tar.gz``, ``.tgz``) are an item each.
         Also re-queues the retryable failures of earlier runs (see :meth:`requeue_retryable`).
         """
+        from olmocr.pipeline.workspace.inputs import is_archive
+
         requeued = self.requeue_retryable()
-        if page_count is None:
-            from olmocr.pipeline.workspace.inputs import count_pages
-
-            page_count = count_pages
-        counts: dict[str, int] = {}
-
-        def cached_count(path: str) -> int:
-            if path not in counts:
-                counts[path] = page_count(path)
-            return counts[path]
-
         wanted = sorted(set(paths))
+        estimated = page_count is None
+        if page_count is None:
+            from olmocr.pipeline.workspace.inputs import count_pages as counter
+
+            count_pages = sample_count or counter
+            docs = [p for p in wanted if not is_archive(p)]
+            if len(docs) <= SAMPLE_SIZE:  # the sample would be all of them: count them, exactly
+                exact = {p: count_pages(p) for p in docs}
+                page_count, estimated = (lambda path: exact.get(path, 1)), False
+            else:
+                mean = sampled_page_count(docs, count_pages)
+                logger.info("work queue: %.1f pages per document on average in a sample of %d of %d documents "
+                            "(the workspace total is an estimate until workers count them)", mean, SAMPLE_SIZE,
+                            len(docs))
+                page_count = lambda path: max(1, round(mean))  # noqa: E731
+        count = page_count
 
         def make_groups(current: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
-            present = {p for h, ps in current.items() for p in ps}
+            present = {p for ps in current.values() for p in ps}
             new_paths = [p for p in wanted if p not in present]
-            return {group_hash(g): g for g in group_paths(new_paths, pages_per_group, cached_count)}
+            del present
+            archives = [(p,) for p in new_paths if is_archive(p)]
+            docs = [p for p in new_paths if not is_archive(p)]
+            return {group_hash(g): g for g in [*group_paths(docs, pages_per_group, count), *archives]}
 
-        added = append_index(self.storage, make_groups)
+        new_items: dict[str, tuple[str, ...]] = {}
+
+        def remember(current: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+            groups = make_groups(current)
+            new_items.clear()
+            new_items.update({h: g for h, g in groups.items() if h not in current})
+            return groups
+
+        added = append_index(self.storage, remember, self.index)
         try:
-            self._record_page_counts(wanted, cached_count)
+            if not new_items:  # nothing new: fill in the counts of our items queued without them (old workspaces)
+                have = load_pages(self.storage)
+                wanted_set = set(wanted)
+                self.index.refresh(INDEX_CHECK_SECONDS)
+                for h in self.index.spans:
+                    if h not in have and set(paths := self.index.paths(h)) <= wanted_set:
+                        new_items[h] = paths
+            if new_items:
+                record_pages(self.storage, {h: sum(max(1, count(p) or 1) for p in g) for h, g in new_items.items()},
+                             estimated=estimated)
         except Exception as exc:  # noqa: BLE001 - the totals are for display: never fail the queue for them
-            logger.warning("could not store the page counts of the queued items (%s); progress will estimate "
-                           "the total", exc)
+                logger.warning("could not store the page counts of the queued items (%s); progress will estimate "
+                               "the total", exc)
         logger.info("work queue: %d new items (%d retry items)", added, requeued)
         return added + requeued
 
-    def _record_page_counts(self, wanted: list[str], count: Callable[[str], int]) -> None:
-        """Store the page count of every queued item made of ``wanted`` paths that has none yet (the
-        workspace's total; see olmocr.pipeline.workspace.totals). Items another populator added are
-        recorded by it; items of ours counted here were counted already, so this costs no extra reads
-        except for workspaces queued before page counts were kept."""
-        wanted_set = set(wanted)
-        index = load_index(self.storage)
-        have = load_pages(self.storage)
-        missing = {h: paths for h, paths in index.items() if h not in have and paths and set(paths) <= wanted_set}
-        if missing:
-            record_pages(self.storage, {h: sum(max(1, count(p) or 1) for p in paths) for h, paths in missing.items()})
-
-    def page_totals(self, clock: Callable[[], float] | None = None) -> PageTotals:
-        """Pages queued, done and per second for the whole workspace (all pipelines); lists, never reads flags."""
-        found, pages_found = self.storage.read_versioned(INDEX_KEY), self.storage.read_versioned(PAGES_KEY)
-        tags = (found[1] if found else None, pages_found[1] if pages_found else None)
-        if self._totals_cache is None or self._totals_cache[0] != tags:  # decode only what changed
-            self._totals_cache = (tags, decode_index(found[0]) if found else {},
-                                  decode_pages(pages_found[0]) if pages_found else {})
-        _, index, pages = self._totals_cache
-        done_times = {h: t for k, t in self.storage.list_times(f"{DONE_DIR}/").items()
-                      if (h := _hash_from_key(k, "done_", ".flag"))}
-        return compute_totals(index, pages, done_times, (clock or self.clock)())
-
     def requeue_retryable(self) -> int:
-        """Add a retry item for each done item's retryable failures not yet re-queued; returns how many."""
+        """Add a retry item for each done item's retryable failures not yet re-queued; returns how many.
+
+        Reads the failure records of done items only (a HEAD of each one's done flag)."""
         self._requeued = True
-        done = self._done_hashes(refresh=True)
         retry_groups: dict[str, tuple[str, ...]] = {}
-        for key in self.storage.list(f"{FAILED_DIR}/"):
+        for key in self.storage.iter_list(f"{FAILED_DIR}/"):
             original = _hash_from_key(key, "failed_", ".jsonl")
-            if original is None or original not in done:
+            if original is None:
+                continue
+            if original not in self._done and self.storage.stat(done_key(original)) is None:
                 continue  # an item not yet done may still rewrite its failure records
-            sources = sorted(
-                {
-                    str(r["source"])
-                    for r in _parse_jsonl(self.storage.read(key))
-                    if r.get("retryable") and r.get("source")
-                }
-            )
-            if sources:
-                retry_groups[retry_hash(original, sources)] = tuple(sources)
+            with self._lock:
+                self._done.add(original)
+            records = [r for r in _parse_jsonl(self.storage.read(key)) if r.get("retryable") and r.get("source")]
+            # Documents a stop handed back were queued at once under this same hash (complete_partial); the
+            # retryable failures form their own retry item.
+            for unfinished in (True, False):
+                sources = sorted({str(r["source"]) for r in records if bool(r.get("unfinished")) == unfinished})
+                if sources:
+                    retry_groups[retry_hash(original, sources)] = tuple(sources)
         if not retry_groups:
             return 0
-        added = append_index(self.storage, lambda current: retry_groups)
-        if added:
-            from olmocr.pipeline.workspace.inputs import count_pages
-
-            try:
-                have = load_pages(self.storage)
-                record_pages(self.storage, {h: sum(max(1, count_pages(p) or 1) for p in paths)
-                                            for h, paths in retry_groups.items() if h not in have})
-            except Exception as exc:  # noqa: BLE001 - as in populate: display only
-                logger.warning("could not store the page counts of the retry items (%s)", exc)
-        return added
+        return append_index(self.storage, lambda current: retry_groups, self.index)
 
     # ---- claiming ---------------------------------------------------------------------------------
 
+    def _list_done(self) -> None:
+        """List the done flags (one request per 1,000 flags) into the cache."""
+        listed = 0
+        found: set[str] = set()
+        for key in self.storage.iter_list(f"{DONE_DIR}/"):
+            listed += 1
+            item_hash = _hash_from_key(key, "done_", ".flag")
+            if item_hash:
+                found.add(item_hash)
+        with self._lock:
+            self._done |= found
+            self._done_listed_at = time.monotonic()
+            self._done_hits = self._probes = 0
+            self._listing_pages = listed // 1000 + 1
+
     def _done_hashes(self, refresh: bool = False) -> set[str]:
-        now = time.monotonic()
-        if refresh or now - self._done_listed_at > DONE_CACHE_SECONDS:
-            listed = {_hash_from_key(k, "done_", ".flag") for k in self.storage.list(f"{DONE_DIR}/")}
-            with self._lock:
-                self._done |= {h for h in listed if h}
-                self._done_listed_at = now
+        """The done items known; listed again when the last listing is older than DONE_CACHE_SECONDS per
+        request it took (a million documents: every 10 min; probes keep the set current in between)."""
+        if refresh or time.monotonic() - self._done_listed_at > DONE_CACHE_SECONDS * self._listing_pages:
+            self._list_done()
         with self._lock:
             return set(self._done)
 
+    def _probed(self, item_hash: str, done: bool) -> None:
+        """Count a probe; one that found ``item_hash`` done may trigger a listing of the done flags: when
+        most probes lately found done items (a mostly finished workspace, where probing is the dearer way to
+        learn) and they cost more requests than the listing, at most every DONE_CACHE_SECONDS per listing
+        request. In a half-done workspace a probe finds a done item every other time, at one HEAD each:
+        cheaper than listings, whose answers are ~200 KB per 1,000 keys."""
+        with self._lock:
+            self._probes += 1
+            if not done:
+                return
+            self._done.add(item_hash)
+            self._done_hits += 1
+            # Before the first listing its size is unknown: at most one request per 1,000 items of the index.
+            listed = self._done_listed_at > float("-inf")
+            pages = self._listing_pages if listed else len(self.index.spans) // 1000 + 1
+            relist = (self._done_hits > max(MIN_DONE_HITS, pages) and self._done_hits >= 0.8 * self._probes
+                      and time.monotonic() - self._done_listed_at > DONE_CACHE_SECONDS * pages)
+        if relist:
+            self._list_done()
+
     def is_done(self, item_hash: str) -> bool:
-        if self.storage.read(done_key(item_hash)) is not None:
+        if self.storage.stat(done_key(item_hash)) is not None:
             with self._lock:
                 self._done.add(item_hash)
             return True
@@ -319,35 +554,47 @@ class WorkQueue:
             {
                 "worker_id": self.worker_id,
                 "lease_id": lease_id,
-                "host": socket.gethostname(),
+                "host": HOST,
+                "boot_id": BOOT_ID,
+                "pid_ns": PID_NS,
                 "pid": os.getpid(),
+                "pid_start": _own_start_time(),
+                "lease_seconds": self.lease_seconds,
                 "claimed_at": claimed_at if claimed_at is not None else now,
                 "renewed_at": now,
-                "expires_at": now + self.lease_seconds,
+                "expires_at": now + self.lease_seconds,  # informative only: this machine's clock
             }
         ).encode()
 
     def _try_lease(self, item_hash: str) -> str | None:
-        """Take the lease on ``item_hash`` if it is free or expired; returns our lease id."""
+        """Take the lease on ``item_hash`` if it is free, over, or its holder died on this host; returns our
+        lease id."""
         lease_id = uuid.uuid4().hex
         key = lock_key(item_hash)
-        found = self.storage.read_versioned(key)
-        if found is None:
+        if self.storage.create(key, self._lease_record(lease_id)):
+            return lease_id
+        found = self.storage.read_aged(key)
+        if found is None:  # released meanwhile
             return lease_id if self.storage.create(key, self._lease_record(lease_id)) else None
-        data, tag = found
-        try:
-            expires_at = float(json.loads(data)["expires_at"])
-        except (ValueError, KeyError, TypeError):
-            expires_at = float("-inf")  # unreadable lock: treat as expired
-        if expires_at > self.clock():
-            return None
+        data, tag, age = found
+        records = _parse_jsonl(data)
+        record = records[0] if records else {}
+        length = lease_length(record, self.lease_seconds)
+        if age <= length + AGE_RESOLUTION_S:
+            if not holder_is_dead(record):
+                with self._lock:
+                    self._busy[item_hash] = time.monotonic() + max(1.0, length + AGE_RESOLUTION_S - age)
+                return None
+            why = f"its holder (pid {record.get('pid')} on this host) is gone"
+        else:
+            why = f"it was last renewed {age:.0f}s ago (lease {length:.0f}s)"
         if self.storage.replace_if(key, self._lease_record(lease_id), tag):
-            logger.info("work item %s: took over an expired lease", item_hash)
+            logger.info("work item %s: took over the lease: %s", item_hash, why)
             return lease_id
         return None
 
     def claim(self) -> WorkItem | None:
-        """Atomically lease one not-done item whose lease is absent or expired; None if nothing is claimable.
+        """Atomically lease one not-done item whose lease is absent or over; None if nothing is claimable.
 
         The first claim of a queue also re-queues earlier runs' retryable failures.
         """
@@ -356,44 +603,68 @@ class WorkQueue:
                 self.requeue_retryable()
             except Exception:
                 logger.exception("could not re-queue retryable failures")
-        index = load_index(self.storage)
-        done = self._done_hashes()
+        self.index.refresh(INDEX_CHECK_SECONDS)
+        now = time.monotonic()
         with self._lock:
-            mine = set(self._leases)
-        pending = [h for h in index if h not in done and h not in mine]
+            skip = self._done | set(self._leases)
+            self._busy = {h: t for h, t in self._busy.items() if t > now}
+            busy = set(self._busy)
+        pending = [h for h in self.index.spans if h not in skip and h not in busy]
         random.shuffle(pending)  # spread concurrent workers over the queue
-        locked = {_hash_from_key(k, "worker_", ".lock") for k in self.storage.list(f"{LOCKS_DIR}/")}
-        pending.sort(key=lambda h: h in locked)  # unlocked first, then maybe-expired
-        for item_hash in pending:
+        item = self._take_one(pending)
+        if item is None and busy:
+            # Items seen leased: one listing of the locks says which of those leases ended or were handed back.
+            live = set(self._live_locks())
+            freed = [h for h in busy if h not in live]
+            with self._lock:
+                for h in freed:
+                    self._busy.pop(h, None)
+            random.shuffle(freed)
+            item = self._take_one(freed)
+        return item
+
+    def _take_one(self, candidates: list[str]) -> WorkItem | None:
+        for item_hash in candidates:
+            with self._lock:
+                if item_hash in self._done or item_hash in self._leases:
+                    continue
+            found = self.storage.stat(done_key(item_hash)) is not None
+            self._probed(item_hash, found)
+            if found:
+                continue
             leased_at = time.monotonic()
             lease_id = self._try_lease(item_hash)
             if lease_id is None:
                 continue
+            item = WorkItem(hash=item_hash, paths=self.index.paths(item_hash), leased_at=leased_at)
             with self._lock:
                 self._leases[item_hash] = lease_id
+                self._lease_sent[item_hash] = leased_at
             try:
                 done = self.is_done(item_hash)
             except Exception:
                 # Not knowing, we must not keep the lease: held here but never worked on, the item would be
                 # skipped by every worker of this queue ("mine") until the process ends.
                 try:
-                    self.release(WorkItem(item_hash, index[item_hash]))
+                    self.release(item)
                 except Exception:  # noqa: BLE001 - forgotten locally; the lock expires by itself
                     self._forget(item_hash, lease_id)
                 raise
-            if done:  # completed between our listing and our lease
-                self.release(WorkItem(item_hash, index[item_hash]))
+            if done:  # completed between our probe and our lease
+                self.release(item)
                 continue
-            return WorkItem(hash=item_hash, paths=index[item_hash], leased_at=leased_at)
+            return item
         return None
 
     def renew(self, item: WorkItem) -> None:
-        """Extend our lease by ``lease_seconds``; raise LeaseLost if another worker took it."""
+        """Extend our lease by ``lease_seconds`` (from the store's time of this write); raise LeaseLost if
+        another worker took it."""
         with self._lock:
             lease_id = self._leases.get(item.hash)
         if lease_id is None:
             raise LeaseLost(f"work item {item.hash}: not leased by this worker")
         key = lock_key(item.hash)
+        started = time.monotonic()  # the new LastModified is later than this: the lease runs from here
         found = self.storage.read_versioned(key)
         current = _parse_jsonl(found[0]) if found else []
         if not current or current[0].get("lease_id") != lease_id:
@@ -407,20 +678,38 @@ class WorkQueue:
         ):
             self._forget(item.hash, lease_id)
             raise LeaseLost(f"work item {item.hash}: lease changed while renewing")
+        with self._lock:
+            if self._leases.get(item.hash) == lease_id:
+                self._lease_sent[item.hash] = max(self._lease_sent.get(item.hash, 0.0), started)
+
+    def _hold_for(self, item: WorkItem, seconds: float) -> bool:
+        """Make sure our lease on ``item`` lasts ``seconds`` more, renewing it if it would not (LeaseLost if
+        another worker has it). False if this queue never held it. No request while the lease is fresh:
+        nobody may take a lease before it ends."""
+        with self._lock:
+            sent = self._lease_sent.get(item.hash) if item.hash in self._leases else None
+        if sent is None:
+            return False
+        margin = min(5.0, self.lease_seconds / 10) + AGE_RESOLUTION_S
+        if sent + self.lease_seconds - margin - time.monotonic() < seconds:
+            self.renew(item)
+        return True
 
     def holds(self, item: WorkItem) -> bool:
         """Whether this queue currently holds the lease (according to the stored lock)."""
         with self._lock:
             lease_id = self._leases.get(item.hash)
-        data = self.storage.read(lock_key(item.hash))
-        records = _parse_jsonl(data)
-        return lease_id is not None and bool(records) and records[0].get("lease_id") == lease_id
+        if lease_id is None:
+            return False
+        records = _parse_jsonl(self.storage.read(lock_key(item.hash)))
+        return bool(records) and records[0].get("lease_id") == lease_id
 
     def _forget(self, item_hash: str, lease_id: str) -> None:
         # Only that lease: a renewal abandoned by its caller may finish after the item was claimed again.
         with self._lock:
             if self._leases.get(item_hash) == lease_id:
                 del self._leases[item_hash]
+                self._lease_sent.pop(item_hash, None)
 
     # ---- finishing --------------------------------------------------------------------------------
 
@@ -428,9 +717,14 @@ class WorkQueue:
         """Write results, then failure records, then the done flag; drop the lease.
 
         ``failed`` entries: ``{"source": path, "reason": str, "retryable": bool}``; ``time`` and ``item`` are
-        added. Retryable failures are re-queued by the next run; the others are final.
+        added. Retryable failures are re-queued by the next run; the others are final. The exact page count
+        of the item's documents (from the results) goes into the done flag and, later, the totals.
         """
-        if not self.holds(item):
+        # The lease must outlast the writes: a worker whose lease may have ended writes nothing (LeaseLost),
+        # and the done flag, the commit point, is written only inside a lease checked again just before it.
+        budget = self.lease_seconds / 3
+        held = self._hold_for(item, budget)
+        if not held:
             logger.warning(
                 "work item %s: completing without a live lease (it may be redone elsewhere)", item.hash
             )
@@ -446,11 +740,39 @@ class WorkQueue:
             self.storage.write(failed_key(item.hash), ("\n".join(lines) + "\n").encode())
         else:
             self.storage.delete(failed_key(item.hash))  # stale records of an earlier, interrupted attempt
-        done = {"time": self.clock(), "worker_id": self.worker_id, "documents_failed": len(failed)}
+        if held:
+            self._hold_for(item, budget)
+        pages = _result_pages(results) + sum(1 for r in failed if not r.get("unfinished"))
+        done = {"time": self.clock(), "worker_id": self.worker_id, "documents_failed": len(failed), "pages": pages}
         self.storage.write(done_key(item.hash), json.dumps(done).encode())
         with self._lock:
             self._done.add(item.hash)
-        self.release(item)
+            self._exact_pages[item.hash] = pages
+            lease_id = self._leases.pop(item.hash, None) if held else None
+            self._lease_sent.pop(item.hash, None)
+        if lease_id is not None:
+            self.storage.delete(lock_key(item.hash))  # ours, checked above: no second read
+        else:
+            self.release(item)
+
+    def complete_partial(self, item: WorkItem, results: bytes, failed: list[dict], unfinished: Iterable[str]) -> str | None:
+        """A stop: keep what is finished, hand the rest back. The item is completed with its finished
+        documents (``results``, ``failed``) plus one retryable ``unfinished`` record per path not processed,
+        and those paths are queued at once as the item's retry item (the hash the next run's
+        :meth:`requeue_retryable` would give them, so they are queued once). Every document is written once:
+        in this item's results, or later in the retry item's. Returns the new item's hash (None: nothing
+        left)."""
+        rest = sorted(set(unfinished))
+        records = [*failed, *({"source": p, "reason": UNFINISHED_REASON, "retryable": True, "unfinished": True}
+                              for p in rest)]
+        self.complete(item, results, records)
+        if not rest:
+            return None
+        new_hash = retry_hash(item.hash, rest)
+        append_index(self.storage, lambda current: {new_hash: tuple(rest)}, self.index)
+        logger.info("work item %s: %d documents kept, %d handed back as work item %s", item.hash,
+                    len(item.paths) - len(rest), len(rest), new_hash)
+        return new_hash
 
     def release(self, item: WorkItem) -> bool:
         """Give up the lease without completing; True if our lock was deleted (no-op if we do not hold it).
@@ -458,6 +780,7 @@ class WorkQueue:
         The lease is forgotten locally first: if the storage fails here, the lock expires by itself."""
         with self._lock:
             lease_id = self._leases.pop(item.hash, None)
+            self._lease_sent.pop(item.hash, None)
         if lease_id is None:
             return False
         key = lock_key(item.hash)
@@ -467,42 +790,110 @@ class WorkQueue:
             return True
         return False
 
+    def _live_locks(self) -> list[str]:
+        """Hashes of the locks younger than our lease length (one listing of ``worker_locks/``, no reads)."""
+        return [h for key, age in self.storage.list_ages(f"{LOCKS_DIR}/")
+                if age <= self.lease_seconds + AGE_RESOLUTION_S and (h := _hash_from_key(key, "worker_", ".lock"))]
+
     def counts(self) -> dict:
-        """``{"total", "done", "leased", "pending"}`` item counts (leased = live leases on not-done items)."""
-        index = load_index(self.storage)
-        done = self._done_hashes(refresh=True) & set(index)
-        now = self.clock()
-        leased = 0
-        for key in self.storage.list(f"{LOCKS_DIR}/"):
-            item_hash = _hash_from_key(key, "worker_", ".lock")
-            if item_hash not in index or item_hash in done:
-                continue
-            records = _parse_jsonl(self.storage.read(key))
-            if records and float(records[0].get("expires_at", 0)) > now:
-                leased += 1
+        """``{"total", "done", "leased", "pending"}`` item counts (leased = live leases on not-done items).
+
+        Costs a conditional GET of the index, a listing of the locks, and a listing of the done flags when the
+        last one is older than :data:`DONE_CACHE_SECONDS`."""
+        self.index.refresh()
+        spans = self.index.spans
+        done = {h for h in self._done_hashes() if h in spans}
+        leased = sum(1 for h in set(self._live_locks()) if h in spans and h not in done)
         return {
-            "total": len(index),
+            "total": len(spans),
             "done": len(done),
             "leased": leased,
-            "pending": len(index) - len(done) - leased,
+            "pending": len(spans) - len(done) - leased,
         }
 
     def lease_holders(self) -> list[tuple[str, float]]:
-        """``(worker_id, expires_at)`` of every live lease on a not-done item held by another worker."""
-        index = load_index(self.storage)
-        done = self._done_hashes(refresh=True)
+        """``(worker_id, expires_at)`` of every live lease on a not-done item held by another worker
+        (``expires_at`` in this machine's clock, from the lock's age)."""
+        self.index.refresh(INDEX_CHECK_SECONDS)
+        done = self._done_hashes()
         with self._lock:
             mine = set(self._leases)
         now = self.clock()
         held: list[tuple[str, float]] = []
-        for key in self.storage.list(f"{LOCKS_DIR}/"):
-            item_hash = _hash_from_key(key, "worker_", ".lock")
-            if item_hash not in index or item_hash in done or item_hash in mine:
+        for item_hash in self._live_locks():
+            if item_hash not in self.index.spans or item_hash in done or item_hash in mine:
                 continue
-            records = _parse_jsonl(self.storage.read(key))
-            if records and float(records[0].get("expires_at", 0)) > now:
-                held.append((str(records[0].get("worker_id") or "?"), float(records[0]["expires_at"])))
+            found = self.storage.read_aged(lock_key(item_hash))
+            if found is None:
+                continue
+            records = _parse_jsonl(found[0])
+            record = records[0] if records else {}
+            left = lease_length(record, self.lease_seconds) - found[2]
+            if left > 0:
+                held.append((str(record.get("worker_id") or "?"), now + left))
         return held
+
+    # ---- totals -----------------------------------------------------------------------------------
+
+    def flush_page_counts(self) -> int:
+        """Fold the exact page counts learnt by this queue into the workspace totals (compare-and-swap)."""
+        with self._lock:
+            pending, self._exact_pages = self._exact_pages, {}
+        if not pending:
+            return 0
+        try:
+            return record_pages(self.storage, pending)
+        except Exception:
+            with self._lock:
+                self._exact_pages = {**pending, **self._exact_pages}
+            raise
+
+    def page_totals(self, clock: Callable[[], float] | None = None) -> PageTotals:
+        """Pages queued, done and per second for the whole workspace (all pipelines); lists, never reads
+        flags. Also stores the exact counts this queue learnt since the last call.
+
+        The listing of the done flags costs one request per 1,000 items: the totals are read again at most
+        every :data:`TOTALS_MIN_SECONDS`, or :data:`TOTALS_SECONDS_PER_LISTING_PAGE` per listing request in
+        a big workspace (a million documents in 20,000 items: every 7 min), and in a small one (one listing
+        request) also when this queue finished an item; the last ones are returned in between."""
+        now = time.monotonic()
+        last = self._totals_last
+        with self._lock:
+            finished_here = bool(self._exact_pages)
+        try:
+            self.flush_page_counts()
+        except Exception as exc:  # noqa: BLE001 - display only; kept for the next call
+            logger.debug("could not store exact page counts: %s", exc)
+        if last is not None and now - last[0] < max(TOTALS_MIN_SECONDS, TOTALS_SECONDS_PER_LISTING_PAGE * last[1]):
+            if not (finished_here and last[1] <= 1):  # a small workspace shows each item of ours at once
+                return last[2]
+        self.index.refresh(TOTALS_MIN_SECONDS)
+        pages_found = self.storage.read_if_changed(PAGES_KEY, self._totals_cache[0][1] if self._totals_cache else None)
+        if pages_found is NOT_MODIFIED and self._totals_cache is not None:
+            pages_tag = self._totals_cache[0][1]
+            pages, estimated = self._totals_cache[1], self._totals_cache[2]
+        elif pages_found is None or pages_found is NOT_MODIFIED:
+            pages_tag, pages, estimated = None, {}, set()
+        else:
+            data, pages_tag = pages_found  # type: ignore[misc]
+            pages, estimated = decode_pages_file(data)
+        self._totals_cache = ((self.index.tag, pages_tag), pages, estimated)
+        listed = self.storage.list_times(f"{DONE_DIR}/")
+        done_times = {h: t for k, t in listed.items() if (h := _hash_from_key(k, "done_", ".flag"))}
+        totals = compute_totals(self.index.spans, pages, done_times, (clock or self.clock)(), estimated=estimated)
+        self._totals_last = (now, len(listed) // 1000 + 1, totals)
+        return totals
+
+
+def _result_pages(results: bytes) -> int:
+    """Pages of the Dolma documents in ``results`` (``metadata.pdf-total-pages``)."""
+    total = 0
+    for doc in _parse_jsonl(results):
+        try:
+            total += int((doc.get("metadata") or {}).get("pdf-total-pages") or 0)
+        except (TypeError, ValueError):
+            continue
+    return total
 
 
 def describe_lease_holders(held: list[tuple[str, float]], now: float) -> str:
@@ -533,10 +924,17 @@ def workspace_stats(storage: Storage, clock: Callable[[], float] = time.time) ->
     index = load_index(storage)
     documents = pages = fallback_pages = input_tokens = output_tokens = 0
     succeeded: set[str] = set()
-    for key in storage.list(f"{RESULTS_DIR}/"):
-        if not key.endswith(".jsonl"):
-            continue
-        for doc in _parse_jsonl(storage.read(key)):
+    # One GET per results file: STATS_READERS at a time (a million documents in 20,000 items at 20 ms a
+    # request: ~13 s instead of 400 s one after another).
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=STATS_READERS, thread_name_prefix="olmocr-stats")
+
+    def read_all(prefix: str) -> Iterable[bytes | None]:
+        return pool.map(storage.read, (k for k in storage.iter_list(prefix) if k.endswith(".jsonl")))
+
+    for data in read_all(f"{RESULTS_DIR}/"):
+        for doc in _parse_jsonl(data):
             meta = doc.get("metadata") or {}
             documents += 1
             pages += int(meta.get("pdf-total-pages") or 0)
@@ -545,11 +943,11 @@ def workspace_stats(storage: Storage, clock: Callable[[], float] = time.time) ->
             output_tokens += int(meta.get("total-output-tokens") or 0)
             succeeded.add(str(meta.get("Source-File") or doc.get("source") or ""))
     latest: dict[str, dict] = {}
-    for key in storage.list(f"{FAILED_DIR}/"):
-        for record in _parse_jsonl(storage.read(key)):
+    for data in read_all(f"{FAILED_DIR}/"):
+        for record in _parse_jsonl(data):
             source = str(record.get("source", ""))
-            if source in succeeded:
-                continue  # a later retry succeeded
+            if source in succeeded or record.get("unfinished"):
+                continue  # a later retry succeeded; handed back by a stop (queued again, not a failure)
             if source not in latest or float(record.get("time", 0)) >= float(latest[source].get("time", 0)):
                 latest[source] = record
     failed = [
@@ -558,6 +956,7 @@ def workspace_stats(storage: Storage, clock: Callable[[], float] = time.time) ->
         if not r.get("filtered")
     ]
     # Skipped by --apply_filter: not failures (nothing went wrong), final.
+    pool.shutdown()
     filtered = [{"source": s, "reason": str(r.get("reason", ""))} for s, r in sorted(latest.items()) if r.get("filtered")]
     queued_docs = len({p for paths in index.values() for p in paths})
     return {

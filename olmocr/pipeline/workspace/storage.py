@@ -13,6 +13,15 @@ Guarantees used by the work queue:
   ignores them is not safe for several workers.
 
 Hidden names (starting with ``.``: temp files and CAS lock sidecars) are never returned by ``list``.
+
+Reads that keep the queue's cost flat (docs/workspace.md, "Queue design"):
+
+* ``read_if_changed(key, tag)`` -- a conditional GET (``If-None-Match: <tag>``): ``NOT_MODIFIED`` (304, no
+  body) when the object still has that tag.
+* ``read_aged(key)`` / ``stat(key)`` -- the object with its age *in the store's own clock* (S3: the answer's
+  ``Date`` minus the object's ``LastModified``; local: now minus mtime), so leases never compare clocks of
+  different machines.
+* ``iter_list(prefix)`` -- keys one listing page at a time (a generator: memory stays bounded).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -51,6 +61,36 @@ class Storage(Protocol):
     def list_times(self, prefix: str) -> dict[str, float]:
         """``{key: modification time (Unix seconds)}`` for the keys of :meth:`list` (one listing, no reads)."""
         ...
+
+    def iter_list(self, prefix: str) -> Iterator[str]:
+        """The keys of :meth:`list`, streamed (not sorted across listing pages on S3)."""
+        ...
+
+    def read_if_changed(self, key: str, tag: str | None) -> tuple[bytes, str] | None | NotModified:
+        """``NOT_MODIFIED`` if ``key`` still has version ``tag``; else as :meth:`read_versioned`."""
+        ...
+
+    def read_aged(self, key: str) -> tuple[bytes, str, float] | None:
+        """``(data, tag, age_seconds)``: age since the last write, measured by the store's clock."""
+        ...
+
+    def stat(self, key: str) -> tuple[str, float] | None:
+        """``(tag, age_seconds)`` without the body (S3: a HEAD), or None if absent."""
+        ...
+
+    def list_ages(self, prefix: str) -> Iterator[tuple[str, float]]:
+        """``(key, age_seconds)`` of the keys of :meth:`list`, streamed; ages by the store's clock."""
+        ...
+
+
+class NotModified:
+    """The answer of :meth:`Storage.read_if_changed` when the object did not change (one instance)."""
+
+    def __repr__(self) -> str:
+        return "NOT_MODIFIED"
+
+
+NOT_MODIFIED = NotModified()
 
 
 def content_tag(data: bytes) -> str:
@@ -103,6 +143,26 @@ class LocalStorage:
         data = self.read(key)
         return None if data is None else (data, content_tag(data))
 
+    def read_if_changed(self, key: str, tag: str | None) -> tuple[bytes, str] | None | NotModified:
+        found = self.read_versioned(key)
+        if found is not None and tag is not None and found[1] == tag:
+            return NOT_MODIFIED
+        return found
+
+    def read_aged(self, key: str) -> tuple[bytes, str, float] | None:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as fh:
+                modified = os.fstat(fh.fileno()).st_mtime
+                data = fh.read()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return data, content_tag(data), max(0.0, time.time() - modified)
+
+    def stat(self, key: str) -> tuple[str, float] | None:
+        found = self.read_aged(key)  # local: the tag needs the content anyway
+        return None if found is None else (found[1], found[2])
+
     def write(self, key: str, data: bytes) -> None:
         path = self._path(key)
         tmp = self._write_temp(path, data)
@@ -146,11 +206,13 @@ class LocalStorage:
 
     def list(self, prefix: str) -> list[str]:
         """Keys starting with ``prefix`` (a directory like ``results/`` or a name prefix)."""
+        return sorted(self.iter_list(prefix))
+
+    def iter_list(self, prefix: str) -> Iterator[str]:
         directory, _, name_prefix = prefix.rpartition("/")
         base = self.root / directory if directory else self.root
         if not base.is_dir():
-            return []
-        keys: list[str] = []
+            return
         for dirpath, dirnames, filenames in os.walk(base):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             rel_dir = Path(dirpath).relative_to(self.root).as_posix()
@@ -159,8 +221,15 @@ class LocalStorage:
                     continue
                 key = name if rel_dir == "." else f"{rel_dir}/{name}"
                 if key.startswith(prefix):
-                    keys.append(key)
-        return sorted(keys)
+                    yield key
+
+    def list_ages(self, prefix: str) -> Iterator[tuple[str, float]]:
+        now = time.time()
+        for key in self.iter_list(prefix):
+            try:
+                yield key, max(0.0, now - self._path(key).stat().st_mtime)
+            except FileNotFoundError:
+                continue
 
     def list_times(self, prefix: str) -> dict[str, float]:
         times: dict[str, float] = {}
@@ -253,6 +322,23 @@ def _error_code(exc: Exception) -> str:
 
 
 _MISSING = {"NoSuchKey", "404", "NotFound"}
+_NOT_MODIFIED = {"304", "NotModified"}
+
+
+def _store_age(response: dict) -> float:
+    """Seconds since the object was last written, by the store's clock: the answer's ``Date`` header minus
+    the object's ``LastModified`` (both whole seconds; never negative)."""
+    from email.utils import parsedate_to_datetime
+
+    modified = response.get("LastModified")
+    if modified is None:
+        return 0.0  # unknown: count the object as fresh (a lease is then never taken early)
+    date = (response.get("ResponseMetadata", {}).get("HTTPHeaders") or {}).get("date")
+    try:
+        now = parsedate_to_datetime(date).timestamp() if date else time.time()
+    except (TypeError, ValueError):
+        now = time.time()  # no usable Date (a proxy dropped it): this machine's clock, the best left
+    return max(0.0, now - modified.timestamp())
 _PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 
 
@@ -269,6 +355,31 @@ class S3Storage:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        found = self.read_aged(key)
+        return None if found is None else (found[0], found[1])
+
+    def read(self, key: str) -> bytes | None:
+        found = self.read_versioned(key)
+        return None if found is None else found[0]
+
+    def read_if_changed(self, key: str, tag: str | None) -> tuple[bytes, str] | None | NotModified:
+        from botocore.exceptions import ClientError
+
+        params: dict[str, str] = {"Bucket": self.bucket, "Key": self._key(key)}
+        if tag is not None:
+            params["IfNoneMatch"] = f'"{tag}"'
+        try:
+            data, response = get_object_bytes(self.client, **params)
+        except ClientError as exc:
+            code = _error_code(exc)
+            if code in _MISSING:
+                return None
+            if code in _NOT_MODIFIED:
+                return NOT_MODIFIED
+            raise
+        return data, str(response["ETag"]).strip('"')
+
+    def read_aged(self, key: str) -> tuple[bytes, str, float] | None:
         from botocore.exceptions import ClientError
 
         try:
@@ -277,11 +388,18 @@ class S3Storage:
             if _error_code(exc) in _MISSING:
                 return None
             raise
-        return data, str(response["ETag"]).strip('"')
+        return data, str(response["ETag"]).strip('"'), _store_age(response)
 
-    def read(self, key: str) -> bytes | None:
-        found = self.read_versioned(key)
-        return None if found is None else found[0]
+    def stat(self, key: str) -> tuple[str, float] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if _error_code(exc) in _MISSING:
+                return None
+            raise
+        return str(response["ETag"]).strip('"'), _store_age(response)
 
     def write(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
@@ -320,25 +438,38 @@ class S3Storage:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     def list(self, prefix: str) -> list[str]:
-        return sorted(self._listing(prefix))
+        return sorted(key for key, _, _ in self._listing(prefix))
 
     def list_times(self, prefix: str) -> dict[str, float]:
-        return self._listing(prefix)
+        return {key: modified for key, modified, _ in self._listing(prefix)}
 
-    def _listing(self, prefix: str) -> dict[str, float]:
+    def iter_list(self, prefix: str) -> Iterator[str]:
+        return (key for key, _, _ in self._listing(prefix))
+
+    def list_ages(self, prefix: str) -> Iterator[tuple[str, float]]:
+        return ((key, age) for key, _, age in self._listing(prefix))
+
+    def _listing(self, prefix: str) -> Iterator[tuple[str, float, float]]:
+        """``(key, LastModified, age by the store's clock)``, one listing page (1,000 keys) at a time."""
+        from email.utils import parsedate_to_datetime
+
         if prefix:
             _check_key(prefix.rstrip("/") or "x")
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
         strip = len(self.prefix) + 1 if self.prefix else 0
-        keys: dict[str, float] = {}
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+            date = (page.get("ResponseMetadata", {}).get("HTTPHeaders") or {}).get("date")
+            try:
+                store_now = parsedate_to_datetime(date).timestamp() if date else time.time()
+            except (TypeError, ValueError):
+                store_now = time.time()
             for obj in page.get("Contents", []):
                 key = obj["Key"][strip:]
                 if key and not key.rsplit("/", 1)[-1].startswith("."):
                     modified = obj.get("LastModified")
-                    keys[key] = modified.timestamp() if modified is not None else 0.0
-        return keys
+                    when = modified.timestamp() if modified is not None else 0.0
+                    yield key, when, max(0.0, store_now - when) if when else 0.0
 
 
 def open_storage(url: str, profile: str | None = None, **s3_kwargs: Any) -> Storage:

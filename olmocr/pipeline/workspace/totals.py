@@ -1,10 +1,13 @@
 """The workspace's page totals: how many pages are queued, how many are done, how fast, and when it ends.
 
-The total is known once the inputs are queued: ``populate`` counts each document's pages anyway (to
-group them), and stores each new item's page count in ``work_index_pages.json`` (``{"version": 1,
-"items": {item_hash: pages}}``), added to with compare-and-swap like the index itself, so concurrent
-pipelines on local disk or ``s3://`` never lose an entry. Items queued without a count (by upstream
-olmOCR, or before this file existed) are counted at the mean size of the known ones, and said so.
+Queueing downloads no document: ``populate`` estimates pages per document from a sample (as upstream
+does) and stores each new item's estimate in ``work_index_pages.json`` (``{"version": 1, "items":
+{item_hash: pages}, "estimated": [item_hash, ...]}``), added to with compare-and-swap like the index
+itself, so concurrent pipelines on local disk or ``s3://`` never lose an entry. A worker learns an item's
+exact count when it opens the documents; it keeps it in the item's done flag and folds it into the file
+(the hash leaves ``estimated``) on its next totals refresh. Items queued without a count (by upstream
+olmOCR, retry items) are counted at the mean size of the known ones. Until every item is exact, the
+totals say "estimated".
 
 Done pages are the counts of the items whose done flag exists; the workspace's rate comes from the
 done flags' modification times (one listing, no reads), so every pipeline and ``--stats`` see the same
@@ -34,22 +37,38 @@ def load_pages(storage: Storage) -> dict[str, int]:
 
 
 def decode_pages(data: bytes) -> dict[str, int]:
+    return decode_pages_file(data)[0]
+
+
+def decode_pages_file(data: bytes) -> tuple[dict[str, int], set[str]]:
+    """``(pages per item, items whose count is an estimate)``."""
     try:
-        items = json.loads(data).get("items") or {}
-        return {str(h): int(n) for h, n in items.items()}
+        parsed = json.loads(data)
+        items = parsed.get("items") or {}
+        return {str(h): int(n) for h, n in items.items()}, {str(h) for h in parsed.get("estimated") or ()}
     except (ValueError, AttributeError, TypeError):
-        return {}  # damaged: the totals fall back to estimates, the queue itself is unaffected
+        return {}, set()  # damaged: the totals fall back to estimates, the queue itself is unaffected
 
 
-def record_pages(storage: Storage, pages: Mapping[str, int]) -> int:
-    """Add the page counts of items not yet in the file (compare-and-swap); returns how many were added."""
+def record_pages(storage: Storage, pages: Mapping[str, int], estimated: bool = False) -> int:
+    """Add page counts (compare-and-swap); returns how many entries changed.
+
+    ``estimated=True``: counts from the queue's sample, added for items not yet in the file. Otherwise exact
+    counts (from opening the documents): added, and replacing an item's estimate."""
     for attempt in range(CAS_ATTEMPTS):
         found = storage.read_versioned(PAGES_KEY)
-        current = decode_pages(found[0]) if found else {}
-        new = {h: int(n) for h, n in pages.items() if h not in current}
+        current, guessed = decode_pages_file(found[0]) if found else ({}, set())
+        if estimated:
+            new = {h: int(n) for h, n in pages.items() if h not in current}
+        else:
+            new = {h: int(n) for h, n in pages.items() if h not in current or h in guessed}
         if not new:
             return 0
-        data = json.dumps({"version": 1, "items": {**current, **new}}, separators=(",", ":")).encode()
+        guessed = guessed | set(new) if estimated else guessed - set(new)
+        body: dict = {"version": 1, "items": {**current, **new}}
+        if guessed:
+            body["estimated"] = sorted(guessed)
+        data = json.dumps(body, separators=(",", ":")).encode()
         ok = storage.create(PAGES_KEY, data) if found is None else storage.replace_if(PAGES_KEY, data, found[1])
         if ok:
             return len(new)
@@ -67,6 +86,12 @@ class PageTotals:
     items_done: int
     unknown_items: int = 0  # items queued without a page count (their pages are estimated)
     rate: float | None = None  # pages/s of the whole workspace over the last RATE_WINDOW_S
+    estimated_items: int = 0  # items whose count comes from the queue's sample, not yet from the documents
+
+    @property
+    def estimated(self) -> bool:
+        """True while any item's page count is a guess (sampled or unknown): the total is an estimate."""
+        return bool(self.unknown_items or self.estimated_items)
 
     @property
     def remaining(self) -> int:
@@ -91,16 +116,19 @@ class PageTotals:
         return cls(total=int(data["pages_total"]), done=int(data["pages_done"]),  # type: ignore[call-overload]
                    items=int(data["items"]), items_done=int(data["items_done"]),  # type: ignore[call-overload]
                    unknown_items=int(data.get("items_without_page_count") or 0),  # type: ignore[call-overload]
-                   rate=None if rate is None else float(rate))  # type: ignore[arg-type]
+                   rate=None if rate is None else float(rate),  # type: ignore[arg-type]
+                   estimated_items=int(data.get("items_with_estimated_page_count") or 0))  # type: ignore[call-overload]
 
     def as_dict(self) -> dict:
         return {"pages_total": self.total, "pages_done": self.done, "pages_remaining": self.remaining,
                 "items": self.items, "items_done": self.items_done, "items_without_page_count": self.unknown_items,
-                "pages_per_second": self.rate, "eta_seconds": self.eta_seconds}
+                "pages_per_second": self.rate, "eta_seconds": self.eta_seconds,
+                "items_with_estimated_page_count": self.estimated_items, "pages_total_estimated": self.estimated}
 
 
 def compute_totals(index: Mapping[str, object], pages: Mapping[str, int], done_times: Mapping[str, float],
-                   now: float, window: float = RATE_WINDOW_S) -> PageTotals:
+                   now: float, window: float = RATE_WINDOW_S, estimated: set[str] | frozenset[str] = frozenset()
+                   ) -> PageTotals:
     """Totals of the items in ``index`` given their page counts and done times (pure)."""
     known = [pages[h] for h in index if h in pages]
     mean = sum(known) / len(known) if known else 1.0
@@ -120,7 +148,8 @@ def compute_totals(index: Mapping[str, object], pages: Mapping[str, int], done_t
     elif finished:
         rate = 0.0  # nothing finished in the window: stalled (or only stragglers left)
     return PageTotals(total=round(sum(size.values())), done=round(sum(size[h] for h in done)), items=len(index),
-                      items_done=len(done), unknown_items=len(index) - len(known), rate=rate)
+                      items_done=len(done), unknown_items=len(index) - len(known), rate=rate,
+                      estimated_items=sum(1 for h in estimated if h in size))
 
 
 def format_duration(seconds: float | None) -> str:
@@ -140,8 +169,12 @@ def format_duration(seconds: float | None) -> str:
 
 
 def format_totals(totals: PageTotals) -> str:
-    """``1,200/5,000 pages (24.0%), 3,800 remaining, workspace 6.2 pages/s, ETA 10m 13s``."""
-    estimate = f" (~{totals.unknown_items} items of unknown size estimated)" if totals.unknown_items else ""
+    """``1,200/5,000 pages (24.0%), 3,800 remaining, workspace 6.2 pages/s, ETA 10m 13s``; while counts are
+    guesses: ``... (estimated: 40 of 50 items counted from a sample, 2 of unknown size) ...``."""
+    guesses = [f"{totals.estimated_items} of {totals.items} items counted from a sample"] if totals.estimated_items else []
+    if totals.unknown_items:
+        guesses.append(f"{totals.unknown_items} of unknown size")
+    estimate = f" (estimated: {', '.join(guesses)})" if guesses else ""
     rate = "rate unknown" if totals.rate is None else f"{totals.rate:.1f} pages/s"
     return (f"{totals.done:,}/{totals.total:,} pages ({100 * totals.fraction:.1f}%){estimate}, "
             f"{totals.remaining:,} remaining, workspace {rate}, ETA {format_duration(totals.eta_seconds)}")

@@ -1,0 +1,413 @@
+"""``bench/run scale``: the work queue at internet scale (issue 29), on an in-process object store.
+
+The store is bench/scale_store.py (a fake with S3's conditional-write semantics, counted requests and
+bytes, a fixed latency per request, optional 503 SlowDown; its docstring says what it leaves out).
+Workspaces of 10,000, 100,000 and 1,000,000 documents: 10 pages per document, the default 500-page items
+(50 documents each); documents beyond the first are index entries only, and done flags are written
+directly. Figures:
+
+* queueing N documents: workspace requests and bytes (the index compare-and-swap, the page counts, and
+  the 100-document sample the grouping is sized from; the listing of the inputs is N/1,000 requests on
+  top, as for any lister);
+* one claim of a warm process (its index read): requests, bytes, p50/p99 latency at 20 ms a request,
+  in a workspace half done;
+* time to the first claim of a new process at 20 ms a request (bandwidth not modelled);
+* requests per page over a whole run (claims, renewals, completions, the totals refresh of every
+  process: after each item it finished, else every minute), from a run of 200 items by 20 workers, each item taking 500 pages / 4.53 pages/s (one H100,
+  upstream's figure) of simulated time;
+* resident memory of one pipeline process (the pipeline's modules imported, a claim made, the totals
+  read) in a 1,000,000-document workspace on disk;
+* ``--stats`` on the largest workspace, finished, at 20 ms a request;
+* 1,000 simulated workers on 100,000 documents, clocks skewed by up to ±2 minutes, 5 % of requests
+  answered SlowDown (retried as botocore's standard mode does), 3 % of workers dying mid-item: every
+  item done exactly once, no live lease taken.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import REPO, Figure, log
+from bench.scale_store import CountingStore, MemoryStore, Retrying, SlowDown
+from olmocr.pipeline.errors import LeaseLost
+from olmocr.pipeline.workspace import page_cache
+from olmocr.pipeline.workspace.queue import (
+    INDEX_KEY,
+    TOTALS_MIN_SECONDS,
+    TOTALS_SECONDS_PER_LISTING_PAGE,
+    WorkQueue,
+    done_key,
+    encode_index,
+    group_hash,
+)
+
+SECTION = "scale"
+LATENCY_S = 0.020
+PAGES_PER_DOC = 10
+DOCS_PER_ITEM = 50
+H100_PAGES_PER_S = 4.53
+SIZES = (10_000, 100_000, 1_000_000)
+
+
+def _paths(n: int) -> list[str]:
+    """Paths that compress like real ones (a million: ~12 MB of index, as measured on a real layout)."""
+    rng = random.Random(n)
+    return [f"s3://corpus-bucket/collections/{i // 1000:04d}/{rng.getrandbits(64):016x}-{i:07d}.pdf"
+            for i in range(n)]
+
+
+def _groups(n: int) -> dict[str, tuple[str, ...]]:
+    paths = _paths(n)
+    out = {}
+    for start in range(0, n, DOCS_PER_ITEM):
+        group = tuple(paths[start : start + DOCS_PER_ITEM])
+        out[group_hash(group)] = group
+    return out
+
+
+def queueing(n: int) -> dict[str, Any]:
+    """Populate an empty workspace with ``n`` documents."""
+    store = CountingStore(MemoryStore())
+
+    def sample(path: str) -> int:  # the sample's download: one GET of a ~1 MB document
+        store._request("GET")
+        store._got(1_000_000)
+        return PAGES_PER_DOC
+
+    queue = WorkQueue(store)
+    t0 = time.monotonic()
+    queue.populate(_paths(n), pages_per_group=500, sample_count=sample)
+    cpu_s = time.monotonic() - t0
+    listing = n // 1000 + 1
+    return {"docs": n, "requests": store.total, "bytes": store.bytes_in + store.bytes_out,
+            "requests_per_doc": store.total / n, "listing_requests": listing, "cpu_s": round(cpu_s, 2),
+            "seconds_at_20ms": round(cpu_s + (store.total + listing) * LATENCY_S, 2),
+            "by_kind": dict(store.requests)}
+
+
+def _half_done(n: int) -> tuple[MemoryStore, dict[str, tuple[str, ...]]]:
+    store = MemoryStore()
+    groups = _groups(n)
+    store.put_direct(INDEX_KEY, encode_index(groups))
+    for k, item_hash in enumerate(groups):
+        if k % 2 == 0:
+            store.put_direct(done_key(item_hash), b"{}")
+    return store, groups
+
+
+def claiming(n: int, claims: int = 200) -> dict[str, Any]:
+    inner, groups = _half_done(n)
+    claims = min(claims, len(groups) // 2 - 1)  # the items not done
+    store = CountingStore(inner, latency_s=LATENCY_S)
+    queue = WorkQueue(store, lease_seconds=300)
+    t0 = time.monotonic()
+    assert queue.claim() is not None
+    first_s = time.monotonic() - t0
+    first = {"requests": store.total, "bytes": store.bytes_in + store.bytes_out, "seconds": round(first_s, 3)}
+    reqs, sizes, times = [], [], []
+    for _ in range(claims):
+        store.reset()
+        t = time.monotonic()
+        assert queue.claim() is not None
+        times.append(time.monotonic() - t)
+        reqs.append(store.total)
+        sizes.append(store.bytes_in + store.bytes_out)
+    qs = statistics.quantiles(times, n=100)
+    return {"docs": n, "items": len(groups), "claims": claims, "first_claim": first,
+            "mean_requests": statistics.mean(reqs),
+            "max_requests": max(reqs), "p99_requests": sorted(reqs)[round(0.99 * (len(reqs) - 1))],
+            "p99_bytes": sorted(sizes)[round(0.99 * (len(sizes) - 1))],
+            "mean_bytes": statistics.mean(sizes), "max_bytes": max(sizes), "p50_s": round(qs[49], 4),
+            "p99_s": round(qs[98], 4)}
+
+
+def whole_run(workspace_docs: int, items: int = 200, processes: int = 20) -> dict[str, Any]:
+    """Requests per page of ``items`` items processed in a workspace of ``workspace_docs`` documents, half
+    of them done: each item claimed, its kept pages looked for (partial_pages/), renewed every lease/3 of its simulated processing time (500 pages at
+    4.53 pages/s), completed; plus each process's totals refreshes over the time that takes."""
+    inner, _ = _half_done(workspace_docs)
+    store = CountingStore(inner)
+    lease = 300.0
+    renewals = 0
+    taken = 0
+    lock = threading.Lock()
+    queues = [WorkQueue(store, lease_seconds=lease) for _ in range(processes)]
+
+    def worker(queue: WorkQueue) -> None:
+        nonlocal renewals, taken
+        while True:
+            with lock:
+                if taken >= items:
+                    return
+                taken += 1
+            item = queue.claim()
+            assert item is not None
+            store.read(page_cache.cache_key(item.hash))  # the pipeline looks for pages a stop kept
+            seconds = len(item.paths) * PAGES_PER_DOC / H100_PAGES_PER_S
+            for _ in range(int(seconds // (lease / 3))):
+                queue.renew(item)
+                with lock:
+                    renewals += 1
+            docs = [json.dumps({"id": p, "text": "x" * 3000, "metadata": {"Source-File": p,
+                                                                          "pdf-total-pages": PAGES_PER_DOC}})
+                    for p in item.paths]
+            queue.complete(item, ("\n".join(docs) + "\n").encode(), [])
+            queue.flush_page_counts()  # what the next totals refresh does first
+
+    threads = [threading.Thread(target=worker, args=(q,)) for q in queues]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    queue_requests = store.total
+    pages = items * DOCS_PER_ITEM * PAGES_PER_DOC
+    # The processes work pages / (processes * rate) seconds; each reads the totals every
+    # max(TOTALS_MIN_SECONDS, TOTALS_SECONDS_PER_LISTING_PAGE * listing requests).
+    run_s = pages / (processes * H100_PAGES_PER_S)
+    store.reset()
+    queues[0]._totals_last = None
+    queues[0].index.checked_at = float("-inf")
+    queues[0].page_totals()
+    refresh_requests = store.total
+    listing = workspace_docs // DOCS_PER_ITEM // 2 // 1000 + 1
+    interval = max(TOTALS_MIN_SECONDS, TOTALS_SECONDS_PER_LISTING_PAGE * listing)
+    refreshes = processes * max(1.0, run_s / interval)
+    total = queue_requests + refresh_requests * refreshes
+    return {"workspace_docs": workspace_docs, "items": items, "pages": pages, "queue_requests": queue_requests,
+            "renewals": renewals, "totals_refresh_requests": refresh_requests, "totals_interval_s": interval,
+            "totals_refreshes": round(refreshes), "requests_per_page": total / pages,
+            "queue_requests_per_page": queue_requests / pages}
+
+
+def stats(n: int) -> dict[str, Any]:
+    """``--stats`` (workspace_stats) on a finished workspace of ``n`` documents at 20 ms a request: one
+    results file per item (a line per item: the documents beyond the first are index entries only)."""
+    from olmocr.pipeline.workspace.queue import results_key, workspace_stats
+
+    inner = MemoryStore()
+    groups = _groups(n)
+    inner.put_direct(INDEX_KEY, encode_index(groups))
+    for item_hash, paths in groups.items():
+        inner.put_direct(done_key(item_hash), b"{}", age=3600)
+        doc = {"id": item_hash, "text": "x" * 200, "metadata": {"Source-File": paths[0], "pdf-total-pages": 500}}
+        inner.put_direct(results_key(item_hash), json.dumps(doc).encode() + b"\n")
+    store = CountingStore(inner, latency_s=LATENCY_S)
+    t0 = time.monotonic()
+    out = workspace_stats(store)  # type: ignore[arg-type]
+    wall = time.monotonic() - t0
+    return {"docs": n, "items": len(groups), "seconds": round(wall, 1), "requests": store.total,
+            "by_kind": dict(store.requests), "items_done": out["items"]["done"]}
+
+
+MEMORY_SCRIPT = """
+import json, sys, time
+
+def status(field):  # kB, from this process's own memory map (ru_maxrss would carry the parent's over exec)
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+
+import olmocr.pipeline.runner  # the pipeline's modules, as a running pipeline has them
+from olmocr.pipeline.workspace.queue import WorkQueue
+from olmocr.pipeline.workspace.storage import LocalStorage
+base = status("VmHWM")
+queue = WorkQueue(LocalStorage(sys.argv[1]))
+t0 = time.monotonic()
+item = queue.claim()
+first = time.monotonic() - t0
+queue.page_totals()
+queue.counts()
+print(json.dumps({"claimed": item is not None, "imports_kib": base, "peak_kib": status("VmHWM"),
+                  "rss_kib": status("VmRSS"), "first_claim_cpu_s": first}))
+"""
+
+
+def memory(n: int = 1_000_000) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="scale-mem-") as tmp:
+        ws = Path(tmp) / "ws"
+        ws.mkdir()
+        (ws / INDEX_KEY).write_bytes(encode_index(_groups(n)))
+        size = (ws / INDEX_KEY).stat().st_size
+        out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(ws)], capture_output=True, text=True,
+                             cwd=str(REPO), timeout=600)
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr.strip().splitlines()[-1])
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"docs": n, "index_bytes": size, **result}
+
+
+def fleet(n: int = 100_000, workers: int = 1000, skew_s: float = 120.0, slowdown: float = 0.05,
+          die: float = 0.03, lease: float = 6.0) -> dict[str, Any]:
+    """Simulated workers on one store; each is a thread with its own queue (its own process, as far as the
+    queue knows) and its own clock."""
+    inner = MemoryStore()
+    groups = _groups(n)
+    inner.put_direct(INDEX_KEY, encode_index(groups))
+    counting = CountingStore(inner, latency_s=LATENCY_S, slowdown=slowdown, seed=3)
+    store = Retrying(counting, base_s=0.1)
+    rng = random.Random(5)
+    problems: list[str] = []
+    completed: list[str] = []
+    abandoned = [0]
+    lock = threading.Lock()
+    margin = min(5.0, lease / 10)
+
+    def worker(k: int) -> None:
+        offset = rng.uniform(-skew_s, skew_s)
+        queue = WorkQueue(store, worker_id=f"sim-{k}", lease_seconds=lease,  # type: ignore[arg-type]
+                          clock=lambda: time.time() + offset)
+        r = random.Random(k)
+        idle = 0
+        while idle < 3:
+            try:
+                item = queue.claim()
+            except SlowDown:
+                continue
+            if item is None:
+                try:
+                    counts = queue.counts()
+                except SlowDown:
+                    continue
+                if counts["pending"] <= 0 and counts["leased"] <= 0:
+                    idle += 1
+                time.sleep(1.0)
+                continue
+            renewed = item.leased_at
+            work_s = r.uniform(0.5, 2.5)
+            dies = r.random() < die
+            end = time.monotonic() + work_s
+            lost = False
+            while time.monotonic() < end and not lost:
+                time.sleep(min(lease / 3, max(0.0, end - time.monotonic())))
+                if dies and time.monotonic() > end - work_s / 2:
+                    with lock:
+                        abandoned[0] += 1
+                    return  # a crash: the lease is left to expire
+                sent = time.monotonic()
+                try:
+                    queue.renew(item)
+                    renewed = sent
+                except LeaseLost:
+                    lost = True
+                except SlowDown:
+                    if time.monotonic() > renewed + lease - margin:
+                        lost = True  # give it up before another worker may take it
+            if lost or time.monotonic() > renewed + lease - margin:
+                continue
+            try:
+                queue.complete(item, b'{"id": "x"}\n', [])
+                with lock:
+                    completed.append(item.hash)
+            except (SlowDown, LeaseLost) as exc:
+                with lock:
+                    problems.append(f"complete: {exc}")
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=1200)
+    wall = time.monotonic() - t0
+    flags = {k: c for k, c in inner.writes.items() if k.startswith("done_flags/")}
+    missing = [h for h in groups if inner.read(done_key(h)) is None]
+    return {"docs": n, "items": len(groups), "workers": workers, "wall_s": round(wall, 1),
+            "items_done": len(flags), "items_missing": len(missing),
+            "done_written_twice": sum(1 for c in flags.values() if c > 1),
+            "live_lease_takeovers": inner.live_lease_takeovers, "workers_died": abandoned[0],
+            "requests": counting.total, "throttled": counting.throttled,
+            "requests_per_item": counting.total / max(1, len(groups)), "errors_seen": len(problems),
+            "still_running": sum(1 for t in threads if t.is_alive())}
+
+
+def run(quick: bool = False) -> tuple[list[Figure], dict[str, Any]]:
+    sizes = SIZES[:2] if quick else SIZES
+    detail: dict[str, Any] = {"latency_s": LATENCY_S, "pages_per_doc": PAGES_PER_DOC, "docs_per_item": DOCS_PER_ITEM}
+    figs: list[Figure] = []
+    q = {}
+    for n in sizes:
+        log(f"scale: queueing {n} documents")
+        q[n] = queueing(n)
+    detail["queueing"] = q
+    for n in sizes:
+        figs.append(Figure(SECTION, f"queue {n:,} docs: workspace requests per document", q[n]["requests_per_doc"],
+                           "requests/doc", "listing the inputs (0.001 requests/doc)",
+                           ratio=q[n]["requests_per_doc"] / 0.001,
+                           context=f"{q[n]['requests']} requests, {q[n]['bytes'] / 1e6:.1f} MB, "
+                                   f"{q[n]['seconds_at_20ms']} s at 20 ms/request",
+                           target="<= 0.01 at 100,000" if n == 100_000 else "",
+                           ok=q[n]["requests_per_doc"] <= 0.01 if n == 100_000 else None))
+    c = {}
+    for n in sizes:
+        log(f"scale: claims in a {n}-document workspace")
+        c[n] = claiming(n)
+    detail["claiming"] = c
+    small = c[sizes[0]]
+    for n in sizes:
+        figs.append(Figure(SECTION, f"one claim, {n:,} docs: requests (mean)", c[n]["mean_requests"],
+                           "requests", f"{sizes[0]:,} docs", ratio=c[n]["mean_requests"] / small["mean_requests"],
+                           context=f"p99 {c[n]['p99_requests']}, max {c[n]['max_requests']} of {c[n]['claims']} claims (random "
+                                   f"probes: a run of done items costs a HEAD each); mean "
+                                   f"{c[n]['mean_bytes'] / 1024:.1f} KiB (max {c[n]['max_bytes'] / 1024:.1f}), p50 "
+                                   f"{c[n]['p50_s'] * 1000:.0f} ms, p99 {c[n]['p99_s'] * 1000:.0f} ms at 20 ms/request",
+                           target="<= 10 requests, <= 64 KiB (p99)", ok=c[n]["p99_requests"] <= 10
+                           and c[n]["p99_bytes"] <= 64 * 1024))
+        figs.append(Figure(SECTION, f"time to first claim, {n:,} docs", c[n]["first_claim"]["seconds"], "s",
+                           f"{sizes[0]:,} docs", ratio=c[n]["first_claim"]["seconds"] / small["first_claim"]["seconds"],
+                           context=f"{c[n]['first_claim']['requests']} requests, "
+                                   f"{c[n]['first_claim']['bytes'] / 1e6:.1f} MB (the index), bandwidth not modelled"))
+    runs = {}
+    for n in sizes:
+        log(f"scale: a run in a {n}-document workspace")
+        runs[n] = whole_run(n, min(100 if quick else 200, n // DOCS_PER_ITEM // 2))
+    detail["whole_run"] = runs
+    for n in sizes:
+        w = runs[n]
+        figs.append(Figure(SECTION, f"run in a {n:,}-doc workspace: workspace requests per page", w["requests_per_page"],
+                           "requests/page", "target 0.05", ratio=w["requests_per_page"] / 0.05,
+                           context=f"{w['pages']} pages in {w['items']} items; queue {w['queue_requests_per_page']:.4f}"
+                                   f"/page ({w['renewals']} renewals); totals {w['totals_refresh_requests']} requests "
+                                   f"every {w['totals_interval_s']:.0f} s per process",
+                           target="<= 0.05", ok=w["requests_per_page"] <= 0.05))
+    log("scale: memory of one pipeline process")
+    m = memory(sizes[-1])
+    detail["memory"] = m
+    figs.append(Figure(SECTION, f"pipeline process RSS, {sizes[-1]:,} docs", m["peak_kib"] / 1024, "MB",
+                       "the same process before its first claim", ratio=m["peak_kib"] / m["imports_kib"],
+                       context=f"{m['imports_kib'] / 1024:.0f} MB after imports; index {m['index_bytes'] / 1e6:.1f} MB; "
+                               f"first claim {m['first_claim_cpu_s']:.2f} s of CPU",
+                       target="<= 300 MB", ok=m["peak_kib"] / 1024 <= 300))
+    log("scale: --stats")
+    st = stats(sizes[-1])
+    detail["stats"] = st
+    figs.append(Figure(SECTION, f"--stats, {sizes[-1]:,} docs, 20 ms/request", st["seconds"], "s", "target 60 s",
+                       ratio=st["seconds"] / 60, context=f"{st['requests']} requests ({st['items']} results files, "
+                                                         "32 read at once)",
+                       target="<= 60 s", ok=st["seconds"] <= 60))
+    log("scale: 1,000 simulated workers")
+    f = fleet(20_000 if quick else 100_000, workers=200 if quick else 1000)
+    detail["fleet"] = f
+    ok = f["items_missing"] == 0 and f["done_written_twice"] == 0 and f["live_lease_takeovers"] == 0
+    figs.append(Figure(SECTION, f"{f['workers']} workers, {f['docs']:,} docs, ±2 min skew, 5% SlowDown: items done "
+                       "once", f["items_done"], "items", f"{f['items']} items queued",
+                       ratio=f["items_done"] / f["items"],
+                       context=f"{f['items_missing']} missing, {f['done_written_twice']} done twice, "
+                               f"{f['live_lease_takeovers']} live leases taken, {f['workers_died']} workers died "
+                               f"mid-item, {f['throttled']} SlowDown answers, {f['requests_per_item']:.1f} "
+                               f"requests/item, {f['wall_s']} s",
+                       target="every item once, no live lease taken", ok=ok))
+    return figs, detail
+
+
+if __name__ == "__main__":
+    figures, info = run(quick="--quick" in sys.argv)
+    print(json.dumps(info, indent=1, default=str))
