@@ -225,16 +225,21 @@ class Runner:
     async def _pause(self, seconds: float, wake_on_item: bool = False) -> None:
         """Sleep ``seconds``, or less if a stop is requested (or, optionally, one of our items finishes)."""
         waits = [asyncio.ensure_future(self.stop.event.wait())]
+        new_items = None
         if wake_on_item:
             self.item_finished.clear()
             waits.append(asyncio.ensure_future(self.item_finished.wait()))
             if self.config.follow_wake is not None:  # --follow: new items in this process
-                waits.append(asyncio.ensure_future(self.config.follow_wake.wait()))
+                new_items = asyncio.ensure_future(self.config.follow_wake.wait())
+                waits.append(new_items)
         try:
             await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for w in waits:
                 w.cancel()
+        if new_items is not None and new_items.done() and not new_items.cancelled():
+            # Items were just added here: read the index now, not at its next periodic check.
+            await asyncio.to_thread(self.queue.refresh_index)
 
     async def _worker(self, worker_id: int) -> None:
         idle_wait = min(10.0, max(1.0, self.config.lease_seconds / 4))

@@ -593,6 +593,11 @@ class WorkQueue:
             return lease_id
         return None
 
+    def refresh_index(self) -> None:
+        """Read the index now if it changed (one conditional GET), e.g. after another queue in this process
+        added items: claims otherwise look at most every ``INDEX_CHECK_SECONDS``."""
+        self.index.refresh()
+
     def claim(self) -> WorkItem | None:
         """Atomically lease one not-done item whose lease is absent or over; None if nothing is claimable.
 
