@@ -141,8 +141,13 @@ def test_loading_server_is_not_failed_within_startup_timeout():
     assert h.listener.state.phase == "starting"
 
 
-def test_waiting_for_a_loading_server_is_logged_at_info_once_a_minute_not_warned(caplog):
-    caplog.set_level(logging.DEBUG, logger="olmocr.listener")
+def test_waiting_for_a_loading_server_is_logged_at_info_once_a_minute_not_warned(caplog, monkeypatch):
+    caplog.set_level(logging.DEBUG, logger="olmocr.server.listener")
+    # The listener's records straight to caplog, whatever a pipeline run earlier in this process (test_fleet,
+    # test_upstream_flags) did to the propagation and handlers of olmocr.server.
+    listener_log = logging.getLogger("olmocr.server.listener")
+    monkeypatch.setattr(listener_log, "propagate", False)
+    monkeypatch.setattr(listener_log, "handlers", [caplog.handler])
     h = Harness([REFUSED] * 13 + [HUNG], startup_timeout=600)
     h.run(state_event("STARTING", "STOPPED", tries=0))
     h.tick(10, count=12)  # two minutes of loading, a probe every 10 s

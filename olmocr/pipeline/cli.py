@@ -15,7 +15,7 @@ from typing import NoReturn
 from olmocr import __version__, envs
 from olmocr.envs import SettingValueError
 from olmocr.exit_codes import STATUS_FAILED, STATUS_INTERRUPTED, STATUS_USAGE
-from olmocr.logformat import LOG_FORMAT
+from olmocr.logformat import LOG_FORMAT, RUN_LOGGERS
 from olmocr.pipeline import defaults, stats
 from olmocr.pipeline.errors import FleetConfigError, NoInput, WorkspaceError
 from olmocr.pipeline.flags import normalize_spellings, number, whole
@@ -40,7 +40,7 @@ from olmocr.pipeline.upstream_flags import add_upstream_arguments, check_unknown
 from olmocr.server.errors import SettingsError
 from olmocr.server.settings import ServerSettings, read_api_key
 
-logger = logging.getLogger("olmocr.pipeline")
+logger = logging.getLogger(__name__)
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse with errors on one line: ``prog: error: what (see --help)``, exit status 2 (no usage dump of
@@ -159,9 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-#: Loggers whose lines a pipeline run shows: its own, and in internal mode the manager of its server
-#: (without a handler of its own, "supervisord started", "stopped" ... would vanish).
-RUN_LOGGERS = ("olmocr.pipeline", "olmocr.manager")
 
 
 def setup_logging(disk_log: str | None) -> None:

@@ -34,7 +34,7 @@ from olmocr.pipeline.pages.output import (
 )
 from olmocr.pipeline.workspace.storage import Storage, open_storage
 
-logger = logging.getLogger("olmocr.pipeline")
+logger = logging.getLogger(__name__)
 
 FORMATS = ("markdown", "pages", "text")
 RESULTS_PREFIX, RESULTS_NAME = "results/output_", ".jsonl"

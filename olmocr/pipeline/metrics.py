@@ -28,7 +28,7 @@ from olmocr.endpoints import bearer_middleware, metrics_response, start_app
 from olmocr.pipeline.pages.output import FALLBACK_REASONS
 from olmocr.pipeline.servers.balance import ServerState
 
-logger = logging.getLogger("olmocr.pipeline")
+logger = logging.getLogger(__name__)
 
 TOKEN_VAR, TOKEN_FILE_VAR = "OLMOCR_METRICS_TOKEN", "OLMOCR_METRICS_TOKEN_FILE"
 #: Render (pypdfium2 + PNG + base64, waiting for a render process included): milliseconds to seconds.

@@ -24,7 +24,7 @@ from typing import IO
 
 from olmocr.pipeline.workspace.totals import PageTotals, format_duration
 
-logger = logging.getLogger("olmocr.pipeline")
+logger = logging.getLogger(__name__)
 
 RATE_WINDOW_S = 30.0
 

@@ -31,7 +31,7 @@ from olmocr.pipeline.workspace.inputs import expand_inputs, is_archive, set_inpu
 from olmocr.pipeline.workspace.queue import WorkItem, WorkQueue, describe_lease_holders, retry_hash
 from olmocr.pipeline.workspace.storage import Storage, open_storage
 
-logger = logging.getLogger("olmocr.pipeline")
+logger = logging.getLogger(__name__)
 
 #: Pause after a work item failed as a whole (e.g. the workspace is unreachable) before claiming again.
 ERROR_PAUSE_S = 5.0
@@ -298,9 +298,14 @@ class Runner:
         try:
             await asyncio.wait({work})
         except asyncio.CancelledError:
-            # Stop: keep the finished documents, hand the rest back so another worker can take it at once.
+            # Stop: keep the finished documents, hand the rest back so another worker can take it at once. An
+            # early stop (nearly every page failed the same way) keeps nothing: those outcomes are the broken
+            # server's, and the whole item waits for the run after the fix.
             work.cancel()
-            await asyncio.to_thread(self._hand_back, item, dict(finished))  # queue-scale (#29)
+            if self.failing.is_set():
+                await asyncio.to_thread(self._release_quietly, item)
+            else:
+                await asyncio.to_thread(self._hand_back, item, dict(finished))  # queue-scale (#29)
             raise
         finally:
             renewer.cancel()

@@ -26,8 +26,9 @@ import time
 from collections.abc import Callable
 
 from olmocr.exit_codes import STATUS_INTERRUPTED
+from olmocr.logformat import RUN_LOGGERS
 
-logger = logging.getLogger("olmocr.pipeline")
+logger = logging.getLogger(__name__)
 
 #: Default seconds a graceful stop waits for work items in progress before abandoning them. Below the
 #: usual process managers' kill timeouts (Kubernetes 30 s, systemd 90 s, supervisord stopwaitsecs).
@@ -91,8 +92,9 @@ class StopRequest:
                 logger.exception("while exiting")
         for path in [*self._temp_dirs, *_multiprocessing_temp_dir()]:
             shutil.rmtree(path, ignore_errors=True)
-        for handler in logging.getLogger("olmocr.pipeline").handlers:
-            handler.flush()
+        for name in RUN_LOGGERS:
+            for handler in logging.getLogger(name).handlers:
+                handler.flush()
         os._exit(HARD_EXIT_STATUS)
 
 

@@ -108,7 +108,7 @@ def check_upstream_flags(parser: argparse.ArgumentParser, args: argparse.Namespa
         except FilterUnavailable as exc:
             fail(parser, str(exc))
     if args.server and (ignored := ignored_with_server(args)):
-        logging.getLogger("olmocr.pipeline").info(
+        logging.getLogger(__name__).info(
             "%s only configure the server the pipeline starts itself; ignored with --vllm-url", ", ".join(ignored))
 
 

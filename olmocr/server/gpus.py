@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from olmocr.server.errors import SettingsError
 
-log = logging.getLogger("olmocr.gpus")
+log = logging.getLogger(__name__)
 
 GPUS_ENV = "OLMOCR_GPUS"
 DEFAULT_GPUS = "all"

@@ -39,7 +39,7 @@ from olmocr.server.health import ProbeResult
 from olmocr.server.health_probe import ServerProbe
 from olmocr.server.settings import PROGRAM_NAME, ServerSettings, read_api_key
 
-log = logging.getLogger("olmocr.listener")
+log = logging.getLogger(__name__)
 
 ACTIVE_STATES = {"STARTING", "RUNNING"}
 TICK_SECONDS = 5.0  # the listener subscribes to TICK_5 (see supervisord.conf)

@@ -52,7 +52,7 @@ from olmocr.server.settings import PROGRAM_NAME, ServerSettings, exposure_note, 
 from olmocr.server.status import fetch_status
 from olmocr.server.supervisor_config import ConfigLayout, render_supervisord_config
 
-log = logging.getLogger("olmocr.manager")
+log = logging.getLogger(__name__)
 
 READY_MESSAGE = "vLLM server is ready and accepting requests"
 MAX_UNIX_SOCKET_PATH = 100

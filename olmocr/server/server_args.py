@@ -20,7 +20,7 @@ from olmocr.server.settings import DEFAULT_MODEL, ServerSettings
 from olmocr.server.vllm_executable import learn_vllm_version
 from olmocr.server.vllm_versions import Version, judge_version, parse_version
 
-log = logging.getLogger("olmocr.wrapper")
+log = logging.getLogger(__name__)
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:

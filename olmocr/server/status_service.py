@@ -81,7 +81,7 @@ from olmocr.server.status import (
     unreachable_status,
 )
 
-log = logging.getLogger("olmocr.status_service")
+log = logging.getLogger(__name__)
 
 DEFAULT_PORT = envs.DEFAULT_STATUS_PORT
 #: Paths answered without the bearer token: the kubelet's probes.

@@ -25,7 +25,7 @@ from pathlib import Path
 from olmocr import envs
 from olmocr.server.vllm_versions import parse_version
 
-log = logging.getLogger("olmocr.server.vllm_executable")
+log = logging.getLogger(__name__)
 
 CACHE_ENV = "OLMOCR_VLLM_VERSION_CACHE"
 VERSION_TIMEOUT_S = 180.0

@@ -41,7 +41,7 @@ from olmocr.server.server_args import (
 )
 from olmocr.server.settings import exposure_note, read_api_key
 
-log = logging.getLogger("olmocr.wrapper")
+log = logging.getLogger(__name__)
 
 
 def seconds_to_wait_before_restart(stats: Mapping[str, object] | None, restart_delay: float,

@@ -17,7 +17,7 @@ from olmocr.pipeline.pages.render import Renderer, pdf_has_eof_marker
 from olmocr.pipeline.workspace.inputs import read_input, sniff_kind
 from olmocr.pipeline.workspace.storage import Storage
 
-logger = logging.getLogger("olmocr.pipeline")
+logger = logging.getLogger(__name__)
 
 SNIFF_BYTES = 1024
 

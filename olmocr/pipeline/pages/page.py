@@ -17,7 +17,7 @@ from olmocr.pipeline.progress import Progress
 from olmocr.pipeline.servers.checks import DEFAULT_MAX_TOKENS, STRUCTURED_OUTPUTS, guided_fields
 from olmocr.pipeline.servers.fleet import Fleet
 
-logger = logging.getLogger("olmocr.pipeline")
+logger = logging.getLogger(__name__)
 
 #: Temperature for attempt n (later attempts use the last value): higher temperatures break repetition loops.
 TEMPERATURE_BY_ATTEMPT = (0.1, 0.1, 0.2, 0.3, 0.5, 0.8, 0.9, 1.0)

@@ -40,7 +40,7 @@ from olmocr.pipeline.pages.output import (
 )
 from olmocr.pipeline.workspace.storage import Storage
 
-logger = logging.getLogger("olmocr.pipeline")
+logger = logging.getLogger(__name__)
 
 TICKETS_DIR = "page_retries"
 #: A ticket's first bytes: how the document processor tells a ticket from a document.

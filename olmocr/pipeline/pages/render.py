@@ -34,7 +34,7 @@ from pebble import ProcessExpired, ProcessPool
 
 from olmocr.pipeline.errors import RenderError
 
-logger = logging.getLogger("olmocr.pipeline")
+logger = logging.getLogger(__name__)
 
 #: The PDF specification's implementation limit for a page side (200 inches), in points.
 MAX_PAGE_SIDE_PT = 14400.0

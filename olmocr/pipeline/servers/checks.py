@@ -21,7 +21,7 @@ from olmocr.pipeline.pages.prompts import PROMPT_V4_YAML
 from olmocr.server import vllm_versions
 
 MODEL_NAME = SERVED_MODEL_NAME
-logger = logging.getLogger("olmocr.pipeline")
+logger = logging.getLogger(__name__)
 
 #: The request fields that constrain output. Which one a server honours is in the vLLM release table
 #: (olmocr/server/vllm_versions.py, checked against the releases' sources): ``structured_outputs`` since

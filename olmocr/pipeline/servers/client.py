@@ -44,7 +44,7 @@ from olmocr.pipeline.servers.checks import (
 )
 from olmocr.pipeline.servers.http import HttpPool, Response
 
-logger = logging.getLogger("olmocr.pipeline")
+logger = logging.getLogger(__name__)
 
 MODEL_NAME = SERVED_MODEL_NAME
 MAX_BACKOFF_S = 60.0

@@ -58,7 +58,7 @@ from olmocr.pipeline.servers.outcome import Classified, Outcome, Problem, classi
 from olmocr.pipeline.servers.pacing import make_pacer
 from olmocr.pipeline.servers.serverlist import DnsName, Options, ServerSpec
 
-logger = logging.getLogger("olmocr.pipeline")
+logger = logging.getLogger(__name__)
 
 #: Refusals / 5xx answers in a row (no success in between) that take a server out of rotation.
 EJECT_AFTER = 3

@@ -37,7 +37,7 @@ from olmocr.server.errors import SettingsError
 from olmocr.server.server_args import resolve_executable, vllm_version_or_refuse
 from olmocr.server.settings import SERVED_MODEL_NAME, ServerSettings
 
-logger = logging.getLogger("olmocr.pipeline")
+logger = logging.getLogger(__name__)
 
 #: supervisord's ``startsecs`` for the run's server, as the manager's default.
 STARTSECS = 5

@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-logger = logging.getLogger("olmocr.pipeline")
+logger = logging.getLogger(__name__)
 
 
 class Storage(Protocol):
