@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from tests.pipeline_helpers import StandIn
     from tests.s3_helpers import S3Server
 
+#: ``pytester`` (a pytest inside pytest): tests/test_tiers.py runs its rule for real.
+pytest_plugins = ["pytester"]
+
 _root: Path | None = None
 
 
