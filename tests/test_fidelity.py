@@ -35,7 +35,7 @@ from tests.pipeline_helpers import (
 from tests.sample_docs import marker_pages, write_marked_pdf, write_marked_scan
 from tests.tiers import require
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("fidelity")]
 
 Expected = Mapping[str, Sequence[Sequence[str]]]  # source path -> each page's marker words
 FAST = ("--target_longest_image_dim", "1024", "--max_page_retries", "4")

@@ -37,6 +37,8 @@ from tests.standin_helpers import REPO_ROOT, STANDIN_SHIM, clean_env, free_port
 from tests.tiers import require
 from tests.waiting import wait_for
 
+pytestmark = pytest.mark.xdist_group("kubernetes")
+
 try:
     from olmocr.pipeline.servers.serverlist import parse_dns_names
 except ImportError:  # the dns+http:// discovery of issue 17 not merged yet

@@ -11,8 +11,6 @@ import pytest
 
 from tests.standin_helpers import REPO_ROOT
 
-pytestmark = pytest.mark.xdist_group("serial_tiers")  # a pytest inside pytest: a few seconds of CPU
-
 #: The gates, as tests/test_prometheus_rules.py, test_fidelity.py, test_status_page.py, test_slurm.py and
 #: test_kubernetes.py ask for their tools; each test name says which tool it needs.
 INNER = '''
