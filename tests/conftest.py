@@ -9,6 +9,7 @@ imported, which must wait for :func:`pytest_configure`. Tests that run pipelines
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -35,6 +36,15 @@ def pytest_configure(config: pytest.Config) -> None:
     global _root
     _root = Path(tempfile.mkdtemp(prefix="olmocr-sample-docs-"))
     sample_docs.use(_root)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist, the longest work first (grouped, then ``slow``), so that it does not start last and
+    keep one worker busy while the others are done. Every worker sorts alike (xdist requires the same
+    collection); the sort is stable, so a group's tests keep their order. A serial run keeps the file order."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: (item.get_closest_marker("xdist_group") is None,
+                                     item.get_closest_marker("slow") is None))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -35,7 +35,7 @@ from tests.pipeline_helpers import (
 from tests.sample_docs import marker_pages, write_marked_pdf, write_marked_scan
 from tests.tiers import require
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("fidelity")]
+pytestmark = pytest.mark.integration
 
 Expected = Mapping[str, Sequence[Sequence[str]]]  # source path -> each page's marker words
 FAST = ("--target_longest_image_dim", "1024", "--max_page_retries", "4")
@@ -132,6 +132,7 @@ def _text_layer(path: Path) -> str:
         doc.close()
 
 
+@pytest.mark.slow
 def test_pages_of_several_documents_in_one_work_item(reader: StandIn, tmp_path: Path) -> None:
     pages = marker_pages(6)
     docs = tmp_path / "docs"
@@ -152,6 +153,7 @@ def test_pages_of_several_documents_in_one_work_item(reader: StandIn, tmp_path: 
     assert found[str(scan)]["attributes"]["primary_language"] == ["en"]
 
 
+@pytest.mark.slow
 def test_two_pipelines_on_one_workspace(reader: StandIn, tmp_path: Path) -> None:
     pages = marker_pages(6, start=6)
     docs = tmp_path / "docs"
@@ -174,6 +176,7 @@ def test_two_pipelines_on_one_workspace(reader: StandIn, tmp_path: Path) -> None
     assert fidelity_problems(docs_by_source(ws), expected) == []
 
 
+@pytest.mark.slow
 def test_turned_pages_come_back_upright(reader: StandIn, tmp_path: Path) -> None:
     """A ``/Rotate 90`` page and pages whose content is drawn turned (90 and 180 degrees): the reading
     stand-in answers ``is_rotation_valid: False`` with the correction and no text; the words can only

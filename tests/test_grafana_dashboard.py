@@ -63,6 +63,7 @@ def test_dashboard_is_provisioning_ready_and_uses_only_exported_metrics():
     assert source["datasources"][0]["type"] == "prometheus"
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_every_panel_query_runs_on_a_real_prometheus_scraping_a_deployment_and_a_pipeline(deployments, tmp_path):
     binary = require_tool("prometheus", "prometheus")

@@ -260,12 +260,14 @@ def test_every_checked_in_release_is_needed() -> None:
     assert extra == [], f"not needed by the table any more: {extra} (git rm them)"
 
 
+@pytest.mark.slow
 def test_every_table_entry_matches_the_release_sources(releases: dict[str, Release]) -> None:
     wrong = [f"{name}: table says {'defined' if expected else 'absent'} in {release}, the sources disagree"
              for release, name, expected in expectations() if releases[release].has(name) != expected]
     assert wrong == [], "\n".join(wrong)
 
 
+@pytest.mark.slow
 def test_the_sources_are_read_for_real(releases: dict[str, Release]) -> None:
     """The static reading finds vLLM's full option set, not a handful (a reader that finds nothing would
     make the table test above pass vacuously for the 'absent' rows)."""

@@ -14,6 +14,7 @@ from tests.pipeline_helpers import docs_by_source, launch_standin, running_pipel
 pytestmark = pytest.mark.timeout(120)
 
 
+@pytest.mark.slow
 def test_wrong_model_mid_run_waits_instead_of_burning_attempts(tmp_path: Path) -> None:
     docs = []
     for i in range(3):
