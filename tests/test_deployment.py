@@ -134,6 +134,7 @@ def test_crash_loop_after_running_hits_max_restart_attempts(deployments):
     dep.wait_status(healthy, 30, "healthy after manual start")
 
 
+@pytest.mark.slow
 def test_wrong_model_is_unhealthy_with_reason_and_not_killed(deployments):
     dep = deployments(control={"served_model_name": "some-other-model"})
     status = dep.wait_status(lambda s: s["health_phase"] == "unhealthy", 30, "unhealthy")
@@ -159,6 +160,7 @@ def test_restart_count_survives_supervisord_restart(deployments):
     dep.wait_status(lambda s: s["healthy"] and s["restart_count"] == 2, 40, "restart counted after reload")
 
 
+@pytest.mark.slow
 def test_log_file_rotates_at_its_size(deployments):
     dep = deployments(config_edits={"stdout_logfile_maxbytes = 50MB": "stdout_logfile_maxbytes = 4KB"},
                      env={"OLMOCR_VLLM_ARGS": "--uvicorn-log-level info"})
@@ -171,6 +173,7 @@ def test_log_file_rotates_at_its_size(deployments):
     wait_for(lambda: (logs / "vllm.log").stat().st_size <= 8 * 1024, 10, "vllm.log reopened below its size limit")
 
 
+@pytest.mark.slow
 def test_api_key_never_in_ps_or_logs(deployments, tmp_path):
     secret = "sk-test-Zq81secret"
     key_file = tmp_path / "key"

@@ -201,6 +201,7 @@ def test_turned_pages_come_back_upright(reader: StandIn, tmp_path: Path) -> None
         assert all(doc["attributes"]["is_rotation_valid"])
 
 
+@pytest.mark.slow
 def test_a_blank_or_wrong_page_render_fails_the_check(reader: StandIn, tmp_path: Path) -> None:
     """Negative control: the same run with page 2 rendered blank and page 3 rendered as page 1
     (``OLMOCR_TEST_RENDER_FAULT``) completes as usual, and the check names exactly those two pages."""
