@@ -9,7 +9,6 @@ imported, which must wait for :func:`pytest_configure`. Tests that run pipelines
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import tempfile
@@ -42,7 +41,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Under pytest-xdist, the longest work first (grouped, then ``slow``), so that it does not start last and
     keep one worker busy while the others are done. Every worker sorts alike (xdist requires the same
     collection); the sort is stable, so a group's tests keep their order. A serial run keeps the file order."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    if hasattr(config, "workerinput"):  # an xdist worker
         items.sort(key=lambda item: (item.get_closest_marker("xdist_group") is None,
                                      item.get_closest_marker("slow") is None))
 
