@@ -33,7 +33,7 @@ from tests.pipeline_helpers import (
     running_pipeline,
 )
 from tests.sample_docs import marker_pages, write_marked_pdf, write_marked_scan
-from tests.tiers import require
+from tests.tiers import require_tesseract
 
 pytestmark = pytest.mark.integration
 
@@ -107,12 +107,7 @@ def test_the_check_catches_blank_swapped_and_foreign_pages() -> None:
 @pytest.fixture(scope="module")
 def reader(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandIn]:
     """One stand-in in reading mode for the module (Tesseract, not olmOCR)."""
-    try:
-        reading.find_tesseract()
-        problem = None
-    except reading.TesseractMissing as exc:
-        problem = str(exc)
-    require(problem is None, f"the reading stand-in needs Tesseract: {problem}")
+    require_tesseract()
     standin = launch_standin(tmp_path_factory.mktemp("reader"), env={"OLMOCR_STANDIN_ANSWER": "read"})
     try:
         yield standin

@@ -16,11 +16,10 @@ from tests.standin_helpers import REPO_ROOT
 INNER = '''
 import shutil
 
-from olmocr.standin import reading
 from tests.browser import chromium_path
 from tests.slurm_cluster import DEBIAN_PACKAGES, REQUIRED_TOOLS
 from tests.test_kubernetes import KUBE_EXTRA
-from tests.tiers import require, require_tool
+from tests.tiers import require, require_tesseract, require_tool
 
 
 def test_prometheus():
@@ -28,12 +27,7 @@ def test_prometheus():
 
 
 def test_tesseract():
-    try:
-        reading.find_tesseract()
-        problem = None
-    except reading.TesseractMissing as exc:
-        problem = str(exc)
-    require(problem is None, f"the reading stand-in needs Tesseract: {problem}")
+    require_tesseract()
 
 
 def test_chromium():
