@@ -10,7 +10,7 @@ import pytest
 from tests.pipeline_helpers import SAMPLES, assert_every_page_once
 from tests.test_internal_mode import InternalRun
 
-pytestmark = [pytest.mark.real_vllm, pytest.mark.integration, pytest.mark.timeout(900), pytest.mark.xdist_group("real_vllm")]
+pytestmark = [pytest.mark.real_vllm, pytest.mark.integration, pytest.mark.timeout(900)]
 
 MAX_MODEL_LEN = 2048
 
