@@ -531,7 +531,7 @@ def format_table(figures: Sequence[Figure], width: int | None = 60) -> str:
 
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "host": platform.node(),
         "platform": platform.platform(),
         "python": platform.python_version(),

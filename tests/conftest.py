@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from tests.pipeline_helpers import StandIn
     from tests.s3_helpers import S3Server
 
+#: ``pytester`` (a pytest inside pytest): tests/test_tiers.py runs its rule for real.
+pytest_plugins = ["pytester"]
+
 _root: Path | None = None
 
 
@@ -32,6 +35,15 @@ def pytest_configure(config: pytest.Config) -> None:
     global _root
     _root = Path(tempfile.mkdtemp(prefix="olmocr-sample-docs-"))
     sample_docs.use(_root)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist, the longest work first (grouped, then ``slow``), so that it does not start last and
+    keep one worker busy while the others are done. Every worker sorts alike (xdist requires the same
+    collection); the sort is stable, so a group's tests keep their order. A serial run keeps the file order."""
+    if hasattr(config, "workerinput"):  # an xdist worker
+        items.sort(key=lambda item: (item.get_closest_marker("xdist_group") is None,
+                                     item.get_closest_marker("slow") is None))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -49,6 +49,7 @@ def test_text_rules_as_upstream() -> None:
     assert text_reason("1234 5678 9012 " * 30, language_of) is None  # mostly not letters: kept
     assert seo_spam_share("") == 0.0
 
+@pytest.mark.slow
 def test_apply_filter_records_skipped_documents(standin, tmp_path: Path) -> None:
     docs = tmp_path / "docs"
     docs.mkdir()

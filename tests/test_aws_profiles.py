@@ -53,6 +53,7 @@ def _keys(client, bucket: str) -> list[str]:  # type: ignore[no-untyped-def]
     return [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
 
 
+@pytest.mark.slow
 def test_workspace_and_pdf_profiles(two_accounts, standin, tmp_path: Path) -> None:
     env, s3 = two_accounts
     s3["pdfs"].create_bucket(Bucket="inputs")

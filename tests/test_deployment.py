@@ -21,6 +21,7 @@ def healthy(status: dict) -> bool:
     return status["healthy"]
 
 
+@pytest.mark.slow
 def test_reaches_healthy_and_reports_status(deployments):
     dep = deployments()
     status = dep.wait_status(healthy, 30, "healthy")
@@ -47,6 +48,7 @@ def test_reaches_healthy_and_reports_status(deployments):
     assert stat.S_IMODE(os.stat(sock).st_mode) == 0o700
 
 
+@pytest.mark.slow
 def test_rpc_faults_as_supervisor_does_and_a_misspelt_name_records_nothing(deployments):
     import xmlrpc.client
 
@@ -63,6 +65,7 @@ def test_rpc_faults_as_supervisor_does_and_a_misspelt_name_records_nothing(deplo
     assert not state.exists() or '"vlm"' not in state.read_text()
 
 
+@pytest.mark.slow
 def test_kill_9_is_restarted_counted_and_orphans_reaped(deployments):
     dep = deployments()
     before = dep.wait_status(healthy, 30, "healthy")
@@ -75,6 +78,7 @@ def test_kill_9_is_restarted_counted_and_orphans_reaped(deployments):
     wait_for(lambda: not live(engine_pid), 10, "orphaned engine process to be killed")
 
 
+@pytest.mark.slow
 def test_hung_completions_are_killed_and_restarted(deployments):
     dep = deployments()
     before = dep.wait_status(healthy, 30, "healthy")
@@ -87,6 +91,7 @@ def test_hung_completions_are_killed_and_restarted(deployments):
     assert "completion probe timed out" in after["last_failure_reason"]
 
 
+@pytest.mark.slow
 def test_slow_load_inside_startup_grace_is_not_killed(deployments):
     dep = deployments(control={"load_delay": 6})
     status = dep.wait_status(healthy, 40, "healthy after slow load")
@@ -94,12 +99,14 @@ def test_slow_load_inside_startup_grace_is_not_killed(deployments):
     assert status["health_kills"] == 0
 
 
+@pytest.mark.slow
 def test_slow_load_past_startup_timeout_is_killed(deployments):
     dep = deployments(control={"load_delay": 60}, env={"OLMOCR_HEALTH_STARTUP_TIMEOUT": "3"})
     status = dep.wait_status(lambda s: s["health_kills"] >= 1, 40, "kill after startup timeout")
     assert "startup timeout" in status["last_failure_reason"]
 
 
+@pytest.mark.slow
 def test_crash_loop_is_left_stopped_with_reason(deployments):
     dep = deployments(control={"crash_after": 1.0, "crash_exit_code": 0},
                      env={"OLMOCR_MAX_RESTART_ATTEMPTS": "2"})
@@ -113,6 +120,7 @@ def test_crash_loop_is_left_stopped_with_reason(deployments):
     assert "crash loop" in reason or "FATAL" in reason
 
 
+@pytest.mark.slow
 def test_crash_loop_after_running_hits_max_restart_attempts(deployments):
     dep = deployments(control={"crash_after": 1.5}, env={"OLMOCR_MAX_RESTART_ATTEMPTS": "2"},
                      config_edits={"startsecs = 5": "startsecs = 1"})
@@ -126,6 +134,7 @@ def test_crash_loop_after_running_hits_max_restart_attempts(deployments):
     dep.wait_status(healthy, 30, "healthy after manual start")
 
 
+@pytest.mark.slow
 def test_wrong_model_is_unhealthy_with_reason_and_not_killed(deployments):
     dep = deployments(control={"served_model_name": "some-other-model"})
     status = dep.wait_status(lambda s: s["health_phase"] == "unhealthy", 30, "unhealthy")
@@ -134,6 +143,7 @@ def test_wrong_model_is_unhealthy_with_reason_and_not_killed(deployments):
     assert dep.run_status_script().returncode == 1
 
 
+@pytest.mark.slow
 def test_restart_count_survives_supervisord_restart(deployments):
     dep = deployments()
     first = dep.wait_status(healthy, 30, "healthy")
@@ -150,6 +160,7 @@ def test_restart_count_survives_supervisord_restart(deployments):
     dep.wait_status(lambda s: s["healthy"] and s["restart_count"] == 2, 40, "restart counted after reload")
 
 
+@pytest.mark.slow
 def test_log_file_rotates_at_its_size(deployments):
     dep = deployments(config_edits={"stdout_logfile_maxbytes = 50MB": "stdout_logfile_maxbytes = 4KB"},
                      env={"OLMOCR_VLLM_ARGS": "--uvicorn-log-level info"})
@@ -162,6 +173,7 @@ def test_log_file_rotates_at_its_size(deployments):
     wait_for(lambda: (logs / "vllm.log").stat().st_size <= 8 * 1024, 10, "vllm.log reopened below its size limit")
 
 
+@pytest.mark.slow
 def test_api_key_never_in_ps_or_logs(deployments, tmp_path):
     secret = "sk-test-Zq81secret"
     key_file = tmp_path / "key"
@@ -181,6 +193,7 @@ def test_api_key_never_in_ps_or_logs(deployments, tmp_path):
             assert secret not in path.read_text(errors="replace"), path
 
 
+@pytest.mark.slow
 def test_status_over_password_protected_loopback_tcp_and_watch(deployments, tmp_path):
     from tests.standin_helpers import free_port
 

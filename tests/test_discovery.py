@@ -145,6 +145,7 @@ def _loopback_alias_works() -> bool:
             return False
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_a_port_range_reaches_every_server_of_a_box(tmp_path: Path) -> None:
     base = free_port_run(3)
@@ -165,6 +166,7 @@ def test_a_port_range_reaches_every_server_of_a_box(tmp_path: Path) -> None:
             stop_process_group(p)
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_dns_name_servers_added_and_removed_mid_run_every_page_once(tmp_path: Path) -> None:
     assert _loopback_alias_works(), "127.0.0.2 is not usable here (Linux routes all of 127.0.0.0/8 to lo)"

@@ -18,6 +18,7 @@ from tests.pipeline_helpers import assert_every_page_once, running_pipeline
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
+@pytest.mark.slow
 def test_pipeline_survives_server_kill_and_hang_under_supervisord(tmp_path: Path, deployments) -> None:
     dep = deployments(control={"latency": 0.4, "concurrency": 2})
     log = tmp_path / "pipeline.log"

@@ -34,7 +34,7 @@ from tests.pipeline_helpers import (
     running_pipeline,
 )
 from tests.sample_docs import marker_pages, write_marked_pdf, write_marked_scan
-from tests.tiers import require
+from tests.tiers import require_tesseract
 
 pytestmark = pytest.mark.integration
 
@@ -108,12 +108,7 @@ def test_the_check_catches_blank_swapped_and_foreign_pages() -> None:
 @pytest.fixture(scope="module")
 def reader(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandIn]:
     """One stand-in in reading mode for the module (Tesseract, not olmOCR)."""
-    try:
-        reading.find_tesseract()
-        problem = None
-    except reading.TesseractMissing as exc:
-        problem = str(exc)
-    require(problem is None, f"the reading stand-in needs Tesseract: {problem}")
+    require_tesseract()
     standin = launch_standin(tmp_path_factory.mktemp("reader"), env={"OLMOCR_STANDIN_ANSWER": "read"})
     try:
         yield standin
@@ -138,6 +133,7 @@ def _text_layer(path: Path) -> str:
         doc.close()
 
 
+@pytest.mark.slow
 def test_pages_of_several_documents_in_one_work_item(reader: StandIn, tmp_path: Path) -> None:
     pages = marker_pages(6)
     docs = tmp_path / "docs"
@@ -158,6 +154,7 @@ def test_pages_of_several_documents_in_one_work_item(reader: StandIn, tmp_path: 
     assert found[str(scan)]["attributes"]["primary_language"] == ["en"]
 
 
+@pytest.mark.slow
 def test_two_pipelines_on_one_workspace(reader: StandIn, tmp_path: Path) -> None:
     pages = marker_pages(6, start=6)
     docs = tmp_path / "docs"
@@ -180,6 +177,7 @@ def test_two_pipelines_on_one_workspace(reader: StandIn, tmp_path: Path) -> None
     assert fidelity_problems(docs_by_source(ws), expected) == []
 
 
+@pytest.mark.slow
 def test_turned_pages_come_back_upright(reader: StandIn, tmp_path: Path) -> None:
     """A ``/Rotate 90`` page and pages whose content is drawn turned (90 and 180 degrees): the reading
     stand-in answers ``is_rotation_valid: False`` with the correction and no text; the words can only
@@ -209,6 +207,7 @@ def test_turned_pages_come_back_upright(reader: StandIn, tmp_path: Path) -> None
         assert all(doc["attributes"]["is_rotation_valid"])
 
 
+@pytest.mark.slow
 def test_a_blank_or_wrong_page_render_fails_the_check(reader: StandIn, tmp_path: Path) -> None:
     """Negative control: the same run with page 2 rendered blank and page 3 rendered as page 1
     (``OLMOCR_TEST_RENDER_FAULT``) completes as usual, and the check names exactly those two pages."""

@@ -251,6 +251,7 @@ def _per_server(metrics_port: int, urls: list[str]) -> tuple[list[float], list[f
         return None
 
 
+@pytest.mark.slow
 def test_pages_follow_capacity_and_each_server_is_visible(tmp_path: Path, pdfs: list[Path]) -> None:
     # 8 and 2 pages/s: together well under what the client renders even on a loaded 2-core machine, so the
     # servers, not the client, set the pace (a client-bound run spreads pages by who is idle, not capacity).
@@ -299,6 +300,7 @@ def test_pages_follow_capacity_and_each_server_is_visible(tmp_path: Path, pdfs: 
     assert f"{fast.url}: {served[0]} answers" in out and f"{slow.url}: {served[1]} answers" in out
 
 
+@pytest.mark.slow
 def test_misconfigured_servers_are_left_out_with_a_reason(tmp_path: Path, pdfs: list[Path]) -> None:
     good = standin(tmp_path, 0.05)
     wrong = launch_standin(tmp_path, served_model_name="some-other-model")
@@ -332,6 +334,7 @@ def test_misconfigured_servers_are_left_out_with_a_reason(tmp_path: Path, pdfs: 
     assert not locks.exists() or not any(locks.iterdir())
 
 
+@pytest.mark.slow
 def test_killed_server_is_ejected_its_pages_resent_and_it_is_readmitted(tmp_path: Path, pdfs: list[Path]) -> None:
     a = standin(tmp_path, 0.3, 2)
     b = standin(tmp_path, 0.3, 2)
@@ -362,6 +365,7 @@ def test_killed_server_is_ejected_its_pages_resent_and_it_is_readmitted(tmp_path
     assert after_restart > 0, "the re-admitted server got no pages"
 
 
+@pytest.mark.slow
 def test_queued_requests_move_to_a_server_that_joins_mid_run(tmp_path: Path, pdfs: list[Path]) -> None:
     """Work stealing in a real run: one server (2 pages/s) holds the whole run's queue when a second one
     joins; requests still waiting on the first move to the newcomer (resent there, no attempt used up)
@@ -386,6 +390,7 @@ def test_queued_requests_move_to_a_server_that_joins_mid_run(tmp_path: Path, pdf
     assert served[1] > 0, served
 
 
+@pytest.mark.slow
 def test_hung_server_is_taken_out_and_the_others_carry_on(tmp_path: Path, pdfs: list[Path]) -> None:
     ok = standin(tmp_path, 0.05)
     hung = launch_standin(tmp_path, env={"OLMOCR_STANDIN_HANG": "true"})
@@ -402,6 +407,7 @@ def test_hung_server_is_taken_out_and_the_others_carry_on(tmp_path: Path, pdfs: 
     assert logged(log, LOG_EJECTED, hung.url, "no request finished for 2s (hung?)")
 
 
+@pytest.mark.slow
 def test_all_servers_down_the_run_waits_says_so_and_finishes(tmp_path: Path, pdfs: list[Path]) -> None:
     a = standin(tmp_path, 0.3, 2)
     b = standin(tmp_path, 0.3, 2)
@@ -430,7 +436,7 @@ def _make_ca_and_cert(directory: Path) -> tuple[Path, Path, Path]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "olmocr test CA")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
@@ -576,6 +582,7 @@ def test_the_servers_key_file_variable_is_one_key_for_every_server(tmp_path: Pat
         resolve_api_key(None, {"OLMOCR_API_KEY_FILE": str(tmp_path / "missing")})
 
 
+@pytest.mark.slow
 def test_ejection_after_exactly_three_failures_and_readmission_after_two_good_probes(tmp_path: Path) -> None:
     """Pins EJECT_AFTER = 3 and READMIT_AFTER = 2 against real stand-ins: two failures in a row leave a
     server in rotation, the third ejects it; probes that alternate good/bad never re-admit it, two good

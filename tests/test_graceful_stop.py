@@ -40,6 +40,7 @@ def _locks(ws: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
 
 
+@pytest.mark.slow
 def test_sigterm_hands_work_back_and_another_pipeline_takes_it_at_once(tmp_path: Path) -> None:
     docs = _docs(tmp_path, 4, 2)
     ws = tmp_path / "ws"
@@ -114,6 +115,7 @@ def test_second_ctrl_c_exits_at_once(tmp_path: Path) -> None:
     assert _locks(ws), "a hard exit leaves its lease to expire, like kill -9"
 
 
+@pytest.mark.slow
 def test_stop_exit_code_tells_a_job_controller_the_run_was_cut_short(tmp_path: Path) -> None:
     """A Kubernetes Job counts an exit 0 as a completed index: --stop_exit_code 143 makes a drained or
     preempted pod's index run again (deploy/kubernetes), while the work is still handed back."""

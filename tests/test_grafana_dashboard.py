@@ -131,6 +131,7 @@ def test_panels_select_by_metric_and_model_name_never_by_job_name():
             assert f'model_name="{SERVED_MODEL_NAME}"' in selector, (title, expr)
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_every_panel_query_runs_on_a_real_prometheus_scraping_a_deployment_and_a_pipeline(deployments, tmp_path):
     binary = require_tool("prometheus", "prometheus")

@@ -25,6 +25,8 @@ from tests.pipeline_helpers import RESILIENCE_DOCS, SMALL_DOCS, launch_standin, 
 from tests.standin_helpers import stop_process_group
 from tests.waiting import wait_for
 
+pytestmark = pytest.mark.serial
+
 WINDOW_S = 10.0
 MAX_CPU_S = 0.5
 

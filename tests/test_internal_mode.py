@@ -144,6 +144,7 @@ def _docs(tmp_path: Path, count: int, pages: int) -> list[Path]:
     return [write_text_pdf(folder / f"doc{i}.pdf", pages) for i in range(count)]
 
 
+@pytest.mark.slow
 def test_internal_mode_serves_the_run_and_stops_everything(internal_run, tmp_path: Path) -> None:
     pdfs = _docs(tmp_path, 2, 2)
     key_file = tmp_path / "api-key"
@@ -167,6 +168,7 @@ def test_internal_mode_serves_the_run_and_stops_everything(internal_run, tmp_pat
         requests.get(f"{run.url}/health", timeout=2)
 
 
+@pytest.mark.slow
 def test_internal_mode_rides_out_a_crash_and_a_hang(internal_run, tmp_path: Path) -> None:
     pdfs = _docs(tmp_path, 6, 2)
     # One document at a time, 1.5 s a page: the run lasts through both faults.
@@ -202,6 +204,7 @@ def _pid_or_none(run: InternalRun) -> int | None:
         return None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "ctrl-c-twice", "sigkill", "ctrl-c-while-loading"])
 def test_internal_mode_stopped_leaves_no_process(internal_run, tmp_path: Path, how: str) -> None:
     pdfs = _docs(tmp_path, 2, 2)
@@ -284,6 +287,7 @@ def test_internal_mode_with_nothing_to_do_starts_no_server(internal_run, tmp_pat
     assert not run.run_dir.exists() and run.seen == set()
 
 
+@pytest.mark.slow
 def test_internal_mode_server_that_cannot_start(internal_run, tmp_path: Path) -> None:
     broken = tmp_path / "broken-vllm"
     broken.write_text("#!/bin/sh\necho 'vllm: error: unrecognized arguments: --bogus' >&2\nexit 2\n")
@@ -298,6 +302,7 @@ def test_internal_mode_server_that_cannot_start(internal_run, tmp_path: Path) ->
     assert (run.workspace / "done_flags").exists() is False or not list((run.workspace / "done_flags").iterdir())
 
 
+@pytest.mark.slow
 def test_internal_mode_stops_when_the_server_is_given_up_on(internal_run, tmp_path: Path) -> None:
     # Every start crashes after 6 s (once RUNNING); after one restart in a row the listener gives up.
     run = internal_run(_docs(tmp_path, 2, 1), control={"latency": 60, "crash_after": 6},
@@ -308,6 +313,7 @@ def test_internal_mode_stops_when_the_server_is_given_up_on(internal_run, tmp_pa
     assert not list((run.workspace / "worker_locks").glob("*.lock"))  # items handed back
 
 
+@pytest.mark.slow
 def test_internal_mode_serves_on_every_gpu_and_sends_work_to_all(internal_run, tmp_path: Path) -> None:
     from olmocr.pipeline.stats import SERVER_STATS_DIR, summarize_server_stats
 

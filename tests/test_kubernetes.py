@@ -144,6 +144,7 @@ def test_pod_monitors_scrape_ports_the_pods_have(built):
                 assert credentials == {"name": "olmocr-keys", "key": "status-token"}, endpoint
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
 def test_every_object_passes_strict_validation(built, version, tmp_path):
     validate = tool("kubernetes-validate")
@@ -368,6 +369,7 @@ class PodLikeManager:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_manifest_probes_answer_as_the_kubelet_needs_on_a_live_deployment(built):
     objects = built["example overlay"]
@@ -420,6 +422,7 @@ def test_manifest_probes_answer_as_the_kubelet_needs_on_a_live_deployment(built)
     assert not any(live(pid) for pid in pod.seen)
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_liveness_fails_once_the_manager_gives_up(deployments, built):
     """Liveness fails only for what a pod restart must fix: here the crash-loop limit (the manager itself
@@ -435,6 +438,7 @@ def test_liveness_fails_once_the_manager_gives_up(deployments, built):
     assert requests.get(dep.status_url + ready_path, timeout=5).status_code == 503
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_image_install_step_adds_the_package_without_changing_the_base_environment(tmp_path):

@@ -20,6 +20,7 @@ from tests.deployment_helpers import live, wait_for
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow
 def test_ready_status_and_ctrl_c_leaves_nothing_behind(manager_run):
     run = manager_run()
     wait_for(lambda: READY_MESSAGE in run.lines, 40, "ready message")
@@ -37,6 +38,7 @@ def test_ready_status_and_ctrl_c_leaves_nothing_behind(manager_run):
     assert "DEBUG" in log  # the file gets DEBUG, the console INFO
 
 
+@pytest.mark.slow
 def test_sigterm_stops_everything_and_exits_0(manager_run):
     run = manager_run()
     wait_for(lambda: "ready and accepting" in run.output(), 40, "ready message")
@@ -46,6 +48,7 @@ def test_sigterm_stops_everything_and_exits_0(manager_run):
     wait_for(lambda: not any(live(pid) for pid in pids), 10, "every started process to exit")
 
 
+@pytest.mark.slow
 def test_crash_loop_is_left_stopped_after_max_restart_attempts(manager_run):
     run = manager_run("--max-restart-attempts", "2", "--startsecs", "1", control={"crash_after": 1.5})
     assert run.proc.wait(timeout=90) == 1
@@ -61,6 +64,7 @@ def test_bad_option_fails_fast_with_one_line(manager_run):
     assert "gpu memory utilization 1.5" in run.output()
 
 
+@pytest.mark.slow
 def test_manager_killed_with_sigkill_takes_the_deployment_with_it(manager_run):
     # SIGKILL cannot be caught: supervisord (its own session) must notice its parent died and stop the
     # server group, or vLLM would keep the GPU and the port with nothing supervising it.
@@ -73,6 +77,7 @@ def test_manager_killed_with_sigkill_takes_the_deployment_with_it(manager_run):
     wait_for(lambda: not any(live(pid) for pid in pids), 90, "every process the manager started to exit")
 
 
+@pytest.mark.slow
 def test_several_gpus_one_server_each_and_one_vllm_url(manager_run):
     run = manager_run("--gpus", "0,1", ports=2)
     wait_for(lambda: READY_MESSAGE in run.lines, 60, "ready message")
@@ -95,6 +100,7 @@ def test_a_gpu_count_above_the_visible_gpus_fails_fast_with_one_line(manager_run
     assert "Traceback" not in run.output()
 
 
+@pytest.mark.slow
 def test_a_run_dir_too_long_for_a_unix_socket_leaves_no_socket_dir_behind(manager_run, tmp_path):
     # AF_UNIX paths end near 107 bytes: the socket then goes to a private /tmp directory, which the
     # manager must remove when it stops (it used to stay forever, one per run).

@@ -163,6 +163,7 @@ def test_a_program_that_does_not_speak_http_fails_at_once(tmp_path: Path, doc: P
     assert took < 15, (took, out)
 
 
+@pytest.mark.slow
 def test_https_to_a_plain_http_server_and_http_to_a_tls_server(tmp_path: Path, doc: Path, not_vllm: str,
                                                                 tls_standin: tuple[int, str]) -> None:
     rc, out, took = run_cli([str(tmp_path / "ws"), "--vllm-url", not_vllm.replace("http:", "https:"),
@@ -177,6 +178,7 @@ def test_https_to_a_plain_http_server_and_http_to_a_tls_server(tmp_path: Path, d
     assert took < 15, (took, out)
 
 
+@pytest.mark.slow
 def test_a_rejected_api_key_fails_at_once_without_showing_the_key(tmp_path: Path, doc: Path,
                                                                   keyed_standin: str) -> None:
     rc, out, took = run_cli([str(tmp_path / "ws"), "--vllm-url", keyed_standin, "--pdfs", str(doc)],
@@ -536,6 +538,7 @@ def test_which_signals_are_the_same_stop(first: tuple[int, float] | None, sig: i
 # ------------------------------------------------------------------------------------- the deployment's output
 
 
+@pytest.mark.slow
 def test_kill_9_is_named_and_the_health_log_says_healthy_again(deployments) -> None:  # noqa: ANN001
     dep = deployments()
     first = dep.wait_status(lambda s: s["healthy"], 60, "healthy")
@@ -614,6 +617,7 @@ def test_describe_lease_holders_names_host_pid_and_expiry() -> None:
     assert "other pid 77: 1, lease expiring within 0m10s" in line
 
 
+@pytest.mark.slow
 def test_a_second_pipeline_says_whose_items_it_waits_for(tmp_path: Path) -> None:
     docs = _text_docs(tmp_path, 2)
     ws = tmp_path / "ws"
@@ -634,6 +638,7 @@ def test_a_second_pipeline_says_whose_items_it_waits_for(tmp_path: Path) -> None
     assert f"2 work items are leased by other pipelines ({socket.gethostname()} pid {first.pid}: 2" in line, line
 
 
+@pytest.mark.slow
 def test_the_listener_never_takes_a_stranger_on_its_port_for_its_server(deployments, tmp_path: Path) -> None:  # noqa: ANN001
     """Another vLLM-like program holds the deployment's port: the wrapper says so in vllm.log instead of
     starting vLLM, and the listener does not report the stranger's health as the deployment's."""

@@ -54,6 +54,7 @@ def box():
         dep.cleanup()
 
 
+@pytest.mark.slow
 def test_three_gpus_three_servers_placed_on_their_gpu_and_port(box):
     status = box.wait_status(all_healthy(3), 60, "three healthy servers")
     assert status["restart_count"] == 0 and status["port"] == box.port
@@ -97,6 +98,7 @@ async def _first_ws_message(url: str) -> dict:
         return json.loads((await ws.receive(timeout=10)).data)
 
 
+@pytest.mark.slow
 def test_a_hang_on_one_gpu_restarts_that_server_alone(box):
     before = box.wait_status(all_healthy(3), 60, "three healthy servers")
     pids = [e["pid"] for e in before["servers"]]
@@ -129,6 +131,7 @@ def _fake_nvidia_smi(directory, gpus: int) -> None:
     os.chmod(path, stat.S_IRWXU)
 
 
+@pytest.mark.slow
 def test_all_uses_every_gpu_nvidia_smi_lists_in_tensor_parallel_pairs(tmp_path):
     _fake_nvidia_smi(tmp_path, 4)
     base = free_port_run(2)

@@ -28,6 +28,7 @@ def scrape(port: int, headers: dict | None = None) -> dict[str, float] | None:
     return parse_metrics(response.text)
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_metrics_while_the_pipeline_runs(tmp_path):
     standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.4", "OLMOCR_STANDIN_CONCURRENCY": "2",
@@ -104,6 +105,7 @@ def test_exact_values_from_the_run_counters():
     assert {k: got.get(k) for k in expected} == expected
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_token_rule_and_a_busy_port_fail_before_any_work_is_claimed(tmp_path):
     doc = [samples().letter]

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.timeout(300)
 DOCS = RESILIENCE_DOCS
 
 
+@pytest.mark.slow
 def test_server_killed_and_restarted_mid_run(tmp_path: Path) -> None:
     s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.3", "OLMOCR_STANDIN_CONCURRENCY": "2"})
     log = tmp_path / "run.log"
@@ -47,6 +48,7 @@ def test_server_killed_and_restarted_mid_run(tmp_path: Path) -> None:
     assert_every_page_once(tmp_path / "ws", DOCS)
 
 
+@pytest.mark.slow
 def test_hung_server_times_out_then_recovers(tmp_path: Path) -> None:
     s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_HANG": "true"})
     log = tmp_path / "run.log"
@@ -62,6 +64,7 @@ def test_hung_server_times_out_then_recovers(tmp_path: Path) -> None:
     assert_every_page_once(tmp_path / "ws", docs)
 
 
+@pytest.mark.slow
 def test_two_pipelines_share_a_workspace_without_duplicates(tmp_path: Path) -> None:
     s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.05"})
     ws = tmp_path / "ws"
@@ -76,6 +79,7 @@ def test_two_pipelines_share_a_workspace_without_duplicates(tmp_path: Path) -> N
     assert len(claimed) == len(set(claimed)), "an item was processed twice"
 
 
+@pytest.mark.slow
 def test_pipeline_killed_midway_next_run_does_only_the_rest(tmp_path: Path) -> None:
     s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.2", "OLMOCR_STANDIN_CONCURRENCY": "2"})
     ws = tmp_path / "ws"
@@ -105,6 +109,7 @@ def test_pipeline_killed_midway_next_run_does_only_the_rest(tmp_path: Path) -> N
     assert "claimed work item" in text
 
 
+@pytest.mark.slow
 def test_s3_workspace_and_s3_inputs(s3_server, tmp_path: Path) -> None:
     client = s3_server.client()
     s3_pdf = SAMPLES.report

@@ -164,6 +164,7 @@ def test_a_workspace_queued_before_page_counts_gets_them_when_its_inputs_are_que
 
 # ----------------------------------------------------------------------------------------- real runs
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_progress_line_and_stats_show_the_true_total_and_an_eta(tmp_path: Path) -> None:
     docs = samples().resilience  # 8 documents, 23 pages

@@ -53,6 +53,7 @@ def test_alerts_fire_when_they_should():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_real_prometheus_scrapes_the_status_service_and_a_kill_fires_the_restart_alert(tmp_path):
     """deploy/prometheus as shipped (only the target port and intervals changed): Prometheus reads our

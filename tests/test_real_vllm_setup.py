@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.standin_helpers import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "scripts" / "setup-real-vllm"
@@ -55,6 +57,7 @@ def test_setup_with_a_matching_stamp_is_a_no_op(tmp_path: Path) -> None:
     assert (venv / "keep").exists()  # reused, not rebuilt
 
 
+@pytest.mark.slow
 def test_failed_setup_fails_the_requested_tier_with_one_line_naming_what_failed(tmp_path: Path) -> None:
     env = _env(OLMOCR_REAL_VLLM_VENV=str(tmp_path / "venv"), OLMOCR_REAL_VLLM_PYTHON="/bin/false")
     proc = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=60, env=env)
@@ -73,6 +76,7 @@ def test_failed_setup_fails_the_requested_tier_with_one_line_naming_what_failed(
                              "environment failed"), run.stdout[-3000:]
 
 
+@pytest.mark.slow
 def test_without_the_flag_the_tier_is_skipped_with_one_reason(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", "tests/real_vllm"],
                          capture_output=True, text=True, timeout=300, cwd=str(REPO_ROOT),
@@ -83,6 +87,7 @@ def test_without_the_flag_the_tier_is_skipped_with_one_reason(tmp_path: Path) ->
     assert not (tmp_path / "never-created").exists()
 
 
+@pytest.mark.slow
 def test_in_ci_without_the_flag_the_tier_fails_instead_of_skipping(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", "tests/real_vllm"],
                          capture_output=True, text=True, timeout=300, cwd=str(REPO_ROOT),

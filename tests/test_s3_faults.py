@@ -139,6 +139,7 @@ def test_workspace_client_uses_standard_retries_with_8_attempts(proxy: FaultProx
     proxy.rule = None
 
 
+@pytest.mark.slow
 def test_pipeline_under_random_s3_faults_loses_and_duplicates_nothing(
         proxy: FaultProxy, s3_server: S3Server, tmp_path: Path) -> None:
     docs = _docs(tmp_path, 8, 2)
@@ -158,6 +159,7 @@ def test_pipeline_under_random_s3_faults_loses_and_duplicates_nothing(
     assert _keys(s3_server, "ws/worker_locks/") == []
 
 
+@pytest.mark.slow
 def test_result_upload_failing_is_never_marked_done(proxy: FaultProxy, s3_server: S3Server, tmp_path: Path) -> None:
     docs = _docs(tmp_path, 1, 1)
     failing = Switch("PUT", "/ws/results/", "503")
@@ -177,6 +179,7 @@ def test_result_upload_failing_is_never_marked_done(proxy: FaultProxy, s3_server
     assert len(_keys(s3_server, "ws/done_flags/")) == 1
 
 
+@pytest.mark.slow
 def test_lease_that_cannot_be_renewed_is_given_up(proxy: FaultProxy, s3_server: S3Server, tmp_path: Path) -> None:
     docs = _docs(tmp_path, 1, 2)
     locks = Switch("PUT", "/ws/worker_locks/", "503")

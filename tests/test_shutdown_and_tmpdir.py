@@ -55,6 +55,7 @@ def test_vllm_tmpdir_is_private_emptied_and_given_as_tmpdir(tmp_path: Path) -> N
     assert prepare_tmpdir(too_long) is None and not os.path.exists(too_long)
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_deployment_gives_vllm_its_own_tmpdir_and_fits_the_drain_to_stopwaitsecs() -> None:
     dep = Deployment(config_edits={"stopwaitsecs = 60": "stopwaitsecs = 25"},

@@ -25,6 +25,8 @@ from tests.slurm_cluster import DEBIAN_PACKAGES, SlurmCluster, missing_tools
 from tests.standin_helpers import REPO_ROOT
 from tests.tiers import require
 
+pytestmark = [pytest.mark.xdist_group("slurm"), pytest.mark.slow]
+
 SBATCH = REPO_ROOT / "deploy" / "slurm" / "olmocr.sbatch"
 MONITOR = REPO_ROOT / "deploy" / "slurm" / "olmocr-monitor.sbatch"
 FINALIZE = REPO_ROOT / "deploy" / "slurm" / "olmocr-finalize.sbatch"

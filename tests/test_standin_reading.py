@@ -19,7 +19,7 @@ from olmocr.standin import reading
 from tests.pipeline_helpers import launch_standin
 from tests.sample_docs import marker_pages, write_marked_pdf
 from tests.standin_helpers import REPO_ROOT, chat_payload, clean_env, free_port
-from tests.tiers import require
+from tests.tiers import require_tesseract
 
 OSD_TURNED = """Page number: 0
 Orientation in degrees: 90
@@ -87,12 +87,7 @@ def test_answers_are_what_the_pipeline_parses(page: reading.Reading) -> None:
 
 # ------------------------------------------------------------------------------- with Tesseract
 def _need_tesseract() -> None:
-    try:
-        reading.find_tesseract()
-        problem = None
-    except reading.TesseractMissing as exc:
-        problem = str(exc)
-    require(problem is None, f"the reading stand-in needs Tesseract: {problem}")
+    require_tesseract()
 
 
 def _page_png(tmp_path: Path, words: tuple[str, ...], *, turn: int = 0) -> bytes:

@@ -29,6 +29,7 @@ def field(browser: Browser, name: str) -> str:
     return browser.evaluate(FIELD.format(name))
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_page_shows_health_a_kill_9_restart_live_and_a_lost_connection(deployments, tmp_path):
     require(chromium_path() is not None, "chromium not installed (Debian package 'chromium': apt-get install chromium)")

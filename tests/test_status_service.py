@@ -85,6 +85,7 @@ class WsClient:
         self.loop.close()
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_kill_9_counts_a_restart_in_metrics_and_is_pushed_over_websocket(deployments):
     dep = deployments()
@@ -131,6 +132,7 @@ def test_kill_9_counts_a_restart_in_metrics_and_is_pushed_over_websocket(deploym
         client.close()
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_health_kill_is_counted_by_reason(deployments):
     dep = deployments(control={"load_delay": 60}, env={"OLMOCR_HEALTH_STARTUP_TIMEOUT": "3"})
@@ -177,6 +179,7 @@ def test_refuses_to_listen_beyond_loopback_without_a_token():
     assert not is_loopback("0.0.0.0") and not is_loopback("") and not is_loopback("example.org")
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_standalone_service_survives_a_supervisord_restart_and_counters_never_go_back(deployments, tmp_path):
     dep = deployments()

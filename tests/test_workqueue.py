@@ -62,6 +62,7 @@ def test_populate_layout_and_grouping(workspace: str) -> None:
     assert len(load_index(storage)) == 5
 
 
+@pytest.mark.slow
 def test_claim_under_thread_contention(workspace: str) -> None:
     storage = open_storage(workspace)
     paths = [f"doc{i:03d}.pdf" for i in range(24)]
@@ -85,6 +86,7 @@ def _process_worker(workspace: str, out_file: str) -> None:
     Path(out_file).write_text("\n".join(seen))
 
 
+@pytest.mark.slow
 def test_claim_under_process_contention(workspace: str, tmp_path: Path) -> None:
     storage = open_storage(workspace)
     WorkQueue(storage).populate([f"p{i}.pdf" for i in range(18)], pages_per_group=1, page_count=one_page)

@@ -32,6 +32,7 @@ def written_by_other(workspace: Path) -> list[str]:
     return [source for source, doc in docs_by_source(workspace).items() if f"Written by {OTHER}" in doc["text"]]
 
 
+@pytest.mark.slow
 def test_wrong_model_mid_run_waits_instead_of_burning_attempts(tmp_path: Path) -> None:
     docs = make_docs(tmp_path)
     standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.5", "OLMOCR_STANDIN_CONCURRENCY": "1"})

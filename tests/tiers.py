@@ -45,3 +45,13 @@ def require_tool(name: str, package: str, *, tier: str | None = None) -> str:
             tier=tier)
     assert path is not None
     return path
+
+
+def require_tesseract(*, tier: str | None = None) -> None:
+    """Tesseract with English and orientation (OSD) data, for the stand-in's reading mode; else :func:`missing`."""
+    from olmocr.standin import reading
+
+    try:
+        reading.find_tesseract()
+    except reading.TesseractMissing as exc:
+        missing(f"the reading stand-in needs Tesseract: {exc}", tier=tier)

@@ -477,7 +477,7 @@ class StatusService:
             message = await client.get()
             try:
                 await asyncio.wait_for(ws.send_str(message), self.settings.send_timeout)
-            except asyncio.TimeoutError:  # not the builtin before Python 3.11
+            except TimeoutError:
                 # Its socket buffers are full: it reads too slowly, or is gone without a FIN.
                 self.disconnected.inc()
                 log.info("disconnecting a WebSocket client that took no message for %g s",

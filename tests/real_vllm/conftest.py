@@ -9,6 +9,7 @@ run that forgot the flag fails.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import subprocess
@@ -89,15 +90,18 @@ def _prepare() -> str | None:
     venv = Path(proc.stdout.strip().splitlines()[-1])
     digest = hashlib.sha256(BUILDER.read_bytes()).hexdigest()[:12]
     model = cache_root() / f"tiny-olmocr-{digest}"
-    if not (model / "config.json").exists():
-        model.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            built = subprocess.run([str(venv / "bin" / "python"), str(BUILDER), str(model)],
-                                   capture_output=True, text=True, timeout=600)
-        except subprocess.TimeoutExpired:
-            return "real-vLLM setup failed: building the tiny model took over 10 minutes"
-        if built.returncode != 0:
-            return f"real-vLLM setup failed: building the tiny model: {_last_line(built.stderr)}"
+    model.parent.mkdir(parents=True, exist_ok=True)
+    # pytest-xdist: every worker prepares the tier; one builds the model while the others wait for it.
+    with open(model.parent / f".{model.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (model / "config.json").exists():
+            try:
+                built = subprocess.run([str(venv / "bin" / "python"), str(BUILDER), str(model)],
+                                       capture_output=True, text=True, timeout=600)
+            except subprocess.TimeoutExpired:
+                return "real-vLLM setup failed: building the tiny model took over 10 minutes"
+            if built.returncode != 0:
+                return f"real-vLLM setup failed: building the tiny model: {_last_line(built.stderr)}"
     _prepared["venv"], _prepared["model"] = venv, model
     return None
 

@@ -31,7 +31,7 @@ from tests.deployment_helpers import Deployment, live, wait_for
 from tests.pipeline_helpers import docs_by_source, failures, page_count, run_pipeline
 from tests.sample_docs import samples
 
-pytestmark = [pytest.mark.real_vllm, pytest.mark.integration, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.real_vllm, pytest.mark.integration, pytest.mark.timeout(900), pytest.mark.xdist_group("real_vllm")]
 
 MAX_MODEL_LEN = 2048
 STARTUP_S = 420  # a cold vLLM start on a busy 2-core machine
