@@ -47,21 +47,16 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{envs.default('OLMOCR_RESTART_DELAY'):g}, env OLMOCR_RESTART_DELAY)")
 
 
+#: The flags that override a server setting, by their ServerSettings field (and argparse dest).
+SETTINGS_FLAGS = ("model", "port", "host", "tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization",
+                  "max_model_len", "scheduling_policy", "vllm_bin", "restart_delay", "gpus")
+
+
 def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> ServerSettings:
-    return ServerSettings.from_env(
-        env,
-        model=args.model,
-        port=args.port,
-        host=args.host,
-        tensor_parallel_size=args.tensor_parallel_size,
-        data_parallel_size=args.data_parallel_size,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        max_model_len=args.max_model_len,
-        scheduling_policy=args.scheduling_policy,
-        vllm_bin=args.vllm_bin,
-        restart_delay=args.restart_delay,
-        gpus=getattr(args, "gpus", None),
-    )
+    """The server's settings: ``OLMOCR_*`` (``env``, default the process's), then the flags given. The one
+    argparse -> ServerSettings path of the wrapper, the manager and the pipeline's internal mode; a flag a
+    command does not have (the pipeline has no ``--host`` or ``--vllm-bin``) keeps the setting's value."""
+    return ServerSettings.from_env(env, **{name: getattr(args, name, None) for name in SETTINGS_FLAGS})
 
 
 def resolve_executable(name: str) -> str:

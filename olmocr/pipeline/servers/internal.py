@@ -34,7 +34,7 @@ from olmocr.pipeline.errors import InternalServerError
 from olmocr.pipeline.stopping import StopRequest
 from olmocr.server.command import plan_vllm_flags, refuse_secrets_in_argv
 from olmocr.server.errors import SettingsError
-from olmocr.server.server_args import resolve_executable, vllm_version_or_refuse
+from olmocr.server.server_args import resolve_executable, settings_from_args, vllm_version_or_refuse
 from olmocr.server.settings import SERVED_MODEL_NAME, ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -51,16 +51,7 @@ def internal_settings(args: Any, vllm_args: Sequence[str] = ()) -> ServerSetting
 
     Raises SettingsError (a ValueError) with a one-line message.
     """
-    settings = ServerSettings.from_env(
-        None,
-        model=args.model,
-        port=args.port,
-        tensor_parallel_size=args.tensor_parallel_size,
-        data_parallel_size=args.data_parallel_size,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        max_model_len=args.max_model_len,
-        gpus=getattr(args, "gpus", None),
-    )
+    settings = settings_from_args(args)
     extra = settings.extra_vllm_args + tuple(vllm_args)
     refuse_secrets_in_argv(extra)
     try:
