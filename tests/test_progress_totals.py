@@ -241,3 +241,6 @@ def test_a_terminal_gets_a_live_bar(tmp_path: Path) -> None:
     assert "\r" in text and "█" in text  # redrawn in place
     assert bars[-1][0] == "100.0"
     assert "finished in" in text  # the other log lines still print (above the bar)
+    # ... through tqdm, which clears the bar first: never a log line glued to the end of a bar on one line.
+    glued = [seg for seg in re.split(r"[\r\n]", text) if "pages, ETA" in seg and " - INFO - " in seg]
+    assert not glued, glued[:3]

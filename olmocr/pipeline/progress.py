@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO
 
+from olmocr.logformat import RUN_LOGGERS
 from olmocr.pipeline.workspace.totals import PageTotals, format_duration
 
 logger = logging.getLogger(__name__)
@@ -279,17 +280,19 @@ async def _bar_forever(progress: Progress, state: Callable[[], tuple[str, int]],
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     fmt = "{desc} {percentage:5.1f}%|{bar}| {n_fmt}/{total_fmt} pages{postfix}"
-    console = [h for h in logger.handlers if type(h) is logging.StreamHandler]
+    # The run's handlers sit on the loggers the CLI set up (its modules' loggers have none of their own).
+    run_loggers = [logging.getLogger(name) for name in RUN_LOGGERS]
+    console = [h for lg in run_loggers for h in lg.handlers if type(h) is logging.StreamHandler]
     level = console[0].level if console else logging.INFO
     try:
         sized = os.get_terminal_size(sys.stderr.fileno()).columns > 0
     except (OSError, ValueError):
         sized = False  # a terminal that reports no size (some serial consoles, a bare pty): 120 columns
-    with logging_redirect_tqdm(loggers=[logger]), tqdm(total=0, unit="page", bar_format=fmt, dynamic_ncols=sized,
+    with logging_redirect_tqdm(loggers=run_loggers), tqdm(total=0, unit="page", bar_format=fmt, dynamic_ncols=sized,
                                                         ncols=None if sized else 120, file=sys.stderr,
                                                         desc="workspace", leave=True) as bar:
-        for handler in logger.handlers:  # tqdm's stand-in for the console handler: keep the console's level
-            if type(handler) is not logging.FileHandler:
+        for handler in [h for lg in run_loggers for h in lg.handlers]:  # tqdm's stand-in for the console
+            if type(handler) is not logging.FileHandler:                  # handler: keep the console's level
                 handler.setLevel(max(handler.level, level))
 
         def draw() -> str:
