@@ -86,6 +86,12 @@ def _output(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else f"({path} not written)"
 
 
+def _pipeline_log(cluster: SlurmCluster, array: str, task: int) -> str:
+    """The tails of a task's kept logs (OLMOCR_LOG_DIR's default: olmocr-logs/ARRAYJOB_TASK)."""
+    logs = sorted((cluster.dir / "olmocr-logs" / f"{array}_{task}").rglob("*.log"))
+    return "\n".join(f"--- {p.name}\n{_output(p)[-4000:]}" for p in logs) or "(no logs kept)"
+
+
 @pytest.mark.timeout(420)
 def test_array_cancelled_task_resubmitted_writes_every_page_once_and_finalizer_passes(cluster: SlurmCluster) -> None:
     docs = _docs(cluster.dir / "docs", 12, 2)
@@ -115,6 +121,10 @@ def test_array_cancelled_task_resubmitted_writes_every_page_once_and_finalizer_p
     control.write_text(json.dumps({"latency": 0.5}))
     records = cluster.wait_done(array, 240)
     states = {r["ArrayTaskId"]: r["JobState"] for r in records}
+    if states != {"0": "COMPLETED", "1": "CANCELLED", "2": "COMPLETED"}:
+        for t in range(3):  # whole, in the captured output: the assertion's repr below is cut short
+            print(f"===== task {t}\n{_output(out / f'task-{array}_{t}.out')}")
+            print(f"===== task {t} pipeline log\n{_pipeline_log(cluster, array, t)}")
     assert states == {"0": "COMPLETED", "1": "CANCELLED", "2": "COMPLETED"}, (
         states, [_output(out / f"task-{array}_{t}.out")[-3000:] for t in range(3)])
     cancelled = _output(cluster.dir / "olmocr-logs" / f"{array}_1" / "pipeline.log")
