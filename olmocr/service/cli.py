@@ -13,6 +13,8 @@ from olmocr import __version__, envs
 from olmocr.exit_codes import STATUS_USAGE
 from olmocr.logformat import LOG_FORMAT
 from olmocr.pipeline.cli import OneLineParser  # errors on one line, exit status 2
+from olmocr.pipeline.flags import whole
+from olmocr.pipeline.pages.page import INTERACTIVE_PRIORITY_STEP
 
 logger = logging.getLogger("olmocr.service")
 
@@ -44,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 300)")
     p.add_argument("--render-processes", type=int, default=None, help="the embedded workers' page-rendering "
                    "processes (default: CPU cores)")
+    p.add_argument("--priority", type=whole(), default=None, help="the embedded workers' vLLM request priority "
+                   "for batch items (lower = sooner); the service's jobs are sent "
+                   f"{INTERACTIVE_PRIORITY_STEP} lower. The servers must run with --scheduling-policy priority "
+                   "(default: no priority sent)")
     return p
 
 
@@ -121,7 +127,7 @@ def _pipeline_config(parser: argparse.ArgumentParser, args: argparse.Namespace, 
         parser.error(str(exc))
     return PipelineConfig(workspace=args.workspace, servers=tuple(servers), dns=tuple(dns), workers=workers,
                           lease_seconds=args.lease_seconds, render_processes=args.render_processes,
-                          progress_interval=60.0, follow=True, follow_wake=None)
+                          progress_interval=60.0, follow=True, follow_wake=None, priority=args.priority)
 
 
 async def serve(workspace: str, host: str, port: int, token: str | None, roots, limits,  # noqa: ANN001

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from olmocr.envs import SERVED_MODEL_NAME
@@ -23,6 +24,25 @@ logger = logging.getLogger("olmocr.pipeline")
 TEMPERATURE_BY_ATTEMPT = (0.1, 0.1, 0.2, 0.3, 0.5, 0.8, 0.9, 1.0)
 MAX_TOKENS = DEFAULT_MAX_TOKENS
 _IMAGE_MARK = "@@OLMOCR_IMAGE@@"
+# --- service2 (#32): interactive before batch ---
+#: Pages of a priority-lane item (an olmocr-service job) go this much sooner (vLLM: lower = sooner) than the
+#: run's ``--priority``. Without ``--priority`` no priority is sent: the server may not schedule by it.
+INTERACTIVE_PRIORITY_STEP = 10
+#: True inside the task working a priority-lane item (set by the runner per item).
+INTERACTIVE: ContextVar[bool] = ContextVar("olmocr_interactive_item", default=False)
+
+
+def interactive_priority(priority: int | None) -> int | None:
+    """The priority of an interactive item's pages for a run sending ``priority`` (None: none sent)."""
+    return None if priority is None else priority - INTERACTIVE_PRIORITY_STEP
+
+
+def admission_priority(priority: int | None) -> int | None:
+    """The priority the fleet's admission probe sends: any value but 0 proves the server schedules by
+    priority (vLLM refuses it otherwise), and then the interactive value is accepted too; 0 proves nothing,
+    so the probe sends the interactive value."""
+    return interactive_priority(priority) if priority == 0 else priority
+# --- end service2 ---
 
 
 @dataclass(frozen=True)
@@ -115,15 +135,17 @@ class PageProcessor:
         self.fleet = fleet
         self.settings = settings
         self.progress = progress
-        self._templates: dict[float, tuple[bytes, bytes]] = {}
+        self._templates: dict[tuple[float, bool], tuple[bytes, bytes]] = {}
         #: Fallback pages of this run by FallbackKind.code (``/metrics``: olmocr_pipeline_pages_fallback_by_reason).
         self.fallback_by_reason: Counter[str] = Counter()
 
     def _template(self, temperature: float) -> tuple[bytes, bytes]:
-        found = self._templates.get(temperature)
+        interactive = INTERACTIVE.get()
+        found = self._templates.get((temperature, interactive))
         if found is None:
-            found = self._templates[temperature] = request_template(
-                temperature, self.settings.guided_decoding, self.settings.priority,
+            priority = interactive_priority(self.settings.priority) if interactive else self.settings.priority
+            found = self._templates[(temperature, interactive)] = request_template(
+                temperature, self.settings.guided_decoding, priority,
                 max_tokens=self.settings.max_tokens, guided_field=self.settings.guided_field)
         return found
 
