@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "Jobs live in the workspace's queue, so they survive restarts and any number of replicas "
                       "and --follow pipelines share them (docs/service.md).")
     p.add_argument("--version", action="version", version=f"olmocr-serve {__version__}")
-    p.add_argument("workspace", help="local directory or s3://bucket/prefix (the pipeline's workspace)")
+    p.add_argument("workspace", nargs="?", default=None, help="local directory or s3://bucket/prefix (the "
+                   "pipeline's workspace; default $OLMOCR_SERVICE_WORKSPACE)")
     p.add_argument("--vllm-url", "--server", dest="server", action="append", default=None, metavar="URL",
                    help="the servers the embedded workers use, as the pipeline's --vllm-url (default "
                         "$OLMOCR_VLLM_URL); not needed with --workers 0")
@@ -71,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.workspace is None:
+        if not envs.is_set("OLMOCR_SERVICE_WORKSPACE"):
+            parser.error("name the workspace (a local directory or s3://bucket/prefix), or set "
+                         "OLMOCR_SERVICE_WORKSPACE")
+        args.workspace = str(envs.text("OLMOCR_SERVICE_WORKSPACE"))
     setup_logging()
     try:
         host = args.host or str(envs.value("OLMOCR_SERVICE_HOST"))
