@@ -87,15 +87,16 @@ def test_retries_and_hand_backs_of_a_priority_item_stay_in_its_lane(tmp_path: Pa
 
 
 def test_a_service_job_overtakes_a_running_batch_and_its_pages_go_sooner(tmp_path: Path) -> None:
-    """Three 20-page batch documents (an item each) queued before the service starts; one embedded batch
+    """Two 300-page batch documents (an item each) queued before the service starts; one embedded batch
     worker; a stand-in that serves one request at a time, 0.2 s each, by priority. A job submitted while the
-    batch item is in progress is claimed at once by the priority-lane worker, and its page, sent with the
-    run's ``--priority`` minus INTERACTIVE_PRIORITY_STEP, is served before the batch pages waiting at the
-    server: the job is done before the first batch item."""
+    batch item is in progress is claimed at once by the priority-lane worker; its page is rendered through a
+    gate of its own (not behind the batch's ~300 queued renders), and sent with the run's ``--priority``
+    minus INTERACTIVE_PRIORITY_STEP it is served before the batch pages waiting at the server: the job is
+    done while a few batch pages are answered, long before the first batch item."""
     ws = tmp_path / "ws"
     (tmp_path / "batch").mkdir()
-    batch = [write_text_pdf(tmp_path / "batch" / f"big{i}.pdf", 20) for i in range(3)]
-    WorkQueue(LocalStorage(str(ws))).populate([str(p) for p in batch], pages_per_group=20, page_count=lambda p: 20)
+    batch = [write_text_pdf(tmp_path / "batch" / f"big{i}.pdf", 300) for i in range(2)]
+    WorkQueue(LocalStorage(str(ws))).populate([str(p) for p in batch], pages_per_group=300, page_count=lambda p: 300)
     s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.2", "OLMOCR_STANDIN_CONCURRENCY": "1"},
                        extra_args=(*VLLM_FLAGS, "--scheduling-policy", "priority"))
     job_doc = one_page_pdfs(tmp_path / "job", 1)[0]
@@ -105,7 +106,7 @@ def test_a_service_job_overtakes_a_running_batch_and_its_pages_go_sooner(tmp_pat
 
     try:
         with running_service(ws, s, tmp_path / "service.log", "--workers", "1", "--priority", "0") as svc:
-            wait_for(lambda: batch_pages_answered() >= 2, 60, "the batch under way")
+            wait_for(lambda: batch_pages_answered() >= 1, 60, "the batch under way")
             before = requests.get(f"{s.url}/admin/info", timeout=5).json()["priorities"]  # probes included
             r = svc.submit(job_doc)
             assert r.status_code == 202, r.text
@@ -120,7 +121,8 @@ def test_a_service_job_overtakes_a_running_batch_and_its_pages_go_sooner(tmp_pat
     interactive = str(-INTERACTIVE_PRIORITY_STEP)
     assert seen.get(interactive, 0) - before.get(interactive, 0) == 1, (before, seen)  # the job's one page
     assert set(seen) == {"0", interactive}, seen  # batch pages: the run's --priority 0
-    assert seen["0"] - before["0"] <= 10, (before, seen)  # not behind the 18 batch pages waiting
+    print("batch pages answered while the job ran:", seen["0"] - before["0"])
+    assert seen["0"] - before["0"] <= 10, (before, seen)  # not behind the batch's queued renders and requests
 
 
 # ---- the service's own cost -------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 from olmocr.envs import SERVED_MODEL_NAME
@@ -16,7 +15,7 @@ from olmocr.pipeline.pages.prompts import GUIDED_REGEX, PROMPT_V4_YAML, PageResp
 from olmocr.pipeline.pages.render import Renderer, RenderTimeLimit
 from olmocr.pipeline.progress import Progress
 from olmocr.pipeline.servers.checks import DEFAULT_MAX_TOKENS, STRUCTURED_OUTPUTS, guided_fields
-from olmocr.pipeline.servers.fleet import Fleet
+from olmocr.pipeline.servers.fleet import INTERACTIVE, Fleet
 
 logger = logging.getLogger("olmocr.pipeline")
 
@@ -28,8 +27,6 @@ _IMAGE_MARK = "@@OLMOCR_IMAGE@@"
 #: Pages of a priority-lane item (an olmocr-service job) go this much sooner (vLLM: lower = sooner) than the
 #: run's ``--priority``. Without ``--priority`` no priority is sent: the server may not schedule by it.
 INTERACTIVE_PRIORITY_STEP = 10
-#: True inside the task working a priority-lane item (set by the runner per item).
-INTERACTIVE: ContextVar[bool] = ContextVar("olmocr_interactive_item", default=False)
 
 
 def interactive_priority(priority: int | None) -> int | None:
