@@ -282,6 +282,19 @@ def group_paths(
     return groups
 
 
+def _new_groups(current: dict[str, tuple[str, ...]], wanted: list[str], pages_per_group: int,
+                count: Callable[[str], int]) -> dict[str, tuple[str, ...]]:
+    """The items for the ``wanted`` paths not in ``current``: groups of documents, an archive each."""
+    from olmocr.pipeline.workspace.inputs import is_archive
+
+    present = {p for ps in current.values() for p in ps}
+    new_paths = [p for p in wanted if p not in present]
+    del present
+    archives = [(p,) for p in new_paths if is_archive(p)]
+    docs = [p for p in new_paths if not is_archive(p)]
+    return {group_hash(g): g for g in [*group_paths(docs, pages_per_group, count), *archives]}
+
+
 def sampled_page_count(paths: list[str], count: Callable[[str], int], size: int = SAMPLE_SIZE,
                        seed: int = 0) -> float:
     """Mean pages per document of a random sample of ``size`` paths (as upstream: it samples 100)."""
@@ -455,12 +468,7 @@ class WorkQueue:
         count = page_count
 
         def make_groups(current: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
-            present = {p for ps in current.values() for p in ps}
-            new_paths = [p for p in wanted if p not in present]
-            del present
-            archives = [(p,) for p in new_paths if is_archive(p)]
-            docs = [p for p in new_paths if not is_archive(p)]
-            return {group_hash(g): g for g in [*group_paths(docs, pages_per_group, count), *archives]}
+            return _new_groups(current, wanted, pages_per_group, count)
 
         new_items: dict[str, tuple[str, ...]] = {}
 
@@ -489,16 +497,8 @@ class WorkQueue:
         return added + requeued
 
     def _populate_priority(self, wanted: list[str], pages_per_group: int, count: Callable[[str], int]) -> int:
-        from olmocr.pipeline.workspace.inputs import is_archive
-
-        def make_groups(current: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
-            present = {p for ps in current.values() for p in ps}
-            new_paths = [p for p in wanted if p not in present]
-            archives = [(p,) for p in new_paths if is_archive(p)]
-            docs = [p for p in new_paths if not is_archive(p)]
-            return {group_hash(g): g for g in [*group_paths(docs, pages_per_group, count), *archives]}
-
-        added = append_index(self.storage, make_groups, self.priority_index, PRIORITY_INDEX_KEY)
+        added = append_index(self.storage, lambda current: _new_groups(current, wanted, pages_per_group, count),
+                             self.priority_index, PRIORITY_INDEX_KEY)
         logger.info("work queue: %d new priority items", added)
         return added
 
