@@ -30,8 +30,8 @@ from bench.common import (
 )
 
 SECTIONS = ["cpu", "render", "throughput", "memory", "recovery", "storm", "statusd", "fleet", "fleet16", "reading",
-            "probes", "multigpu", "providers", "scale"]
-NO_CORPUS = {"statusd", "probes", "scale"}  # sections that need no PDFs
+            "probes", "multigpu", "providers", "scale", "service"]
+NO_CORPUS = {"statusd", "probes", "scale", "service"}  # sections that need no PDFs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import scale
 
                 figs, detail = scale.run(quick=args.quick)
+            elif section == "service":
+                from bench import service
+
+                figs, detail = service.run(quick=args.quick)
             elif section == "multigpu":
                 from bench import multigpu
 

@@ -36,6 +36,7 @@ TITLES = {
     "multigpu": "One box, many GPUs (issue 17)",
     "providers": "Hosted providers (issue 31): a quota paced and not",
     "scale": "A million documents, a thousand workers (issue 29): the work queue on an in-process object store",
+    "service": "Documents over HTTP (issue 32): olmocr-service against the stand-in",
 }
 
 HOW_TO_READ = """\

@@ -169,6 +169,8 @@ REGISTRY: tuple[Setting, ...] = (
        secret=True, shown_default=""),
     _s("OLMOCR_METRICS_TOKEN_FILE", str, None, "a file holding that token", PIPELINE, shown_default=""),
     # ---- olmocr-service (docs/service.md)
+    _s("OLMOCR_SERVICE_WORKSPACE", str, None, "olmocr-service's workspace when the command names none (supervisord's "
+       "`[program:olmocr-service]`)", SERVICE, shown_default=""),
     _s("OLMOCR_SERVICE_HOST", str, "127.0.0.1", "olmocr-service address (`--host`); any other than loopback "
        "needs a token", SERVICE),
     _s("OLMOCR_SERVICE_PORT", int, DEFAULT_SERVICE_PORT, "olmocr-service port (`--port`)", SERVICE),

@@ -16,7 +16,7 @@ from olmocr.pipeline import defaults
 from olmocr.pipeline.errors import LeaseLost, NoInput, ServerNotReady
 from olmocr.pipeline.pages.documents import DocOutcome, DocumentProcessor, failure
 from olmocr.pipeline.pages.output import dolma_jsonl, markdown_files
-from olmocr.pipeline.pages.page import MAX_TOKENS, PageProcessor, PageSettings
+from olmocr.pipeline.pages.page import INTERACTIVE, MAX_TOKENS, PageProcessor, PageSettings, admission_priority
 from olmocr.pipeline.pages.render import DEFAULT_RENDER_TIMEOUT_S, Renderer, default_render_processes
 from olmocr.pipeline.progress import FailFast, Progress, refresh_totals, refresh_totals_forever, report_progress
 from olmocr.pipeline.servers.balance import ServerState
@@ -139,6 +139,7 @@ class Runner:
 
     async def _process_item(self, item: WorkItem, finished: dict[str, list[DocOutcome]] | None = None) -> None:
         pages = self.progress.open_item()  # its pages count in the progress as they are answered
+        INTERACTIVE.set(item.priority)  # service2 (#32): this task's pages carry the interactive priority
         done = False
         try:
             await self._do_item(item, {} if finished is None else finished)
@@ -211,10 +212,10 @@ class Runner:
                            retry_after)
             next_at = time.monotonic() + retry_after
 
-    async def _claim(self) -> WorkItem | None | bool:
+    async def _claim(self, priority_only: bool = False) -> WorkItem | None | bool:
         """A claimed item, None if nothing is claimable now, False if there is nothing left to do."""
-        item = await asyncio.to_thread(self.queue.claim)
-        if item is not None:
+        item = await asyncio.to_thread(self.queue.claim, priority_only)
+        if item is not None or priority_only:
             return item
         counts = await asyncio.to_thread(self.queue.counts)
         others = counts.get("leased", 0) - len(self.active)
@@ -241,12 +242,12 @@ class Runner:
             # Items were just added here: read the index now, not at its next periodic check.
             await asyncio.to_thread(self.queue.refresh_index)
 
-    async def _worker(self, worker_id: int) -> None:
+    async def _worker(self, worker_id: int, priority_only: bool = False) -> None:
         idle_wait = min(10.0, max(1.0, self.config.lease_seconds / 4))
         errors_in_a_row = 0
         while not self.stop.requested:
             try:
-                item = await self._claim()
+                item = await self._claim(priority_only)
                 errors_in_a_row = 0
             except Exception as exc:  # noqa: BLE001 - the workspace failed beyond the S3 client's retries
                 errors_in_a_row += 1
@@ -373,6 +374,9 @@ class Runner:
             self.progress, lambda: (self._server_state(), self.fleet.in_flight), self.config.progress_interval,
             detail=self._server_detail))
         workers = [asyncio.create_task(self._worker(i)) for i in range(max(1, self.config.workers))]
+        if self.config.follow:  # service2 (#32): one more worker, for the priority lane only (jobs never wait
+            # for a batch item to finish)
+            workers.append(asyncio.create_task(self._worker(len(workers), priority_only=True)))
         try:
             stop_wait = asyncio.create_task(self.stop.event.wait())
             fail_wait = asyncio.create_task(self.failing.wait())
@@ -553,7 +557,8 @@ async def _start_fleet(fleet: Fleet, config: PipelineConfig, max_wait_s: float) 
 async def _run_on(config: PipelineConfig, storage: Storage, queue: WorkQueue, stop: StopRequest) -> int:
     fleet = Fleet(config.servers, request_timeout=config.request_timeout,
                   max_concurrent_requests=config.max_concurrent_requests, ca_bundle=config.ca_bundle,
-                  priority=config.priority, render_lookahead=4 * (config.render_processes or default_render_processes()),
+                  priority=admission_priority(config.priority),  # service2 (#32): proves the interactive one too
+                  render_lookahead=4 * (config.render_processes or default_render_processes()),
                   longest_dim=config.target_longest_image_dim, dns=config.dns,
                   dns_refresh_s=refresh_interval(os.environ), max_cost=config.max_cost)
     # providers (#31): no server with the right model, or the cost budget, stops the run gracefully

@@ -13,7 +13,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-from olmocr.envs import DEFAULT_STATUS_PORT
+from olmocr.envs import DEFAULT_PORT, DEFAULT_SERVICE_PORT, DEFAULT_STATUS_PORT
 from olmocr.server.drain import DEFAULT_SHUTDOWN_TIMEOUT, stopwaitsecs_for
 from olmocr.server.settings import STATUS_PROGRAM
 
@@ -75,6 +75,7 @@ def render_program_sections(layout: ConfigLayout) -> str:
     wrapper = _command(layout, "olmocr-vllm-wrapper", "olmocr.server.wrapper")
     listener = _command(layout, "olmocr-health-listener", "olmocr.server.listener")
     status = _command(layout, "olmocr-status-service", "olmocr.server.status_service")
+    service = _command(layout, "olmocr-service", "olmocr.service")
     return f"""
 [rpcinterface:olmocr]
 ; Restart counts and health records (olmocr.getProcessStats), kept across supervisord restarts
@@ -138,6 +139,23 @@ redirect_stderr = true
 stdout_logfile = {logs}/olmocr-status.log
 stdout_logfile_maxbytes = 10MB
 stdout_logfile_backups = 5
+
+[program:olmocr-service]
+; olmocr-service (docs/service.md): documents over HTTP on OLMOCR_SERVICE_HOST:OLMOCR_SERVICE_PORT, default
+; 127.0.0.1:{DEFAULT_SERVICE_PORT}; jobs in the workspace OLMOCR_SERVICE_WORKSPACE; its embedded workers use the servers
+; of OLMOCR_VLLM_URL (this box's: http://127.0.0.1:{DEFAULT_PORT}, one URL per server). Off by default: set both,
+; then `supervisorctl start olmocr-service` (or autostart = true). A stop lets the workers hand back their items.
+command = {service}
+priority = 300
+autostart = false
+autorestart = true
+startsecs = 5
+stopsignal = TERM
+stopwaitsecs = {layout.stopwaitsecs}
+redirect_stderr = true
+stdout_logfile = {logs}/olmocr-service.log
+stdout_logfile_maxbytes = {layout.log_maxbytes}
+stdout_logfile_backups = {layout.log_backups}
 """
 
 

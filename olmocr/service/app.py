@@ -292,7 +292,7 @@ class Service:
     async def get_job(self, request: web.Request) -> web.Response:
         record = await asyncio.to_thread(self._record, request)
         rate = await self._job_rate()
-        return web.json_response(await asyncio.to_thread(self.store.status, record, None, rate))
+        return web.json_response(await asyncio.to_thread(self.store.status, record, rate))
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         limit = int(self._number(request, "limit", 20))
@@ -417,16 +417,13 @@ class Service:
             await asyncio.sleep(WATCH_INTERVAL_S)
 
     def _watch_once(self) -> None:
-        from olmocr.pipeline.workspace.queue import load_index
-
-        index = load_index(self.storage)
         for job_id in self.store.list_ids(10**9):
             if self._states.get(job_id) in FINISHED:
                 continue
             record = self.store.record(job_id)
             if record is None:
                 continue
-            state = self.store.status(record, index)["state"]
+            state = self.store.status(record)["state"]
             self._states[job_id] = state
             if state in FINISHED and job_id in self._submitted:
                 self.job_seconds.observe(max(0.0, time.time() - self._submitted.pop(job_id)))

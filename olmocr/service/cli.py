@@ -13,6 +13,8 @@ from olmocr import __version__, envs
 from olmocr.exit_codes import STATUS_USAGE
 from olmocr.logformat import LOG_FORMAT
 from olmocr.pipeline.cli import OneLineParser  # errors on one line, exit status 2
+from olmocr.pipeline.flags import whole
+from olmocr.pipeline.pages.page import INTERACTIVE_PRIORITY_STEP
 
 logger = logging.getLogger("olmocr.service")
 
@@ -24,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "Jobs live in the workspace's queue, so they survive restarts and any number of replicas "
                       "and --follow pipelines share them (docs/service.md).")
     p.add_argument("--version", action="version", version=f"olmocr-serve {__version__}")
-    p.add_argument("workspace", help="local directory or s3://bucket/prefix (the pipeline's workspace)")
+    p.add_argument("workspace", nargs="?", default=None, help="local directory or s3://bucket/prefix (the "
+                   "pipeline's workspace; default $OLMOCR_SERVICE_WORKSPACE)")
     p.add_argument("--vllm-url", "--server", dest="server", action="append", default=None, metavar="URL",
                    help="the servers the embedded workers use, as the pipeline's --vllm-url (default "
                         "$OLMOCR_VLLM_URL); not needed with --workers 0")
@@ -44,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 300)")
     p.add_argument("--render-processes", type=int, default=None, help="the embedded workers' page-rendering "
                    "processes (default: CPU cores)")
+    p.add_argument("--priority", type=whole(), default=None, help="the embedded workers' vLLM request priority "
+                   "for batch items (lower = sooner); the service's jobs are sent "
+                   f"{INTERACTIVE_PRIORITY_STEP} lower. The servers must run with --scheduling-policy priority "
+                   "(default: no priority sent)")
     return p
 
 
@@ -65,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.workspace is None:
+        if not envs.is_set("OLMOCR_SERVICE_WORKSPACE"):
+            parser.error("name the workspace (a local directory or s3://bucket/prefix), or set "
+                         "OLMOCR_SERVICE_WORKSPACE")
+        args.workspace = str(envs.text("OLMOCR_SERVICE_WORKSPACE"))
     setup_logging()
     try:
         host = args.host or str(envs.value("OLMOCR_SERVICE_HOST"))
@@ -121,7 +133,7 @@ def _pipeline_config(parser: argparse.ArgumentParser, args: argparse.Namespace, 
         parser.error(str(exc))
     return PipelineConfig(workspace=args.workspace, servers=tuple(servers), dns=tuple(dns), workers=workers,
                           lease_seconds=args.lease_seconds, render_processes=args.render_processes,
-                          progress_interval=60.0, follow=True, follow_wake=None)
+                          progress_interval=60.0, follow=True, follow_wake=None, priority=args.priority)
 
 
 async def serve(workspace: str, host: str, port: int, token: str | None, roots, limits,  # noqa: ANN001

@@ -6,8 +6,9 @@ Workspace layout (beside the queue's own files, docs/service.md):
   named (a snapshot: what was checked at submit time is what is converted). Written first.
 * ``service/jobs/<job>.json`` -- the job record (documents, their page counts, the work item's hash, who
   submitted it). Written second, with create-if-absent.
-* the work item ``sha1(the document paths)`` in the queue's index -- written third (``WorkQueue.populate``
-  with every document in one group). A record whose item is missing (the service died between the two
+* the work item ``sha1(the document paths)`` in the queue's priority lane (``work_index_priority.csv.zstd``,
+  claimed before the batch items of the main index) -- written third (``WorkQueue.populate(...,
+  priority=True)`` with every document in one group). A record whose item is missing (the service died between the two
   writes) is queued again the next time anyone reads it.
 * ``service/cancelled/<job>.json`` -- written by ``DELETE``; the job is ``cancelled`` from then on.
 * ``service/inflight/<token>/<job>`` -- one empty marker per unfinished job of a token (the 429 limit);
@@ -15,6 +16,10 @@ Workspace layout (beside the queue's own files, docs/service.md):
 
 Nothing else is kept: a job's state comes from the queue (done flag, live lease), its results and failure
 records, and the cancel record, so any number of replicas (and a restarted one) agree.
+
+Cost: a submit or a status read makes a fixed number of requests whatever the workspace's size. The queue's
+indexes are never downloaded per request: ``WorkQueue.has_item`` looks in the queue's cached indexes and
+re-reads one only when it changed (a conditional GET).
 
 The queue's layout helpers used here (``results_key``, ``failed_key``, ``lock_key``, ``retry_hash``) are the
 whole of this module's knowledge of the queue beyond ``WorkQueue``'s methods.
@@ -37,7 +42,6 @@ from olmocr.pipeline.workspace.queue import (
     done_key,
     failed_key,
     group_hash,
-    load_index,
     lock_key,
     results_key,
     retry_hash,
@@ -150,7 +154,7 @@ class JobStore:
 
     def _queue(self, record: dict) -> None:
         pages = {d["path"]: int(d["pages"]) for d in record["documents"]}
-        self.queue.populate(list(pages), ONE_GROUP, lambda p: pages.get(p, 1))
+        self.queue.populate(list(pages), ONE_GROUP, lambda p: pages.get(p, 1), priority=True)
 
     def record(self, job_id: str) -> dict | None:
         if not valid_job_id(job_id):
@@ -160,12 +164,11 @@ class JobStore:
 
     # ---- reading ------------------------------------------------------------------------------------
 
-    def _chain(self, record: dict, index: dict[str, tuple[str, ...]] | None) -> tuple[list[str], bool, bool]:
+    def _chain(self, record: dict) -> tuple[list[str], bool, bool]:
         """The job's items (its own, then retry items it follows), whether the last is done, and whether
-        it is leased now. Re-queues the job when its item is missing from the index."""
-        index = load_index(self.storage) if index is None else index
+        it is leased now. Re-queues the job when its item is missing from the queue."""
         item = record["item"]
-        if item not in index:
+        if not self.queue.has_item(item):
             self._queue(record)  # the service died between the record and the queue
             return [item], False, False
         chain = [item]
@@ -178,10 +181,9 @@ class JobStore:
             if not retry or len(chain) > MAX_RETRY_ROUNDS:
                 return chain, True, False
             nxt = retry_hash(current, sorted(set(retry)))
-            if nxt not in index:
+            if not self.queue.has_item(nxt):
                 self.queue.requeue_retryable()
-                index = load_index(self.storage)
-                if nxt not in index:  # re-queued elsewhere under another rule: report what we have
+                if not self.queue.has_item(nxt):  # re-queued elsewhere under another rule: report what we have
                     return chain, True, False
             chain.append(nxt)
 
@@ -197,12 +199,11 @@ class JobStore:
         except (TypeError, KeyError, ValueError):
             return False
 
-    def status(self, record: dict, index: dict[str, tuple[str, ...]] | None = None,
-               rate: float | None = None) -> dict:
+    def status(self, record: dict, rate: float | None = None) -> dict:
         """The job as ``GET /v1/jobs/{id}`` answers it."""
         job_id = record["id"]
         cancel = _read_json(self.storage, f"{CANCELLED}{job_id}.json")
-        chain, done, leased = self._chain(record, index)
+        chain, done, leased = self._chain(record)
         outcomes = self._outcomes(record, chain)
         docs = []
         pages_done = 0
@@ -267,7 +268,7 @@ class JobStore:
 
     def results(self, record: dict) -> list[tuple[dict, dict | None]]:
         """``(document entry, Dolma document or None)`` per document, in submission order."""
-        chain, _, _ = self._chain(record, None)
+        chain, _, _ = self._chain(record)
         outcomes = self._outcomes(record, chain)
         return [(d, (outcomes.get(d["path"]) or {}).get("doc")) for d in record["documents"]]
 
@@ -285,11 +286,11 @@ class JobStore:
         ``cancelled`` (work not started is dropped); one in progress finishes (its pages are in flight)."""
         job_id = record["id"]
         self.storage.create(f"{CANCELLED}{job_id}.json", json.dumps({"time": self.clock()}).encode())
-        chain, done, leased = self._chain(record, None)
+        chain, done, leased = self._chain(record)
         if not done and not leased:
             item = chain[-1]
-            paths = load_index(self.storage).get(item) or tuple(d["path"] for d in record["documents"])
-            self.queue.complete(WorkItem(item, tuple(paths)), b"",
+            paths = self.queue.item_paths(item) or tuple(d["path"] for d in record["documents"])
+            self.queue.complete(WorkItem(item, tuple(paths), priority=True), b"",
                                 [{"source": p, "reason": CANCEL_REASON, "retryable": False} for p in paths])
 
     def in_flight(self, token: str) -> list[str]:

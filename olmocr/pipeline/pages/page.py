@@ -15,7 +15,7 @@ from olmocr.pipeline.pages.prompts import GUIDED_REGEX, PROMPT_V4_YAML, PageResp
 from olmocr.pipeline.pages.render import Renderer, RenderTimeLimit
 from olmocr.pipeline.progress import Progress
 from olmocr.pipeline.servers.checks import DEFAULT_MAX_TOKENS, STRUCTURED_OUTPUTS, guided_fields
-from olmocr.pipeline.servers.fleet import Fleet
+from olmocr.pipeline.servers.fleet import INTERACTIVE, Fleet
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +23,23 @@ logger = logging.getLogger(__name__)
 TEMPERATURE_BY_ATTEMPT = (0.1, 0.1, 0.2, 0.3, 0.5, 0.8, 0.9, 1.0)
 MAX_TOKENS = DEFAULT_MAX_TOKENS
 _IMAGE_MARK = "@@OLMOCR_IMAGE@@"
+# --- service2 (#32): interactive before batch ---
+#: Pages of a priority-lane item (an olmocr-service job) go this much sooner (vLLM: lower = sooner) than the
+#: run's ``--priority``. Without ``--priority`` no priority is sent: the server may not schedule by it.
+INTERACTIVE_PRIORITY_STEP = 10
+
+
+def interactive_priority(priority: int | None) -> int | None:
+    """The priority of an interactive item's pages for a run sending ``priority`` (None: none sent)."""
+    return None if priority is None else priority - INTERACTIVE_PRIORITY_STEP
+
+
+def admission_priority(priority: int | None) -> int | None:
+    """The priority the fleet's admission probe sends: any value but 0 proves the server schedules by
+    priority (vLLM refuses it otherwise), and then the interactive value is accepted too; 0 proves nothing,
+    so the probe sends the interactive value."""
+    return interactive_priority(priority) if priority == 0 else priority
+# --- end service2 ---
 
 
 @dataclass(frozen=True)
@@ -115,15 +132,17 @@ class PageProcessor:
         self.fleet = fleet
         self.settings = settings
         self.progress = progress
-        self._templates: dict[float, tuple[bytes, bytes]] = {}
+        self._templates: dict[tuple[float, bool], tuple[bytes, bytes]] = {}
         #: Fallback pages of this run by FallbackKind.code (``/metrics``: olmocr_pipeline_pages_fallback_by_reason).
         self.fallback_by_reason: Counter[str] = Counter()
 
     def _template(self, temperature: float) -> tuple[bytes, bytes]:
-        found = self._templates.get(temperature)
+        interactive = INTERACTIVE.get()
+        found = self._templates.get((temperature, interactive))
         if found is None:
-            found = self._templates[temperature] = request_template(
-                temperature, self.settings.guided_decoding, self.settings.priority,
+            priority = interactive_priority(self.settings.priority) if interactive else self.settings.priority
+            found = self._templates[(temperature, interactive)] = request_template(
+                temperature, self.settings.guided_decoding, priority,
                 max_tokens=self.settings.max_tokens, guided_field=self.settings.guided_field)
         return found
 

@@ -32,6 +32,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 from olmocr.pipeline import defaults
@@ -59,6 +60,12 @@ from olmocr.pipeline.servers.pacing import make_pacer
 from olmocr.pipeline.servers.serverlist import DnsName, Options, ServerSpec
 
 logger = logging.getLogger(__name__)
+# --- service2 (#32): interactive before batch ---
+#: True inside the task working a priority-lane item (an olmocr-service job; set by the runner per item):
+#: its pages carry the interactive priority (pages/page.py) and render through a gate of their own, never
+#: behind the batch's queued renders.
+INTERACTIVE: ContextVar[bool] = ContextVar("olmocr_interactive_item", default=False)
+# --- end service2 ---
 
 #: Refusals / 5xx answers in a row (no success in between) that take a server out of rotation.
 EJECT_AFTER = 3
@@ -196,6 +203,7 @@ class Fleet:
         self.max_tokens: dict[Server, int] = {}  # what each verified server's context allows
         self._slots = asyncio.Semaphore(max_concurrent_requests)
         self._render_gate = asyncio.Semaphore(max(1, render_lookahead))
+        self._interactive_gate = asyncio.Semaphore(max(1, render_lookahead))  # service2 (#32)
         self._changed = asyncio.Event()  # set whenever a server joins the rotation
         self._probers: dict[Server, asyncio.Task[None]] = {}
         self._all_down_since: float | None = None
@@ -518,7 +526,7 @@ class Fleet:
                 # ``render_lookahead`` at a time: the choice is made with fresh counts (not before a long render
                 # queue), and requests waiting for a server hold no page image.
                 await self._wait_for_rotation()
-                async with self._render_gate:
+                async with self._interactive_gate if INTERACTIVE.get() else self._render_gate:
                     server = await self._pick()
                     server.reserved += 1
                     try:

@@ -5,6 +5,9 @@ Layout (upstream olmOCR 0.4.27's where compatible; see docs/workspace.md, "Queue
 * ``work_index_list.csv.zstd`` -- zstd-compressed CSV lines ``hash,path1,path2,...``; appended to with
   compare-and-swap so concurrent populators never lose items. A process reads it once, then only when its
   ETag changed (a conditional GET: one request, no body).
+* ``work_index_priority.csv.zstd`` -- the priority lane (olmocr-service's jobs): same format, appended to
+  the same way, read first by ``claim()`` with its own ETag. Upstream ignores it; its items are in no other
+  index (see docs/workspace.md, "Priority lane").
 * ``worker_locks/worker_<hash>.lock`` -- JSON lease ``{worker_id, lease_id, host, pid, lease_seconds, ...}``;
   taken with create-if-absent, renewed and taken over with compare-and-swap. A lease is live while the
   lock's age *by the store's clock* (``LastModified``) is under its ``lease_seconds``: no two machines'
@@ -55,6 +58,8 @@ from olmocr.pipeline.workspace.totals import (
 logger = logging.getLogger(__name__)
 
 INDEX_KEY = "work_index_list.csv.zstd"
+#: The priority lane: items claimed before any of the main index's (olmocr-service's jobs).
+PRIORITY_INDEX_KEY = "work_index_priority.csv.zstd"
 LOCKS_DIR = "worker_locks"
 DONE_DIR = "done_flags"
 RESULTS_DIR = "results"
@@ -89,6 +94,8 @@ class WorkItem:
 
     hash: str
     paths: tuple[str, ...]
+    #: From the priority lane (an olmocr-service job): its pages are sent with the interactive priority.
+    priority: bool = field(default=False, compare=False)
     #: ``time.monotonic()`` just before the lease was written (0: unknown); the lease runs from here.
     leased_at: float = field(default=0.0, compare=False)
 
@@ -164,8 +171,9 @@ class IndexCache:
     item claimed, so a million-document index costs its text (tens of MB), not a dict of tuples (~128 MB).
     """
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, key: str = INDEX_KEY) -> None:
         self.storage = storage
+        self.key = key
         self.tag: str | None = None
         self.text = b""
         self.spans: dict[str, tuple[int, int]] = {}
@@ -176,7 +184,7 @@ class IndexCache:
         with self._lock:
             if time.monotonic() - self.checked_at < max_age:
                 return
-            found = self.storage.read_if_changed(INDEX_KEY, self.tag)
+            found = self.storage.read_if_changed(self.key, self.tag)
             self.checked_at = time.monotonic()
             if found is NOT_MODIFIED:
                 return
@@ -218,11 +226,12 @@ class IndexCache:
 
 def append_index(
     storage: Storage, make_groups: Callable[[dict[str, tuple[str, ...]]], dict[str, tuple[str, ...]]],
-    cache: IndexCache | None = None,
+    cache: IndexCache | None = None, key: str = INDEX_KEY,
 ) -> int:
-    """Add ``make_groups(current_index)`` to the index with compare-and-swap; returns how many were added."""
+    """Add ``make_groups(current_index)`` to the index ``key`` with compare-and-swap; returns how many were
+    added."""
     for attempt in range(CAS_ATTEMPTS):
-        found = storage.read_versioned(INDEX_KEY)
+        found = storage.read_versioned(key)
         current = decode_index(found[0]) if found else {}
         new = {h: p for h, p in make_groups(current).items() if h not in current}
         if not new:
@@ -230,15 +239,15 @@ def append_index(
         data = encode_index({**current, **new})
         del current
         if found is None:
-            ok = storage.create(INDEX_KEY, data)
+            ok = storage.create(key, data)
         else:
-            ok = storage.replace_if(INDEX_KEY, data, found[1])
+            ok = storage.replace_if(key, data, found[1])
         if ok:
             if cache is not None:
                 cache.seen(data)
             return len(new)
         time.sleep(random.uniform(0.0, min(1.0, 0.01 * 2**attempt)))
-    raise RuntimeError(f"could not update {INDEX_KEY} after {CAS_ATTEMPTS} attempts (heavy contention)")
+    raise RuntimeError(f"could not update {key} after {CAS_ATTEMPTS} attempts (heavy contention)")
 
 
 def _parse_jsonl(data: bytes | None) -> list[dict]:
@@ -271,6 +280,19 @@ def group_paths(
     if current:
         groups.append(tuple(current))
     return groups
+
+
+def _new_groups(current: dict[str, tuple[str, ...]], wanted: list[str], pages_per_group: int,
+                count: Callable[[str], int]) -> dict[str, tuple[str, ...]]:
+    """The items for the ``wanted`` paths not in ``current``: groups of documents, an archive each."""
+    from olmocr.pipeline.workspace.inputs import is_archive
+
+    present = {p for ps in current.values() for p in ps}
+    new_paths = [p for p in wanted if p not in present]
+    del present
+    archives = [(p,) for p in new_paths if is_archive(p)]
+    docs = [p for p in new_paths if not is_archive(p)]
+    return {group_hash(g): g for g in [*group_paths(docs, pages_per_group, count), *archives]}
 
 
 def sampled_page_count(paths: list[str], count: Callable[[str], int], size: int = SAMPLE_SIZE,
@@ -399,6 +421,7 @@ class WorkQueue:
         self._busy: dict[str, float] = {}  # item hash -> monotonic time its live lease may end
         self._requeued = False
         self.index = IndexCache(storage)
+        self.priority_index = IndexCache(storage, PRIORITY_INDEX_KEY)
         self._exact_pages: dict[str, int] = {}  # exact counts learnt here, not yet in PAGES_KEY
         self._totals_cache: tuple[tuple[str | None, str | None], dict, set[str]] | None = None
         self._totals_last: tuple[float, int, PageTotals] | None = None  # (when, listing requests, totals)
@@ -407,9 +430,14 @@ class WorkQueue:
 
     def populate(
         self, paths: Iterable[str], pages_per_group: int = 500, page_count: Callable[[str], int] | None = None,
-        sample_count: Callable[[str], int] | None = None,
+        sample_count: Callable[[str], int] | None = None, priority: bool = False,
     ) -> int:
         """Add items for paths not already in the index; returns the number of new items.
+
+        ``priority``: into the priority lane (:data:`PRIORITY_INDEX_KEY`, claimed first; olmocr-service's
+        jobs). Its cost does not grow with the workspace: a GET and a conditional PUT of the small priority
+        index, nothing else (no re-queueing of retryable failures, no write of the page totals: the done flag
+        carries the exact count). Without a ``page_count`` every document counts one page.
 
         ``page_count``: exact pages of each path. Without it (the pipeline) no document is read except a
         sample of :data:`SAMPLE_SIZE` (counted by ``sample_count``, default: open it), whose mean sizes every
@@ -418,6 +446,8 @@ class WorkQueue:
         """
         from olmocr.pipeline.workspace.inputs import is_archive
 
+        if priority:
+            return self._populate_priority(sorted(set(paths)), pages_per_group, page_count or (lambda p: 1))
         requeued = self.requeue_retryable()
         wanted = sorted(set(paths))
         estimated = page_count is None
@@ -438,12 +468,7 @@ class WorkQueue:
         count = page_count
 
         def make_groups(current: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
-            present = {p for ps in current.values() for p in ps}
-            new_paths = [p for p in wanted if p not in present]
-            del present
-            archives = [(p,) for p in new_paths if is_archive(p)]
-            docs = [p for p in new_paths if not is_archive(p)]
-            return {group_hash(g): g for g in [*group_paths(docs, pages_per_group, count), *archives]}
+            return _new_groups(current, wanted, pages_per_group, count)
 
         new_items: dict[str, tuple[str, ...]] = {}
 
@@ -471,12 +496,39 @@ class WorkQueue:
         logger.info("work queue: %d new items (%d retry items)", added, requeued)
         return added + requeued
 
+    def _populate_priority(self, wanted: list[str], pages_per_group: int, count: Callable[[str], int]) -> int:
+        added = append_index(self.storage, lambda current: _new_groups(current, wanted, pages_per_group, count),
+                             self.priority_index, PRIORITY_INDEX_KEY)
+        logger.info("work queue: %d new priority items", added)
+        return added
+
+    def has_item(self, item_hash: str) -> bool:
+        """Whether ``item_hash`` is queued (either lane): the cached indexes, each re-read only if changed
+        (one conditional GET each, a 304 without a body when nothing changed)."""
+        for cache in (self.priority_index, self.index):
+            if item_hash in cache.spans:
+                return True
+        for cache in (self.priority_index, self.index):
+            cache.refresh()
+            if item_hash in cache.spans:
+                return True
+        return False
+
+    def item_paths(self, item_hash: str) -> tuple[str, ...] | None:
+        """The paths of a queued item (None if it is in neither lane)."""
+        if not self.has_item(item_hash):
+            return None
+        cache = self.priority_index if item_hash in self.priority_index.spans else self.index
+        return cache.paths(item_hash)
+
     def requeue_retryable(self) -> int:
         """Add a retry item for each done item's retryable failures not yet re-queued; returns how many.
 
         Reads the failure records of done items only (a HEAD of each one's done flag)."""
         self._requeued = True
         retry_groups: dict[str, tuple[str, ...]] = {}
+        priority_groups: dict[str, tuple[str, ...]] = {}  # retries of priority items stay in their lane
+        self.priority_index.refresh(INDEX_CHECK_SECONDS)
         for key in self.storage.iter_list(f"{FAILED_DIR}/"):
             original = _hash_from_key(key, "failed_", ".jsonl")
             if original is None:
@@ -491,10 +543,15 @@ class WorkQueue:
             for unfinished in (True, False):
                 sources = sorted({str(r["source"]) for r in records if bool(r.get("unfinished")) == unfinished})
                 if sources:
-                    retry_groups[retry_hash(original, sources)] = tuple(sources)
-        if not retry_groups:
-            return 0
-        return append_index(self.storage, lambda current: retry_groups, self.index)
+                    lane = priority_groups if original in self.priority_index.spans else retry_groups
+                    lane[retry_hash(original, sources)] = tuple(sources)
+        added = 0
+        if priority_groups:
+            added += append_index(self.storage, lambda current: priority_groups, self.priority_index,
+                                  PRIORITY_INDEX_KEY)
+        if retry_groups:
+            added += append_index(self.storage, lambda current: retry_groups, self.index)
+        return added
 
     # ---- claiming ---------------------------------------------------------------------------------
 
@@ -597,9 +654,11 @@ class WorkQueue:
         """Read the index now if it changed (one conditional GET), e.g. after another queue in this process
         added items: claims otherwise look at most every ``INDEX_CHECK_SECONDS``."""
         self.index.refresh()
+        self.priority_index.refresh()
 
-    def claim(self) -> WorkItem | None:
+    def claim(self, priority_only: bool = False) -> WorkItem | None:
         """Atomically lease one not-done item whose lease is absent or over; None if nothing is claimable.
+        Items of the priority lane first; ``priority_only``: only those.
 
         The first claim of a queue also re-queues earlier runs' retryable failures.
         """
@@ -609,15 +668,22 @@ class WorkQueue:
             except Exception:
                 logger.exception("could not re-queue retryable failures")
         self.index.refresh(INDEX_CHECK_SECONDS)
+        self.priority_index.refresh(INDEX_CHECK_SECONDS)
         now = time.monotonic()
         with self._lock:
             skip = self._done | set(self._leases)
             self._busy = {h: t for h, t in self._busy.items() if t > now}
             busy = set(self._busy)
-        pending = [h for h in self.index.spans if h not in skip and h not in busy]
-        random.shuffle(pending)  # spread concurrent workers over the queue
-        item = self._take_one(pending)
-        if item is None and busy:
+        # The priority lane first (interactive jobs), then the main index.
+        lanes = (self.priority_index,) if priority_only else (self.priority_index, self.index)
+        item = None
+        for cache in lanes:
+            pending = [h for h in cache.spans if h not in skip and h not in busy]
+            random.shuffle(pending)  # spread concurrent workers over the queue
+            item = self._take_one(pending, cache)
+            if item is not None:
+                return item
+        if busy:
             # Items seen leased: one listing of the locks says which of those leases ended or were handed back.
             live = set(self._live_locks())
             freed = [h for h in busy if h not in live]
@@ -625,10 +691,13 @@ class WorkQueue:
                 for h in freed:
                     self._busy.pop(h, None)
             random.shuffle(freed)
-            item = self._take_one(freed)
+            for cache in lanes:
+                item = self._take_one([h for h in freed if h in cache.spans], cache)
+                if item is not None:
+                    return item
         return item
 
-    def _take_one(self, candidates: list[str]) -> WorkItem | None:
+    def _take_one(self, candidates: list[str], cache: IndexCache) -> WorkItem | None:
         for item_hash in candidates:
             with self._lock:
                 if item_hash in self._done or item_hash in self._leases:
@@ -641,7 +710,8 @@ class WorkQueue:
             lease_id = self._try_lease(item_hash)
             if lease_id is None:
                 continue
-            item = WorkItem(hash=item_hash, paths=self.index.paths(item_hash), leased_at=leased_at)
+            item = WorkItem(hash=item_hash, paths=cache.paths(item_hash), leased_at=leased_at,
+                            priority=cache is self.priority_index)
             with self._lock:
                 self._leases[item_hash] = lease_id
                 self._lease_sent[item_hash] = leased_at
@@ -774,7 +844,11 @@ class WorkQueue:
         if not rest:
             return None
         new_hash = retry_hash(item.hash, rest)
-        append_index(self.storage, lambda current: {new_hash: tuple(rest)}, self.index)
+        if item.priority:  # handed back into its own lane
+            append_index(self.storage, lambda current: {new_hash: tuple(rest)}, self.priority_index,
+                         PRIORITY_INDEX_KEY)
+        else:
+            append_index(self.storage, lambda current: {new_hash: tuple(rest)}, self.index)
         logger.info("work item %s: %d documents kept, %d handed back as work item %s", item.hash,
                     len(item.paths) - len(rest), len(rest), new_hash)
         return new_hash
@@ -806,7 +880,8 @@ class WorkQueue:
         Costs a conditional GET of the index, a listing of the locks, and a listing of the done flags when the
         last one is older than :data:`DONE_CACHE_SECONDS`."""
         self.index.refresh()
-        spans = self.index.spans
+        self.priority_index.refresh()
+        spans = self._all_spans()
         done = {h for h in self._done_hashes() if h in spans}
         leased = sum(1 for h in set(self._live_locks()) if h in spans and h not in done)
         return {
@@ -816,17 +891,25 @@ class WorkQueue:
             "pending": len(spans) - len(done) - leased,
         }
 
+    def _all_spans(self) -> dict[str, tuple[int, int]]:
+        """The items of both lanes (only the keys count)."""
+        if not self.priority_index.spans:
+            return self.index.spans
+        return {**self.index.spans, **self.priority_index.spans}
+
     def lease_holders(self) -> list[tuple[str, float]]:
         """``(worker_id, expires_at)`` of every live lease on a not-done item held by another worker
         (``expires_at`` in this machine's clock, from the lock's age)."""
         self.index.refresh(INDEX_CHECK_SECONDS)
+        self.priority_index.refresh(INDEX_CHECK_SECONDS)
+        spans = self._all_spans()
         done = self._done_hashes()
         with self._lock:
             mine = set(self._leases)
         now = self.clock()
         held: list[tuple[str, float]] = []
         for item_hash in self._live_locks():
-            if item_hash not in self.index.spans or item_hash in done or item_hash in mine:
+            if item_hash not in spans or item_hash in done or item_hash in mine:
                 continue
             found = self.storage.read_aged(lock_key(item_hash))
             if found is None:
@@ -873,6 +956,7 @@ class WorkQueue:
             if not (finished_here and last[1] <= 1):  # a small workspace shows each item of ours at once
                 return last[2]
         self.index.refresh(TOTALS_MIN_SECONDS)
+        self.priority_index.refresh(TOTALS_MIN_SECONDS)
         pages_found = self.storage.read_if_changed(PAGES_KEY, self._totals_cache[0][1] if self._totals_cache else None)
         if pages_found is NOT_MODIFIED and self._totals_cache is not None:
             pages_tag = self._totals_cache[0][1]
@@ -885,7 +969,7 @@ class WorkQueue:
         self._totals_cache = ((self.index.tag, pages_tag), pages, estimated)
         listed = self.storage.list_times(f"{DONE_DIR}/")
         done_times = {h: t for k, t in listed.items() if (h := _hash_from_key(k, "done_", ".flag"))}
-        totals = compute_totals(self.index.spans, pages, done_times, (clock or self.clock)(), estimated=estimated)
+        totals = compute_totals(self._all_spans(), pages, done_times, (clock or self.clock)(), estimated=estimated)
         self._totals_last = (now, len(listed) // 1000 + 1, totals)
         return totals
 
