@@ -50,6 +50,7 @@ def argv(objects: list[dict], c: dict) -> list[str]:
     return [expand(a, env) for a in c["args"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
 def test_the_service_overlay_passes_strict_validation(objects, version, tmp_path):
     path = tmp_path / "service.yaml"

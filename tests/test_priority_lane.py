@@ -86,6 +86,7 @@ def test_retries_and_hand_backs_of_a_priority_item_stay_in_its_lane(tmp_path: Pa
     assert storage.read(INDEX_KEY) == main_before
 
 
+@pytest.mark.slow
 def test_a_service_job_overtakes_a_running_batch_and_its_pages_go_sooner(tmp_path: Path) -> None:
     """Two 300-page batch documents (an item each) queued before the service starts; one embedded batch
     worker; a stand-in that serves one request at a time, 0.2 s each, by priority. A job submitted while the

@@ -17,6 +17,7 @@ from tests.standin_helpers import REPO_ROOT, free_port
 pytestmark = pytest.mark.timeout(180)
 
 
+@pytest.mark.slow
 def test_the_service_program_is_off_by_default_and_runs_when_started(deployments, tmp_path: Path) -> None:
     service_port, vllm_port = free_port(), free_port()
     ws = tmp_path / "ws"
