@@ -125,7 +125,9 @@ def test_lease_expiry_takeover_and_renew(workspace: str) -> None:
     time.sleep(1.5)
     assert second.claim() is None  # renewed lease still live (3 s after the claim, 1.5 s after the renewal)
     assert second.counts()["leased"] == 1
-    time.sleep(2 + AGE_RESOLUTION_S + 0.6)  # first crashed / stalled: lease over
+    # Whole-second ages (Date - LastModified) can read up to one second short: a lease is surely over only
+    # once its length and two resolutions have passed.
+    time.sleep(2 + 2 * AGE_RESOLUTION_S + 0.6)  # first crashed / stalled: lease over
     taken = second.claim()
     assert taken == item
     with pytest.raises(LeaseLost):
@@ -184,7 +186,7 @@ def test_restart_does_only_what_is_not_done(workspace: str) -> None:
         done_first.append(item.hash)
     crashed = first.claim()  # held when the process "crashes": never released
     assert crashed is not None
-    time.sleep(1 + AGE_RESOLUTION_S + 0.6)  # the crashed worker's lease is over
+    time.sleep(1 + 2 * AGE_RESOLUTION_S + 0.6)  # the crashed worker's lease is over (see the test above)
     restarted = WorkQueue(storage)
     assert restarted.populate(paths, pages_per_group=1, page_count=one_page) == 0
     seen: list[str] = []
