@@ -8,8 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tests.pdf_builders import text_pdf
 from tests.pipeline_helpers import StandIn
+from tests.sample_docs import write_text_pdf
 from tests.standin_helpers import free_port, start_standin, wait_http_ok
 
 #: DeepInfra's form (field-facts.md, "Hosted olmOCR endpoints").
@@ -19,12 +19,7 @@ PROVIDER_PREFIX = "/v1/openai"
 
 def make_docs(tmp_path: Path, count: int = 3, pages: int = 3) -> list[Path]:
     """``count`` text PDFs of ``pages`` pages each, every page with its own words."""
-    docs = []
-    for i in range(count):
-        path = tmp_path / f"doc{i}.pdf"
-        path.write_bytes(text_pdf([f"doc {i} page {p}" for p in range(pages)]))
-        docs.append(path)
-    return docs
+    return [write_text_pdf(tmp_path / f"doc{i}.pdf", pages) for i in range(count)]
 
 
 def launch_provider(tmp_path: Path, env: Mapping[str, str] | None = None, *,

@@ -116,7 +116,7 @@ def one_page_pdfs(directory: Path, count: int) -> list[Path]:
 
 def test_round_trip_every_route_and_format(workspace: str, standin: StandIn, tmp_path: Path) -> None:
     """Submit two documents, poll, read Markdown, Dolma and per-page JSON, list, convert, metrics."""
-    root = tmp_path / "shared"
+    root = tmp_path / "client-root"
     root.mkdir()
     named = root / "named.pdf"
     named.write_bytes(SAMPLES.report.read_bytes())
