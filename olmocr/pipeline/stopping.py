@@ -34,7 +34,6 @@ logger = logging.getLogger(__name__)
 #: usual process managers' kill timeouts (Kubernetes 30 s, systemd 90 s, supervisord stopwaitsecs).
 DEFAULT_STOP_TIMEOUT_S = 25.0
 
-HARD_EXIT_STATUS = STATUS_INTERRUPTED
 #: The same signal again within this many seconds of the first is one stop delivered twice (see above).
 BURST_S = 1.0
 
@@ -95,7 +94,7 @@ class StopRequest:
         for name in RUN_LOGGERS:
             for handler in logging.getLogger(name).handlers:
                 handler.flush()
-        os._exit(HARD_EXIT_STATUS)
+        os._exit(STATUS_INTERRUPTED)
 
 
 def is_same_stop(first: tuple[int, float] | None, sig: int, now: float) -> bool:

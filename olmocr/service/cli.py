@@ -10,7 +10,7 @@ import os
 import sys
 
 from olmocr import __version__, envs
-from olmocr.exit_codes import STATUS_USAGE
+from olmocr.exit_codes import STATUS_INTERRUPTED, STATUS_USAGE
 from olmocr.logformat import LOG_FORMAT
 from olmocr.pipeline.cli import OneLineParser  # errors on one line, exit status 2
 from olmocr.pipeline.flags import whole
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", exc)
         return STATUS_USAGE
     except KeyboardInterrupt:
-        return 130
+        return STATUS_INTERRUPTED
 
 
 def _pipeline_config(parser: argparse.ArgumentParser, args: argparse.Namespace, url_values: list[str],

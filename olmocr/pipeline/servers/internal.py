@@ -114,8 +114,8 @@ class InternalServer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # The deployment's status service (/status, /metrics) listens after the servers: --port + number of
         # servers unless OLMOCR_STATUS_PORT says otherwise, so that runs on other ports do not collide.
-        configured = envs.value("OLMOCR_STATUS_PORT") if envs.is_set("OLMOCR_STATUS_PORT") else None
-        self.status_port = int(configured) if configured is not None else self.slots[-1].port + 1
+        self.status_port = (int(envs.value("OLMOCR_STATUS_PORT")) if envs.is_set("OLMOCR_STATUS_PORT")  # type: ignore[arg-type]
+                            else self.slots[-1].port + 1)
         self.manager = Manager(settings, self.run_dir, status_interval=float("inf"), startsecs=STARTSECS,
                                extra_env={"OLMOCR_STATUS_PORT": str(self.status_port)}, slots=self.slots)
         self.failed = False
