@@ -66,6 +66,7 @@ def test_no_servers_module_imports_pages() -> None:
     ("olmocr.pipeline.servers.serverlist", "olmocr.pipeline.servers.client"),  # pure: the URL helpers are urls.py
     ("olmocr.pipeline.servers.serverlist", "olmocr.pipeline.servers.http"),
     ("olmocr.pipeline.servers.urls", "olmocr.pipeline.servers.client"),
+    ("olmocr.pipeline.servers.membership", "olmocr.pipeline.servers.fleet"),  # the fleet uses it, not the reverse
 ])
 def test_a_module_does_not_reach_another(module: str, forbidden: str) -> None:
     assert _path_of(module) is not None, f"{module} is gone: update this test"
