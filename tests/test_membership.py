@@ -82,12 +82,14 @@ def _loopback_alias_works() -> bool:
 def test_a_name_s_servers_join_verified_leave_drained_and_come_back(tmp_path: Path) -> None:
     assert _loopback_alias_works(), "127.0.0.2 is not usable here (Linux routes all of 127.0.0.0/8 to lo)"
     port = free_port()
-    models = {"127.0.0.2": "olmocr", "127.0.0.3": "some-other-model"}
+    models = {"127.0.0.2": "olmocr", "127.0.0.3": "some-other-model", "127.0.0.4": "olmocr"}
+    # .4's context (9000) allows fewer answer tokens than the run fixed at start-up with .2 (8000).
+    contexts = {"127.0.0.4": ("--max-model-len", "9000")}
     procs = []
     try:
         for address, model in models.items():
             procs.append(start_standin(port, served_model_name=model, log_path=tmp_path / f"standin-{address}.log",
-                                       extra_args=(*VLLM_FLAGS, "--host", address)))
+                                       extra_args=(*VLLM_FLAGS, *contexts.get(address, ()), "--host", address)))
             wait_http_ok(f"http://{address}:{port}/health", timeout=30, proc=procs[-1])
         hosts = tmp_path / "hosts"
 
@@ -134,9 +136,17 @@ async def _membership_run(hosts: Path, port: int, url: dict[str, str], publish) 
         assert wrong.state == ServerState.EXCLUDED, (wrong.state, wrong.reason)
         assert "some-other-model" in wrong.reason
 
+        # A new address of the right model whose context is too small for this run's max_tokens: left out too.
+        publish("127.0.0.2", "127.0.0.3", "127.0.0.4")
+        await membership.refresh()
+        await settled()
+        small = next(s for s in fleet.servers if s.url == url["127.0.0.4"])
+        assert small.state == ServerState.EXCLUDED and "less than this run's 8000" in small.reason, small.reason
+        assert small not in fleet.max_tokens
+
         # The right server's address leaves the name: drained (nothing in flight), retired, out of the fleet.
         first = by_url[url["127.0.0.2"]]
-        publish("127.0.0.3")
+        publish("127.0.0.3", "127.0.0.4")
         await membership.refresh()
         for _ in range(100):
             if first in fleet.retired:
@@ -145,7 +155,7 @@ async def _membership_run(hosts: Path, port: int, url: dict[str, str], publish) 
         assert first in fleet.retired and first not in fleet.servers and first.state == ServerState.DRAINING
 
         # It comes back: a new server, verified again, then in rotation.
-        publish("127.0.0.2", "127.0.0.3")
+        publish("127.0.0.2", "127.0.0.3", "127.0.0.4")
         await membership.refresh()
         back = next(s for s in fleet.servers if s.url == url["127.0.0.2"])
         assert back is not first and back.state == ServerState.STARTING
