@@ -1,6 +1,7 @@
-"""The pipeline's import graph points one way: ``pages/`` uses ``servers/``, never the reverse, and the pure
-server list does not pull in the network client. Read from the source (every import statement, those
-inside functions and under ``TYPE_CHECKING`` included), so a lazy import cannot slip past."""
+"""The pipeline's import graph points one way: ``pages/`` uses ``servers/``, never the reverse; ``workspace/``
+never uses ``servers/``; the pure server list does not pull in the network client. Read from the source
+(every import statement, those inside functions and under ``TYPE_CHECKING`` included), so a lazy import
+cannot slip past."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import pytest
 import olmocr
 
 PACKAGE = Path(olmocr.__file__).parent
-SERVERS = PACKAGE / "pipeline" / "servers"
 
 
 def imports_of(path: Path) -> set[str]:
@@ -53,12 +53,17 @@ def reachable(module: str) -> set[str]:
     return seen
 
 
-def test_no_servers_module_imports_pages() -> None:
-    modules = sorted(SERVERS.glob("*.py"))
-    assert len(modules) > 10, "too few modules found under servers/ to mean anything"
+@pytest.mark.parametrize("package, below", [
+    ("servers", "pages"),  # pages/ sends requests through servers/, never the reverse
+    ("workspace", "servers"),  # storage and the queue know nothing of the servers
+])
+def test_a_package_does_not_import_the_one_above(package: str, below: str) -> None:
+    modules = sorted((PACKAGE / "pipeline" / package).rglob("*.py"))
+    assert len(modules) > 5, f"too few modules found under {package}/ to mean anything"
+    above = f"olmocr.pipeline.{below}"
     upward = {f"{p.relative_to(PACKAGE.parent)}: {name}" for p in modules for name in imports_of(p)
-              if name == "olmocr.pipeline.pages" or name.startswith("olmocr.pipeline.pages.")}
-    assert not upward, ("servers/ sits below pages/: pass what it needs in, or move it below both "
+              if name == above or name.startswith(above + ".")}
+    assert not upward, (f"{package}/ sits below {below}/: pass what it needs in, or move it below both "
                         f"(as olmocr/pipeline/model_prompt.py): {sorted(upward)}")
 
 
