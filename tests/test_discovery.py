@@ -33,6 +33,7 @@ from tests.standin_helpers import (
     VLLM_FLAGS,
     free_port,
     free_port_run,
+    loopback_alias_works,
     start_standin,
     stop_process_group,
     wait_http_ok,
@@ -135,15 +136,6 @@ def _chat_requests(address: str, port: int, tmp_path: Path) -> int:
     return log.count('"POST /v1/chat/completions"')
 
 
-def _loopback_alias_works() -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.2", 0))
-            return True
-        except OSError:
-            return False
-
-
 @pytest.mark.slow
 @pytest.mark.integration
 def test_a_port_range_reaches_every_server_of_a_box(tmp_path: Path) -> None:
@@ -168,7 +160,7 @@ def test_a_port_range_reaches_every_server_of_a_box(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.integration
 def test_dns_name_servers_added_and_removed_mid_run_every_page_once(tmp_path: Path) -> None:
-    assert _loopback_alias_works(), "127.0.0.2 is not usable here (Linux routes all of 127.0.0.0/8 to lo)"
+    assert loopback_alias_works(), "127.0.0.2 is not usable here (Linux routes all of 127.0.0.0/8 to lo)"
     port = free_port()
     env = {"OLMOCR_STANDIN_LATENCY": "0.25", "OLMOCR_STANDIN_CONCURRENCY": "2"}
     procs = {a: _standin_on(a, port, tmp_path, env) for a in ("127.0.0.2", "127.0.0.3", "127.0.0.4")}

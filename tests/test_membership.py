@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,14 @@ from olmocr.pipeline.servers.membership import (
     plan_change,
 )
 from olmocr.pipeline.servers.serverlist import DnsName
-from tests.standin_helpers import VLLM_FLAGS, free_port, start_standin, stop_process_group, wait_http_ok
+from tests.standin_helpers import (
+    VLLM_FLAGS,
+    free_port,
+    loopback_alias_works,
+    start_standin,
+    stop_process_group,
+    wait_http_ok,
+)
 
 # ------------------------------------------------------------------------------------------ pure
 
@@ -69,18 +75,9 @@ def test_a_drain_waits_for_the_shorter_of_its_grace_and_the_request_timeout(requ
 # ------------------------------------------------------------------------------------------ real servers
 
 
-def _loopback_alias_works() -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.2", 0))
-            return True
-        except OSError:
-            return False
-
-
 @pytest.mark.integration
 def test_a_name_s_servers_join_verified_leave_drained_and_come_back(tmp_path: Path) -> None:
-    assert _loopback_alias_works(), "127.0.0.2 is not usable here (Linux routes all of 127.0.0.0/8 to lo)"
+    assert loopback_alias_works(), "127.0.0.2 is not usable here (Linux routes all of 127.0.0.0/8 to lo)"
     port = free_port()
     models = {"127.0.0.2": "olmocr", "127.0.0.3": "some-other-model", "127.0.0.4": "olmocr"}
     # .4's context (9000) allows fewer answer tokens than the run fixed at start-up with .2 (8000).
