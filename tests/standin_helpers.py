@@ -34,6 +34,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def loopback_alias_works() -> bool:
+    """Whether 127.0.0.2 (and so the rest of 127.0.0.0/8) can be bound: several servers behind one name."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.2", 0))
+            return True
+        except OSError:
+            return False
+
+
 def free_port_run(count: int) -> int:
     """A base port with ``count`` consecutive ports free on 127.0.0.1 a moment ago (one server per GPU)."""
     for _ in range(50):

@@ -17,7 +17,6 @@ import requests
 
 from olmocr.pipeline.errors import FleetConfigError
 from olmocr.pipeline.servers.discovery import (
-    membership_change,
     name_has_no_address,
     parse_hosts,
     refresh_interval,
@@ -25,6 +24,7 @@ from olmocr.pipeline.servers.discovery import (
     system_resolve,
 )
 from olmocr.pipeline.servers.fleet import LOG_LEFT_OUT
+from olmocr.pipeline.servers.membership import LOG_DRAINING, LOG_VERIFYING
 from olmocr.pipeline.servers.serverlist import DnsName, expand_port_range, parse_dns_names, parse_url_list
 from tests.metrics_helpers import parse_metrics
 from tests.pipeline_helpers import assert_every_page_once, logged, start_pipeline, wait_for
@@ -33,6 +33,7 @@ from tests.standin_helpers import (
     VLLM_FLAGS,
     free_port,
     free_port_run,
+    loopback_alias_works,
     start_standin,
     stop_process_group,
     wait_http_ok,
@@ -78,7 +79,7 @@ def test_bad_dns_names(value: str, message: str) -> None:
         parse_dns_names([value])
 
 
-def test_hosts_format_and_membership() -> None:
+def test_hosts_format_and_server_urls() -> None:
     hosts = parse_hosts("127.0.0.2 olmocr\n# 127.0.0.9 olmocr\n127.0.0.3 olmocr other  # two names\n"
                         "::1 olmocr\nnot-an-ip olmocr\n127.0.0.2 olmocr\n")
     assert hosts["olmocr"] == ["127.0.0.2", "127.0.0.3", "::1"]
@@ -86,8 +87,7 @@ def test_hosts_format_and_membership() -> None:
     name = DnsName("http", "olmocr", (30024, 30025))
     assert server_urls(name, ["127.0.0.2", "::1"]) == ["http://127.0.0.2:30024", "http://127.0.0.2:30025",
                                                       "http://[::1]:30024", "http://[::1]:30025"]
-    assert membership_change(["a", "b"], ["b", "c"]) == (["c"], ["a"])
-    assert membership_change([], ["a"]) == (["a"], [])
+    # Which of them join or leave: tests/test_membership.py.
 
 
 def test_refresh_interval_is_at_most_30_s() -> None:
@@ -136,15 +136,6 @@ def _chat_requests(address: str, port: int, tmp_path: Path) -> int:
     return log.count('"POST /v1/chat/completions"')
 
 
-def _loopback_alias_works() -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.2", 0))
-            return True
-        except OSError:
-            return False
-
-
 @pytest.mark.slow
 @pytest.mark.integration
 def test_a_port_range_reaches_every_server_of_a_box(tmp_path: Path) -> None:
@@ -169,7 +160,7 @@ def test_a_port_range_reaches_every_server_of_a_box(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.integration
 def test_dns_name_servers_added_and_removed_mid_run_every_page_once(tmp_path: Path) -> None:
-    assert _loopback_alias_works(), "127.0.0.2 is not usable here (Linux routes all of 127.0.0.0/8 to lo)"
+    assert loopback_alias_works(), "127.0.0.2 is not usable here (Linux routes all of 127.0.0.0/8 to lo)"
     port = free_port()
     env = {"OLMOCR_STANDIN_LATENCY": "0.25", "OLMOCR_STANDIN_CONCURRENCY": "2"}
     procs = {a: _standin_on(a, port, tmp_path, env) for a in ("127.0.0.2", "127.0.0.3", "127.0.0.4")}
@@ -218,12 +209,12 @@ def test_dns_name_servers_added_and_removed_mid_run_every_page_once(tmp_path: Pa
         assert_every_page_once(tmp_path / "ws", pdfs)
         assert _served("127.0.0.2", port) == drained_count  # drained: no request after it left the name
         assert _served("127.0.0.3", port) > 0 and _served("127.0.0.4", port) > 0
-        assert f"new server http://127.0.0.4:{port}; verifying it" in out
+        assert logged(out, LOG_VERIFYING, f"dns+http://olmocr-vllm.test:{port}", f"http://127.0.0.4:{port}")
         # The wrong-model address was verified, left out, and sent no page.
         assert _chat_requests("127.0.0.5", port, tmp_path) == 0
         assert logged(out, LOG_LEFT_OUT, f"http://127.0.0.5:{port}"), out[-3000:]
         assert _chat_requests("127.0.0.4", port, tmp_path) > 0  # (the count sees the pages a server gets)
-        assert f"http://127.0.0.2:{port}: its address left dns+http://olmocr-vllm.test:{port}; draining" in out
+        assert logged(out, LOG_DRAINING, f"http://127.0.0.2:{port}", f"its address left dns+http://olmocr-vllm.test:{port}")
     finally:
         for p in procs.values():
             stop_process_group(p)

@@ -12,22 +12,13 @@ from typing import Any
 import yaml
 
 from olmocr.pipeline.errors import FrontMatterError
+from olmocr.pipeline.model_prompt import PROMPT_V4_YAML  # noqa: F401 - the prompt, in the model's contract
 
 #: libyaml's loader where PyYAML was built with it (every PyPI wheel): the same YAML 1.1 safe schema as the
 #: pure-Python ``SafeLoader`` (same resolver, same values), ~9x faster. Measured: a front matter of five
 #: fields takes 590 us with ``SafeLoader``, 69 us with ``CSafeLoader`` -- with the pure-Python loader this
 #: parse was the largest per-page cost of the pipeline's main process (docs/benchmarks.md).
 _YAML_LOADER: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-PROMPT_V4_YAML = (
-    "Attached is one page of a document that you must process. "
-    "Just return the plain text representation of this document as if you were reading it naturally. "
-    "Convert equations to LateX and tables to HTML.\n"
-    "If there are any figures or charts, label them with the following markdown syntax "
-    "![Alt text describing the contents of the figure](page_startx_starty_width_height.png)\n"
-    "Return your output as markdown, with a front matter section on top specifying values for the "
-    "primary_language, is_rotation_valid, rotation_correction, is_table, and is_diagram parameters."
-)
 
 #: The guided-decoding regex upstream sends with ``--guided_decoding``.
 GUIDED_REGEX = (

@@ -17,7 +17,7 @@ from olmocr import envs
 from olmocr.envs import SERVED_MODEL_NAME
 from olmocr.model_list import parse_models  # noqa: F401 - part of this module's API
 from olmocr.pipeline.errors import ServerMismatch, ServerNotReady
-from olmocr.pipeline.pages.prompts import PROMPT_V4_YAML
+from olmocr.pipeline.model_prompt import PROMPT_V4_YAML
 from olmocr.server import vllm_versions
 
 MODEL_NAME = SERVED_MODEL_NAME

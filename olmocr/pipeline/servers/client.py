@@ -43,6 +43,7 @@ from olmocr.pipeline.servers.checks import (
     start_up_delays,
 )
 from olmocr.pipeline.servers.http import HttpPool, Response
+from olmocr.pipeline.servers.urls import api_root, display_url, normalize_base_url
 
 logger = logging.getLogger(__name__)
 
@@ -87,54 +88,6 @@ def answering_model(body: bytes) -> str | None:
 def ready_wait_bound(max_wait_s: float | None = None) -> float:
     """The longest :meth:`ServerClient.wait_ready` waits for a server that is not up (its pauses' sum)."""
     return sum(start_up_delays(max_wait_s))
-
-
-def url_problem(url: str) -> str | None:
-    """What is wrong with a server URL as given (no host, a port that is not a number 1-65535), or None."""
-    from urllib.parse import urlsplit
-
-    text = url.strip()
-    parts = urlsplit(text if "://" in text else "http://" + text)
-    if not parts.hostname:
-        return "no host name (e.g. http://127.0.0.1:30024)"
-    try:
-        port = parts.port
-    except ValueError:
-        return f"the port is not a number 1-65535 ({parts.netloc.rpartition(':')[2]!r})"
-    if port == 0:
-        return "the port is not a number 1-65535 (0)"
-    return None
-
-
-def normalize_base_url(url: str) -> str:
-    """The server's base URL as the fleet names it: no trailing ``/``, ``http://`` added to a bare
-    ``host:port``, and a path of exactly ``/v1`` dropped (``http://h:p/v1`` is ``http://h:p``). Any other
-    path is kept: ``https://host/v1/openai`` is a provider's API root (upstream's ``--server`` convention)."""
-    url = url.strip().rstrip("/")
-    if "://" not in url:
-        url = "http://" + url
-    scheme, sep, rest = url.partition("://")
-    host, slash, path = rest.partition("/")
-    if slash and path == "v1":
-        url = scheme + sep + host
-    return url
-
-
-def api_root(base_url: str) -> str:
-    """Where the OpenAI API of a normalised base URL lives: its path, or ``/v1`` when it has none.
-
-    ``http://h:30024`` -> ``/v1`` (``/v1/models``, ``/v1/chat/completions``); ``https://host/v1/openai`` ->
-    ``/v1/openai`` (``/v1/openai/models``, ``/v1/openai/chat/completions``)."""
-    rest = base_url.partition("://")[2]
-    _, slash, path = rest.partition("/")
-    return "/" + path.split("#", 1)[0] if slash and path else "/v1"
-
-
-def display_url(url: str) -> str:
-    """The URL as logged: without any ``user:password@`` part."""
-    scheme, sep, rest = url.partition("://")
-    host, slash, path = rest.partition("/")
-    return scheme + sep + host.rpartition("@")[2] + slash + path
 
 
 class ServerClient:

@@ -1,16 +1,13 @@
 """``dns+http://NAME:PORT``: every address NAME resolves to is a server, re-resolved while the run lasts.
 
 This is how a Kubernetes headless Service (one A/AAAA record per ready pod), Consul's DNS interface or a
-plain ``/etc/hosts`` line with several addresses describe a fleet. :class:`~olmocr.pipeline.servers.fleet.Fleet`
-resolves each name at start-up and every ``OLMOCR_DNS_REFRESH_S`` seconds (default 10, at most 30):
+plain ``/etc/hosts`` line with several addresses describe a fleet. This module resolves a name;
+:class:`~olmocr.pipeline.servers.membership.Membership` does it at start-up and every ``OLMOCR_DNS_REFRESH_S``
+seconds (default 10, at most 30) and acts on the answer: a new address is verified before it gets work, a
+vanished one is drained, then retired.
 
-* a new address is verified like every server (serves ``olmocr``, context large enough for the run's
-  ``max_tokens``) before it gets work;
-* an address that vanished is drained: no new requests; its in-flight requests may finish (for up to
-  ``DRAIN_GRACE_S`` or the request timeout), then are resent to the others; then it leaves the fleet;
-* a failed lookup (resolver unreachable, timeout) keeps the servers as they are: a DNS blip must not
-  drain a healthy fleet. Only an answer that the name has no address (``EAI_NONAME``/``EAI_NODATA``)
-  empties it.
+A failed lookup (resolver unreachable, timeout) keeps the servers as they are: a DNS blip must not drain a
+healthy fleet. Only an answer that the name has no address (``EAI_NONAME``/``EAI_NODATA``) empties it.
 
 Resolution is the operating system's (``getaddrinfo``, as ``curl`` or a browser resolves: ``/etc/hosts``,
 then DNS as ``/etc/nsswitch.conf`` says), so any name the machine can resolve works. ``OLMOCR_HOSTS_FILE``
@@ -38,8 +35,6 @@ HOSTS_FILE_ENV = "OLMOCR_HOSTS_FILE"
 REFRESH_ENV = "OLMOCR_DNS_REFRESH_S"
 DEFAULT_REFRESH_S = float(envs.default(REFRESH_ENV))  # type: ignore[arg-type]
 MAX_REFRESH_S = 30.0
-#: How long a drained server's in-flight requests may take before they are resent to the others.
-DRAIN_GRACE_S = 120.0
 
 #: ``await resolve(host)`` -> the addresses, in the resolver's order; raises LookupFailed to keep the
 #: current servers.
@@ -132,9 +127,3 @@ def server_urls(name: DnsName, addresses: Sequence[str]) -> list[str]:
         out += [f"{name.scheme}://{host}:{port}{name.path}" for port in name.ports]
     return out
 
-
-def membership_change(current: Sequence[str], resolved: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(URLs to add, URLs to drain) going from ``current`` to ``resolved`` (pure)."""
-    now = set(resolved)
-    before = set(current)
-    return [u for u in resolved if u not in before], [u for u in current if u not in now]

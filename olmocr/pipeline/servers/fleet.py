@@ -19,8 +19,8 @@ The server list is parsed by :mod:`olmocr.pipeline.servers.serverlist`; the choi
   and resent to the others without using page attempts. It is probed in the background (``/health``, the model
   list and one tiny completion) and re-admitted after ``READMIT_AFTER`` good probes in a row. With every server
   out, requests wait (and the log says so) -- no outage ends the run.
-* **Discovery.** ``dns+http://NAME:PORT`` servers come and go with the name's addresses
-  (:mod:`olmocr.pipeline.servers.discovery`): a new one is verified before it gets work, a vanished one is
+* **Membership.** ``dns+http://NAME:PORT`` servers come and go with the name's addresses
+  (:mod:`olmocr.pipeline.servers.membership`): a new one is verified before it gets work, a vanished one is
   drained (state ``draining``: no new requests, in-flight ones finish or are resent) and then retired.
 """
 
@@ -46,15 +46,8 @@ from olmocr.pipeline.errors import (
 from olmocr.pipeline.servers.balance import Server, ServerState, choose, plan_steals
 from olmocr.pipeline.servers.checks import DEFAULT_MAX_TOKENS, STRUCTURED_OUTPUTS, plan_max_tokens
 from olmocr.pipeline.servers.client import MAX_BACKOFF_S, MODEL_NAME, ServerClient, answering_model
-from olmocr.pipeline.servers.discovery import (
-    DEFAULT_REFRESH_S,
-    DRAIN_GRACE_S,
-    LookupFailed,
-    Resolver,
-    default_resolver,
-    membership_change,
-    server_urls,
-)
+from olmocr.pipeline.servers.discovery import DEFAULT_REFRESH_S, Resolver
+from olmocr.pipeline.servers.membership import Membership
 from olmocr.pipeline.servers.outcome import Classified, Outcome, Problem, classify
 from olmocr.pipeline.servers.pacing import make_pacer
 from olmocr.pipeline.servers.serverlist import DnsName, Options, ServerSpec
@@ -187,17 +180,11 @@ class Fleet:
         self.fatal: str | None = None
         self.on_fatal: Callable[[str], None] | None = None
         self.on_budget: Callable[[str], None] | None = None
-        self.dns = tuple(dns)
-        self.resolver = resolver or default_resolver()
-        self.dns_refresh_s = dns_refresh_s
-        self._members: dict[str, dict[str, Server]] = {n.label: {} for n in self.dns}  # name -> url -> server
-        self._joining: dict[Server, asyncio.Task[None]] = {}
-        self._draining: dict[Server, asyncio.Task[None]] = {}
-        self._discovery: asyncio.Task[None] | None = None
-        self._max_wait_s = defaults.SERVER_READY_TIMEOUT_S
+        #: The servers behind ``dns+`` names (None without one): they join and leave through it.
+        self.membership = Membership(self, dns, resolver=resolver, refresh_s=dns_refresh_s) if dns else None
         self.planned_max_tokens: int | None = None  # fixed by request_plan(); later servers must fit it
         self.retired: list[Server] = []  # servers drained away (kept for the run's per-server stats)
-        self.on_new_server: Callable[[Server], None] | None = None  # metrics hooks for discovered servers
+        self.on_new_server: Callable[[Server], None] | None = None  # metrics hooks for servers that join mid-run
         self.priority = priority
         self.longest_dim = longest_dim
         self.max_tokens: dict[Server, int] = {}  # what each verified server's context allows
@@ -225,16 +212,9 @@ class Fleet:
 
     async def start(self, max_wait_s: float = defaults.SERVER_READY_TIMEOUT_S) -> None:
         """Verify every server; raises :class:`ServerNotReady` if none is usable (before any work is claimed)."""
-        self._max_wait_s = max_wait_s
-        if self.dns:
-            await self.refresh_dns(initial=True)
-            self._discovery = asyncio.create_task(self._discover_forever())
-            if not self.servers:
-                raise ServerNotReady("no vLLM server: " + "; ".join(
-                    f"{n.label} has no address" for n in self.dns))
-        tasks = {asyncio.create_task(admit_for_run(s.client, max_wait_s=max_wait_s, priority=self.priority,
-                                                   longest_dim=self.longest_dim)): s
-                 for s in self.servers}
+        if self.membership is not None:
+            await self.membership.start(max_wait_s)
+        tasks = {asyncio.create_task(self.verify(s, max_wait_s)): s for s in self.servers}
         pending = set(tasks)
         grace_until: float | None = None
         try:
@@ -245,12 +225,9 @@ class Fleet:
                     server = tasks[task]
                     exc = task.exception()
                     if exc is None:
-                        self.max_tokens[server] = task.result()
-                        self._admit(server, "verified at start-up", quiet=True)
+                        self.admit_verified(server, task.result(), "verified at start-up")
                     elif isinstance(exc, ServerNotReady):
-                        server.state, server.reason = ServerState.EXCLUDED, str(exc)
-                        if not self.single:
-                            logger.error(LOG_LEFT_OUT, server.url, exc)
+                        self.leave_out(server, str(exc), log=not self.single)
                     else:
                         raise exc
                 if grace_until is None and any(s.state == ServerState.UP for s in self.servers):
@@ -353,94 +330,45 @@ class Fleet:
                 else:
                     logger.info("vLLM server %s still out of rotation (%s)", server.url, problem)
 
-    # ------------------------------------------------------------------ discovery (dns+http://)
+    # ------------------------------------------------------------------ membership (servers that join and leave)
 
-    async def _discover_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.dns_refresh_s)
-            try:
-                await self.refresh_dns()
-            except Exception:  # never let discovery die: the next refresh tries again
-                logger.exception("DNS discovery failed; trying again in %g s", self.dns_refresh_s)
+    def add_server(self, url: str, api_key: str | None, weight: float | None, options: Options) -> Server:
+        """A server that joins mid-run (a new address of a ``dns+`` name): in the fleet, not yet in rotation."""
+        server = self._new_server(url, api_key, weight, options)
+        self.servers.append(server)
+        if self.on_new_server is not None:
+            self.on_new_server(server)
+        return server
 
-    async def refresh_dns(self, *, initial: bool = False) -> None:
-        """Resolve every ``dns+`` name once: add new addresses (verified before work), drain vanished ones."""
-        for name in self.dns:
-            try:
-                addresses = await self.resolver(name.host)
-            except LookupFailed as exc:
-                logger.warning("%s: %s; keeping its %d server(s) as they are", name.label, exc,
-                               len(self._members[name.label]))
-                continue
-            members = self._members[name.label]
-            added, removed = membership_change(list(members), server_urls(name, addresses))
-            for url in removed:
-                self._drain(members.pop(url), f"its address left {name.label}")
-            for url in added:
-                revived = next((s for s in self._draining if s.url == url), None)
-                if revived is not None:  # back before it finished draining: verify it again
-                    self._draining.pop(revived).cancel()
-                    server = revived
-                else:
-                    server = self._new_server(url, name.api_key, name.weight, name.options)
-                    self.servers.append(server)
-                    if self.on_new_server is not None:
-                        self.on_new_server(server)
-                members[url] = server
-                if initial:
-                    continue  # start() verifies it with the others
-                server.state, server.reason = ServerState.STARTING, f"new address of {name.label}, being verified"
-                logger.info("%s: new server %s; verifying it before it gets work", name.label, url)
-                self._joining[server] = asyncio.create_task(self._join(server))
+    async def verify(self, server: Server, max_wait_s: float) -> int:
+        """:func:`admit_for_run` with this run's settings."""
+        return await admit_for_run(server.client, max_wait_s=max_wait_s, priority=self.priority,
+                                   longest_dim=self.longest_dim)
 
-    async def _join(self, server: Server) -> None:
-        try:
-            max_tokens = await admit_for_run(server.client, max_wait_s=self._max_wait_s, priority=self.priority,
-                                             longest_dim=self.longest_dim)
-        except ServerNotReady as exc:
-            server.state, server.reason = ServerState.EXCLUDED, str(exc)
-            logger.error(LOG_LEFT_OUT, server.url, exc)
-            return
-        finally:
-            self._joining.pop(server, None)
-        if self.planned_max_tokens is not None and max_tokens < self.planned_max_tokens:
-            server.state = ServerState.EXCLUDED
-            server.reason = (f"its context allows max_tokens {max_tokens}, less than this run's "
-                             f"{self.planned_max_tokens}")
-            logger.error(LOG_LEFT_OUT, server.url, server.reason)
-            return
+    def admit_verified(self, server: Server, max_tokens: int, why: str) -> None:
         self.max_tokens[server] = max_tokens
-        self._admit(server, "verified", quiet=True)
-        logger.info("vLLM server %s joined the rotation (%d in rotation)", server.url,
-                    sum(1 for s in self.servers if s.state == ServerState.UP))
+        self._admit(server, why, quiet=True)
 
-    def _drain(self, server: Server, reason: str) -> None:
-        for tasks in (self._joining, self._probers):
-            task = tasks.pop(server, None)
-            if task is not None:
-                task.cancel()
-        server.state, server.reason = ServerState.DRAINING, reason
-        logger.warning("vLLM server %s: %s; draining it (no new requests, %d in flight finish or are resent)",
-                       server.url, reason, server.in_flight)
-        self._draining[server] = asyncio.create_task(self._retire_when_idle(server))
+    def leave_out(self, server: Server, reason: str, *, log: bool = True) -> None:
+        """Misconfigured: out of rotation for the run."""
+        server.state, server.reason = ServerState.EXCLUDED, reason
+        if log:
+            logger.error(LOG_LEFT_OUT, server.url, reason)
 
-    async def _retire_when_idle(self, server: Server) -> None:
-        deadline = time.monotonic() + min(DRAIN_GRACE_S, server.client.request_timeout)
-        while server.in_flight > 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-        if server.in_flight > 0:
-            logger.warning("vLLM server %s: %d requests still in flight after draining %.0f s; resending them",
-                           server.url, server.in_flight, min(DRAIN_GRACE_S, server.client.request_timeout))
-            server.abandon_all()
-            while server.in_flight > 0:
-                await asyncio.sleep(0.05)
-        self._draining.pop(server, None)
+    def stop_probing(self, server: Server) -> None:
+        prober = self._probers.pop(server, None)
+        if prober is not None:
+            prober.cancel()
+
+    def retire(self, server: Server) -> None:
+        """Out of the fleet (drained); its counters stay in :attr:`retired` for the run's stats."""
         if server in self.servers:
             self.servers.remove(server)
         self.max_tokens.pop(server, None)
         self.retired.append(server)
         server.client.close()
-        logger.info("vLLM server %s left the fleet (%d pages answered)", server.url, server.pages)
+
+    # ------------------------------------------------------------------ balancing
 
     def _rebalance(self, *, now: bool = False) -> None:
         """Work stealing: move the newest requests of the server furthest behind to the one that would finish
@@ -489,7 +417,7 @@ class Fleet:
                 self._all_down_logged = now
                 logger.warning(LOG_ALL_DOWN, now - self._all_down_since,
                                "; ".join(f"{s.url}: {s.reason}" for s in self.servers))
-            if not self.dns and not any(s.state in (ServerState.DOWN, ServerState.STARTING) for s in self.servers):
+            if self.membership is None and not any(s.state in (ServerState.DOWN, ServerState.STARTING) for s in self.servers):
                 raise ServerNotReady("no vLLM server left: every one was excluded as misconfigured")
             try:
                 await asyncio.wait_for(self._changed.wait(), ALL_DOWN_LOG_EVERY_S)
@@ -642,9 +570,7 @@ class Fleet:
         server.state, server.reason, server.down_since = ServerState.EXCLUDED, detail, None
         server.ejections += 1
         server.abandon_all()
-        prober = self._probers.pop(server, None)
-        if prober is not None:
-            prober.cancel()
+        self.stop_probing(server)
         logger.error(LOG_OTHER_MODEL, server.url, detail)
         usable = [s for s in self.servers if s.state != ServerState.EXCLUDED]
         if not usable and self.fatal is None:
@@ -714,9 +640,9 @@ class Fleet:
         return f"{up}/{len(self.servers)} up{usage}"
 
     async def close(self) -> None:
-        tasks = [*self._probers.values(), *self._joining.values(), *self._draining.values()]
-        if self._discovery is not None:
-            tasks.append(self._discovery)
+        if self.membership is not None:
+            await self.membership.close()
+        tasks = list(self._probers.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from olmocr.pipeline.errors import FleetConfigError
-from olmocr.pipeline.servers.client import display_url, normalize_base_url, url_problem
+from olmocr.pipeline.servers.urls import display_url, normalize_base_url, url_problem
 from olmocr.secret_files import SecretFileError, read_secret_lines
 
 #: Environment variable holding the server list when no ``--vllm-url`` is given.
