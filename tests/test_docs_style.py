@@ -47,9 +47,9 @@ def prose(text: str) -> str:
 
 _CODE_SPAN = re.compile(r"`[^`]*`")
 _LINK = re.compile(r"\[([^\]]*)\]\([^)]*\)")
-#: A sentence ends at . ! ? followed by a space and a capital, a backtick, a bracket or a bold mark, or at a
+#: A sentence ends at . ! ? followed by a space and a capital, a digit, a backtick, a bracket or a bold mark, or at a
 #: colon before a capital or a bold mark. A semicolon does not end one: a reader still holds both halves.
-_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z`*(\[])|(?<=:)\s+(?=[A-Z*])")
+_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9`*(\[])|(?<=:)\s+(?=[A-Z*])")
 
 
 def sentences(text: str) -> list[str]:
