@@ -329,6 +329,7 @@ def quotes() -> list[tuple[str, str]]:
     eff = _v("cpu", "client-bound efficiency (CPU): render alone / whole pipeline")
     rounds = sorted(_record("cpu")["detail"]["rounds"], key=lambda r: r["efficiency"])
     alone = rounds[len(rounds) // 2]["render_alone_cpu_ms_per_page"]
+    alone_each = [r["render_alone_cpu_ms_per_page"] for r in rounds]
     feed = round(1000 / cpu_main, -1)
     cb = "instant server (client-bound)"
     ours, ours_r = derived("throughput")[f"ours, {cb}"]
@@ -390,6 +391,8 @@ def quotes() -> list[tuple[str, str]]:
         (results.format("recovery"), f"killed after {q(rec['hang -> detected and killed'][0], 1)} s, healthy again "
                                      f"after {q(rec['hang -> status healthy'][0], 1)} s"),
         # the guides
+        ("docs/benchmarks.md", f"took {q(min(alone_each), 1)} to {q(max(alone_each), 1)} ms CPU a page over its "
+                               f"{len(alone_each)} rounds"),
         ("docs/pipeline.md", f"{cpu_main:.2f} ms CPU a page, {cpu_ratio:.2f} of what the render processes spend"),
         ("docs/pipeline.md", f"could feed ~{q(feed, 0)} pages/s"),
         ("docs/pipeline.md", f"16 servers at {f16_whole:.2f} of their summed capacity"),
