@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import statistics
 from collections.abc import Callable
 from decimal import ROUND_HALF_UP, Decimal
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from bench.__main__ import SECTIONS
 from bench.report import REPORT, RESULTS_DIR, generate, load_records
 from tests.standin_helpers import REPO_ROOT
 
@@ -334,6 +336,11 @@ def _candidates(words: str) -> list[str]:
     return out
 
 
+def _minutes(*sections: str) -> int:
+    """How long the sections' committed runs took together, in whole minutes (at least 1)."""
+    return max(1, round(sum(_record(s)["duration_s"] for s in sections) / 60))
+
+
 def quotes() -> list[tuple[str, str]]:
     """(where, the exact words there), each number formatted from the recomputed figures."""
     cpu_main = _v("cpu", "main process CPU per page")
@@ -404,6 +411,10 @@ def quotes() -> list[tuple[str, str]]:
         (results.format("recovery"), f"killed after {q(rec['hang -> detected and killed'][0], 1)} s, healthy again "
                                      f"after {q(rec['hang -> status healthy'][0], 1)} s"),
         # the guides
+        ("docs/benchmarks.md", f"the 16-server fleet (~{_minutes('cpu', 'fleet16')} min)"),
+        ("docs/benchmarks.md", f"`bench/run multigpu` takes about {_minutes('multigpu')} minutes"),
+        ("docs/benchmarks.md", f"about {_minutes('storm')} minutes"),
+        ("docs/reliability.md", f"about {_minutes('storm')} minutes on 2 cores"),
         ("docs/benchmarks.md", f"took {q(min(alone_each), 1)} to {q(max(alone_each), 1)} ms CPU a page over its "
                                f"{len(alone_each)} rounds"),
         ("docs/pipeline.md", f"{cpu_main:.2f} ms CPU a page, {cpu_ratio:.2f} of what the render processes spend"),
@@ -440,3 +451,15 @@ def test_prose_quotes_the_figures_its_results_give() -> None:
              for where, words in quotes() if not any(c in _text(where) for c in _candidates(words))]
     assert not wrong, ("figures quoted in prose differ from what bench/results/*.json give (fix the prose, or "
                        "re-run the section):\n" + "\n".join(wrong))
+
+
+def test_the_whole_suites_time_is_the_committed_runs_sum() -> None:
+    """Within 15 %: other sections' owners re-run theirs, and a minute more or less is not a wrong claim."""
+    total = sum(_record(s)["duration_s"] for s in SECTIONS) / 60
+    for where, pattern in (("bench/run", r"everything \(about (\d+) minutes"),
+                           ("docs/benchmarks.md", r"every section \(about (\d+) minutes")):
+        found = re.search(pattern, (REPO_ROOT / where).read_text())
+        assert found, f"{where}: no time given for the whole suite"
+        assert abs(int(found.group(1)) - total) <= 0.15 * total, (
+            f"{where} says the whole suite takes about {found.group(1)} minutes; the committed runs took "
+            f"{total:.0f} together")
