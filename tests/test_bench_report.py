@@ -463,3 +463,20 @@ def test_the_whole_suites_time_is_the_committed_runs_sum() -> None:
         assert abs(int(found.group(1)) - total) <= 0.15 * total, (
             f"{where} says the whole suite takes about {found.group(1)} minutes; the committed runs took "
             f"{total:.0f} together")
+
+
+def test_the_micro_section_runs_and_gives_the_figures_its_detail_does(tmp_path) -> None:
+    """``python -m bench --quick micro`` on a small generated corpus: every figure, each what its detail gives."""
+    from bench import micro
+    from bench.common import load_corpus
+    from tests.sample_docs import write_text_pdf
+
+    write_text_pdf(tmp_path / "doc.pdf", 3)
+    figures, detail = micro.run(load_corpus(root=tmp_path), quick=True)
+    assert [f.name for f in figures] == list(micro.FIGURES)
+    want = _micro(json.loads(json.dumps(detail)))  # as committed: through JSON
+    for fig in figures:
+        value, ratio = want[fig.name]
+        assert (fig.value, fig.ratio) == (pytest.approx(value), pytest.approx(ratio)), fig.name
+    assert detail["png"]["pages"] == 3 and detail["handover"]["jobs"] == 400
+    assert all(micro.quotes(detail))
