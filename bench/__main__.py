@@ -30,7 +30,7 @@ from bench.common import (
 )
 
 SECTIONS = ["cpu", "render", "throughput", "memory", "recovery", "storm", "statusd", "fleet", "fleet16", "reading",
-            "probes", "multigpu", "providers", "scale", "service"]
+            "probes", "multigpu", "providers", "scale", "service", "micro"]
 NO_CORPUS = {"statusd", "probes", "scale", "service"}  # sections that need no PDFs
 
 
@@ -142,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import service
 
                 figs, detail = service.run(quick=args.quick)
+            elif section == "micro":
+                from bench import micro
+
+                figs, detail = micro.run(corpus, quick=args.quick)
             elif section == "multigpu":
                 from bench import multigpu
 

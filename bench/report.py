@@ -37,6 +37,7 @@ TITLES = {
     "providers": "Hosted providers (issue 31): a quota paced and not",
     "scale": "A million documents, a thousand workers (issue 29): the work queue on an in-process object store",
     "service": "Documents over HTTP (issue 32): olmocr-service against the stand-in",
+    "micro": "Micro-benchmarks (issue 16): the choices inside a page's path",
 }
 
 HOW_TO_READ = """\

@@ -80,3 +80,27 @@ def test_the_command_line_defaults_are_the_configs():
     parser_defaults = {a.dest: a.default for a in _options() if a.dest in config_defaults and a.default is not None}
     assert len(parser_defaults) >= 10
     assert {k: config_defaults[k] for k in parser_defaults} == parser_defaults
+
+
+def _section_list(text: str, marker: str) -> list[str]:
+    """The comma-separated section names after ``marker``, across continued comment lines."""
+    start = text.index(marker) + len(marker)
+    lines = text[start:].splitlines()
+    names = lines[0]
+    for line in lines[1:]:
+        more = re.match(r"#?\s+#\s+(.*)", line)  # a continuation: nothing but blanks before its comment
+        if not more:
+            break
+        names += "," + more.group(1)
+    return [n.strip() for n in names.split(",") if n.strip()]
+
+
+def test_the_documented_bench_sections_are_the_ones_that_run():
+    from bench.__main__ import SECTIONS
+
+    guide = (DOCS / "benchmarks.md").read_text()
+    script = (REPO_ROOT / "bench" / "run").read_text()
+    assert _section_list(guide, "# one or more sections:") == SECTIONS, (
+        "docs/benchmarks.md's list of sections differs from bench/__main__.py's SECTIONS")
+    assert _section_list(script, "# chosen sections:") == SECTIONS, (
+        "bench/run's list of sections differs from bench/__main__.py's SECTIONS")
