@@ -309,6 +309,32 @@ class JobStore:
             self.queue.complete(item, b"", [{"source": p, "reason": CANCEL_REASON, "retryable": False}
                                             for p in item.paths])
 
+    # ---- retention (olmocr/service/sweep.py) -----------------------------------------------------------
+
+    def finished_at(self, record: dict) -> float | None:
+        """When the job finished, or None while it is not finished or a worker still works its item (a job
+        cancelled while it ran: its item is completed moments later)."""
+        status = self.status(record)
+        if status["state"] not in FINISHED or any(d["outcome"] == "pending" for d in status["documents"]):
+            return None
+        return float(status["finished"] or job_time(record["id"]))
+
+    def remove(self, record: dict) -> None:
+        """Delete a finished job: its items' results and failure records, its uploads, its markers, and its
+        record last, so that a removal cut short is redone by the next sweep (the chain of items is read
+        from the failure records, deleted from the last item back). The done flags stay: no worker redoes
+        the items, and the queue's counts stay true. Nothing of other items is touched."""
+        job_id = record["id"]
+        chain, _, _ = self._chain(record)
+        for item in reversed(chain):
+            self.storage.delete(results_key(item))
+            self.storage.delete(failed_key(item))
+        for key in list(self.storage.iter_list(f"{UPLOADS}{job_id}/")):
+            self.storage.delete(key)
+        self.storage.delete(f"{CANCELLED}{job_id}.json")
+        self.storage.delete(f"{INFLIGHT}{record.get('token', 'anonymous')}/{job_id}")
+        self.storage.delete(f"{JOBS}{job_id}.json")
+
     def in_flight(self, token: str) -> list[str]:
         """The token's unfinished jobs (markers of finished ones are removed on the way). A job counts until
         its own item is done or it is cancelled (two or three reads each, on every submit): its retries, if
