@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
 from olmocr.service.jobs import CANCEL_DROPPED_REASON
@@ -22,6 +23,7 @@ def pages_served(standin: StandIn) -> int:
     return int(requests.get(f"{standin.url}/admin/info", timeout=10).json()["image_requests_served"])
 
 
+@pytest.mark.slow
 def test_cancel_of_a_running_job_drops_pages_not_started(workspace: str, standin: StandIn, tmp_path: Path) -> None:
     """One page at a time at a slow server: cancelled after its first pages, the job's other pages never
     reach the server, the item is done once, and a later worker does not redo it."""

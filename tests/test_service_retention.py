@@ -8,6 +8,8 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from olmocr.pipeline.workspace.queue import done_key, results_key
 from olmocr.pipeline.workspace.storage import open_storage
 from olmocr.service.jobs import JOBS, UPLOADS, new_job_id
@@ -17,6 +19,7 @@ from tests.test_service import running_service
 from tests.waiting import wait_for
 
 
+@pytest.mark.slow
 def test_expired_jobs_and_orphan_uploads_are_swept(workspace: str, standin: StandIn, tmp_path: Path) -> None:
     storage = open_storage(workspace)
     old_orphan = f"{UPLOADS}{new_job_id(time.time() - ORPHAN_GRACE_S - 60)}/0-a.pdf"  # killed mid-submit
