@@ -49,9 +49,9 @@ def test_cancel_of_a_running_job_drops_pages_not_started(workspace: str, standin
 
             status = wait_for(finished, 60, "the cancelled job's item completed by its worker")
             served = pages_served(standin)
-            # At most the page at the server and one whose render began before the cancel was seen (a look
-            # every 2 s at 1 s a page: up to 3 more) reach the server after the cancel; never all 10.
-            assert served <= at_cancel + 3 and served < 10, (at_cancel, served, status)
+            # After the cancel only the page at the server and those started before the worker's next look
+            # (every 2 s, at 1 s a page: 3; 4 under load) reach the server; never all 10.
+            assert served <= at_cancel + 4 and served < 10, (at_cancel, served, status)
             assert status["state"] == "cancelled"
             outcomes = [d["outcome"] for d in status["documents"]]
             assert set(outcomes) <= {"done", "cancelled"} and "cancelled" in outcomes, status
