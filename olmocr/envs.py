@@ -190,6 +190,10 @@ REGISTRY: tuple[Setting, ...] = (
        "`Retry-After`", SERVICE),
     _s("OLMOCR_SERVICE_CONVERT_TIMEOUT", float, 300.0, "longest wait of `POST /v1/convert`, seconds; then it "
        "answers 202 with the job to poll", SERVICE),
+    _s("OLMOCR_SERVICE_JOB_TTL", float, 0.0, "seconds a finished job is kept (its record, uploads and "
+       "results); then the sweep removes it and its id answers 404. 0: kept until deleted by hand", SERVICE),
+    _s("OLMOCR_SERVICE_SWEEP_INTERVAL", float, 300.0, "seconds between two sweeps of the service's prefix "
+       "(expired jobs, orphan uploads, the priority lane's done items)", SERVICE),
     # ---- the Slurm templates (deploy/slurm/*.sbatch; docs/slurm.md)
     _s("OLMOCR_PIPELINE_ARGS", tuple, (), "extra pipeline flags for every task, shell words (e.g. `--workers 40 "
        "--markdown`)", SLURM, shown_default=""),

@@ -30,6 +30,7 @@ from olmocr.pipeline.workspace import page_cache
 from olmocr.pipeline.workspace.inputs import expand_inputs, is_archive, set_input_profile
 from olmocr.pipeline.workspace.queue import WorkItem, WorkQueue, describe_lease_holders, retry_hash
 from olmocr.pipeline.workspace.storage import Storage, open_storage
+from olmocr.service.cancel_watch import watch as watch_cancel
 
 logger = logging.getLogger(__name__)
 
@@ -140,11 +141,13 @@ class Runner:
     async def _process_item(self, item: WorkItem, finished: dict[str, list[DocOutcome]] | None = None) -> None:
         pages = self.progress.open_item()  # its pages count in the progress as they are answered
         INTERACTIVE.set(item.priority)  # service2 (#32): this task's pages carry the interactive priority
+        cancel = watch_cancel(self.storage, item.paths)  # svc-jobs (#32): a cancelled job's pages not started drop
         done = False
         try:
             await self._do_item(item, {} if finished is None else finished)
             done = True
         finally:
+            cancel.cancel()
             self.progress.close_item(pages, done=done)
 
     async def _do_item(self, item: WorkItem, finished: dict[str, list[DocOutcome]]) -> None:

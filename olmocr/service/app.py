@@ -29,6 +29,7 @@ from olmocr.service.intake import (
     too_large,
 )
 from olmocr.service.jobs import FINISHED, STATES, Document, JobStore, new_job_id, token_key
+from olmocr.service.sweep import sweep_context
 
 logger = logging.getLogger("olmocr.service")
 
@@ -143,6 +144,7 @@ class Service:
         ])
         app.on_startup.append(self._start_watch)
         app.on_cleanup.append(self._stop_watch)
+        app.cleanup_ctx.append(sweep_context(self.store))  # svc-jobs (#32): retention, orphans, lane compaction
         return app
 
     async def _start_watch(self, app: web.Application) -> None:

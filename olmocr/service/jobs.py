@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from olmocr.pipeline.workspace.queue import (
-    WorkItem,
     WorkQueue,
     done_key,
     failed_key,
@@ -58,6 +57,9 @@ ONE_GROUP = 10**12
 #: Retry items (of retryable failures) a job follows before it reports the failure as final.
 MAX_RETRY_ROUNDS = 2
 CANCEL_REASON = "cancelled before it started"
+#: A document its worker was working when the job was cancelled: its pages not started were not run
+#: (olmocr/service/cancel_watch.py); the record's reason starts with this.
+CANCEL_DROPPED_REASON = "cancelled while it ran: its pages not yet started were dropped"
 STATES = ("queued", "running", "done", "failed", "cancelled")
 FINISHED = frozenset({"done", "failed", "cancelled"})
 _ID = re.compile(r"^[0-9a-f]{24}$")
@@ -67,6 +69,16 @@ def new_job_id(clock: float | None = None) -> str:
     """24 hex digits: milliseconds since 1970 (12), then 12 random: ids sort by submission time."""
     millis = int((time.time() if clock is None else clock) * 1000)
     return f"{millis:012x}{secrets.token_hex(6)}"
+
+
+def is_cancel_reason(reason: str) -> bool:
+    """Whether a failure record's reason says the job's cancel dropped the document."""
+    return reason == CANCEL_REASON or reason.startswith(CANCEL_DROPPED_REASON)
+
+
+def job_time(job_id: str) -> float:
+    """When the job was submitted (Unix seconds), from its id."""
+    return int(job_id[:12], 16) / 1000.0
 
 
 def valid_job_id(job_id: str) -> bool:
@@ -168,7 +180,8 @@ class JobStore:
         """The job's items (its own, then retry items it follows), whether the last is done, and whether
         it is leased now. Re-queues the job when its item is missing from the queue."""
         item = record["item"]
-        if not self.queue.has_item(item):
+        # A done item may be gone from the lane (lane_compaction.py): its done flag is the job's word.
+        if not self.queue.has_item(item) and not self.queue.is_done(item):
             self._queue(record)  # the service died between the record and the queue
             return [item], False, False
         chain = [item]
@@ -181,7 +194,7 @@ class JobStore:
             if not retry or len(chain) > MAX_RETRY_ROUNDS:
                 return chain, True, False
             nxt = retry_hash(current, sorted(set(retry)))
-            if not self.queue.has_item(nxt):
+            if not self.queue.has_item(nxt) and not self.queue.is_done(nxt):
                 self.queue.requeue_retryable()
                 if not self.queue.has_item(nxt):  # re-queued elsewhere under another rule: report what we have
                     return chain, True, False
@@ -217,7 +230,7 @@ class JobStore:
                 pages_done += d["pages"]
             else:
                 failure = outcome["failure"]
-                cancelled = failure.get("reason") == CANCEL_REASON
+                cancelled = is_cancel_reason(str(failure.get("reason", "")))
                 entry["outcome"] = "cancelled" if cancelled else "failed"
                 entry["reason"] = str(failure.get("reason", ""))
                 if not cancelled:
@@ -282,16 +295,45 @@ class JobStore:
         return ids[:limit]
 
     def cancel(self, record: dict) -> None:
-        """Record the cancel; an item no worker holds yet is completed at once with every document
-        ``cancelled`` (work not started is dropped); one in progress finishes (its pages are in flight)."""
+        """Record the cancel; an item no worker holds is leased here and completed at once with every
+        document ``cancelled`` (work not started is dropped). A worker holding it sees the record within
+        seconds, drops the pages not started and completes it (olmocr/service/cancel_watch.py). Holding the
+        lease to complete it, the service never writes an item a worker writes too."""
         job_id = record["id"]
         self.storage.create(f"{CANCELLED}{job_id}.json", json.dumps({"time": self.clock()}).encode())
-        chain, done, leased = self._chain(record)
-        if not done and not leased:
-            item = chain[-1]
-            paths = self.queue.item_paths(item) or tuple(d["path"] for d in record["documents"])
-            self.queue.complete(WorkItem(item, tuple(paths), priority=True), b"",
-                                [{"source": p, "reason": CANCEL_REASON, "retryable": False} for p in paths])
+        chain, done, _ = self._chain(record)
+        if done:
+            return
+        item = self.queue.claim_item(chain[-1])
+        if item is not None:  # no worker has it: nothing started
+            self.queue.complete(item, b"", [{"source": p, "reason": CANCEL_REASON, "retryable": False}
+                                            for p in item.paths])
+
+    # ---- retention (olmocr/service/sweep.py) -----------------------------------------------------------
+
+    def finished_at(self, record: dict) -> float | None:
+        """When the job finished, or None while it is not finished or a worker still works its item (a job
+        cancelled while it ran: its item is completed moments later)."""
+        status = self.status(record)
+        if status["state"] not in FINISHED or any(d["outcome"] == "pending" for d in status["documents"]):
+            return None
+        return float(status["finished"] or job_time(record["id"]))
+
+    def remove(self, record: dict) -> None:
+        """Delete a finished job: its items' results and failure records, its uploads, its markers, and its
+        record last, so that a removal cut short is redone by the next sweep (the chain of items is read
+        from the failure records, deleted from the last item back). The done flags stay: no worker redoes
+        the items, and the queue's counts stay true. Nothing of other items is touched."""
+        job_id = record["id"]
+        chain, _, _ = self._chain(record)
+        for item in reversed(chain):
+            self.storage.delete(results_key(item))
+            self.storage.delete(failed_key(item))
+        for key in list(self.storage.iter_list(f"{UPLOADS}{job_id}/")):
+            self.storage.delete(key)
+        self.storage.delete(f"{CANCELLED}{job_id}.json")
+        self.storage.delete(f"{INFLIGHT}{record.get('token', 'anonymous')}/{job_id}")
+        self.storage.delete(f"{JOBS}{job_id}.json")
 
     def in_flight(self, token: str) -> list[str]:
         """The token's unfinished jobs (markers of finished ones are removed on the way). A job counts until

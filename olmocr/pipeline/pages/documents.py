@@ -16,6 +16,7 @@ from olmocr.pipeline.pages.page_retry import TICKET_MAGIC, retry_pages
 from olmocr.pipeline.pages.render import Renderer, pdf_has_eof_marker
 from olmocr.pipeline.workspace.inputs import read_input, sniff_kind
 from olmocr.pipeline.workspace.storage import Storage
+from olmocr.service.cancel_watch import cancelled_failure, dropped, unless_dropped
 
 logger = logging.getLogger(__name__)
 
@@ -201,8 +202,8 @@ class DocumentProcessor:
         self.partial[source] = results
 
         async def run(index: int) -> None:
-            try:
-                results[index] = await self.pages.process(PageSource(source, path, kind, index + 1))
+            try:  # svc-jobs (#32): None when its job was cancelled before the page started
+                results[index] = await unless_dropped(self.pages.process(PageSource(source, path, kind, index + 1)))
             finally:
                 self.page_slots.release()
 
@@ -211,9 +212,15 @@ class DocumentProcessor:
             for index in range(page_count):
                 if results[index] is not None:
                     continue
+                if dropped():  # svc-jobs (#32)
+                    break
                 await self.page_slots.acquire()
                 group.create_task(run(index))
         self.partial.pop(source, None)
+        missing = sum(1 for r in results if r is None)
+        if missing:  # svc-jobs (#32): its job was cancelled; the pages that finished are not kept
+            self.pages.progress.add_pages(-missing)
+            return DocOutcome(source, failure=cancelled_failure(source, missing, page_count))
 
         pages = [r for r in results if r is not None]
         fallbacks = [p for p in pages if p.is_fallback]

@@ -17,6 +17,7 @@ from olmocr.pipeline.pages.render import Renderer, RenderTimeLimit
 from olmocr.pipeline.progress import Progress
 from olmocr.pipeline.servers.checks import DEFAULT_MAX_TOKENS, STRUCTURED_OUTPUTS, guided_fields
 from olmocr.pipeline.servers.fleet import INTERACTIVE, Fleet
+from olmocr.service.cancel_watch import check_page_start
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +154,7 @@ class PageProcessor:
         before, after = self._template(temperature)
 
         async def make_body() -> list[bytes]:
+            check_page_start()  # svc-jobs (#32): a cancelled job's page not yet started goes no further
             image = await self.renderer.render(
                 page.local_path, page.kind, page.page_num, self.settings.target_longest_image_dim, rotation
             )

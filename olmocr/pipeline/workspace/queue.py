@@ -697,6 +697,14 @@ class WorkQueue:
                     return item
         return item
 
+    def claim_item(self, item_hash: str) -> WorkItem | None:
+        """Lease this one item as :meth:`claim` would (olmocr-service's cancel); None if it is not queued,
+        done, or leased."""
+        if not self.has_item(item_hash):
+            return None
+        return self._take_one([item_hash], self.priority_index if item_hash in self.priority_index.spans
+                              else self.index)
+
     def _take_one(self, candidates: list[str], cache: IndexCache) -> WorkItem | None:
         for item_hash in candidates:
             with self._lock:
