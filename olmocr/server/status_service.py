@@ -1,27 +1,8 @@
 """``olmocr-status-service``: the deployment's state over HTTP for Prometheus, dashboards and scripts.
 
-supervisord runs it as its own program next to vLLM, one for the whole box however many servers it runs.
-It listens on 127.0.0.1, port ``OLMOCR_STATUS_PORT``: one fixed default (``envs.DEFAULT_STATUS_PORT``,
-29999), below the servers' ``OLMOCR_PORT + i``, the same on a box of one GPU or eight, so Prometheus, the
-container's health check and the probes always find the status service there (olmocr/server/box_ports.py).
-It serves:
-
-- ``GET /metrics``: Prometheus text format (written by ``prometheus_client``): up, healthy, health
-  phase, restarts, health kills by reason, consecutive failures, crash-loop give-up, uptime, last
-  probe duration and time, all with a ``model`` label;
-- ``GET /status``: the JSON of ``olmocr-server-status`` (200 when healthy, else 503);
-- ``GET /ws``: a WebSocket that sends that JSON at once, then whenever it changes (a restart, a
-  health transition, a probe result) and at least every ``OLMOCR_STATUS_PUSH_INTERVAL`` seconds;
-- ``GET /``: the status page, live over ``/ws`` (olmocr.server.status_page; its JSON adds the history
-  fields of ``olmocr.server.status.history_fields``);
-- ``GET /livez`` and ``GET /readyz``: probes with Kubernetes semantics (``olmocr.server.livez_readyz``):
-  200 ``ok`` or 503 with a one-line reason. They are open without the bearer token (as kube-apiserver's
-  own ``/livez`` and ``/readyz``): the kubelet cannot read a Secret for its probes, and the answer is
-  one line that names no setting.
-
-Every server of the box (one per GPU, ``OLMOCR_GPUS``) has its own series, labelled ``server`` (its
-supervisord process name, ``vllm`` or ``vllm-<i>``) and ``gpu`` (its ``CUDA_VISIBLE_DEVICES``); ``/status``
-and the WebSocket carry the box's JSON with its ``servers`` list.
+What it serves (``/metrics``, ``/status``, ``/ws``, ``/``, ``/livez``, ``/readyz``), its port and its token
+are the operator's guide: docs/observability.md. One per box, beside vLLM under supervisord; its fixed port
+comes from olmocr/server/box_ports.py. This docstring says only how it is built.
 
 It reads the state as the status script does (``olmocr.server.status.fetch_box_parts``: one XML-RPC
 multicall to supervisord and the olmocr RPC extension, in a worker thread, every
@@ -33,10 +14,6 @@ Counters come from the RPC extension's state file, so they never go back when su
 Each WebSocket client has a bounded queue that drops its oldest message (every message is a whole
 snapshot, so only the newest matters) and a send timeout after which it is disconnected: a slow or
 dead client never stalls the service or the other clients.
-
-Bound beyond loopback (``OLMOCR_STATUS_HOST``) it requires a bearer token on every other endpoint, from
-``OLMOCR_STATUS_TOKEN`` or the file named by ``OLMOCR_STATUS_TOKEN_FILE``, and refuses to start
-without one. A browser signs in once at ``/login`` and then carries a cookie (see status_page).
 """
 
 from __future__ import annotations
