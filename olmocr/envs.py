@@ -198,6 +198,8 @@ REGISTRY: tuple[Setting, ...] = (
     _s("OLMOCR_PIPELINE_ARGS", tuple, (), "extra pipeline flags for every task, shell words (e.g. `--workers 40 "
        "--markdown`)", SLURM, shown_default=""),
     _s("OLMOCR_READY_TIMEOUT", float, 1200.0, "seconds a task waits for its servers to load the model", SLURM),
+    _s("OLMOCR_QUEUE_WAIT", float, 1800.0, "with INPUTS, seconds the tasks other than the array's first wait for "
+       "it to fill the queue (`--wait_for_queue`); then they exit 1", SLURM),
     _s("OLMOCR_REQUEUE_ON_TIMEOUT", int, 1, "1: after the time-limit warning (SIGUSR1) a task requeues itself when "
        "work is left; 0: never", SLURM),
     _s("OLMOCR_TASK_DIR", str, None, "node-local scratch of a task's servers (socket, vLLM's temp files); removed "

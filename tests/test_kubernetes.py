@@ -236,7 +236,27 @@ def test_headless_service_and_network_policy_admit_only_the_pipeline(built):
             "the servers themselves must not match the client selector"
 
 
-def test_pipeline_job_command_parses_and_reaches_the_headless_service(built):
+def pod_argv(objects: list[dict], c: dict, index: int, tmp_path: Path) -> list[str]:
+    """The pipeline's argv in the pod of completion ``index``: the container's own command run by a real
+    ``sh`` with the Job controller's JOB_COMPLETION_INDEX, and a ``python3`` on PATH that records its argv."""
+    assert c["command"][:2] == ["tini", "--"], c["command"]
+    shim_dir = tmp_path / f"bin-{index}"
+    shim_dir.mkdir(parents=True)
+    record = tmp_path / f"argv-{index}.json"
+    shim = shim_dir / "python3"
+    shim.write_text(f"#!{sys.executable}\nimport json, sys\njson.dump(sys.argv[1:], open({str(record)!r}, 'w'))\n")
+    shim.chmod(0o755)
+    env = container_env(objects, c)
+    command = [expand(a, env) for a in c["command"][2:]] + [expand(a, env) for a in c["args"]]
+    out = subprocess.run(command, env={**env, "JOB_COMPLETION_INDEX": str(index), "PATH": f"{shim_dir}:/usr/bin:/bin"},
+                         cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    argv = json.loads(record.read_text())
+    assert argv[:2] == ["-m", "olmocr.pipeline"], argv
+    return argv[2:]
+
+
+def test_pipeline_job_command_parses_and_reaches_the_headless_service(built, tmp_path):
     parser = build_parser()
     for name, objects in built.items():
         job = one(objects, "Job", "olmocr-pipeline")
@@ -244,9 +264,7 @@ def test_pipeline_job_command_parses_and_reaches_the_headless_service(built):
         spec = job["spec"]["template"]["spec"]
         assert spec["restartPolicy"] == "Never"
         c = container(spec, "pipeline")
-        assert c["command"][-3:] == ["python3", "-m", "olmocr.pipeline"]
-        env = container_env(objects, c)
-        argv = [expand(a, env) for a in c["args"]]
+        argv = pod_argv(objects, c, 1, tmp_path / name)
         args, unknown = parser.parse_known_args(argv)
         assert unknown == [], f"{name}: the pipeline does not know {unknown}"
         assert args.workspace.startswith("s3://")
@@ -263,6 +281,30 @@ def test_pipeline_job_command_parses_and_reaches_the_headless_service(built):
             assert args.server == [f"dns+http://{service['metadata']['name']}:{http_port}"]
         rules = job["spec"]["podFailurePolicy"]["rules"]
         assert any(r["action"] == "FailJob" and 2 in r["onExitCodes"]["values"] for r in rules if "onExitCodes" in r)
+
+
+def test_pipeline_job_fills_the_queue_once_from_index_0_and_the_others_wait(built, tmp_path):
+    """Fill once (#29): index 0 adds the inputs, as given (a glob is the pipeline's, not the shell's);
+    every other index lists nothing and waits for that queue."""
+    parser = build_parser()
+    for name, objects in built.items():
+        c = container(one(objects, "Job", "olmocr-pipeline")["spec"]["template"]["spec"], "pipeline")
+        inputs = container_env(objects, c)["INPUTS"]
+        assert inputs.startswith("s3://") and inputs.endswith("*.pdf"), inputs
+        parsed = {}
+        for index in (0, 1, 2):
+            work = tmp_path / f"{name}-{index}"
+            match = work / inputs.replace("s3://", "s3:/").replace("*.pdf", "a.pdf")
+            match.parent.mkdir(parents=True)
+            match.write_text("what sh would put in place of the glob, were its globbing on")
+            args, unknown = parser.parse_known_args(pod_argv(objects, c, index, work))
+            assert unknown == [], (name, index, unknown)
+            parsed[index] = args
+        assert parsed[0].pdfs == [inputs], (name, parsed[0].pdfs)
+        for index in (1, 2):
+            assert parsed[index].pdfs is None, (name, index, parsed[index].pdfs)
+            assert parsed[index].wait_for_queue >= 600, (name, index)  # outlasts index 0's start and listing
+            assert parsed[index].workspace == parsed[0].workspace
 
 
 def test_dockerfile_passes_hadolint_and_runs_the_manager_as_non_root():

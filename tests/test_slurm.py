@@ -127,7 +127,16 @@ def test_array_cancelled_task_resubmitted_writes_every_page_once_and_finalizer_p
             print(f"===== task {t} pipeline log\n{_pipeline_log(cluster, array, t)}")
     assert states == {"0": "COMPLETED", "1": "CANCELLED", "2": "COMPLETED"}, (
         states, [_output(out / f"task-{array}_{t}.out")[-3000:] for t in range(3)])
-    cancelled = _output(cluster.dir / "olmocr-logs" / f"{array}_1" / "pipeline.log")
+    # Fill once: the array's first task listed and queued the 12 inputs; the others never listed them, they
+    # waited for its queue (--wait_for_queue) and took work from it.
+    kept = {t: _output(cluster.dir / "olmocr-logs" / f"{array}_{t}" / "pipeline.log") for t in range(3)}
+    assert [t for t in range(3) if "found 12 documents" in kept[t]] == [0], kept
+    assert "the first task: adding the 12 inputs to the queue" in _output(out / f"task-{array}_0.out")
+    for t in (1, 2):
+        text = _output(out / f"task-{array}_{t}.out")
+        assert f"task {array}_0 adds the inputs: waiting up to 1800 s" in text, text
+        assert "claimed work item" in kept[t], kept[t]
+    cancelled = kept[1]
     assert "SIGTERM: stopping gracefully" in cancelled, cancelled
     assert "second SIGTERM" not in cancelled  # the script did not signal it again: its work was handed back
     assert "handed back unfinished" in cancelled, cancelled

@@ -14,11 +14,11 @@ from typing import NoReturn
 
 from olmocr import __version__, envs
 from olmocr.envs import SettingValueError
-from olmocr.exit_codes import STATUS_FAILED, STATUS_INTERRUPTED, STATUS_USAGE
+from olmocr.exit_codes import STATUS_FAILED, STATUS_INTERRUPTED, STATUS_OK, STATUS_USAGE
 from olmocr.logformat import LOG_FORMAT, RUN_LOGGERS
 from olmocr.pipeline import defaults, stats
-from olmocr.pipeline.errors import FleetConfigError, NoInput, WorkspaceError
-from olmocr.pipeline.flags import normalize_spellings, number, whole
+from olmocr.pipeline.errors import FleetConfigError, NoInput, UsageError, WorkspaceError
+from olmocr.pipeline.flags import normalize_spellings, number, usage_exit, whole
 from olmocr.pipeline.pages.render import DEFAULT_RENDER_TIMEOUT_S
 from olmocr.pipeline.progress import FailFast
 from olmocr.pipeline.runner import PipelineConfig, run_pipeline
@@ -36,7 +36,7 @@ from olmocr.pipeline.servers.serverlist import (  # providers (#31)
     server_specs,
 )
 from olmocr.pipeline.stopping import DEFAULT_STOP_TIMEOUT_S, StopRequest
-from olmocr.pipeline.upstream_flags import add_upstream_arguments, check_unknown, check_upstream_flags, fail
+from olmocr.pipeline.upstream_flags import add_upstream_arguments, check_unknown, check_upstream_flags
 from olmocr.server.errors import SettingsError
 from olmocr.server.settings import ServerSettings, read_api_key
 
@@ -47,7 +47,7 @@ class OneLineParser(argparse.ArgumentParser):
     thirty flags above the one line that matters)."""
 
     def error(self, message: str) -> NoReturn:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        usage_exit(self.prog, UsageError(message, see_help=True))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument("--follow", action="store_true",  # --follow (olmocr.service)
                       help="keep running when the queue is empty and take new work items as they arrive "
                            "(e.g. from olmocr-service); idle, it polls the queue every few seconds")
+    work.add_argument("--wait_for_queue", type=number(0), default=0.0, metavar="SECONDS",
+                      help="on a workspace with no queue yet, wait up to this long for another process to fill it "
+                           "(one HEAD request every few seconds), then work as usual; after it, exit 1 "
+                           "(default 0: exit 2 at once). Slurm's and Kubernetes' other tasks use it while the "
+                           "first one adds the inputs")
     work.add_argument("--render_processes", type=whole(1), default=None,
                       help="page-rendering processes (default: number of CPU cores)")
     work.add_argument("--render_timeout", type=number(0, note=" (0 = no limit)"), default=DEFAULT_RENDER_TIMEOUT_S,
@@ -196,122 +201,164 @@ def resolve_api_key(flag: str | None, env: Mapping[str, str]) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    argv = normalize_spellings(parser, sys.argv[1:] if argv is None else argv)
-    args, unknown = parser.parse_known_args(argv)
+@dataclasses.dataclass(frozen=True)
+class RunArgs:
+    """The command line, resolved once (argparse's values plus what the settings add) and passed on: nothing
+    after :func:`resolve_args` reads ``os.environ`` or the parser again for these."""
+
+    args: argparse.Namespace  # argparse's values, as given (the flags that need no resolving are read here)
+    internal: bool  # no server named: the pipeline starts its own (olmocr.pipeline.servers.internal)
+    vllm_args: tuple[str, ...]  # internal mode: the flags passed on to vllm serve
+    api_key: str | None = dataclasses.field(repr=False)
+    key_file: str | None  # --api_key_file / $OLMOCR_API_KEYS_FILE
+    ca_bundle: str | None
+    pages_per_group: int
+    metrics_token: str | None = dataclasses.field(repr=False)
+
+    @property
+    def workspace(self) -> str:
+        return self.args.workspace
+
+    @property
+    def stats_only(self) -> bool:
+        """``--stats`` without ``--pdfs``: read the workspace, write nothing."""
+        return self.args.stats and not self.args.pdfs
+
+
+def resolve_args(parser: argparse.ArgumentParser, argv: list[str]) -> RunArgs:
+    """Parse ``argv`` and resolve it with the settings (keys, CA bundle, metrics token, run settings read now:
+    a bad value is one line before anything starts). A mistake raises :class:`UsageError`; argparse's own
+    errors exit through :func:`usage_exit` as well. Sets up logging."""
+    args, unknown = parser.parse_known_args(normalize_spellings(parser, argv))
     internal = not args.server and not envs.is_set(URL_ENV) and not args.stats
     vllm_args = check_unknown(parser, unknown, internal)
     setup_logging(args.disk_logging)
     try:
         api_key = resolve_api_key(args.api_key, os.environ)
     except FleetConfigError as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+        raise UsageError(str(exc)) from None
     if args.api_key:
         logger.warning("--api_key on the command line is visible to every user in ps; prefer OLMOCR_API_KEY or "
                        "--api_key_file")
     key_file = args.api_key_file or envs.text("OLMOCR_API_KEYS_FILE")
-    ca_bundle = args.ca_bundle or envs.text("OLMOCR_CA_BUNDLE")
     pages_per_group = args.pages_per_group
     if pages_per_group is None:
         pages_per_group = defaults.PAGES_PER_GROUP_WITH_KEY if api_key or key_file else defaults.PAGES_PER_GROUP
     check_upstream_flags(parser, args)
-    try:  # the run's settings, read now: a bad value is one line before anything starts
+    try:
         FailFast.from_env()
         start_up_delays(args.max_server_ready_timeout)
     except SettingValueError as exc:
-        parser.exit(STATUS_USAGE, f"{parser.prog}: error: {exc}\n")
+        raise UsageError(str(exc)) from None
+    return RunArgs(args=args, internal=internal, vllm_args=vllm_args, api_key=api_key, key_file=key_file,
+                   ca_bundle=args.ca_bundle or envs.text("OLMOCR_CA_BUNDLE"), pages_per_group=pages_per_group,
+                   metrics_token=_metrics_token(args))
 
-    metrics_token = None
-    if args.metrics_port is not None:
-        from olmocr.endpoints import check_exposure, read_token
-        from olmocr.pipeline.metrics import TOKEN_FILE_VAR, TOKEN_VAR
-        from olmocr.server.errors import EndpointConfigError
 
-        try:
-            metrics_token = read_token(os.environ, TOKEN_VAR, TOKEN_FILE_VAR, args.metrics_token_file)
-            check_exposure("--metrics_port", args.metrics_host, metrics_token, TOKEN_VAR, "--metrics_token_file")
-        except EndpointConfigError as exc:
-            parser.error(str(exc))
-        from prometheus_client import disable_created_metrics
+def _metrics_token(args: argparse.Namespace) -> str | None:
+    """``--metrics_port``'s bearer token; a public ``--metrics_host`` without one is a :class:`UsageError`."""
+    if args.metrics_port is None:
+        return None
+    from olmocr.endpoints import check_exposure, read_token
+    from olmocr.pipeline.metrics import TOKEN_FILE_VAR, TOKEN_VAR
+    from olmocr.server.errors import EndpointConfigError
 
-        disable_created_metrics()  # *_created series only add noise
+    try:
+        token = read_token(os.environ, TOKEN_VAR, TOKEN_FILE_VAR, args.metrics_token_file)
+        check_exposure("--metrics_port", args.metrics_host, token, TOKEN_VAR, "--metrics_token_file")
+    except EndpointConfigError as exc:
+        raise UsageError(str(exc), see_help=True) from None
+    from prometheus_client import disable_created_metrics
 
+    disable_created_metrics()  # *_created series only add noise
+    return token
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        return _main(resolve_args(parser, sys.argv[1:] if argv is None else argv))
+    except UsageError as exc:  # the one way a command-line mistake is reported
+        usage_exit(parser.prog, exc)
+
+
+def _main(run: RunArgs) -> int:
+    """Check the workspace, then run; a mistake must not leave an empty workspace behind."""
     from olmocr.pipeline.workspace.check import check_workspace, missing_parents, remove_if_empty
 
-    created = missing_parents(args.workspace)  # removed again if the run finds nothing to put in it
+    created = missing_parents(run.workspace)  # removed again if the run finds nothing to put in it
     try:
-        check_workspace(args.workspace, args.workspace_profile, writable=not (args.stats and not args.pdfs))
+        check_workspace(run.workspace, run.args.workspace_profile, writable=not run.stats_only)
     except WorkspaceError as exc:
         remove_if_empty(created)
         logger.error("%s", exc)
-        return STATUS_FAILED if args.workspace.startswith("s3://") else STATUS_USAGE
+        return STATUS_FAILED if run.workspace.startswith("s3://") else STATUS_USAGE
     status = STATUS_FAILED
     try:
-        status = _main(parser, args, internal, vllm_args, api_key, key_file, ca_bundle, pages_per_group,
-                       metrics_token)
+        status = _run(run)
     except NoInput as exc:
         logger.error("%s", exc)
         status = STATUS_USAGE
     except WorkspaceError as exc:
         logger.error("%s", exc)
+    except UsageError:
+        raise
     except Exception as exc:
         from olmocr.pipeline.workspace.check import workspace_problem
 
-        problem = workspace_problem(args.workspace, exc)
+        problem = workspace_problem(run.workspace, exc)
         if problem is None:
             raise
         logger.error("%s", problem)
     finally:
-        if status != 0:  # a mistake must not leave an empty workspace behind
+        if status != STATUS_OK:
             remove_if_empty(created)
     return status
 
 
-def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, internal: bool, vllm_args: tuple[str, ...],
-          api_key: str | None, key_file: str | None, ca_bundle: str | None, pages_per_group: int,
-          metrics_token: str | None) -> int:
-    if args.stats and not args.pdfs:
-        return stats.print_stats(args.workspace, args.workspace_profile)
+def _run(run: RunArgs) -> int:
+    args = run.args
+    if run.stats_only:
+        return stats.print_stats(run.workspace, args.workspace_profile)
     url_values = args.server or ([str(envs.text(URL_ENV))] if envs.is_set(URL_ENV) else [])
     try:
-        run_defaults = run_options(args, internal)  # providers (#31)
-        servers = server_specs(parse_url_list(url_values), api_key, key_file, options=parse_url_options(url_values),
-                               defaults=run_defaults)
-        dns = dns_with_keys(parse_dns_names(url_values), api_key, key_file, run_defaults)
+        run_defaults = run_options(args, run.internal)  # providers (#31)
+        servers = server_specs(parse_url_list(url_values), run.api_key, run.key_file,
+                               options=parse_url_options(url_values), defaults=run_defaults)
+        dns = dns_with_keys(parse_dns_names(url_values), run.api_key, run.key_file, run_defaults)
         check_budget(args.max_cost, servers, dns)
         refresh_interval(os.environ)  # a bad OLMOCR_DNS_REFRESH_S fails now, with one line
     except FleetConfigError as exc:
-        parser.error(str(exc))
+        raise UsageError(str(exc), see_help=True) from None
     server_settings = None
-    if internal:  # no server given: start one for the run (olmocr.pipeline.servers.internal)
+    if run.internal:  # no server given: start one for the run (olmocr.pipeline.servers.internal)
         from olmocr.pipeline.servers.internal import internal_settings
         from olmocr.pipeline.servers.serverlist import ServerSpec
         from olmocr.server.settings import read_api_key
 
         try:
-            server_settings = internal_settings(args, vllm_args)
-            key = api_key or read_api_key(server_settings)  # the key the server is started with
+            server_settings = internal_settings(args, run.vllm_args)
+            key = run.api_key or read_api_key(server_settings)  # the key the server is started with
             slots = server_settings.server_slots()  # one server per GPU (olmocr/server/gpus.py)
         except ValueError as exc:
-            fail(parser, str(exc))
+            raise UsageError(str(exc)) from None
         gpus = [gpu for slot in slots for gpu in slot.gpus]
         if gpus:  # resolved once (nvidia-smi): the servers started are the servers the pipeline uses
             server_settings = dataclasses.replace(server_settings, gpus=",".join(gpus))
         servers = [ServerSpec(slot.url(server_settings.client_host), None, key) for slot in slots]
-    if ca_bundle and not os.path.isfile(ca_bundle):
-        parser.error(f"--ca_bundle {ca_bundle}: no such file (a PEM file of CA certificates)")
+    if run.ca_bundle and not os.path.isfile(run.ca_bundle):
+        raise UsageError(f"--ca_bundle {run.ca_bundle}: no such file (a PEM file of CA certificates)", see_help=True)
 
     config = PipelineConfig(
         workspace=args.workspace,
         servers=tuple(servers),
-        dns=tuple(dns) if not internal else (),
-        ca_bundle=ca_bundle,
+        dns=tuple(dns) if not run.internal else (),
+        ca_bundle=run.ca_bundle,
         max_cost=args.max_cost,
         priority=args.priority,
         pdfs=tuple(args.pdfs or ()),
         workers=args.workers,
-        pages_per_group=pages_per_group,
+        pages_per_group=run.pages_per_group,
         max_page_retries=args.max_page_retries,
         max_page_error_rate=args.max_page_error_rate,
         max_concurrent_requests=args.max_concurrent_requests,
@@ -328,14 +375,15 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, internal: b
         stop_timeout=args.stop_timeout,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
-        metrics_token=metrics_token,
+        metrics_token=run.metrics_token,
         apply_filter=args.apply_filter,
         workspace_profile=args.workspace_profile,
         pdf_profile=args.pdf_profile,
         follow=args.follow,
+        wait_for_queue=args.wait_for_queue,
     )
     if args.retry_fallback_pages is not None:  # --- issue #30
-        _queue_fallback_pages(parser, args)
+        _queue_fallback_pages(args)
     try:
         if args.stats:
             asyncio.run(_populate_only(config))
@@ -367,11 +415,11 @@ async def _run_with_signals(config: PipelineConfig, server_settings=None, server
         status = await run_pipeline(config, stop, server)
     except EndpointConfigError as exc:  # --metrics_port cannot be served (port in use): before any claim
         logger.error("%s", exc)
-        return 2
+        return STATUS_USAGE
     return stop_exit_code if status == 0 and stop.requested else status
 
 
-def _queue_fallback_pages(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def _queue_fallback_pages(args: argparse.Namespace) -> None:
     """``--retry_fallback_pages``: queue the pages (olmocr/pipeline/pages/page_retry.py) before the run."""
     from olmocr.pipeline.pages.page_retry import parse_reasons, queue_fallback_pages
     from olmocr.pipeline.workspace.storage import open_storage
@@ -379,7 +427,7 @@ def _queue_fallback_pages(parser: argparse.ArgumentParser, args: argparse.Namesp
     try:
         reasons = parse_reasons(args.retry_fallback_pages)
     except ValueError as exc:
-        parser.error(str(exc))
+        raise UsageError(str(exc), see_help=True) from None
     documents, pages = queue_fallback_pages(open_storage(args.workspace, profile=args.workspace_profile), reasons)
     logger.info("--retry_fallback_pages %s: %d pages of %d documents queued for another try",
                 ",".join(reasons), pages, documents)

@@ -8,7 +8,8 @@ PipelineError
 ├── ConfigError (ValueError) .............. a setting or input the run cannot use
 │   ├── FleetConfigError .................. a server list, weight or key file
 │   ├── WorkspaceError .................... a workspace that cannot be used (path, permissions, credentials, bucket)
-│   └── NoInput ........................... --pdfs gave nothing to queue and the workspace has nothing to do
+│   ├── NoInput ........................... --pdfs gave nothing to queue and the workspace has nothing to do
+│   └── UsageError ........................ a command-line mistake: ``prog: error: ...`` on one line, exit status 2
 ├── ModelAnswerError ...................... an answer that came back whole but is not a usable olmOCR page
 │   └── FrontMatterError .................. a model answer without valid olmOCR front matter
 ├── FilterUnavailable (RuntimeError) ...... --apply_filter without its optional dependencies
@@ -53,6 +54,16 @@ class WorkspaceError(ConfigError):
 
 class NoInput(ConfigError):
     """No input could be queued and the workspace has nothing to do; the message sums up why."""
+
+
+class UsageError(ConfigError):
+    """A mistake in the command line or its settings, found before any work: printed as ``prog: error: ...``
+    on one line, exit status 2 (:func:`olmocr.pipeline.flags.usage_exit`). ``see_help``: the message ends with
+    ``(see --help)``, as argparse's own errors do."""
+
+    def __init__(self, message: str, *, see_help: bool = False) -> None:
+        super().__init__(message)
+        self.see_help = see_help
 
 
 class ModelAnswerError(PipelineError, ValueError):

@@ -7,13 +7,31 @@ that say what range they accept.
   (in internal mode they go to ``vllm serve``, which accepts both spellings itself).
 * :func:`whole` and :func:`number` are argparse ``type=`` functions with a range: a value out of range is
   argparse's one-line error (``argument --workers: ...``), exit status 2.
+* :func:`usage_exit` is the one way a command-line mistake is reported: ``prog: error: what`` on one line,
+  exit status 2 (:data:`olmocr.exit_codes.STATUS_USAGE`). argparse's errors, :class:`UsageError` and the
+  upstream flags' refusals all end there.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from olmocr.exit_codes import STATUS_USAGE
+from olmocr.pipeline.errors import UsageError
+
+
+def usage_exit(prog: str, error: str | UsageError) -> NoReturn:
+    """``prog: error: message`` on stderr, one line (``(see --help)`` added for a :class:`UsageError` that
+    asks for it), then exit with the usage status, 2."""
+    message = str(error)
+    if isinstance(error, UsageError) and error.see_help:
+        message += " (see --help)"
+    sys.stderr.write(f"{prog}: error: {message}\n")
+    raise SystemExit(STATUS_USAGE)
 
 
 def spelling_aliases(parser: argparse.ArgumentParser) -> dict[str, str]:

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from olmocr.exit_codes import STATUS_BUDGET
+from olmocr.exit_codes import STATUS_BUDGET, STATUS_OK
 from olmocr.pipeline import defaults
 from olmocr.pipeline.errors import LeaseLost, NoInput, ServerNotReady
 from olmocr.pipeline.pages.documents import DocOutcome, DocumentProcessor, failure
@@ -78,6 +78,8 @@ class PipelineConfig:
     #: Set (then cleared) by whoever adds items in this process: idle workers claim at once instead of polling.
     follow_wake: asyncio.Event | None = field(default=None, compare=False, repr=False)
     # ---- end --follow
+    #: --wait_for_queue: seconds to wait for another process to fill an empty workspace's queue (0: do not wait)
+    wait_for_queue: float = 0.0
 
 
 def populate(queue: WorkQueue, specs: tuple[str, ...], pages_per_group: int) -> int:
@@ -491,6 +493,12 @@ async def run_pipeline(config: PipelineConfig, stop: StopRequest | None = None,
     else:
         await asyncio.to_thread(queue.requeue_retryable)
     counts = await asyncio.to_thread(queue.counts)
+    if not config.pdfs and counts.get("total", 0) == 0 and config.wait_for_queue > 0:  # another process fills it
+        from olmocr.pipeline.workspace.queue_wait import wait_for_queue
+
+        if not await wait_for_queue(storage, config.workspace, config.wait_for_queue, stop):
+            return STATUS_OK  # stopped while waiting: nothing was claimed
+        counts = await asyncio.to_thread(queue.counts)
     if counts.get("pending", 0) == 0 and counts.get("leased", 0) == 0 and not config.follow:  # --follow: wait
         if found == 0:  # every --pdfs spec was a mistake: `pipeline && next-step` must not carry on
             raise NoInput(
@@ -501,7 +509,7 @@ async def run_pipeline(config: PipelineConfig, stop: StopRequest | None = None,
             raise NoInput(f"workspace {config.workspace}: no work items (nothing has been queued there yet); give "
                           "the documents with --pdfs PATH/GLOB/LIST.txt")
         logger.info("no work to do: %d of %d work items are done", counts.get("done", 0), counts.get("total", 0))
-        return 0
+        return STATUS_OK
     logger.info("work items: %s", ", ".join(f"{n} {state}" for state, n in counts.items()))
     if server is not None:
         return await server(lambda: _run_on(config, storage, queue, stop), stop)

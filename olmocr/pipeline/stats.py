@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from olmocr.exit_codes import STATUS_BROKEN_PIPE
+from olmocr.exit_codes import STATUS_BROKEN_PIPE, STATUS_OK
 from olmocr.pipeline.pages.output import PAGE_RECORDS, source_of
 from olmocr.pipeline.pages.page_retry import is_ticket
 from olmocr.pipeline.workspace.storage import Storage
@@ -244,4 +244,4 @@ def print_stats(workspace: str, profile: str | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # the exit's flush of stdout must not fail again
         return STATUS_BROKEN_PIPE
-    return 0
+    return STATUS_OK

@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
-from olmocr.pipeline.flags import number, whole
+from olmocr.pipeline.flags import number, usage_exit, whole
 
 BEAKER_EXPLANATION = (
     "submitting the job to AI2's Beaker cluster is not supported by olmocr-serve; run the pipeline on each "
@@ -37,9 +37,9 @@ UNSUPPORTED: dict[str, str] = {
 _UNSUPPORTED_SWITCHES = {"--beaker"}
 
 
-def fail(parser: argparse.ArgumentParser, message: str) -> None:
+def fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
     """``prog: error: message`` on one line (no usage dump: the message says what to do), exit status 2."""
-    parser.exit(2, f"{parser.prog}: error: {message}\n")
+    usage_exit(parser.prog, message)
 
 
 class _Unsupported(argparse.Action):
