@@ -427,6 +427,8 @@ def quotes() -> list[tuple[str, str]]:
         ("docs/pipeline.md", f"{q(m10k, 0)} MB (all processes) with 10,000 pages queued, {q(m100, 0)} MB with 100"),
         ("docs/standin.md", f"{read['read']['pages_per_s']:.2f} pages/s and {read['read']['cpu_s_per_page']:.2f} "
                             "CPU-s a page"),
+        ("docs/kubernetes.md", f"it took {q(probes['exec probe (olmocr-server-status)'][0], 0)} ms, "
+                               f"{q(probes['exec probe (olmocr-server-status)'][1], 0)} times a `GET /readyz`"),
         ("docs/fleet.md", f"{q(prov['paced']['admitted_per_minute'], 1)} requests a minute let through, "
                           f"{_r('providers', 'paced (#rpm=R): requests/min let through'):.2f} of R"),
         ("docs/fleet.md", f"{prov['unpaced_seconds']['throttled']} and {prov['unpaced_date']['throttled']} refusals"),

@@ -15,9 +15,8 @@ from olmocr.pipeline.errors import FrontMatterError
 from olmocr.pipeline.model_prompt import PROMPT_V4_YAML  # noqa: F401 - the prompt, in the model's contract
 
 #: libyaml's loader where PyYAML was built with it (every PyPI wheel): the same YAML 1.1 safe schema as the
-#: pure-Python ``SafeLoader`` (same resolver, same values), ~9x faster. Measured: a front matter of five
-#: fields takes 590 us with ``SafeLoader``, 69 us with ``CSafeLoader`` -- with the pure-Python loader this
-#: parse was the largest per-page cost of the pipeline's main process (docs/benchmarks.md).
+#: pure-Python ``SafeLoader`` (same resolver, same values), and several times faster on a page's front matter.
+#: The measured figures: bench/results/micro.json, "front matter, CSafeLoader" (docs/benchmarks.md).
 _YAML_LOADER: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 #: The guided-decoding regex upstream sends with ``--guided_decoding``.
