@@ -26,9 +26,9 @@ from olmocr.pipeline.pages.render import TEST_FAULT_ENV
 from olmocr.standin import reading
 from tests.pipeline_helpers import (
     StandIn,
+    Standins,
     assert_every_page_once,
     docs_by_source,
-    launch_standin,
     results,
     run_pipeline,
     running_pipeline,
@@ -109,11 +109,8 @@ def test_the_check_catches_blank_swapped_and_foreign_pages() -> None:
 def reader(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandIn]:
     """One stand-in in reading mode for the module (Tesseract, not olmOCR)."""
     require_tesseract()
-    standin = launch_standin(tmp_path_factory.mktemp("reader"), env={"OLMOCR_STANDIN_ANSWER": "read"})
-    try:
-        yield standin
-    finally:
-        standin.stop()
+    with Standins(tmp_path_factory.mktemp("reader")) as start:
+        yield start(OLMOCR_STANDIN_ANSWER="read")
 
 
 def _page_requests(standin: StandIn) -> int:
