@@ -276,8 +276,8 @@ def run_pipeline(workspace: str | Path, url: str, pdfs: Sequence[str | Path] = (
     return rc, log.read_text()
 
 
-_LOG_FIELD = re.compile(r"%[-#0 +]*\d*(?:\.\d+)?[sdfr]")
-_FIELD_ANY = {"d": r"(-?\d+)", "f": r"(-?[\d.]+)"}
+_LOG_FIELD = re.compile(r"%[-#0 +]*\d*(?:\.\d+)?[sdfgr]")
+_FIELD_ANY = {"d": r"(-?\d+)", "f": r"(-?[\d.]+)", "g": r"(-?[\d.e+-]+)"}
 
 
 def log_line(fmt: str, *known: object) -> re.Pattern[str]:

@@ -23,12 +23,14 @@ import pytest
 import requests
 
 from olmocr.pipeline.pages.render import TEST_FAULT_ENV
+from olmocr.pipeline.runner import LOG_CLAIMED
 from olmocr.standin import reading
 from tests.pipeline_helpers import (
     StandIn,
     Standins,
     assert_every_page_once,
     docs_by_source,
+    logged,
     results,
     run_pipeline,
     running_pipeline,
@@ -168,7 +170,7 @@ def test_two_pipelines_on_one_workspace(reader: StandIn, tmp_path: Path) -> None
         for run in (one, two):
             assert run.wait(240) == 0, run.output()[-3000:]
     logs = [(tmp_path / f"pipeline-{i}.log").read_text() for i in (1, 2)]
-    assert all("claimed work item" in log for log in logs), "both pipelines did some of the work"
+    assert all(logged(log, LOG_CLAIMED) for log in logs), "both pipelines did some of the work"
     assert_every_page_once(ws, paths)
     assert len(results(ws)) == len(paths)
     assert fidelity_problems(docs_by_source(ws), expected) == []

@@ -9,11 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from olmocr.pipeline.stopping import BURST_S
+from olmocr.pipeline.runner import LOG_CLAIMED, LOG_STOPPED
+from olmocr.pipeline.stopping import BURST_S, LOG_GRACEFUL, LOG_HARD_EXIT
 from tests.pipeline_helpers import (
     Standins,
     docs_by_source,
     failures,
+    log_line,
+    logged,
     run_pipeline,
     running_pipeline,
     wait_for,
@@ -39,7 +42,7 @@ def test_sigterm_hands_work_back_and_another_pipeline_takes_it_at_once(tmp_path:
     # The default 300 s lease: only an explicit release lets the second pipeline start at once.
     with running_pipeline(ws, standin.url, docs, "--pages_per_group", "2", "--workers", "2",
                           "--stop_timeout", "1", log=log) as run:
-        run.wait_log("claimed work item", 60, "two items claimed", count=2)
+        run.wait_log(log_line(LOG_CLAIMED), 60, "two items claimed", count=2)
         assert len(_locks(ws)) == 2
         t0 = time.monotonic()
         os.kill(run.pid, signal.SIGTERM)
@@ -48,7 +51,7 @@ def test_sigterm_hands_work_back_and_another_pipeline_takes_it_at_once(tmp_path:
     text = log.read_text()
     assert rc == 0, text
     assert stop_s < 15, stop_s
-    assert "SIGTERM: stopping gracefully" in text and "handed back unfinished" in text, text
+    assert logged(text, LOG_GRACEFUL, "SIGTERM") and logged(text, LOG_STOPPED, "SIGTERM"), text
     assert "finished in" in text  # the summary
     assert _locks(ws) == [], "leases left behind"
     done_before = len(list((ws / "done_flags").glob("*.flag"))) if (ws / "done_flags").is_dir() else 0
@@ -69,12 +72,12 @@ def test_sigterm_lets_work_in_progress_finish_within_the_stop_timeout(tmp_path: 
     standin = standins(OLMOCR_STANDIN_LATENCY="2")
     log = tmp_path / "run.log"
     with running_pipeline(ws, standin.url, docs, "--stop_timeout", "60", log=log) as run:
-        run.wait_log("claimed work item", 60, "the item claimed")
+        run.wait_log(log_line(LOG_CLAIMED), 60, "the item claimed")
         os.kill(run.pid, signal.SIGTERM)
         rc = run.wait(60)
     text = log.read_text()
     assert rc == 0, text
-    assert "1 work items completed, 0 handed back" in text, text
+    assert logged(text, LOG_STOPPED, "SIGTERM", 1, 0), text  # the item finished, none handed back
     assert set(docs_by_source(ws)) == {str(docs[0])}
 
 
@@ -84,19 +87,19 @@ def test_second_ctrl_c_exits_at_once(tmp_path: Path, standins: Standins) -> None
     standin = standins(OLMOCR_STANDIN_LATENCY="1")
     log = tmp_path / "run.log"
     with running_pipeline(ws, standin.url, docs, "--stop_timeout", "120", log=log) as run:
-        run.wait_log("claimed work item", 60, "an item claimed")
+        run.wait_log(log_line(LOG_CLAIMED), 60, "an item claimed")
         standin.control(hang=True)  # nothing in progress can finish now
         wait_for(lambda: len(pids_in_group(run.pid)) > 1, 20, "render workers started")
         workers = [p for p in pids_in_group(run.pid) if p != run.pid]
         os.kill(run.pid, signal.SIGINT)
-        run.wait_log("stopping gracefully", 10, "the first signal noticed")
+        run.wait_log(log_line(LOG_GRACEFUL), 10, "the first signal noticed")
         time.sleep(BURST_S)  # sooner, it would be the same signal delivered twice (tests/test_mistakes.py)
         t0 = time.monotonic()
         os.kill(run.pid, signal.SIGINT)
         rc = run.wait(10)
         assert time.monotonic() - t0 < 5
     assert rc == 130, log.read_text()
-    assert "exiting at once" in log.read_text()
+    assert logged(log.read_text(), LOG_HARD_EXIT)
     wait_for(lambda: not any(pid_alive(p) for p in workers), 5, "render workers gone")
     assert _locks(ws), "a hard exit leaves its lease to expire, like kill -9"
 
@@ -111,7 +114,7 @@ def test_stop_exit_code_tells_a_job_controller_the_run_was_cut_short(tmp_path: P
     log = tmp_path / "run.log"
     with running_pipeline(ws, standin.url, docs, "--pages_per_group", "2", "--stop_timeout", "1",
                           "--stop_exit_code", "143", log=log) as run:
-        run.wait_log("claimed work item", 60, "an item claimed")
+        run.wait_log(log_line(LOG_CLAIMED), 60, "an item claimed")
         os.kill(run.pid, signal.SIGTERM)
         rc = run.wait(30)
     assert rc == 143, log.read_text()
@@ -151,7 +154,7 @@ def test_sigterm_in_a_40_document_item_keeps_its_finished_documents(tmp_path: Pa
     in_flight = 2
     with running_pipeline(ws, standin.url, docs, "--pages_per_group", "100", "--workers", "1",
                           "--max_concurrent_requests", str(in_flight), "--stop_timeout", "1", log=log) as run:
-        run.wait_log("claimed work item", 60, "the item claimed")
+        run.wait_log(log_line(LOG_CLAIMED), 60, "the item claimed")
         wait_for(lambda: _pages_answered(standin.url) >= 12, 60, "a dozen pages answered")
         os.kill(run.pid, signal.SIGTERM)
         rc = run.wait(30)
@@ -180,7 +183,7 @@ def test_a_pipeline_killed_with_9_is_resumed_at_once_by_a_rerun_on_the_same_host
     ws = tmp_path / "ws"
     standin = standins(OLMOCR_STANDIN_LATENCY="1")
     with running_pipeline(ws, standin.url, docs, "--pages_per_group", "2", log=tmp_path / "first.log") as run:
-        run.wait_log("claimed work item", 60, "an item claimed")
+        run.wait_log(log_line(LOG_CLAIMED), 60, "an item claimed")
         os.killpg(run.pid, signal.SIGKILL)
         run.wait(10)
     assert _locks(ws), "kill -9 leaves its leases behind"
@@ -201,7 +204,7 @@ def test_sigterm_in_a_300_page_document_keeps_its_finished_pages(tmp_path: Path,
     in_flight = 4
     with running_pipeline(ws, standin.url, docs, "--max_concurrent_requests", str(in_flight),
                           "--stop_timeout", "1", log=tmp_path / "first.log") as run:
-        run.wait_log("claimed work item", 60, "the item claimed")
+        run.wait_log(log_line(LOG_CLAIMED), 60, "the item claimed")
         wait_for(lambda: _pages_answered(standin.url) >= 60, 120, "60 pages answered")
         os.kill(run.pid, signal.SIGTERM)
         rc = run.wait(30)

@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from olmocr.pipeline.runner import LOG_CLAIMED
 from olmocr.pipeline.servers.fleet import LOG_PAUSED
 from olmocr.pipeline.workspace.queue import WorkQueue
 from olmocr.pipeline.workspace.storage import LocalStorage
@@ -85,7 +86,7 @@ def test_waiting_on_a_slow_server(tmp_path: Path, standins: Standins) -> None:
     log = tmp_path / "pipeline.log"
     # One small work item for 20 workers: 19 of them are done at once.
     with running_pipeline(ws, standin.url, SMALL_DOCS[:2], "--workers", "20", log=log) as run:
-        run.wait_log("claimed work item", 60)
+        run.wait_log(log_line(LOG_CLAIMED), 60)
         time.sleep(4)  # rendered and sent: every page now waits for its answer
         info = standin_info(standin.url)
         assert info["requests_served"] == 0
@@ -102,7 +103,7 @@ def test_follow_waits_for_new_items(tmp_path: Path, standins: Standins) -> None:
         time.sleep(3)
         assert_idle(cpu_over_window(run, log), "following an empty queue", log)
         WorkQueue(LocalStorage(str(ws))).populate([str(SMALL_DOCS[1])])  # as olmocr-service adds a job
-        run.wait_log("claimed work item", 60)
+        run.wait_log(log_line(LOG_CLAIMED), 60)
         wait_for(lambda: log.read_text().count("done: 1 documents written") == 2, 60, "the new item done")
         assert run.poll() is None, log.read_text()[-3000:]
 

@@ -25,10 +25,11 @@ import pytest
 
 from olmocr.pipeline.cli import build_parser
 from olmocr.pipeline.flags import normalize_spellings, spelling_aliases
+from olmocr.pipeline.runner import LOG_CLAIMED, LOG_STOPPED
 from olmocr.pipeline.servers.client import ready_wait_bound
-from olmocr.pipeline.stopping import BURST_S, is_same_stop
+from olmocr.pipeline.stopping import BURST_S, LOG_GRACEFUL, LOG_HARD_EXIT, LOG_SAME_STOP, is_same_stop
 from olmocr.pipeline.workspace.check import workspace_problem
-from tests.pipeline_helpers import SAMPLES, Standins, running_pipeline, wait_for
+from tests.pipeline_helpers import SAMPLES, Standins, log_line, logged, running_pipeline, wait_for
 from tests.s3_helpers import start_s3_server
 from tests.sample_docs import write_text_docs
 from tests.standin_helpers import (
@@ -453,7 +454,7 @@ def test_a_signal_to_the_whole_group_is_one_graceful_stop(tmp_path: Path, sig: s
     log = tmp_path / "run.log"
     with running_pipeline(ws, standin.url, docs, "--pages_per_group", "2", "--workers", "2",
                           "--stop_timeout", "1", env={"TMPDIR": str(temp)}, log=log) as run:
-        run.wait_log("claimed work item", 60, "two items claimed", count=2)
+        run.wait_log(log_line(LOG_CLAIMED), 60, "two items claimed", count=2)
         wait_for(lambda: _children_ready(run.pid), 30, "render workers started")
         os.kill(run.pid, sig)  # what `timeout` does: the process, then the group
         time.sleep(0.1)  # (at once, the kernel would merge the two into one pending signal)
@@ -461,9 +462,9 @@ def test_a_signal_to_the_whole_group_is_one_graceful_stop(tmp_path: Path, sig: s
         rc = run.wait(timeout=60)
     text = log.read_text()
     assert rc == 0, text
-    assert text.count(f"{sig.name}: stopping gracefully") == 1 and "exiting at once" not in text, text
-    assert "the same stop" in text
-    assert "handed back unfinished" in text and not list((ws / "worker_locks").glob("*.lock"))
+    assert len(logged(text, LOG_GRACEFUL, sig.name)) == 1 and not logged(text, LOG_HARD_EXIT), text
+    assert logged(text, LOG_SAME_STOP, sig.name, BURST_S), text
+    assert logged(text, LOG_STOPPED, sig.name) and not list((ws / "worker_locks").glob("*.lock"))
     assert "Traceback" not in text and "render pool stopped" not in text and "died" not in text, text
     assert "{'" not in text, text  # no Python reprs in the log (e.g. the work item counts)
     assert list(temp.iterdir()) == [], list(temp.iterdir())
@@ -477,15 +478,15 @@ def test_a_second_signal_later_exits_at_once_and_removes_its_temp_dirs(tmp_path:
     log = tmp_path / "run.log"
     with running_pipeline(tmp_path / "ws", standin.url, docs, "--stop_timeout", "120",
                           env={"TMPDIR": str(temp)}, log=log) as run:
-        run.wait_log("claimed work item", 60, "an item claimed")
+        run.wait_log(log_line(LOG_CLAIMED), 60, "an item claimed")
         wait_for(lambda: _children_ready(run.pid), 30, "render workers started")
         os.killpg(run.pid, signal.SIGINT)
-        run.wait_log("stopping gracefully", 10, "the first signal noticed")
+        run.wait_log(log_line(LOG_GRACEFUL), 10, "the first signal noticed")
         time.sleep(BURST_S + 0.2)
         os.killpg(run.pid, signal.SIGINT)
         rc = run.wait(timeout=20)
     assert rc == 130, log.read_text()
-    assert "exiting at once" in log.read_text()
+    assert logged(log.read_text(), LOG_HARD_EXIT)
     wait_for(lambda: list(temp.iterdir()) == [], 5, "temp dirs removed")
 
 
@@ -589,7 +590,7 @@ def test_a_second_pipeline_says_whose_items_it_waits_for(tmp_path: Path, standin
     standin = standins(OLMOCR_STANDIN_LATENCY="60")
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     with running_pipeline(ws, standin.url, docs, "--pages_per_group", "1", "--workers", "2", log=first_log) as first:
-        first.wait_log("claimed work item", 60, "both items claimed", count=2)
+        first.wait_log(log_line(LOG_CLAIMED), 60, "both items claimed", count=2)
         with running_pipeline(ws, standin.url, (), "--workers", "2", log=second_log) as second:
             second.wait_log("leased by other pipelines", 60, "the idle line")
     line = assert_one_line(second_log.read_text(), "leased by other pipelines")

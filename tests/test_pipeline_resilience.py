@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from olmocr.pipeline.runner import LOG_CLAIMED
 from olmocr.pipeline.servers.fleet import LOG_PAUSED, LOG_RESUMED
 from tests.pipeline_helpers import (
     RESILIENCE_DOCS,
@@ -74,8 +75,7 @@ def test_two_pipelines_share_a_workspace_without_duplicates(tmp_path: Path, stan
         rcs = [a.wait(180), b.wait(180)]
     assert rcs == [0, 0], [lg.read_text()[-3000:] for lg in logs]
     assert_every_page_once(ws, DOCS)
-    claimed = [line.split("work item ")[1].split()[0] for lg in logs for line in lg.read_text().splitlines()
-               if "claimed work item" in line]
+    claimed = [m.group(2) for lg in logs for m in logged(lg.read_text(), LOG_CLAIMED)]
     assert len(claimed) == len(set(claimed)), "an item was processed twice"
 
 
@@ -100,10 +100,10 @@ def test_pipeline_killed_midway_next_run_does_only_the_rest(tmp_path: Path, stan
     for name, mtime in done_before.items():
         assert (ws / "done_flags" / name).stat().st_mtime_ns == mtime
         item_hash = name.removeprefix("done_").removesuffix(".flag")
-        assert f"claimed work item {item_hash}" not in text
+        assert item_hash not in [m.group(2) for m in logged(text, LOG_CLAIMED)]
     for name, data in results_before.items():
         assert (ws / "results" / name).read_bytes() == data
-    assert "claimed work item" in text
+    assert logged(text, LOG_CLAIMED)
 
 
 @pytest.mark.slow

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from olmocr.pipeline.runner import LOG_CLAIMED
 from olmocr.pipeline.workspace.storage import open_storage
 from tests.fault_proxy import FaultProxy
-from tests.pipeline_helpers import Standins, run_pipeline, running_pipeline
+from tests.pipeline_helpers import Standins, log_line, logged, run_pipeline, running_pipeline
 from tests.s3_helpers import S3Server
 from tests.sample_docs import write_text_docs
 
@@ -176,7 +177,7 @@ def test_lease_that_cannot_be_renewed_is_given_up(proxy: FaultProxy, s3_server: 
     log = tmp_path / "run.log"
     with running_pipeline(s3_server.url("ws"), standin.url, docs, "--lease_seconds", "4", "--workers", "1",
                           env=_env(proxy, AWS_MAX_ATTEMPTS="2"), log=log) as run:
-        run.wait_log("claimed work item", 60, "the item claimed")
+        run.wait_log(log_line(LOG_CLAIMED), 60, "the item claimed")
         locks.on = True
         run.wait_log("giving it up", 30, "the lease given up")
         assert _keys(s3_server, "ws/done_flags/") == []
@@ -185,7 +186,7 @@ def test_lease_that_cannot_be_renewed_is_given_up(proxy: FaultProxy, s3_server: 
     text = log.read_text()
     assert rc == 0, text
     assert "could not renew the lease" in text
-    assert text.count("claimed work item") == 2  # given up, then claimed again once the store recovered
+    assert len(logged(text, LOG_CLAIMED)) == 2  # given up, then claimed again once the store recovered
     assert _results(s3_server, "ws") == {str(docs[0]): 1}
 
 
