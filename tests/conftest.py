@@ -1,7 +1,8 @@
 """Session set-up and the shared fixtures.
 
 The sample documents every test reads are built here, never read from outside the repo. Fixtures:
-``deployments`` (supervised stand-in deployments), ``standin`` (one stand-in vLLM server), ``s3_server``
+``deployments`` (supervised stand-in deployments), ``standins`` (start stand-in vLLM servers, all stopped after
+the test), ``standin`` (one stand-in vLLM server), ``s3_server``
 (moto in server mode), ``workspace`` (each test twice: a local workspace path and an ``s3://`` one), and the autouse clean-up of pypdfium2 documents left by in-process render jobs.
 Helpers are imported inside the fixtures: ``tests.pipeline_helpers`` builds the sample documents when it is
 imported, which must wait for :func:`pytest_configure`. Tests that run pipelines use
@@ -22,7 +23,7 @@ from tests import sample_docs
 from tests.deployment_helpers import Deployment
 
 if TYPE_CHECKING:
-    from tests.pipeline_helpers import StandIn
+    from tests.pipeline_helpers import StandIn, Standins
     from tests.s3_helpers import S3Server
 
 #: ``pytester`` (a pytest inside pytest): tests/test_tiers.py runs its rule for real.
@@ -67,15 +68,22 @@ def deployments():
 
 
 @pytest.fixture
-def standin(tmp_path: Path) -> Iterator[StandIn]:
-    """A stand-in vLLM server on 127.0.0.1 (default settings; ``standin.control(...)`` changes them)."""
-    from tests.pipeline_helpers import launch_standin
+def standins(tmp_path: Path) -> Iterator[Standins]:
+    """Start stand-in vLLM servers the way vLLM is launched: ``standins(OLMOCR_STANDIN_LATENCY=2)`` returns a
+    ready :class:`tests.pipeline_helpers.StandIn` (``.url``, ``.port``, ``.control()``, ``.kill()``,
+    ``.restart()``, ``.stop()``). Upper-case keywords are the server's environment; the knobs are
+    ``served_model_name``, ``extra_args`` and ``env`` (a mapping). All are stopped (process group) after the
+    test, and each must leave its own ``TMPDIR`` empty. The API: :class:`tests.pipeline_helpers.Standins`."""
+    from tests.pipeline_helpers import Standins
 
-    s = launch_standin(tmp_path)
-    try:
-        yield s
-    finally:
-        s.stop()
+    with Standins(tmp_path) as start:
+        yield start
+
+
+@pytest.fixture
+def standin(standins: Standins) -> StandIn:
+    """A stand-in vLLM server on 127.0.0.1 (default settings; ``standin.control(...)`` changes them)."""
+    return standins()
 
 
 @pytest.fixture(params=["local", "s3"])

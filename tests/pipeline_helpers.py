@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from tests.standin_helpers import (
     REPO_ROOT,
     clean_env,
     free_port,
+    pid_alive,
+    pids_in_group,
     start_standin,
     stop_process_group,
     wait_http_ok,
@@ -65,18 +68,96 @@ class StandIn:
         stop_process_group(self.proc)
 
 
-def launch_standin(tmp_path: Path, env: Mapping[str, str] | None = None, **kwargs: object) -> StandIn:
-    port = free_port()
+def launch_standin(tmp_path: Path, env: Mapping[str, str] | None = None, *, port: int | None = None,
+                   ready: bool = True, **kwargs: object) -> StandIn:
+    """Start a stand-in (on ``port``, or a free one) and, with ``ready``, wait for its /health; the caller
+    stops it. Tests use the ``standins`` fixture (:class:`Standins`), which stops it for them."""
+    port = port or free_port()
     log = tmp_path / f"standin-{port}.log"
     full_env = dict(env or {})
     proc = start_standin(port, env=full_env, log_path=log, **kwargs)  # type: ignore[arg-type]
     started = StandIn(port, proc, full_env, log)
-    try:
-        wait_http_ok(f"{started.url}/health", timeout=30, proc=proc)
-    except BaseException:
-        started.stop()
-        raise
+    if ready:
+        try:
+            wait_http_ok(f"{started.url}/health", timeout=30, proc=proc)
+        except BaseException:
+            started.stop()
+            raise
     return started
+
+
+class Standins:
+    """The ``standins`` fixture (tests/conftest.py): start stand-in vLLM servers, launched the way vLLM is
+    (``python -m olmocr.standin serve MODEL --served-model-name olmocr --port P`` plus the wrapper's flags,
+    in a session of its own), and stop them all when the test ends.
+
+    ``standins(**env)`` -> :class:`StandIn`, ready (its /health answers). Keyword names in upper case are
+    environment variables of the server (``OLMOCR_STANDIN_LATENCY=0.4``, ``VLLM_API_KEY="k"``; numbers are
+    turned into text). The lower-case ones are knobs:
+
+    * ``served_model_name`` (default ``"olmocr"``);
+    * ``extra_args``: the vLLM flags after the port (default ``standin_helpers.VLLM_FLAGS``);
+    * ``port``: a given port (default: a free one);
+    * ``ready=False``: return at once, without waiting for /health (a server still loading its model);
+    * ``env``: a mapping of more variables.
+
+    The server's output goes to ``<dir>/standin-<port>.log`` (``.log``); ``.url``, ``.port``,
+    ``.control(...)``, ``.kill()``, ``.restart()`` and ``.stop()`` work as on any :class:`StandIn`, and a
+    stand-in the test stopped itself (or ``running_pipeline(stop=...)`` did) is fine.
+
+    Clean-up, whatever the test did: every stand-in's process group gets SIGTERM, then SIGKILL, and no pid
+    of it may be left; each runs with a ``TMPDIR`` of its own (``<dir>/standin-*-tmp``, unless the test
+    gives one), which must be empty at the end. The class is a context manager for fixtures of a wider
+    scope::
+
+        with Standins(tmp_path_factory.mktemp("reader")) as start:
+            yield start(OLMOCR_STANDIN_ANSWER="read")
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.started: list[tuple[StandIn, Path | None]] = []
+
+    def __call__(self, *, served_model_name: str = "olmocr", extra_args: Sequence[str] | None = None,
+                 port: int | None = None, ready: bool = True, env: Mapping[str, object] | None = None,
+                 **variables: object) -> StandIn:
+        lower = sorted(name for name in variables if not name.isupper())
+        assert not lower, f"standins(): unknown knob(s) {lower}; environment variables are in upper case"
+        full_env = {key: str(value) for key, value in {**(env or {}), **variables}.items()}
+        temp = None
+        if "TMPDIR" not in full_env:
+            temp = Path(tempfile.mkdtemp(prefix="standin-", suffix="-tmp", dir=self.directory))
+            full_env["TMPDIR"] = str(temp)
+        knobs: dict[str, object] = {"served_model_name": served_model_name}
+        if extra_args is not None:
+            knobs["extra_args"] = tuple(extra_args)
+        started = launch_standin(self.directory, full_env, port=port, ready=ready, **knobs)
+        self.started.append((started, temp))
+        return started
+
+    def stop_all(self) -> None:
+        """Stop every stand-in (its process group); then check that none left a process or a temp file."""
+        errors: list[BaseException] = []
+        for started, _ in self.started:
+            try:
+                started.stop()
+            except Exception as exc:  # noqa: BLE001 - stop the others, then report it
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+        for started, temp in self.started:
+            left = [pid for pid in pids_in_group(started.proc.pid) if pid_alive(pid)]
+            assert not left, f"stand-in on port {started.port} left processes {left}"
+            if temp is not None:
+                junk = sorted(p.name for p in temp.iterdir())
+                assert not junk, f"stand-in on port {started.port} left {junk} in its TMPDIR"
+                temp.rmdir()
+
+    def __enter__(self) -> Standins:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
 
 
 def pipeline_command(workspace: str | Path, url: str, pdfs: Sequence[str | Path] = (), *extra: str) -> list[str]:
@@ -88,8 +169,13 @@ def pipeline_command(workspace: str | Path, url: str, pdfs: Sequence[str | Path]
 
 
 def start_pipeline(workspace: str | Path, url: str, pdfs: Sequence[str | Path] = (), *extra: str,
-                   env: Mapping[str, str] | None = None, log: Path) -> subprocess.Popen[bytes]:
-    """Start the pipeline in its own session; output goes to ``log``. Stop it with stop_process_group."""
+                   env: Mapping[str, str] | None = None, log: Path,
+                   terminal: int | None = None) -> subprocess.Popen[bytes]:
+    """Start the pipeline in its own session; output goes to ``log``, or to ``terminal`` (the file descriptor
+    of a pty's other end) when given. Stop it with stop_process_group."""
+    if terminal is not None:
+        return subprocess.Popen(pipeline_command(workspace, url, pdfs, *extra), env=_env(env), cwd=str(REPO_ROOT),
+                                stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal, start_new_session=True)
     with open(log, "ab") as out:
         return subprocess.Popen(pipeline_command(workspace, url, pdfs, *extra), env=_env(env), cwd=str(REPO_ROOT),
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -160,13 +246,14 @@ def _stop(thing: Stoppable) -> None:
 
 @contextmanager
 def running_pipeline(workspace: str | Path, url: str, pdfs: Sequence[str | Path] = (), *extra: str,
-                     env: Mapping[str, str] | None = None, log: Path,
-                     stop: Iterable[Stoppable] = ()) -> Iterator[RunningPipeline]:
+                     env: Mapping[str, str] | None = None, log: Path, stop: Iterable[Stoppable] = (),
+                     terminal: int | None = None) -> Iterator[RunningPipeline]:
     """Start the pipeline (its own process group), yield it, and always stop it and then everything in
-    ``stop`` (its stand-ins), whatever the test did: the one harness of the tests that run pipelines."""
+    ``stop`` (its stand-ins), whatever the test did: the one harness of the tests that run pipelines.
+    ``terminal``: see :func:`start_pipeline`."""
     others = list(stop)
     try:
-        proc = start_pipeline(workspace, url, pdfs, *extra, env=env, log=log)
+        proc = start_pipeline(workspace, url, pdfs, *extra, env=env, log=log, terminal=terminal)
     except BaseException:
         for thing in others:
             _stop(thing)
@@ -189,8 +276,8 @@ def run_pipeline(workspace: str | Path, url: str, pdfs: Sequence[str | Path] = (
     return rc, log.read_text()
 
 
-_LOG_FIELD = re.compile(r"%[-#0 +]*\d*(?:\.\d+)?[sdfr]")
-_FIELD_ANY = {"d": r"(-?\d+)", "f": r"(-?[\d.]+)"}
+_LOG_FIELD = re.compile(r"%[-#0 +]*\d*(?:\.\d+)?[sdfgr]")
+_FIELD_ANY = {"d": r"(-?\d+)", "f": r"(-?[\d.]+)", "g": r"(-?[\d.e+-]+)"}
 
 
 def log_line(fmt: str, *known: object) -> re.Pattern[str]:
@@ -262,4 +349,4 @@ def assert_every_page_once(ws: Path, docs: Sequence[Path]) -> None:
 
 
 # The fixtures live in tests/conftest.py; these names stay importable for test modules that import them.
-from tests.conftest import _close_cached_render_docs, standin  # noqa: E402, F401
+from tests.conftest import _close_cached_render_docs, standin, standins  # noqa: E402, F401

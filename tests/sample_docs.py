@@ -64,6 +64,13 @@ def write_text_pdf(path: Path, pages: int | Sequence[str], *, size: tuple[float,
     return path
 
 
+def write_text_docs(folder: Path, count: int, pages: int, *, name: str = "doc{}.pdf") -> list[Path]:
+    """``count`` text PDFs of ``pages`` pages each in ``folder`` (made if missing), named ``name`` with the
+    document's number (``doc0.pdf``, ...); every page has its own words (:func:`write_text_pdf`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return [write_text_pdf(folder / name.format(i), pages) for i in range(count)]
+
+
 def write_scanned_pdf(path: Path, pages: int = 1) -> Path:
     """A 'scan': each page is one image of text, with no text layer (the text fallback finds nothing)."""
     from fpdf import FPDF

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from olmocr.pipeline.pages.filters import language_of, seo_spam_share, text_reason
+from olmocr.pipeline.pages.filters import MISSING_LINGUA, language_of, seo_spam_share, text_reason
 from tests.pipeline_helpers import docs_by_source, failures, run_pipeline
 from tests.sample_docs import PARAGRAPHS, write_text_pdf
 from tests.standin_helpers import REPO_ROOT, clean_env
@@ -91,9 +91,7 @@ def test_apply_filter_without_lingua_says_what_to_install(tmp_path: Path) -> Non
                            "http://127.0.0.1:9", "--apply_filter"], cwd=REPO_ROOT, env=env, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1].endswith(
-        "--apply_filter needs the language detector lingua: pip install 'olmocr-serve[filter]' "
-        "(or: pip install lingua-language-detector pypdf)")
+    assert done.stderr.strip().splitlines()[-1].endswith(MISSING_LINGUA)
     assert not (tmp_path / "ws").exists()
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -14,7 +14,7 @@ import pytest
 from olmocr.pipeline.workspace.queue import load_index
 from olmocr.pipeline.workspace.storage import open_storage
 from tests.pdf_builders import text_pdf
-from tests.pipeline_helpers import docs_by_source, failures, launch_standin, run_pipeline
+from tests.pipeline_helpers import Standins, docs_by_source, failures, run_pipeline
 from tests.s3_helpers import S3Server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -49,7 +49,7 @@ MEMBERS = {
 }
 
 
-def test_local_tarballs_gzip_and_plain(tmp_path: Path) -> None:
+def test_local_tarballs_gzip_and_plain(tmp_path: Path, standins: Standins) -> None:
     gz = tmp_path / "batch.tar.gz"
     gz.write_bytes(_tar(MEMBERS, "w:gz"))
     plain = tmp_path / "more.tar"
@@ -59,11 +59,8 @@ def test_local_tarballs_gzip_and_plain(tmp_path: Path) -> None:
     truncated = tmp_path / "cut.tgz"
     truncated.write_bytes(whole[: int(len(whole) * 0.6)])
     ws = tmp_path / "ws"
-    standin = launch_standin(tmp_path)
-    try:
-        rc, log = run_pipeline(ws, standin.url, [gz, plain, truncated], timeout=180, log=tmp_path / "run.log")
-    finally:
-        standin.stop()
+    standin = standins()
+    rc, log = run_pipeline(ws, standin.url, [gz, plain, truncated], timeout=180, log=tmp_path / "run.log")
     assert rc == 0, log
     index = load_index(open_storage(str(ws)))
     assert sorted(index.values()) == sorted([(str(gz),), (str(plain),), (str(truncated),)])  # an item each
@@ -78,17 +75,14 @@ def test_local_tarballs_gzip_and_plain(tmp_path: Path) -> None:
         failed[str(truncated)]["reason"]
 
 
-def test_a_tarball_on_s3(tmp_path: Path, s3_server: S3Server) -> None:
+def test_a_tarball_on_s3(tmp_path: Path, s3_server: S3Server, standins: Standins) -> None:
     client = s3_server.client()
     client.put_object(Bucket=s3_server.bucket, Key="in/batch.tgz", Body=_tar(MEMBERS, "w:gz"))
     listing = tmp_path / "inputs.txt"
     url = f"s3://{s3_server.bucket}/in/batch.tgz"
     listing.write_text(url + "\n")  # a list file naming the archive
-    standin = launch_standin(tmp_path)
-    try:
-        rc, log = run_pipeline(s3_server.url("ws"), standin.url, [listing], timeout=180, log=tmp_path / "run.log")
-    finally:
-        standin.stop()
+    standin = standins()
+    rc, log = run_pipeline(s3_server.url("ws"), standin.url, [listing], timeout=180, log=tmp_path / "run.log")
     assert rc == 0, log
     storage = open_storage(s3_server.url("ws"))
     assert list(load_index(storage).values()) == [(url,)]

@@ -23,12 +23,14 @@ import pytest
 import requests
 
 from olmocr.pipeline.pages.render import TEST_FAULT_ENV
+from olmocr.pipeline.runner import LOG_CLAIMED
 from olmocr.standin import reading
 from tests.pipeline_helpers import (
     StandIn,
+    Standins,
     assert_every_page_once,
     docs_by_source,
-    launch_standin,
+    logged,
     results,
     run_pipeline,
     running_pipeline,
@@ -109,11 +111,8 @@ def test_the_check_catches_blank_swapped_and_foreign_pages() -> None:
 def reader(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandIn]:
     """One stand-in in reading mode for the module (Tesseract, not olmOCR)."""
     require_tesseract()
-    standin = launch_standin(tmp_path_factory.mktemp("reader"), env={"OLMOCR_STANDIN_ANSWER": "read"})
-    try:
-        yield standin
-    finally:
-        standin.stop()
+    with Standins(tmp_path_factory.mktemp("reader")) as start:
+        yield start(OLMOCR_STANDIN_ANSWER="read")
 
 
 def _page_requests(standin: StandIn) -> int:
@@ -171,7 +170,7 @@ def test_two_pipelines_on_one_workspace(reader: StandIn, tmp_path: Path) -> None
         for run in (one, two):
             assert run.wait(240) == 0, run.output()[-3000:]
     logs = [(tmp_path / f"pipeline-{i}.log").read_text() for i in (1, 2)]
-    assert all("claimed work item" in log for log in logs), "both pipelines did some of the work"
+    assert all(logged(log, LOG_CLAIMED) for log in logs), "both pipelines did some of the work"
     assert_every_page_once(ws, paths)
     assert len(results(ws)) == len(paths)
     assert fidelity_problems(docs_by_source(ws), expected) == []

@@ -14,8 +14,7 @@ import pytest
 from olmocr.pipeline.progress import FailFast
 from olmocr.pipeline.servers.checks import DEFAULT_READY_WAIT_S, ready_delays
 from olmocr.pipeline.workspace.queue import DONE_DIR, FAILED_DIR, INDEX_KEY, LOCKS_DIR, RESULTS_DIR
-from tests.pipeline_helpers import RESILIENCE_DOCS, SMALL_DOCS, launch_standin, run_pipeline, running_pipeline
-from tests.standin_helpers import free_port, start_standin, stop_process_group
+from tests.pipeline_helpers import RESILIENCE_DOCS, SMALL_DOCS, Standins, run_pipeline, running_pipeline
 from tests.test_mistakes import assert_one_line, run_cli
 
 pytestmark = pytest.mark.timeout(180)
@@ -54,14 +53,11 @@ def test_fail_fast_trips_when_nearly_every_early_page_fails_the_same_way(verdict
 # ------------------------------------------------------------------------------ a run that fails every page
 
 
-def test_a_server_answering_garbage_stops_the_run_early_with_one_line_and_exit_1(tmp_path: Path) -> None:
-    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_ANSWER": "garbage"})
+def test_a_server_answering_garbage_stops_the_run_early_with_one_line_and_exit_1(tmp_path: Path, standins: Standins) -> None:
+    standin = standins(OLMOCR_STANDIN_ANSWER="garbage")
     ws = tmp_path / "ws"
-    try:
-        rc, log = run_pipeline(ws, standin.url, RESILIENCE_DOCS, "--max_page_retries", "2", "--workers", "2",
-                               env={"OLMOCR_FAIL_FAST_PAGES": "6"}, log=tmp_path / "run.log")
-    finally:
-        standin.stop()
+    rc, log = run_pipeline(ws, standin.url, RESILIENCE_DOCS, "--max_page_retries", "2", "--workers", "2",
+                           env={"OLMOCR_FAIL_FAST_PAGES": "6"}, log=tmp_path / "run.log")
     assert rc == 1, log[-3000:]
     line = assert_one_line(log, "stopping the run", "failed the same way", "OLMOCR_FAIL_FAST_PAGES=0")
     assert "6 of the first 6 pages" in line and "no usable model answer" in line, line
@@ -74,38 +70,29 @@ def test_a_server_answering_garbage_stops_the_run_early_with_one_line_and_exit_1
     assert (ws / INDEX_KEY).is_file()  # the queue stays, for the next run
 
 
-def test_a_run_that_wrote_nothing_exits_1_even_without_the_early_stop(tmp_path: Path) -> None:
-    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_ANSWER": "garbage"})
-    try:
-        rc, log = run_pipeline(tmp_path / "ws", standin.url, SMALL_DOCS[:2], "--max_page_retries", "1",
-                               env={"OLMOCR_FAIL_FAST_PAGES": "0"}, log=tmp_path / "run.log")
-    finally:
-        standin.stop()
+def test_a_run_that_wrote_nothing_exits_1_even_without_the_early_stop(tmp_path: Path, standins: Standins) -> None:
+    standin = standins(OLMOCR_STANDIN_ANSWER="garbage")
+    rc, log = run_pipeline(tmp_path / "ws", standin.url, SMALL_DOCS[:2], "--max_page_retries", "1",
+                           env={"OLMOCR_FAIL_FAST_PAGES": "0"}, log=tmp_path / "run.log")
     assert rc == 1, log[-3000:]
     assert_one_line(log, "nothing written", "documents this run finished failed", "--stats")
     assert "stopping the run" not in log
 
 
-def test_a_run_given_only_broken_files_exits_0_they_failed_for_good(tmp_path: Path) -> None:
+def test_a_run_given_only_broken_files_exits_0_they_failed_for_good(tmp_path: Path, standins: Standins) -> None:
     broken = [tmp_path / "a.pdf", tmp_path / "b.pdf"]
     for path in broken:
         path.write_bytes(b"this is not a PDF at all\n" * 20)
-    standin = launch_standin(tmp_path)
-    try:
-        rc, log = run_pipeline(tmp_path / "ws", standin.url, broken, log=tmp_path / "run.log")
-    finally:
-        standin.stop()
+    standin = standins()
+    rc, log = run_pipeline(tmp_path / "ws", standin.url, broken, log=tmp_path / "run.log")
     assert rc == 0, log[-3000:]
     assert "0 documents written, 2 failed" in log and "nothing written" not in log, log[-3000:]
 
 
-def test_a_healthy_run_is_not_stopped(tmp_path: Path) -> None:
-    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_ANSWER": "mixed:3"})  # every 3rd answer garbage
-    try:
-        rc, log = run_pipeline(tmp_path / "ws", standin.url, SMALL_DOCS[:3], env={"OLMOCR_FAIL_FAST_PAGES": "4"},
-                               log=tmp_path / "run.log")
-    finally:
-        standin.stop()
+def test_a_healthy_run_is_not_stopped(tmp_path: Path, standins: Standins) -> None:
+    standin = standins(OLMOCR_STANDIN_ANSWER="mixed:3")  # every 3rd answer garbage
+    rc, log = run_pipeline(tmp_path / "ws", standin.url, SMALL_DOCS[:3], env={"OLMOCR_FAIL_FAST_PAGES": "4"},
+                           log=tmp_path / "run.log")
     assert rc == 0, log[-3000:]
     assert "stopping the run" not in log and "nothing written" not in log
 
@@ -116,28 +103,20 @@ def test_a_healthy_run_is_not_stopped(tmp_path: Path) -> None:
 SCALE = "0.01"  # OLMOCR_READY_WAIT_SCALE: 1200 s of wait become 12 s; a 400 s model load, 4 s
 
 
-def test_a_larger_ready_timeout_waits_out_a_long_model_load_and_the_first_line_says_so(tmp_path: Path) -> None:
-    port = free_port()
-    server = start_standin(port, env={"OLMOCR_STANDIN_LOAD_DELAY": "4"}, log_path=tmp_path / "standin.log")
-    try:
-        rc, log = run_pipeline(tmp_path / "ws", f"http://127.0.0.1:{port}", SMALL_DOCS[:1],
-                               "--max_server_ready_timeout", "1200", env={"OLMOCR_READY_WAIT_SCALE": SCALE},
-                               log=tmp_path / "run.log")
-    finally:
-        stop_process_group(server)
+def test_a_larger_ready_timeout_waits_out_a_long_model_load_and_the_first_line_says_so(tmp_path: Path, standins: Standins) -> None:
+    server = standins(OLMOCR_STANDIN_LOAD_DELAY=4, ready=False)  # still loading its model
+    rc, log = run_pipeline(tmp_path / "ws", server.url, SMALL_DOCS[:1],
+                           "--max_server_ready_timeout", "1200", env={"OLMOCR_READY_WAIT_SCALE": SCALE},
+                           log=tmp_path / "run.log")
     assert rc == 0, log[-3000:]
     first = assert_one_line(log, "waiting for the vLLM server", "--max_server_ready_timeout")
     assert "attempts over 12s" in first, first  # 1200 s scaled: the real wait, not the default's 243 s
 
 
-def test_the_default_wait_gives_up_on_a_load_longer_than_243s(tmp_path: Path) -> None:
-    port = free_port()
-    server = start_standin(port, env={"OLMOCR_STANDIN_LOAD_DELAY": "4"}, log_path=tmp_path / "standin.log")
-    try:
-        rc, log = run_pipeline(tmp_path / "ws", f"http://127.0.0.1:{port}", SMALL_DOCS[:1],
-                               env={"OLMOCR_READY_WAIT_SCALE": SCALE}, log=tmp_path / "run.log")
-    finally:
-        stop_process_group(server)
+def test_the_default_wait_gives_up_on_a_load_longer_than_243s(tmp_path: Path, standins: Standins) -> None:
+    server = standins(OLMOCR_STANDIN_LOAD_DELAY=4, ready=False)  # still loading its model
+    rc, log = run_pipeline(tmp_path / "ws", server.url, SMALL_DOCS[:1],
+                           env={"OLMOCR_READY_WAIT_SCALE": SCALE}, log=tmp_path / "run.log")
     assert rc == 1, log[-3000:]
     first = assert_one_line(log, "waiting for the vLLM server", "up to 10 attempts")
     assert "over 2s" in first, first  # 243 s scaled
@@ -165,21 +144,18 @@ def test_a_fresh_workspace_without_pdfs_is_one_line_exit_2_and_leaves_no_directo
     assert "0 of 0" not in out and not (tmp_path / "new").exists() and took < 20
 
 
-def test_a_dns_name_without_an_address_yet_is_waited_for(tmp_path: Path) -> None:
+def test_a_dns_name_without_an_address_yet_is_waited_for(tmp_path: Path, standins: Standins) -> None:
     """A headless Service has no address until its first server pod is ready (the Kubernetes Job's case)."""
     hosts = tmp_path / "hosts"
     hosts.write_text("")  # no server ready yet
-    standin = launch_standin(tmp_path)
-    try:
-        with running_pipeline(tmp_path / "ws", f"dns+http://olmocr-server:{standin.port}", SMALL_DOCS[:1],
-                              "--max_server_ready_timeout", "1200", log=tmp_path / "run.log",
-                              env={"OLMOCR_HOSTS_FILE": str(hosts), "OLMOCR_READY_WAIT_SCALE": SCALE}) as run:
-            run.wait_log("waiting for a vLLM server behind dns+http://olmocr-server", 30)
-            time.sleep(1.5)
-            hosts.write_text("127.0.0.1 olmocr-server\n")  # the first pod is ready
-            rc = run.wait(90)
-            log = run.output()
-    finally:
-        standin.stop()
+    standin = standins()
+    with running_pipeline(tmp_path / "ws", f"dns+http://olmocr-server:{standin.port}", SMALL_DOCS[:1],
+                          "--max_server_ready_timeout", "1200", log=tmp_path / "run.log",
+                          env={"OLMOCR_HOSTS_FILE": str(hosts), "OLMOCR_READY_WAIT_SCALE": SCALE}) as run:
+        run.wait_log("waiting for a vLLM server behind dns+http://olmocr-server", 30)
+        time.sleep(1.5)
+        hosts.write_text("127.0.0.1 olmocr-server\n")  # the first pod is ready
+        rc = run.wait(90)
+        log = run.output()
     assert rc == 0, log[-3000:]
     assert_one_line(log, "waiting for a vLLM server behind", "attempts over 12s", "--max_server_ready_timeout")

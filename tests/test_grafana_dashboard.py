@@ -20,10 +20,10 @@ from olmocr.server.health import KillKind
 from tests.deployment_helpers import wait_for
 from tests.grafana_queries import DASHBOARD, GRAFANA, panels, queries, substitute
 from tests.metrics_helpers import exported_names as shared_exported_names
-from tests.pipeline_helpers import start_pipeline
+from tests.pipeline_helpers import running_pipeline
 from tests.prometheus_helpers import Prometheus
 from tests.sample_docs import write_text_pdf
-from tests.standin_helpers import REPO_ROOT, free_port, stop_process_group
+from tests.standin_helpers import REPO_ROOT, free_port
 from tests.tiers import require_tool
 
 #: vLLM 0.32's metric names (vllm/v1/metrics/loggers.py) that the stand-in does not play.
@@ -143,68 +143,67 @@ def test_every_panel_query_runs_on_a_real_prometheus_scraping_a_deployment_and_a
     metrics_port = free_port()
     (tmp_path / "docs").mkdir()
     docs = [write_text_pdf(tmp_path / "docs" / f"report{i:02d}.pdf", 3) for i in range(40)]
-    pipeline = start_pipeline(tmp_path / "ws", dep.base_url, docs, "--metrics_port", str(metrics_port),
-                              "--progress_interval", "1", "--max_concurrent_requests", "1", "--pages_per_group", "3",
-                              log=tmp_path / "pipeline.log")
-    configs = {
-        "static": static_config({"olmocr-status": dep.status_port, "olmocr-vllm": dep.port,
-                                 "olmocr-pipeline": metrics_port}),
-        "podmonitor": podmonitor_config({"status": dep.status_port, "http": dep.port, "metrics": metrics_port}),
-    }
-    jobs = {"static": {"olmocr-status", "olmocr-vllm", "olmocr-pipeline"},
-            "podmonitor": {f"{NAMESPACE}/olmocr-server", f"{NAMESPACE}/olmocr-pipeline"}}
-    kills_panel = substitute(next(expr for title, expr in queries() if title.startswith("Health kills by reason")),
-                             "127.0.0.1", ".*")
-    proms: dict[str, Prometheus] = {}
-    try:
-        for name, config in configs.items():
-            proms[name] = prom = Prometheus(binary, tmp_path / f"prometheus-{name}", yaml.safe_dump(config))
-            wait_for(lambda p=prom: [h for _, h in p.targets()] == ["up"] * 3, 30, f"three targets up ({name})")
-            assert {job for job, _ in prom.targets()} == jobs[name]
-        # Before the first kill: every kill reason at 0, and the panel shows 0 (not "No data"); so does every
-        # other panel over one of our counters (errors, ejections, restarts, fallback pages...).
-        counters = [(title, substitute(expr, "127.0.0.1", dep.base_url)) for title, expr in queries()
-                    if re.search(r"olmocr_[a-z_]+_total", expr)]
-        for name, prom in proms.items():
-            wait_for(lambda p=prom: p.result("olmocr_pipeline_pages_done_total > 0"), 40, f"pages done ({name})")
-            kills = {r["metric"]["reason"]: r["value"][1] for r in prom.result("olmocr_server_health_kills_total")}
-            assert kills == {kind.value: "0" for kind in KillKind}, (name, kills)
-            shown = wait_for(lambda p=prom: p.result(kills_panel), 10, f"the kills panel before a kill ({name})")
-            assert {r["metric"]["reason"]: float(r["value"][1]) for r in shown} == {k.value: 0.0 for k in KillKind}
-            with contextlib.suppress(AssertionError):  # (the rates need two scrapes)
-                wait_for(lambda p=prom: all(p.result(q) for _, q in counters), 10, "every counter panel")
-            assert [(title, q) for title, q in counters if not prom.result(q)] == [], name
-        assert dep.status()["health_kills"] == 0
-        # A health kill (the server's /health fails: killed, restarted) while the pipeline runs.
-        dep.set_control({"latency": 1.0, "health_status": 503})
-        for name, prom in proms.items():
-            wait_for(lambda p=prom: p.result('olmocr_server_health_kills_total{reason="health_endpoint"} > 0'), 30,
-                     f"a health kill scraped ({name})")
-        dep.set_control({"latency": 1.0})
-        for name, prom in proms.items():
-            wait_for(lambda p=prom: p.result("olmocr_server_healthy == 1 and olmocr_server_restarts_total > 0"), 30,
-                     f"healthy again after the restart ({name})")
-            # The panel counts the first kill: its series was there, at 0, before it.
-            shown = prom.result(kills_panel)
-            assert [r["metric"]["reason"] for r in shown if float(r["value"][1]) > 0] == ["health_endpoint"], shown
-        for name, prom in proms.items():
-            # The workspace rate (hence the ETA) needs items done within its window after the restart: slow under
-            # load.
-            wait_for(lambda p=prom: p.result("olmocr_pipeline_workspace_eta_seconds"), 90, f"an ETA ({name})")
-        assert pipeline.poll() is None, "the pipeline ended before the queries ran: give it more pages"
+    with running_pipeline(tmp_path / "ws", dep.base_url, docs, "--metrics_port", str(metrics_port),
+                          "--progress_interval", "1", "--max_concurrent_requests", "1", "--pages_per_group", "3",
+                          log=tmp_path / "pipeline.log") as pipeline:
+        configs = {
+            "static": static_config({"olmocr-status": dep.status_port, "olmocr-vllm": dep.port,
+                                     "olmocr-pipeline": metrics_port}),
+            "podmonitor": podmonitor_config({"status": dep.status_port, "http": dep.port, "metrics": metrics_port}),
+        }
+        jobs = {"static": {"olmocr-status", "olmocr-vllm", "olmocr-pipeline"},
+                "podmonitor": {f"{NAMESPACE}/olmocr-server", f"{NAMESPACE}/olmocr-pipeline"}}
+        kills_panel = substitute(next(expr for title, expr in queries() if title.startswith("Health kills by reason")),
+                                 "127.0.0.1", ".*")
+        proms: dict[str, Prometheus] = {}
+        try:
+            for name, config in configs.items():
+                proms[name] = prom = Prometheus(binary, tmp_path / f"prometheus-{name}", yaml.safe_dump(config))
+                wait_for(lambda p=prom: [h for _, h in p.targets()] == ["up"] * 3, 30, f"three targets up ({name})")
+                assert {job for job, _ in prom.targets()} == jobs[name]
+            # Before the first kill: every kill reason at 0, and the panel shows 0 (not "No data"); so does every
+            # other panel over one of our counters (errors, ejections, restarts, fallback pages...).
+            counters = [(title, substitute(expr, "127.0.0.1", dep.base_url)) for title, expr in queries()
+                        if re.search(r"olmocr_[a-z_]+_total", expr)]
+            for name, prom in proms.items():
+                wait_for(lambda p=prom: p.result("olmocr_pipeline_pages_done_total > 0"), 40, f"pages done ({name})")
+                kills = {r["metric"]["reason"]: r["value"][1] for r in prom.result("olmocr_server_health_kills_total")}
+                assert kills == {kind.value: "0" for kind in KillKind}, (name, kills)
+                shown = wait_for(lambda p=prom: p.result(kills_panel), 10, f"the kills panel before a kill ({name})")
+                assert {r["metric"]["reason"]: float(r["value"][1]) for r in shown} == {k.value: 0.0 for k in KillKind}
+                with contextlib.suppress(AssertionError):  # (the rates need two scrapes)
+                    wait_for(lambda p=prom: all(p.result(q) for _, q in counters), 10, "every counter panel")
+                assert [(title, q) for title, q in counters if not prom.result(q)] == [], name
+            assert dep.status()["health_kills"] == 0
+            # A health kill (the server's /health fails: killed, restarted) while the pipeline runs.
+            dep.set_control({"latency": 1.0, "health_status": 503})
+            for name, prom in proms.items():
+                wait_for(lambda p=prom: p.result('olmocr_server_health_kills_total{reason="health_endpoint"} > 0'), 30,
+                         f"a health kill scraped ({name})")
+            dep.set_control({"latency": 1.0})
+            for name, prom in proms.items():
+                wait_for(lambda p=prom: p.result("olmocr_server_healthy == 1 and olmocr_server_restarts_total > 0"), 30,
+                         f"healthy again after the restart ({name})")
+                # The panel counts the first kill: its series was there, at 0, before it.
+                shown = prom.result(kills_panel)
+                assert [r["metric"]["reason"] for r in shown if float(r["value"][1]) > 0] == ["health_endpoint"], shown
+            for name, prom in proms.items():
+                # The workspace rate (hence the ETA) needs items done within its window after the restart: slow under
+                # load.
+                wait_for(lambda p=prom: p.result("olmocr_pipeline_workspace_eta_seconds"), 90, f"an ETA ({name})")
+            assert pipeline.poll() is None, "the pipeline ended before the queries ran: give it more pages"
 
-        for name, prom in proms.items():
-            server = prom.result("olmocr_pipeline_requests_completed_total")[0]["metric"]["server"]
-            assert server == dep.base_url
-            empty = empty_queries(prom, server)
-            assert not empty, f"{name}: queries on our metrics that returned no data: {empty}"
-            # The variables' own queries find the values substituted above.
-            labels = requests.get(f"{prom.api}/label/instance/values", timeout=5).json()["data"]
-            assert f"127.0.0.1:{dep.status_port}" in labels
-        assert pipeline.poll() is None
-    finally:
-        for prom in proms.values():
-            prom.stop()
-        stop_process_group(pipeline)
+            for name, prom in proms.items():
+                server = prom.result("olmocr_pipeline_requests_completed_total")[0]["metric"]["server"]
+                assert server == dep.base_url
+                empty = empty_queries(prom, server)
+                assert not empty, f"{name}: queries on our metrics that returned no data: {empty}"
+                # The variables' own queries find the values substituted above.
+                labels = requests.get(f"{prom.api}/label/instance/values", timeout=5).json()["data"]
+                assert f"127.0.0.1:{dep.status_port}" in labels
+            assert pipeline.poll() is None
+        finally:
+            for prom in proms.values():
+                prom.stop()
     log = (tmp_path / "pipeline.log").read_text()
     assert "Traceback" not in log, log[-3000:]

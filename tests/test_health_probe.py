@@ -4,33 +4,22 @@ busy (passes); one whose completions stopped is hung (fails), even if it generat
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 
 import pytest
 import requests
 
 from olmocr.server.health_probe import ServerProbe
+from tests.pipeline_helpers import Standins
 from tests.standin_helpers import (
     chat_payload,
-    free_port,
     make_png,
-    start_standin,
-    stop_process_group,
-    wait_http_ok,
 )
 
 
 @pytest.fixture
-def slow_standin() -> Iterator[str]:
-    port = free_port()
+def slow_standin(standins: Standins) -> str:
     # Every completion takes 1.5 s: longer than the probe's 1 s completion timeout.
-    proc = start_standin(port, env={"OLMOCR_STANDIN_LATENCY": "1.5"})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_http_ok(base + "/health", proc=proc)
-        yield base
-    finally:
-        stop_process_group(proc)
+    return standins(OLMOCR_STANDIN_LATENCY=1.5).url
 
 
 def _keep_server_busy(base: str, stop: threading.Event) -> None:

@@ -19,10 +19,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+from olmocr.pipeline.runner import LOG_CLAIMED
+from olmocr.pipeline.servers.fleet import LOG_PAUSED
 from olmocr.pipeline.workspace.queue import WorkQueue
 from olmocr.pipeline.workspace.storage import LocalStorage
-from tests.pipeline_helpers import RESILIENCE_DOCS, SMALL_DOCS, launch_standin, start_pipeline
-from tests.standin_helpers import stop_process_group
+from tests.pipeline_helpers import RESILIENCE_DOCS, SMALL_DOCS, Standins, log_line, running_pipeline
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.serial
@@ -50,84 +51,61 @@ def assert_idle(cpu: float, what: str, log: Path) -> None:
                              f"(limit {MAX_CPU_S}):\n{log.read_text()[-2000:]}")
 
 
-def wait_for_log(log: Path, text: str, timeout: float) -> None:
-    try:
-        wait_for(lambda: text in log.read_text(errors="replace"), timeout, f"{text!r} in the pipeline's log")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}:\n{log.read_text(errors='replace')[-3000:]}") from None
-
-
-def test_waiting_on_items_leased_by_others(tmp_path: Path) -> None:
+def test_waiting_on_items_leased_by_others(tmp_path: Path, standins: Standins) -> None:
     ws = tmp_path / "ws"
     other = WorkQueue(LocalStorage(str(ws)), lease_seconds=600)
     other.populate([str(p) for p in SMALL_DOCS[:2]], pages_per_group=500)
     assert other.claim() is not None  # another pipeline holds the only item for 10 minutes
-    standin = launch_standin(tmp_path)
+    standin = standins()
     log = tmp_path / "pipeline.log"
-    proc = start_pipeline(ws, standin.url, (), "--workers", "20", log=log)
-    try:
+    with running_pipeline(ws, standin.url, (), "--workers", "20", log=log) as run:
         # Every worker has found nothing claimable and waits (for the lease to expire or one of ours to end).
-        wait_for_log(log, "is ready and serves", 60)
+        run.wait_log("is ready and serves", 60)
         time.sleep(3)
-        assert_idle(cpu_over_window(proc, log), "waiting on an item leased by another pipeline", log)
-    finally:
-        stop_process_group(proc)
-        standin.stop()
+        assert_idle(cpu_over_window(run, log), "waiting on an item leased by another pipeline", log)
 
 
-def test_waiting_on_a_server_that_is_down(tmp_path: Path) -> None:
+def test_waiting_on_a_server_that_is_down(tmp_path: Path, standins: Standins) -> None:
     # Answers take 1 s, so the run is still going when the server is killed.
-    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "1", "OLMOCR_STANDIN_CONCURRENCY": "2"})
+    standin = standins(OLMOCR_STANDIN_LATENCY="1", OLMOCR_STANDIN_CONCURRENCY="2")
     ws = tmp_path / "ws"
     log = tmp_path / "pipeline.log"
-    proc = start_pipeline(ws, standin.url, RESILIENCE_DOCS, "--workers", "20", log=log)
-    try:
+    with running_pipeline(ws, standin.url, RESILIENCE_DOCS, "--workers", "20", log=log) as run:
         wait_for(lambda: standin_info(standin.url)["image_requests_served"] >= 1, 60, "the first answer",
                  interval=0.1)  # the run is under way
-        assert proc.poll() is None, log.read_text()[-3000:]
+        assert run.poll() is None, log.read_text()[-3000:]
         standin.kill()
-        wait_for_log(log, "vLLM server unavailable", 60)
+        run.wait_log(log_line(LOG_PAUSED), 60, "the outage noticed")
         time.sleep(3)
-        assert_idle(cpu_over_window(proc, log), "waiting for a server that is down", log)
-    finally:
-        stop_process_group(proc)
-        standin.stop()
+        assert_idle(cpu_over_window(run, log), "waiting for a server that is down", log)
 
 
-def test_waiting_on_a_slow_server(tmp_path: Path) -> None:
-    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "600"})
+def test_waiting_on_a_slow_server(tmp_path: Path, standins: Standins) -> None:
+    standin = standins(OLMOCR_STANDIN_LATENCY="600")
     ws = tmp_path / "ws"
     log = tmp_path / "pipeline.log"
     # One small work item for 20 workers: 19 of them are done at once.
-    proc = start_pipeline(ws, standin.url, SMALL_DOCS[:2], "--workers", "20", log=log)
-    try:
-        wait_for_log(log, "claimed work item", 60)
+    with running_pipeline(ws, standin.url, SMALL_DOCS[:2], "--workers", "20", log=log) as run:
+        run.wait_log(log_line(LOG_CLAIMED), 60)
         time.sleep(4)  # rendered and sent: every page now waits for its answer
         info = standin_info(standin.url)
         assert info["requests_served"] == 0
-        assert_idle(cpu_over_window(proc, log), "waiting for a slow server's answers", log)
-    finally:
-        stop_process_group(proc)
-        standin.stop()
+        assert_idle(cpu_over_window(run, log), "waiting for a slow server's answers", log)
 
 
-def test_follow_waits_for_new_items(tmp_path: Path) -> None:
+def test_follow_waits_for_new_items(tmp_path: Path, standins: Standins) -> None:
     """``--follow``: the queue done, the pipeline keeps running at about zero CPU and takes the next item."""
-    standin = launch_standin(tmp_path)
+    standin = standins()
     ws = tmp_path / "ws"
     log = tmp_path / "pipeline.log"
-    proc = start_pipeline(ws, standin.url, SMALL_DOCS[:1], "--follow", "--workers", "20", log=log)
-    try:
-        wait_for_log(log, "done: 1 documents written", 60)
+    with running_pipeline(ws, standin.url, SMALL_DOCS[:1], "--follow", "--workers", "20", log=log) as run:
+        run.wait_log("done: 1 documents written", 60)
         time.sleep(3)
-        assert_idle(cpu_over_window(proc, log), "following an empty queue", log)
+        assert_idle(cpu_over_window(run, log), "following an empty queue", log)
         WorkQueue(LocalStorage(str(ws))).populate([str(SMALL_DOCS[1])])  # as olmocr-service adds a job
-        wait_for_log(log, "claimed work item", 60)
+        run.wait_log(log_line(LOG_CLAIMED), 60)
         wait_for(lambda: log.read_text().count("done: 1 documents written") == 2, 60, "the new item done")
-        assert proc.poll() is None, log.read_text()[-3000:]
-    finally:
-        stop_process_group(proc)
-        standin.stop()
+        assert run.poll() is None, log.read_text()[-3000:]
 
 
 def standin_info(url: str) -> dict:

@@ -18,15 +18,14 @@ import pytest
 import requests
 
 from olmocr.pipeline.stopping import BURST_S
-from tests.pipeline_helpers import assert_every_page_once, failures, wait_for
-from tests.sample_docs import write_text_pdf
+from tests.pipeline_helpers import Standins, assert_every_page_once, failures, wait_for
+from tests.sample_docs import write_text_docs
 from tests.standin_helpers import (
     REPO_ROOT,
     STANDIN_SHIM,
     clean_env,
     free_port,
     free_port_run,
-    start_standin,
     stop_process_group,
 )
 
@@ -138,15 +137,9 @@ def internal_run(tmp_path: Path):
         run.close()
 
 
-def _docs(tmp_path: Path, count: int, pages: int) -> list[Path]:
-    folder = tmp_path / "docs"
-    folder.mkdir(exist_ok=True)
-    return [write_text_pdf(folder / f"doc{i}.pdf", pages) for i in range(count)]
-
-
 @pytest.mark.slow
 def test_internal_mode_serves_the_run_and_stops_everything(internal_run, tmp_path: Path) -> None:
-    pdfs = _docs(tmp_path, 2, 2)
+    pdfs = write_text_docs(tmp_path / "docs", 2, 2)
     key_file = tmp_path / "api-key"
     key_file.write_text("s3cret-key\n")  # the server requires it; the pipeline sends it
     run = internal_run(pdfs, "--max_model_len", "20000", "--gpu-memory-utilization", "0.5", "-tp", "1",
@@ -170,7 +163,7 @@ def test_internal_mode_serves_the_run_and_stops_everything(internal_run, tmp_pat
 
 @pytest.mark.slow
 def test_internal_mode_rides_out_a_crash_and_a_hang(internal_run, tmp_path: Path) -> None:
-    pdfs = _docs(tmp_path, 6, 2)
+    pdfs = write_text_docs(tmp_path / "docs", 6, 2)
     # One document at a time, 1.5 s a page: the run lasts through both faults.
     run = internal_run(pdfs, "--workers", "1", "--pages_per_group", "1", control={"latency": 1.5})
     run.wait_output("vLLM server ready", 60)
@@ -207,7 +200,7 @@ def _pid_or_none(run: InternalRun) -> int | None:
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "ctrl-c-twice", "sigkill", "ctrl-c-while-loading"])
 def test_internal_mode_stopped_leaves_no_process(internal_run, tmp_path: Path, how: str) -> None:
-    pdfs = _docs(tmp_path, 2, 2)
+    pdfs = write_text_docs(tmp_path / "docs", 2, 2)
     if how == "ctrl-c-while-loading":  # the model takes minutes to load: Ctrl+C then must stop it too
         run = internal_run(pdfs, control={"load_delay": 120})
         run.wait_output("started a vLLM server for this run", 60)
@@ -249,35 +242,22 @@ def test_internal_mode_stopped_leaves_no_process(internal_run, tmp_path: Path, h
         assert not list((run.workspace / "worker_locks").glob("*.lock"))  # items handed back at once
 
 
-def test_internal_mode_uses_an_olmocr_server_already_on_the_port(internal_run, tmp_path: Path) -> None:
-    pdfs = _docs(tmp_path, 1, 1)
+def test_internal_mode_uses_an_olmocr_server_already_on_the_port(internal_run, tmp_path: Path,
+                                                                standins: Standins) -> None:
+    pdfs = write_text_docs(tmp_path / "docs", 1, 1)
     port = free_port()
-    other = start_standin(port, served_model_name="something-else", log_path=tmp_path / "other.log")
-    try:
-        wait_for(lambda: _answers(port), 30, "the other server")
-        run = internal_run(pdfs, port=port)
-        assert run.wait(30) == 2
-        assert f"port {port} is taken by a server that does not serve 'olmocr'" in run.output()
-    finally:
-        stop_process_group(other)
-    ours = start_standin(port, log_path=tmp_path / "ours.log")
-    try:
-        wait_for(lambda: _answers(port), 30, "the olmocr server")
-        run = internal_run(pdfs, port=port)
-        assert run.wait(60) == 0, run.output()[-3000:]
-        assert "already answering" in run.output() and "serves 'olmocr': using it" in run.output()
-        assert not run.run_dir.exists()  # no supervisord was started
-        assert ours.poll() is None  # and the server that was there is left running
-        assert_every_page_once(run.workspace, pdfs)
-    finally:
-        stop_process_group(ours)
-
-
-def _answers(port: int) -> bool:
-    try:
-        return requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).ok
-    except requests.RequestException:
-        return False
+    other = standins(port=port, served_model_name="something-else")
+    run = internal_run(pdfs, port=port)
+    assert run.wait(30) == 2
+    assert f"port {port} is taken by a server that does not serve 'olmocr'" in run.output()
+    other.stop()
+    ours = standins(port=port)
+    run = internal_run(pdfs, port=port)
+    assert run.wait(60) == 0, run.output()[-3000:]
+    assert "already answering" in run.output() and "serves 'olmocr': using it" in run.output()
+    assert not run.run_dir.exists()  # no supervisord was started
+    assert ours.proc.poll() is None  # and the server that was there is left running
+    assert_every_page_once(run.workspace, pdfs)
 
 
 def test_internal_mode_with_nothing_to_do_starts_no_server(internal_run, tmp_path: Path) -> None:
@@ -292,7 +272,7 @@ def test_internal_mode_server_that_cannot_start(internal_run, tmp_path: Path) ->
     broken = tmp_path / "broken-vllm"
     broken.write_text("#!/bin/sh\necho 'vllm: error: unrecognized arguments: --bogus' >&2\nexit 2\n")
     broken.chmod(0o755)
-    run = internal_run(_docs(tmp_path, 1, 1), env={"OLMOCR_VLLM_BIN": str(broken)})
+    run = internal_run(write_text_docs(tmp_path / "docs", 1, 1), env={"OLMOCR_VLLM_BIN": str(broken)})
     assert run.wait(90) == 1, run.output()[-3000:]
     last = run.output().strip().splitlines()
     assert any("the vLLM server did not start:" in line and str(run.run_dir / "logs") in line for line in last), last
@@ -305,7 +285,7 @@ def test_internal_mode_server_that_cannot_start(internal_run, tmp_path: Path) ->
 @pytest.mark.slow
 def test_internal_mode_stops_when_the_server_is_given_up_on(internal_run, tmp_path: Path) -> None:
     # Every start crashes after 6 s (once RUNNING); after one restart in a row the listener gives up.
-    run = internal_run(_docs(tmp_path, 2, 1), control={"latency": 60, "crash_after": 6},
+    run = internal_run(write_text_docs(tmp_path / "docs", 2, 1), control={"latency": 60, "crash_after": 6},
                        env={"OLMOCR_MAX_RESTART_ATTEMPTS": "1"})
     assert run.wait(120) == 1, run.output()[-3000:]
     assert "stopping the run: the server was left stopped after" in run.output()
@@ -317,7 +297,7 @@ def test_internal_mode_stops_when_the_server_is_given_up_on(internal_run, tmp_pa
 def test_internal_mode_serves_on_every_gpu_and_sends_work_to_all(internal_run, tmp_path: Path) -> None:
     from olmocr.pipeline.stats import SERVER_STATS_DIR, summarize_server_stats
 
-    pdfs = _docs(tmp_path, 4, 2)
+    pdfs = write_text_docs(tmp_path / "docs", 4, 2)
     run = internal_run(pdfs, "--gpus", "0,1", port=free_port_run(2))
     assert run.wait(120) == 0, run.output()[-3000:]
     assert_every_page_once(run.workspace, pdfs)

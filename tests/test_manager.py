@@ -41,7 +41,7 @@ def test_ready_status_and_ctrl_c_leaves_nothing_behind(manager_run):
 @pytest.mark.slow
 def test_sigterm_stops_everything_and_exits_0(manager_run):
     run = manager_run()
-    wait_for(lambda: "ready and accepting" in run.output(), 40, "ready message")
+    wait_for(lambda: READY_MESSAGE in run.output(), 40, "ready message")
     pids = run.descendants()
     run.proc.send_signal(signal.SIGTERM)
     assert run.proc.wait(timeout=90) == 0

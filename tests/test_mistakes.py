@@ -25,17 +25,18 @@ import pytest
 
 from olmocr.pipeline.cli import build_parser
 from olmocr.pipeline.flags import normalize_spellings, spelling_aliases
+from olmocr.pipeline.runner import LOG_CLAIMED, LOG_STOPPED
 from olmocr.pipeline.servers.client import ready_wait_bound
-from olmocr.pipeline.stopping import BURST_S, is_same_stop
+from olmocr.pipeline.stopping import BURST_S, LOG_GRACEFUL, LOG_HARD_EXIT, LOG_SAME_STOP, is_same_stop
 from olmocr.pipeline.workspace.check import workspace_problem
-from tests.pipeline_helpers import SAMPLES, launch_standin, start_pipeline, wait_for
+from tests.pipeline_helpers import SAMPLES, Standins, log_line, logged, running_pipeline, wait_for
 from tests.s3_helpers import start_s3_server
+from tests.sample_docs import write_text_docs
 from tests.standin_helpers import (
     REPO_ROOT,
     clean_env,
     free_port,
     pids_in_group,
-    start_standin,
     stop_process_group,
     wait_http_ok,
 )
@@ -118,35 +119,24 @@ def not_http() -> Iterator[str]:
 
 
 @pytest.fixture
-def tls_standin(tmp_path: Path) -> Iterator[tuple[int, str]]:
-    """The stand-in over https with an API key; yields (port, key)."""
+def tls_standin(tmp_path: Path, standins: Standins) -> tuple[int, str]:
+    """The stand-in over https with an API key; returns (port, key)."""
     from tests.test_fleet import _make_ca_and_cert
 
     _, cert, key = _make_ca_and_cert(tmp_path)
-    port = free_port()
     secret = "k-right-0123456789"
-    proc = start_standin(port, env={"VLLM_API_KEY": secret},
-                         extra_args=("--ssl-certfile", str(cert), "--ssl-keyfile", str(key)),
-                         log_path=tmp_path / "tls.log")
-    try:
-        deadline = time.monotonic() + 30
-        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
-            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "tls.log").read_text()
-            time.sleep(0.1)
-        yield port, secret
-    finally:
-        stop_process_group(proc)
+    server = standins(VLLM_API_KEY=secret, extra_args=("--ssl-certfile", str(cert), "--ssl-keyfile", str(key)),
+                      ready=False)  # (its /health is https)
+    deadline = time.monotonic() + 30
+    while socket.socket().connect_ex(("127.0.0.1", server.port)) != 0:
+        assert time.monotonic() < deadline and server.proc.poll() is None, server.log.read_text()
+        time.sleep(0.1)
+    return server.port, secret
 
 
 @pytest.fixture
-def keyed_standin(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    proc = start_standin(port, env={"VLLM_API_KEY": "k-right-0123456789"}, log_path=tmp_path / "keyed.log")
-    try:
-        wait_http_ok(f"http://127.0.0.1:{port}/health", timeout=30, proc=proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_process_group(proc)
+def keyed_standin(standins: Standins) -> str:
+    return standins(VLLM_API_KEY="k-right-0123456789").url
 
 
 def test_a_web_server_that_is_not_vllm_fails_in_seconds(tmp_path: Path, doc: Path, not_vllm: str) -> None:
@@ -452,75 +442,51 @@ def _children_ready(pgid: int, processes: int = 2) -> bool:
     return True
 
 
-def _text_docs(tmp_path: Path, n: int) -> list[Path]:
-    from tests.pdf_builders import text_pdf
-
-    folder = tmp_path / "docs"
-    folder.mkdir()
-    paths = []
-    for i in range(n):
-        paths.append(folder / f"doc {i}.pdf")
-        paths[-1].write_bytes(text_pdf([f"document {i} page {p}" for p in range(2)]))
-    return paths
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_to_the_whole_group_is_one_graceful_stop(tmp_path: Path, sig: signal.Signals) -> None:
+def test_a_signal_to_the_whole_group_is_one_graceful_stop(tmp_path: Path, sig: signal.Signals, standins: Standins) -> None:
     """GNU ``timeout -s INT`` signals the pipeline, then its group (render workers included); systemd and
     Slurm signal the whole job: one stop, the items handed back at once, no worker dies of it."""
-    docs = _text_docs(tmp_path, 4)
+    docs = write_text_docs(tmp_path / "docs", 4, 2, name="doc {}.pdf")
     ws = tmp_path / "ws"
     temp = tmp_path / "tmp"
     temp.mkdir()
-    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "30"})
+    standin = standins(OLMOCR_STANDIN_LATENCY="30")
     log = tmp_path / "run.log"
-    try:
-        proc = start_pipeline(ws, standin.url, docs, "--pages_per_group", "2", "--workers", "2",
-                              "--stop_timeout", "1", env={"TMPDIR": str(temp)}, log=log)
-        try:
-            wait_for(lambda: log.read_text().count("claimed work item") >= 2, 60, "two items claimed")
-            wait_for(lambda: _children_ready(proc.pid), 30, "render workers started")
-            os.kill(proc.pid, sig)  # what `timeout` does: the process, then the group
-            time.sleep(0.1)  # (at once, the kernel would merge the two into one pending signal)
-            os.killpg(proc.pid, sig)
-            rc = proc.wait(timeout=60)
-        finally:
-            stop_process_group(proc)
-    finally:
-        standin.stop()
+    with running_pipeline(ws, standin.url, docs, "--pages_per_group", "2", "--workers", "2",
+                          "--stop_timeout", "1", env={"TMPDIR": str(temp)}, log=log) as run:
+        run.wait_log(log_line(LOG_CLAIMED), 60, "two items claimed", count=2)
+        wait_for(lambda: _children_ready(run.pid), 30, "render workers started")
+        os.kill(run.pid, sig)  # what `timeout` does: the process, then the group
+        time.sleep(0.1)  # (at once, the kernel would merge the two into one pending signal)
+        os.killpg(run.pid, sig)
+        rc = run.wait(timeout=60)
     text = log.read_text()
     assert rc == 0, text
-    assert text.count(f"{sig.name}: stopping gracefully") == 1 and "exiting at once" not in text, text
-    assert "the same stop" in text
-    assert "handed back unfinished" in text and not list((ws / "worker_locks").glob("*.lock"))
+    assert len(logged(text, LOG_GRACEFUL, sig.name)) == 1 and not logged(text, LOG_HARD_EXIT), text
+    assert logged(text, LOG_SAME_STOP, sig.name, BURST_S), text
+    assert logged(text, LOG_STOPPED, sig.name) and not list((ws / "worker_locks").glob("*.lock"))
     assert "Traceback" not in text and "render pool stopped" not in text and "died" not in text, text
     assert "{'" not in text, text  # no Python reprs in the log (e.g. the work item counts)
     assert list(temp.iterdir()) == [], list(temp.iterdir())
 
 
-def test_a_second_signal_later_exits_at_once_and_removes_its_temp_dirs(tmp_path: Path) -> None:
-    docs = _text_docs(tmp_path, 2)
+def test_a_second_signal_later_exits_at_once_and_removes_its_temp_dirs(tmp_path: Path, standins: Standins) -> None:
+    docs = write_text_docs(tmp_path / "docs", 2, 2, name="doc {}.pdf")
     temp = tmp_path / "tmp"
     temp.mkdir()
-    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "30"})
+    standin = standins(OLMOCR_STANDIN_LATENCY="30")
     log = tmp_path / "run.log"
-    try:
-        proc = start_pipeline(tmp_path / "ws", standin.url, docs, "--stop_timeout", "120",
-                              env={"TMPDIR": str(temp)}, log=log)
-        try:
-            wait_for(lambda: "claimed work item" in log.read_text(), 60, "an item claimed")
-            wait_for(lambda: _children_ready(proc.pid), 30, "render workers started")
-            os.killpg(proc.pid, signal.SIGINT)
-            wait_for(lambda: "stopping gracefully" in log.read_text(), 10, "the first signal noticed")
-            time.sleep(BURST_S + 0.2)
-            os.killpg(proc.pid, signal.SIGINT)
-            rc = proc.wait(timeout=20)
-        finally:
-            stop_process_group(proc)
-    finally:
-        standin.stop()
+    with running_pipeline(tmp_path / "ws", standin.url, docs, "--stop_timeout", "120",
+                          env={"TMPDIR": str(temp)}, log=log) as run:
+        run.wait_log(log_line(LOG_CLAIMED), 60, "an item claimed")
+        wait_for(lambda: _children_ready(run.pid), 30, "render workers started")
+        os.killpg(run.pid, signal.SIGINT)
+        run.wait_log(log_line(LOG_GRACEFUL), 10, "the first signal noticed")
+        time.sleep(BURST_S + 0.2)
+        os.killpg(run.pid, signal.SIGINT)
+        rc = run.wait(timeout=20)
     assert rc == 130, log.read_text()
-    assert "exiting at once" in log.read_text()
+    assert logged(log.read_text(), LOG_HARD_EXIT)
     wait_for(lambda: list(temp.iterdir()) == [], 5, "temp dirs removed")
 
 
@@ -618,55 +584,45 @@ def test_describe_lease_holders_names_host_pid_and_expiry() -> None:
 
 
 @pytest.mark.slow
-def test_a_second_pipeline_says_whose_items_it_waits_for(tmp_path: Path) -> None:
-    docs = _text_docs(tmp_path, 2)
+def test_a_second_pipeline_says_whose_items_it_waits_for(tmp_path: Path, standins: Standins) -> None:
+    docs = write_text_docs(tmp_path / "docs", 2, 2, name="doc {}.pdf")
     ws = tmp_path / "ws"
-    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "60"})
+    standin = standins(OLMOCR_STANDIN_LATENCY="60")
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
-    first = second = None
-    try:
-        first = start_pipeline(ws, standin.url, docs, "--pages_per_group", "1", "--workers", "2", log=first_log)
-        wait_for(lambda: first_log.read_text().count("claimed work item") >= 2, 60, "both items claimed")
-        second = start_pipeline(ws, standin.url, (), "--workers", "2", log=second_log)
-        wait_for(lambda: "leased by other pipelines" in second_log.read_text(), 60, "the idle line")
-    finally:
-        for proc in (first, second):
-            if proc is not None:
-                stop_process_group(proc)
-        standin.stop()
+    with running_pipeline(ws, standin.url, docs, "--pages_per_group", "1", "--workers", "2", log=first_log) as first:
+        first.wait_log(log_line(LOG_CLAIMED), 60, "both items claimed", count=2)
+        with running_pipeline(ws, standin.url, (), "--workers", "2", log=second_log) as second:
+            second.wait_log("leased by other pipelines", 60, "the idle line")
     line = assert_one_line(second_log.read_text(), "leased by other pipelines")
     assert f"2 work items are leased by other pipelines ({socket.gethostname()} pid {first.pid}: 2" in line, line
 
 
 @pytest.mark.slow
-def test_the_listener_never_takes_a_stranger_on_its_port_for_its_server(deployments, tmp_path: Path) -> None:  # noqa: ANN001
+def test_the_listener_never_takes_a_stranger_on_its_port_for_its_server(deployments, tmp_path: Path,  # noqa: ANN001
+                                                                        standins: Standins) -> None:
     """Another vLLM-like program holds the deployment's port: the wrapper says so in vllm.log instead of
     starting vLLM, and the listener does not report the stranger's health as the deployment's."""
-    port = free_port()
-    stranger = start_standin(port, log_path=tmp_path / "stranger.log")
-    try:
-        wait_http_ok(f"http://127.0.0.1:{port}/health", timeout=30, proc=stranger)
-        dep = deployments(env={"OLMOCR_PORT": str(port)})
-        dep.port = port
-        wait_for(lambda: "already in use" in dep.log_text("vllm"), 60, "the wrapper's line")
-        # The listener probes while the wrapper waits for the port: the stranger answers, and is named.
-        seen: list[str] = []
+    stranger = standins()
+    port = stranger.port
+    dep = deployments(env={"OLMOCR_PORT": str(port)})
+    dep.port = port
+    wait_for(lambda: "already in use" in dep.log_text("vllm"), 60, "the wrapper's line")
+    # The listener probes while the wrapper waits for the port: the stranger answers, and is named.
+    seen: list[str] = []
 
-        def stranger_named() -> bool:
-            reason = str((dep.proxy.olmocr.getProcessStats("vllm").get("health") or {}).get("reason"))
-            seen.append(reason)
-            return "is held by" in reason
+    def stranger_named() -> bool:
+        reason = str((dep.proxy.olmocr.getProcessStats("vllm").get("health") or {}).get("reason"))
+        seen.append(reason)
+        return "is held by" in reason
 
-        wait_for(stranger_named, 60, "the listener noticing the stranger")
-        health = seen[-1]
-        assert f"pid {stranger.pid}" in health and "not by vllm" in health, health
-        assert not dep.status()["healthy"]
-        lines = [line for line in dep.log_text("vllm").splitlines() if "already in use" in line]
-        assert lines and all(f"port {port}" in line and f"pid {stranger.pid}" in line and "OLMOCR_PORT" in line
-                             for line in lines), lines
-        assert "Traceback" not in dep.log_text("vllm")
-    finally:
-        stop_process_group(stranger)
+    wait_for(stranger_named, 60, "the listener noticing the stranger")
+    health = seen[-1]
+    assert f"pid {stranger.proc.pid}" in health and "not by vllm" in health, health
+    assert not dep.status()["healthy"]
+    lines = [line for line in dep.log_text("vllm").splitlines() if "already in use" in line]
+    assert lines and all(f"port {port}" in line and f"pid {stranger.proc.pid}" in line and "OLMOCR_PORT" in line
+                         for line in lines), lines
+    assert "Traceback" not in dep.log_text("vllm")
 
 
 # ------------------------------------------------------------------------- the sweep: mistakes not in the issue

@@ -20,6 +20,7 @@ import pytest
 import requests
 
 from olmocr.port_owner import port_taken
+from olmocr.server.box_ports import STATUS_PORT_FIX
 from tests.deployment_helpers import Deployment, wait_for
 from tests.metrics_helpers import parse_metrics
 from tests.standin_helpers import free_port_run
@@ -208,7 +209,7 @@ def test_supervisord_names_a_taken_status_port_and_its_owner():
         line = done.stderr.strip()
         assert "\n" not in line and line.startswith(f"Error: olmocr: port {dep.status_port} on 127.0.0.1 (the status "
                                                     f"service) is already in use by pid {os.getpid()} ("), line
-        assert line.endswith("stop that program or choose another port with OLMOCR_STATUS_PORT"), line
+        assert line.endswith(STATUS_PORT_FIX), line
         assert not port_taken("127.0.0.1", dep.port)  # no server was started
     finally:
         holder.close()

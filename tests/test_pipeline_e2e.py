@@ -18,10 +18,10 @@ from tests.pipeline_helpers import (
     SAMPLES,
     SMALL_DOCS,
     StandIn,
+    Standins,
     _close_cached_render_docs,  # noqa: F401 - autouse fixture
     docs_by_source,
     failures,
-    launch_standin,
     page_count,
     results,
     run_pipeline,
@@ -81,14 +81,11 @@ def test_output_schema_spans_order_and_markdown(standin: StandIn, tmp_path: Path
     assert "finished in" in log
 
 
-def test_rotation_retries_rotate_counter_clockwise(tmp_path: Path) -> None:
-    s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_ROTATION": "landscape"})
-    try:
-        ws = tmp_path / "ws"
-        pdf = SAMPLES.letter_rotated
-        rc, log = run_pipeline(ws, s.url, [pdf], log=tmp_path / "run.log")
-    finally:
-        s.stop()
+def test_rotation_retries_rotate_counter_clockwise(tmp_path: Path, standins: Standins) -> None:
+    s = standins(OLMOCR_STANDIN_ROTATION="landscape")
+    ws = tmp_path / "ws"
+    pdf = SAMPLES.letter_rotated
+    rc, log = run_pipeline(ws, s.url, [pdf], log=tmp_path / "run.log")
     assert rc == 0, log
     doc = docs_by_source(ws)[str(pdf)]
     # The page renders landscape (/Rotate 90); the stand-in asks for 90 degrees; the accepted answer is for
@@ -101,15 +98,12 @@ def test_rotation_retries_rotate_counter_clockwise(tmp_path: Path) -> None:
     assert "rotation is invalid" in log
 
 
-def test_fallback_to_text_layer_after_retries(tmp_path: Path) -> None:
-    s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_ANSWER": "garbage"})
-    try:
-        ws = tmp_path / "ws"
-        pdf = SAMPLES.letter
-        rc, log = run_pipeline(ws, s.url, [pdf], "--max_page_retries", "3", "--max_page_error_rate", "1",
-                               log=tmp_path / "run.log")
-    finally:
-        s.stop()
+def test_fallback_to_text_layer_after_retries(tmp_path: Path, standins: Standins) -> None:
+    s = standins(OLMOCR_STANDIN_ANSWER="garbage")
+    ws = tmp_path / "ws"
+    pdf = SAMPLES.letter
+    rc, log = run_pipeline(ws, s.url, [pdf], "--max_page_retries", "3", "--max_page_error_rate", "1",
+                           log=tmp_path / "run.log")
     assert rc == 0, log
     doc = docs_by_source(ws)[str(pdf)]
     assert doc["metadata"]["total-fallback-pages"] == 1
@@ -119,36 +113,30 @@ def test_fallback_to_text_layer_after_retries(tmp_path: Path) -> None:
     assert "no usable answer after 3 attempts" in log
 
 
-def test_document_over_error_rate_is_failed_then_retried(tmp_path: Path) -> None:
+def test_document_over_error_rate_is_failed_then_retried(tmp_path: Path, standins: Standins) -> None:
     ws = tmp_path / "ws"
     pdfs = [SAMPLES.letter, SAMPLES.report]
-    s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_ANSWER": "garbage"})
-    try:
-        rc, log = run_pipeline(ws, s.url, pdfs, "--max_page_retries", "2", log=tmp_path / "run1.log")
-        assert rc == 1 and "nothing written: all 2 documents this run finished failed" in log, log  # (#28)
-        assert results(ws) == []
-        failed = failures(ws)
-        assert sorted(f["source"] for f in failed) == sorted(map(str, pdfs))
-        assert all(f["retryable"] for f in failed)
-        assert all("max_page_error_rate" in f["reason"] for f in failed)
-        # Next run, the model behaves: the failed documents are retried and written.
-        s.control(answer="ok")
-        rc, log = run_pipeline(ws, s.url, (), log=tmp_path / "run2.log")
-    finally:
-        s.stop()
+    s = standins(OLMOCR_STANDIN_ANSWER="garbage")
+    rc, log = run_pipeline(ws, s.url, pdfs, "--max_page_retries", "2", log=tmp_path / "run1.log")
+    assert rc == 1 and "nothing written: all 2 documents this run finished failed" in log, log  # (#28)
+    assert results(ws) == []
+    failed = failures(ws)
+    assert sorted(f["source"] for f in failed) == sorted(map(str, pdfs))
+    assert all(f["retryable"] for f in failed)
+    assert all("max_page_error_rate" in f["reason"] for f in failed)
+    # Next run, the model behaves: the failed documents are retried and written.
+    s.control(answer="ok")
+    rc, log = run_pipeline(ws, s.url, (), log=tmp_path / "run2.log")
     assert rc == 0, log
     docs = docs_by_source(ws)
     assert set(docs) == set(map(str, pdfs))
     assert all(d["metadata"]["total-fallback-pages"] == 0 for d in docs.values())
 
 
-def test_wrong_model_fails_fast_before_claiming(tmp_path: Path) -> None:
-    s = launch_standin(tmp_path, served_model_name="some-other-model")
-    try:
-        ws = tmp_path / "ws"
-        rc, log = run_pipeline(ws, s.url, [SAMPLES.letter], timeout=60, log=tmp_path / "run.log")
-    finally:
-        s.stop()
+def test_wrong_model_fails_fast_before_claiming(tmp_path: Path, standins: Standins) -> None:
+    s = standins(served_model_name="some-other-model")
+    ws = tmp_path / "ws"
+    rc, log = run_pipeline(ws, s.url, [SAMPLES.letter], timeout=60, log=tmp_path / "run.log")
     assert rc != 0
     assert "External vLLM server is running but doesn't have the 'olmocr' model" in log
     assert "--served-model-name olmocr" in log
@@ -182,18 +170,15 @@ def test_bad_inputs_each_fail_with_a_reason_and_the_batch_completes(standin: Sta
         assert len(lines) == 1, (name, lines)
 
 
-def test_api_key_from_environment_as_bearer_and_never_logged(tmp_path: Path) -> None:
+def test_api_key_from_environment_as_bearer_and_never_logged(tmp_path: Path, standins: Standins) -> None:
     key = "s3cr3t-key-for-test"
-    s = launch_standin(tmp_path, env={"VLLM_API_KEY": key})
-    try:
-        rc, log = run_pipeline(tmp_path / "ws", s.url, [SAMPLES.letter], env={"OLMOCR_API_KEY": key},
-                               log=tmp_path / "run.log")
-        assert rc == 0, log
-        assert len(results(tmp_path / "ws")) == 1
-        rc2, log2 = run_pipeline(tmp_path / "ws2", s.url, [SAMPLES.letter], "--api_key", "wrong",
-                                 timeout=60, log=tmp_path / "run2.log")
-    finally:
-        s.stop()
+    s = standins(VLLM_API_KEY=key)
+    rc, log = run_pipeline(tmp_path / "ws", s.url, [SAMPLES.letter], env={"OLMOCR_API_KEY": key},
+                           log=tmp_path / "run.log")
+    assert rc == 0, log
+    assert len(results(tmp_path / "ws")) == 1
+    rc2, log2 = run_pipeline(tmp_path / "ws2", s.url, [SAMPLES.letter], "--api_key", "wrong",
+                             timeout=60, log=tmp_path / "run2.log")
     assert rc2 != 0 and "rejected the API key" in log2
     assert key not in log and key not in log2
 
@@ -224,14 +209,11 @@ def test_unreachable_server_gives_a_clear_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("status", ["429", "503"])
-def test_busy_or_failing_server_does_not_use_up_page_attempts(tmp_path: Path, status: str) -> None:
-    s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_ERROR_RATE": "0.4", "OLMOCR_STANDIN_ERROR_STATUS": status})
-    try:
-        docs = [SAMPLES.letter, SAMPLES.guide]
-        # One attempt per page: if a 429/5xx counted as a failed attempt, pages would fall back.
-        rc, log = run_pipeline(tmp_path / "ws", s.url, docs, "--max_page_retries", "1", log=tmp_path / "run.log")
-    finally:
-        s.stop()
+def test_busy_or_failing_server_does_not_use_up_page_attempts(tmp_path: Path, status: str, standins: Standins) -> None:
+    s = standins(OLMOCR_STANDIN_ERROR_RATE="0.4", OLMOCR_STANDIN_ERROR_STATUS=status)
+    docs = [SAMPLES.letter, SAMPLES.guide]
+    # One attempt per page: if a 429/5xx counted as a failed attempt, pages would fall back.
+    rc, log = run_pipeline(tmp_path / "ws", s.url, docs, "--max_page_retries", "1", log=tmp_path / "run.log")
     assert rc == 0, log
     found = docs_by_source(tmp_path / "ws")
     assert set(found) == set(map(str, docs))

@@ -14,7 +14,7 @@ from prometheus_client import generate_latest
 from olmocr.pipeline.metrics import PipelineMetrics
 from olmocr.pipeline.progress import Progress
 from tests.metrics_helpers import parse_metrics
-from tests.pipeline_helpers import launch_standin, run_pipeline, running_pipeline, wait_for
+from tests.pipeline_helpers import Standins, run_pipeline, running_pipeline, wait_for
 from tests.sample_docs import samples
 from tests.standin_helpers import free_port
 
@@ -30,16 +30,14 @@ def scrape(port: int, headers: dict | None = None) -> dict[str, float] | None:
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_metrics_while_the_pipeline_runs(tmp_path):
-    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.4", "OLMOCR_STANDIN_CONCURRENCY": "2",
-                                            "OLMOCR_STANDIN_ERROR_RATE": "0.15"})
+def test_metrics_while_the_pipeline_runs(tmp_path, standins: Standins):
+    standin = standins(OLMOCR_STANDIN_LATENCY="0.4", OLMOCR_STANDIN_CONCURRENCY="2", OLMOCR_STANDIN_ERROR_RATE="0.15")
     port = free_port()
     docs = samples().resilience  # 23 pages
     server = f"server={standin.url}"
     scrapes: list[dict[str, float]] = []
     with running_pipeline(tmp_path / "ws", standin.url, docs, "--metrics_port", str(port), "--progress_interval",
-                          "1", "--max_concurrent_requests", "4", log=tmp_path / "pipeline.log",
-                          stop=[standin]) as run:
+                          "1", "--max_concurrent_requests", "4", log=tmp_path / "pipeline.log") as run:
         deadline = time.monotonic() + 120
         while run.poll() is None and time.monotonic() < deadline:
             got = scrape(port)
@@ -107,33 +105,30 @@ def test_exact_values_from_the_run_counters():
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_token_rule_and_a_busy_port_fail_before_any_work_is_claimed(tmp_path):
+def test_token_rule_and_a_busy_port_fail_before_any_work_is_claimed(tmp_path, standins: Standins):
     doc = [samples().letter]
     # Beyond loopback without a token: refused at once (nothing is bound, no server needed).
     rc, out = run_pipeline(tmp_path / "ws0", "http://127.0.0.1:9", doc, "--metrics_port", str(free_port()),
                            "--metrics_host", "0.0.0.0", log=tmp_path / "refused.log", timeout=60)
     assert rc == 2 and "OLMOCR_METRICS_TOKEN" in out and "0.0.0.0" in out
-    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "1.0"})
-    try:
-        # A token on loopback is enforced too.
-        port = free_port()
-        with running_pipeline(tmp_path / "ws1", standin.url, doc, "--metrics_port", str(port),
-                              env={"OLMOCR_METRICS_TOKEN": "pm-9f-token"}, log=tmp_path / "token.log") as run:
-            # (a Response is falsy for a 401: wait for its status code)
-            status = wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/metrics", timeout=2).status_code, 30,
-                              "the metrics endpoint")
-            assert status == 401
-            assert scrape(port, {"Authorization": "Bearer pm-9f-token"}) is not None
-            assert run.wait(60) == 0
-        assert "pm-9f-token" not in (tmp_path / "token.log").read_text()
-        # A port in use: a clear error, exit 2, and the work item is left for others.
-        with socket.socket() as busy:
-            busy.bind(("127.0.0.1", 0))
-            busy.listen()
-            rc, out = run_pipeline(tmp_path / "ws2", standin.url, doc, "--metrics_port",
-                                   str(busy.getsockname()[1]), log=tmp_path / "busy.log", timeout=60)
-        assert rc == 2 and "cannot listen on 127.0.0.1" in out
-        assert not list((tmp_path / "ws2").glob("results/*"))
-        assert "claimed" not in out
-    finally:
-        standin.stop()
+    standin = standins(OLMOCR_STANDIN_LATENCY="1.0")
+    # A token on loopback is enforced too.
+    port = free_port()
+    with running_pipeline(tmp_path / "ws1", standin.url, doc, "--metrics_port", str(port),
+                          env={"OLMOCR_METRICS_TOKEN": "pm-9f-token"}, log=tmp_path / "token.log") as run:
+        # (a Response is falsy for a 401: wait for its status code)
+        status = wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/metrics", timeout=2).status_code, 30,
+                          "the metrics endpoint")
+        assert status == 401
+        assert scrape(port, {"Authorization": "Bearer pm-9f-token"}) is not None
+        assert run.wait(60) == 0
+    assert "pm-9f-token" not in (tmp_path / "token.log").read_text()
+    # A port in use: a clear error, exit 2, and the work item is left for others.
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        rc, out = run_pipeline(tmp_path / "ws2", standin.url, doc, "--metrics_port",
+                               str(busy.getsockname()[1]), log=tmp_path / "busy.log", timeout=60)
+    assert rc == 2 and "cannot listen on 127.0.0.1" in out
+    assert not list((tmp_path / "ws2").glob("results/*"))
+    assert "claimed" not in out

@@ -27,9 +27,9 @@ from olmocr.pipeline.servers.serverlist import ServerSpec
 from olmocr.pipeline.workspace.queue import WorkQueue, load_index
 from olmocr.pipeline.workspace.storage import open_storage
 from olmocr.pipeline.workspace.totals import PageTotals, compute_totals, format_duration, load_pages
-from tests.pipeline_helpers import launch_standin, pipeline_command, run_pipeline
+from tests.pipeline_helpers import Standins, run_pipeline, running_pipeline
 from tests.sample_docs import samples
-from tests.standin_helpers import REPO_ROOT, clean_env, stop_process_group
+from tests.standin_helpers import REPO_ROOT, clean_env
 
 # ------------------------------------------------------------------------------------- pure decisions
 
@@ -166,15 +166,12 @@ def test_a_workspace_queued_before_page_counts_gets_them_when_its_inputs_are_que
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_progress_line_and_stats_show_the_true_total_and_an_eta(tmp_path: Path) -> None:
+def test_progress_line_and_stats_show_the_true_total_and_an_eta(tmp_path: Path, standins: Standins) -> None:
     docs = samples().resilience  # 8 documents, 23 pages
-    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.15"})
+    standin = standins(OLMOCR_STANDIN_LATENCY="0.15")
     ws = tmp_path / "ws"
-    try:
-        rc, log = run_pipeline(ws, standin.url, docs, "--progress_interval", "0.5", "--pages_per_group", "3",
-                               "--max_concurrent_requests", "2", log=tmp_path / "run.log")
-    finally:
-        standin.stop()
+    rc, log = run_pipeline(ws, standin.url, docs, "--progress_interval", "0.5", "--pages_per_group", "3",
+                           "--max_concurrent_requests", "2", log=tmp_path / "run.log")
     assert rc == 0, log
     lines = re.findall(r"workspace (\d+)/(\d+) pages \([\d.]+%\), (\d+) remaining, (?:rate )?(\S+) (?:pages/s)?"
                        r"(?: \(this process\))?,? ?ETA (.+?) \| this process (\d+) pages", log)
@@ -188,14 +185,11 @@ def test_progress_line_and_stats_show_the_true_total_and_an_eta(tmp_path: Path) 
     assert re.search(r"Progress: 23/23 pages \(100\.0%\), 0 remaining, workspace [\d.]+ pages/s, ETA 0s", stats), stats
 
 
-def test_a_run_of_one_big_item_shows_its_pages_as_they_are_answered(tmp_path: Path) -> None:
+def test_a_run_of_one_big_item_shows_its_pages_as_they_are_answered(tmp_path: Path, standins: Standins) -> None:
     docs = samples().resilience  # 23 pages, all in one work item: no item finishes before the end
-    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.15"})
-    try:
-        rc, log = run_pipeline(tmp_path / "ws", standin.url, docs, "--progress_interval", "0.5",
-                               "--max_concurrent_requests", "2", log=tmp_path / "run.log")
-    finally:
-        standin.stop()
+    standin = standins(OLMOCR_STANDIN_LATENCY="0.15")
+    rc, log = run_pipeline(tmp_path / "ws", standin.url, docs, "--progress_interval", "0.5",
+                           "--max_concurrent_requests", "2", log=tmp_path / "run.log")
     assert rc == 0, log
     assert "1 new work items added" in log, log[-2000:]
     done = [int(n) for n in re.findall(r"workspace (\d+)/23 pages", log)]
@@ -205,36 +199,33 @@ def test_a_run_of_one_big_item_shows_its_pages_as_they_are_answered(tmp_path: Pa
 
 
 @pytest.mark.integration
-def test_a_terminal_gets_a_live_bar(tmp_path: Path) -> None:
+def test_a_terminal_gets_a_live_bar(tmp_path: Path, standins: Standins) -> None:
     docs = samples().resilience
-    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.15"})
+    standin = standins(OLMOCR_STANDIN_LATENCY="0.15")
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 200, 0, 0))  # a 200-column terminal
-    proc = subprocess.Popen(pipeline_command(tmp_path / "ws", standin.url, docs, "--progress_interval", "0.5",
-                                             "--pages_per_group", "3", "--max_concurrent_requests", "2"),
-                            stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, cwd=REPO_ROOT,
-                            env=clean_env({"TERM": "xterm"}), start_new_session=True)
-    os.close(slave)
     out = b""
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 0.5)
-            if ready:
-                try:
-                    chunk = os.read(master, 65536)
-                except OSError:  # the pipeline closed the terminal
+        with running_pipeline(tmp_path / "ws", standin.url, docs, "--progress_interval", "0.5", "--pages_per_group",
+                              "3", "--max_concurrent_requests", "2", env={"TERM": "xterm"}, log=tmp_path / "unused.log",
+                              terminal=slave) as run:
+            os.close(slave)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                ready, _, _ = select.select([master], [], [], 0.5)
+                if ready:
+                    try:
+                        chunk = os.read(master, 65536)
+                    except OSError:  # the pipeline closed the terminal
+                        break
+                    if not chunk:
+                        break
+                    out += chunk
+                elif run.poll() is not None:
                     break
-                if not chunk:
-                    break
-                out += chunk
-            elif proc.poll() is not None:
-                break
-        assert proc.wait(timeout=30) == 0, out.decode(errors="replace")[-3000:]
+            assert run.proc.wait(timeout=30) == 0, out.decode(errors="replace")[-3000:]
     finally:
         os.close(master)
-        stop_process_group(proc)
-        standin.stop()
     text = out.decode(errors="replace")
     bars = re.findall(r"workspace +([\d.]+)%\|[^|]*\| (\d+)/(\d+) pages, ETA \S+ \| workspace", text)
     assert bars and {total for *_, total in bars} == {"23"}, text[-3000:]

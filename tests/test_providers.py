@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from olmocr.exit_codes import STATUS_BUDGET
-from olmocr.pipeline.servers.fleet import LOG_PAUSED, LOG_RESUMED
+from olmocr.pipeline.servers.fleet import LOG_BUDGET, LOG_PAUSED, LOG_RESUMED
 from tests.metrics_helpers import parse_metrics
-from tests.pipeline_helpers import docs_by_source, log_line, running_pipeline
+from tests.pipeline_helpers import docs_by_source, log_line, logged, running_pipeline
 from tests.provider_helpers import PROVIDER_MODEL, PROVIDER_PREFIX, control, info, launch_provider, make_docs
 from tests.standin_helpers import free_port
 
@@ -171,7 +171,7 @@ def test_max_cost_stops_gracefully(tmp_path: Path) -> None:
         rc = run.wait(90)
     text = log.read_text()
     assert rc == STATUS_BUDGET, text
-    assert "cost budget --max_cost $0.00" in text
+    assert logged(text, LOG_BUDGET, 0.001), text
     written = docs_by_source(tmp_path / "ws")
     assert 0 < len(written) < len(docs)
     assert workspace_files(tmp_path / "ws", "failed") == []

@@ -18,7 +18,7 @@ import pytest
 from olmocr.pipeline.errors import RenderError
 from olmocr.pipeline.pages.render import TEST_FAULT_ENV, Renderer
 from tests.pdf_builders import slow_pdf, text_pdf
-from tests.pipeline_helpers import failures, launch_standin, results, run_pipeline, wait_for
+from tests.pipeline_helpers import Standins, failures, results, run_pipeline, wait_for
 from tests.standin_helpers import pid_alive
 
 pytestmark = pytest.mark.timeout(120)
@@ -98,19 +98,16 @@ def test_real_pdf_slow_to_render_is_stopped_at_the_limit(tmp_path: Path) -> None
     assert pids and not any(pid_alive(p) for p in pids)
 
 
-def test_pipeline_finishes_the_batch_with_hung_and_crashing_pages(tmp_path: Path) -> None:
+def test_pipeline_finishes_the_batch_with_hung_and_crashing_pages(tmp_path: Path, standins: Standins) -> None:
     docs = tmp_path / "docs"
     docs.mkdir()
     good = [_write(docs / f"good{i}.pdf", text_pdf([f"good {i} page {n}" for n in range(2)])) for i in range(3)]
     stuck = _write(docs / "stuck.pdf", text_pdf(["s1", "s2", "s3"]))
     crashy = _write(docs / "crashy.pdf", text_pdf(["c1"]))
-    standin = launch_standin(tmp_path)
-    try:
-        rc, log = run_pipeline(tmp_path / "ws", standin.url, [*good, stuck, crashy], "--render_timeout", "1.5",
-                               env={TEST_FAULT_ENV: "hang-render:stuck:2,crash:crashy:1"}, timeout=90,
-                               log=tmp_path / "pipeline.log")
-    finally:
-        standin.stop()
+    standin = standins()
+    rc, log = run_pipeline(tmp_path / "ws", standin.url, [*good, stuck, crashy], "--render_timeout", "1.5",
+                           env={TEST_FAULT_ENV: "hang-render:stuck:2,crash:crashy:1"}, timeout=90,
+                           log=tmp_path / "pipeline.log")
     assert rc == 0, log
     written = {d["metadata"]["Source-File"] for d in results(tmp_path / "ws")}
     assert written == set(good)

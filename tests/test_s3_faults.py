@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from olmocr.pipeline.runner import LOG_CLAIMED
 from olmocr.pipeline.workspace.storage import open_storage
 from tests.fault_proxy import FaultProxy
-from tests.pdf_builders import text_pdf
-from tests.pipeline_helpers import launch_standin, run_pipeline, running_pipeline
+from tests.pipeline_helpers import Standins, log_line, logged, run_pipeline, running_pipeline
 from tests.s3_helpers import S3Server
+from tests.sample_docs import write_text_docs
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -49,17 +50,6 @@ def proxy(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[Faul
     with FaultProxy(s3_server.endpoint, seed=11) as p:
         monkeypatch.setenv("AWS_ENDPOINT_URL", p.url)
         yield p
-
-
-def _docs(tmp_path: Path, n: int, pages: int) -> list[Path]:
-    folder = tmp_path / "docs"
-    folder.mkdir(exist_ok=True)
-    out = []
-    for i in range(n):
-        path = folder / f"doc{i}.pdf"
-        path.write_bytes(text_pdf([f"document {i} page {p}" for p in range(pages)]))
-        out.append(path)
-    return out
 
 
 def _keys(server: S3Server, prefix: str) -> list[str]:
@@ -141,15 +131,12 @@ def test_workspace_client_uses_standard_retries_with_8_attempts(proxy: FaultProx
 
 @pytest.mark.slow
 def test_pipeline_under_random_s3_faults_loses_and_duplicates_nothing(
-        proxy: FaultProxy, s3_server: S3Server, tmp_path: Path) -> None:
-    docs = _docs(tmp_path, 8, 2)
+        proxy: FaultProxy, s3_server: S3Server, tmp_path: Path, standins: Standins) -> None:
+    docs = write_text_docs(tmp_path / "docs", 8, 2)
     proxy.error_rate, proxy.drop_rate = 0.08, 0.08  # 503/500 and resets before/after, 16% of requests
-    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.3"})
-    try:
-        rc, log = run_pipeline(s3_server.url("ws"), standin.url, docs, "--pages_per_group", "2", "--workers", "3",
-                               "--lease_seconds", "6", env=_env(proxy), timeout=150, log=tmp_path / "run.log")
-    finally:
-        standin.stop()
+    standin = standins(OLMOCR_STANDIN_LATENCY="0.3")
+    rc, log = run_pipeline(s3_server.url("ws"), standin.url, docs, "--pages_per_group", "2", "--workers", "3",
+                           "--lease_seconds", "6", env=_env(proxy), timeout=150, log=tmp_path / "run.log")
     assert rc == 0, log
     assert proxy.faults >= 20, proxy.counts
     assert _results(s3_server, "ws") == {str(p): 1 for p in docs}
@@ -160,14 +147,14 @@ def test_pipeline_under_random_s3_faults_loses_and_duplicates_nothing(
 
 
 @pytest.mark.slow
-def test_result_upload_failing_is_never_marked_done(proxy: FaultProxy, s3_server: S3Server, tmp_path: Path) -> None:
-    docs = _docs(tmp_path, 1, 1)
+def test_result_upload_failing_is_never_marked_done(proxy: FaultProxy, s3_server: S3Server, tmp_path: Path, standins: Standins) -> None:
+    docs = write_text_docs(tmp_path / "docs", 1, 1)
     failing = Switch("PUT", "/ws/results/", "503")
     proxy.rule = failing
-    standin = launch_standin(tmp_path)
+    standin = standins()
     log = tmp_path / "run.log"
-    with running_pipeline(s3_server.url("ws"), standin.url, docs, env=_env(proxy, AWS_MAX_ATTEMPTS="2"), log=log,
-                          stop=[standin]) as run:
+    with running_pipeline(s3_server.url("ws"), standin.url, docs, env=_env(proxy, AWS_MAX_ATTEMPTS="2"),
+                          log=log) as run:
         run.wait_log("releasing it for a retry", 60, "the failed upload")
         assert _keys(s3_server, "ws/done_flags/") == []
         failing.on = False
@@ -180,17 +167,17 @@ def test_result_upload_failing_is_never_marked_done(proxy: FaultProxy, s3_server
 
 
 @pytest.mark.slow
-def test_lease_that_cannot_be_renewed_is_given_up(proxy: FaultProxy, s3_server: S3Server, tmp_path: Path) -> None:
-    docs = _docs(tmp_path, 1, 2)
+def test_lease_that_cannot_be_renewed_is_given_up(proxy: FaultProxy, s3_server: S3Server, tmp_path: Path, standins: Standins) -> None:
+    docs = write_text_docs(tmp_path / "docs", 1, 2)
     locks = Switch("PUT", "/ws/worker_locks/", "503")
     locks.on = False
     proxy.rule = locks
     # 2 pages answered one at a time after 2.5 s: the item takes 5 s, longer than the 4 s lease.
-    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "2.5", "OLMOCR_STANDIN_CONCURRENCY": "1"})
+    standin = standins(OLMOCR_STANDIN_LATENCY="2.5", OLMOCR_STANDIN_CONCURRENCY="1")
     log = tmp_path / "run.log"
     with running_pipeline(s3_server.url("ws"), standin.url, docs, "--lease_seconds", "4", "--workers", "1",
-                          env=_env(proxy, AWS_MAX_ATTEMPTS="2"), log=log, stop=[standin]) as run:
-        run.wait_log("claimed work item", 60, "the item claimed")
+                          env=_env(proxy, AWS_MAX_ATTEMPTS="2"), log=log) as run:
+        run.wait_log(log_line(LOG_CLAIMED), 60, "the item claimed")
         locks.on = True
         run.wait_log("giving it up", 30, "the lease given up")
         assert _keys(s3_server, "ws/done_flags/") == []
@@ -199,7 +186,7 @@ def test_lease_that_cannot_be_renewed_is_given_up(proxy: FaultProxy, s3_server: 
     text = log.read_text()
     assert rc == 0, text
     assert "could not renew the lease" in text
-    assert text.count("claimed work item") == 2  # given up, then claimed again once the store recovered
+    assert len(logged(text, LOG_CLAIMED)) == 2  # given up, then claimed again once the store recovered
     assert _results(s3_server, "ws") == {str(docs[0]): 1}
 
 

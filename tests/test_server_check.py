@@ -23,10 +23,10 @@ from olmocr.pipeline.servers.checks import (
 from tests.pipeline_helpers import (
     SAMPLES,
     StandIn,
+    Standins,
     _close_cached_render_docs,  # noqa: F401 - autouse fixture
     docs_by_source,
     failures,
-    launch_standin,
     page_count,
     run_pipeline,
 )
@@ -73,34 +73,31 @@ def test_max_tokens_fit_the_servers_context() -> None:
 # ------------------------------------------------------------------------------ stand-in as vLLM
 
 
-def test_standin_honours_structured_outputs_and_warns_about_guided_regex(tmp_path: Path) -> None:
-    s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_ANSWER": "garbage"}, extra_args=SMALL_CONTEXT)
-    try:
-        assert requests.get(s.url + "/version", timeout=5).json()["version"].startswith("0.32.0")
-        assert requests.get(s.url + "/v1/models", timeout=5).json()["data"][0]["max_model_len"] == 2048
-        png = make_png(400, 300)
-        regex = "---\\nprimary_language: .*"
+def test_standin_honours_structured_outputs_and_warns_about_guided_regex(tmp_path: Path, standins: Standins) -> None:
+    s = standins(OLMOCR_STANDIN_ANSWER="garbage", extra_args=SMALL_CONTEXT)
+    assert requests.get(s.url + "/version", timeout=5).json()["version"].startswith("0.32.0")
+    assert requests.get(s.url + "/v1/models", timeout=5).json()["data"][0]["max_model_len"] == 2048
+    png = make_png(400, 300)
+    regex = "---\\nprimary_language: .*"
 
-        def content(**extra: object) -> str:
-            r = requests.post(s.url + "/v1/chat/completions", json={**chat_payload(png, max_tokens=100), **extra},
-                              timeout=10)
-            assert r.status_code == 200, r.text
-            return r.json()["choices"][0]["message"]["content"]
+    def content(**extra: object) -> str:
+        r = requests.post(s.url + "/v1/chat/completions", json={**chat_payload(png, max_tokens=100), **extra},
+                          timeout=10)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"]
 
-        assert not content().startswith("---")  # garbage unless constrained
-        assert content(structured_outputs={"regex": regex}).startswith("---\nprimary_language")
-        assert not content(guided_regex=regex).startswith("---")  # removed field: ignored, as vLLM 0.32
-        log = s.log.read_text()
-        assert log.count("removed guided-decoding field(s) ['guided_regex']") == 1
-        # Over the context: vLLM 0.32's 400 for max_tokens alone larger than max_model_len.
-        r = requests.post(s.url + "/v1/chat/completions", json=chat_payload(png, max_tokens=8000), timeout=10)
-        assert r.status_code == 400
-        assert r.json()["error"]["message"].startswith("max_tokens=8000 cannot be greater than max_model_len=2048")
-        # An old vLLM honours guided_regex.
-        s.control(vllm_version="0.9.2")
-        assert content(guided_regex=regex).startswith("---\nprimary_language")
-    finally:
-        s.stop()
+    assert not content().startswith("---")  # garbage unless constrained
+    assert content(structured_outputs={"regex": regex}).startswith("---\nprimary_language")
+    assert not content(guided_regex=regex).startswith("---")  # removed field: ignored, as vLLM 0.32
+    log = s.log.read_text()
+    assert log.count("removed guided-decoding field(s) ['guided_regex']") == 1
+    # Over the context: vLLM 0.32's 400 for max_tokens alone larger than max_model_len.
+    r = requests.post(s.url + "/v1/chat/completions", json=chat_payload(png, max_tokens=8000), timeout=10)
+    assert r.status_code == 400
+    assert r.json()["error"]["message"].startswith("max_tokens=8000 cannot be greater than max_model_len=2048")
+    # An old vLLM honours guided_regex.
+    s.control(vllm_version="0.9.2")
+    assert content(guided_regex=regex).startswith("---\nprimary_language")
 
 
 # ---------------------------------------------------------------------------- pipeline end to end
@@ -114,81 +111,66 @@ def _info(s: StandIn) -> dict:
     return requests.get(s.url + "/admin/info", timeout=5).json()
 
 
-def test_small_context_stops_before_claiming_work_with_a_clear_error(tmp_path: Path) -> None:
-    s = launch_standin(tmp_path, extra_args=SMALL_CONTEXT)
-    try:
-        ws = tmp_path / "ws"
-        rc, log = run_pipeline(ws, s.url, SAMPLES.small[:1], log=tmp_path / "run.log")
-        assert rc == 1, log
-        errors = [line for line in log.splitlines() if " - ERROR - " in line]
-        assert len(errors) == 1 and "--max-model-len 2048" in errors[0] and "16384" in errors[0], log
-        assert "claimed" not in log and not (ws / "results").exists()
-        assert _info(s)["completions_seen"] == 0
-    finally:
-        s.stop()
+def test_small_context_stops_before_claiming_work_with_a_clear_error(tmp_path: Path, standins: Standins) -> None:
+    s = standins(extra_args=SMALL_CONTEXT)
+    ws = tmp_path / "ws"
+    rc, log = run_pipeline(ws, s.url, SAMPLES.small[:1], log=tmp_path / "run.log")
+    assert rc == 1, log
+    errors = [line for line in log.splitlines() if " - ERROR - " in line]
+    assert len(errors) == 1 and "--max-model-len 2048" in errors[0] and "16384" in errors[0], log
+    assert "claimed" not in log and not (ws / "results").exists()
+    assert _info(s)["completions_seen"] == 0
 
 
-def test_small_context_caps_max_tokens_and_guided_decoding_uses_structured_outputs(tmp_path: Path) -> None:
+def test_small_context_caps_max_tokens_and_guided_decoding_uses_structured_outputs(tmp_path: Path, standins: Standins) -> None:
     # A server that answers garbage unless constrained, with a 2048-token context: every page still gets
     # the model's answer (constrained, capped), none falls back, and the server never refused a request.
-    s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_ANSWER": "garbage"}, extra_args=SMALL_CONTEXT)
-    try:
-        ws = tmp_path / "ws"
-        docs = SAMPLES.small[:2]
-        rc, log = run_pipeline(ws, s.url, docs, "--guided_decoding", "--target_longest_image_dim", "640",
-                               log=tmp_path / "run.log")
-        assert rc == 0, log
-        assert "answers are capped at" in log and "'structured_outputs' request field (vLLM 0.32.0" in log
-        found = docs_by_source(ws)
-        assert set(found) == {str(p) for p in docs} and failures(ws) == []
-        assert all(d["metadata"]["total-fallback-pages"] == 0 for d in found.values())
-        assert " 400 " not in s.log.read_text() and "removed guided-decoding" not in s.log.read_text()
-        assert _info(s)["completions_seen"] == _pages(docs)
-    finally:
-        s.stop()
+    s = standins(OLMOCR_STANDIN_ANSWER="garbage", extra_args=SMALL_CONTEXT)
+    ws = tmp_path / "ws"
+    docs = SAMPLES.small[:2]
+    rc, log = run_pipeline(ws, s.url, docs, "--guided_decoding", "--target_longest_image_dim", "640",
+                           log=tmp_path / "run.log")
+    assert rc == 0, log
+    assert "answers are capped at" in log and "'structured_outputs' request field (vLLM 0.32.0" in log
+    found = docs_by_source(ws)
+    assert set(found) == {str(p) for p in docs} and failures(ws) == []
+    assert all(d["metadata"]["total-fallback-pages"] == 0 for d in found.values())
+    assert " 400 " not in s.log.read_text() and "removed guided-decoding" not in s.log.read_text()
+    assert _info(s)["completions_seen"] == _pages(docs)
 
 
-def test_old_server_gets_guided_regex(tmp_path: Path) -> None:
-    s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_ANSWER": "garbage", "OLMOCR_STANDIN_VLLM_VERSION": "0.9.2"})
-    try:
-        ws = tmp_path / "ws"
-        rc, log = run_pipeline(ws, s.url, SAMPLES.small[:1], "--guided_decoding", log=tmp_path / "run.log")
-        assert rc == 0, log
-        assert "'guided_regex' request field (vLLM 0.9.2" in log
-        assert all(d["metadata"]["total-fallback-pages"] == 0 for d in docs_by_source(ws).values())
-    finally:
-        s.stop()
+def test_old_server_gets_guided_regex(tmp_path: Path, standins: Standins) -> None:
+    s = standins(OLMOCR_STANDIN_ANSWER="garbage", OLMOCR_STANDIN_VLLM_VERSION="0.9.2")
+    ws = tmp_path / "ws"
+    rc, log = run_pipeline(ws, s.url, SAMPLES.small[:1], "--guided_decoding", log=tmp_path / "run.log")
+    assert rc == 0, log
+    assert "'guided_regex' request field (vLLM 0.9.2" in log
+    assert all(d["metadata"]["total-fallback-pages"] == 0 for d in docs_by_source(ws).values())
 
 
-def test_a_refusal_no_retry_can_change_uses_one_request_per_page(tmp_path: Path) -> None:
-    s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_ERROR_RATE": "1", "OLMOCR_STANDIN_ERROR_STATUS": "400"})
-    try:
-        ws = tmp_path / "ws"
-        doc = SAMPLES.small[0]
-        rc, log = run_pipeline(ws, s.url, [doc], "--max_page_error_rate", "1", log=tmp_path / "run.log")
-        assert rc == 0, log
-        pages = page_count(doc)
-        assert _info(s)["completions_seen"] == pages  # not 8 attempts each
-        assert log.count("no retry can change that") == pages
-        assert docs_by_source(ws)[str(doc)]["metadata"]["total-fallback-pages"] == pages
-    finally:
-        s.stop()
+def test_a_refusal_no_retry_can_change_uses_one_request_per_page(tmp_path: Path, standins: Standins) -> None:
+    s = standins(OLMOCR_STANDIN_ERROR_RATE="1", OLMOCR_STANDIN_ERROR_STATUS="400")
+    ws = tmp_path / "ws"
+    doc = SAMPLES.small[0]
+    rc, log = run_pipeline(ws, s.url, [doc], "--max_page_error_rate", "1", log=tmp_path / "run.log")
+    assert rc == 0, log
+    pages = page_count(doc)
+    assert _info(s)["completions_seen"] == pages  # not 8 attempts each
+    assert log.count("no retry can change that") == pages
+    assert docs_by_source(ws)[str(doc)]["metadata"]["total-fallback-pages"] == pages
 
 
-def test_aborted_requests_are_resent_and_no_page_is_lost(tmp_path: Path) -> None:
+def test_aborted_requests_are_resent_and_no_page_is_lost(tmp_path: Path, standins: Standins) -> None:
     # Every second answer is cut short with finish_reason "abort", as vLLM answers in-flight requests
     # when it stops: those pages are sent again (not counted as failed attempts) and all get answers.
-    s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_ANSWER": "abort:2"})
-    try:
-        ws = tmp_path / "ws"
-        docs = SAMPLES.small[:2]
-        rc, log = run_pipeline(ws, s.url, docs, "--max_page_retries", "1", log=tmp_path / "run.log")
-        assert rc == 0, log
-        found = docs_by_source(ws)
-        assert set(found) == {str(p) for p in docs} and failures(ws) == []
-        assert all(d["metadata"]["total-fallback-pages"] == 0 for d in found.values())
-        pages = _pages(docs)
-        assert _info(s)["completions_seen"] > pages
-        assert "finish_reason abort" in log
-    finally:
-        s.stop()
+    s = standins(OLMOCR_STANDIN_ANSWER="abort:2")
+    ws = tmp_path / "ws"
+    docs = SAMPLES.small[:2]
+    rc, log = run_pipeline(ws, s.url, docs, "--max_page_retries", "1", log=tmp_path / "run.log")
+    assert rc == 0, log
+    found = docs_by_source(ws)
+    assert set(found) == {str(p) for p in docs} and failures(ws) == []
+    assert all(d["metadata"]["total-fallback-pages"] == 0 for d in found.values())
+    pages = _pages(docs)
+    assert _info(s)["completions_seen"] > pages
+    assert "finish_reason abort" in log

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import pytest
 import requests
 import yaml
 
+from tests.pipeline_helpers import Standins
 from tests.standin_helpers import (
     REPO_ROOT,
     STANDIN_SHIM,
@@ -24,7 +25,6 @@ from tests.standin_helpers import (
     free_port,
     make_png,
     pid_alive,
-    start_standin,
     stop_process_group,
     wait_http_ok,
 )
@@ -35,21 +35,15 @@ Started = tuple[subprocess.Popen[bytes], str]
 
 
 @pytest.fixture
-def standin(tmp_path: Path) -> Iterator[Callable[..., Started]]:
-    procs: list[subprocess.Popen[bytes]] = []
+def standin(standins: Standins) -> Callable[..., Started]:
+    """``standin(env=None, wait=True, **knobs)`` -> (its process, its base URL): the ``standins`` fixture
+    (stopped after the test), as these tests read it; ``wait=False`` returns before /health answers."""
 
     def start(env: dict[str, str] | None = None, wait: bool = True, **kw: Any) -> Started:
-        port = free_port()
-        proc = start_standin(port, env=env, log_path=tmp_path / f"standin-{port}.log", **kw)
-        procs.append(proc)
-        base = f"http://127.0.0.1:{port}"
-        if wait:
-            wait_http_ok(base + "/health", timeout=20, proc=proc)
-        return proc, base
+        started = standins(env=env, ready=wait, **kw)
+        return started.proc, started.url
 
-    yield start
-    for proc in procs:
-        stop_process_group(proc)
+    return start
 
 
 def wait_exit(proc: subprocess.Popen[bytes], timeout: float = 20) -> int:

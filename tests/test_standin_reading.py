@@ -16,7 +16,7 @@ import requests
 
 from olmocr.pipeline.pages.prompts import GUIDED_REGEX, parse_page_response
 from olmocr.standin import reading
-from tests.pipeline_helpers import launch_standin
+from tests.pipeline_helpers import Standins
 from tests.sample_docs import marker_pages, write_marked_pdf
 from tests.standin_helpers import REPO_ROOT, chat_payload, clean_env, free_port
 from tests.tiers import require_tesseract
@@ -108,34 +108,31 @@ def _page_png(tmp_path: Path, words: tuple[str, ...], *, turn: int = 0) -> bytes
 
 
 @pytest.mark.integration
-def test_reading_standin_answers_what_the_image_shows(tmp_path: Path) -> None:
+def test_reading_standin_answers_what_the_image_shows(tmp_path: Path, standins: Standins) -> None:
     _need_tesseract()
     words = marker_pages(1)[0]
-    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_ANSWER": "read"})
-    try:
-        url = f"{standin.url}/v1/chat/completions"
-        upright = requests.post(url, json=chat_payload(_page_png(tmp_path, words)), timeout=120).json()
-        content = upright["choices"][0]["message"]["content"]
-        assert "Tesseract, not olmOCR" in upright["system_fingerprint"]
-        parsed = parse_page_response(content)
-        assert parsed.is_rotation_valid and parsed.primary_language == "en"
-        assert all(w.capitalize() in parsed.natural_text for w in words)
+    standin = standins(OLMOCR_STANDIN_ANSWER="read")
+    url = f"{standin.url}/v1/chat/completions"
+    upright = requests.post(url, json=chat_payload(_page_png(tmp_path, words)), timeout=120).json()
+    content = upright["choices"][0]["message"]["content"]
+    assert reading.LABEL in upright["system_fingerprint"]
+    parsed = parse_page_response(content)
+    assert parsed.is_rotation_valid and parsed.primary_language == "en"
+    assert all(w.capitalize() in parsed.natural_text for w in words)
 
-        turned = requests.post(url, json=chat_payload(_page_png(tmp_path, words, turn=90)), timeout=120).json()
-        parsed = parse_page_response(turned["choices"][0]["message"]["content"])
-        assert (parsed.is_rotation_valid, parsed.rotation_correction) == (False, 270)
-        assert parsed.natural_text == reading.TURNED_NOTE  # a turned page is not read
+    turned = requests.post(url, json=chat_payload(_page_png(tmp_path, words, turn=90)), timeout=120).json()
+    parsed = parse_page_response(turned["choices"][0]["message"]["content"])
+    assert (parsed.is_rotation_valid, parsed.rotation_correction) == (False, 270)
+    assert parsed.natural_text == reading.TURNED_NOTE  # a turned page is not read
 
-        # A probe without an image is answered at once, as in canned mode; so is a 1-token request.
-        probe = requests.post(url, json={"model": "olmocr", "max_tokens": 1,
-                                         "messages": [{"role": "user", "content": "Reply with one word."}]},
-                              timeout=10)
-        assert probe.status_code == 200
-        info = requests.get(f"{standin.url}/admin/info", timeout=10).json()
-        assert "Tesseract, not olmOCR" in info["answers_by"]
-        assert "Tesseract, not olmOCR" in standin.log.read_text()
-    finally:
-        standin.stop()
+    # A probe without an image is answered at once, as in canned mode; so is a 1-token request.
+    probe = requests.post(url, json={"model": "olmocr", "max_tokens": 1,
+                                     "messages": [{"role": "user", "content": "Reply with one word."}]},
+                          timeout=10)
+    assert probe.status_code == 200
+    info = requests.get(f"{standin.url}/admin/info", timeout=10).json()
+    assert reading.LABEL in info["answers_by"]
+    assert "Tesseract, not olmOCR" in standin.log.read_text()
 
 
 def test_reading_mode_without_tesseract_is_one_line_and_exit_2(tmp_path: Path) -> None:
@@ -146,5 +143,5 @@ def test_reading_mode_without_tesseract_is_one_line_and_exit_2(tmp_path: Path) -
                           timeout=60)
     assert proc.returncode == 2
     errors = [line for line in proc.stdout.splitlines() + proc.stderr.splitlines() if "ERROR" in line]
-    assert len(errors) == 1 and "apt-get install tesseract-ocr tesseract-ocr-eng tesseract-ocr-osd" in errors[0]
+    assert len(errors) == 1 and reading.INSTALL_HINT in errors[0]
     assert "Traceback" not in proc.stdout + proc.stderr

@@ -18,8 +18,9 @@ from olmocr.server.manager import READY_MESSAGE
 from olmocr.server.vllm_versions import NEWEST_TESTED, OLDEST_TESTED, show
 from tests.deployment_helpers import wait_for
 from tests.pipeline_helpers import assert_every_page_once
+from tests.sample_docs import write_text_docs
 from tests.standin_helpers import STANDIN_SHIM, chat_payload, clean_env, free_port, make_png
-from tests.test_internal_mode import InternalRun, _docs
+from tests.test_internal_mode import InternalRun
 
 pytestmark = pytest.mark.integration
 
@@ -117,7 +118,7 @@ def test_the_wrapper_refuses_it_too(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("version", [OLDEST, NEWEST])
 def test_internal_mode_starts_clean(tmp_path: Path, version: str) -> None:
-    pdfs = _docs(tmp_path, 1, 2)
+    pdfs = write_text_docs(tmp_path / "docs", 1, 2)
     run = InternalRun(tmp_path, pdfs, "--guided_decoding", control={"vllm_version": version})
     try:
         assert run.wait(90) == 0, run.output()[-3000:]
@@ -132,7 +133,7 @@ def test_internal_mode_starts_clean(tmp_path: Path, version: str) -> None:
 
 
 def test_internal_mode_refuses_a_vllm_that_cannot_serve_olmocr(tmp_path: Path) -> None:
-    pdfs = _docs(tmp_path, 1, 1)
+    pdfs = write_text_docs(tmp_path / "docs", 1, 1)
     run = InternalRun(tmp_path, pdfs, control={"vllm_version": "0.7.1"})
     try:
         assert run.wait(60) == 2, run.output()[-3000:]

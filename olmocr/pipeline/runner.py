@@ -40,6 +40,9 @@ ERROR_PAUSE_S = 5.0
 IDLE_LOG_EVERY_S = 30.0
 #: Longest pause between claim attempts while the workspace keeps failing.
 MAX_CLAIM_BACKOFF_S = 30.0
+#: Log lines tests match (with tests.pipeline_helpers.log_line, not with a copy of the text).
+LOG_CLAIMED = "worker %d claimed work item %s (%d documents)"
+LOG_STOPPED = "stopped on request (%s): %d work items completed, %d handed back unfinished for other workers"
 
 
 @dataclass(frozen=True)
@@ -297,7 +300,7 @@ class Runner:
             logger.info("%s", describe_lease_holders(held, self.queue.clock()))
 
     async def _run_item(self, worker_id: int, item: WorkItem) -> None:
-        logger.info("worker %d claimed work item %s (%d documents)", worker_id, item.hash, len(item.paths))
+        logger.info(LOG_CLAIMED, worker_id, item.hash, len(item.paths))
         finished: dict[str, list[DocOutcome]] = {}
         work = asyncio.create_task(self._process_item(item, finished))
         renewer = asyncio.create_task(self._renew_until_done(item, work))
@@ -420,8 +423,7 @@ class Runner:
                 logger.info("server %s: %s, %d ejections", server.url, server.describe(), server.ejections)
             logger.info(LOG_MOVED, self.fleet.moved)
         if self.stop.requested:
-            logger.warning("stopped on request (%s): %d work items completed, %d handed back unfinished for other "
-                           "workers", self.stop.signal_name, self.progress.items_done, self.released)
+            logger.warning(LOG_STOPPED, self.stop.signal_name, self.progress.items_done, self.released)
         elif self.failure is None and self.progress.docs_done == 0 and self.progress.docs_retryable > 0:
             # Only failures a fix can change: a run given nothing but corrupt files did what it could.
             self.failure = (f"nothing written: all {self.progress.docs_failed} documents this run finished failed, "

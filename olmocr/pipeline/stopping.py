@@ -36,6 +36,12 @@ DEFAULT_STOP_TIMEOUT_S = 25.0
 
 #: The same signal again within this many seconds of the first is one stop delivered twice (see above).
 BURST_S = 1.0
+#: The log lines of a stop (tests match them with tests.pipeline_helpers.log_line, not with a copy of the text).
+LOG_GRACEFUL = ("%s: stopping gracefully (no new work; work in progress finishes or is handed back); send it again "
+                "to exit at once")
+LOG_SAME_STOP = ("%s again within %gs of the first: the same stop, delivered to the whole process group; still "
+                 "stopping gracefully")
+LOG_HARD_EXIT = "second %s: exiting at once; unfinished work items become free when their leases expire"
 
 
 class StopRequest:
@@ -73,17 +79,14 @@ class StopRequest:
         name = signal.Signals(sig).name
         now = time.monotonic()
         if not self.event.is_set():
-            logger.warning("%s: stopping gracefully (no new work; work in progress finishes or is handed back); "
-                           "send it again to exit at once", name)
+            logger.warning(LOG_GRACEFUL, name)
             self._first = (sig, now)
             self.request(name)
             return
         if is_same_stop(self._first, sig, now):
-            logger.info("%s again within %gs of the first: the same stop, delivered to the whole process group; "
-                        "still stopping gracefully", name, BURST_S)
+            logger.info(LOG_SAME_STOP, name, BURST_S)
             return
-        logger.warning("second %s: exiting at once; unfinished work items become free when their leases "
-                       "expire", name)
+        logger.warning(LOG_HARD_EXIT, name)
         for hook in self._hard_exit_hooks:
             try:
                 hook()
