@@ -43,7 +43,7 @@ def test_upload_page_converts_a_document_and_shows_pages_beside_markdown(standin
             # A file that is not a document: the service's reason, on the page.
             browser.evaluate(f"void uploadFiles([{js_file(tmp_path / 'notes.pdf', b'plain text, not a PDF')}])")
             refused = browser.wait_for("document.getElementById('message').innerText", 20, "the refusal")
-            assert "notes.pdf is not a PDF, PNG or JPEG" in refused
+            assert "notes.pdf is not a PDF, PNG, JPEG or TIFF" in refused
             browser.evaluate(f"void uploadFiles([{js_file(SAMPLES.guide)}])")
             browser.wait_for("!!document.querySelector('.job[data-finished=yes]')", 60, "the job finished on the page")
             assert browser.text(".job .state") == "done"
