@@ -62,7 +62,7 @@ def test_png_jpeg_and_multi_frame_tiff_are_converted_with_their_page_counts(stan
         for doc, page, ctype in ((0, 1, "image/png"), (1, 1, "image/jpeg"), (2, 1, "image/png"),
                                  (2, 3, "image/png"), (3, 1, "image/png")):
             image = svc.get(f"/v1/jobs/{job['id']}/documents/{doc}/pages/{page}/image")
-            assert image.status_code == 200 and image.headers["Content-Type"] == ctype, (doc, page, image.text)
+            assert image.status_code == 200 and image.headers["Content-Type"] == ctype, (doc, page, image.headers)
             decoded = Image.open(io.BytesIO(image.content))
             assert decoded.format == ctype.split("/")[1].upper() and max(decoded.size) <= 1000
         frame = Image.open(io.BytesIO(svc.get(f"/v1/jobs/{job['id']}/documents/2/pages/2/image").content))
