@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
@@ -75,7 +77,7 @@ def test_every_limit_and_malformed_input_has_its_own_answer(tmp_path: Path) -> N
         # Documents: empty, not a document, damaged, locked, too many pages, too many, too large.
         bad = bad_inputs(SAMPLES.letter)
         refused(upload(("empty.pdf", b"")), 422, "empty_file", "empty.pdf is empty")
-        refused(upload(("notes.pdf", bad["notes.pdf"][0])), 415, "unsupported_type", "not a PDF, PNG or JPEG")
+        refused(upload(("notes.pdf", bad["notes.pdf"][0])), 415, "unsupported_type", "not a PDF, PNG, JPEG or TIFF")
         refused(upload(("corrupt.pdf", bad["corrupt.pdf"][0])), 422, "bad_pdf", "corrupt.pdf cannot be opened")
         refused(upload(("locked.pdf", bad["locked.pdf"][0])), 422, "bad_pdf", "locked.pdf")
         refused(upload(("paper.pdf", SAMPLES.paper.read_bytes())), 422, "too_many_pages", "5 pages")
@@ -154,3 +156,21 @@ def test_beyond_loopback_without_a_token_refuses_to_start(tmp_path: Path) -> Non
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "OLMOCR_SERVICE_TOKEN" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_concurrent_submits_never_pass_the_in_flight_limit_together(tmp_path: Path) -> None:
+    """16 submits at once to one replica with 3 slots: 3 are taken, 13 get 429, and 3 markers exist."""
+    body = SAMPLES.guide.read_bytes()
+    with running_service(tmp_path / "ws", None, tmp_path / "service.log",
+                         env={"OLMOCR_SERVICE_MAX_JOBS_IN_FLIGHT": "3"}) as svc:  # no workers: jobs stay queued
+        start = threading.Barrier(16)
+
+        def submit(n: int) -> int:
+            start.wait()
+            return svc.post("/v1/jobs", files=[("file", (f"doc-{n}.pdf", body, "application/pdf"))]).status_code
+
+        with ThreadPoolExecutor(16) as pool:
+            codes = sorted(pool.map(submit, range(16)))
+        assert codes == [202] * 3 + [429] * 13, codes
+        assert len(svc.get("/v1/jobs").json()["jobs"]) == 3
+    assert len(LocalStorage(tmp_path / "ws").list("service/inflight/")) == 3
