@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import jsonschema
 from PIL import Image, ImageDraw
 
 from olmocr.pipeline.workspace.inputs import KINDS, sniff_kind
@@ -52,6 +53,8 @@ def test_png_jpeg_and_multi_frame_tiff_are_converted_with_their_page_counts(stan
         assert [(d["kind"], d["pages"]) for d in job["documents"]] == [("png", 1), ("jpeg", 1), ("tiff", 3),
                                                                       ("png", 1)]
         assert job["pages_total"] == 6
+        openapi = svc.get("/openapi.json").json()  # the route's own schema accepts every kind
+        jsonschema.validate(job, {"$ref": "#/components/schemas/Job", "components": openapi["components"]})
         done = svc.wait_state(job["id"])
         assert [d["outcome"] for d in done["documents"]] == ["done"] * 4
         assert done["pages_done"] == 6
