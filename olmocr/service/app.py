@@ -213,7 +213,8 @@ class Service:
         token = token_key(self.config.token)  # the request passed the bearer check: it holds this token
         limits = self.config.limits
         # The check and a reservation under one lock, the reservation held until the job's record (and its
-        # in-flight marker) is written: concurrent submits to this replica never pass the limit together.
+        # in-flight marker) is written: concurrent submits to this replica never pass the limit together. It is
+        # given back under the lock too, so a check's listing never misses both a job's marker and its reservation.
         async with self._admit:
             live = len(await asyncio.to_thread(self.store.in_flight, token)) + self._reserved.get(token, 0)
             if live >= limits.max_jobs_in_flight:
@@ -224,6 +225,10 @@ class Service:
         try:
             return await self._submit_admitted(request, token)
         finally:
+            await asyncio.shield(self._release(token))  # given back even if the request is cancelled
+
+    async def _release(self, token: str) -> None:
+        async with self._admit:
             self._reserved[token] -= 1
 
     async def _submit_admitted(self, request: web.Request, token: str) -> dict:
