@@ -4,9 +4,13 @@ loopback, with a bearer token and deliberately small limits."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
@@ -16,7 +20,7 @@ from olmocr.pipeline.workspace.queue import PRIORITY_INDEX_KEY, decode_index
 from olmocr.pipeline.workspace.storage import LocalStorage
 from tests.pipeline_helpers import REPO_ROOT, SAMPLES
 from tests.sample_docs import bad_inputs
-from tests.standin_helpers import clean_env
+from tests.standin_helpers import clean_env, free_port
 from tests.test_service import running_service
 
 TOKEN = "s3cret-token-for-tests"
@@ -75,7 +79,7 @@ def test_every_limit_and_malformed_input_has_its_own_answer(tmp_path: Path) -> N
         # Documents: empty, not a document, damaged, locked, too many pages, too many, too large.
         bad = bad_inputs(SAMPLES.letter)
         refused(upload(("empty.pdf", b"")), 422, "empty_file", "empty.pdf is empty")
-        refused(upload(("notes.pdf", bad["notes.pdf"][0])), 415, "unsupported_type", "not a PDF, PNG or JPEG")
+        refused(upload(("notes.pdf", bad["notes.pdf"][0])), 415, "unsupported_type", "not a PDF, PNG, JPEG or TIFF")
         refused(upload(("corrupt.pdf", bad["corrupt.pdf"][0])), 422, "bad_pdf", "corrupt.pdf cannot be opened")
         refused(upload(("locked.pdf", bad["locked.pdf"][0])), 422, "bad_pdf", "locked.pdf")
         refused(upload(("paper.pdf", SAMPLES.paper.read_bytes())), 422, "too_many_pages", "5 pages")
@@ -154,3 +158,71 @@ def test_beyond_loopback_without_a_token_refuses_to_start(tmp_path: Path) -> Non
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "OLMOCR_SERVICE_TOKEN" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_concurrent_submits_never_pass_the_in_flight_limit_together(tmp_path: Path) -> None:
+    """16 submits at once to one replica with 3 slots: 3 are taken, 13 get 429, and 3 markers exist."""
+    body = SAMPLES.guide.read_bytes()
+    with running_service(tmp_path / "ws", None, tmp_path / "service.log",
+                         env={"OLMOCR_SERVICE_MAX_JOBS_IN_FLIGHT": "3"}) as svc:  # no workers: jobs stay queued
+        start = threading.Barrier(16)
+
+        def submit(n: int) -> int:
+            start.wait()
+            return svc.post("/v1/jobs", files=[("file", (f"doc-{n}.pdf", body, "application/pdf"))]).status_code
+
+        with ThreadPoolExecutor(16) as pool:
+            codes = sorted(pool.map(submit, range(16)))
+        assert codes == [202] * 3 + [429] * 13, codes
+        assert len(svc.get("/v1/jobs").json()["jobs"]) == 3
+    assert len(LocalStorage(tmp_path / "ws").list("service/inflight/")) == 3
+
+
+class SlowStorage(LocalStorage):
+    """A local workspace whose in-flight listing answers late (a slow S3 LIST: the listing is taken, then the
+    answer takes 1 s) and whose upload writes take 0.5 s (a slow PUT)."""
+
+    def list(self, prefix: str) -> list[str]:
+        keys = super().list(prefix)
+        if prefix.startswith("service/inflight/"):
+            time.sleep(1.0)
+        return keys
+
+    def write(self, key: str, data: bytes) -> None:
+        if key.startswith("service/uploads/"):
+            time.sleep(0.5)
+        super().write(key, data)
+
+
+def test_a_check_never_misses_a_submit_that_finished_during_its_listing(tmp_path: Path) -> None:
+    """One slot. A is admitted (t = 1 s) and writes its upload, then its marker (t = 1.5 s). B's listing is taken
+    at t = 1.2 s, before A's marker, and answers at t = 2.2 s. B must still count A (its reservation is
+    given back only under the lock B holds): A is taken, B gets 429."""
+    from aiohttp import web
+
+    from olmocr.pipeline.workspace.queue import WorkQueue
+    from olmocr.service.app import Service as App
+    from olmocr.service.app import ServiceConfig
+    from olmocr.service.intake import Limits
+
+    storage = SlowStorage(tmp_path / "ws")
+    app = App(storage, WorkQueue(storage), ServiceConfig(limits=Limits(max_jobs_in_flight=1))).app()
+    body = SAMPLES.letter.read_bytes()
+
+    async def run() -> list[int]:
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            def submit(delay: float) -> int:
+                time.sleep(delay)
+                return requests.post(f"http://127.0.0.1:{port}/v1/jobs", timeout=30,
+                                     files=[("file", ("a.pdf", body, "application/pdf"))]).status_code
+
+            return list(await asyncio.gather(asyncio.to_thread(submit, 0.0), asyncio.to_thread(submit, 1.2)))
+        finally:
+            await runner.cleanup()
+
+    assert asyncio.run(run()) == [202, 429]
+    assert len(storage.list("service/inflight/")) == 1

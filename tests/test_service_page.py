@@ -1,6 +1,6 @@
 """The upload page at ``/`` in a real browser (Debian's headless Chromium over the DevTools protocol): asks
 for the token, uploads a document, shows its progress live, then each page's image beside its Markdown;
-a refused file shows the service's one-line reason."""
+a refused file shows the service's one-line reason; a multi-frame TIFF shows each frame."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import requests
 from tests.browser import Browser, chromium_path
 from tests.pipeline_helpers import SAMPLES, StandIn
 from tests.test_service import running_service
+from tests.test_service_types import image_bytes
 from tests.tiers import require
 
 TOKEN = "page-token-8841"
@@ -43,7 +44,7 @@ def test_upload_page_converts_a_document_and_shows_pages_beside_markdown(standin
             # A file that is not a document: the service's reason, on the page.
             browser.evaluate(f"void uploadFiles([{js_file(tmp_path / 'notes.pdf', b'plain text, not a PDF')}])")
             refused = browser.wait_for("document.getElementById('message').innerText", 20, "the refusal")
-            assert "notes.pdf is not a PDF, PNG or JPEG" in refused
+            assert "notes.pdf is not a PDF, PNG, JPEG or TIFF" in refused
             browser.evaluate(f"void uploadFiles([{js_file(SAMPLES.guide)}])")
             browser.wait_for("!!document.querySelector('.job[data-finished=yes]')", 60, "the job finished on the page")
             assert browser.text(".job .state") == "done"
@@ -59,5 +60,13 @@ def test_upload_page_converts_a_document_and_shows_pages_beside_markdown(standin
                                      "i.naturalHeight])")
             assert all(max(size) == 1000 for size in sizes), sizes  # rendered pages, longest side 1000 px
             browser.screenshot(tmp_path / "service-page.png")
+            # A two-frame TIFF: two pages, each shown (a browser decodes no TIFF: the service sends PNGs).
+            browser.evaluate(f"void uploadFiles([{js_file(tmp_path / 'scan.tif', image_bytes('TIFF', 2))}])")
+            browser.wait_for("document.querySelectorAll('.job[data-finished=yes]').length === 2", 60, "the TIFF job")
+            assert browser.text(".job .pages").startswith("2 / 2 pages")  # the newest card comes first
+            browser.wait_for("[...document.querySelectorAll('.job')[0].querySelectorAll('.page img')].every("
+                             "i => i.complete && i.naturalWidth > 0) && "
+                             "document.querySelectorAll('.job')[0].querySelectorAll('.page img').length === 2",
+                             20, "two TIFF page images the browser shows")
         finally:
             browser.close()

@@ -122,6 +122,8 @@ class Service:
         self._states: dict[str, str] = {}  # job id -> last state seen (finished ones are final)
         self._submitted: dict[str, float] = {}  # jobs submitted here, not yet seen finished
         self._rate: tuple[float, float | None] = (float("-inf"), None)
+        self._admit = asyncio.Lock()  # the in-flight check of a submit (see _submit)
+        self._reserved: dict[str, int] = {}  # token -> submits past the check whose record is not written yet
 
     # ---- the app ------------------------------------------------------------------------------------
 
@@ -210,11 +212,27 @@ class Service:
     async def _submit(self, request: web.Request) -> dict:
         token = token_key(self.config.token)  # the request passed the bearer check: it holds this token
         limits = self.config.limits
-        live = await asyncio.to_thread(self.store.in_flight, token)
-        if len(live) >= limits.max_jobs_in_flight:
-            raise ServiceError(429, "too_many_jobs", f"{len(live)} jobs of this token are unfinished, the limit "
-                               f"is {limits.max_jobs_in_flight} (OLMOCR_SERVICE_MAX_JOBS_IN_FLIGHT): wait for one "
-                               f"to finish and retry after {RETRY_AFTER_S} s", {"Retry-After": str(RETRY_AFTER_S)})
+        # The check and a reservation under one lock, the reservation held until the job's record (and its
+        # in-flight marker) is written: concurrent submits to this replica never pass the limit together. It is
+        # given back under the lock too, so a check's listing never misses both a job's marker and its reservation.
+        async with self._admit:
+            live = len(await asyncio.to_thread(self.store.in_flight, token)) + self._reserved.get(token, 0)
+            if live >= limits.max_jobs_in_flight:
+                raise ServiceError(429, "too_many_jobs", f"{live} jobs of this token are unfinished, the limit is "
+                                   f"{limits.max_jobs_in_flight} (OLMOCR_SERVICE_MAX_JOBS_IN_FLIGHT): wait for one "
+                                   f"to finish and retry after {RETRY_AFTER_S} s", {"Retry-After": str(RETRY_AFTER_S)})
+            self._reserved[token] = self._reserved.get(token, 0) + 1
+        try:
+            return await self._submit_admitted(request, token)
+        finally:
+            await asyncio.shield(self._release(token))  # given back even if the request is cancelled
+
+    async def _release(self, token: str) -> None:
+        async with self._admit:
+            self._reserved[token] -= 1
+
+    async def _submit_admitted(self, request: web.Request, token: str) -> dict:
+        limits = self.config.limits
         documents, source = await self._read_documents(request)
         checked = [(name, data, *await asyncio.to_thread(inspect, name, data, limits)) for name, data in documents]
         job_id = new_job_id()
@@ -419,7 +437,10 @@ class Service:
             await asyncio.sleep(WATCH_INTERVAL_S)
 
     def _watch_once(self) -> None:
-        for job_id in self.store.list_ids(10**9):
+        ids = self.store.list_ids(10**9)
+        for gone in self._states.keys() - set(ids):  # removed (the sweep, by any replica): no longer counted
+            del self._states[gone]
+        for job_id in ids:
             if self._states.get(job_id) in FINISHED:
                 continue
             record = self.store.record(job_id)

@@ -12,9 +12,10 @@ import io
 import os
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 from olmocr.errors import OlmocrError
-from olmocr.pipeline.workspace.inputs import read_input, sniff_kind
+from olmocr.pipeline.workspace.inputs import KINDS, read_input, sniff_kind
 
 #: pdfium is not thread-safe; the service opens documents from request threads, one at a time.
 PDFIUM_LOCK = threading.Lock()
@@ -32,6 +33,23 @@ class ServiceError(OlmocrError):
 
     def body(self) -> dict:
         return {"error": {"code": self.code, "message": self.message}}
+
+
+#: The media type and file name endings of each kind the pipeline accepts (every one of ``KINDS``).
+MEDIA = {"pdf": ("application/pdf", (".pdf",)), "png": ("image/png", (".png",)),
+         "jpeg": ("image/jpeg", (".jpg", ".jpeg")), "tiff": ("image/tiff", (".tif", ".tiff"))}
+assert set(MEDIA) == set(KINDS), f"olmocr-service knows {sorted(MEDIA)}, the pipeline accepts {sorted(KINDS)}"
+
+
+def accepted_names() -> str:
+    """The accepted kinds for people: ``PDF, PNG, JPEG or TIFF``."""
+    names = [kind.upper() for kind in KINDS]
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def accept_attribute() -> str:
+    """The upload page's ``<input accept>``: every accepted file name ending and media type."""
+    return ",".join([e for k in KINDS for e in MEDIA[k][1]] + [MEDIA[k][0] for k in KINDS])
 
 
 @dataclass(frozen=True)
@@ -78,10 +96,24 @@ def inspect(name: str, data: bytes, limits: Limits) -> tuple[str, int]:
         raise ServiceError(422, "empty_file", f"{name} is empty (0 bytes): send the document's content")
     kind = sniff_kind(data)
     if kind is None:
-        raise ServiceError(415, "unsupported_type", f"{name} is not a PDF, PNG or JPEG (judged by its content, "
-                           "not its name or Content-Type): convert it to one of those first")
-    if kind != "pdf":
-        return kind, 1
+        raise ServiceError(415, "unsupported_type", f"{name} is not a {accepted_names()} (judged by its "
+                           "content, not its name or Content-Type): convert it to one of those first")
+    if kind == "pdf":
+        pages = _pdf_pages(name, data)
+    elif kind == "tiff":
+        pages = _tiff_pages(name, data)
+    else:
+        pages = 1
+    if pages == 0:
+        raise ServiceError(422, "bad_pdf", f"{name} is a PDF with no pages: nothing to convert")
+    if pages > limits.max_pages:
+        raise ServiceError(422, "too_many_pages", f"{name} has {pages} pages, more than the limit of "
+                           f"{limits.max_pages} per document (OLMOCR_SERVICE_MAX_PAGES): split it, or run it "
+                           "through the batch pipeline")
+    return kind, pages
+
+
+def _pdf_pages(name: str, data: bytes) -> int:
     import pypdfium2
 
     with PDFIUM_LOCK:
@@ -91,16 +123,20 @@ def inspect(name: str, data: bytes, limits: Limits) -> tuple[str, int]:
             raise ServiceError(422, "bad_pdf", f"{name} cannot be opened as a PDF ({exc}): send an intact, "
                                "unencrypted file") from None
         try:
-            pages = len(doc)
+            return len(doc)
         finally:
             doc.close()
-    if pages == 0:
-        raise ServiceError(422, "bad_pdf", f"{name} is a PDF with no pages: nothing to convert")
-    if pages > limits.max_pages:
-        raise ServiceError(422, "too_many_pages", f"{name} has {pages} pages, more than the limit of "
-                           f"{limits.max_pages} per document (OLMOCR_SERVICE_MAX_PAGES): split it, or run it "
-                           "through the batch pipeline")
-    return kind, pages
+
+
+def _tiff_pages(name: str, data: bytes) -> int:
+    """A TIFF's pages: its frames, counted as the pipeline counts them (``tiff_frame_count``)."""
+    from olmocr.pipeline.pages.render import tiff_frame_count
+
+    try:
+        return tiff_frame_count(data)
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for a broken file
+        raise ServiceError(422, "bad_image", f"{name} cannot be opened as a TIFF ({type(exc).__name__}: "
+                           f"{exc}): send an intact file") from None
 
 
 def _refuse(path: str, why: str) -> ServiceError:
@@ -160,12 +196,20 @@ def read_named(name: str, path: str, limits: Limits) -> bytes:
 
 
 def page_image(data: bytes, kind: str, page: int, longest: int = 1000) -> tuple[bytes, str]:
-    """``(image, content type)`` of one page (1-based) for the upload page: a PNG of a PDF page whose longest
-    side is ``longest`` pixels, or an image document as it was uploaded."""
-    if kind != "pdf":
+    """``(image, content type)`` of one page (1-based) for the upload page: a PNG whose longest side is at
+    most ``longest`` pixels of a PDF page or a TIFF frame (browsers show no TIFF), or a PNG or JPEG document
+    as it was uploaded."""
+    if kind in ("png", "jpeg"):
         if page != 1:
             raise ServiceError(404, "not_found", f"an image has one page, not page {page}")
-        return data, "image/png" if kind == "png" else "image/jpeg"
+        return data, MEDIA[kind][0]
+    image = _tiff_frame(data, page, longest) if kind == "tiff" else _pdf_page(data, page, longest)
+    out = io.BytesIO()
+    image.convert("RGB").save(out, format="PNG")
+    return out.getvalue(), "image/png"
+
+
+def _pdf_page(data: bytes, page: int, longest: int) -> Any:
     import pypdfium2
 
     with PDFIUM_LOCK:
@@ -179,6 +223,17 @@ def page_image(data: bytes, kind: str, page: int, longest: int = 1000) -> tuple[
             pdf_page.close()
         finally:
             doc.close()
-    out = io.BytesIO()
-    image.convert("RGB").save(out, format="PNG")
-    return out.getvalue(), "image/png"
+    return image
+
+
+def _tiff_frame(data: bytes, page: int, longest: int) -> Any:
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(data)) as tiff:
+        frames = int(getattr(tiff, "n_frames", 1))
+        if not 1 <= page <= frames:
+            raise ServiceError(404, "not_found", f"no page {page} (the TIFF has {frames} frames)")
+        tiff.seek(page - 1)
+        frame = ImageOps.exif_transpose(tiff).convert("RGB")
+    frame.thumbnail((longest, longest))
+    return frame

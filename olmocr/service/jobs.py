@@ -107,7 +107,7 @@ def workspace_path(storage: Storage, key: str) -> str:
 class Document:
     name: str  # what the client called it (file name or path)
     key: str  # its copy in the workspace
-    kind: str  # pdf, png, jpeg
+    kind: str  # one of inputs.KINDS: pdf, png, jpeg, tiff
     pages: int
 
 

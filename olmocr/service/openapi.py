@@ -4,6 +4,8 @@ against the app's routes."""
 from __future__ import annotations
 
 from olmocr import __version__
+from olmocr.pipeline.workspace.inputs import KINDS
+from olmocr.service.intake import accepted_names
 
 
 def _ref(name: str) -> dict:
@@ -27,7 +29,7 @@ _SUBMIT_BODY = {
     "content": {
         "multipart/form-data": {"schema": {"type": "object", "properties": {
             "file": {"type": "array", "items": {"type": "string", "format": "binary"},
-                     "description": "a document (PDF, PNG or JPEG, judged by content); repeat the field"},
+                     "description": f"a document ({accepted_names()}, judged by content); repeat the field"},
             "path": {"type": "array", "items": {"type": "string"},
                      "description": "an s3:// or local path under a configured root"}}}},
         "application/json": {"schema": {"type": "object", "required": ["paths"], "properties": {
@@ -43,9 +45,9 @@ _SUBMIT_ERRORS = {
     "403": _error("a path outside the configured roots (code path_not_allowed)"),
     "404": _error("a named path does not exist (code not_found)"),
     "413": _error("the request is larger than OLMOCR_SERVICE_MAX_UPLOAD_MB (code upload_too_large)"),
-    "415": _error("not a PDF, PNG or JPEG by content (unsupported_type), or a body that is not multipart, JSON "
+    "415": _error(f"not a {accepted_names()} by content (unsupported_type), or a body that is not multipart, JSON "
                   "or a form (unsupported_content_type)"),
-    "422": _error("no documents, too many documents, too many pages, an empty file, a damaged PDF"),
+    "422": _error("no documents, too many documents, too many pages, an empty file, a damaged PDF or TIFF"),
     "429": {**_error("too many unfinished jobs for this token (code too_many_jobs)"),
             "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}},
 }
@@ -55,7 +57,7 @@ _SCHEMAS = {
         "type": "object", "required": ["code", "message"],
         "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
     "DocumentStatus": {"type": "object", "required": ["name", "kind", "pages", "outcome"], "properties": {
-        "name": {"type": "string"}, "kind": {"type": "string", "enum": ["pdf", "png", "jpeg"]},
+        "name": {"type": "string"}, "kind": {"type": "string", "enum": list(KINDS)},
         "pages": {"type": "integer"},
         "outcome": {"type": "string", "enum": ["pending", "done", "failed", "cancelled"]},
         "reason": {"type": "string"}}},
@@ -140,7 +142,7 @@ def document() -> dict:
                                         "description": "the document's index in the job"},
                                        {"name": "page", "in": "path", "required": True,
                                         "schema": {"type": "integer", "minimum": 1}}],
-                        "responses": {"200": {"description": "PNG (a PDF page) or the uploaded image",
+                        "responses": {"200": {"description": "PNG (a PDF page, a TIFF frame) or the uploaded PNG or JPEG",
                                               "content": {"image/png": {}, "image/jpeg": {}}},
                                       "404": _error("no such job, document or page")}},
             },

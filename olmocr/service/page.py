@@ -3,8 +3,11 @@
 One self-contained document (no library, no CDN: it works on clusters without internet), kept in a module
 so that it ships with the package without a package-data entry. It uses only the public API: ``POST
 /v1/jobs``, ``GET /v1/jobs/{id}``, ``GET /v1/jobs/{id}/result?format=pages`` and the page images. With a
-token, the page asks for it once (kept in the tab's sessionStorage) and sends it as a bearer header.
+token, the page asks for it once (kept in the tab's sessionStorage) and sends it as a bearer header. The
+kinds it names are the pipeline's (``olmocr.service.intake.accepted_names``).
 """
+
+from olmocr.service.intake import accept_attribute, accepted_names
 
 PAGE = """<!doctype html>
 <html lang="en">
@@ -37,8 +40,8 @@ PAGE = """<!doctype html>
 </head>
 <body>
 <h1>olmOCR: documents to Markdown</h1>
-<div id="drop">Drop PDF, PNG or JPEG files here, or click to choose them
-  <input id="files" type="file" multiple accept=".pdf,.png,.jpg,.jpeg,application/pdf,image/png,image/jpeg" hidden>
+<div id="drop">Drop @KINDS@ files here, or click to choose them
+  <input id="files" type="file" multiple accept="@ACCEPT@" hidden>
 </div>
 <div id="token-box">This service needs its token: <input id="token" type="password" size="40">
   <button id="token-save">Use it</button></div>
@@ -132,3 +135,6 @@ $("token-save").addEventListener("click", () => {
 </body>
 </html>
 """
+
+#: Filled in once: the kinds the pipeline accepts, named and in the file chooser's filter.
+PAGE = PAGE.replace("@KINDS@", accepted_names()).replace("@ACCEPT@", accept_attribute())

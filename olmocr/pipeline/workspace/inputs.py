@@ -56,8 +56,13 @@ def is_archive(path: str) -> bool:
     return path.lower().endswith(ARCHIVE_SUFFIXES)
 
 
+#: Every kind :func:`sniff_kind` returns: what the pipeline accepts (olmocr-service names them from here).
+KINDS = ("pdf", "png", "jpeg", "tiff")
+
+
 def sniff_kind(data: bytes) -> str | None:
-    """``"pdf"`` (``%PDF`` in the first 1024 bytes), ``"png"``, ``"jpeg"``, ``"tiff"`` or None."""
+    """One of :data:`KINDS`: ``"pdf"`` (``%PDF`` in the first 1024 bytes), ``"png"``, ``"jpeg"``, ``"tiff"``;
+    or None."""
     head = data[:SNIFF_BYTES]
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return "png"
