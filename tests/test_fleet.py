@@ -25,6 +25,7 @@ from olmocr.pipeline.servers.balance import (
     choose,
     plan_steals,
 )
+from olmocr.pipeline.servers.checks import LOG_CONTEXT_TOO_SMALL, LOG_NO_OLMOCR_MODEL, MODEL_NAME
 from olmocr.pipeline.servers.client import ServerClient
 from olmocr.pipeline.servers.fleet import (
     LOG_ALL_DOWN,
@@ -319,14 +320,14 @@ def test_misconfigured_servers_are_left_out_with_a_reason(tmp_path: Path, pdfs: 
     assert_every_page_once(tmp_path / "ws", docs)
     left_out = {m.group(1): m.group(2) for m in logged(log, LOG_LEFT_OUT)}  # url: reason
     assert set(left_out) == {small.url, wrong.url}, left_out
-    assert "--max-model-len 2048" in left_out[small.url]
-    assert "doesn't have the 'olmocr' model" in left_out[wrong.url]
+    assert log_line(LOG_CONTEXT_TOO_SMALL, 2048).search(left_out[small.url]), left_out[small.url]
+    assert log_line(LOG_NO_OLMOCR_MODEL, MODEL_NAME, "some-other-model").search(left_out[wrong.url])
     assert small_completions == 0  # the run never sent it a page it would have had to refuse
     assert logged(log, LOG_NOT_REACHABLE, absent)
     # None usable: fail fast, before claiming any work, saying why for each.
     assert rc2 == 1
     assert "none of the 2 vLLM servers is usable" in log2
-    assert "doesn't have the 'olmocr' model" in log2 and "rejected the API key" in log2
+    assert logged(log2, LOG_NO_OLMOCR_MODEL, MODEL_NAME) and "rejected the API key" in log2
     locks = tmp_path / "ws2" / "worker_locks"
     assert not locks.exists() or not any(locks.iterdir())
 
