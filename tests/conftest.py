@@ -72,8 +72,8 @@ def standins(tmp_path: Path) -> Iterator[Standins]:
     """Start stand-in vLLM servers the way vLLM is launched: ``standins(OLMOCR_STANDIN_LATENCY=2)`` returns a
     ready :class:`tests.pipeline_helpers.StandIn` (``.url``, ``.port``, ``.control()``, ``.kill()``,
     ``.restart()``, ``.stop()``). Upper-case keywords are the server's environment; the knobs are
-    ``served_model_name``, ``extra_args`` and ``env`` (a mapping). All are stopped (process group) after the
-    test, and each must leave its own ``TMPDIR`` empty. The API: :class:`tests.pipeline_helpers.Standins`."""
+    ``served_model_name``, ``extra_args``, ``port``, ``host``, ``ready`` and ``env`` (a mapping). All are
+    stopped (process group) after the test, and each must leave its own ``TMPDIR`` empty. The API: :class:`tests.pipeline_helpers.Standins`."""
     from tests.pipeline_helpers import Standins
 
     with Standins(tmp_path) as start:

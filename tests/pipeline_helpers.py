@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 
 import requests
@@ -19,6 +20,7 @@ import requests
 from tests.sample_docs import samples
 from tests.standin_helpers import (
     REPO_ROOT,
+    VLLM_FLAGS,
     clean_env,
     free_port,
     pid_alive,
@@ -43,10 +45,13 @@ class StandIn:
     proc: subprocess.Popen[bytes]
     env: dict[str, str]
     log: Path
+    #: The loopback address it listens on, and how it was launched (``restart()`` launches it the same way).
+    host: str = "127.0.0.1"
+    launch: dict[str, object] = dataclass_field(default_factory=dict)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def control(self, **patch: object) -> None:
         r = requests.post(f"{self.url}/admin/control", json=patch, timeout=10)
@@ -61,7 +66,7 @@ class StandIn:
         stop_process_group(self.proc)
 
     def restart(self) -> None:
-        self.proc = start_standin(self.port, env=self.env, log_path=self.log)
+        self.proc = start_standin(self.port, env=self.env, log_path=self.log, **self.launch)  # type: ignore[arg-type]
         wait_http_ok(f"{self.url}/health", timeout=30, proc=self.proc)
 
     def stop(self) -> None:
@@ -69,14 +74,17 @@ class StandIn:
 
 
 def launch_standin(tmp_path: Path, env: Mapping[str, str] | None = None, *, port: int | None = None,
-                   ready: bool = True, **kwargs: object) -> StandIn:
-    """Start a stand-in (on ``port``, or a free one) and, with ``ready``, wait for its /health; the caller
-    stops it. Tests use the ``standins`` fixture (:class:`Standins`), which stops it for them."""
+                   ready: bool = True, host: str = "127.0.0.1", **kwargs: object) -> StandIn:
+    """Start a stand-in (on ``host``:``port``, or a free port) and, with ``ready``, wait for its /health; the
+    caller stops it. Tests use the ``standins`` fixture (:class:`Standins`), which stops it for them."""
     port = port or free_port()
-    log = tmp_path / f"standin-{port}.log"
+    if host != "127.0.0.1":
+        extra = kwargs.get("extra_args", VLLM_FLAGS)
+        kwargs["extra_args"] = (*extra, "--host", host)  # type: ignore[misc]
+    log = tmp_path / (f"standin-{port}.log" if host == "127.0.0.1" else f"standin-{host}-{port}.log")
     full_env = dict(env or {})
     proc = start_standin(port, env=full_env, log_path=log, **kwargs)  # type: ignore[arg-type]
-    started = StandIn(port, proc, full_env, log)
+    started = StandIn(port, proc, full_env, log, host, dict(kwargs))
     if ready:
         try:
             wait_http_ok(f"{started.url}/health", timeout=30, proc=proc)
@@ -98,6 +106,8 @@ class Standins:
     * ``served_model_name`` (default ``"olmocr"``);
     * ``extra_args``: the vLLM flags after the port (default ``standin_helpers.VLLM_FLAGS``);
     * ``port``: a given port (default: a free one);
+    * ``host``: the loopback address to listen on (default ``127.0.0.1``; ``127.0.0.2`` etc. put several
+      stand-ins on one port, as the servers behind a DNS name); its log is then ``standin-<host>-<port>.log``;
     * ``ready=False``: return at once, without waiting for /health (a server still loading its model);
     * ``env``: a mapping of more variables.
 
@@ -119,8 +129,8 @@ class Standins:
         self.started: list[tuple[StandIn, Path | None]] = []
 
     def __call__(self, *, served_model_name: str = "olmocr", extra_args: Sequence[str] | None = None,
-                 port: int | None = None, ready: bool = True, env: Mapping[str, object] | None = None,
-                 **variables: object) -> StandIn:
+                 port: int | None = None, ready: bool = True, host: str = "127.0.0.1",
+                 env: Mapping[str, object] | None = None, **variables: object) -> StandIn:
         lower = sorted(name for name in variables if not name.isupper())
         assert not lower, f"standins(): unknown knob(s) {lower}; environment variables are in upper case"
         full_env = {key: str(value) for key, value in {**(env or {}), **variables}.items()}
@@ -131,7 +141,7 @@ class Standins:
         knobs: dict[str, object] = {"served_model_name": served_model_name}
         if extra_args is not None:
             knobs["extra_args"] = tuple(extra_args)
-        started = launch_standin(self.directory, full_env, port=port, ready=ready, **knobs)
+        started = launch_standin(self.directory, full_env, port=port, ready=ready, host=host, **knobs)
         self.started.append((started, temp))
         return started
 

@@ -27,17 +27,9 @@ from olmocr.pipeline.servers.fleet import LOG_LEFT_OUT
 from olmocr.pipeline.servers.membership import LOG_DRAINING, LOG_VERIFYING
 from olmocr.pipeline.servers.serverlist import DnsName, expand_port_range, parse_dns_names, parse_url_list
 from tests.metrics_helpers import parse_metrics
-from tests.pipeline_helpers import assert_every_page_once, logged, start_pipeline, wait_for
+from tests.pipeline_helpers import StandIn, Standins, assert_every_page_once, logged, running_pipeline, wait_for
 from tests.sample_docs import write_text_pdf
-from tests.standin_helpers import (
-    VLLM_FLAGS,
-    free_port,
-    free_port_run,
-    loopback_alias_works,
-    start_standin,
-    stop_process_group,
-    wait_http_ok,
-)
+from tests.standin_helpers import VLLM_FLAGS, free_port, free_port_run, loopback_alias_works
 
 
 @pytest.mark.parametrize("url, expected", [
@@ -117,104 +109,87 @@ def test_which_lookup_errors_empty_a_name(errno: int, empty: bool) -> None:
 # ------------------------------------------------------------------------------------- a real run
 
 
-def _standin_on(address: str, port: int, tmp_path: Path, env: dict[str, str], *,  # noqa: ANN202
-                served_model_name: str = "olmocr"):
+
+def _standin_on(standins: Standins, address: str, port: int, env: dict[str, object], *,
+                served_model_name: str = "olmocr") -> StandIn:
     # The access log on (one line per request): a test can count what reached this address.
-    proc = start_standin(port, env=env, extra_args=(*VLLM_FLAGS, "--host", address, "--uvicorn-log-level", "info"),
-                         served_model_name=served_model_name, log_path=tmp_path / f"standin-{address}-{port}.log")
-    wait_http_ok(f"http://{address}:{port}/health", timeout=30, proc=proc)
-    return proc
+    return standins(host=address, port=port, served_model_name=served_model_name, env=env,
+                    extra_args=(*VLLM_FLAGS, "--uvicorn-log-level", "info"))
 
 
-def _served(address: str, port: int) -> int:
-    return int(requests.get(f"http://{address}:{port}/admin/info", timeout=5).json()["completions_seen"])
+def _served(server: StandIn) -> int:
+    return int(requests.get(f"{server.url}/admin/info", timeout=5).json()["completions_seen"])
 
 
-def _chat_requests(address: str, port: int, tmp_path: Path) -> int:
-    """Chat requests that reached the stand-in at ``address``, answered or not (from its access log)."""
-    log = (tmp_path / f"standin-{address}-{port}.log").read_text()
-    return log.count('"POST /v1/chat/completions"')
+def _chat_requests(server: StandIn) -> int:
+    """Chat requests that reached the stand-in, answered or not (from its access log)."""
+    return server.log.read_text().count('"POST /v1/chat/completions"')
 
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_a_port_range_reaches_every_server_of_a_box(tmp_path: Path) -> None:
+def test_a_port_range_reaches_every_server_of_a_box(tmp_path: Path, standins: Standins) -> None:
     base = free_port_run(3)
-    env = {"OLMOCR_STANDIN_LATENCY": "0.05"}
-    procs = [_standin_on("127.0.0.1", base + i, tmp_path, env) for i in range(3)]
-    try:
-        pdfs = [write_text_pdf(tmp_path / f"doc{i}.pdf", 3) for i in range(6)]
-        log = tmp_path / "pipeline.log"
-        proc = start_pipeline(tmp_path / "ws", f"http://127.0.0.1:{base}-{base + 2}", pdfs, log=log)
-        try:
-            assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
-        finally:
-            stop_process_group(proc)
-        assert_every_page_once(tmp_path / "ws", pdfs)
-        assert all(_served("127.0.0.1", base + i) > 0 for i in range(3))
-    finally:
-        for p in procs:
-            stop_process_group(p)
+    servers = [_standin_on(standins, "127.0.0.1", base + i, {"OLMOCR_STANDIN_LATENCY": 0.05}) for i in range(3)]
+    pdfs = [write_text_pdf(tmp_path / f"doc{i}.pdf", 3) for i in range(6)]
+    with running_pipeline(tmp_path / "ws", f"http://127.0.0.1:{base}-{base + 2}", pdfs,
+                          log=tmp_path / "pipeline.log") as run:
+        assert run.wait(120) == 0, run.output()[-3000:]
+    assert_every_page_once(tmp_path / "ws", pdfs)
+    assert all(_served(server) > 0 for server in servers)
 
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_dns_name_servers_added_and_removed_mid_run_every_page_once(tmp_path: Path) -> None:
+def test_dns_name_servers_added_and_removed_mid_run_every_page_once(tmp_path: Path, standins: Standins) -> None:
     assert loopback_alias_works(), "127.0.0.2 is not usable here (Linux routes all of 127.0.0.0/8 to lo)"
     port = free_port()
-    env = {"OLMOCR_STANDIN_LATENCY": "0.25", "OLMOCR_STANDIN_CONCURRENCY": "2"}
-    procs = {a: _standin_on(a, port, tmp_path, env) for a in ("127.0.0.2", "127.0.0.3", "127.0.0.4")}
+    env: dict[str, object] = {"OLMOCR_STANDIN_LATENCY": 0.25, "OLMOCR_STANDIN_CONCURRENCY": 2}
+    two, three, four = (_standin_on(standins, a, port, env) for a in ("127.0.0.2", "127.0.0.3", "127.0.0.4"))
     # An address that joins the name but serves another model: verification must leave it out before any
     # page goes to it (it would answer each page 404).
-    procs["127.0.0.5"] = _standin_on("127.0.0.5", port, tmp_path, env, served_model_name="some-other-model")
+    wrong = _standin_on(standins, "127.0.0.5", port, env, served_model_name="some-other-model")
     hosts = tmp_path / "hosts"
 
-    def publish(*addresses: str) -> None:
+    def publish(*servers: StandIn) -> None:
         tmp = hosts.with_suffix(".tmp")
-        tmp.write_text("".join(f"{a} olmocr-vllm.test\n" for a in addresses))
+        tmp.write_text("".join(f"{s.host} olmocr-vllm.test\n" for s in servers))
         os.replace(tmp, hosts)
 
-    publish("127.0.0.2", "127.0.0.3")
-    try:
-        pdfs = [write_text_pdf(tmp_path / f"doc{i}.pdf", 4) for i in range(20)]
-        log = tmp_path / "pipeline.log"
-        metrics_port = free_port()
-        proc = start_pipeline(tmp_path / "ws", f"dns+http://olmocr-vllm.test:{port}", pdfs, "--workers", "8",
-                              "--metrics_port", str(metrics_port),
-                              env={"OLMOCR_HOSTS_FILE": str(hosts), "OLMOCR_DNS_REFRESH_S": "0.5"}, log=log)
-        try:
-            deadline = time.monotonic() + 60
-            while _served("127.0.0.2", port) < 4:
-                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.1)
-            assert _served("127.0.0.4", port) == 0  # not in the name yet: no work
-            publish("127.0.0.3", "127.0.0.4", "127.0.0.5")  # .4 and .5 join, .2 leaves
-            removed_at = time.monotonic()
-            while _served("127.0.0.4", port) == 0:
-                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.1)
-            # The new server has its own series in the pipeline's metrics (with its request-latency hook).
-            def scrape() -> dict[str, float]:
-                return parse_metrics(requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text)
+    publish(two, three)
+    pdfs = [write_text_pdf(tmp_path / f"doc{i}.pdf", 4) for i in range(20)]
+    metrics_port = free_port()
+    name = f"dns+http://olmocr-vllm.test:{port}"
+    with running_pipeline(tmp_path / "ws", name, pdfs, "--workers", "8", "--metrics_port", str(metrics_port),
+                          env={"OLMOCR_HOSTS_FILE": str(hosts), "OLMOCR_DNS_REFRESH_S": "0.5"},
+                          log=tmp_path / "pipeline.log") as run:
+        deadline = time.monotonic() + 60
+        while _served(two) < 4:
+            assert run.poll() is None and time.monotonic() < deadline, run.output()[-3000:]
+            time.sleep(0.1)
+        assert _served(four) == 0  # not in the name yet: no work
+        publish(three, four, wrong)  # .4 and .5 join, .2 leaves
+        removed_at = time.monotonic()
+        while _served(four) == 0:
+            assert run.poll() is None and time.monotonic() < deadline, run.output()[-3000:]
+            time.sleep(0.1)
+        # The new server has its own series in the pipeline's metrics (with its request-latency hook).
+        def scrape() -> dict[str, float]:
+            return parse_metrics(requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text)
 
-            latency_of_new = f"olmocr_pipeline_request_seconds_count{{server=http://127.0.0.4:{port}}}"
-            wait_for(lambda: scrape().get(latency_of_new, 0) > 0, 10, "the new server's request latencies")
-            assert scrape()[f"olmocr_pipeline_server_healthy{{server=http://127.0.0.4:{port}}}"] == 1.0
-            time.sleep(max(0.0, removed_at + 2.5 - time.monotonic()))  # a refresh, plus its in-flight finishing
-            drained_count = _served("127.0.0.2", port)
-            assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
-        finally:
-            stop_process_group(proc)
-        out = log.read_text()
-        assert_every_page_once(tmp_path / "ws", pdfs)
-        assert _served("127.0.0.2", port) == drained_count  # drained: no request after it left the name
-        assert _served("127.0.0.3", port) > 0 and _served("127.0.0.4", port) > 0
-        assert logged(out, LOG_VERIFYING, f"dns+http://olmocr-vllm.test:{port}", f"http://127.0.0.4:{port}")
-        # The wrong-model address was verified, left out, and sent no page.
-        assert _chat_requests("127.0.0.5", port, tmp_path) == 0
-        assert logged(out, LOG_LEFT_OUT, f"http://127.0.0.5:{port}"), out[-3000:]
-        assert _chat_requests("127.0.0.4", port, tmp_path) > 0  # (the count sees the pages a server gets)
-        assert logged(out, LOG_DRAINING, f"http://127.0.0.2:{port}", f"its address left dns+http://olmocr-vllm.test:{port}")
-    finally:
-        for p in procs.values():
-            stop_process_group(p)
+        wait_for(lambda: scrape().get(f"olmocr_pipeline_request_seconds_count{{server={four.url}}}", 0) > 0, 10,
+                 "the new server's request latencies")
+        assert scrape()[f"olmocr_pipeline_server_healthy{{server={four.url}}}"] == 1.0
+        time.sleep(max(0.0, removed_at + 2.5 - time.monotonic()))  # a refresh, plus its in-flight finishing
+        drained_count = _served(two)
+        assert run.wait(120) == 0, run.output()[-3000:]
+        out = run.output()
+    assert_every_page_once(tmp_path / "ws", pdfs)
+    assert _served(two) == drained_count  # drained: no request after it left the name
+    assert _served(three) > 0 and _served(four) > 0
+    assert logged(out, LOG_VERIFYING, name, four.url)
+    # The wrong-model address was verified, left out, and sent no page.
+    assert _chat_requests(wrong) == 0
+    assert logged(out, LOG_LEFT_OUT, wrong.url), out[-3000:]
+    assert _chat_requests(four) > 0  # (the count sees the pages a server gets)
+    assert logged(out, LOG_DRAINING, two.url, f"its address left {name}")

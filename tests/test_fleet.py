@@ -25,6 +25,7 @@ from olmocr.pipeline.servers.balance import (
     choose,
     plan_steals,
 )
+from olmocr.pipeline.servers.checks import LOG_CONTEXT_TOO_SMALL, LOG_NO_OLMOCR_MODEL, MODEL_NAME
 from olmocr.pipeline.servers.client import ServerClient
 from olmocr.pipeline.servers.fleet import (
     LOG_ALL_DOWN,
@@ -42,8 +43,9 @@ from olmocr.server.server_args import add_server_arguments, settings_from_args
 from olmocr.server.settings import ServerSettings
 from tests.metrics_helpers import parse_metrics
 from tests.pipeline_helpers import (
+    StandIn,
+    Standins,
     assert_every_page_once,
-    launch_standin,
     log_line,
     logged,
     run_pipeline,
@@ -51,7 +53,7 @@ from tests.pipeline_helpers import (
     wait_for,
 )
 from tests.sample_docs import write_text_pdf
-from tests.standin_helpers import VLLM_FLAGS, chat_payload, free_port, start_standin, stop_process_group
+from tests.standin_helpers import VLLM_FLAGS, chat_payload, free_port
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -74,11 +76,11 @@ def info(url: str, **kwargs: object) -> dict:
     return r.json()
 
 
-def standin(tmp_path: Path, latency: float, concurrency: int | None = None, **env: str):
-    full = {"OLMOCR_STANDIN_LATENCY": str(latency), **env}
+def standin(standins: Standins, latency: float, concurrency: int | None = None) -> StandIn:
+    """A stand-in answering each page after ``latency`` s, ``concurrency`` at once (default: no limit)."""
     if concurrency:
-        full["OLMOCR_STANDIN_CONCURRENCY"] = str(concurrency)
-    return launch_standin(tmp_path, env=full)
+        return standins(OLMOCR_STANDIN_LATENCY=latency, OLMOCR_STANDIN_CONCURRENCY=concurrency)
+    return standins(OLMOCR_STANDIN_LATENCY=latency)
 
 
 # --------------------------------------------------------------------------------------------- units
@@ -252,11 +254,11 @@ def _per_server(metrics_port: int, urls: list[str]) -> tuple[list[float], list[f
 
 
 @pytest.mark.slow
-def test_pages_follow_capacity_and_each_server_is_visible(tmp_path: Path, pdfs: list[Path]) -> None:
+def test_pages_follow_capacity_and_each_server_is_visible(tmp_path: Path, pdfs: list[Path], standins: Standins) -> None:
     # 8 and 2 pages/s: together well under what the client renders even on a loaded 2-core machine, so the
     # servers, not the client, set the pace (a client-bound run spreads pages by who is idle, not capacity).
-    fast = standin(tmp_path, 1.0, 8)
-    slow = standin(tmp_path, 1.0, 2)
+    fast = standin(standins, 1.0, 8)
+    slow = standin(standins, 1.0, 2)
     ws, metrics_port = tmp_path / "ws", free_port()
     urls = [fast.url, slow.url]
     # At most 14 requests out (the servers work on 10 at once): each page is sent when one comes back, so
@@ -301,43 +303,40 @@ def test_pages_follow_capacity_and_each_server_is_visible(tmp_path: Path, pdfs: 
 
 
 @pytest.mark.slow
-def test_misconfigured_servers_are_left_out_with_a_reason(tmp_path: Path, pdfs: list[Path]) -> None:
-    good = standin(tmp_path, 0.05)
-    wrong = launch_standin(tmp_path, served_model_name="some-other-model")
-    locked = launch_standin(tmp_path, env={"VLLM_API_KEY": "k-locked"})
+def test_misconfigured_servers_are_left_out_with_a_reason(tmp_path: Path, pdfs: list[Path], standins: Standins) -> None:
+    good = standin(standins, 0.05)
+    wrong = standins(served_model_name="some-other-model")
+    locked = standins(VLLM_API_KEY="k-locked")
     # A context too small for a page at the default 1288 px: its requests would all be refused (HTTP 400).
-    small = launch_standin(tmp_path, extra_args=[*VLLM_FLAGS, "--max-model-len", "2048"])
+    small = standins(extra_args=[*VLLM_FLAGS, "--max-model-len", "2048"])
     absent = f"http://127.0.0.1:{free_port()}"
     docs = pdfs[:2]
-    try:
-        rc, log = run_pipeline(tmp_path / "ws", f"{good.url},{wrong.url},{small.url},{absent}", docs,
-                               log=tmp_path / "run.log")
-        small_completions = requests.get(f"{small.url}/admin/info", timeout=10).json()["completions_seen"]
-        rc2, log2 = run_pipeline(tmp_path / "ws2", f"{wrong.url},{locked.url}", docs, timeout=60,
-                                 log=tmp_path / "run2.log")
-    finally:
-        for s in (good, wrong, locked, small):
-            s.stop()
+    rc, log = run_pipeline(tmp_path / "ws", f"{good.url},{wrong.url},{small.url},{absent}", docs,
+                           log=tmp_path / "run.log")
+    small_completions = requests.get(f"{small.url}/admin/info", timeout=10).json()["completions_seen"]
+    rc2, log2 = run_pipeline(tmp_path / "ws2", f"{wrong.url},{locked.url}", docs, timeout=60,
+                             log=tmp_path / "run2.log")
     assert rc == 0, log
     assert_every_page_once(tmp_path / "ws", docs)
     left_out = {m.group(1): m.group(2) for m in logged(log, LOG_LEFT_OUT)}  # url: reason
     assert set(left_out) == {small.url, wrong.url}, left_out
-    assert "--max-model-len 2048" in left_out[small.url]
-    assert "doesn't have the 'olmocr' model" in left_out[wrong.url]
+    assert log_line(LOG_CONTEXT_TOO_SMALL, 2048).search(left_out[small.url]), left_out[small.url]
+    assert log_line(LOG_NO_OLMOCR_MODEL, MODEL_NAME, "some-other-model").search(left_out[wrong.url])
     assert small_completions == 0  # the run never sent it a page it would have had to refuse
     assert logged(log, LOG_NOT_REACHABLE, absent)
     # None usable: fail fast, before claiming any work, saying why for each.
     assert rc2 == 1
     assert "none of the 2 vLLM servers is usable" in log2
-    assert "doesn't have the 'olmocr' model" in log2 and "rejected the API key" in log2
+    assert logged(log2, LOG_NO_OLMOCR_MODEL, MODEL_NAME) and "rejected the API key" in log2
     locks = tmp_path / "ws2" / "worker_locks"
     assert not locks.exists() or not any(locks.iterdir())
 
 
 @pytest.mark.slow
-def test_killed_server_is_ejected_its_pages_resent_and_it_is_readmitted(tmp_path: Path, pdfs: list[Path]) -> None:
-    a = standin(tmp_path, 0.3, 2)
-    b = standin(tmp_path, 0.3, 2)
+def test_killed_server_is_ejected_its_pages_resent_and_it_is_readmitted(tmp_path: Path, pdfs: list[Path],
+                                                                        standins: Standins) -> None:
+    a = standin(standins, 0.3, 2)
+    b = standin(standins, 0.3, 2)
     ws, log = tmp_path / "ws", tmp_path / "run.log"
     # One attempt per page: a page resent because its server died must not use it up.
     metrics_port = free_port()
@@ -366,12 +365,13 @@ def test_killed_server_is_ejected_its_pages_resent_and_it_is_readmitted(tmp_path
 
 
 @pytest.mark.slow
-def test_queued_requests_move_to_a_server_that_joins_mid_run(tmp_path: Path, pdfs: list[Path]) -> None:
+def test_queued_requests_move_to_a_server_that_joins_mid_run(tmp_path: Path, pdfs: list[Path],
+                                                             standins: Standins) -> None:
     """Work stealing in a real run: one server (2 pages/s) holds the whole run's queue when a second one
     joins; requests still waiting on the first move to the newcomer (resent there, no attempt used up)
     instead of only new pages going to it, and every page is still written once."""
-    busy = standin(tmp_path, 1.0, 2)
-    late = standin(tmp_path, 1.0, 2)
+    busy = standin(standins, 1.0, 2)
+    late = standin(standins, 1.0, 2)
     late.kill()  # not up yet when the run starts: it joins once it answers
     docs = pdfs[:10]  # 50 pages: ~25 s on the busy server alone
     ws = tmp_path / "ws"
@@ -391,26 +391,23 @@ def test_queued_requests_move_to_a_server_that_joins_mid_run(tmp_path: Path, pdf
 
 
 @pytest.mark.slow
-def test_hung_server_is_taken_out_and_the_others_carry_on(tmp_path: Path, pdfs: list[Path]) -> None:
-    ok = standin(tmp_path, 0.05)
-    hung = launch_standin(tmp_path, env={"OLMOCR_STANDIN_HANG": "true"})
+def test_hung_server_is_taken_out_and_the_others_carry_on(tmp_path: Path, pdfs: list[Path], standins: Standins) -> None:
+    ok = standin(standins, 0.05)
+    hung = standins(OLMOCR_STANDIN_HANG="true")
     docs = pdfs[:4]
-    try:
-        # /health and /v1/models answer while completions hang: only the no-progress rule reveals it.
-        rc, log = run_pipeline(tmp_path / "ws", f"{hung.url},{ok.url}", docs, "--request_timeout", "2",
-                               "--max_page_retries", "1", log=tmp_path / "run.log")
-    finally:
-        ok.stop()
-        hung.stop()
+    # /health and /v1/models answer while completions hang: only the no-progress rule reveals it.
+    rc, log = run_pipeline(tmp_path / "ws", f"{hung.url},{ok.url}", docs, "--request_timeout", "2",
+                           "--max_page_retries", "1", log=tmp_path / "run.log")
     assert rc == 0, log
     assert_every_page_once(tmp_path / "ws", docs)
     assert logged(log, LOG_EJECTED, hung.url, "no request finished for 2s (hung?)")
 
 
 @pytest.mark.slow
-def test_all_servers_down_the_run_waits_says_so_and_finishes(tmp_path: Path, pdfs: list[Path]) -> None:
-    a = standin(tmp_path, 0.3, 2)
-    b = standin(tmp_path, 0.3, 2)
+def test_all_servers_down_the_run_waits_says_so_and_finishes(tmp_path: Path, pdfs: list[Path],
+                                                             standins: Standins) -> None:
+    a = standin(standins, 0.3, 2)
+    b = standin(standins, 0.3, 2)
     docs = pdfs[:12]
     ws, log = tmp_path / "ws", tmp_path / "run.log"
     with running_pipeline(ws, f"{a.url},{b.url}", docs, "--pages_per_group", "10", log=log, stop=[a, b]) as run:
@@ -467,33 +464,27 @@ def _make_ca_and_cert(directory: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
-def test_https_servers_with_a_private_ca_and_a_key_each(tmp_path: Path, pdfs: list[Path]) -> None:
+def test_https_servers_with_a_private_ca_and_a_key_each(tmp_path: Path, pdfs: list[Path], standins: Standins) -> None:
     ca, cert, key = _make_ca_and_cert(tmp_path)
     keys = {"first": "k-first-0123456789", "second": "k-second-9876543210"}
-    procs, urls = [], []
-    try:
-        for secret in keys.values():
-            port = free_port()
-            procs.append(start_standin(port, env={"VLLM_API_KEY": secret, "OLMOCR_STANDIN_LATENCY": "0.05"},
-                                       extra_args=(*VLLM_FLAGS, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)),
-                                       log_path=tmp_path / f"tls-{port}.log"))
-            urls.append(f"https://127.0.0.1:{port}")
-        for url in urls:
-            wait_for(lambda u=url: _answers(u, str(ca)), 30, f"{url} up")
-        key_file = tmp_path / "keys"
-        key_file.write_text("".join(f"{u} {k}\n" for u, k in zip(urls, keys.values(), strict=True)))
-        key_file.chmod(0o600)
-        docs = pdfs[:4]
-        rc, log = run_pipeline(tmp_path / "ws", ",".join(urls), docs, "--ca_bundle", str(ca),
-                               "--api_key_file", str(key_file), log=tmp_path / "run.log")
-        served = [info(u, verify=str(ca), headers={"Authorization": f"Bearer {k}"})["image_requests_served"]
-                  for u, k in zip(urls, keys.values(), strict=True)]
-        # Without the private CA the certificate is not trusted: a clear reason, before claiming work.
-        rc2, log2 = run_pipeline(tmp_path / "ws2", ",".join(urls), docs, "--api_key_file", str(key_file),
-                                 timeout=60, log=tmp_path / "run2.log")
-    finally:
-        for p in procs:
-            stop_process_group(p)
+    # Ready once /health answers over TLS with the private CA (the fixture's own check is plain HTTP).
+    tls = (*VLLM_FLAGS, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key))
+    servers = [standins(VLLM_API_KEY=secret, OLMOCR_STANDIN_LATENCY=0.05, extra_args=tls, ready=False)
+               for secret in keys.values()]
+    urls = [f"https://127.0.0.1:{server.port}" for server in servers]
+    for url in urls:
+        wait_for(lambda u=url: _answers(u, str(ca)), 30, f"{url} up")
+    key_file = tmp_path / "keys"
+    key_file.write_text("".join(f"{u} {k}\n" for u, k in zip(urls, keys.values(), strict=True)))
+    key_file.chmod(0o600)
+    docs = pdfs[:4]
+    rc, log = run_pipeline(tmp_path / "ws", ",".join(urls), docs, "--ca_bundle", str(ca),
+                           "--api_key_file", str(key_file), log=tmp_path / "run.log")
+    served = [info(u, verify=str(ca), headers={"Authorization": f"Bearer {k}"})["image_requests_served"]
+              for u, k in zip(urls, keys.values(), strict=True)]
+    # Without the private CA the certificate is not trusted: a clear reason, before claiming work.
+    rc2, log2 = run_pipeline(tmp_path / "ws2", ",".join(urls), docs, "--api_key_file", str(key_file),
+                             timeout=60, log=tmp_path / "run2.log")
     assert rc == 0, log
     assert_every_page_once(tmp_path / "ws", docs)
     assert all(n > 0 for n in served), served
@@ -512,9 +503,9 @@ def _answers(url: str, ca: str) -> bool:
 # --------------------------------------------------------------------------------------------- priorities
 
 
-def test_standin_serves_waiting_requests_by_priority(tmp_path: Path) -> None:
-    s = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.4", "OLMOCR_STANDIN_CONCURRENCY": "1"},
-                       extra_args=(*VLLM_FLAGS, "--scheduling-policy", "priority"))
+def test_standin_serves_waiting_requests_by_priority(tmp_path: Path, standins: Standins) -> None:
+    s = standins(OLMOCR_STANDIN_LATENCY=0.4, OLMOCR_STANDIN_CONCURRENCY=1,
+                 extra_args=(*VLLM_FLAGS, "--scheduling-policy", "priority"))
     from tests.standin_helpers import make_png
 
     finished: list[str] = []
@@ -528,32 +519,25 @@ def test_standin_serves_waiting_requests_by_priority(tmp_path: Path) -> None:
             finished.append(name)
 
     threads = []
-    try:
-        for name, priority in (("first", 0), ("low1", 5), ("low2", 5), ("high", -5)):
-            t = threading.Thread(target=send, args=(name, priority))
-            t.start()
-            threads.append(t)
-            time.sleep(0.1)  # arrival order: first (runs), low1, low2 (wait), high (waits, jumps the queue)
-        for t in threads:
-            t.join(timeout=30)
-    finally:
-        s.stop()
+    for name, priority in (("first", 0), ("low1", 5), ("low2", 5), ("high", -5)):
+        t = threading.Thread(target=send, args=(name, priority))
+        t.start()
+        threads.append(t)
+        time.sleep(0.1)  # arrival order: first (runs), low1, low2 (wait), high (waits, jumps the queue)
+    for t in threads:
+        t.join(timeout=30)
     assert finished == ["first", "high", "low1", "low2"]
 
 
-def test_priority_end_to_end_and_refused_without_priority_scheduling(tmp_path: Path, pdfs: list[Path]) -> None:
-    prio = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.05"},
-                          extra_args=(*VLLM_FLAGS, "--scheduling-policy", "priority"))
-    fcfs = standin(tmp_path, 0.05)
+def test_priority_end_to_end_and_refused_without_priority_scheduling(tmp_path: Path, pdfs: list[Path],
+                                                                     standins: Standins) -> None:
+    prio = standins(OLMOCR_STANDIN_LATENCY=0.05, extra_args=(*VLLM_FLAGS, "--scheduling-policy", "priority"))
+    fcfs = standin(standins, 0.05)
     docs = pdfs[:2]
-    try:
-        rc, log = run_pipeline(tmp_path / "ws", prio.url, docs, "--priority", "-2", log=tmp_path / "run.log")
-        seen = info(prio.url)["priorities"]
-        rc2, log2 = run_pipeline(tmp_path / "ws2", fcfs.url, docs, "--priority", "-2", timeout=60,
-                                 log=tmp_path / "run2.log")
-    finally:
-        prio.stop()
-        fcfs.stop()
+    rc, log = run_pipeline(tmp_path / "ws", prio.url, docs, "--priority", "-2", log=tmp_path / "run.log")
+    seen = info(prio.url)["priorities"]
+    rc2, log2 = run_pipeline(tmp_path / "ws2", fcfs.url, docs, "--priority", "-2", timeout=60,
+                             log=tmp_path / "run2.log")
     assert rc == 0, log
     assert_every_page_once(tmp_path / "ws", docs)
     assert set(seen) == {"-2"} and seen["-2"] >= len(docs) * PAGES_PER_DOC
@@ -583,7 +567,8 @@ def test_the_servers_key_file_variable_is_one_key_for_every_server(tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_ejection_after_exactly_three_failures_and_readmission_after_two_good_probes(tmp_path: Path) -> None:
+def test_ejection_after_exactly_three_failures_and_readmission_after_two_good_probes(tmp_path: Path,
+                                                                                     standins: Standins) -> None:
     """Pins EJECT_AFTER = 3 and READMIT_AFTER = 2 against real stand-ins: two failures in a row leave a
     server in rotation, the third ejects it; probes that alternate good/bad never re-admit it, two good
     ones in a row do."""
@@ -593,11 +578,10 @@ def test_ejection_after_exactly_three_failures_and_readmission_after_two_good_pr
     from olmocr.pipeline.servers.balance import ServerState
     from olmocr.pipeline.servers.fleet import EJECT_AFTER, READMIT_AFTER, Fleet
     from olmocr.pipeline.servers.serverlist import ServerSpec
-    from tests.pipeline_helpers import launch_standin
     from tests.standin_helpers import make_png
 
     assert (EJECT_AFTER, READMIT_AFTER) == (3, 2)
-    flaky, steady = launch_standin(tmp_path), launch_standin(tmp_path)
+    flaky, steady = standins(), standins()
     body = json.dumps(chat_payload(make_png(64, 64), max_tokens=50)).encode()
 
     async def make_body() -> list[bytes]:
@@ -630,8 +614,4 @@ def test_ejection_after_exactly_three_failures_and_readmission_after_two_good_pr
         finally:
             await fleet.close()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        flaky.stop()
-        steady.stop()
+    asyncio.run(scenario())

@@ -22,14 +22,8 @@ from olmocr.pipeline.servers.membership import (
     plan_change,
 )
 from olmocr.pipeline.servers.serverlist import DnsName
-from tests.standin_helpers import (
-    VLLM_FLAGS,
-    free_port,
-    loopback_alias_works,
-    start_standin,
-    stop_process_group,
-    wait_http_ok,
-)
+from tests.pipeline_helpers import Standins
+from tests.standin_helpers import VLLM_FLAGS, free_port, loopback_alias_works
 
 # ------------------------------------------------------------------------------------------ pure
 
@@ -76,30 +70,23 @@ def test_a_drain_waits_for_the_shorter_of_its_grace_and_the_request_timeout(requ
 
 
 @pytest.mark.integration
-def test_a_name_s_servers_join_verified_leave_drained_and_come_back(tmp_path: Path) -> None:
+def test_a_name_s_servers_join_verified_leave_drained_and_come_back(tmp_path: Path, standins: Standins) -> None:
     assert loopback_alias_works(), "127.0.0.2 is not usable here (Linux routes all of 127.0.0.0/8 to lo)"
     port = free_port()
     models = {"127.0.0.2": "olmocr", "127.0.0.3": "some-other-model", "127.0.0.4": "olmocr"}
     # .4's context (9000) allows fewer answer tokens than the run fixed at start-up with .2 (8000).
     contexts = {"127.0.0.4": ("--max-model-len", "9000")}
-    procs = []
-    try:
-        for address, model in models.items():
-            procs.append(start_standin(port, served_model_name=model, log_path=tmp_path / f"standin-{address}.log",
-                                       extra_args=(*VLLM_FLAGS, *contexts.get(address, ()), "--host", address)))
-            wait_http_ok(f"http://{address}:{port}/health", timeout=30, proc=procs[-1])
-        hosts = tmp_path / "hosts"
+    url = {address: standins(host=address, port=port, served_model_name=model,
+                             extra_args=(*VLLM_FLAGS, *contexts.get(address, ()))).url
+           for address, model in models.items()}
+    hosts = tmp_path / "hosts"
 
-        def publish(*addresses: str) -> None:
-            tmp = hosts.with_suffix(".tmp")
-            tmp.write_text("".join(f"{a} olmocr-vllm.test\n" for a in addresses))
-            os.replace(tmp, hosts)
+    def publish(*addresses: str) -> None:
+        tmp = hosts.with_suffix(".tmp")
+        tmp.write_text("".join(f"{a} olmocr-vllm.test\n" for a in addresses))
+        os.replace(tmp, hosts)
 
-        url = {address: f"http://{address}:{port}" for address in models}
-        asyncio.run(_membership_run(hosts, port, url, publish))
-    finally:
-        for p in procs:
-            stop_process_group(p)
+    asyncio.run(_membership_run(hosts, port, url, publish))
 
 
 async def _membership_run(hosts: Path, port: int, url: dict[str, str], publish) -> None:  # noqa: ANN001

@@ -14,6 +14,7 @@ from PIL import Image
 
 from olmocr.pipeline.pages.output import markdown_text
 from olmocr.pipeline.pages.render import _job_render
+from olmocr.pipeline.servers.checks import LOG_NO_OLMOCR_MODEL, MODEL_NAME
 from tests.pipeline_helpers import (
     SAMPLES,
     SMALL_DOCS,
@@ -22,6 +23,7 @@ from tests.pipeline_helpers import (
     _close_cached_render_docs,  # noqa: F401 - autouse fixture
     docs_by_source,
     failures,
+    logged,
     page_count,
     results,
     run_pipeline,
@@ -138,8 +140,7 @@ def test_wrong_model_fails_fast_before_claiming(tmp_path: Path, standins: Standi
     ws = tmp_path / "ws"
     rc, log = run_pipeline(ws, s.url, [SAMPLES.letter], timeout=60, log=tmp_path / "run.log")
     assert rc != 0
-    assert "External vLLM server is running but doesn't have the 'olmocr' model" in log
-    assert "--served-model-name olmocr" in log
+    assert logged(log, LOG_NO_OLMOCR_MODEL, MODEL_NAME, "some-other-model", MODEL_NAME), log
     locks = ws / "worker_locks"
     assert not locks.exists() or not any(locks.iterdir())
     assert results(ws) == []

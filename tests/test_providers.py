@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from olmocr.exit_codes import STATUS_BUDGET
+from olmocr.pipeline.servers.checks import LOG_NO_MODEL_LIST
 from olmocr.pipeline.servers.fleet import LOG_BUDGET, LOG_PAUSED, LOG_RESUMED
 from tests.metrics_helpers import parse_metrics
 from tests.pipeline_helpers import docs_by_source, log_line, logged, running_pipeline
@@ -101,7 +102,7 @@ def test_model_list_missing(tmp_path: Path, explicit: bool) -> None:
     text = log.read_text()
     if explicit:
         assert rc == 0, text
-        assert "going on because the model" in text
+        assert [m[3] for m in logged(text, LOG_NO_MODEL_LIST)] == [repr(PROVIDER_MODEL)], text
         all_written(tmp_path / "ws", docs)
     else:
         assert rc == 1, text

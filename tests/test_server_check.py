@@ -13,6 +13,7 @@ import requests
 from olmocr.pipeline.errors import ServerMismatch
 from olmocr.pipeline.servers.checks import (
     GUIDED_REGEX_FIELD,
+    LOG_CONTEXT_TOO_SMALL,
     MIN_USEFUL_MAX_TOKENS,
     STRUCTURED_OUTPUTS,
     guided_field_for,
@@ -27,6 +28,8 @@ from tests.pipeline_helpers import (
     _close_cached_render_docs,  # noqa: F401 - autouse fixture
     docs_by_source,
     failures,
+    log_line,
+    logged,
     page_count,
     run_pipeline,
 )
@@ -66,8 +69,9 @@ def test_max_tokens_fit_the_servers_context() -> None:
         plan_max_tokens(2048, 1288)
     message = str(err.value)
     assert "\n" not in message
-    assert "--max-model-len 2048" in message and "--max-model-len 16384" in message
-    assert "OLMOCR_MAX_MODEL_LEN=16384" in message and "--target_longest_image_dim" in message
+    # Restart with 16384 (the next power of two above prompt + 8000), said for both ways to start a server.
+    assert log_line(LOG_CONTEXT_TOO_SMALL, 2048, 1288, prompt_tokens_bound(1288), MIN_USEFUL_MAX_TOKENS, 16384,
+                    16384).fullmatch(message), message
 
 
 # ------------------------------------------------------------------------------ stand-in as vLLM
@@ -117,7 +121,8 @@ def test_small_context_stops_before_claiming_work_with_a_clear_error(tmp_path: P
     rc, log = run_pipeline(ws, s.url, SAMPLES.small[:1], log=tmp_path / "run.log")
     assert rc == 1, log
     errors = [line for line in log.splitlines() if " - ERROR - " in line]
-    assert len(errors) == 1 and "--max-model-len 2048" in errors[0] and "16384" in errors[0], log
+    assert len(errors) == 1 and logged(errors[0], LOG_CONTEXT_TOO_SMALL, 2048, 1288), log
+    assert logged(errors[0], LOG_CONTEXT_TOO_SMALL)[0].groups()[-2:] == ("16384", "16384"), errors[0]
     assert "claimed" not in log and not (ws / "results").exists()
     assert _info(s)["completions_seen"] == 0
 

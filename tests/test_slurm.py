@@ -19,7 +19,7 @@ import pytest
 from olmocr.cluster.port_block import BLOCK, choose_block, slot_starts
 from olmocr.cluster.ready import given_up, server_urls
 from olmocr.pipeline.finalize import FINISHED, UNFINISHED, verdict
-from tests.pipeline_helpers import assert_every_page_once, launch_standin, page_count, wait_for
+from tests.pipeline_helpers import Standins, assert_every_page_once, page_count, wait_for
 from tests.sample_docs import write_text_pdf
 from tests.slurm_cluster import DEBIAN_PACKAGES, SlurmCluster, missing_tools
 from tests.standin_helpers import REPO_ROOT
@@ -272,37 +272,35 @@ def test_a_task_whose_server_manager_dies_hands_its_work_back_and_fails(cluster:
 
 
 @pytest.mark.timeout(180)
-def test_fleet_dir_gives_a_task_the_servers_other_nodes_listed(cluster: SlurmCluster) -> None:
+def test_fleet_dir_gives_a_task_the_servers_other_nodes_listed(cluster: SlurmCluster,
+                                                               standins: Standins) -> None:
     docs = _docs(cluster.dir / "docs-fleet", 6, 2)
     ws = cluster.dir / "ws-fleet"
     fleet = cluster.dir / "fleet"
     fleet.mkdir()
     mark = uuid.uuid4().hex
     # A server "on another node": a stand-in listed in the fleet directory as another task would list it.
-    other = launch_standin(cluster.dir, env={"OLMOCR_STANDIN_LATENCY": "0.5"})
-    try:
-        (fleet / "99999_0").write_text(other.url + "\n")  # a job id no test of this cluster reaches
-        env = _job_env(cluster, mark, OLMOCR_STANDIN_LATENCY="0.5", OLMOCR_FLEET_DIR=str(fleet),
-                       OLMOCR_ADVERTISE_HOST="127.0.0.1",
-                       OLMOCR_PIPELINE_ARGS="--pages_per_group 2 --workers 4 --render_processes 1")
-        out = cluster.dir / "out-fleet"
-        out.mkdir()
-        job = cluster.sbatch("--cpus-per-task=1", f"--output={out}/task.out", str(SBATCH), str(ws),
-                             *map(str, docs), env=env)
-        (record,) = cluster.wait_done(job, 150)
-        text = _output(out / "task.out")
-        assert record["JobState"] == "COMPLETED", text
-        own = re.search(r"servers ready: (http://127.0.0.1:\d+)", text)
-        assert own, text
-        assert f"fleet ({fleet}): " in text and other.url in text, text
-        assert [p.name for p in fleet.iterdir()] == ["99999_0"]  # the task's own entry is gone with it
-        stats = cluster.run(sys.executable, "-m", "olmocr.pipeline", str(ws), "--stats").stdout
-        for url in (own[1], other.url):
-            found = re.search(rf"{re.escape(url)}: (\d+) answers", stats)  # --stats counts answers per server
-            assert found and int(found[1]) > 0, stats
-        assert_every_page_once(ws, docs)
-    finally:
-        other.stop()
+    other = standins(OLMOCR_STANDIN_LATENCY=0.5)
+    (fleet / "99999_0").write_text(other.url + "\n")  # a job id no test of this cluster reaches
+    env = _job_env(cluster, mark, OLMOCR_STANDIN_LATENCY="0.5", OLMOCR_FLEET_DIR=str(fleet),
+                   OLMOCR_ADVERTISE_HOST="127.0.0.1",
+                   OLMOCR_PIPELINE_ARGS="--pages_per_group 2 --workers 4 --render_processes 1")
+    out = cluster.dir / "out-fleet"
+    out.mkdir()
+    job = cluster.sbatch("--cpus-per-task=1", f"--output={out}/task.out", str(SBATCH), str(ws),
+                         *map(str, docs), env=env)
+    (record,) = cluster.wait_done(job, 150)
+    text = _output(out / "task.out")
+    assert record["JobState"] == "COMPLETED", text
+    own = re.search(r"servers ready: (http://127.0.0.1:\d+)", text)
+    assert own, text
+    assert f"fleet ({fleet}): " in text and other.url in text, text
+    assert [p.name for p in fleet.iterdir()] == ["99999_0"]  # the task's own entry is gone with it
+    stats = cluster.run(sys.executable, "-m", "olmocr.pipeline", str(ws), "--stats").stdout
+    for url in (own[1], other.url):
+        found = re.search(rf"{re.escape(url)}: (\d+) answers", stats)  # --stats counts answers per server
+        assert found and int(found[1]) > 0, stats
+    assert_every_page_once(ws, docs)
     wait_for(lambda: not _marked_processes(mark), 30, "every process of the job gone")
 
 

@@ -19,22 +19,16 @@ from olmocr.pipeline.stopping import StopRequest
 from olmocr.pipeline.workspace import queue_wait
 from olmocr.pipeline.workspace.queue import INDEX_KEY, WorkQueue
 from olmocr.pipeline.workspace.storage import LocalStorage
-from tests.pipeline_helpers import assert_every_page_once, launch_standin, logged, run_pipeline, running_pipeline
-from tests.sample_docs import write_text_pdf
+from tests.pipeline_helpers import StandIn, assert_every_page_once, logged, run_pipeline, running_pipeline
+from tests.sample_docs import write_text_docs
 from tests.standin_helpers import REPO_ROOT, clean_env, free_port
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def _docs(folder: Path, count: int, pages: int = 2) -> list[Path]:
-    folder.mkdir(parents=True)
-    return [write_text_pdf(folder / f"doc{i}.pdf", pages) for i in range(count)]
-
-
-def test_a_waiting_pipeline_works_once_another_process_fills_the_queue(tmp_path: Path) -> None:
-    docs = _docs(tmp_path / "docs", 3)
+def test_a_waiting_pipeline_works_once_another_process_fills_the_queue(tmp_path: Path, standin: StandIn) -> None:
+    docs = write_text_docs(tmp_path / "docs", 3, 2)
     ws = tmp_path / "ws"
-    standin = launch_standin(tmp_path)
     with running_pipeline(ws, standin.url, (), "--wait_for_queue", "60", "--pages_per_group", "2",
                           log=tmp_path / "waiter.log", stop=[standin]) as waiter:
         waiter.wait_log(queue_wait.WAITING.split(":")[0] % str(ws), 60, "the waiting line")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from olmocr.pipeline.servers.fleet import LOG_NO_RIGHT_MODEL, LOG_OTHER_MODEL
-from tests.pipeline_helpers import docs_by_source, launch_standin, log_line, running_pipeline, wait_for
+from tests.pipeline_helpers import Standins, docs_by_source, log_line, running_pipeline, wait_for
 from tests.provider_helpers import PROVIDER_MODEL, PROVIDER_PREFIX, control, info, launch_provider, make_docs
 from tests.standin_helpers import REPO_ROOT, clean_env
 
@@ -33,9 +33,9 @@ def written_by_other(workspace: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_wrong_model_mid_run_waits_instead_of_burning_attempts(tmp_path: Path) -> None:
+def test_wrong_model_mid_run_waits_instead_of_burning_attempts(tmp_path: Path, standins: Standins) -> None:
     docs = make_docs(tmp_path)
-    standin = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.5", "OLMOCR_STANDIN_CONCURRENCY": "1"})
+    standin = standins(OLMOCR_STANDIN_LATENCY=0.5, OLMOCR_STANDIN_CONCURRENCY=1)
     log = tmp_path / "run.log"
     # One attempt per page: a 404 counted as a failed attempt would make pages fall back.
     with running_pipeline(tmp_path / "ws", standin.url, docs, "--max_page_retries", "1", log=log,
@@ -78,12 +78,12 @@ def test_silent_model_switch_mid_run_writes_nothing_of_it_and_stops(tmp_path: Pa
     assert not (tmp_path / "ws" / "failed").exists() or not any((tmp_path / "ws" / "failed").iterdir())
 
 
-def test_mixed_fleet_switch_mid_run_and_cost(tmp_path: Path) -> None:
+def test_mixed_fleet_switch_mid_run_and_cost(tmp_path: Path, standins: Standins) -> None:
     """A local server ('olmocr') and a provider-style one (another name, a key from the key file, a price):
     every page written once; the provider switches model mid-run and leaves the rotation; the cost is
     the provider's tokens times its prices."""
     docs = make_docs(tmp_path, 8, 3)
-    local = launch_standin(tmp_path, env={"OLMOCR_STANDIN_LATENCY": "0.3"})
+    local = standins(OLMOCR_STANDIN_LATENCY=0.3)
     provider = launch_provider(tmp_path, {"VLLM_API_KEY": KEY, "OLMOCR_STANDIN_LATENCY": "0.3"})
     provider_url = provider.url + PROVIDER_PREFIX
     keys = tmp_path / "keys"

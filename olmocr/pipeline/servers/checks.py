@@ -47,6 +47,29 @@ READY_ATTEMPTS = 10
 READY_FIRST_DELAY_S = 1.0
 READY_MAX_DELAY_S = 60.0
 
+# What the checks say, kept in one place (the tests match these, tests.pipeline_helpers.log_line).
+#: A context too small for a page: its --max-model-len, --target_longest_image_dim, the prompt bound, the
+#: least answer, and the --max-model-len to restart with (twice).
+LOG_CONTEXT_TOO_SMALL = (
+    "the vLLM server was started with --max-model-len %d, too small for pages rendered at "
+    "--target_longest_image_dim %d (prompt up to %d tokens + at least %d for the answer): restart it with "
+    "--max-model-len %d (olmocr-serve: OLMOCR_MAX_MODEL_LEN=%d) or lower --target_longest_image_dim")
+#: The server lacks 'olmocr' (the name, what it serves, the name again).
+LOG_NO_OLMOCR_MODEL = (
+    "External vLLM server is running but doesn't have the '%s' model (it serves: %s). Start vLLM with "
+    "`--served-model-name %s` (the olmocr-serve server does this), point --vllm-url at the olmOCR server, or "
+    "name the model it serves with --model NAME (or URL#model=NAME).")
+#: The server lacks the model named with --model (the model, what it serves, " ..." when the list is cut).
+LOG_MODEL_NOT_SERVED = "the server does not serve the model '%s' (it serves: %s%s); check --model / URL#model=NAME"
+#: No /v1/models, a model named: the server, why, the model.
+LOG_NO_MODEL_LIST = ("%s: %s; going on because the model %r was named explicitly (every answer's model field "
+                     "is checked)")
+#: An empty /v1/models, a model named: the server, the model.
+LOG_EMPTY_MODEL_LIST = ("%s: the model list is empty; going on because the model %r was named explicitly "
+                        "(every answer's model field is checked)")
+#: --model names the weights an olmocr-serve server serves as 'olmocr': the server, the model, 'olmocr'.
+LOG_SERVED_AS = "%s serves %r as '%s'; requests use that name"
+
 
 def ready_delays(max_wait_s: float | None = None, *, attempts: int = READY_ATTEMPTS,
                  first_delay_s: float = READY_FIRST_DELAY_S, max_delay_s: float = READY_MAX_DELAY_S) -> list[float]:
@@ -146,13 +169,9 @@ def plan_max_tokens(server_max_model_len: int | None, longest_dim: int,
     if room < MIN_USEFUL_MAX_TOKENS:
         need = prompt_tokens_bound(longest_dim) + wanted
         suggestion = 1 << (need - 1).bit_length()  # next power of two: 16384 for the defaults
-        raise ServerMismatch(
-            f"the vLLM server was started with --max-model-len {server_max_model_len}, too small for pages "
-            f"rendered at --target_longest_image_dim {longest_dim} (prompt up to "
-            f"{prompt_tokens_bound(longest_dim)} tokens + at least {MIN_USEFUL_MAX_TOKENS} for the answer): "
-            f"restart it with --max-model-len {suggestion} (olmocr-serve: OLMOCR_MAX_MODEL_LEN={suggestion}) "
-            "or lower --target_longest_image_dim"
-        )
+        raise ServerMismatch(LOG_CONTEXT_TOO_SMALL % (server_max_model_len, longest_dim,
+                                                      prompt_tokens_bound(longest_dim), MIN_USEFUL_MAX_TOKENS,
+                                                      suggestion, suggestion))
     return min(wanted, room)
 
 
@@ -170,31 +189,21 @@ async def read_server_info(client: Any) -> ServerInfo:
     try:
         models = await client.model_lengths()
     except ModelListMissing as exc:
-        logger.warning("%s: %s; going on because the model %r was named explicitly (every answer's model field "
-                       "is checked)", client.name, exc, model)
+        logger.warning(LOG_NO_MODEL_LIST, client.name, exc, model)
         models = {model: None}
         client.model_unlisted = True
     if not models and getattr(client, "model_explicit", False):
-        logger.warning("%s: the model list is empty; going on because the model %r was named explicitly "
-                       "(every answer's model field is checked)", client.name, model)
+        logger.warning(LOG_EMPTY_MODEL_LIST, client.name, model)
         models = {model: None}
         client.model_unlisted = True
     if model not in models and MODEL_NAME in models and client.model_cards.get(MODEL_NAME, {}).get("root") == model:
         # ``--model allenai/olmOCR-...`` against an olmocr-serve server: the weights it serves as 'olmocr'.
-        logger.info("%s serves %r as '%s'; requests use that name", client.name, model, MODEL_NAME)
+        logger.info(LOG_SERVED_AS, client.name, model, MODEL_NAME)
         client.use_model(model := MODEL_NAME)
     if model not in models:
         if model == MODEL_NAME:
-            raise ServerNotReady(
-                f"External vLLM server is running but doesn't have the '{MODEL_NAME}' model "
-                f"(it serves: {', '.join(models) or 'nothing'}). Start vLLM with "
-                f"`--served-model-name {MODEL_NAME}` (the olmocr-serve server does this), point "
-                "--vllm-url at the olmOCR server, or name the model it serves with --model NAME "
-                "(or URL#model=NAME)."
-            )
-        raise ServerNotReady(
-            f"the server does not serve the model '{model}' (it serves: {', '.join(sorted(models)[:10]) or 'nothing'}"
-            f"{' ...' if len(models) > 10 else ''}); check --model / URL#model=NAME"
-        )
+            raise ServerNotReady(LOG_NO_OLMOCR_MODEL % (MODEL_NAME, ", ".join(models) or "nothing", MODEL_NAME))
+        raise ServerNotReady(LOG_MODEL_NOT_SERVED % (model, ", ".join(sorted(models)[:10]) or "nothing",
+                                                     " ..." if len(models) > 10 else ""))
     version = await client.server_version()
     return ServerInfo(client.base_url, model, models[model], version, guided_field_for(version))
