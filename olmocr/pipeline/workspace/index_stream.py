@@ -40,7 +40,7 @@ WINDOW = 100_000
 #: rewritten O(log N) times, ~2N paths in all), at least WINDOW, or when they reach this many bytes.
 PENDING_BYTES = 64 << 20
 _BLOCK = 1 << 20
-_BUCKET_SHIFT = 48  # 65,536 buckets of the 64-bit hash's top 16 bits
+_BUCKET_SHIFT = 52  # 4,096 buckets (the 64-bit hash's top 12 bits)
 _MASK = (1 << 64) - 1
 
 

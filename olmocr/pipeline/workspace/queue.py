@@ -82,9 +82,6 @@ UPSTREAM_LOCK_SECONDS = 0.0
 UNFINISHED_REASON = "not processed: its worker stopped before reaching it (queued again)"
 #: Documents whose pages are counted to size every document of a big queue (as upstream).
 SAMPLE_SIZE = 100
-#: An index up to this size (compressed) that populate wrote is kept for claims; a bigger one is read back by
-#: the first claim (one GET), so that queueing never holds the index's text.
-SEEN_BYTES = 4 << 20
 #: ``--stats`` reads this many results/failure files at once.
 STATS_READERS = 32
 #: ``page_totals`` reads the workspace again after this long (or when this queue finished an item) ...
@@ -506,8 +503,7 @@ class WorkQueue:
                     pending.compressed_size >= index_stream.PENDING_BYTES:
                 flush()
         flush()
-        if appender.data is not None and len(appender.data) <= SEEN_BYTES:
-            self.index.seen(appender.data)  # a small index: the first claim need not read it back
+        self.index.checked_at = float("-inf")  # the next claim reads it (never held here: its text is ~70 B a path)
         if not added_pages:  # nothing new: fill in the counts of items queued without them (old workspaces)
             self._fill_missing_pages(appender.data, count, estimated)
         added = len(added_pages)
