@@ -26,6 +26,7 @@ directly. Figures:
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +245,63 @@ def memory(n: int = 1_000_000) -> dict[str, Any]:
             raise RuntimeError(out.stderr.strip().splitlines()[-1])
         result = json.loads(out.stdout.strip().splitlines()[-1])
     return {"docs": n, "index_bytes": size, **result}
+
+
+def iter_paths(n: int) -> Iterator[str]:
+    """The paths of :func:`_paths`'s layout, made as they are listed: a page of 1,000 keys at a time, each page
+    sorted as ListObjectsV2 returns it (the listing's requests are not made: it is the same for any lister)."""
+    rng = random.Random(n)
+    for start in range(0, n, 1000):
+        yield from sorted(f"s3://corpus-bucket/collections/{i // 1000:04d}/{rng.getrandbits(64):016x}-{i:07d}.pdf"
+                          for i in range(start, min(n, start + 1000)))
+
+
+QUEUE_MEMORY_SCRIPT = """
+import json, sys, time
+
+def status(field):  # kB, from this process's own memory map
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+
+import olmocr.pipeline.runner  # the pipeline's modules, as a running pipeline has them
+from bench.scale import iter_paths
+from bench.scale_store import MemoryStore
+from olmocr.pipeline.workspace.inputs import iter_inputs
+from olmocr.pipeline.workspace.queue import INDEX_KEY, WorkQueue
+
+source, n = sys.argv[1], int(sys.argv[2])
+base = status("VmHWM")
+store = MemoryStore()
+queue = WorkQueue(store)
+problems = []
+paths = iter_paths(n) if source == "listing" else iter_inputs([sys.argv[3]], problems)
+t0 = time.monotonic()
+items = queue.populate(paths, pages_per_group=500, sample_count=lambda path: 10)
+wall = time.monotonic() - t0
+print(json.dumps({"imports_kib": base, "peak_kib": status("VmHWM"), "seconds": round(wall, 1), "items": items,
+                  "index_bytes": len(store.read(INDEX_KEY) or b""), "problems": len(problems)}))
+"""
+
+
+def queue_memory(n: int, source: str) -> dict[str, Any]:
+    """Peak RSS of one process queueing ``n`` keys into the in-process store (which holds the index it
+    writes, in the same process), streamed from a listing (``listing``) or from a list file of ``n`` s3://
+    lines (``list-file``, read by the pipeline's own input reader)."""
+    with tempfile.TemporaryDirectory(prefix="scale-qmem-") as tmp:
+        argv = [sys.executable, "-c", QUEUE_MEMORY_SCRIPT, source, str(n)]
+        if source == "list-file":
+            listing = Path(tmp) / "paths.txt"
+            with listing.open("w") as f:
+                f.writelines(f"{p}\n" for p in iter_paths(n))
+            argv.append(str(listing))
+        env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}  # nothing may be read from S3
+        out = subprocess.run(argv, capture_output=True, text=True, cwd=str(REPO), timeout=3600, env=env)
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr.strip().splitlines()[-1])
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"keys": n, "source": source, **result,
+            "bytes_per_key": (result["peak_kib"] - result["imports_kib"]) * 1024 / n}
 
 
 def fleet(n: int = 100_000, workers: int = 1000, skew_s: float = 120.0, slowdown: float = 0.05,

@@ -197,7 +197,7 @@ class IndexAppender:
             if len(rest) == len(paths):
                 kept.add(item_hash, tuple(paths), pending.pages[item_hash])
             elif rest:
-                for h, group, pages in regroup(rest):
+                for h, group, pages in regroup(sorted(rest)):
                     kept.add(h, group, pages)
             for p in rest:
                 self.known.add(p)

@@ -479,7 +479,7 @@ class WorkQueue:
         count = page_count
 
         def regroup(new_paths: list[str]) -> Iterator[tuple[str, tuple[str, ...], int]]:
-            for group in _new_groups({}, sorted(new_paths), pages_per_group, count).values():
+            for group in _new_groups({}, new_paths, pages_per_group, count).values():  # new_paths: sorted
                 yield group_hash(group), group, sum(max(1, count(p) or 1) for p in group)
 
         appender = IndexAppender(self.storage, INDEX_KEY, CAS_ATTEMPTS, _cas_backoff)
