@@ -304,6 +304,121 @@ def queue_memory(n: int, source: str) -> dict[str, Any]:
             "bytes_per_key": (result["peak_kib"] - result["imports_kib"]) * 1024 / n}
 
 
+UPSTREAM_QUEUE_SCRIPT = """
+import asyncio, json, random, sys, tempfile, time
+import boto3
+from pypdf import PdfReader
+from olmocr.image_utils import is_jpeg, is_png
+from olmocr.pipeline import is_tarball_path
+from olmocr.s3_utils import expand_s3_glob, get_s3_bytes
+from olmocr.work_queue import S3Backend, WorkQueue
+
+async def main(workspace, glob, pages_per_group):  # upstream 0.4.27's main() for --pdfs S3_GLOB, call for call
+    s3 = boto3.client("s3")
+    work_queue = WorkQueue(S3Backend(s3, workspace))
+    expanded = set(expand_s3_glob(s3, glob))
+    tarballs = {p for p in expanded if is_tarball_path(p)}
+    pdfs = expanded - tarballs
+    counts = []
+    for pdf in random.sample(list(pdfs), min(100, len(pdfs))):
+        try:
+            with tempfile.NamedTemporaryFile(suffix=".pdf") as tmp:
+                tmp.write(get_s3_bytes(s3, pdf))
+                tmp.flush()
+                counts.append(1 if is_png(tmp.name) or is_jpeg(tmp.name) else len(PdfReader(tmp.name).pages))
+        except Exception:
+            pass
+    avg = sum(counts) / len(counts) if counts else 10
+    await work_queue.populate_queue(list(pdfs), max(1, int(pages_per_group / avg)))
+    if tarballs:
+        await work_queue.populate_queue(tarballs, 1)
+    return len(pdfs)
+
+t0 = time.monotonic()
+n = asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+print(json.dumps({"docs": n, "seconds": round(time.monotonic() - t0, 2)}))
+"""
+
+OUR_QUEUE_SCRIPT = """
+import json, sys, time
+from olmocr.pipeline.runner import populate
+from olmocr.pipeline.workspace.queue import WorkQueue
+from olmocr.pipeline.workspace.storage import open_storage
+
+t0 = time.monotonic()
+n = populate(WorkQueue(open_storage(sys.argv[1])), (sys.argv[2],), int(sys.argv[3]))
+print(json.dumps({"docs": n, "seconds": round(time.monotonic() - t0, 2)}))
+"""
+
+
+def against_upstream(sizes: tuple[int, ...] = (2_000, 20_000), latency_s: float = LATENCY_S) -> dict[str, Any]:
+    """Queueing ``--pdfs 's3://bucket/docs/*.pdf'`` into an empty ``s3://`` workspace, ours (the pipeline's
+    populate) and upstream 0.4.27's (its main()'s calls, in its own venv), each in a process of its own,
+    on one moto S3 behind a proxy that adds ``latency_s`` to every request and counts them. Every document
+    is the same small PDF (both sample 100 of them in full). Seconds exclude the interpreter's start and
+    imports."""
+    from bench.common import UPSTREAM_PYTHON, our_env, upstream_env
+    from tests.fault_proxy import FaultProxy
+    from tests.s3_helpers import start_s3_server
+    from tests.sample_docs import samples
+
+    if not UPSTREAM_PYTHON.exists():
+        raise RuntimeError(f"upstream 0.4.27 is not installed at {UPSTREAM_PYTHON} (bench/setup_upstream.sh)")
+    import logging
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    body = Path(samples().letter).read_bytes()
+    endpoint, stop_s3 = start_s3_server()
+    seen: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def slow(method: str, path: str) -> None:
+        with lock:
+            seen.append((method, path))
+        time.sleep(latency_s)
+
+    proxy = FaultProxy(endpoint, rule=slow).start()
+    creds = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+             "AWS_ENDPOINT_URL": proxy.url}
+    out: dict[str, Any] = {"latency_s": latency_s, "doc_bytes": len(body)}
+    try:
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
+                              aws_secret_access_key="bench")
+        for n in sizes:
+            bucket = f"corpus-{n}"
+            client.create_bucket(Bucket=bucket)
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(lambda i, b=bucket: client.put_object(Bucket=b, Key=f"docs/{i // 1000:04d}/{i:07d}.pdf",
+                                                          Body=body), range(n)))
+            row: dict[str, Any] = {}
+            for who, python, script, env in (("upstream", str(UPSTREAM_PYTHON), UPSTREAM_QUEUE_SCRIPT, upstream_env()),
+                                             ("ours", sys.executable, OUR_QUEUE_SCRIPT, our_env())):
+                with lock:
+                    seen.clear()
+                t0 = time.monotonic()
+                run = subprocess.run([python, "-c", script, f"s3://{bucket}/ws-{who}", f"s3://{bucket}/docs/*.pdf",
+                                      "500"], capture_output=True, text=True, env={**env, **creds}, timeout=3600,
+                                     cwd="/" if who == "upstream" else str(REPO))
+                wall = time.monotonic() - t0
+                if run.returncode != 0:
+                    raise RuntimeError(f"{who}: {run.stderr.strip().splitlines()[-1]}")
+                result = json.loads(run.stdout.strip().splitlines()[-1])
+                with lock:
+                    kinds = [m for m, _ in seen]
+                    listing = sum(1 for m, p in seen if m == "GET" and "list-type" in p)
+                row[who] = {**result, "process_s": round(wall, 2), "requests": len(kinds),
+                            "listing_requests": listing, "by_method": {m: kinds.count(m) for m in sorted(set(kinds))}}
+                log(f"scale: queueing {n} S3 documents, {who}: {row[who]}")
+            out[str(n)] = row
+    finally:
+        proxy.stop()
+        stop_s3()
+    return out
+
+
 def fleet(n: int = 100_000, workers: int = 1000, skew_s: float = 120.0, slowdown: float = 0.05,
           die: float = 0.03, lease: float = 6.0) -> dict[str, Any]:
     """Simulated workers on one store; each is a thread with its own queue (its own process, as far as the

@@ -146,9 +146,12 @@ class IndexAppender:
         self.tag: str | None = None
         self.known = PathSet()
         self.writes = 0
+        self.created = False  # the index did not exist: our first write made it
+        self.seen = False  # read or written at least once (before: believed absent)
 
     def read(self) -> None:
         """Read the index and hash its paths (streamed)."""
+        self.seen = True
         found = self.storage.read_versioned(self.key)
         self.data, self.tag = found if found else (None, None)
         self.known = PathSet()
@@ -161,6 +164,8 @@ class IndexAppender:
         """Write the index plus ``pending``; returns the pages of the items added (their hashes)."""
         for attempt in range(self.attempts):
             if not pending.pages:
+                if not self.seen:
+                    self.read()
                 return {}
             old_size = _text_size(self.data)
             total = old_size + (1 if old_size else 0) + pending.text_size
@@ -178,7 +183,8 @@ class IndexAppender:
             ok = self.storage.create(self.key, data) if self.tag is None else self.storage.replace_if(
                 self.key, data, self.tag)
             if ok:
-                self.data, self.tag = data, content_tag(data)
+                self.created = self.created or self.tag is None
+                self.data, self.tag, self.seen = data, content_tag(data), True
                 self.writes += 1
                 return pending.pages
             del data

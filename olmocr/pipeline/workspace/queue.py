@@ -49,6 +49,7 @@ from olmocr.pipeline.workspace.index_stream import IndexAppender, Pending, csv_l
 from olmocr.pipeline.workspace.storage import NOT_MODIFIED, Storage, content_tag
 from olmocr.pipeline.workspace.totals import (
     PAGES_KEY,
+    PagesVersion,
     PageTotals,
     compute_totals,
     decode_pages_file,
@@ -453,15 +454,17 @@ class WorkQueue:
 
         if priority:
             return self._populate_priority(sorted(set(paths)), pages_per_group, page_count or (lambda p: 1))
-        requeued = self.requeue_retryable()
-        # Streamed (index_stream): the first WINDOW paths are read, the page-count sample is drawn from them,
-        # then items are made and appended a window at a time while the input is still being listed.
+        # Streamed (index_stream): the first WINDOW paths are read and the page-count sample is drawn from them;
+        # their items are appended at once (workers may start), the rest at the end, or whenever the pending
+        # lines reach PENDING_BYTES compressed. The index is not read first: the first append is a create,
+        # and only if the index exists is it read (and what it has dropped from ours).
         stream = iter(paths)
         size = index_stream.WINDOW
         window = list(itertools.islice(stream, size))
         ended = len(window) < size
         window = sorted(set(window))
         estimated = page_count is None
+        given = not estimated
         if page_count is None:
             from olmocr.pipeline.workspace.inputs import count_pages as counter
 
@@ -483,26 +486,39 @@ class WorkQueue:
                 yield group_hash(group), group, sum(max(1, count(p) or 1) for p in group)
 
         appender = IndexAppender(self.storage, INDEX_KEY, CAS_ATTEMPTS, _cas_backoff)
-        appender.read()
         added_pages: dict[str, int] = {}
         pending = Pending()
+        pages_file: PagesVersion | None = None
+        requeued = 0
+        if given:  # the caller's counts may be costly: count only what is not queued yet
+            appender.read()
+            requeued = self.requeue_retryable()
 
         def flush() -> None:
-            nonlocal pending
+            nonlocal pending, pages_file, requeued
+            first = not appender.seen
             new = appender.append(pending, regroup)
             pending = Pending()
+            if first:
+                if appender.created:
+                    # A new workspace: no failure records to re-queue (the first claim looks, as it does
+                    # without populate), no pages file either.
+                    pages_file = PagesVersion(None)
+                else:
+                    requeued = self.requeue_retryable()
             if new:
                 added_pages.update(new)
-                self._record_estimates(new, estimated)
+                self._record_estimates(new, estimated, pages_file)
 
         for batch in itertools.chain([window], _batches(stream, size)):
             fresh = [p for p in (batch if batch is window else sorted(set(batch))) if appender.known.add(p)]
             for h, group, pages in regroup(fresh):
                 pending.add(h, group, pages)
-            if pending.paths >= max(size, appender.known.size - pending.paths) or \
+            if (not appender.seen and pending.paths >= size) or \
                     pending.compressed_size >= index_stream.PENDING_BYTES:
                 flush()
-        flush()
+        if pending.pages or not appender.seen:
+            flush()  # also with nothing to add: an existing index is read, its retries re-queued
         self.index.checked_at = float("-inf")  # the next claim reads it (never held here: its text is ~70 B a path)
         if not added_pages:  # nothing new: fill in the counts of items queued without them (old workspaces)
             self._fill_missing_pages(appender.data, count, estimated)
@@ -510,9 +526,9 @@ class WorkQueue:
         logger.info("work queue: %d new items (%d retry items)", added, requeued)
         return added + requeued
 
-    def _record_estimates(self, pages: dict[str, int], estimated: bool) -> None:
+    def _record_estimates(self, pages: dict[str, int], estimated: bool, version: PagesVersion | None = None) -> None:
         try:
-            record_pages(self.storage, pages, estimated=estimated)
+            record_pages(self.storage, pages, estimated=estimated, version=version)
         except Exception as exc:  # noqa: BLE001 - the totals are for display: never fail the queue for them
             logger.warning("could not store the page counts of the queued items (%s); progress will estimate "
                            "the total", exc)
