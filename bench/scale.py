@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO, Figure, log
+from bench.common import REPO, Figure, log, upstream_available
 from bench.scale_store import CountingStore, MemoryStore, Retrying, SlowDown
 from olmocr.pipeline.errors import LeaseLost
 from olmocr.pipeline.workspace import page_cache
@@ -503,10 +503,18 @@ def fleet(n: int = 100_000, workers: int = 1000, skew_s: float = 120.0, slowdown
             "still_running": sum(1 for t in threads if t.is_alive())}
 
 
-def run(quick: bool = False) -> tuple[list[Figure], dict[str, Any]]:
+QUEUE_MEMORY_SIZES = (1_000_000, 10_000_000)
+UPSTREAM_SIZES = (2_000, 20_000)
+#: The memory budget stated for queueing (docs/workspace.md): one process, 10 million keys.
+QUEUE_MEMORY_BUDGET_MB = 500
+
+
+def run_queueing(quick: bool = False) -> tuple[list[Figure], dict[str, Any]]:
+    """Queueing: workspace requests per document, peak memory from a listing and a list file, and the same
+    queueing as upstream 0.4.27 on one S3 (moto behind a 20 ms proxy)."""
     sizes = SIZES[:2] if quick else SIZES
-    detail: dict[str, Any] = {"latency_s": LATENCY_S, "pages_per_doc": PAGES_PER_DOC, "docs_per_item": DOCS_PER_ITEM}
     figs: list[Figure] = []
+    detail: dict[str, Any] = {}
     q = {}
     for n in sizes:
         log(f"scale: queueing {n} documents")
@@ -520,6 +528,45 @@ def run(quick: bool = False) -> tuple[list[Figure], dict[str, Any]]:
                                    f"{q[n]['seconds_at_20ms']} s at 20 ms/request",
                            target="<= 0.01 at 100,000" if n == 100_000 else "",
                            ok=q[n]["requests_per_doc"] <= 0.01 if n == 100_000 else None))
+    mem: dict[str, Any] = {}
+    for n in QUEUE_MEMORY_SIZES[:1] if quick else QUEUE_MEMORY_SIZES:
+        for source in ("listing", "list-file"):
+            log(f"scale: memory of queueing {n} keys from a {source}")
+            m = mem[f"{source}-{n}"] = queue_memory(n, source)
+            peak_mb = m["peak_kib"] / 1024
+            big = n == QUEUE_MEMORY_SIZES[-1]
+            figs.append(Figure(SECTION, f"queue {n:,} keys from a {source}: peak RSS", peak_mb, "MB",
+                               "the same process before queueing", ratio=m["peak_kib"] / m["imports_kib"],
+                               context=f"{m['bytes_per_key']:.0f} bytes/key above the {m['imports_kib'] / 1024:.0f} MB "
+                                       f"after imports; the index ({m['index_bytes'] / 1e6:.0f} MB, {m['items']:,} "
+                                       f"items) is in the same process's store; {m['seconds']} s",
+                               target=f"<= {QUEUE_MEMORY_BUDGET_MB} MB" if big else "<= 300 MB",
+                               ok=peak_mb <= (QUEUE_MEMORY_BUDGET_MB if big else 300)))
+    detail["queue_memory"] = mem
+    if not upstream_available():
+        return figs, detail
+    log("scale: queueing on one S3, ours and upstream 0.4.27")
+    up = detail["against_upstream"] = against_upstream(UPSTREAM_SIZES[:1] if quick else UPSTREAM_SIZES)
+    for n in UPSTREAM_SIZES[:1] if quick else UPSTREAM_SIZES:
+        ours, theirs = up[str(n)]["ours"], up[str(n)]["upstream"]
+        figs.append(Figure(SECTION, f"queue {n:,} S3 docs (moto, 20 ms/request): seconds", ours["seconds"], "s",
+                           "upstream 0.4.27, same store", ratio=ours["seconds"] / theirs["seconds"],
+                           context=f"upstream {theirs['seconds']} s; processes {ours['process_s']} s and "
+                                   f"{theirs['process_s']} s with interpreter start and imports",
+                           target="<= upstream", ok=ours["seconds"] <= theirs["seconds"]))
+        figs.append(Figure(SECTION, f"queue {n:,} S3 docs (moto, 20 ms/request): requests", ours["requests"],
+                           "requests", "upstream 0.4.27, same store", ratio=ours["requests"] / theirs["requests"],
+                           context=f"ours {ours['by_method']}, upstream {theirs['by_method']}; "
+                                   f"{ours['listing_requests']} of them list the inputs",
+                           target="<= upstream", ok=ours["requests"] <= theirs["requests"]))
+    return figs, detail
+
+
+def run(quick: bool = False) -> tuple[list[Figure], dict[str, Any]]:
+    sizes = SIZES[:2] if quick else SIZES
+    detail: dict[str, Any] = {"latency_s": LATENCY_S, "pages_per_doc": PAGES_PER_DOC, "docs_per_item": DOCS_PER_ITEM}
+    figs, queue_detail = run_queueing(quick)
+    detail.update(queue_detail)
     c = {}
     for n in sizes:
         log(f"scale: claims in a {n}-document workspace")
@@ -582,6 +629,33 @@ def run(quick: bool = False) -> tuple[list[Figure], dict[str, Any]]:
     return figs, detail
 
 
+def merge_queueing(quick: bool = False) -> Path:
+    """``python -m bench.scale --queueing``: run the queueing parts only and put them into
+    bench/results/scale.json in place of that file's queueing figures, keeping the others (claims, runs,
+    memory of a claiming process, --stats, the fleet) and saying which parts ran when, at which commit."""
+    from bench.common import machine_info
+    from bench.report import RESULTS_DIR
+
+    path = RESULTS_DIR / f"{SECTION}.json"
+    record = json.loads(path.read_text())
+    t0 = time.time()
+    figs, detail = run_queueing(quick)
+    names = {f.name for f in figs}
+    kept = [f for f in record["figures"] if f["name"] not in names and not f["name"].startswith("queue ")]
+    record["figures"] = [f.as_dict() for f in figs] + kept
+    record["detail"].update(detail)
+    machine = machine_info()
+    record["detail"]["queueing_rerun"] = {
+        "source": f"python -m bench.scale --queueing{' --quick' if quick else ''}", "commit": machine.get("git_commit"),
+        "run_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)), "duration_s": round(time.time() - t0),
+        "figures": sorted(names), "others_from": {"commit": record.get("commit"), "run_at": record.get("run_at")}}
+    path.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    return path
+
+
 if __name__ == "__main__":
-    figures, info = run(quick="--quick" in sys.argv)
-    print(json.dumps(info, indent=1, default=str))
+    if "--queueing" in sys.argv:
+        print(merge_queueing(quick="--quick" in sys.argv))
+    else:
+        figures, info = run(quick="--quick" in sys.argv)
+        print(json.dumps(info, indent=1, default=str))

@@ -301,14 +301,15 @@ def _new_groups(current: dict[str, tuple[str, ...]], wanted: list[str], pages_pe
     return {group_hash(g): g for g in [*group_paths(docs, pages_per_group, count), *archives]}
 
 
-def sampled_page_count(paths: list[str], count: Callable[[str], int], size: int = SAMPLE_SIZE,
-                       seed: int = 0) -> float:
-    """Mean pages per document of a random sample of ``size`` paths (as upstream: it samples 100)."""
+def sampled_page_count(paths: list[str], count: Callable[[str], int] | None = None, size: int = SAMPLE_SIZE,
+                       seed: int = 0, many: Callable[[list[str]], list[int]] | None = None) -> float:
+    """Mean pages per document of a random sample of ``size`` paths (as upstream: it samples 100), counted by
+    ``count`` one at a time or by ``many`` all together."""
     if not paths:
         return 1.0
     rng = random.Random(seed or len(paths))
     sample = rng.sample(paths, min(size, len(paths)))
-    counts = [max(1, count(p) or 1) for p in sample]
+    counts = [max(1, n or 1) for n in (many(sample) if many else [count(p) for p in sample])]  # type: ignore[misc]
     return sum(counts) / len(counts)
 
 
@@ -466,15 +467,17 @@ class WorkQueue:
         estimated = page_count is None
         given = not estimated
         if page_count is None:
-            from olmocr.pipeline.workspace.inputs import count_pages as counter
+            from olmocr.pipeline.workspace.inputs import count_pages_many
 
-            count_pages = sample_count or counter
+            def count_many(sample: list[str]) -> list[int]:  # the default reads S3 documents 16 at a time
+                return [sample_count(p) for p in sample] if sample_count else count_pages_many(sample)
+
             docs = [p for p in window if not is_archive(p)]
             if ended and len(docs) <= SAMPLE_SIZE:  # the sample would be all of them: count them, exactly
-                exact = {p: 1 if is_archive(p) else count_pages(p) for p in window}
+                exact = {p: 1 for p in window if is_archive(p)} | dict(zip(docs, count_many(docs), strict=True))
                 page_count, estimated = (lambda path: exact.get(path, 0)), False  # 0: not ours, uncounted
             else:
-                mean = sampled_page_count(docs, count_pages)
+                mean = sampled_page_count(docs, many=count_many)
                 logger.info("work queue: %.1f pages per document on average in a sample of %d of the first %d "
                             "documents listed (the workspace total is an estimate until workers count them)",
                             mean, min(SAMPLE_SIZE, len(docs)), len(docs))
