@@ -482,6 +482,7 @@ class WorkQueue:
                             "documents listed (the workspace total is an estimate until workers count them)",
                             mean, min(SAMPLE_SIZE, len(docs)), len(docs))
                 page_count = lambda path: max(1, round(mean))  # noqa: E731
+            del docs
         count = page_count
 
         def regroup(new_paths: list[str]) -> Iterator[tuple[str, tuple[str, ...], int]]:
@@ -489,7 +490,7 @@ class WorkQueue:
                 yield group_hash(group), group, sum(max(1, count(p) or 1) for p in group)
 
         appender = IndexAppender(self.storage, INDEX_KEY, CAS_ATTEMPTS, _cas_backoff)
-        added_pages: dict[str, int] = {}
+        added = 0
         pending = Pending()
         pages_file: PagesVersion | None = None
         requeued = 0
@@ -498,7 +499,7 @@ class WorkQueue:
             requeued = self.requeue_retryable()
 
         def flush() -> None:
-            nonlocal pending, pages_file, requeued
+            nonlocal pending, pages_file, requeued, added
             first = not appender.seen
             new = appender.append(pending, regroup)
             pending = Pending()
@@ -510,22 +511,23 @@ class WorkQueue:
                 else:
                     requeued = self.requeue_retryable()
             if new:
-                added_pages.update(new)
+                added += len(new)
                 self._record_estimates(new, estimated, pages_file)
 
         for batch in itertools.chain([window], _batches(stream, size)):
             fresh = [p for p in (batch if batch is window else sorted(set(batch))) if appender.known.add(p)]
+            batch.clear()  # the first window too: its 100,000 strings are not held to the end
             for h, group, pages in regroup(fresh):
                 pending.add(h, group, pages)
+            del fresh
             if (not appender.seen and pending.paths >= size) or \
                     pending.compressed_size >= index_stream.PENDING_BYTES:
                 flush()
         if pending.pages or not appender.seen:
             flush()  # also with nothing to add: an existing index is read, its retries re-queued
         self.index.checked_at = float("-inf")  # the next claim reads it (never held here: its text is ~70 B a path)
-        if not added_pages:  # nothing new: fill in the counts of items queued without them (old workspaces)
+        if not added:  # nothing new: fill in the counts of items queued without them (old workspaces)
             self._fill_missing_pages(appender.data, count, estimated)
-        added = len(added_pages)
         logger.info("work queue: %d new items (%d retry items)", added, requeued)
         return added + requeued
 
