@@ -154,3 +154,12 @@ def test_a_list_file_of_many_paths_is_read_as_it_is_queued(tmp_path: Path, monke
 def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:
     yield first
     yield from rest
+
+
+def test_a_new_workspace_is_queued_with_two_writes_and_nothing_read() -> None:
+    """As upstream's GET + PUT of the index: a create of the index and one of the page counts (the sample's
+    reads are the caller's), no GET, no LIST of failed/ (a new workspace has no failures)."""
+    store = CountingStore(MemoryStore())
+    WorkQueue(store).populate((_path(i) for i in range(5000)), pages_per_group=100, sample_count=_sample)
+    assert dict(store.requests) == {"PUT": 2}
+    assert len(_queued(store.inner)) == 5000
