@@ -7,8 +7,8 @@ and never holds all of them:
   path (plus 4 MB of empty buckets), against ~150 bytes for a ``set`` of the strings. Two different paths
   share a 64-bit hash with probability n^2 / 2^65 (3 in a million at 10 million paths); such a path would be
   taken for queued already. The hashes are Python's own string hash, salted per process: nothing stores them.
-* :class:`Pending` -- the new items' index lines, held zstd-compressed (about 12 bytes a path) until they
-  are appended.
+* :class:`Pending` -- the new items' index lines, held zstd-compressed (about 15 bytes a path with the
+  bench's paths) until they are appended.
 * :class:`IndexAppender` -- appends with the same compare-and-swap as before (a PUT with ``If-Match`` of the
   index's ETag, ``If-None-Match: *`` when there is none): on a conflict it reads the index again, rebuilds
   its :class:`PathSet` from it, drops from the pending lines the paths another populator queued meanwhile, and
@@ -17,8 +17,8 @@ and never holds all of them:
   the old nor the new index is ever decompressed whole: the old one is streamed into the new one.
 
 Memory of queueing N new paths into an index of M: the hashes (~9 bytes a path of N + M), the index as
-stored, twice while it is rewritten (~12 bytes a path each, at the bench's paths), and one window of
-:data:`WINDOW` path strings.
+stored, twice while it is rewritten (~15 bytes a path each, at the bench's paths), and one window of
+:data:`WINDOW` path strings: 495 MB at 10 million keys in bench/RESULTS.md (scale).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from olmocr.pipeline.workspace.storage import Storage, content_tag
 #: Paths taken from the input before items are made of them: they are sorted together (so the same inputs
 #: make the same items in every run), and the page-count sample is drawn from the first window.
 WINDOW = 100_000
-#: Pending lines are appended when they hold as many paths as the index already has (so the index is
-#: rewritten O(log N) times, ~2N paths in all), at least WINDOW, or when they reach this many bytes.
+#: WorkQueue.populate appends the first window's items at once (workers may start), then the rest at the end,
+#: or whenever the pending lines reach this many bytes compressed (~4 million paths).
 PENDING_BYTES = 64 << 20
 _BLOCK = 1 << 20
 _BUCKET_SHIFT = 52  # 4,096 buckets (the 64-bit hash's top 12 bits)
