@@ -11,7 +11,8 @@ Accepted specs:
 
 Local paths are stored absolute, so a later run (a retry) works from any directory. Queueing reads no
 ``s3://`` document: what a file is, is learnt when a worker opens it (a non-document becomes a failed
-document then); only explicit ``.txt`` lists are read. Archives (``.tar``, ``.tar.gz``, ``.tgz``, by name)
+document then); only explicit ``.txt`` lists are read, a line at a time, and their ``s3://`` paths are taken
+as named. :func:`iter_inputs` yields paths as they are listed (the pipeline queues from it in bounded memory). Archives (``.tar``, ``.tar.gz``, ``.tgz``, by name)
 are one work item each (olmocr.pipeline.workspace.archives).
 """
 

@@ -441,6 +441,9 @@ class WorkQueue:
     ) -> int:
         """Add items for paths not already in the index; returns the number of new items.
 
+        ``paths`` may be any iterable, consumed as it comes (a listing, a list file's lines) and never held
+        whole: memory is about 50 bytes a path (see olmocr.pipeline.workspace.index_stream).
+
         ``priority``: into the priority lane (:data:`PRIORITY_INDEX_KEY`, claimed first; olmocr-service's
         jobs). Its cost does not grow with the workspace: a GET and a conditional PUT of the small priority
         index, nothing else (no re-queueing of retryable failures, no write of the page totals: the done flag
