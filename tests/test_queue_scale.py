@@ -113,11 +113,13 @@ def test_queueing_reads_no_document(s3_server, monkeypatch: pytest.MonkeyPatch) 
         from olmocr.pipeline.workspace import inputs
 
         inputs._clients.clear()
-        paths, problems = inputs.expand_inputs([f"s3://{s3_server.bucket}/docs/*.pdf"])
-        assert len(paths) == 400 and problems == []
+        from olmocr.pipeline.runner import populate
         from olmocr.pipeline.workspace.storage import open_storage
 
-        WorkQueue(open_storage(s3_server.url("ws"))).populate(paths, pages_per_group=50)
+        storage = open_storage(s3_server.url("ws"))
+        # As the pipeline queues (streamed: the listing's pages go to the queue as they come).
+        assert populate(WorkQueue(storage), (f"s3://{s3_server.bucket}/docs/*.pdf",), pages_per_group=50) == 400
+        assert len({p for ps in load_index(storage).values() for p in ps}) == 400
         inputs._clients.clear()
     doc_reads = [p for m, p in seen if m in ("GET", "HEAD") and "/docs/" in p and "list-type" not in p]
     assert len(doc_reads) <= 100, len(doc_reads)  # the sample only: 0.25 reads per document here, 0.0001 at 1M

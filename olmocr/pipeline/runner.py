@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -27,7 +27,7 @@ from olmocr.pipeline.servers.serverlist import DnsName, ServerSpec
 from olmocr.pipeline.stats import SERVER_STATS_DIR, run_id, server_stats_record
 from olmocr.pipeline.stopping import DEFAULT_STOP_TIMEOUT_S, StopRequest
 from olmocr.pipeline.workspace import page_cache
-from olmocr.pipeline.workspace.inputs import expand_inputs, is_archive, set_input_profile
+from olmocr.pipeline.workspace.inputs import InputProblem, is_archive, iter_inputs, set_input_profile
 from olmocr.pipeline.workspace.queue import WorkItem, WorkQueue, describe_lease_holders, retry_hash
 from olmocr.pipeline.workspace.storage import Storage, open_storage
 from olmocr.service.cancel_watch import watch as watch_cancel
@@ -86,16 +86,26 @@ class PipelineConfig:
 
 
 def populate(queue: WorkQueue, specs: tuple[str, ...], pages_per_group: int) -> int:
-    """Queue the documents ``specs`` name; returns how many documents they named."""
-    paths, problems = expand_inputs(list(specs))
-    for problem in problems:
-        if problem.path is None:
-            logger.error("input %s: %s", problem.spec, problem.reason)
-        else:
-            logger.warning("input %s: %s (it will be recorded as a failed document)", problem.path, problem.reason)
-    added = queue.populate(paths, pages_per_group)
-    logger.info("found %d documents; %d new work items added to the queue", len(paths), added)
-    return len(paths)
+    """Queue the documents ``specs`` name, streamed as they are listed; returns how many paths they named."""
+    named = 0
+
+    class Logged(list):  # each problem is logged as it is found: listing ten million paths takes a while
+        def append(self, problem: InputProblem) -> None:
+            if problem.path is None:
+                logger.error("input %s: %s", problem.spec, problem.reason)
+            else:
+                logger.warning("input %s: %s (it will be recorded as a failed document)", problem.path,
+                               problem.reason)
+
+    def paths() -> Iterator[str]:
+        nonlocal named
+        for path in iter_inputs(specs, Logged()):
+            named += 1
+            yield path
+
+    added = queue.populate(paths(), pages_per_group)
+    logger.info("found %d documents; %d new work items added to the queue", named, added)
+    return named
 
 
 class Runner:

@@ -11,7 +11,8 @@ Accepted specs:
 
 Local paths are stored absolute, so a later run (a retry) works from any directory. Queueing reads no
 ``s3://`` document: what a file is, is learnt when a worker opens it (a non-document becomes a failed
-document then); only explicit ``.txt`` lists are read. Archives (``.tar``, ``.tar.gz``, ``.tgz``, by name)
+document then); only explicit ``.txt`` lists are read, a line at a time, and their ``s3://`` paths are taken
+as named. :func:`iter_inputs` yields paths as they are listed (the pipeline queues from it in bounded memory). Archives (``.tar``, ``.tar.gz``, ``.tgz``, by name)
 are one work item each (olmocr.pipeline.workspace.archives).
 """
 
@@ -21,6 +22,7 @@ import glob
 import os
 import re
 import threading
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -131,11 +133,12 @@ def read_head(path: str, size: int = SNIFF_BYTES) -> bytes:
         return f.read(size)
 
 
-def count_pages(path: str) -> int:
-    """Cheap page count: PDF pages via pypdfium2, images 1, unreadable or not-a-document 1."""
+def count_pages(path: str, data: bytes | None = None) -> int:
+    """Cheap page count: PDF pages via pypdfium2, images 1, unreadable or not-a-document 1. ``data``: the
+    content of an ``s3://`` path, already read."""
     try:
         if path.startswith("s3://"):
-            data: bytes | str = read_input(path)
+            data = read_input(path) if data is None else data
             kind = sniff_kind(data)  # type: ignore[arg-type]
         else:
             data = path
@@ -157,6 +160,27 @@ def count_pages(path: str) -> int:
             doc.close()
     except Exception:
         return 1
+
+
+def count_pages_many(paths: list[str], readers: int = 16) -> list[int]:
+    """:func:`count_pages` of each path: S3 documents are read ``readers`` at a time (as many requests as
+    one by one, a sixteenth of the wait; at most ``readers`` held at once), then counted one by one (pdfium
+    is not thread-safe)."""
+
+    def fetch(path: str) -> bytes | None:
+        if not path.startswith("s3://"):
+            return None
+        try:
+            return read_input(path)
+        except Exception:  # counted as 1 page, as count_pages does
+            return b""
+
+    counts: list[int] = []
+    with ThreadPoolExecutor(max_workers=readers) as pool:
+        for start in range(0, len(paths), readers):
+            chunk = paths[start : start + readers]
+            counts += [count_pages(p, d) for p, d in zip(chunk, pool.map(fetch, chunk), strict=True)]
+    return counts
 
 
 def _s3_glob_regex(pattern: str) -> re.Pattern[str]:
@@ -187,7 +211,8 @@ def _s3_glob_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out) + r"\Z", re.DOTALL)
 
 
-def _expand_s3(spec: str) -> tuple[list[str], str | None]:
+def _iter_s3(spec: str, problems: list[InputProblem]) -> Iterator[str]:
+    """The objects an S3 path or glob names, a listing page at a time."""
     bucket, key = parse_s3_url(spec)
     client = s3_client()
     match = _GLOB_CHARS.search(key)
@@ -196,34 +221,46 @@ def _expand_s3(spec: str) -> tuple[list[str], str | None]:
 
         try:
             client.head_object(Bucket=bucket, Key=key)
-            return [f"s3://{bucket}/{key}"], None
+            yield f"s3://{bucket}/{key}"
+            return
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
                 raise
         listing = client.list_objects_v2(Bucket=bucket, Prefix=key.rstrip("/") + "/", MaxKeys=1)
         if listing.get("KeyCount", 0):
-            return [], f"{spec} is an S3 folder, not a file; use a glob such as '{spec.rstrip('/')}/**/*.pdf'"
-        return [], f"no such S3 object: {spec}"
+            problems.append(InputProblem(spec, f"{spec} is an S3 folder, not a file; use a glob such as "
+                                               f"'{spec.rstrip('/')}/**/*.pdf'"))
+        else:
+            problems.append(InputProblem(spec, f"no such S3 object: {spec}"))
+        return
     regex = _s3_glob_regex(key)
-    found: list[str] = []
+    found = 0
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key[: match.start()]):
         for obj in page.get("Contents", []):
             if not obj["Key"].endswith("/") and regex.match(obj["Key"]):
-                found.append(f"s3://{bucket}/{obj['Key']}")
-    return found, None if found else f"S3 glob matched no objects: {spec}"
+                found += 1
+                yield f"s3://{bucket}/{obj['Key']}"
+    if not found:
+        problems.append(InputProblem(spec, f"S3 glob matched no objects: {spec}"))
 
 
-def _expand_local(spec: str) -> tuple[list[str], str | None]:
+def _iter_local(spec: str, problems: list[InputProblem]) -> Iterator[str]:
     if _GLOB_CHARS.search(spec):
-        found = [os.path.abspath(p) for p in glob.iglob(os.path.expanduser(spec), recursive=True)]
-        found = [p for p in found if os.path.isfile(p)]
-        return found, None if found else f"glob matched no files: {spec}"
+        found = 0
+        for p in glob.iglob(os.path.expanduser(spec), recursive=True):
+            if os.path.isfile(p):
+                found += 1
+                yield os.path.abspath(p)
+        if not found:
+            problems.append(InputProblem(spec, f"glob matched no files: {spec}"))
+        return
     path = os.path.normpath(os.path.expanduser(spec))
     if os.path.isdir(path):
-        return [], f"{spec} is a directory; use a glob such as '{suggest_pattern(path)}'"
-    if not os.path.exists(path):
-        return [], f"no such file: {spec}"
-    return [os.path.abspath(path)], None
+        problems.append(InputProblem(spec, f"{spec} is a directory; use a glob such as '{suggest_pattern(path)}'"))
+    elif not os.path.exists(path):
+        problems.append(InputProblem(spec, f"no such file: {spec}"))
+    else:
+        yield os.path.abspath(path)
 
 
 #: Extensions a folder's documents usually have, in the order a suggestion prefers them.
@@ -253,70 +290,101 @@ def suggest_pattern(folder: str, look_at: int = 2000) -> str:
     return f"{folder}/**/*"
 
 
-def expand_inputs(specs: list[str], _depth: int = 0) -> tuple[list[str], list[InputProblem]]:
-    """Sorted, de-duplicated document paths, and one problem per bad spec/file.
-
-    Files that exist but are not PDF/PNG/JPEG are reported as problems *with* ``path`` set and are also in
-    the returned paths, so that they end up as failed-document records in the workspace.
-    """
+def expand_inputs(specs: list[str]) -> tuple[list[str], list[InputProblem]]:
+    """Sorted, de-duplicated document paths, and one problem per bad spec/file (all of :func:`iter_inputs`,
+    held; the pipeline queues from :func:`iter_inputs` itself, in bounded memory)."""
     problems: list[InputProblem] = []
-    candidates: dict[str, str] = {}  # path -> spec it came from
-    explicit: set[str] = set()  # paths named directly (not via a glob) may be path lists
-    for spec in specs:
-        spec = spec.strip()
-        if not spec:
-            continue
-        try:
-            found, problem = _expand_s3(spec) if spec.startswith("s3://") else _expand_local(spec)
-        except Exception as exc:  # S3 errors, permissions
-            found, problem = [], f"cannot read {spec}: {type(exc).__name__}: {exc}"
-        if problem:
-            problems.append(InputProblem(spec=spec, reason=problem))
-        for path in found:
-            candidates.setdefault(path, spec)
-        if not _GLOB_CHARS.search(spec):
-            explicit.update(found)
+    return sorted(set(iter_inputs(specs, problems))), problems
 
-    def sniff(path: str) -> tuple[str, bytes | None, str | None]:
-        try:
-            return path, read_head(path), None
-        except Exception as exc:
-            return path, None, f"cannot read {path}: {type(exc).__name__}: {exc}"
 
-    docs: set[str] = set()
-    # Queueing reads no S3 document (a request each): only local files and explicit lists are sniffed.
-    to_sniff = []
-    for path in candidates:
-        if is_archive(path) or (path.startswith("s3://") and not (path in explicit and path.lower().endswith(".txt"))):
-            docs.add(path)
-        else:
-            to_sniff.append(path)
+#: Local files sniffed together (16 threads).
+SNIFF_BATCH = 256
+
+
+def iter_inputs(specs: Iterable[str], problems: list[InputProblem], _depth: int = 0) -> Iterator[str]:
+    """Document paths, as they are listed: an S3 glob a listing page at a time, a local glob as the folders
+    are read, a list file a line at a time. Not sorted, and a path named twice comes twice (the queue drops
+    repeats). Problems are appended to ``problems`` as they are found.
+
+    Files that exist but are not PDF/PNG/JPEG are reported as problems *with* ``path`` set and are also
+    yielded, so that they end up as failed-document records in the workspace. Queueing reads no S3 document
+    (a request each): only local files and explicit lists are sniffed; an S3 path in a list file is taken
+    as named (no HEAD: a list of ten million paths would cost ten million requests), and a missing one
+    becomes a failed document when a worker opens it, as upstream.
+    """
+    batch: list[tuple[str, str, bool]] = []
     with ThreadPoolExecutor(max_workers=16) as pool:
-        heads = list(pool.map(sniff, sorted(to_sniff)))
-    for path, head, error in heads:
-        spec = candidates[path]
+        for spec in specs:
+            spec = spec.strip()
+            if not spec or (_depth and spec.startswith("#")):
+                continue
+            explicit = not _GLOB_CHARS.search(spec)
+            if _depth and explicit and spec.startswith("s3://") and not spec.lower().endswith(".txt"):
+                yield spec
+                continue
+            try:
+                for path in _iter_s3(spec, problems) if spec.startswith("s3://") else _iter_local(spec, problems):
+                    if is_archive(path) or (path.startswith("s3://") and not (explicit and path.lower().endswith(".txt"))):
+                        yield path
+                        continue
+                    batch.append((path, spec, explicit))
+                    if len(batch) >= SNIFF_BATCH:
+                        yield from _sniffed(pool, batch, problems, _depth)
+                        batch = []
+            except Exception as exc:  # S3 errors, permissions
+                problems.append(InputProblem(spec=spec, reason=f"cannot read {spec}: {type(exc).__name__}: {exc}"))
+        yield from _sniffed(pool, batch, problems, _depth)
+
+
+def _sniff(path: str) -> tuple[bytes | None, str | None]:
+    try:
+        return read_head(path), None
+    except Exception as exc:
+        return None, f"cannot read {path}: {type(exc).__name__}: {exc}"
+
+
+def _sniffed(pool: ThreadPoolExecutor, batch: list[tuple[str, str, bool]], problems: list[InputProblem],
+             depth: int) -> Iterator[str]:
+    """The documents of ``batch`` (sniffed together); lists among them are read, non-documents reported."""
+    for (path, spec, explicit), (head, error) in zip(batch, pool.map(_sniff, [p for p, _, _ in batch]), strict=True):
         if head is None:
             problems.append(InputProblem(spec=spec, reason=error or f"cannot read {path}"))
-            continue
-        if sniff_kind(head) is not None:
-            docs.add(path)
-        elif path.lower().endswith(".txt") and path in explicit and _depth < 2:
-            sub_docs, sub_problems = _expand_list_file(path, spec, _depth)
-            docs.update(sub_docs)
-            problems.extend(sub_problems)
+        elif sniff_kind(head) is not None:
+            yield path
+        elif path.lower().endswith(".txt") and explicit and depth < 2:
+            yield from _list_file(path, spec, problems, depth)
         else:
-            docs.add(path)
             problems.append(InputProblem(spec=spec, reason=not_a_document_reason(path, head), path=path))
-    return sorted(docs), problems
+            yield path
 
 
-def _expand_list_file(path: str, spec: str, depth: int) -> tuple[list[str], list[InputProblem]]:
+def _list_lines(path: str) -> Iterator[str]:
+    """The lines of a local or S3 list file, read as they come (never held whole)."""
+    if path.startswith("s3://"):
+        bucket, key = parse_s3_url(path)
+        body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+        for raw in body.iter_lines():
+            yield raw.decode("utf-8")
+        return
+    with open(path, encoding="utf-8") as f:
+        yield from f
+
+
+def _list_file(path: str, spec: str, problems: list[InputProblem], depth: int) -> Iterator[str]:
+    lines = 0
+
+    def entries() -> Iterator[str]:
+        nonlocal lines
+        for line in _list_lines(path):
+            line = line.strip()
+            if line and not line.startswith("#"):
+                lines += 1
+                yield line
+
     try:
-        text = read_input(path).decode("utf-8")
+        yield from iter_inputs(entries(), problems, depth + 1)
     except Exception as exc:
-        return [], [InputProblem(spec=spec, reason=f"cannot read path list {path}: {exc}")]
-    lines = [line.strip() for line in text.splitlines()]
-    entries = [line for line in lines if line and not line.startswith("#")]
-    if not entries:
-        return [], [InputProblem(spec=spec, reason=f"path list {path} is empty")]
-    return expand_inputs(entries, _depth=depth + 1)
+        problems.append(InputProblem(spec=spec, reason=f"cannot read path list {path}: {exc}"))
+        return
+    if not lines:
+        problems.append(InputProblem(spec=spec, reason=f"path list {path} is empty"))

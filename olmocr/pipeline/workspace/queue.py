@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
+import itertools
 import json
 import logging
 import os
@@ -38,15 +38,18 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import zstandard
 
 from olmocr.pipeline.errors import LeaseLost
+from olmocr.pipeline.workspace import index_stream
+from olmocr.pipeline.workspace.index_stream import IndexAppender, Pending, csv_line, index_rows
 from olmocr.pipeline.workspace.storage import NOT_MODIFIED, Storage, content_tag
 from olmocr.pipeline.workspace.totals import (
     PAGES_KEY,
+    PagesVersion,
     PageTotals,
     compute_totals,
     decode_pages_file,
@@ -136,14 +139,8 @@ def _hash_from_key(key: str, prefix: str, suffix: str) -> str | None:
     return None
 
 
-def _csv_line(row: list[str]) -> str:
-    out = io.StringIO()
-    csv.writer(out, quoting=csv.QUOTE_MINIMAL).writerow(row)
-    return out.getvalue().strip()
-
-
 def encode_index(groups: dict[str, tuple[str, ...]]) -> bytes:
-    return zstandard.ZstdCompressor().compress("\n".join(_csv_line([h, *p]) for h, p in groups.items()).encode("utf-8"))
+    return zstandard.ZstdCompressor().compress("\n".join(csv_line([h, *p]) for h, p in groups.items()).encode("utf-8"))
 
 
 def _decompress(data: bytes) -> bytes:
@@ -246,8 +243,17 @@ def append_index(
             if cache is not None:
                 cache.seen(data)
             return len(new)
-        time.sleep(random.uniform(0.0, min(1.0, 0.01 * 2**attempt)))
+        _cas_backoff(attempt)
     raise RuntimeError(f"could not update {key} after {CAS_ATTEMPTS} attempts (heavy contention)")
+
+
+def _cas_backoff(attempt: int) -> None:
+    time.sleep(random.uniform(0.0, min(1.0, 0.01 * 2**attempt)))
+
+
+def _batches(stream: Iterator[str], size: int) -> Iterator[list[str]]:
+    while batch := list(itertools.islice(stream, size)):
+        yield batch
 
 
 def _parse_jsonl(data: bytes | None) -> list[dict]:
@@ -295,14 +301,15 @@ def _new_groups(current: dict[str, tuple[str, ...]], wanted: list[str], pages_pe
     return {group_hash(g): g for g in [*group_paths(docs, pages_per_group, count), *archives]}
 
 
-def sampled_page_count(paths: list[str], count: Callable[[str], int], size: int = SAMPLE_SIZE,
-                       seed: int = 0) -> float:
-    """Mean pages per document of a random sample of ``size`` paths (as upstream: it samples 100)."""
+def sampled_page_count(paths: list[str], count: Callable[[str], int] | None = None, size: int = SAMPLE_SIZE,
+                       seed: int = 0, many: Callable[[list[str]], list[int]] | None = None) -> float:
+    """Mean pages per document of a random sample of ``size`` paths (as upstream: it samples 100), counted by
+    ``count`` one at a time or by ``many`` all together."""
     if not paths:
         return 1.0
     rng = random.Random(seed or len(paths))
     sample = rng.sample(paths, min(size, len(paths)))
-    counts = [max(1, count(p) or 1) for p in sample]
+    counts = [max(1, n or 1) for n in (many(sample) if many else [count(p) for p in sample])]  # type: ignore[misc]
     return sum(counts) / len(counts)
 
 
@@ -434,6 +441,9 @@ class WorkQueue:
     ) -> int:
         """Add items for paths not already in the index; returns the number of new items.
 
+        ``paths`` may be any iterable, consumed as it comes (a listing, a list file's lines) and never held
+        whole: memory is about 50 bytes a path (see olmocr.pipeline.workspace.index_stream).
+
         ``priority``: into the priority lane (:data:`PRIORITY_INDEX_KEY`, claimed first; olmocr-service's
         jobs). Its cost does not grow with the workspace: a GET and a conditional PUT of the small priority
         index, nothing else (no re-queueing of retryable failures, no write of the page totals: the done flag
@@ -448,53 +458,105 @@ class WorkQueue:
 
         if priority:
             return self._populate_priority(sorted(set(paths)), pages_per_group, page_count or (lambda p: 1))
-        requeued = self.requeue_retryable()
-        wanted = sorted(set(paths))
+        # Streamed (index_stream): the first WINDOW paths are read and the page-count sample is drawn from them;
+        # their items are appended at once (workers may start), the rest at the end, or whenever the pending
+        # lines reach PENDING_BYTES compressed. The index is not read first: the first append is a create,
+        # and only if the index exists is it read (and what it has dropped from ours).
+        stream = iter(paths)
+        size = index_stream.WINDOW
+        window = list(itertools.islice(stream, size))
+        ended = len(window) < size
+        window = sorted(set(window))
         estimated = page_count is None
+        given = not estimated
         if page_count is None:
-            from olmocr.pipeline.workspace.inputs import count_pages as counter
+            from olmocr.pipeline.workspace.inputs import count_pages_many
 
-            count_pages = sample_count or counter
-            docs = [p for p in wanted if not is_archive(p)]
-            if len(docs) <= SAMPLE_SIZE:  # the sample would be all of them: count them, exactly
-                exact = {p: count_pages(p) for p in docs}
-                page_count, estimated = (lambda path: exact.get(path, 1)), False
+            def count_many(sample: list[str]) -> list[int]:  # the default reads S3 documents 16 at a time
+                return [sample_count(p) for p in sample] if sample_count else count_pages_many(sample)
+
+            docs = [p for p in window if not is_archive(p)]
+            if ended and len(docs) <= SAMPLE_SIZE:  # the sample would be all of them: count them, exactly
+                exact = {p: 1 for p in window if is_archive(p)} | dict(zip(docs, count_many(docs), strict=True))
+                page_count, estimated = (lambda path: exact.get(path, 0)), False  # 0: not ours, uncounted
             else:
-                mean = sampled_page_count(docs, count_pages)
-                logger.info("work queue: %.1f pages per document on average in a sample of %d of %d documents "
-                            "(the workspace total is an estimate until workers count them)", mean, SAMPLE_SIZE,
-                            len(docs))
+                mean = sampled_page_count(docs, many=count_many)
+                logger.info("work queue: %.1f pages per document on average in a sample of %d of the first %d "
+                            "documents listed (the workspace total is an estimate until workers count them)",
+                            mean, min(SAMPLE_SIZE, len(docs)), len(docs))
                 page_count = lambda path: max(1, round(mean))  # noqa: E731
+            del docs
         count = page_count
 
-        def make_groups(current: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
-            return _new_groups(current, wanted, pages_per_group, count)
+        def regroup(new_paths: list[str]) -> Iterator[tuple[str, tuple[str, ...], int]]:
+            for group in _new_groups({}, new_paths, pages_per_group, count).values():  # new_paths: sorted
+                yield group_hash(group), group, sum(max(1, count(p) or 1) for p in group)
 
-        new_items: dict[str, tuple[str, ...]] = {}
+        appender = IndexAppender(self.storage, INDEX_KEY, CAS_ATTEMPTS, _cas_backoff)
+        added = 0
+        pending = Pending()
+        pages_file: PagesVersion | None = None
+        requeued = 0
+        if given:  # the caller's counts may be costly: count only what is not queued yet
+            appender.read()
+            requeued = self.requeue_retryable()
 
-        def remember(current: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
-            groups = make_groups(current)
-            new_items.clear()
-            new_items.update({h: g for h, g in groups.items() if h not in current})
-            return groups
+        def flush() -> None:
+            nonlocal pending, pages_file, requeued, added
+            first = not appender.seen
+            new = appender.append(pending, regroup)
+            pending = Pending()
+            if first:
+                if appender.created:
+                    # A new workspace: no failure records to re-queue (the first claim looks, as it does
+                    # without populate), no pages file either.
+                    pages_file = PagesVersion(None)
+                else:
+                    requeued = self.requeue_retryable()
+            if new:
+                added += len(new)
+                self._record_estimates(new, estimated, pages_file)
 
-        added = append_index(self.storage, remember, self.index)
-        try:
-            if not new_items:  # nothing new: fill in the counts of our items queued without them (old workspaces)
-                have = load_pages(self.storage)
-                wanted_set = set(wanted)
-                self.index.refresh(INDEX_CHECK_SECONDS)
-                for h in self.index.spans:
-                    if h not in have and set(paths := self.index.paths(h)) <= wanted_set:
-                        new_items[h] = paths
-            if new_items:
-                record_pages(self.storage, {h: sum(max(1, count(p) or 1) for p in g) for h, g in new_items.items()},
-                             estimated=estimated)
-        except Exception as exc:  # noqa: BLE001 - the totals are for display: never fail the queue for them
-                logger.warning("could not store the page counts of the queued items (%s); progress will estimate "
-                               "the total", exc)
+        for batch in itertools.chain([window], _batches(stream, size)):
+            fresh = [p for p in (batch if batch is window else sorted(set(batch))) if appender.known.add(p)]
+            batch.clear()  # the first window too: its 100,000 strings are not held to the end
+            for h, group, pages in regroup(fresh):
+                pending.add(h, group, pages)
+            del fresh
+            if (not appender.seen and pending.paths >= size) or \
+                    pending.compressed_size >= index_stream.PENDING_BYTES:
+                flush()
+        if pending.pages or not appender.seen:
+            flush()  # also with nothing to add: an existing index is read, its retries re-queued
+        self.index.checked_at = float("-inf")  # the next claim reads it (never held here: its text is ~70 B a path)
+        if not added:  # nothing new: fill in the counts of items queued without them (old workspaces)
+            self._fill_missing_pages(appender.data, count, estimated)
         logger.info("work queue: %d new items (%d retry items)", added, requeued)
         return added + requeued
+
+    def _record_estimates(self, pages: dict[str, int], estimated: bool, version: PagesVersion | None = None) -> None:
+        try:
+            record_pages(self.storage, pages, estimated=estimated, version=version)
+        except Exception as exc:  # noqa: BLE001 - the totals are for display: never fail the queue for them
+            logger.warning("could not store the page counts of the queued items (%s); progress will estimate "
+                           "the total", exc)
+
+    def _fill_missing_pages(self, data: bytes | None, count: Callable[[str], int], estimated: bool) -> None:
+        """Page counts for the index's items missing from the pages file (queued by an older version or by
+        upstream): counted with ``count``; when the counts are exact, only items all of whose paths it knows."""
+        try:
+            have = load_pages(self.storage)
+            missing: dict[str, int] = {}
+            for row in index_rows(data):
+                if row[0] not in have:
+                    counts = [count(p) for p in row[1:]]
+                    if estimated or all(counts):
+                        missing[row[0]] = sum(max(1, n or 1) for n in counts)
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("could not read the page counts of the queued items (%s)", exc)
+            return
+        if missing:
+            self._record_estimates(missing, estimated)
 
     def _populate_priority(self, wanted: list[str], pages_per_group: int, count: Callable[[str], int]) -> int:
         added = append_index(self.storage, lambda current: _new_groups(current, wanted, pages_per_group, count),

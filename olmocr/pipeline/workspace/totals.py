@@ -24,7 +24,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from olmocr.pipeline.workspace.storage import Storage
+from olmocr.pipeline.workspace.storage import Storage, content_tag
 
 PAGES_KEY = "work_index_pages.json"
 RATE_WINDOW_S = 600.0
@@ -50,13 +50,27 @@ def decode_pages_file(data: bytes) -> tuple[dict[str, int], set[str]]:
         return {}, set()  # damaged: the totals fall back to estimates, the queue itself is unaffected
 
 
-def record_pages(storage: Storage, pages: Mapping[str, int], estimated: bool = False) -> int:
+class PagesVersion:
+    """What this process last wrote to (or believes of) the pages file: ``found`` is ``(data, tag)``, or None
+    for absent. :func:`record_pages` then writes without reading first (a GET less); a wrong belief costs a
+    failed conditional write and a read, as any lost race."""
+
+    def __init__(self, found: tuple[bytes, str] | None = None) -> None:
+        self.found = found
+
+
+def record_pages(storage: Storage, pages: Mapping[str, int], estimated: bool = False,
+                 version: PagesVersion | None = None) -> int:
     """Add page counts (compare-and-swap); returns how many entries changed.
 
     ``estimated=True``: counts from the queue's sample, added for items not yet in the file. Otherwise exact
-    counts (from opening the documents): added, and replacing an item's estimate."""
+    counts (from opening the documents): added, and replacing an item's estimate. ``version``: see
+    :class:`PagesVersion` (updated after a write)."""
     for attempt in range(CAS_ATTEMPTS):
-        found = storage.read_versioned(PAGES_KEY)
+        if version is not None and attempt == 0:
+            found = version.found
+        else:
+            found = storage.read_versioned(PAGES_KEY)
         current, guessed = decode_pages_file(found[0]) if found else ({}, set())
         if estimated:
             new = {h: int(n) for h, n in pages.items() if h not in current}
@@ -71,6 +85,8 @@ def record_pages(storage: Storage, pages: Mapping[str, int], estimated: bool = F
         data = json.dumps(body, separators=(",", ":")).encode()
         ok = storage.create(PAGES_KEY, data) if found is None else storage.replace_if(PAGES_KEY, data, found[1])
         if ok:
+            if version is not None:
+                version.found = (data, content_tag(data))
             return len(new)
         time.sleep(random.uniform(0.0, min(1.0, 0.01 * 2**attempt)))
     raise RuntimeError(f"could not update {PAGES_KEY} after {CAS_ATTEMPTS} attempts (heavy contention)")
