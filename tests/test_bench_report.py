@@ -227,6 +227,16 @@ def _scale(d: dict[str, Any]) -> Derived:
     out[f"--stats, {st['docs']:,} docs, 20 ms/request"] = (st["seconds"], st["seconds"] / 60)
     out[f"{f['workers']} workers, {f['docs']:,} docs, ±2 min skew, 5% SlowDown: items done once"] = (
         f["items_done"], f["items_done"] / f["items"])
+    for m in d.get("queue_memory", {}).values():
+        out[f"queue {m['keys']:,} keys from a {m['source']}: peak RSS"] = (m["peak_kib"] / 1024,
+                                                                         m["peak_kib"] / m["imports_kib"])
+    for n, runs in d.get("against_upstream", {}).items():
+        if not n.isdigit():
+            continue
+        ours, theirs = runs["ours"], runs["upstream"]
+        label = f"queue {int(n):,} S3 docs (moto, {d['against_upstream']['latency_s'] * 1000:.0f} ms/request)"
+        out[f"{label}: seconds"] = (ours["seconds"], ours["seconds"] / theirs["seconds"])
+        out[f"{label}: requests"] = (ours["requests"], ours["requests"] / theirs["requests"])
     return out
 
 
