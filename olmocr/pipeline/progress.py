@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from olmocr.logformat import RUN_LOGGERS
-from olmocr.pipeline.workspace.totals import PageTotals, format_duration
+from olmocr.pipeline.workspace.totals import PageTotals, eta_text, pages_text
 
 logger = logging.getLogger(__name__)
 
@@ -182,14 +182,12 @@ class Progress:
         totals = self.live_totals()
         if totals is None:
             return f"pages {self.pages_done}/{self.pages_total} (this process; workspace totals not read yet)"
-        estimate = f" (~{totals.unknown_items} items of unknown size estimated)" if totals.unknown_items else ""
         if totals.rate is None:
             rate = "rate unknown"
         else:
             own = "" if self.workspace is not None and self.workspace.rate else " (this process)"
             rate = f"{totals.rate:.1f} pages/s{own}"
-        return (f"workspace {totals.done:,}/{totals.total:,} pages ({100 * totals.fraction:.1f}%){estimate}, "
-                f"{totals.remaining:,} remaining, {rate}, ETA {format_duration(totals.eta_seconds)}")
+        return f"workspace {pages_text(totals)}, {rate}, ETA {eta_text(totals)}"  # marked while estimated
 
     def tail(self, server_state: str, in_flight: int) -> str:
         pages_s, tokens_s = self._rates()
@@ -301,7 +299,7 @@ async def _bar_forever(progress: Progress, state: Callable[[], tuple[str, int]],
             if totals is not None:
                 bar.total, bar.n = totals.total, totals.done
                 rate = "?" if totals.rate is None else f"{totals.rate:.1f}"
-                bar.set_postfix_str(f"ETA {format_duration(totals.eta_seconds)} | workspace {rate} pages/s | "
+                bar.set_postfix_str(f"ETA {eta_text(totals)} | workspace {rate} pages/s | "
                                     f"{progress.short(server_state, in_flight)}", refresh=False)
             else:
                 bar.set_postfix_str(progress.line(server_state, in_flight), refresh=False)
