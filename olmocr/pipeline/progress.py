@@ -178,7 +178,8 @@ class Progress:
     def head(self) -> str:
         """Where the workspace stands: ``workspace 120/500 pages (24.0%), 380 remaining, 2.0 pages/s, ETA 3m 10s``
         (pages count as they are answered; the rate is the workspace's, or this process's until an item
-        finishes)."""
+        finishes). While the total rests on estimated page counts it is ``120/~500 pages (24.0%; estimated:
+        3 of 10 items counted), ~380 remaining, ..., ETA ~3m 10s`` (olmocr.pipeline.workspace.totals)."""
         totals = self.live_totals()
         if totals is None:
             return f"pages {self.pages_done}/{self.pages_total} (this process; workspace totals not read yet)"
