@@ -54,9 +54,9 @@ LOG_GIVE_UP_KEEP = ("could not renew the lease on work item %s for %.0fs (%s); g
 def keep_by(renewed_at: float, lease: float) -> float:
     """The last moment (monotonic) a worker whose renewals fail may give its item up and keep the finished
     documents: WorkQueue.complete writes only while a third of the lease is left (else it renews, which
-    fails here), and the writes get a sixth of the lease on top."""
+    fails here), and the writes get a twelfth of the lease on top (25 s of the default 300 s lease)."""
     margin = min(5.0, lease / 10) + AGE_RESOLUTION_S  # WorkQueue._hold_for's margin
-    return renewed_at + lease - lease / 3 - margin - lease / 6
+    return renewed_at + lease - lease / 3 - margin - lease / 12
 
 
 @dataclass(frozen=True)
@@ -212,9 +212,10 @@ class Runner:
             if work.done():
                 return False
             started = time.monotonic()
-            deadline = renewed_at + lease - margin
-            try:
-                await asyncio.wait_for(asyncio.to_thread(self.queue.renew, item), max(0.1, deadline - started))
+            deadline, keep_until = renewed_at + lease - margin, keep_by(renewed_at, lease)
+            until = keep_until if started < keep_until else deadline  # a hung renewal must not use up the time
+            try:                                                      # left to keep the finished documents
+                await asyncio.wait_for(asyncio.to_thread(self.queue.renew, item), max(0.1, until - started))
                 renewed_at, next_at = started, started + interval
                 continue
             except LeaseLost:
@@ -223,8 +224,8 @@ class Runner:
                 return False
             except Exception as exc:  # noqa: BLE001 - storage errors and timeouts: retry until the deadline
                 problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            now, keep_until = time.monotonic(), keep_by(renewed_at, lease)
-            if now < keep_until <= now + retry_after:  # the last chance to keep the finished documents (#29)
+            now = time.monotonic()
+            if started < keep_until <= now + retry_after:  # the last chance to keep the finished documents (#29)
                 logger.error(LOG_GIVE_UP_KEEP, item.hash, now - renewed_at, problem)
                 self.gave_up += 1
                 work.cancel()
