@@ -170,3 +170,40 @@ def test_upstream_finishes_a_tarball_item_we_queued(upstream_python: Path, stand
     upstream = _start_upstream(upstream_python, ws, standin.url, "--workers", "1", log=tmp_path / "upstream.log")
     _finish(upstream, tmp_path / "upstream.log")
     assert set(docs_by_source(ws)) == {f"{archive}::inner/{pdf.name}" for pdf in pdfs[:2]}
+
+
+def test_ours_finishes_a_tarball_item_upstream_queued(upstream_python: Path, standin, tmp_path: Path) -> None:
+    """Issue 29: upstream queues a tarball as one item of its index; our pipeline takes that item and gives
+    each member the ``ARCHIVE::MEMBER`` name upstream gives it."""
+    import tarfile
+
+    from olmocr.pipeline.workspace.queue import load_index
+    from olmocr.pipeline.workspace.storage import open_storage
+
+    pdfs = _docs(tmp_path)
+    archive = tmp_path / "batch.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for pdf in pdfs[:2]:
+            tar.add(pdf, arcname=f"inner/{pdf.name}")
+    ws = tmp_path / "ws"
+    locks = ws / "worker_locks"
+    standin.control(latency=30.0)  # upstream queues, claims, then waits on its first page: killed before an answer
+    upstream = _start_upstream(upstream_python, ws, standin.url, "--pdfs", str(archive), "--workers", "1",
+                               log=tmp_path / "upstream.log")
+    try:
+        wait_for(lambda: (locks.is_dir() and any(locks.iterdir())) or upstream.poll() is not None, 120,
+                 "upstream to queue and claim the tarball")
+        assert upstream.poll() is None, (tmp_path / "upstream.log").read_text()[-4000:]
+        os.killpg(upstream.pid, signal.SIGKILL)
+    finally:
+        stop_process_group(upstream)
+    assert list(load_index(open_storage(str(ws))).values()) == [(str(archive),)]  # upstream's item: the tarball
+    assert _done_flags(ws) == 0
+    standin.control(latency=0)
+    with running_pipeline(ws, standin.url, log=tmp_path / "ours.log") as ours:
+        assert ours.wait(180) == 0, ours.output()[-4000:]
+    docs = docs_by_source(ws)
+    assert set(docs) == {f"{archive}::inner/{pdf.name}" for pdf in pdfs[:2]}
+    assert {doc["metadata"].get("producer") for doc in docs.values()} == {"olmocr-serve"}
+    assert [doc["metadata"]["pdf-total-pages"] for doc in docs.values()] == [2, 2]
+    assert _done_flags(ws) == 1

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from olmocr.logformat import RUN_LOGGERS
-from olmocr.pipeline.workspace.totals import PageTotals, format_duration
+from olmocr.pipeline.workspace.totals import PageTotals, eta_text, pages_text
 
 logger = logging.getLogger(__name__)
 
@@ -178,18 +178,17 @@ class Progress:
     def head(self) -> str:
         """Where the workspace stands: ``workspace 120/500 pages (24.0%), 380 remaining, 2.0 pages/s, ETA 3m 10s``
         (pages count as they are answered; the rate is the workspace's, or this process's until an item
-        finishes)."""
+        finishes). While the total rests on estimated page counts it is ``120/~500 pages (24.0%; estimated:
+        3 of 10 items counted), ~380 remaining, ..., ETA ~3m 10s`` (olmocr.pipeline.workspace.totals)."""
         totals = self.live_totals()
         if totals is None:
             return f"pages {self.pages_done}/{self.pages_total} (this process; workspace totals not read yet)"
-        estimate = f" (~{totals.unknown_items} items of unknown size estimated)" if totals.unknown_items else ""
         if totals.rate is None:
             rate = "rate unknown"
         else:
             own = "" if self.workspace is not None and self.workspace.rate else " (this process)"
             rate = f"{totals.rate:.1f} pages/s{own}"
-        return (f"workspace {totals.done:,}/{totals.total:,} pages ({100 * totals.fraction:.1f}%){estimate}, "
-                f"{totals.remaining:,} remaining, {rate}, ETA {format_duration(totals.eta_seconds)}")
+        return f"workspace {pages_text(totals)}, {rate}, ETA {eta_text(totals)}"  # marked while estimated
 
     def tail(self, server_state: str, in_flight: int) -> str:
         pages_s, tokens_s = self._rates()
@@ -301,7 +300,7 @@ async def _bar_forever(progress: Progress, state: Callable[[], tuple[str, int]],
             if totals is not None:
                 bar.total, bar.n = totals.total, totals.done
                 rate = "?" if totals.rate is None else f"{totals.rate:.1f}"
-                bar.set_postfix_str(f"ETA {format_duration(totals.eta_seconds)} | workspace {rate} pages/s | "
+                bar.set_postfix_str(f"ETA {eta_text(totals)} | workspace {rate} pages/s | "
                                     f"{progress.short(server_state, in_flight)}", refresh=False)
             else:
                 bar.set_postfix_str(progress.line(server_state, in_flight), refresh=False)

@@ -28,7 +28,13 @@ from olmocr.pipeline.stats import SERVER_STATS_DIR, run_id, server_stats_record
 from olmocr.pipeline.stopping import DEFAULT_STOP_TIMEOUT_S, StopRequest
 from olmocr.pipeline.workspace import page_cache
 from olmocr.pipeline.workspace.inputs import InputProblem, is_archive, iter_inputs, set_input_profile
-from olmocr.pipeline.workspace.queue import WorkItem, WorkQueue, describe_lease_holders, retry_hash
+from olmocr.pipeline.workspace.queue import (
+    AGE_RESOLUTION_S,
+    WorkItem,
+    WorkQueue,
+    describe_lease_holders,
+    retry_hash,
+)
 from olmocr.pipeline.workspace.storage import Storage, open_storage
 from olmocr.service.cancel_watch import watch as watch_cancel
 
@@ -43,6 +49,17 @@ MAX_CLAIM_BACKOFF_S = 30.0
 #: Log lines tests match (with tests.pipeline_helpers.log_line, not with a copy of the text).
 LOG_CLAIMED = "worker %d claimed work item %s (%d documents)"
 LOG_STOPPED = "stopped on request (%s): %d work items completed, %d handed back unfinished for other workers"
+#: A lease given up while it is still ours (renewals failing, #29): the finished documents are kept.
+LOG_GIVE_UP_KEEP = ("could not renew the lease on work item %s for %.0fs (%s); giving it up while it is still ours: "
+                    "its finished documents are kept, the rest is queued again")
+
+
+def keep_by(renewed_at: float, lease: float) -> float:
+    """The last moment (monotonic) a worker whose renewals fail may give its item up and keep the finished
+    documents: WorkQueue.complete writes only while a third of the lease is left (else it renews, which
+    fails here), and the writes get a twelfth of the lease on top (25 s of the default 300 s lease)."""
+    margin = min(5.0, lease / 10) + AGE_RESOLUTION_S  # WorkQueue._hold_for's margin
+    return renewed_at + lease - lease / 3 - margin - lease / 12
 
 
 @dataclass(frozen=True)
@@ -192,10 +209,13 @@ class Runner:
         logger.info("work item %s done: %d documents written, %d failed%s", item.hash, len(docs),
                     len(failed) - skipped, f", {skipped} skipped by the filter" if skipped else "")
 
-    async def _renew_until_done(self, item: WorkItem, work: asyncio.Task[None]) -> None:
+    async def _renew_until_done(self, item: WorkItem, work: asyncio.Task[None]) -> bool:
         """Renew every third of the lease. A renewal that fails (storage errors, after the S3 client's own
-        retries) is tried again sooner; if none succeeds before the lease would expire, the item is given
-        up: its work is cancelled and never marked done by us, since another worker may own it by then."""
+        retries) is tried again sooner; if none succeeds in time, the item is given up: its work is cancelled.
+        Given up while the lease still has time for the writes (:func:`keep_by`), it returns True: the
+        caller keeps the finished documents and hands the rest back, as a stop does. Later (a renewal that
+        hung, a short lease) it is given up before the lease would expire and nothing is kept, since
+        another worker may own the item by then; nor after a lost lease (LeaseLost)."""
         lease = self.config.lease_seconds
         interval = max(1.0, lease / 3)
         retry_after = max(0.5, min(5.0, interval / 4))
@@ -205,27 +225,34 @@ class Runner:
         while not work.done():
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             if work.done():
-                return
+                return False
             started = time.monotonic()
-            deadline = renewed_at + lease - margin
-            try:
-                await asyncio.wait_for(asyncio.to_thread(self.queue.renew, item), max(0.1, deadline - started))
+            deadline, keep_until = renewed_at + lease - margin, keep_by(renewed_at, lease)
+            until = keep_until if started < keep_until else deadline  # a hung renewal must not use up the time
+            try:                                                      # left to keep the finished documents
+                await asyncio.wait_for(asyncio.to_thread(self.queue.renew, item), max(0.1, until - started))
                 renewed_at, next_at = started, started + interval
                 continue
             except LeaseLost:
                 logger.error("lost the lease on work item %s (another worker took it); abandoning it", item.hash)
                 work.cancel()
-                return
+                return False
             except Exception as exc:  # noqa: BLE001 - storage errors and timeouts: retry until the deadline
                 problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if started < keep_until <= now + retry_after:  # the last chance to keep the finished documents (#29)
+                logger.error(LOG_GIVE_UP_KEEP, item.hash, now - renewed_at, problem)
+                self.gave_up += 1
+                work.cancel()
+                return True
+            if now >= deadline:
                 logger.error("could not renew the lease on work item %s for %.0fs (%s); giving it up before it "
                              "expires (its work is dropped and never marked done by this worker)", item.hash,
                              time.monotonic() - renewed_at, problem)
                 self.gave_up += 1
                 work.cancel()
                 await asyncio.to_thread(self._release_quietly, item)
-                return
+                return False
             logger.warning("could not renew the lease on %s (%s); retrying in %.1fs", item.hash, problem,
                            retry_after)
             next_at = time.monotonic() + retry_after
@@ -329,7 +356,9 @@ class Runner:
         finally:
             renewer.cancel()
         if work.cancelled():
-            return  # lease lost or given up; whoever owns it next does it
+            if renewer.done() and not renewer.cancelled() and renewer.result():  # given up in time (#29)
+                await asyncio.to_thread(self._hand_back, item, dict(finished))
+            return  # lease lost or given up; whoever owns it next does the rest
         exc = work.exception()
         if exc is not None:
             logger.error("work item %s failed (%s: %s); releasing it for a retry", item.hash,

@@ -163,14 +163,15 @@ def read_results(storage: Storage) -> Iterator[dict]:
 
 
 def true_page_totals(index: Mapping[str, tuple[str, ...]], pages: Mapping[str, int], done: set[str],
-                     rate: float | None) -> PageTotals:
+                     rate: float | None, estimated: set[str] | frozenset[str] = frozenset()) -> PageTotals:
     """The workspace's pages with each document counted once.
 
     A retry item (its documents all queued by an earlier item), like a ``--retry_fallback_pages`` ticket,
     re-does pages already in the total: it adds
     nothing to it, and while it is not done its pages are not done either. Only the last item of a chain of
     retries can be not done (a retry item is made from a done item), so the pages not done are those of the
-    items not done, whatever they are. Items without a stored count are estimated at the mean size.
+    items not done, whatever they are. Items without a stored count are estimated at the mean size;
+    ``estimated`` items' counts come from the queue's sample, and the total says so until they are counted.
     """
     known = [pages[h] for h in index if h in pages]
     mean = sum(known) / len(known) if known else 1.0
@@ -186,13 +187,13 @@ def true_page_totals(index: Mapping[str, tuple[str, ...]], pages: Mapping[str, i
     total_pages, remaining_pages = round(total), round(min(remaining, total))
     return PageTotals(total=total_pages, done=total_pages - remaining_pages, items=len(index),
                       items_done=len(done & set(index)), unknown_items=len(index) - len(known),
-                      rate=rate)
+                      rate=rate, estimated_items=sum(1 for h in index if h in estimated))
 
 
 def workspace_summary(storage: Storage) -> tuple[dict, ResultTotals]:
     """:func:`olmocr.pipeline.workspace.queue.workspace_stats` with true counts (see the module docstring)."""
     from olmocr.pipeline.workspace.queue import DONE_DIR, load_index, workspace_stats
-    from olmocr.pipeline.workspace.totals import load_pages
+    from olmocr.pipeline.workspace.totals import load_pages_file
 
     stats = workspace_stats(storage)
     totals = result_totals(read_results(storage))
@@ -200,10 +201,11 @@ def workspace_summary(storage: Storage) -> tuple[dict, ResultTotals]:
             if k.endswith(".flag") and k.rsplit("/", 1)[-1].startswith("done_")}
     rate = stats.get("page_totals", {}).get("pages_per_second")
     index = load_index(storage)
+    pages, estimated = load_pages_file(storage)
     stats.update(queued_documents=len({p for paths in index.values() for p in paths if not is_ticket(p)}),
                  documents=totals.documents, pages=totals.pages, fallback_pages=len(totals.fallback),
                  input_tokens=totals.input_tokens, output_tokens=totals.output_tokens,
-                 page_totals=true_page_totals(index, load_pages(storage), done, rate).as_dict())
+                 page_totals=true_page_totals(index, pages, done, rate, estimated).as_dict())
     return stats, totals
 
 

@@ -36,6 +36,12 @@ def load_pages(storage: Storage) -> dict[str, int]:
     return decode_pages(data) if data else {}
 
 
+def load_pages_file(storage: Storage) -> tuple[dict[str, int], set[str]]:
+    """``(pages per item, items whose count is an estimate)`` as stored (``--stats``)."""
+    data = storage.read(PAGES_KEY)
+    return decode_pages_file(data) if data else ({}, set())
+
+
 def decode_pages(data: bytes) -> dict[str, int]:
     return decode_pages_file(data)[0]
 
@@ -108,6 +114,11 @@ class PageTotals:
     def estimated(self) -> bool:
         """True while any item's page count is a guess (sampled or unknown): the total is an estimate."""
         return bool(self.unknown_items or self.estimated_items)
+
+    @property
+    def counted_items(self) -> int:
+        """Items whose page count was learnt from their documents (the rest are estimates)."""
+        return max(0, self.items - self.unknown_items - self.estimated_items)
 
     @property
     def remaining(self) -> int:
@@ -186,11 +197,40 @@ def format_duration(seconds: float | None) -> str:
 
 def format_totals(totals: PageTotals) -> str:
     """``1,200/5,000 pages (24.0%), 3,800 remaining, workspace 6.2 pages/s, ETA 10m 13s``; while counts are
-    guesses: ``... (estimated: 40 of 50 items counted from a sample, 2 of unknown size) ...``."""
-    guesses = [f"{totals.estimated_items} of {totals.items} items counted from a sample"] if totals.estimated_items else []
-    if totals.unknown_items:
-        guesses.append(f"{totals.unknown_items} of unknown size")
-    estimate = f" (estimated: {', '.join(guesses)})" if guesses else ""
+    guesses, the figures are marked (:func:`pages_text`): ``1,200/~5,000 pages (24.0%; estimated: 40 of 50
+    items counted), ~3,800 remaining, ..., ETA ~10m 13s``."""
     rate = "rate unknown" if totals.rate is None else f"{totals.rate:.1f} pages/s"
-    return (f"{totals.done:,}/{totals.total:,} pages ({100 * totals.fraction:.1f}%){estimate}, "
-            f"{totals.remaining:,} remaining, workspace {rate}, ETA {format_duration(totals.eta_seconds)}")
+    return f"{pages_text(totals)}, workspace {rate}, ETA {eta_text(totals)}"
+
+
+# --- estimated until counted (#29): the progress line and --stats say which -------------------------------
+
+#: Marks a figure that rests on estimated page counts (the total, what remains, the ETA).
+APPROX_MARK = "~"
+#: Why the figures are marked, and how far counting has come (items whose documents were opened).
+ESTIMATED_NOTE = "estimated: {counted:,} of {items:,} items counted"
+
+
+def approx(totals: PageTotals, text: str) -> str:
+    """``text`` marked with :data:`APPROX_MARK` while the total is an estimate."""
+    return f"{APPROX_MARK}{text}" if totals.estimated else text
+
+
+def estimate_note(totals: PageTotals) -> str:
+    """:data:`ESTIMATED_NOTE` while the total is an estimate, else empty (the total is exact)."""
+    return ESTIMATED_NOTE.format(counted=totals.counted_items, items=totals.items) if totals.estimated else ""
+
+
+def pages_text(totals: PageTotals) -> str:
+    """``120/500 pages (24.0%), 380 remaining`` when exact; ``120/~500 pages (24.0%; estimated: 3 of 10 items
+    counted), ~380 remaining`` while some items' counts come from the queue's sample or are unknown."""
+    note = estimate_note(totals)
+    return (f"{totals.done:,}/{approx(totals, f'{totals.total:,}')} pages ({100 * totals.fraction:.1f}%"
+            f"{'; ' + note if note else ''}), {approx(totals, f'{totals.remaining:,}')} remaining")
+
+
+def eta_text(totals: PageTotals) -> str:
+    """The ETA, marked while it rests on estimated counts (``unknown`` and ``0s`` never are)."""
+    eta = totals.eta_seconds
+    text = format_duration(eta)
+    return text if eta is None or totals.remaining == 0 else approx(totals, text)
