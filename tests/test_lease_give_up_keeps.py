@@ -12,7 +12,8 @@ from olmocr.pipeline.runner import LOG_GIVE_UP_KEEP
 from tests.fault_proxy import FaultProxy
 from tests.pipeline_helpers import launch_standin, running_pipeline, wait_for
 from tests.s3_helpers import S3Server
-from tests.test_s3_faults import Switch, _docs, _env, _keys, _results, proxy  # noqa: F401 - proxy: a fixture
+from tests.sample_docs import write_text_docs
+from tests.test_s3_faults import Switch, _env, _keys, _results, proxy  # noqa: F401 - proxy: a fixture
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -29,7 +30,7 @@ def _pages_answered(url: str) -> int:
 @pytest.mark.slow
 def test_a_lease_given_up_in_time_keeps_its_finished_documents(proxy: FaultProxy, s3_server: S3Server,  # noqa: F811
                                                                  tmp_path: Path) -> None:
-    docs = _docs(tmp_path, DOCS, 1)
+    docs = write_text_docs(tmp_path / "docs", DOCS, 1)
     locks = Switch("PUT", "/ws/worker_locks/", "503")
     locks.on = False
     proxy.rule = locks
