@@ -18,13 +18,6 @@ LONGEST_MAX_WORDS = 40
 
 GUIDES = sorted([REPO_ROOT / "README.md", *(REPO_ROOT / "docs").glob("*.md")])
 
-#: Guides other engineers were rewriting when the bounds came in, with their figures then.
-#: TODO(lead): bring each under the bounds and remove it from this list.
-NOT_YET: dict[str, str] = {
-    "docs/workspace.md": "p90 37 words, longest 57",
-}
-
-
 def prose(text: str) -> str:
     """The guide's prose: code blocks, tables, headings and HTML comments dropped, one paragraph per block."""
     text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
@@ -86,19 +79,12 @@ def test_every_guide_has_short_sentences() -> None:
     problems = []
     for path in GUIDES:
         name = str(path.relative_to(REPO_ROOT))
-        if name in NOT_YET:
-            continue
         pct, longest, long_ones = figures(path)
         if pct > P90_MAX_WORDS or longest > LONGEST_MAX_WORDS:
             listed = "\n".join(f"    ({len(words(s))} words) {s}" for s in long_ones)
             problems.append(f"{name}: 90th percentile {pct} words (at most {P90_MAX_WORDS}), longest {longest} "
                             f"(at most {LONGEST_MAX_WORDS}); sentences over {P90_MAX_WORDS} words:\n{listed}")
     assert not problems, "\n".join(problems)
-
-
-def test_the_not_yet_list_names_only_guides_that_exist() -> None:
-    names = {str(p.relative_to(REPO_ROOT)) for p in GUIDES}
-    assert set(NOT_YET) <= names, set(NOT_YET) - names
 
 
 def test_the_sentence_counter_sees_a_long_sentence() -> None:
