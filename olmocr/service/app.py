@@ -228,10 +228,10 @@ class Service:
         return record
 
     def _wake_workers(self) -> None:
-        """Idle embedded workers claim the new item now instead of at their next poll."""
+        """The embedded lane worker claims the new item now instead of at its next poll (it clears the event
+        before each claim round, so a job submitted while it claims is not missed)."""
         if self.config.wake is not None:
             self.config.wake.set()
-            self.config.wake.clear()
 
     async def post_job(self, request: web.Request) -> web.Response:
         record = await self._submit(request)
@@ -247,17 +247,31 @@ class Service:
         self._wake_workers()
         deadline = time.monotonic() + timeout
         pause = 0.01
-        while True:
-            status = await asyncio.to_thread(self.store.status, record)
-            if status["state"] in FINISHED or time.monotonic() >= deadline:
-                break
-            # Until the job's own item is done, one read of its done flag per poll (the whole status is a
-            # dozen reads): polls can then be close together, and the answer follows the flag within ~10 ms.
-            while time.monotonic() < deadline:
-                await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-                pause = min(0.5, pause * 1.2)
-                if await asyncio.to_thread(self.store.item_done, record):
+        # Completed by this process's workers: woken at once. By another process: found by polling.
+        completed = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        watch = getattr(self.queue, "watch", None)
+        unwatch = watch(record["item"], lambda: loop.call_soon_threadsafe(completed.set)) if watch else None
+        try:
+            while True:
+                status = await asyncio.to_thread(self.store.status, record)
+                if status["state"] in FINISHED or time.monotonic() >= deadline:
                     break
+                # Until the job's own item is done, one read of its done flag per poll (the whole status is a
+                # dozen reads): polls can then be close together, and the answer follows the flag within ~10 ms.
+                while time.monotonic() < deadline:
+                    try:
+                        await asyncio.wait_for(completed.wait(), min(pause, max(0.0, deadline - time.monotonic())))
+                        completed.clear()
+                        break
+                    except TimeoutError:
+                        pass
+                    pause = min(0.5, pause * 1.2)
+                    if await asyncio.to_thread(self.store.item_done, record):
+                        break
+        finally:
+            if unwatch is not None:
+                unwatch()
         if status["state"] not in FINISHED:
             status["message"] = (f"not finished within {timeout:g} s; the job goes on: poll "
                                  f"/v1/jobs/{record['id']}")

@@ -1,0 +1,69 @@
+"""A semaphore whose urgent waiters go first: interactive pages before queued batch pages at every gate.
+
+The pipeline queues its pages at three gates: a page slot (pages in flight), a request slot (the fleet's
+cap on concurrent requests) and a render-pool turn. A batch keeps every gate full. With FIFO gates an
+olmocr-service job's page waited behind the batch pages queued before it, at each gate in turn; with
+these, it waits only for the first slot to come free (measured: bench/service.py, "a one-page job during a
+batch").
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+
+
+class PriorityGate:
+    """``asyncio.Semaphore``'s ``acquire``/``release``/``async with``, where a waiter for which ``urgent()``
+    is true when it starts waiting goes before every waiter for which it is false (FIFO within each)."""
+
+    def __init__(self, value: int, urgent: Callable[[], bool] = lambda: False) -> None:
+        if value < 1:
+            raise ValueError(f"a gate needs at least one slot, not {value}")
+        self._value = value
+        self._urgent = urgent
+        self._waiters: tuple[deque[asyncio.Future[None]], deque[asyncio.Future[None]]] = (deque(), deque())
+
+    def locked(self) -> bool:
+        return self._value == 0
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for q in self._waiters for f in q if not f.done())
+
+    async def acquire(self) -> bool:
+        if self._value > 0 and not self.waiting:
+            self._value -= 1
+            return True
+        queue = self._waiters[0 if self._urgent() else 1]
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue.append(turn)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():  # given the slot, then cancelled: pass it on
+                self.release()
+            else:
+                try:
+                    queue.remove(turn)
+                except ValueError:
+                    pass
+            raise
+        return True
+
+    def release(self) -> None:
+        """Hand the slot to the first urgent waiter, else the first other waiter, else keep it free."""
+        for queue in self._waiters:
+            while queue:
+                turn = queue.popleft()
+                if not turn.done():
+                    turn.set_result(None)
+                    return
+        self._value += 1
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
