@@ -254,11 +254,9 @@ class Service:
         unwatch = watch(record["item"], lambda: loop.call_soon_threadsafe(completed.set)) if watch else None
         try:
             while True:
-                status = await asyncio.to_thread(self.store.status, record)
-                if status["state"] in FINISHED or time.monotonic() >= deadline:
-                    break
                 # Until the job's own item is done, one read of its done flag per poll (the whole status is a
                 # dozen reads): polls can then be close together, and the answer follows the flag within ~10 ms.
+                # The job was queued just now: no status read before its item is done.
                 while time.monotonic() < deadline:
                     try:
                         await asyncio.wait_for(completed.wait(), min(pause, max(0.0, deadline - time.monotonic())))
@@ -269,6 +267,9 @@ class Service:
                     pause = min(0.5, pause * 1.2)
                     if await asyncio.to_thread(self.store.item_done, record):
                         break
+                status = await asyncio.to_thread(self.store.status, record)
+                if status["state"] in FINISHED or time.monotonic() >= deadline:
+                    break
         finally:
             if unwatch is not None:
                 unwatch()
