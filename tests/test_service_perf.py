@@ -59,6 +59,57 @@ def test_an_urgent_waiter_goes_before_every_queued_one() -> None:
     assert asyncio.run(scenario()) == ["job", *(f"batch-{i}" for i in range(5))]
 
 
+def test_while_held_only_urgent_waiters_get_a_slot() -> None:
+    """``hold()`` (an interactive item in progress): a batch waiter waits even for a free slot, a job's goes
+    at once; on ``resume()`` the batch waiter gets its slot."""
+
+    async def scenario() -> list[str]:
+        held, urgent = {"on": True}, {"now": False}
+        gate = PriorityGate(2, lambda: urgent["now"], hold=lambda: held["on"])
+        order: list[str] = []
+
+        async def take(name: str) -> None:
+            async with gate:
+                order.append(name)
+
+        batch = asyncio.create_task(take("batch"))
+        await asyncio.sleep(0.05)
+        assert order == []
+        urgent["now"] = True
+        job = asyncio.create_task(take("job"))
+        await asyncio.sleep(0)
+        urgent["now"] = False
+        await asyncio.wait_for(job, 5)
+        held["on"] = False
+        gate.resume()
+        await asyncio.wait_for(batch, 5)
+        return order
+
+    assert asyncio.run(scenario()) == ["job", "batch"]
+
+
+def test_no_batch_render_starts_while_an_interactive_item_runs(tmp_path: Path) -> None:
+    """The renderer holds batch renders back while an interactive item is in progress, and lets them go
+    when it ends."""
+    from olmocr.pipeline.pages.render import Renderer
+
+    book = write_text_pdf(tmp_path / "book.pdf", ["Batch page one", "Batch page two"])
+
+    async def scenario() -> None:
+        renderer = Renderer(1)
+        try:
+            await renderer.render(str(book), "pdf", 1, 400)  # the worker is up
+            with renderer.interactive():
+                batch = asyncio.create_task(renderer.render(str(book), "pdf", 2, 400))
+                await asyncio.sleep(1.5)
+                assert not batch.done()
+            await asyncio.wait_for(batch, 60)
+        finally:
+            renderer.close()
+
+    asyncio.run(scenario())
+
+
 def test_an_interactive_page_renders_before_queued_batch_renders(tmp_path: Path) -> None:
     """One render process, 12 batch pages queued: a job's page (urgent) starts as soon as the process is
     free, not after the 12 (the pool's own queue is first come, first served)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -147,7 +148,8 @@ class Runner:
         INTERACTIVE.set(item.priority)  # service2 (#32): this task's pages carry the interactive priority
         done = False
         try:
-            await self._do_item(item, {} if finished is None else finished)
+            with self.renderer.interactive() if item.priority else contextlib.nullcontext():  # svc-perf (#32)
+                await self._do_item(item, {} if finished is None else finished)
             done = True
         finally:
             self.progress.close_item(pages, done=done)
