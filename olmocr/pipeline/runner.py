@@ -10,6 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 from olmocr.exit_codes import STATUS_BUDGET
@@ -43,6 +44,8 @@ IDLE_LOG_EVERY_S = 30.0
 MAX_CLAIM_BACKOFF_S = 30.0
 #: --follow: priority-lane items (olmocr-service jobs) the lane worker runs side by side, at most.
 LANE_ITEMS = 64
+#: What a claim that failed (and paused) returns.
+CLAIM_FAILED = object()
 
 
 @dataclass(frozen=True)
@@ -248,22 +251,25 @@ class Runner:
     def _idle_wait(self) -> float:
         return min(10.0, max(1.0, self.config.lease_seconds / 4))
 
-    async def _claim_failed(self, worker_id: int, exc: Exception, errors_in_a_row: int) -> None:
-        """The workspace failed beyond the S3 client's retries: say so, pause longer each time in a row."""
-        pause = min(MAX_CLAIM_BACKOFF_S, 2.0 ** errors_in_a_row)
-        logger.warning("worker %d: cannot claim work (%s: %s); retrying in %.0fs", worker_id,
-                       type(exc).__name__, exc, pause)
-        await self._pause(pause)
+    async def _claim_or_pause(self, worker_id: int, claim: Callable[[], Awaitable[Any]],
+                              errors_in_a_row: int) -> tuple[Any, int]:
+        """``(claim(), 0)``; or, when the workspace failed beyond the S3 client's retries, ``(CLAIM_FAILED,
+        errors in a row)`` after saying so and pausing longer each time in a row."""
+        try:
+            return await claim(), 0
+        except Exception as exc:  # noqa: BLE001 - retried after the pause
+            errors_in_a_row += 1
+            pause = min(MAX_CLAIM_BACKOFF_S, 2.0 ** errors_in_a_row)
+            logger.warning("worker %d: cannot claim work (%s: %s); retrying in %.0fs", worker_id,
+                           type(exc).__name__, exc, pause)
+            await self._pause(pause)
+            return CLAIM_FAILED, errors_in_a_row
 
     async def _worker(self, worker_id: int) -> None:
         errors_in_a_row = 0
         while not self.stop.requested:
-            try:
-                item = await self._claim()
-                errors_in_a_row = 0
-            except Exception as exc:  # noqa: BLE001 - the workspace failed beyond the S3 client's retries
-                errors_in_a_row += 1
-                await self._claim_failed(worker_id, exc, errors_in_a_row)
+            item, errors_in_a_row = await self._claim_or_pause(worker_id, self._claim, errors_in_a_row)
+            if item is CLAIM_FAILED:
                 continue
             if item is False:
                 return
@@ -304,12 +310,9 @@ class Runner:
                     continue
                 if self.config.follow_wake is not None:
                     self.config.follow_wake.clear()  # set again by a job added from now on
-                try:
-                    items = await asyncio.to_thread(self._claim_lane, LANE_ITEMS - len(running))
-                    errors_in_a_row = 0
-                except Exception as exc:  # noqa: BLE001 - the workspace failed beyond the S3 client's retries
-                    errors_in_a_row += 1
-                    await self._claim_failed(worker_id, exc, errors_in_a_row)
+                items, errors_in_a_row = await self._claim_or_pause(
+                    worker_id, lambda: asyncio.to_thread(self._claim_lane, LANE_ITEMS - len(running)), errors_in_a_row)
+                if items is CLAIM_FAILED:
                     continue
                 for item in items:
                     if self.stop.requested:  # the stop came while we were claiming: hand it straight back
