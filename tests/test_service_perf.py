@@ -12,8 +12,11 @@ import json
 import re
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import pytest
 
 from olmocr.pipeline.gates import PriorityGate
 from olmocr.pipeline.workspace.queue import PRIORITY_INDEX_KEY, WorkItem, decode_index, done_key
@@ -25,6 +28,19 @@ from tests.test_service import one_page_pdfs, running_service
 from tests.waiting import wait_for
 
 # ---- the gates --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def render_pool() -> Iterator[None]:
+    """A render pool in this process starts multiprocessing's resource tracker: stop it afterwards if this
+    test started it (tests that check for stray child processes may share this process)."""
+    from multiprocessing import resource_tracker
+
+    tracker = resource_tracker._resource_tracker
+    running = tracker._pid is not None
+    yield
+    if not running and tracker._pid is not None:
+        tracker._stop()
 
 
 def test_an_urgent_waiter_goes_before_every_queued_one() -> None:
@@ -88,7 +104,7 @@ def test_while_held_only_urgent_waiters_get_a_slot() -> None:
     assert asyncio.run(scenario()) == ["job", "batch"]
 
 
-def test_no_batch_render_starts_while_an_interactive_item_runs(tmp_path: Path) -> None:
+def test_no_batch_render_starts_while_an_interactive_item_runs(tmp_path: Path, render_pool: None) -> None:
     """The renderer holds batch renders back while an interactive item is in progress, and lets them go
     when it ends."""
     from olmocr.pipeline.pages.render import Renderer
@@ -110,7 +126,7 @@ def test_no_batch_render_starts_while_an_interactive_item_runs(tmp_path: Path) -
     asyncio.run(scenario())
 
 
-def test_an_interactive_page_renders_before_queued_batch_renders(tmp_path: Path) -> None:
+def test_an_interactive_page_renders_before_queued_batch_renders(tmp_path: Path, render_pool: None) -> None:
     """One render process, 12 batch pages queued: a job's page (urgent) starts as soon as the process is
     free, not after the 12 (the pool's own queue is first come, first served)."""
     from olmocr.pipeline.pages.render import Renderer
