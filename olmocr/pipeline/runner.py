@@ -366,6 +366,9 @@ class Runner:
             # early stop (nearly every page failed the same way) keeps nothing: those outcomes are the broken
             # server's, and the whole item waits for the run after the fix.
             work.cancel()
+            # svc-perf (#32): let the cancel reach every page first; a page answered meanwhile is then in its
+            # document's partial pages (kept), not lost between the snapshot below and the cancel.
+            await asyncio.wait({work}, timeout=5)
             if self.failing.is_set():
                 await asyncio.to_thread(self._release_quietly, item)
             else:
