@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 from olmocr.exit_codes import STATUS_BUDGET, STATUS_OK
 from olmocr.pipeline import defaults
 from olmocr.pipeline.errors import LeaseLost, NoInput, ServerNotReady
+from olmocr.pipeline.gates import PriorityGate
 from olmocr.pipeline.pages.documents import DocOutcome, DocumentProcessor, failure
 from olmocr.pipeline.pages.output import dolma_jsonl, markdown_files
 from olmocr.pipeline.pages.page import INTERACTIVE, MAX_TOKENS, PageProcessor, PageSettings, admission_priority
@@ -60,6 +63,10 @@ def keep_by(renewed_at: float, lease: float) -> float:
     fails here), and the writes get a twelfth of the lease on top (25 s of the default 300 s lease)."""
     margin = min(5.0, lease / 10) + AGE_RESOLUTION_S  # WorkQueue._hold_for's margin
     return renewed_at + lease - lease / 3 - margin - lease / 12
+#: --follow: priority-lane items (olmocr-service jobs) the lane worker runs side by side, at most.
+LANE_ITEMS = 64
+#: What a claim that failed (and paused) returns.
+CLAIM_FAILED = object()
 
 
 @dataclass(frozen=True)
@@ -95,7 +102,8 @@ class PipelineConfig:
     pdf_profile: str | None = None
     # ---- --follow (olmocr.service): keep running and take new items as they arrive
     follow: bool = False
-    #: Set (then cleared) by whoever adds items in this process: idle workers claim at once instead of polling.
+    #: Set by whoever adds priority items in this process (olmocr-service): the lane worker claims at once
+    #: instead of polling. The lane worker clears it before each claim round (a job added meanwhile is not lost).
     follow_wake: asyncio.Event | None = field(default=None, compare=False, repr=False)
     # ---- end --follow
     #: --wait_for_queue: seconds to wait for another process to fill an empty workspace's queue (0: do not wait)
@@ -141,14 +149,15 @@ class Runner:
         self.progress = Progress(fail_fast=FailFast.from_env(), on_fail_fast=self._fail_fast)
         self.failing = asyncio.Event()  # set when nearly every early page failed the same way (FailFast)
         self.failure: str | None = None  # why the run failed (exit 1), one line
-        self.renderer = Renderer(config.render_processes, config.render_timeout)
+        # svc-perf (#32): an interactive item's renders and pages go before queued batch ones (gates.py)
+        self.renderer = Renderer(config.render_processes, config.render_timeout, urgent=INTERACTIVE.get)
         self.stop.on_hard_exit(self.renderer.kill_now)
         settings = PageSettings(config.target_longest_image_dim, config.max_page_retries, config.max_model_len,
                                 config.guided_decoding, priority=config.priority, max_tokens=max_tokens,
                                 guided_field=guided_field)
         pages = PageProcessor(self.renderer, fleet, settings, self.progress)
         # Pages in flight: enough to keep every request slot busy plus a render lookahead.
-        page_slots = asyncio.Semaphore(config.max_concurrent_requests + 4 * self.renderer.processes)
+        page_slots = PriorityGate(config.max_concurrent_requests + 4 * self.renderer.processes, INTERACTIVE.get)
         self.documents = DocumentProcessor(self.renderer, pages, page_slots, config.max_page_error_rate,
                                            config.apply_filter, storage=storage)
         self.active: set[str] = set()
@@ -176,7 +185,8 @@ class Runner:
         cancel = watch_cancel(self.storage, item.paths)  # svc-jobs (#32): a cancelled job's pages not started drop
         done = False
         try:
-            await self._do_item(item, {} if finished is None else finished)
+            with self.renderer.interactive() if item.priority else contextlib.nullcontext():  # svc-perf (#32)
+                await self._do_item(item, {} if finished is None else finished)
             done = True
         finally:
             cancel.cancel()
@@ -257,10 +267,10 @@ class Runner:
                            retry_after)
             next_at = time.monotonic() + retry_after
 
-    async def _claim(self, priority_only: bool = False) -> WorkItem | None | bool:
+    async def _claim(self) -> WorkItem | None | bool:
         """A claimed item, None if nothing is claimable now, False if there is nothing left to do."""
-        item = await asyncio.to_thread(self.queue.claim, priority_only)
-        if item is not None or priority_only:
+        item = await asyncio.to_thread(self.queue.claim)
+        if item is not None:
             return item
         counts = await asyncio.to_thread(self.queue.counts)
         others = counts.get("leased", 0) - len(self.active)
@@ -268,38 +278,43 @@ class Runner:
             return False
         return None
 
-    async def _pause(self, seconds: float, wake_on_item: bool = False) -> None:
-        """Sleep ``seconds``, or less if a stop is requested (or, optionally, one of our items finishes)."""
+    async def _pause(self, seconds: float, wake_on_item: bool = False, wake_on_new: bool = False) -> None:
+        """Sleep ``seconds``, or less if a stop is requested (or, optionally, one of our items finishes, or
+        ``follow_wake`` says priority items were added in this process: the lane worker)."""
         waits = [asyncio.ensure_future(self.stop.event.wait())]
-        new_items = None
         if wake_on_item:
             self.item_finished.clear()
             waits.append(asyncio.ensure_future(self.item_finished.wait()))
-            if self.config.follow_wake is not None:  # --follow: new items in this process
-                new_items = asyncio.ensure_future(self.config.follow_wake.wait())
-                waits.append(new_items)
+        if wake_on_new and self.config.follow_wake is not None:
+            waits.append(asyncio.ensure_future(self.config.follow_wake.wait()))
         try:
             await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for w in waits:
                 w.cancel()
-        if new_items is not None and new_items.done() and not new_items.cancelled():
-            # Items were just added here: read the index now, not at its next periodic check.
-            await asyncio.to_thread(self.queue.refresh_index)
 
-    async def _worker(self, worker_id: int, priority_only: bool = False) -> None:
-        idle_wait = min(10.0, max(1.0, self.config.lease_seconds / 4))
+    def _idle_wait(self) -> float:
+        return min(10.0, max(1.0, self.config.lease_seconds / 4))
+
+    async def _claim_or_pause(self, worker_id: int, claim: Callable[[], Awaitable[Any]],
+                              errors_in_a_row: int) -> tuple[Any, int]:
+        """``(claim(), 0)``; or, when the workspace failed beyond the S3 client's retries, ``(CLAIM_FAILED,
+        errors in a row)`` after saying so and pausing longer each time in a row."""
+        try:
+            return await claim(), 0
+        except Exception as exc:  # noqa: BLE001 - retried after the pause
+            errors_in_a_row += 1
+            pause = min(MAX_CLAIM_BACKOFF_S, 2.0 ** errors_in_a_row)
+            logger.warning("worker %d: cannot claim work (%s: %s); retrying in %.0fs", worker_id,
+                           type(exc).__name__, exc, pause)
+            await self._pause(pause)
+            return CLAIM_FAILED, errors_in_a_row
+
+    async def _worker(self, worker_id: int) -> None:
         errors_in_a_row = 0
         while not self.stop.requested:
-            try:
-                item = await self._claim(priority_only)
-                errors_in_a_row = 0
-            except Exception as exc:  # noqa: BLE001 - the workspace failed beyond the S3 client's retries
-                errors_in_a_row += 1
-                pause = min(MAX_CLAIM_BACKOFF_S, 2.0 ** errors_in_a_row)
-                logger.warning("worker %d: cannot claim work (%s: %s); retrying in %.0fs", worker_id,
-                               type(exc).__name__, exc, pause)
-                await self._pause(pause)
+            item, errors_in_a_row = await self._claim_or_pause(worker_id, self._claim, errors_in_a_row)
+            if item is CLAIM_FAILED:
                 continue
             if item is False:
                 return
@@ -308,18 +323,66 @@ class Runner:
                 # (a dead worker's item becomes claimable when its lease expires).
                 if not self.active:
                     await self._say_why_idle()
-                await self._pause(idle_wait, wake_on_item=True)
+                await self._pause(self._idle_wait(), wake_on_item=True)
                 continue
             assert isinstance(item, WorkItem)
             if self.stop.requested:  # the stop came while we were claiming: hand it straight back
                 await asyncio.to_thread(self._release_quietly, item)
                 return
-            self.active.add(item.hash)
-            try:
-                await self._run_item(worker_id, item)
-            finally:
-                self.active.discard(item.hash)
+            await self._run_own(worker_id, item)
+
+    async def _run_own(self, worker_id: int, item: WorkItem, wake_workers: bool = True) -> None:
+        self.active.add(item.hash)
+        try:
+            await self._run_item(worker_id, item)
+        finally:
+            self.active.discard(item.hash)
+            if wake_workers:  # idle workers waiting for one of ours (not for the lane worker's jobs)
                 self.item_finished.set()
+
+    # --- svc-perf (#32): the lane worker claims every free priority item in one round ---
+    async def _lane_worker(self, worker_id: int) -> None:
+        """``--follow``: the priority lane's items (olmocr-service jobs, a page or a few each) are claimed as
+        many at a time as are free, up to :data:`LANE_ITEMS` in progress, and run side by side. One item per
+        worker left jobs queued behind busy workers (50 clients, 20 workers), and every idle worker raced for
+        each new job."""
+        running: set[asyncio.Task[None]] = set()
+        errors_in_a_row = 0
+        try:
+            while not self.stop.requested:
+                if len(running) >= LANE_ITEMS:
+                    await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                if self.config.follow_wake is not None:
+                    self.config.follow_wake.clear()  # set again by a job added from now on
+                items, errors_in_a_row = await self._claim_or_pause(
+                    worker_id, lambda: asyncio.to_thread(self._claim_lane, LANE_ITEMS - len(running)), errors_in_a_row)
+                if items is CLAIM_FAILED:
+                    continue
+                for item in items:
+                    if self.stop.requested:  # the stop came while we were claiming: hand it straight back
+                        await asyncio.to_thread(self._release_quietly, item)
+                        continue
+                    task = asyncio.create_task(self._run_own(worker_id, item, wake_workers=False))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if not items:
+                    await self._pause(self._idle_wait(), wake_on_new=True)
+            if running:  # a graceful stop: they finish (or are cancelled below, and hand their work back)
+                await asyncio.wait(running)
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+
+    def _claim_lane(self, limit: int) -> list[WorkItem]:
+        """One claim round of the priority lane: up to ``limit`` items. The lane is read at most every
+        INDEX_CHECK_SECONDS; the service's own submits are in its cache already (it shares this queue)."""
+        items: list[WorkItem] = []
+        while len(items) < limit and (item := self.queue.claim(priority_only=True)) is not None:
+            items.append(item)
+        return items
+    # --- end svc-perf ---
 
     async def _say_why_idle(self) -> None:
         """With nothing of its own in progress, the pipeline says who holds the items it waits for (at most
@@ -348,6 +411,9 @@ class Runner:
             # early stop (nearly every page failed the same way) keeps nothing: those outcomes are the broken
             # server's, and the whole item waits for the run after the fix.
             work.cancel()
+            # svc-perf (#32): let the cancel reach every page first; a page answered meanwhile is then in its
+            # document's partial pages (kept), not lost between the snapshot below and the cancel.
+            await asyncio.wait({work}, timeout=5)
             if self.failing.is_set():
                 await asyncio.to_thread(self._release_quietly, item)
             else:
@@ -422,8 +488,8 @@ class Runner:
             detail=self._server_detail))
         workers = [asyncio.create_task(self._worker(i)) for i in range(max(1, self.config.workers))]
         if self.config.follow:  # service2 (#32): one more worker, for the priority lane only (jobs never wait
-            # for a batch item to finish)
-            workers.append(asyncio.create_task(self._worker(len(workers), priority_only=True)))
+            # for a batch item to finish); it runs many lane items at once (svc-perf)
+            workers.append(asyncio.create_task(self._lane_worker(len(workers))))
         try:
             stop_wait = asyncio.create_task(self.stop.event.wait())
             fail_wait = asyncio.create_task(self.failing.wait())
@@ -516,9 +582,11 @@ ServerProvider = Callable[[Callable[[], Awaitable[int]], StopRequest], Awaitable
 
 
 async def run_pipeline(config: PipelineConfig, stop: StopRequest | None = None,
-                       server: ServerProvider | None = None) -> int:
+                       server: ServerProvider | None = None, queue: WorkQueue | None = None) -> int:
     """Run to completion (or until ``stop`` is requested: then exit 0); returns the process exit status.
-    With ``server``, the server is started by it, only once there is work to do (internal mode)."""
+    With ``server``, the server is started by it, only once there is work to do (internal mode). ``queue``:
+    the workspace's queue, shared with the caller (olmocr-service: its submits are claimable at once, and
+    it sees its jobs' items completed); by default one of its own."""
     stop = stop or StopRequest()
     # Storage calls (claims, lease renewals, result uploads) run in threads; give them enough that a slow
     # upload never delays a lease renewal.
@@ -526,8 +594,10 @@ async def run_pipeline(config: PipelineConfig, stop: StopRequest | None = None,
         ThreadPoolExecutor(max_workers=max(32, config.workers * 2 + 8), thread_name_prefix="olmocr-io")
     )
     set_input_profile(config.pdf_profile)
-    storage = open_storage(config.workspace, profile=config.workspace_profile)
-    queue = WorkQueue(storage, lease_seconds=config.lease_seconds)
+    if queue is None:
+        queue = WorkQueue(open_storage(config.workspace, profile=config.workspace_profile),
+                          lease_seconds=config.lease_seconds)
+    storage = queue.storage
     found = None
     if config.pdfs:
         found = await asyncio.to_thread(populate, queue, config.pdfs, config.pages_per_group)

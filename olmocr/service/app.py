@@ -28,7 +28,7 @@ from olmocr.service.intake import (
     read_named,
     too_large,
 )
-from olmocr.service.jobs import FINISHED, STATES, Document, JobStore, new_job_id, token_key
+from olmocr.service.jobs import FINISHED, INFLIGHT, STATES, Document, JobStore, new_job_id, token_key
 from olmocr.service.sweep import sweep_context
 
 logger = logging.getLogger("olmocr.service")
@@ -216,7 +216,8 @@ class Service:
         # in-flight marker) is written: concurrent submits to this replica never pass the limit together. It is
         # given back under the lock too, so a check's listing never misses both a job's marker and its reservation.
         async with self._admit:
-            live = len(await asyncio.to_thread(self.store.in_flight, token)) + self._reserved.get(token, 0)
+            reserved = self._reserved.get(token, 0)
+            live = reserved + len(await asyncio.to_thread(self._in_flight, token, limits.max_jobs_in_flight - reserved))
             if live >= limits.max_jobs_in_flight:
                 raise ServiceError(429, "too_many_jobs", f"{live} jobs of this token are unfinished, the limit is "
                                    f"{limits.max_jobs_in_flight} (OLMOCR_SERVICE_MAX_JOBS_IN_FLIGHT): wait for one "
@@ -247,11 +248,18 @@ class Service:
                     sum(d.pages for d in docs), source)
         return record
 
+    def _in_flight(self, token: str, limit: int) -> list[str]:
+        """The token's unfinished jobs, as far as the limit needs them: fewer markers than the limit (one
+        listing) cannot reach it, and only then is each job read (two or three reads each: 100 reads a submit
+        with 50 jobs in flight)."""
+        markers = self.storage.list(f"{INFLIGHT}{token}/")
+        return markers if len(markers) < limit else self.store.in_flight(token)
+
     def _wake_workers(self) -> None:
-        """Idle embedded workers claim the new item now instead of at their next poll."""
+        """The embedded lane worker claims the new item now instead of at its next poll (it clears the event
+        before each claim round, so a job submitted while it claims is not missed)."""
         if self.config.wake is not None:
             self.config.wake.set()
-            self.config.wake.clear()
 
     async def post_job(self, request: web.Request) -> web.Response:
         record = await self._submit(request)
@@ -267,17 +275,32 @@ class Service:
         self._wake_workers()
         deadline = time.monotonic() + timeout
         pause = 0.01
-        while True:
-            status = await asyncio.to_thread(self.store.status, record)
-            if status["state"] in FINISHED or time.monotonic() >= deadline:
-                break
-            # Until the job's own item is done, one read of its done flag per poll (the whole status is a
-            # dozen reads): polls can then be close together, and the answer follows the flag within ~10 ms.
-            while time.monotonic() < deadline:
-                await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-                pause = min(0.5, pause * 1.2)
-                if await asyncio.to_thread(self.store.item_done, record):
+        # Completed by this process's workers: woken at once. By another process: found by polling.
+        completed = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        watch = getattr(self.queue, "watch", None)
+        unwatch = watch(record["item"], lambda: loop.call_soon_threadsafe(completed.set)) if watch else None
+        try:
+            while True:
+                # Until the job's own item is done, one read of its done flag per poll (the whole status is a
+                # dozen reads): polls can then be close together, and the answer follows the flag within ~10 ms.
+                # The job was queued just now: no status read before its item is done.
+                while time.monotonic() < deadline:
+                    try:
+                        await asyncio.wait_for(completed.wait(), min(pause, max(0.0, deadline - time.monotonic())))
+                        completed.clear()
+                        break
+                    except TimeoutError:
+                        pass
+                    pause = min(0.5, pause * 1.2)
+                    if await asyncio.to_thread(self.store.item_done, record):
+                        break
+                status = await asyncio.to_thread(self.store.status, record)
+                if status["state"] in FINISHED or time.monotonic() >= deadline:
                     break
+        finally:
+            if unwatch is not None:
+                unwatch()
         if status["state"] not in FINISHED:
             status["message"] = (f"not finished within {timeout:g} s; the job goes on: poll "
                                  f"/v1/jobs/{record['id']}")

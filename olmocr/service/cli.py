@@ -143,19 +143,22 @@ async def serve(workspace: str, host: str, port: int, token: str | None, roots, 
     from olmocr.endpoints import start_app
     from olmocr.pipeline.runner import run_pipeline
     from olmocr.pipeline.stopping import StopRequest
-    from olmocr.pipeline.workspace.queue import WorkQueue
     from olmocr.pipeline.workspace.storage import open_storage
     from olmocr.service.app import Service, ServiceConfig
+    from olmocr.service.lane import ServiceQueue
 
     stop = StopRequest()
     stop.install(asyncio.get_running_loop())
     storage = open_storage(workspace)
     config = ServiceConfig(limits=limits, roots=roots, token=token)
+    # One queue for the routes and the embedded workers: a submit is in the workers' view of the lane at once,
+    # and a job's item completed here wakes its /v1/convert at once (olmocr/service/lane.py).
+    queue = ServiceQueue(storage, **({"lease_seconds": pipeline_config.lease_seconds} if pipeline_config else {}))
     if pipeline_config is not None:
         config.wake = asyncio.Event()
         pipeline_config = dataclasses.replace(pipeline_config, follow_wake=config.wake)
-        config.workers = asyncio.create_task(run_pipeline(pipeline_config, stop))
-    service = Service(storage, WorkQueue(storage), config)
+        config.workers = asyncio.create_task(run_pipeline(pipeline_config, stop, queue=queue))
+    service = Service(storage, queue, config)
     try:
         runner = await start_app(service.app(), host, port)
     except BaseException:

@@ -23,9 +23,10 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ import pybase64
 from pebble import ProcessExpired, ProcessPool
 
 from olmocr.pipeline.errors import RenderError
+from olmocr.pipeline.gates import PriorityGate
 
 logger = logging.getLogger(__name__)
 
@@ -399,9 +401,18 @@ class Renderer:
     ``timeout`` bounds every job (see the module docstring); ``None`` or 0 means no limit.
     """
 
-    def __init__(self, processes: int | None = None, timeout: float | None = DEFAULT_RENDER_TIMEOUT_S) -> None:
+    def __init__(self, processes: int | None = None, timeout: float | None = DEFAULT_RENDER_TIMEOUT_S,
+                 urgent: Callable[[], bool] = lambda: False) -> None:
         self.processes = processes or default_render_processes()
         self.timeout = timeout if timeout and timeout > 0 else None
+        # svc-perf (#32): jobs go to the pool one more than it has workers (no worker waits for the next
+        # job); the rest wait here, where a job for which ``urgent()`` is true (an olmocr-service job's
+        # page) goes before every queued one. The pool's own queue is FIFO: a job's page waited behind
+        # every batch render queued before it. While an interactive item is in progress (:meth:`interactive`)
+        # no other render starts: the batch's renders run ahead of the server (its requests in flight keep
+        # the server busy meanwhile) and took the CPU the job's own work needs.
+        self._interactive = 0
+        self._turns = PriorityGate(self.processes + 1, urgent, hold=lambda: self._interactive > 0)
         self.timed_out = 0  # jobs stopped by the time limit
         self.crashed = 0  # jobs whose worker died
         self._pool = self._new_pool()
@@ -420,7 +431,22 @@ class Renderer:
             old.stop()
         return self._pool.schedule(fn, args=args, timeout=self.timeout)
 
+    @contextmanager
+    def interactive(self) -> Iterator[None]:
+        """Around an interactive item: only urgent renders start until it ends."""
+        self._interactive += 1
+        try:
+            yield
+        finally:
+            self._interactive -= 1
+            if not self._interactive:
+                self._turns.resume()
+
     async def _call(self, what: str, fn: Any, *args: Any) -> Any:
+        async with self._turns:
+            return await self._call_now(what, fn, *args)
+
+    async def _call_now(self, what: str, fn: Any, *args: Any) -> Any:
         for attempt in range(2):
             future = self._schedule(fn, args)
             try:
