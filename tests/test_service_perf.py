@@ -43,6 +43,66 @@ def render_pool() -> Iterator[None]:
         tracker._stop()
 
 
+def test_an_urgent_waiter_borrows_a_slot_of_the_reserve_when_the_gate_is_full() -> None:
+    """A gate full of batch pages: an interactive page takes a reserve slot at once (it queues at the server,
+    which schedules by priority, not behind a batch page); a third urgent waiter beyond the reserve waits;
+    slots freed pay the reserve back before a batch waiter gets one, so the gate's total stays bounded."""
+
+    async def scenario() -> list[str]:
+        urgent = {"now": False}
+        gate = PriorityGate(1, lambda: urgent["now"], reserve=2)
+        order: list[str] = []
+
+        async def take(name: str, hold: float) -> None:
+            async with gate:
+                order.append(name)
+                await asyncio.sleep(hold)
+
+        await gate.acquire()  # a batch page holds the one slot
+        batch = asyncio.create_task(take("batch", 0))
+        await asyncio.sleep(0)
+        urgent["now"] = True
+        jobs = [asyncio.create_task(take(f"job-{i}", 0.05)) for i in range(3)]
+        await asyncio.sleep(0)
+        urgent["now"] = False
+        assert order == ["job-0", "job-1"], order  # two borrowed at once, the third waits
+        gate.release()  # the batch page finishes: its slot goes to the third job, not to the batch waiter
+        await asyncio.sleep(0)
+        assert order == ["job-0", "job-1", "job-2"], order
+        await asyncio.gather(*jobs, batch)
+        assert not gate.locked() and gate.waiting == 0
+        return order
+
+    assert asyncio.run(scenario()) == ["job-0", "job-1", "job-2", "batch"]
+
+    async def behind_a_queue() -> list[str]:
+        """Batch waiters always queued: the reserve is paid back all the same, so the next job borrows again."""
+        urgent = {"now": False}
+        gate = PriorityGate(1, lambda: urgent["now"], reserve=1)
+        order: list[str] = []
+
+        async def take(name: str, hold: float) -> None:
+            async with gate:
+                order.append(name)
+                await asyncio.sleep(hold)
+
+        await gate.acquire()
+        batch = [asyncio.create_task(take(f"batch-{i}", 0.2)) for i in range(3)]
+        await asyncio.sleep(0)
+        urgent["now"] = True
+        await asyncio.create_task(take("job-0", 0))  # borrowed, done: the slot goes back to the reserve
+        urgent["now"] = True
+        second = asyncio.create_task(take("job-1", 0))
+        await asyncio.sleep(0)
+        urgent["now"] = False
+        seen = list(order)
+        gate.release()
+        await asyncio.gather(second, *batch)
+        return seen
+
+    assert asyncio.run(behind_a_queue()) == ["job-0", "job-1"]
+
+
 def test_an_urgent_waiter_goes_before_every_queued_one() -> None:
     """A gate full of batch work: the urgent waiter that comes last gets the next free slot; a cancelled
     waiter's turn is not lost."""

@@ -13,21 +13,30 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 
+#: Slots interactive pages may take beyond a full page-slot or request-slot gate (PriorityGate's reserve).
+INTERACTIVE_RESERVE = 16
+
 
 class PriorityGate:
     """``asyncio.Semaphore``'s ``acquire``/``release``/``async with``, where a waiter for which ``urgent()``
     is true when it starts waiting goes before every waiter for which it is false (FIFO within each).
 
     ``hold()``: while true, only urgent waiters get a slot (the others wait, even for a free one); call
-    :meth:`resume` when it turns false."""
+    :meth:`resume` when it turns false.
+
+    ``reserve``: urgent waiters may take up to this many slots beyond ``value`` when none is free, so that an
+    interactive page never waits for a batch page to finish (the server, which schedules by priority, is
+    where it should queue). A borrowed slot is paid back before a batch waiter gets one."""
 
     def __init__(self, value: int, urgent: Callable[[], bool] = lambda: False,
-                 hold: Callable[[], bool] = lambda: False) -> None:
+                 hold: Callable[[], bool] = lambda: False, reserve: int = 0) -> None:
         if value < 1:
             raise ValueError(f"a gate needs at least one slot, not {value}")
         self._value = value
         self._urgent = urgent
         self._hold = hold
+        self._reserve = reserve
+        self._borrowed = 0
         self._waiters: tuple[deque[asyncio.Future[None]], deque[asyncio.Future[None]]] = (deque(), deque())
 
     def locked(self) -> bool:
@@ -41,6 +50,9 @@ class PriorityGate:
         urgent = self._urgent()
         if self._value > 0 and not self._live(0) and (urgent or (not self._live(1) and not self._hold())):
             self._value -= 1
+            return True
+        if urgent and self._borrowed < self._reserve:
+            self._borrowed += 1
             return True
         queue = self._waiters[0 if urgent else 1]
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -59,9 +71,14 @@ class PriorityGate:
         return True
 
     def release(self) -> None:
-        """Hand the slot to the first urgent waiter, else the first other waiter (unless held), else keep it
-        free."""
-        if not (self._hand_over(0) or (not self._hold() and self._hand_over(1))):
+        """Hand the slot to the first urgent waiter, else pay back a borrowed slot, else give it to the first
+        other waiter (unless held), else keep it free."""
+        if self._hand_over(0):
+            return
+        if self._borrowed:
+            self._borrowed -= 1
+            return
+        if not (not self._hold() and self._hand_over(1)):
             self._value += 1
 
     def resume(self) -> None:
