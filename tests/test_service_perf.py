@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from olmocr.pipeline.gates import PriorityGate
+from olmocr.pipeline.gates import PriorityGate, interactive_reserve
 from olmocr.pipeline.workspace.queue import PRIORITY_INDEX_KEY, WorkItem, decode_index, done_key
 from olmocr.pipeline.workspace.storage import LocalStorage
 from olmocr.service.lane import ServiceQueue
@@ -41,6 +41,12 @@ def render_pool() -> Iterator[None]:
     yield
     if not running and tracker._pid is not None:
         tracker._stop()
+
+
+def test_the_reserve_never_exceeds_a_small_cap_a_user_set() -> None:
+    """--max_concurrent_requests 1 (a provider's quota) stays 1 for interactive pages too; the default 1,600
+    gets 16 more, 1 %."""
+    assert [interactive_reserve(cap) for cap in (1, 99, 100, 1600, 100_000)] == [0, 0, 1, 16, 16]
 
 
 def test_an_urgent_waiter_borrows_a_slot_of_the_reserve_when_the_gate_is_full() -> None:

@@ -13,8 +13,15 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 
-#: Slots interactive pages may take beyond a full page-slot or request-slot gate (PriorityGate's reserve).
+#: Slots interactive pages may take beyond a full page-slot or request-slot gate (PriorityGate's reserve), at
+#: most: 16 beyond the default 1,600 requests.
 INTERACTIVE_RESERVE = 16
+
+
+def interactive_reserve(cap: int) -> int:
+    """The reserve of a gate of ``cap`` slots: 1 % of it, at most :data:`INTERACTIVE_RESERVE`. A cap a user
+    set small (``--max_concurrent_requests 1`` for a provider's quota) is never exceeded."""
+    return min(INTERACTIVE_RESERVE, cap // 100)
 
 
 class PriorityGate:

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from olmocr.exit_codes import STATUS_BUDGET, STATUS_OK
 from olmocr.pipeline import defaults
 from olmocr.pipeline.errors import LeaseLost, NoInput, ServerNotReady
-from olmocr.pipeline.gates import INTERACTIVE_RESERVE, PriorityGate
+from olmocr.pipeline.gates import PriorityGate, interactive_reserve
 from olmocr.pipeline.pages.documents import DocOutcome, DocumentProcessor, failure
 from olmocr.pipeline.pages.output import dolma_jsonl, markdown_files
 from olmocr.pipeline.pages.page import INTERACTIVE, MAX_TOKENS, PageProcessor, PageSettings, admission_priority
@@ -157,8 +157,8 @@ class Runner:
                                 guided_field=guided_field)
         pages = PageProcessor(self.renderer, fleet, settings, self.progress)
         # Pages in flight: enough to keep every request slot busy plus a render lookahead.
-        page_slots = PriorityGate(config.max_concurrent_requests + 4 * self.renderer.processes, INTERACTIVE.get,
-                                  reserve=INTERACTIVE_RESERVE)
+        cap = config.max_concurrent_requests + 4 * self.renderer.processes
+        page_slots = PriorityGate(cap, INTERACTIVE.get, reserve=interactive_reserve(cap))
         self.documents = DocumentProcessor(self.renderer, pages, page_slots, config.max_page_error_rate,
                                            config.apply_filter, storage=storage)
         self.active: set[str] = set()

@@ -43,7 +43,7 @@ from olmocr.pipeline.errors import (
     ServerNotReady,
     TransportError,
 )
-from olmocr.pipeline.gates import INTERACTIVE_RESERVE, PriorityGate
+from olmocr.pipeline.gates import PriorityGate, interactive_reserve
 from olmocr.pipeline.servers.balance import Server, ServerState, choose, plan_steals
 from olmocr.pipeline.servers.checks import DEFAULT_MAX_TOKENS, STRUCTURED_OUTPUTS, plan_max_tokens
 from olmocr.pipeline.servers.client import MAX_BACKOFF_S, MODEL_NAME, ServerClient, answering_model
@@ -189,7 +189,8 @@ class Fleet:
         self.priority = priority
         self.longest_dim = longest_dim
         self.max_tokens: dict[Server, int] = {}  # what each verified server's context allows
-        self._slots = PriorityGate(max_concurrent_requests, INTERACTIVE.get, reserve=INTERACTIVE_RESERVE)  # svc-perf (#32): interactive first
+        self._slots = PriorityGate(max_concurrent_requests, INTERACTIVE.get,
+                                   reserve=interactive_reserve(max_concurrent_requests))  # svc-perf (#32): interactive first
         self._render_gate = asyncio.Semaphore(max(1, render_lookahead))
         self._interactive_gate = asyncio.Semaphore(max(1, render_lookahead))  # service2 (#32)
         self._changed = asyncio.Event()  # set whenever a server joins the rotation
