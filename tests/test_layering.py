@@ -67,6 +67,15 @@ def test_a_package_does_not_import_the_one_above(package: str, below: str) -> No
                         f"(as olmocr/pipeline/model_prompt.py): {sorted(upward)}")
 
 
+def test_the_pipeline_never_imports_the_service() -> None:
+    """olmocr-service is built on the pipeline (its workers are the pipeline's runner), never the reverse:
+    what a --follow worker needs of a job (its cancel record) lives in olmocr/pipeline/job_cancel.py."""
+    modules = sorted((PACKAGE / "pipeline").rglob("*.py"))
+    upward = {f"{p.relative_to(PACKAGE.parent)}: {name}" for p in modules for name in imports_of(p)
+              if name == "olmocr.service" or name.startswith("olmocr.service.")}
+    assert not upward, f"olmocr/pipeline/ sits below olmocr/service/: {sorted(upward)}"
+
+
 @pytest.mark.parametrize("module, forbidden", [
     ("olmocr.pipeline.servers.serverlist", "olmocr.pipeline.servers.client"),  # pure: the URL helpers are urls.py
     ("olmocr.pipeline.servers.serverlist", "olmocr.pipeline.servers.http"),

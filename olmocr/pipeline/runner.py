@@ -17,6 +17,7 @@ from olmocr.exit_codes import STATUS_BUDGET, STATUS_OK
 from olmocr.pipeline import defaults
 from olmocr.pipeline.errors import LeaseLost, NoInput, ServerNotReady
 from olmocr.pipeline.gates import PriorityGate, interactive_reserve
+from olmocr.pipeline.job_cancel import watch as watch_cancel
 from olmocr.pipeline.pages.documents import DocOutcome, DocumentProcessor, failure
 from olmocr.pipeline.pages.output import dolma_jsonl, markdown_files
 from olmocr.pipeline.pages.page import INTERACTIVE, MAX_TOKENS, PageProcessor, PageSettings, admission_priority
@@ -39,7 +40,6 @@ from olmocr.pipeline.workspace.queue import (
     retry_hash,
 )
 from olmocr.pipeline.workspace.storage import Storage, open_storage
-from olmocr.service.cancel_watch import watch as watch_cancel
 
 logger = logging.getLogger(__name__)
 

@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from olmocr.pipeline.job_cancel import CANCEL_DROPPED_REASON, CANCELLED, SERVICE_PREFIX, UPLOADS
 from olmocr.pipeline.workspace.queue import (
     WorkQueue,
     done_key,
@@ -47,19 +48,14 @@ from olmocr.pipeline.workspace.queue import (
 )
 from olmocr.pipeline.workspace.storage import Storage
 
-PREFIX = "service"
+PREFIX = SERVICE_PREFIX
 JOBS = f"{PREFIX}/jobs/"
-UPLOADS = f"{PREFIX}/uploads/"
-CANCELLED = f"{PREFIX}/cancelled/"
 INFLIGHT = f"{PREFIX}/inflight/"
 #: A job's whole work item: every document in one group, whatever its pages.
 ONE_GROUP = 10**12
 #: Retry items (of retryable failures) a job follows before it reports the failure as final.
 MAX_RETRY_ROUNDS = 2
 CANCEL_REASON = "cancelled before it started"
-#: A document its worker was working when the job was cancelled: its pages not started were not run
-#: (olmocr/service/cancel_watch.py); the record's reason starts with this.
-CANCEL_DROPPED_REASON = "cancelled while it ran: its pages not yet started were dropped"
 STATES = ("queued", "running", "done", "failed", "cancelled")
 FINISHED = frozenset({"done", "failed", "cancelled"})
 _ID = re.compile(r"^[0-9a-f]{24}$")
@@ -297,7 +293,7 @@ class JobStore:
     def cancel(self, record: dict) -> None:
         """Record the cancel; an item no worker holds is leased here and completed at once with every
         document ``cancelled`` (work not started is dropped). A worker holding it sees the record within
-        seconds, drops the pages not started and completes it (olmocr/service/cancel_watch.py). Holding the
+        seconds, drops the pages not started and completes it (olmocr/pipeline/job_cancel.py). Holding the
         lease to complete it, the service never writes an item a worker writes too."""
         job_id = record["id"]
         self.storage.create(f"{CANCELLED}{job_id}.json", json.dumps({"time": self.clock()}).encode())

@@ -10,13 +10,13 @@ import tempfile
 from dataclasses import dataclass
 
 from olmocr.pipeline.errors import RenderError
+from olmocr.pipeline.job_cancel import cancelled_failure, dropped, unless_dropped
 from olmocr.pipeline.pages.output import PageResult, build_dolma_document
 from olmocr.pipeline.pages.page import PageProcessor, PageSource
 from olmocr.pipeline.pages.page_retry import TICKET_MAGIC, retry_pages
 from olmocr.pipeline.pages.render import Renderer, pdf_has_eof_marker
 from olmocr.pipeline.workspace.inputs import read_input, sniff_kind
 from olmocr.pipeline.workspace.storage import Storage
-from olmocr.service.cancel_watch import cancelled_failure, dropped, unless_dropped
 
 logger = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from olmocr.envs import SERVED_MODEL_NAME
 from olmocr.pipeline import defaults
 from olmocr.pipeline.errors import FrontMatterError, RenderError, RequestRejected
+from olmocr.pipeline.job_cancel import check_page_start
 from olmocr.pipeline.model_prompt import PROMPT_V4_YAML
 from olmocr.pipeline.pages.output import FallbackKind, PageResult
 from olmocr.pipeline.pages.prompts import GUIDED_REGEX, PageResponse, parse_page_response
@@ -17,7 +18,6 @@ from olmocr.pipeline.pages.render import Renderer, RenderTimeLimit
 from olmocr.pipeline.progress import Progress
 from olmocr.pipeline.servers.checks import DEFAULT_MAX_TOKENS, STRUCTURED_OUTPUTS, guided_fields
 from olmocr.pipeline.servers.fleet import INTERACTIVE, Fleet
-from olmocr.service.cancel_watch import check_page_start
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ progress** (30 requests a minute per running job; none for batch items, whose pa
 Once the record is seen, a page that has not started (its render, the first thing a page does, has not
 begun) is never run; pages already rendering or at the server finish. Each document whose pages all
 finished is written as usual; each document missing a page is recorded as a failure with
-:data:`~olmocr.service.jobs.CANCEL_DROPPED_REASON` (final, never retried). The item is then completed as
+:data:`CANCEL_DROPPED_REASON` (final, never retried). The item is then completed as
 any item is (results, failure records, done flag: each written once), so no worker does it again, the
 job reads ``cancelled``, and the finished documents' results stay readable.
 
@@ -27,7 +27,15 @@ from contextvars import ContextVar
 from typing import TypeVar
 
 from olmocr.pipeline.workspace.storage import Storage
-from olmocr.service.jobs import CANCEL_DROPPED_REASON, CANCELLED, UPLOADS
+
+#: olmocr-service's part of the workspace (olmocr/service/jobs.py draws its layout). Defined here, below the
+#: service, because the pipeline's workers read the cancel records (the pipeline never imports the service).
+SERVICE_PREFIX = "service"
+UPLOADS = f"{SERVICE_PREFIX}/uploads/"
+CANCELLED = f"{SERVICE_PREFIX}/cancelled/"
+#: A document its worker was working when the job was cancelled: its pages not started were not run; the
+#: record's reason starts with this.
+CANCEL_DROPPED_REASON = "cancelled while it ran: its pages not yet started were dropped"
 
 logger = logging.getLogger("olmocr.pipeline.cancel")  # it runs in the pipeline's workers: their log
 
