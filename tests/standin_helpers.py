@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import random
 import signal
 import socket
 import struct
@@ -27,8 +28,32 @@ VLLM_FLAGS: tuple[str, ...] = (
 )
 
 
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (outgoing connections take their local ports there)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago, below the kernel's ephemeral range.
+
+    A port the kernel hands out for ``bind(0)`` is also one it hands out as the local port of an outgoing
+    connection: a stand-in restarted on its port (a server that comes back) found it taken by some test's
+    client connection ("Address already in use", once in a CI run). Below the range, only a listener can
+    hold it."""
+    low = _ephemeral_low()
+    if low > 11024:
+        rng = random.SystemRandom()
+        for _ in range(200):
+            port = rng.randint(low - 10000, low - 1)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -37,7 +37,7 @@ CANCELLED = f"{SERVICE_PREFIX}/cancelled/"
 #: record's reason starts with this.
 CANCEL_DROPPED_REASON = "cancelled while it ran: its pages not yet started were dropped"
 
-logger = logging.getLogger("olmocr.pipeline.cancel")  # it runs in the pipeline's workers: their log
+logger = logging.getLogger(__name__)  # it runs in the pipeline's workers: their log
 
 #: Seconds between two looks at a running job's cancel record (one HEAD each).
 CANCEL_POLL_S = 2.0
