@@ -12,7 +12,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -49,21 +49,29 @@ def test_the_reserve_never_exceeds_a_small_cap_a_user_set() -> None:
     assert [interactive_reserve(cap) for cap in (1, 99, 100, 1600, 100_000)] == [0, 0, 1, 16, 16]
 
 
+def _recording_gate(reserve: int) -> tuple[PriorityGate, dict[str, bool], list[str],
+                                           Callable[[str, float], Awaitable[None]]]:
+    """A one-slot gate with ``reserve``, its urgency switch, the order slots were taken in, and ``take(name,
+    hold)``: hold a slot for ``hold`` seconds, noting the name when it is had."""
+    urgent = {"now": False}
+    gate = PriorityGate(1, lambda: urgent["now"], reserve=reserve)
+    order: list[str] = []
+
+    async def take(name: str, hold: float) -> None:
+        async with gate:
+            order.append(name)
+            await asyncio.sleep(hold)
+
+    return gate, urgent, order, take
+
+
 def test_an_urgent_waiter_borrows_a_slot_of_the_reserve_when_the_gate_is_full() -> None:
     """A gate full of batch pages: an interactive page takes a reserve slot at once (it queues at the server,
     which schedules by priority, not behind a batch page); a third urgent waiter beyond the reserve waits;
     slots freed pay the reserve back before a batch waiter gets one, so the gate's total stays bounded."""
 
     async def scenario() -> list[str]:
-        urgent = {"now": False}
-        gate = PriorityGate(1, lambda: urgent["now"], reserve=2)
-        order: list[str] = []
-
-        async def take(name: str, hold: float) -> None:
-            async with gate:
-                order.append(name)
-                await asyncio.sleep(hold)
-
+        gate, urgent, order, take = _recording_gate(reserve=2)
         await gate.acquire()  # a batch page holds the one slot
         batch = asyncio.create_task(take("batch", 0))
         await asyncio.sleep(0)
@@ -83,15 +91,7 @@ def test_an_urgent_waiter_borrows_a_slot_of_the_reserve_when_the_gate_is_full() 
 
     async def behind_a_queue() -> list[str]:
         """Batch waiters always queued: the reserve is paid back all the same, so the next job borrows again."""
-        urgent = {"now": False}
-        gate = PriorityGate(1, lambda: urgent["now"], reserve=1)
-        order: list[str] = []
-
-        async def take(name: str, hold: float) -> None:
-            async with gate:
-                order.append(name)
-                await asyncio.sleep(hold)
-
+        gate, urgent, order, take = _recording_gate(reserve=1)
         await gate.acquire()
         batch = [asyncio.create_task(take(f"batch-{i}", 0.2)) for i in range(3)]
         await asyncio.sleep(0)

@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,15 @@ def _docs(tmp_path: Path) -> list[Path]:
     return [write_text_pdf(folder / f"doc{i}.pdf", 2) for i in range(4)]
 
 
+def _two_member_tarball(tmp_path: Path, pdfs: list[Path]) -> Path:
+    """``batch.tar.gz`` holding the first two documents as ``inner/NAME``."""
+    archive = tmp_path / "batch.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for pdf in pdfs[:2]:
+            tar.add(pdf, arcname=f"inner/{pdf.name}")
+    return archive
+
+
 def _assert_every_page_once(workspace: Path, pdfs: list[Path]) -> set[str]:
     """Every page of every document exactly once; returns who produced the documents."""
     assert_every_page_once(workspace, pdfs)
@@ -153,17 +163,12 @@ def test_flag_list_matches_upstream_help(upstream_python: Path, tmp_path: Path) 
 def test_upstream_finishes_a_tarball_item_we_queued(upstream_python: Path, standin, tmp_path: Path) -> None:
     """Issue 29: a tarball is one item in our index, and upstream processes it as its own: the same
     ``ARCHIVE::MEMBER`` names our pipeline gives (tests/test_archives.py)."""
-    import tarfile
-
     from olmocr.pipeline.workspace.inputs import expand_inputs
     from olmocr.pipeline.workspace.queue import WorkQueue
     from olmocr.pipeline.workspace.storage import open_storage
 
     pdfs = _docs(tmp_path)
-    archive = tmp_path / "batch.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        for pdf in pdfs[:2]:
-            tar.add(pdf, arcname=f"inner/{pdf.name}")
+    archive = _two_member_tarball(tmp_path, pdfs)
     ws = tmp_path / "ws"
     paths, problems = expand_inputs([str(archive)])
     assert problems == [] and WorkQueue(open_storage(str(ws))).populate(paths) == 1  # what --pdfs does
@@ -175,16 +180,11 @@ def test_upstream_finishes_a_tarball_item_we_queued(upstream_python: Path, stand
 def test_ours_finishes_a_tarball_item_upstream_queued(upstream_python: Path, standin, tmp_path: Path) -> None:
     """Issue 29: upstream queues a tarball as one item of its index; our pipeline takes that item and gives
     each member the ``ARCHIVE::MEMBER`` name upstream gives it."""
-    import tarfile
-
     from olmocr.pipeline.workspace.queue import load_index
     from olmocr.pipeline.workspace.storage import open_storage
 
     pdfs = _docs(tmp_path)
-    archive = tmp_path / "batch.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        for pdf in pdfs[:2]:
-            tar.add(pdf, arcname=f"inner/{pdf.name}")
+    archive = _two_member_tarball(tmp_path, pdfs)
     ws = tmp_path / "ws"
     locks = ws / "worker_locks"
     standin.control(latency=30.0)  # upstream queues, claims, then waits on its first page: killed before an answer
