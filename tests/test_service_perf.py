@@ -307,13 +307,12 @@ def test_the_lane_worker_runs_many_jobs_at_once_each_exactly_once(tmp_path: Path
 def test_the_in_flight_count_reads_jobs_only_at_the_limit(tmp_path: Path) -> None:
     """Fewer markers than the limit: counted from one listing (stale ones stay); at the limit each job is
     read and the markers of finished (here: unknown) jobs are removed, so the 429 counts live jobs only."""
-    from olmocr.service.app import Service, ServiceConfig
-    from olmocr.service.jobs import INFLIGHT
+    from olmocr.service.jobs import INFLIGHT, JobStore
 
     storage = LocalStorage(str(tmp_path / "ws"))
-    service = Service(storage, ServiceQueue(storage), ServiceConfig())
+    store = JobStore(storage, ServiceQueue(storage))
     storage.write(f"{INFLIGHT}anonymous/{'1' * 24}", b"")
-    assert len(service._in_flight("anonymous", 2)) == 1  # below the limit: not read, kept
+    assert len(store.in_flight("anonymous", 2)) == 1  # below the limit: not read, kept
     storage.write(f"{INFLIGHT}anonymous/{'2' * 24}", b"")
-    assert service._in_flight("anonymous", 2) == []  # at the limit: read; neither job exists
+    assert store.in_flight("anonymous", 2) == []  # at the limit: read; neither job exists
     assert storage.list(f"{INFLIGHT}anonymous/") == []

@@ -28,7 +28,7 @@ from olmocr.service.intake import (
     read_named,
     too_large,
 )
-from olmocr.service.jobs import FINISHED, INFLIGHT, STATES, Document, JobStore, new_job_id, token_key
+from olmocr.service.jobs import FINISHED, STATES, Document, JobStore, new_job_id, token_key
 from olmocr.service.sweep import sweep_context
 
 logger = logging.getLogger("olmocr.service")
@@ -217,7 +217,8 @@ class Service:
         # given back under the lock too, so a check's listing never misses both a job's marker and its reservation.
         async with self._admit:
             reserved = self._reserved.get(token, 0)
-            live = reserved + len(await asyncio.to_thread(self._in_flight, token, limits.max_jobs_in_flight - reserved))
+            live = reserved + len(await asyncio.to_thread(self.store.in_flight, token,
+                                                             limits.max_jobs_in_flight - reserved))
             if live >= limits.max_jobs_in_flight:
                 raise ServiceError(429, "too_many_jobs", f"{live} jobs of this token are unfinished, the limit is "
                                    f"{limits.max_jobs_in_flight} (OLMOCR_SERVICE_MAX_JOBS_IN_FLIGHT): wait for one "
@@ -247,13 +248,6 @@ class Service:
         logger.info("job %s: %d documents, %d pages queued (%s)", job_id, len(docs),
                     sum(d.pages for d in docs), source)
         return record
-
-    def _in_flight(self, token: str, limit: int) -> list[str]:
-        """The token's unfinished jobs, as far as the limit needs them: fewer markers than the limit (one
-        listing) cannot reach it, and only then is each job read (two or three reads each: 100 reads a submit
-        with 50 jobs in flight)."""
-        markers = self.storage.list(f"{INFLIGHT}{token}/")
-        return markers if len(markers) < limit else self.store.in_flight(token)
 
     def _wake_workers(self) -> None:
         """The embedded lane worker claims the new item now instead of at its next poll (it clears the event

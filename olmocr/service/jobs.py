@@ -331,12 +331,17 @@ class JobStore:
         self.storage.delete(f"{INFLIGHT}{record.get('token', 'anonymous')}/{job_id}")
         self.storage.delete(f"{JOBS}{job_id}.json")
 
-    def in_flight(self, token: str) -> list[str]:
+    def in_flight(self, token: str, limit: int | None = None) -> list[str]:
         """The token's unfinished jobs (markers of finished ones are removed on the way). A job counts until
-        its own item is done or it is cancelled (two or three reads each, on every submit): its retries, if
-        any, are not counted."""
+        its own item is done or it is cancelled (two or three reads each): its retries, if any, are not
+        counted. With ``limit``, fewer markers than the limit (one listing) cannot reach it: they are
+        counted as they are, and each job is read only at the limit (100 reads a submit with 50 jobs in
+        flight before)."""
+        keys = self.storage.list(f"{INFLIGHT}{token}/")
+        if limit is not None and len(keys) < limit:
+            return [key.rsplit("/", 1)[-1] for key in keys]
         live = []
-        for key in self.storage.list(f"{INFLIGHT}{token}/"):
+        for key in keys:
             job_id = key.rsplit("/", 1)[-1]
             record = self.record(job_id)
             if record is not None and not self.item_done(record):
