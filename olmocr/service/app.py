@@ -40,6 +40,8 @@ FORMATS = ("markdown", "dolma", "pages")
 RETRY_AFTER_S = 5
 #: How often the metrics' view of the jobs is refreshed.
 WATCH_INTERVAL_S = 2.0
+#: POST /v1/convert's longest pause between two reads of its item's done flag while this process runs workers.
+LOCAL_POLL_S = 1.0
 CHUNK = 1 << 16
 
 
@@ -163,7 +165,9 @@ class Service:
         limits = self.config.limits
         if request.content_length is not None and request.content_length > limits.max_upload_bytes:
             raise too_large(limits)
-        ctype = request.content_type
+        # The media type alone: aiohttp's ``content_type`` runs the e-mail header parser over the whole header,
+        # boundary included (7 % of the service's CPU in bench/service.py's throughput run, py-spy).
+        ctype = request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
         named: list[str] = []
         uploads: list[tuple[str, bytes]] = []
         if ctype == "multipart/form-data":
@@ -236,18 +240,23 @@ class Service:
     async def _submit_admitted(self, request: web.Request, token: str) -> dict:
         limits = self.config.limits
         documents, source = await self._read_documents(request)
-        checked = [(name, data, *await asyncio.to_thread(inspect, name, data, limits)) for name, data in documents]
+        record = await asyncio.to_thread(self._store_job, documents, token, source, limits)
+        self._submitted[record["id"]] = time.time()
+        logger.info("job %s: %d documents, %d pages queued (%s)", record["id"], len(record["documents"]),
+                    sum(d["pages"] for d in record["documents"]), source)
+        return record
+
+    def _store_job(self, documents: list[tuple[str, bytes]], token: str, source: str, limits: Limits) -> dict:
+        """Check every document, then write the uploads, the record and the work item: one trip to a thread
+        for the whole submit (each trip is a hand-over between the event loop and a thread)."""
+        checked = [(name, data, *inspect(name, data, limits)) for name, data in documents]
         job_id = new_job_id()
         docs = []
         for n, (name, data, kind, pages) in enumerate(checked):
             key = self.store.upload_key(job_id, n, name)
-            await asyncio.to_thread(self.storage.write, key, data)
+            self.storage.write(key, data)
             docs.append(Document(name=name, key=key, kind=kind, pages=pages))
-        record = await asyncio.to_thread(self.store.submit, job_id, docs, token, source)
-        self._submitted[job_id] = time.time()
-        logger.info("job %s: %d documents, %d pages queued (%s)", job_id, len(docs),
-                    sum(d.pages for d in docs), source)
-        return record
+        return self.store.submit(job_id, docs, token, source)
 
     def _wake_workers(self) -> None:
         """The embedded lane worker claims the new item now instead of at its next poll (it clears the event
@@ -268,12 +277,14 @@ class Service:
         record = await self._submit(request)
         self._wake_workers()
         deadline = time.monotonic() + timeout
-        pause = 0.01
-        # Completed by this process's workers: woken at once. By another process: found by polling.
+        # Completed by this process's workers: woken at once. By another process: found by polling, close
+        # together when no worker runs here, every LOCAL_POLL_S at most when one does (its completions wake us;
+        # fast polls were 8 reads per job, a third of a convert's, in bench/service.py's throughput run).
         completed = asyncio.Event()
         loop = asyncio.get_running_loop()
         watch = getattr(self.queue, "watch", None)
         unwatch = watch(record["item"], lambda: loop.call_soon_threadsafe(completed.set)) if watch else None
+        pause, longest = (LOCAL_POLL_S / 4, LOCAL_POLL_S) if watch and self.config.workers else (0.01, 0.5)
         try:
             while True:
                 # Until the job's own item is done, one read of its done flag per poll (the whole status is a
@@ -286,10 +297,10 @@ class Service:
                         break
                     except TimeoutError:
                         pass
-                    pause = min(0.5, pause * 1.2)
+                    pause = min(longest, pause * 1.2)
                     if await asyncio.to_thread(self.store.item_done, record):
                         break
-                status = await asyncio.to_thread(self.store.status, record)
+                status, results = await asyncio.to_thread(self.store.report, record)
                 if status["state"] in FINISHED or time.monotonic() >= deadline:
                     break
         finally:
@@ -304,7 +315,7 @@ class Service:
         if status["state"] == "failed":
             reasons = "; ".join(f"{d['name']}: {d.get('reason', '')}" for d in status["documents"])
             raise ServiceError(422, "conversion_failed", f"job {record['id']} failed: {reasons}")
-        return await self._result_response(request, record, status, fmt)
+        return await self._result_response(request, record, status, fmt, results)
 
     # ---- reading ------------------------------------------------------------------------------------
 
@@ -376,15 +387,14 @@ class Service:
     async def get_result(self, request: web.Request) -> web.StreamResponse:
         fmt = self._format(request)
         record = await asyncio.to_thread(self._record, request)
-        status = await asyncio.to_thread(self.store.status, record)
+        status, results = await asyncio.to_thread(self.store.report, record)
         if status["state"] not in FINISHED:
             raise ServiceError(409, "not_finished", f"job {record['id']} is {status['state']} "
                                f"({status['pages_done']}/{status['pages_total']} pages): poll /v1/jobs/{record['id']}")
-        return await self._result_response(request, record, status, fmt)
+        return await self._result_response(request, record, status, fmt, results)
 
-    async def _result_response(self, request: web.Request, record: dict, status: dict,
-                               fmt: str) -> web.StreamResponse:
-        results = await asyncio.to_thread(self.store.results, record)
+    async def _result_response(self, request: web.Request, record: dict, status: dict, fmt: str,
+                               results: list[tuple[dict, dict | None]]) -> web.StreamResponse:
         outcomes = {d["name"]: d for d in status["documents"]}
         if fmt == "dolma":
             body = "".join(json.dumps(doc) + "\n" for _, doc in results if doc is not None)
@@ -463,7 +473,7 @@ class Service:
             record = self.store.record(job_id)
             if record is None:
                 continue
-            state = self.store.status(record)["state"]
+            state = self.store.state(record)
             self._states[job_id] = state
             if state in FINISHED and job_id in self._submitted:
                 self.job_seconds.observe(max(0.0, time.time() - self._submitted.pop(job_id)))

@@ -210,6 +210,11 @@ class JobStore:
 
     def status(self, record: dict, rate: float | None = None) -> dict:
         """The job as ``GET /v1/jobs/{id}`` answers it."""
+        return self.report(record, rate)[0]
+
+    def report(self, record: dict, rate: float | None = None) -> tuple[dict, list[tuple[dict, dict | None]]]:
+        """The job's status and its results (``(document entry, Dolma document or None)`` per document, in
+        submission order), from one read of its items' results: a finished convert needs both."""
         job_id = record["id"]
         cancel = _read_json(self.storage, f"{CANCELLED}{job_id}.json")
         chain, done, leased = self._chain(record)
@@ -244,7 +249,7 @@ class JobStore:
         finished_at = None
         if state in FINISHED:
             finished_at = (cancel or {}).get("time") or self._done_time(chain[-1])
-        return {
+        status = {
             "id": job_id,
             "state": state,
             "created": record["created"],
@@ -254,6 +259,19 @@ class JobStore:
             "eta_seconds": eta,
             "documents": docs,
         }
+        results = [(d, (outcomes.get(d["path"]) or {}).get("doc")) for d in record["documents"]]
+        return status, results
+
+    def state(self, record: dict) -> str:
+        """The job's state alone, for a watcher that polls many jobs: an unfinished job costs three reads
+        (its cancel record, its item's done flag and lease) instead of a status's seven. A finished one, or one
+        whose item is missing from the queue, is read whole (:meth:`status` re-queues a missing item)."""
+        if self.storage.read(f"{CANCELLED}{record['id']}.json") is not None:
+            return "cancelled"
+        item = record["item"]
+        if self.queue.is_done(item) or not self.queue.has_item(item):
+            return self.status(record)["state"]
+        return "running" if self._leased(item) else "queued"
 
     def _done_time(self, item: str) -> float | None:
         flag = _read_json(self.storage, done_key(item))  # written by WorkQueue.complete
@@ -277,9 +295,7 @@ class JobStore:
 
     def results(self, record: dict) -> list[tuple[dict, dict | None]]:
         """``(document entry, Dolma document or None)`` per document, in submission order."""
-        chain, _, _ = self._chain(record)
-        outcomes = self._outcomes(record, chain)
-        return [(d, (outcomes.get(d["path"]) or {}).get("doc")) for d in record["documents"]]
+        return self.report(record)[1]
 
     # ---- listing, cancelling ------------------------------------------------------------------------
 

@@ -10,6 +10,9 @@ clients converting one-page documents):
   p90. Here a submit waits for the round in progress, then the next round writes every submit that came
   meanwhile in one compare-and-swap. Other processes (replicas, pipelines) still append with their own
   compare-and-swap: nothing changes in the workspace.
+* **A round appends one zstd frame to the lane** (``append_lane``): its CPU is that of the new lines, where
+  decoding and re-encoding the whole lane grew with every job in it (12.8 % of the service's CPU at 500 jobs).
+  An item is known by its hash: a job's documents are its own uploads, never queued under another item.
 * **An item completed here wakes its waiters at once** (``POST /v1/convert``), instead of at their next
   poll of the done flag. Items completed by other processes are still found by polling.
 """
@@ -26,7 +29,7 @@ from olmocr.pipeline.workspace.queue import (
     WorkItem,
     WorkQueue,
     _new_groups,  # the grouping the queue's own priority populate uses
-    append_index,
+    append_lane,
 )
 
 logger = logging.getLogger(__name__)
@@ -72,22 +75,20 @@ class ServiceQueue(WorkQueue):
         return mine.added
 
     def _commit(self, batch: list[_Submit]) -> None:
-        def make_groups(current: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
-            merged: dict[str, tuple[str, ...]] = {}
-            for submit in batch:
-                submit.groups = _new_groups(current, submit.paths, submit.pages_per_group, submit.count)
-                submit.added = sum(1 for h in submit.groups if h not in current)
-                merged.update(submit.groups)
-            return merged
-
+        merged: dict[str, tuple[str, ...]] = {}
+        for submit in batch:
+            submit.groups = _new_groups({}, submit.paths, submit.pages_per_group, submit.count)
+            merged.update(submit.groups)
         try:
-            added = append_index(self.storage, make_groups, self.priority_index, PRIORITY_INDEX_KEY)
+            added = append_lane(self.storage, merged, self.priority_index, PRIORITY_INDEX_KEY)
         except Exception as exc:  # noqa: BLE001 - every submit of the round gets the error
             for submit in batch:
                 submit.error, submit.added = exc, 0
             return
+        for submit in batch:
+            submit.added = sum(1 for h in submit.groups if h in added)
         self.lane_writes += 1
-        logger.info("work queue: %d new priority items (%d submits in one write)", added, len(batch))
+        logger.info("work queue: %d new priority items (%d submits in one write)", len(added), len(batch))
 
     # ---- completions --------------------------------------------------------------------------------
 
