@@ -251,7 +251,20 @@ def _service(d: dict[str, Any]) -> Derived:
             f"throughput, {t['clients']} clients x {t['documents'] // t['clients']} one-page documents": (
                 service, service / batch),
             f"one-page job during a {i['batch_pages']:,}-page batch (p50)": (
-                i["busy_p50_ms"], i["busy_p50_ms"] / i["idle_p50_ms"])}
+                i["busy_p50_ms"], i["busy_p50_ms"] / i["idle_p50_ms"]),
+            **_service_fleet(d)}
+
+
+def _service_fleet(d: dict[str, Any]) -> Derived:
+    from bench.service import FLEET
+
+    f = d.get("throughput_fleet")
+    if f is None:  # results from before the server-bound run
+        return {}
+    service, batch = f["documents"] / f["service_s"], f["documents"] / f["batch_s"]
+    return {f"throughput, server-bound (a stand-in answering {FLEET['OLMOCR_STANDIN_CONCURRENCY']} pages at a time, "
+            f"{FLEET['OLMOCR_STANDIN_LATENCY']} s each), {f['clients']} clients x {f['documents'] // f['clients']} "
+            "one-page documents": (service, service / batch)}
 
 
 def _micro(d: dict[str, Any]) -> Derived:

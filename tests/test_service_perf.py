@@ -316,3 +316,82 @@ def test_the_in_flight_count_reads_jobs_only_at_the_limit(tmp_path: Path) -> Non
     storage.write(f"{INFLIGHT}anonymous/{'2' * 24}", b"")
     assert store.in_flight("anonymous", 2) == []  # at the limit: read; neither job exists
     assert storage.list(f"{INFLIGHT}anonymous/") == []
+
+
+def test_a_lane_round_appends_one_frame_and_leaves_the_lane_before_it_as_it_was(tmp_path: Path) -> None:
+    """A submit's write of the lane costs its own lines, not the lane's: the bytes before it are kept as they
+    were (one more zstd frame after them), and another process reads every item, the last one included."""
+    storage = LocalStorage(str(tmp_path / "ws"))
+    queue = ServiceQueue(storage)
+    for i in range(200):
+        queue.populate([f"/uploads/{i:03d}.pdf"], 10**12, lambda p: 1, priority=True)
+    before = storage.read(PRIORITY_INDEX_KEY) or b""
+    assert queue.populate(["/uploads/last.pdf"], 10**12, lambda p: 1, priority=True) == 1
+    after = storage.read(PRIORITY_INDEX_KEY) or b""
+    assert after.startswith(before) and len(after) - len(before) < 200, (len(before), len(after))
+    lane = decode_index(after)
+    assert len(lane) == 201 and ("/uploads/last.pdf",) in lane.values()
+    other = ServiceQueue(storage)  # another replica: reads the lane from the workspace
+    other.refresh_index()
+    assert sorted(other.priority_index.hashes()) == sorted(lane)
+    claimed = {item.paths for _ in range(201) if (item := other.claim(priority_only=True)) is not None}
+    assert len(claimed) == 201 and ("/uploads/last.pdf",) in claimed
+
+
+def test_the_lane_held_in_memory_stays_true_when_a_refresh_read_our_write_first(tmp_path: Path) -> None:
+    """A claim's refresh may read the lane between our write and our note of it: the note then adds nothing
+    (no line twice), and a note on top of another version reads the lane written."""
+    from olmocr.pipeline.workspace.queue import IndexCache, append_lane, group_hash
+
+    storage = LocalStorage(str(tmp_path / "ws"))
+    writer = IndexCache(storage, PRIORITY_INDEX_KEY)
+    append_lane(storage, {group_hash(["/a.pdf"]): ("/a.pdf",)}, writer)
+    base = writer.tag
+    new = group_hash(["/b.pdf"])
+    append_lane(storage, {new: ("/b.pdf",)}, writer)
+    data = storage.read(PRIORITY_INDEX_KEY) or b""
+    frame_text = writer.text[writer.spans[new][0] - 1:]
+    reader = IndexCache(storage, PRIORITY_INDEX_KEY)
+    reader.refresh()  # read our write already
+    assert base is not None
+    reader.appended(base, data, frame_text)
+    assert reader.text.count(new.encode()) == 1 and reader.paths(new) == ("/b.pdf",)
+    stale = IndexCache(storage, PRIORITY_INDEX_KEY)  # holds neither version: reads the one written
+    stale.appended(base, data, frame_text)
+    assert sorted(stale.hashes()) == sorted(writer.hashes()) and stale.paths(new) == ("/b.pdf",)
+
+
+def test_the_metrics_watchers_state_of_a_job_is_its_status_state_at_every_step(tmp_path: Path) -> None:
+    """JobStore.state (three reads while a job is unfinished) answers as the whole status does: queued,
+    running (leased), done; cancelled; and a record whose item is missing is queued again."""
+    from olmocr.pipeline.workspace.queue import WorkQueue
+    from olmocr.service.jobs import Document, JobStore, new_job_id
+
+    storage = LocalStorage(str(tmp_path / "ws"))
+    store = JobStore(storage, WorkQueue(storage))
+
+    def submitted(name: str) -> dict:
+        job_id = new_job_id()
+        key = store.upload_key(job_id, 0, name)
+        storage.write(key, b"%PDF-1.4")
+        return store.submit(job_id, [Document(name, key, "pdf", 1)], "anonymous", "upload")
+
+    def both(record: dict) -> str:
+        state = store.state(record)
+        assert state == store.status(record)["state"], record["id"]
+        return state
+
+    record = submitted("a.pdf")
+    assert both(record) == "queued"
+    item = store.queue.claim(priority_only=True)
+    assert item is not None and item.hash == record["item"]
+    assert both(record) == "running"
+    store.queue.complete(item, b"", [{"source": item.paths[0], "reason": "broken", "retryable": False}])
+    assert both(record) == "failed"
+    other = submitted("b.pdf")
+    store.cancel(other)
+    assert both(other) == "cancelled"
+    lost = submitted("c.pdf")
+    storage.delete("work_index_priority.csv.zstd")  # as if the service died before queueing it
+    fresh = JobStore(storage, WorkQueue(storage))
+    assert fresh.state(lost) == "queued" and fresh.queue.has_item(lost["item"])
