@@ -193,7 +193,8 @@ REGISTRY: tuple[Setting, ...] = (
     _s("OLMOCR_SERVICE_JOB_TTL", float, 0.0, "seconds a finished job is kept (its record, uploads and "
        "results); then the sweep removes it and its id answers 404. 0: kept until deleted by hand", SERVICE),
     _s("OLMOCR_SERVICE_SWEEP_INTERVAL", float, 300.0, "seconds between two sweeps of the service's prefix "
-       "(expired jobs, orphan uploads, the priority lane's done items)", SERVICE),
+       "(expired jobs, orphan uploads, the priority lane's done items), and between two readings of every job "
+       "for `/metrics` (unfinished ones are read every 2 s)", SERVICE),
     # ---- the Slurm templates (deploy/slurm/*.sbatch; docs/slurm.md)
     _s("OLMOCR_PIPELINE_ARGS", tuple, (), "extra pipeline flags for every task, shell words (e.g. `--workers 40 "
        "--markdown`)", SLURM, shown_default=""),

@@ -150,7 +150,8 @@ async def serve(workspace: str, host: str, port: int, token: str | None, roots, 
     stop = StopRequest()
     stop.install(asyncio.get_running_loop())
     storage = open_storage(workspace)
-    config = ServiceConfig(limits=limits, roots=roots, token=token)
+    config = ServiceConfig(limits=limits, roots=roots, token=token,
+                           watch_all_s=float(envs.value("OLMOCR_SERVICE_SWEEP_INTERVAL")))  # type: ignore[arg-type]
     # One queue for the routes and the embedded workers: a submit is in the workers' view of the lane at once,
     # and a job's item completed here wakes its /v1/convert at once (olmocr/service/lane.py).
     queue = ServiceQueue(storage, **({"lease_seconds": pipeline_config.lease_seconds} if pipeline_config else {}))

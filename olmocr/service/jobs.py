@@ -344,8 +344,17 @@ class JobStore:
         for key in list(self.storage.iter_list(f"{UPLOADS}{job_id}/")):
             self.storage.delete(key)
         self.storage.delete(f"{CANCELLED}{job_id}.json")
-        self.storage.delete(f"{INFLIGHT}{record.get('token', 'anonymous')}/{job_id}")
+        self.forget_in_flight(record)
         self.storage.delete(f"{JOBS}{job_id}.json")
+
+    def unfinished_ids(self) -> list[str]:
+        """The jobs with an in-flight marker (every token's): each unfinished job, and finished ones whose marker
+        nobody removed yet. One listing of ``service/inflight/``, whatever the number of jobs kept."""
+        return [key.rsplit("/", 1)[-1] for key in self.storage.iter_list(INFLIGHT)]
+
+    def forget_in_flight(self, record: dict) -> None:
+        """Remove the in-flight marker of a job seen finished."""
+        self.storage.delete(f"{INFLIGHT}{record.get('token', 'anonymous')}/{record['id']}")
 
     def in_flight(self, token: str, limit: int | None = None) -> list[str]:
         """The token's unfinished jobs (markers of finished ones are removed on the way). A job counts until

@@ -88,7 +88,7 @@ class ServiceQueue(WorkQueue):
         for submit in batch:
             submit.added = sum(1 for h in submit.groups if h in added)
         self.lane_writes += 1
-        logger.info("work queue: %d new priority items (%d submits in one write)", len(added), len(batch))
+        logger.debug("work queue: %d new priority items (%d submits in one write)", len(added), len(batch))
 
     # ---- completions --------------------------------------------------------------------------------
 
