@@ -202,3 +202,23 @@ def test_a_sweep_costs_the_same_whatever_the_batch_workspace_holds() -> None:
     print(f"sweep requests: {small} (10 batch items), {big} (50,000)")
     assert small == big, (small, big)
     assert big <= 2 + 1 + 20, big  # two listings, the lane's conditional GET, a HEAD per job not done
+
+
+def test_the_page_counts_of_removed_items_leave_the_pages_file(tmp_path: Path) -> None:
+    """Every job's item gets its page count in ``work_index_pages.json`` once done; the compaction that removes
+    the items from the lane removes their counts too (the file is read and rewritten whole at each progress
+    refresh: it must not grow with every job ever run). A batch item's count stays."""
+    from olmocr.pipeline.workspace.totals import load_pages
+
+    storage = open_storage(str(tmp_path / "ws"))
+    queue = WorkQueue(storage)
+    queue.populate([str(tmp_path / "batch.pdf")], 500, lambda p: 7)
+    batch = queue.claim()
+    assert batch is not None and not batch.priority
+    queue.complete(batch, b"", [{"source": batch.paths[0], "reason": "bad", "retryable": False}])
+    queue_jobs(queue, str(tmp_path / "ws"), ["e" * 24, "f" * 24, "0" * 24])
+    done = finish(queue, 2)
+    queue.flush_page_counts()
+    assert set(load_pages(storage)) == {batch.hash, *done}
+    assert LaneCompactor(queue, grace_s=0, min_drop=1).compact() == 2
+    assert set(load_pages(storage)) == {batch.hash}

@@ -19,7 +19,9 @@ are not invalidated for one line.
 Cost of a pass: one conditional GET of the lane (a 304 when unchanged); one HEAD of the done flag per item
 not yet known done beyond its grace (the jobs queued or running, and those done within the grace), and,
 once per item, a GET of its failure record (absent for almost every item); when it writes: a GET and a
-conditional PUT of the lane. Items already judged are remembered by the process: no request for them.
+conditional PUT of the lane, and the same of the page counts (``work_index_pages.json``), whose entries of
+the removed items go too: every job's item gets one, and the file is read and rewritten whole at each
+progress refresh. Items already judged are remembered by the process: no request for them.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from olmocr.pipeline.workspace.queue import (
     failed_key,
     retry_hash,
 )
+from olmocr.pipeline.workspace.totals import forget_pages
 
 logger = logging.getLogger(__name__)
 
@@ -124,5 +127,6 @@ class LaneCompactor:
             return 0
         removed = remove_from_lane(self.queue, drop)
         if removed:
+            forget_pages(self.queue.storage, drop)  # their page counts, recorded when they were done
             logger.info("priority lane: %d done items removed, %d left", removed, len(cache.spans))
         return removed

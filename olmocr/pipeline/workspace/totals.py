@@ -56,6 +56,31 @@ def decode_pages_file(data: bytes) -> tuple[dict[str, int], set[str]]:
         return {}, set()  # damaged: the totals fall back to estimates, the queue itself is unaffected
 
 
+def encode_pages_file(items: Mapping[str, int], guessed: set[str]) -> bytes:
+    body: dict = {"version": 1, "items": dict(items)}
+    if guessed:
+        body["estimated"] = sorted(guessed)
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def forget_pages(storage: Storage, hashes: set[str]) -> int:
+    """Drop the page counts of ``hashes``, items gone from the queue's indexes (the priority lane's compaction:
+    every job's item gets its count, so the file would otherwise grow with every job ever run, and it is read
+    and rewritten whole at each progress refresh). Compare-and-swap; returns how many were dropped."""
+    for attempt in range(CAS_ATTEMPTS):
+        found = storage.read_versioned(PAGES_KEY)
+        if found is None:
+            return 0
+        current, guessed = decode_pages_file(found[0])
+        kept = {h: n for h, n in current.items() if h not in hashes}
+        if len(kept) == len(current):
+            return 0
+        if storage.replace_if(PAGES_KEY, encode_pages_file(kept, guessed - hashes), found[1]):
+            return len(current) - len(kept)
+        time.sleep(random.uniform(0.0, min(1.0, 0.01 * 2**attempt)))
+    raise RuntimeError(f"could not update {PAGES_KEY} after {CAS_ATTEMPTS} attempts (heavy contention)")
+
+
 class PagesVersion:
     """What this process last wrote to (or believes of) the pages file: ``found`` is ``(data, tag)``, or None
     for absent. :func:`record_pages` then writes without reading first (a GET less); a wrong belief costs a
@@ -85,10 +110,7 @@ def record_pages(storage: Storage, pages: Mapping[str, int], estimated: bool = F
         if not new:
             return 0
         guessed = guessed | set(new) if estimated else guessed - set(new)
-        body: dict = {"version": 1, "items": {**current, **new}}
-        if guessed:
-            body["estimated"] = sorted(guessed)
-        data = json.dumps(body, separators=(",", ":")).encode()
+        data = encode_pages_file({**current, **new}, guessed)
         ok = storage.create(PAGES_KEY, data) if found is None else storage.replace_if(PAGES_KEY, data, found[1])
         if ok:
             if version is not None:
