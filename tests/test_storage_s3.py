@@ -100,3 +100,38 @@ def test_conditional_reads_and_ages(storage: Storage) -> None:
     ages = dict(storage.list_ages(""))
     assert set(ages) == {"idx"} and 1 <= ages["idx"] < 5
     assert list(storage.iter_list("")) == ["idx"]
+
+
+def test_a_local_delete_leaves_no_empty_folder_behind(tmp_path: Path) -> None:
+    """As on S3, which has no folders: a removed job's upload folder goes with its last file (a million removed
+    jobs would otherwise leave a million empty folders for every listing to walk). The root stays."""
+    root = tmp_path / "ws"
+    storage = open_storage(str(root))
+    storage.write("service/uploads/j1/0-a.pdf", b"a")
+    storage.write("service/uploads/j1/1-b.pdf", b"b")
+    storage.write("service/jobs/j1.json", b"{}")
+    storage.delete("service/uploads/j1/0-a.pdf")
+    assert (root / "service/uploads/j1").is_dir()  # still holds a file
+    storage.delete("service/uploads/j1/1-b.pdf")
+    assert not (root / "service/uploads").exists() and (root / "service/jobs").is_dir()
+    storage.delete("service/jobs/j1.json")
+    assert root.is_dir() and list(root.iterdir()) == []
+    storage.write("service/uploads/j1/0-a.pdf", b"again")  # the folders are made again
+    assert storage.list("service/") == ["service/uploads/j1/0-a.pdf"]
+
+
+def test_local_writes_and_deletes_racing_in_one_folder_all_succeed(tmp_path: Path) -> None:
+    """A delete that empties a folder removes it while other threads write into it: every write still lands."""
+    storage = open_storage(str(tmp_path / "ws"))
+
+    def churn(i: int) -> bool:
+        for n in range(150):
+            key = f"x/y/{i}-{n}"
+            storage.write(key, b"z")
+            if storage.read(key) != b"z":
+                return False
+            storage.delete(key)
+        return True
+
+    assert all(_race(4, churn))
+    assert storage.list("x/") == []

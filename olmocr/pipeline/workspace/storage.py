@@ -104,6 +104,10 @@ def _check_key(key: str) -> None:
         raise ValueError(f"invalid storage key: {key!r}")
 
 
+#: Tries of a local write to make its folder while deletes prune empty folders (olmocr/pipeline/workspace).
+FOLDER_ATTEMPTS = 20
+
+
 class LocalStorage:
     """A directory on a local (or POSIX-locking network) filesystem."""
 
@@ -118,11 +122,17 @@ class LocalStorage:
 
     def _write_temp(self, path: Path, data: bytes) -> Path:
         tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileNotFoundError:  # the folder's first file: made here, not checked before every write
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        for attempt in range(FOLDER_ATTEMPTS):
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                break
+            except FileNotFoundError:  # the folder's first file: made here, not checked before every write
+                if attempt == FOLDER_ATTEMPTS - 1:
+                    raise
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError:  # a delete pruned a folder of the path meanwhile (it was empty): again
+                continue
         try:
             view = memoryview(data)
             while view:
@@ -187,7 +197,10 @@ class LocalStorage:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         lock_path = path.parent / f".{path.name}.cas-lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # a delete pruned the folder, empty: the key is absent, the swap fails
+            return False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             current = self.read(key)
@@ -199,10 +212,20 @@ class LocalStorage:
             os.close(fd)  # closing releases the flock
 
     def delete(self, key: str) -> None:
+        """Delete ``key``, then the folders it leaves empty (S3 has no folders: a million removed jobs must not
+        leave a million empty ones for every listing to walk)."""
+        path = self._path(key)
         try:
-            self._path(key).unlink()
+            path.unlink()
         except FileNotFoundError:
-            pass
+            return
+        for folder in path.parents:
+            if folder == self.root:
+                break
+            try:
+                folder.rmdir()  # only if empty; a write in progress holds its temp file there
+            except OSError:
+                break
 
     def list(self, prefix: str) -> list[str]:
         """Keys starting with ``prefix`` (a directory like ``results/`` or a name prefix)."""
