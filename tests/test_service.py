@@ -312,6 +312,22 @@ def test_a_failed_document_reports_its_reason(standin: StandIn, tmp_path: Path) 
         assert result[1]["markdown"].startswith("Stand-in OCR")
 
 
+def test_a_document_named_like_a_tarball_is_converted_as_what_its_content_is(standin: StandIn,
+                                                                             tmp_path: Path) -> None:
+    """The pipeline takes a name ending in .tar.gz for a tarball: an upload is stored under a name ending as its
+    content's kind, so a PDF called ``scan.tar.gz`` (beside a true one) is converted as a PDF."""
+    named = tmp_path / "scan.tar.gz"
+    named.write_bytes(SAMPLES.letter.read_bytes())
+    with running_service(tmp_path / "ws", standin, tmp_path / "service.log") as svc:
+        r = svc.submit(named, SAMPLES.letter, path="/v1/convert?timeout=60")
+        assert r.status_code == 200, r.text
+        assert [(d["name"], d["outcome"]) for d in r.json()["documents"]] == [("scan.tar.gz", "done"),
+                                                                              ("letter.pdf", "done")]
+        assert r.json()["documents"][0]["markdown"].startswith("Stand-in OCR")
+    uploads = sorted(p.name for p in (tmp_path / "ws" / "service" / "uploads").rglob("*") if p.is_file())
+    assert uploads == ["0-scan.tar.gz.pdf", "1-letter.pdf"], uploads
+
+
 def test_a_retryable_failure_is_retried_and_the_job_finishes(standin: StandIn, tmp_path: Path) -> None:
     """The server answers garbage: the document fails (retryable); the job stays running, follows the
     queue's retry item, and is done once the server answers well."""

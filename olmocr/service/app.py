@@ -18,6 +18,7 @@ from olmocr.pipeline.workspace.queue import WorkQueue
 from olmocr.pipeline.workspace.storage import Storage
 from olmocr.service import openapi
 from olmocr.service.intake import (
+    MEDIA,
     Limits,
     Roots,
     ServiceError,
@@ -257,7 +258,7 @@ class Service:
         job_id = new_job_id()
         docs = []
         for n, (name, data, kind, pages) in enumerate(checked):
-            key = self.store.upload_key(job_id, n, name)
+            key = self.store.upload_key(job_id, n, name, MEDIA[kind][1])
             self.storage.write(key, data)
             docs.append(Document(name=name, key=key, kind=kind, pages=pages))
         return self.store.submit(job_id, docs, token, source)

@@ -139,8 +139,14 @@ class JobStore:
 
     # ---- submitting ---------------------------------------------------------------------------------
 
-    def upload_key(self, job_id: str, index: int, name: str) -> str:
-        return f"{UPLOADS}{job_id}/{index}-{safe_name(name)}"
+    def upload_key(self, job_id: str, index: int, name: str, suffixes: tuple[str, ...] = ()) -> str:
+        """Where a job's document goes. Its name ends with one of ``suffixes`` (the file name endings of the kind
+        its content is, first one added if needed): the pipeline goes by a name's ending for tarballs, so a PDF
+        called ``scan.tar.gz`` would be taken for one."""
+        base = safe_name(name)
+        if suffixes and not base.lower().endswith(suffixes):
+            base = base[: 100 - len(suffixes[0])] + suffixes[0]
+        return f"{UPLOADS}{job_id}/{index}-{base}"
 
     def submit(self, job_id: str, documents: list[Document], token: str, source: str) -> dict:
         """Write the record, then queue the item (the uploads are written by the caller, before)."""
