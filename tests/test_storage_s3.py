@@ -104,7 +104,8 @@ def test_conditional_reads_and_ages(storage: Storage) -> None:
 
 def test_a_local_delete_leaves_no_empty_folder_behind(tmp_path: Path) -> None:
     """As on S3, which has no folders: a removed job's upload folder goes with its last file (a million removed
-    jobs would otherwise leave a million empty folders for every listing to walk). The root stays."""
+    jobs would otherwise leave a million empty folders for every listing to walk). The root and the top-level
+    folders stay."""
     root = tmp_path / "ws"
     storage = open_storage(str(root))
     storage.write("service/uploads/j1/0-a.pdf", b"a")
@@ -115,7 +116,10 @@ def test_a_local_delete_leaves_no_empty_folder_behind(tmp_path: Path) -> None:
     storage.delete("service/uploads/j1/1-b.pdf")
     assert not (root / "service/uploads").exists() and (root / "service/jobs").is_dir()
     storage.delete("service/jobs/j1.json")
-    assert root.is_dir() and list(root.iterdir()) == []
+    assert [p.name for p in root.iterdir()] == ["service"] and list((root / "service").iterdir()) == []
+    storage.write("worker_locks/worker_a.lock", b"{}")
+    storage.delete("worker_locks/worker_a.lock")
+    assert (root / "worker_locks").is_dir()
     storage.write("service/uploads/j1/0-a.pdf", b"again")  # the folders are made again
     assert storage.list("service/") == ["service/uploads/j1/0-a.pdf"]
 

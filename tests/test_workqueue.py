@@ -324,3 +324,22 @@ def test_a_failed_done_check_after_leasing_gives_the_lease_back(tmp_path: Path) 
     assert storage.list("worker_locks/") == []  # handed back at once, not left to expire
     item = queue.claim()
     assert item is not None and item.paths == ("only.pdf",)
+
+
+def test_an_item_another_thread_of_this_queue_leased_is_not_watched_as_someone_elses() -> None:
+    """Two threads of one queue race for one item: the loser finds the winner's lease, which is this queue's own.
+    It must not count the item as another worker's (such items make every later claim list and stat every
+    lock, for the length of a lease: 6 stats a job in olmocr-service, whose workers share one queue)."""
+    from bench.scale_store import CountingStore, MemoryStore
+
+    store = CountingStore(MemoryStore())
+    queue = WorkQueue(store, lease_seconds=300)  # type: ignore[arg-type]
+    queue.populate(["/a.pdf", "/b.pdf"], 1, one_page)
+    first = queue.claim()
+    assert first is not None
+    assert queue._try_lease(first.hash) is None  # the racing thread, a moment after the winner
+    second = queue.claim()
+    assert second is not None and second.hash != first.hash
+    store.reset()
+    assert queue.claim() is None
+    assert store.requests["LIST"] == 0, store.requests  # nothing leased by anyone else: no listing of the locks

@@ -765,6 +765,8 @@ class WorkQueue:
         record = records[0] if records else {}
         length = lease_length(record, self.lease_seconds)
         if age <= length + AGE_RESOLUTION_S:
+            if record.get("worker_id") == self.worker_id:
+                return None  # another thread of this queue took it just now: ours, not someone else's to watch
             if not holder_is_dead(record):
                 with self._lock:
                     self._busy[item_hash] = time.monotonic() + max(1.0, length + AGE_RESOLUTION_S - age)

@@ -212,16 +212,16 @@ class LocalStorage:
             os.close(fd)  # closing releases the flock
 
     def delete(self, key: str) -> None:
-        """Delete ``key``, then the folders it leaves empty (S3 has no folders: a million removed jobs must not
-        leave a million empty ones for every listing to walk)."""
+        """Delete ``key``, then the folders below the top level it leaves empty (S3 has no folders: a million
+        removed jobs must not leave a million empty ones for every listing to walk). The top-level folders
+        (``worker_locks/``, ``results/``, ``service/`` ...) stay: a lease's delete would otherwise remove and
+        the next claim make ``worker_locks/`` again and again."""
         path = self._path(key)
         try:
             path.unlink()
         except FileNotFoundError:
             return
-        for folder in path.parents:
-            if folder == self.root:
-                break
+        for folder in path.parents[: max(0, key.count("/") - 1)]:
             try:
                 folder.rmdir()  # only if empty; a write in progress holds its temp file there
             except OSError:
