@@ -77,3 +77,34 @@ def test_a_metrics_round_between_two_readings_of_every_job_reads_only_the_unfini
     assert big[1] == small[1] and big[1] <= 12, (small, big)
     assert big[0] > small[0]  # the reading of every job lists every record, 1,000 a page
     assert big[2] == {"queued": 1, "failed": 3000, "done": 0}, big[2]  # no results: each failed
+
+
+def test_a_job_a_request_saw_finished_is_not_read_again_by_the_metrics_watcher() -> None:
+    """A convert (or a status read) that finds its job finished notes it as the watcher would: the final state in
+    /metrics, the in-flight marker gone. The watcher's next round then reads nothing of the job (it was ten
+    reads a job, half of a convert's)."""
+    from bench.scale_store import CountingStore, MemoryStore
+    from olmocr.pipeline.workspace.queue import WorkQueue
+    from olmocr.service.app import Service, ServiceConfig
+    from olmocr.service.jobs import INFLIGHT, Document, JobStore, new_job_id
+
+    inner = MemoryStore()
+    inner.url = "s3://b/ws"  # type: ignore[attr-defined]
+    store = CountingStore(inner)
+    queue = WorkQueue(store)  # type: ignore[arg-type]
+    service = Service(store, queue, ServiceConfig(watch_all_s=3600.0))  # type: ignore[arg-type]
+    jobs = JobStore(store, queue)  # type: ignore[arg-type]
+    job_id = new_job_id()
+    key = jobs.upload_key(job_id, 0, "a.pdf")
+    store.write(key, b"%PDF-1.4")
+    record = jobs.submit(job_id, [Document("a.pdf", key, "pdf", 1)], "anonymous", "upload")
+    service._watch_once()  # the first round: every job (this one queued)
+    item = queue.claim(priority_only=True)
+    assert item is not None
+    queue.complete(item, b"", [{"source": item.paths[0], "reason": "broken", "retryable": False}])
+    status, _ = service._report(record)
+    assert status["state"] == "failed" and store.list(INFLIGHT) == []
+    store.reset()
+    service._watch_once()
+    assert service.jobs_gauge.labels("failed")._value.get() == 1
+    assert store.requests["GET"] + store.requests["HEAD"] <= 2, store.requests  # the two indexes, not the job

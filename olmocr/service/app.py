@@ -305,7 +305,7 @@ class Service:
                     pause = min(longest, pause * 1.2)
                     if await asyncio.to_thread(self.store.item_done, record):
                         break
-                status, results = await asyncio.to_thread(self.store.report, record)
+                status, results = await asyncio.to_thread(self._report, record)
                 if status["state"] in FINISHED or time.monotonic() >= deadline:
                     break
         finally:
@@ -315,8 +315,6 @@ class Service:
             status["message"] = (f"not finished within {timeout:g} s; the job goes on: poll "
                                  f"/v1/jobs/{record['id']}")
             return web.json_response(status, status=202, headers={"Location": f"/v1/jobs/{record['id']}"})
-        if record["id"] in self._submitted:  # the histogram sees it now, not at the watcher's next round
-            self.job_seconds.observe(max(0.0, time.time() - self._submitted.pop(record["id"])))
         if status["state"] == "failed":
             reasons = "; ".join(f"{d['name']}: {d.get('reason', '')}" for d in status["documents"])
             raise ServiceError(422, "conversion_failed", f"job {record['id']} failed: {reasons}")
@@ -345,7 +343,7 @@ class Service:
     async def get_job(self, request: web.Request) -> web.Response:
         record = await asyncio.to_thread(self._record, request)
         rate = await self._job_rate()
-        return web.json_response(await asyncio.to_thread(self.store.status, record, rate))
+        return web.json_response((await asyncio.to_thread(self._report, record, rate))[0])
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         limit = int(self._number(request, "limit", 20))
@@ -392,7 +390,7 @@ class Service:
     async def get_result(self, request: web.Request) -> web.StreamResponse:
         fmt = self._format(request)
         record = await asyncio.to_thread(self._record, request)
-        status, results = await asyncio.to_thread(self.store.report, record)
+        status, results = await asyncio.to_thread(self._report, record)
         if status["state"] not in FINISHED:
             raise ServiceError(409, "not_finished", f"job {record['id']} is {status['state']} "
                                f"({status['pages_done']}/{status['pages_total']} pages): poll /v1/jobs/{record['id']}")
@@ -468,6 +466,25 @@ class Service:
                 logger.warning("could not read the jobs for /metrics: %s", exc)
             await asyncio.sleep(WATCH_INTERVAL_S)
 
+    def _report(self, record: dict, rate: float | None = None) -> tuple[dict, list[tuple[dict, dict | None]]]:
+        """``JobStore.report``, noting a finished job as the watcher would (it then skips the job): its final state
+        for /metrics, its time in the histogram, its in-flight marker removed. A convert's job is seen finished
+        here first; the watcher reading it again was ten reads a job."""
+        status, results = self.store.report(record, rate)
+        if status["state"] in FINISHED:
+            self._seen_finished(record, status["state"])
+        return status, results
+
+    def _seen_finished(self, record: dict, state: str) -> None:
+        """Called in a thread (the watcher's, or a request's): dict and histogram updates are atomic enough."""
+        if self._states.get(record["id"]) in FINISHED:
+            return
+        self._states[record["id"]] = state
+        self.store.forget_in_flight(record)
+        started = self._submitted.pop(record["id"], None)
+        if started is not None:
+            self.job_seconds.observe(max(0.0, time.time() - started))
+
     def _watch_once(self) -> None:
         """One round of /metrics' view of the jobs. Every ``watch_all_s``: every job (one listing of the records,
         a job read once it is finished: its state is final), and jobs gone (removed by a sweep) leave it. In
@@ -491,11 +508,10 @@ class Service:
                 self._states.pop(job_id, None)
                 continue
             state = self.store.state(record)
-            self._states[job_id] = state
             if state in FINISHED:
-                self.store.forget_in_flight(record)
-                if job_id in self._submitted:
-                    self.job_seconds.observe(max(0.0, time.time() - self._submitted.pop(job_id)))
+                self._seen_finished(record, state)
+            else:
+                self._states[job_id] = state
         for state in STATES:
             self.jobs_gauge.labels(state).set(sum(1 for s in self._states.values() if s == state))
         counts = self.queue.counts()

@@ -178,9 +178,11 @@ class JobStore:
 
     # ---- reading ------------------------------------------------------------------------------------
 
-    def _chain(self, record: dict) -> tuple[list[str], bool, bool]:
+    def _chain(self, record: dict, failures: dict[str, bytes | None] | None = None) -> tuple[list[str], bool, bool]:
         """The job's items (its own, then retry items it follows), whether the last is done, and whether
-        it is leased now. Re-queues the job when its item is missing from the queue."""
+        it is leased now. Re-queues the job when its item is missing from the queue. ``failures`` keeps the
+        failure records it read, per item (:meth:`report` reads them once)."""
+        failures = {} if failures is None else failures
         item = record["item"]
         # A done item may be gone from the lane (lane_compaction.py): its done flag is the job's word.
         if not self.queue.has_item(item) and not self.queue.is_done(item):
@@ -191,8 +193,8 @@ class JobStore:
             current = chain[-1]
             if not self.queue.is_done(current):
                 return chain, False, self._leased(current)
-            retry = [str(f["source"]) for f in _jsonl(self.storage.read(failed_key(current)))
-                     if f.get("retryable") and f.get("source")]
+            failures[current] = self.storage.read(failed_key(current))
+            retry = [str(f["source"]) for f in _jsonl(failures[current]) if f.get("retryable") and f.get("source")]
             if not retry or len(chain) > MAX_RETRY_ROUNDS:
                 return chain, True, False
             nxt = retry_hash(current, sorted(set(retry)))
@@ -223,8 +225,9 @@ class JobStore:
         submission order), from one read of its items' results: a finished convert needs both."""
         job_id = record["id"]
         cancel = _read_json(self.storage, f"{CANCELLED}{job_id}.json")
-        chain, done, leased = self._chain(record)
-        outcomes = self._outcomes(record, chain)
+        failures: dict[str, bytes | None] = {}
+        chain, done, leased = self._chain(record, failures)
+        outcomes = self._outcomes(record, chain, failures)
         docs = []
         pages_done = 0
         for d in record["documents"]:
@@ -286,14 +289,15 @@ class JobStore:
         except (TypeError, KeyError, ValueError):
             return None
 
-    def _outcomes(self, record: dict, chain: list[str]) -> dict[str, dict]:
+    def _outcomes(self, record: dict, chain: list[str], failures: dict[str, bytes | None]) -> dict[str, dict]:
         """Per document path: ``{"doc": dolma}`` or ``{"failure": record}``, the latest item's word first."""
         out: dict[str, dict] = {}
         for item in chain:
             for doc in _jsonl(self.storage.read(results_key(item))):
                 source = str((doc.get("metadata") or {}).get("Source-File", ""))
                 out[source] = {"doc": doc}
-            for failure in _jsonl(self.storage.read(failed_key(item))):
+            failed = failures[item] if item in failures else self.storage.read(failed_key(item))
+            for failure in _jsonl(failed):
                 source = str(failure.get("source", ""))
                 if source and "doc" not in out.get(source, {}):
                     out[source] = {"failure": failure}
