@@ -128,13 +128,14 @@ def _image_pages(name: str, data: bytes, kind: str) -> int:
     known that the renderer can read it, or 422: ``bad_image`` for a damaged file, ``image_too_large`` for
     more pixels than the renderer takes (a decompression bomb).
 
-    Each kind is checked as cheaply as catches damage. Measured on 2 shared cores, Pillow 13 (best of 20),
-    for a 2000x2000 page: a PNG's ``verify()`` (every chunk's CRC, up to IEND) 0.07 ms, where decoding it
-    costs 31 ms; a JPEG decoded at 1/8 scale (``draft``: every byte of its entropy-coded data is still
-    read, so truncation and garbage fail) 3.8 ms for a 0.5 MB text page and 13 ms for a 1.5 MB noisy one,
-    where a full decode costs 7.8 and 20 ms. A TIFF: its chain of frames is walked (``n_frames``); its
-    frames are decoded by the renderer, one page at a time. A PNG whose chunks are all intact but whose
-    compressed data is bad (a file crafted so) passes, and fails at conversion as before."""
+    Each kind is checked as cheaply as catches damage: a PNG's ``verify()`` reads every chunk up to IEND and
+    checks its CRC, without inflating the pixels; a JPEG is decoded at 1/8 scale (``draft``: libjpeg still
+    reads every byte of its entropy-coded data, so a truncation or garbage fails as in a full decode); a
+    TIFF's chain of frames is walked (``n_frames``), its frames decoded later by the renderer, page by page.
+    CPU per 2000x2000 page (bench/image_check.py, bench/results/image_check.md; Pillow 13, 2 shared cores):
+    PNG 0.07 ms (a full decode: 31 ms); JPEG 3.9 ms for a 0.5 MB text page, 13 ms for a 1.5 MB noisy one
+    (full: 10 and 21 ms); TIFF 0.19 ms. Not caught: a PNG whose chunks are intact but whose compressed data
+    is bad (a file crafted so); its document fails at conversion, as every damaged image did before."""
     from PIL import Image
 
     from olmocr.pipeline.pages.render import MAX_IMAGE_PIXELS, tiff_frame_count
