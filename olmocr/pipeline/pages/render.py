@@ -395,6 +395,10 @@ def default_render_processes() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+#: Seconds :meth:`Renderer.close` waits for the render workers to exit by themselves before stopping them.
+CLOSE_WAIT_S = 2.0
+
+
 class Renderer:
     """An asyncio front end to a process pool of pypdfium2 renderers (one pool for the whole run).
 
@@ -516,7 +520,15 @@ class Renderer:
                 pass
 
     def close(self) -> None:
-        # stop() rather than close(): a worker stuck past its limit is not waited for.
+        # close() first, and a short wait: a worker still starting finishes its start. A stop() under it
+        # removed the pool's semaphore while the worker unpickled it, and the worker printed a traceback (a
+        # one-page run with 2 render processes: 16 runs in 16). Then stop(): a worker stuck past its limit is
+        # not waited for.
+        self._pool.close()
+        try:
+            self._pool.join(timeout=CLOSE_WAIT_S)
+        except TimeoutError:
+            pass
         self._pool.stop()
         self._pool.join(timeout=10)
 
