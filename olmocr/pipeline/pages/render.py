@@ -521,9 +521,9 @@ class Renderer:
 
     def close(self) -> None:
         # close() first, and a short wait: a worker still starting finishes its start. A stop() under it
-        # removed the pool's semaphore while the worker unpickled it, and the worker printed a traceback (a
-        # one-page run with 2 render processes: 16 runs in 16). Then stop(): a worker stuck past its limit is
-        # not waited for.
+        # removed the pool's semaphore while the worker unpickled it, and the worker printed a traceback into
+        # the run's output (a one-page run in CI; 1 run in 12 of a probe-then-close repro, none in 42 since).
+        # Then stop(): a worker stuck past its limit is not waited for.
         self._pool.close()
         try:
             self._pool.join(timeout=CLOSE_WAIT_S)
