@@ -182,3 +182,35 @@ def test_a_status_read_of_a_job_queued_by_another_replica_finds_its_item(tmp_pat
     assert b.status(record)["state"] == "queued"
     assert storage.read(PRIORITY_INDEX_KEY) == lane  # found, not queued a second time
     assert json.loads(storage.read(f"service/jobs/{job_id}.json") or b"{}")["item"] in decode_index(lane or b"")
+
+
+def test_a_page_of_recent_jobs_lists_only_the_time_bucket_that_holds_it() -> None:
+    """GET /v1/jobs (newest first, paged with ``before``) lists the jobs of the hours around the page, not every
+    job kept: 3,000 jobs over 30 days and 30 in the last hour, a page of 20 costs one LIST request. Every page
+    is the one a listing of every job gives, across buckets too."""
+    import random
+
+    from olmocr.service.jobs import JOBS
+
+    store = MemoryStore()
+    store.url = "s3://b/ws"  # type: ignore[attr-defined]
+    now = 1.8e9
+    rng = random.Random(7)
+    times = [now - rng.uniform(3600, 30 * 86400) for _ in range(3000)] + [now - rng.uniform(0, 3600) for _ in range(30)]
+    for t in times:
+        store.put_direct(f"{JOBS}{new_job_id(t)}.json", b"{}")
+    counting = CountingStore(store)
+    jobs = JobStore(counting, WorkQueue(counting), clock=lambda: now)  # type: ignore[arg-type]
+    every = sorted((k[len(JOBS):-5] for k in store.list(JOBS)), reverse=True)
+    counting.reset()
+    first = jobs.list_ids(21)
+    assert counting.requests["LIST"] == 1, counting.requests
+    assert first == every[:21]
+    before = first[19]
+    for _ in range(200):  # page on, across bucket boundaries, to the end
+        page = jobs.list_ids(21, before)
+        assert page == [i for i in every if i < before][:21], before
+        if len(page) < 21:
+            break
+        before = page[19]
+    assert len(page) < 21

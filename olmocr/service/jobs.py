@@ -33,6 +33,7 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +60,10 @@ CANCEL_REASON = "cancelled before it started"
 STATES = ("queued", "running", "done", "failed", "cancelled")
 FINISHED = frozenset({"done", "failed", "cancelled"})
 _ID = re.compile(r"^[0-9a-f]{24}$")
+#: ``list_ids`` lists the jobs whose ids share this many leading digits with its bound first (4.7 hours).
+ID_BUCKET_DIGITS = 6
+#: Ids up to this far ahead of this replica's clock (another replica's clock) are listed as the newest.
+FUTURE_IDS_S = 3600.0
 
 
 def new_job_id(clock: float | None = None) -> str:
@@ -310,11 +315,27 @@ class JobStore:
     # ---- listing, cancelling ------------------------------------------------------------------------
 
     def list_ids(self, limit: int, before: str | None = None) -> list[str]:
-        """Newest first; ``before`` pages on (ids sort by submission time)."""
-        ids = sorted((k[len(JOBS):-5] for k in self.storage.list(JOBS) if k.endswith(".json")), reverse=True)
-        if before:
-            ids = [i for i in ids if i < before]
-        return ids[:limit]
+        """Up to ``limit`` job ids, newest first, older than ``before`` (ids sort by submission time).
+
+        Only the time bucket that holds them is listed, not every job kept. An id starts with its submit time
+        in hexadecimal milliseconds, so the ids sharing its first 6 digits were submitted within the same 4.7
+        hours, its first 5 within 3 days, and so on. The smallest such bucket around ``before`` (or now) that
+        holds ``limit`` ids older than it is listed; every id older than those lies in an older bucket."""
+        if before and not valid_job_id(before):  # not an id: compared as a string, as before buckets
+            return sorted((i for i in self.all_ids() if i < before), reverse=True)[:limit]
+        high = before or new_job_id(self.clock() + FUTURE_IDS_S)
+        for digits in range(ID_BUCKET_DIGITS, -1, -1):
+            ids = sorted((i for i in self._ids_from(high[:digits]) if i < high), reverse=True)
+            if len(ids) >= limit or digits == 0:
+                return ids[:limit]
+        return []
+
+    def all_ids(self) -> list[str]:
+        """Every job id (one listing of ``service/jobs/``: the watcher's and the sweep's full readings)."""
+        return list(self._ids_from(""))
+
+    def _ids_from(self, id_prefix: str) -> Iterator[str]:
+        return (k[len(JOBS):-5] for k in self.storage.iter_list(f"{JOBS}{id_prefix}") if k.endswith(".json"))
 
     def cancel(self, record: dict) -> None:
         """Record the cancel; an item no worker holds is leased here and completed at once with every
