@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from olmocr import envs
 from olmocr.pipeline.workspace.lane_compaction import LaneCompactor
-from olmocr.service.jobs import JOBS, UPLOADS, JobStore, job_time, valid_job_id
+from olmocr.service.jobs import UPLOADS, JobStore, job_time, valid_job_id
 
 logger = logging.getLogger("olmocr.service")
 
@@ -49,7 +49,7 @@ class Sweeper:
         """One sweep; returns what it removed (jobs, orphan upload files, lane items)."""
         storage = self.store.storage
         now = self.clock()
-        jobs = sorted(k[len(JOBS):-len(".json")] for k in storage.iter_list(JOBS) if k.endswith(".json"))
+        jobs = sorted(self.store.all_ids())
         done = {"jobs": 0, "orphan_uploads": 0, "lane_items": 0}
         if self.ttl_s > 0:
             for job_id in jobs:  # oldest first: ids sort by submit time
