@@ -63,6 +63,8 @@ def keep_by(renewed_at: float, lease: float) -> float:
     fails here), and the writes get a twelfth of the lease on top (25 s of the default 300 s lease)."""
     margin = min(5.0, lease / 10) + AGE_RESOLUTION_S  # WorkQueue._hold_for's margin
     return renewed_at + lease - lease / 3 - margin - lease / 12
+
+
 #: --follow: priority-lane items (olmocr-service jobs) the lane worker runs side by side, at most.
 LANE_ITEMS = 64
 #: What a claim that failed (and paused) returns.

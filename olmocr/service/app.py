@@ -293,8 +293,7 @@ class Service:
         try:
             while True:
                 # Until the job's own item is done, one read of its done flag per poll (the whole status is a
-                # dozen reads): polls can then be close together, and the answer follows the flag within ~10 ms.
-                # The job was queued just now: no status read before its item is done.
+                # dozen reads); the job was queued just now: no status read before its item is done.
                 while time.monotonic() < deadline:
                     try:
                         await asyncio.wait_for(completed.wait(), min(pause, max(0.0, deadline - time.monotonic())))
